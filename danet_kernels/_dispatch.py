@@ -1,0 +1,104 @@
+"""Backend choice: the one switch that decides which implementation runs.
+
+Three implementations compute the same attention:
+
+* ``"triton"``: the fused Triton kernels (``danet_kernels.kernels``), for CUDA tensors, and
+  for CPU tensors when ``TRITON_INTERPRET=1`` is set (Triton's interpreter, used in CI).
+* ``"torch"``: the blockwise pure-PyTorch backend (``danet_kernels.blockwise``), the same
+  algorithm in plain tensor ops, for any device and dtype (float64 included).
+* ``"reference"``: the plain bmm oracle (``danet_kernels.reference``).
+
+``"auto"`` resolves per call: Triton where it can run the tensor (CUDA, or the interpreter,
+and a dtype Triton computes: fp16, bf16, fp32), otherwise the blockwise backend. A process
+wide default can be set with :func:`set_backend`, the :func:`use_backend` context manager,
+or the ``DANET_KERNELS_BACKEND`` environment variable; an explicit ``backend=`` argument of
+a call wins over all of them. Models never name a backend: they follow this switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "get_backend", "resolve_backend", "set_backend", "use_backend"]
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+ENV_VAR = "DANET_KERNELS_BACKEND"
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+_default_backend = _check_name(os.environ.get(ENV_VAR, "auto"))
+
+
+def get_backend() -> str:
+    """Return the process-wide default backend name (``"auto"`` unless changed)."""
+    return _default_backend
+
+
+def set_backend(backend: str) -> None:
+    """Set the process-wide default backend: one of ``auto``, ``triton``, ``torch``, ``reference``."""
+    global _default_backend
+    _default_backend = _check_name(backend)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Context manager that sets the default backend and restores the previous one on exit."""
+    previous = get_backend()
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether the ``triton`` package can be imported in this environment."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_can_run(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``x``'s device and dtype here."""
+    if x.dtype not in TRITON_DTYPES or not triton_importable():
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and triton_interpreting()
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Turn a requested backend (possibly ``"auto"``) into the one that runs on ``x``.
+
+    Raises:
+        ValueError: for an unknown name.
+        RuntimeError: when ``"triton"`` is forced on a tensor it cannot run.
+    """
+    backend = _check_name(backend)
+    if backend == "auto":
+        backend = get_backend()
+    if backend == "auto":
+        return "triton" if triton_can_run(x) else "torch"
+    if backend == "triton" and not triton_can_run(x):
+        raise RuntimeError(
+            f"backend='triton' cannot run a {x.dtype} tensor on {x.device}: the Triton kernels "
+            "take fp16, bf16 or fp32 on CUDA (or on the CPU with TRITON_INTERPRET=1 set before "
+            "triton is imported); use backend='torch' or 'auto'"
+        )
+    return backend
