@@ -12,7 +12,13 @@ Sections:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 
 @dataclass
@@ -52,3 +58,230 @@ class EvalConfig:
     flip: bool = True
     batch_size: int = 1
     checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sections, the top-level Config, YAML presets and command-line overrides.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser. The head (everything outside the backbone) trains at ``head_lr_mult`` x LR."""
+
+    name: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.01  # base LR of the backbone group
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0  # the published recipe trains the randomly initialised head at 10x
+    grad_clip: float = 0.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate policy (Caffe's set), stepped once per optimiser iteration.
+
+    Which fields a policy reads: step: gamma, step_size; exp: gamma; inv: gamma, power;
+    multistep: gamma, milestones; poly: power; sigmoid: gamma, step_size; fixed: none.
+    A linear warm-up from ``warmup_start_factor`` x LR to the LR takes the first ``warmup_iters``
+    iterations; the policy then starts from its own iteration 0 (see danet.lr_policies).
+    """
+
+    policy: str = "poly"  # fixed, step, exp, inv, multistep, poly, sigmoid
+    power: float = 0.9
+    gamma: float = 0.1
+    step_size: int = 1000  # iterations
+    milestones: tuple[int, ...] = ()  # iterations
+    warmup_iters: int = 0
+    warmup_start_factor: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    """Cross entropy on each DANet output; the ignore label is ``DataConfig.ignore_index``."""
+
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (sum, PAM, CAM) outputs
+    aux_weight: float = 0.4  # auxiliary FCN head, used when ModelConfig.aux is on
+
+
+@dataclass
+class TrainConfig:
+    """The run: length, batch, precision and memory knobs, logging and checkpoints."""
+
+    epochs: int = 240
+    iters: int | None = None  # total optimiser iterations; overrides epochs when set
+    batch_size: int = 8  # GLOBAL batch per optimiser step (all processes x accumulation steps)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
+    amp: str = "none"  # "none", "bf16" (autocast) or "fp16" (autocast + GradScaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute backbone stages in backward to save memory
+    sync_bn: bool = True  # SyncBatchNorm under DDP on CUDA (plain BN, with a warning, elsewhere)
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
+    seed: int = 0
+    output: str | None = None  # run directory; None: runs/<name>-<UTC timestamp>
+    val_interval: int = 1  # validate every N epochs (and always at the end); 0: only at the end
+    checkpoint_interval: int = 1000  # also write last.pt every N iterations (besides epoch ends)
+    log_interval: int = 10  # iterations between metrics.jsonl records of the training loss
+    progress: bool = True  # tqdm progress bars
+    tensorboard: bool = False  # also log to TensorBoard (when the tensorboard package is installed)
+
+
+@dataclass
+class Config:
+    """Everything one run needs; ``dataclasses.asdict`` of it is stored in every checkpoint."""
+
+    name: str = "synthetic"  # run name: the default run directory is runs/<name>-<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_PRESET = "synthetic"  # what `danet train` runs with no arguments: a CPU demo in minutes
+
+
+def available_presets() -> list[str]:
+    """Names of the YAML presets shipped in ``danet/configs``."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """Path of the preset ``name``; ValueError naming the available presets if it does not exist."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(available_presets())}")
+    return path
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field's type (YAML gives lists for tuples, ints for floats)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if annotation is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-4" as a string: accept it
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation in (bool, str):
+        if isinstance(value, annotation):
+            return value
+    else:  # pragma: no cover - every field uses the types above
+        raise TypeError(f"{key}: unsupported field type {annotation!r}")
+    raise ValueError(f"{key}: expected {annotation.__name__}, got {value!r}")
+
+
+def _merge(section: Any, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Write ``values`` (a nested mapping) into the dataclass ``section`` in place, strictly."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = get_type_hints(type(section))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ValueError(f"unknown config key {name!r}; known keys here: {known}")
+        current = getattr(section, key)
+        if is_dataclass(current):
+            _merge(current, value, f"{name}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], name))
+
+
+def apply_dict(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """Override fields of ``cfg`` from a nested mapping (as read from YAML); returns ``cfg``."""
+    _merge(cfg, values or {})
+    return cfg
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=0.01", "train.amp=bf16"]`` into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (a mapping of sections); clear errors for a missing or bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    preset: str | None = DEFAULT_PRESET,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Build a Config: dataclass defaults, then the preset, then ``config_file``, then ``overrides``.
+
+    ``preset=None`` skips presets (pure dataclass defaults). Later sources win; every key is
+    checked against the dataclasses, so a typo is a ValueError, not a silently ignored setting.
+    """
+    cfg = Config()
+    if preset is not None:
+        apply_dict(cfg, read_yaml(preset_path(preset)))
+    if config_file is not None:
+        apply_dict(cfg, read_yaml(config_file))
+    apply_dict(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of ``cfg`` (tuples as lists), fit for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(asdict(cfg))
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """Rebuild a Config from :func:`config_to_dict` output (e.g. a checkpoint's "config")."""
+    return apply_dict(Config(), values)
