@@ -1,0 +1,117 @@
+"""Checkpoints that lose nothing: complete training state, written atomically.
+
+A training checkpoint is a dict with
+
+* ``model``: state_dict of the unwrapped model (no ``module.`` / ``_orig_mod.`` prefixes);
+* ``optimizer``, ``scheduler``, ``scaler``: their state_dicts (``scaler`` None without fp16);
+* ``iteration`` (optimiser steps done), ``epoch`` (the epoch in progress) and
+  ``iteration_in_epoch`` (its steps done), so a resumed run skips exactly the finished batches;
+* ``rng``: python, numpy, torch CPU and CUDA generator states (:func:`capture_rng_state`);
+* ``config``: ``danet.config.config_to_dict`` of the run's Config;
+* ``best_miou`` and ``metrics`` (the last validation).
+
+Writes go to a temporary file in the destination directory, are flushed and fsync'ed, then
+``os.replace``d over the destination, and the directory is fsync'ed: a crash or a full disk
+mid-write leaves the previous checkpoint intact, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+BEST = "checkpoint_best.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically: the old file stays whole until the new one is."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # whatever went wrong (disk full, KeyboardInterrupt), never leave the partial file behind
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint written by :func:`atomic_save`; clear errors for a wrong file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # weights_only=False: the checkpoint holds RNG states (numpy arrays, python tuples) we wrote ourselves
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a danet training checkpoint (a {type(state).__name__}, not a dict)")
+    missing = [key for key in ("model", "config", "iteration") if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a danet training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every generator a training step can draw from: python, numpy, torch CPU and CUDA."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (the CUDA states only where CUDA is present)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes from keys."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point entries holding NaN or Inf: such a state must never be saved."""
+    return [
+        name for name, tensor in state_dict.items()
+        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())
+    ]
