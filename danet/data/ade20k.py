@@ -84,7 +84,9 @@ class ADE20K(SegmentationDataset):
     def _find_samples(self) -> list[tuple[Path, Path]]:
         base = self.root / "ADEChallengeData2016"
         folder = self._SPLIT_DIRS[self.split]
-        return pair_by_suffix(base / "images" / folder, base / "annotations" / folder, ".jpg", ".png", self.LAYOUT)
+        return pair_by_suffix(
+            base / "images" / folder, base / "annotations" / folder, ".jpg", ".png", self.LAYOUT
+        )
 
     def _label_lut(self) -> np.ndarray:
         return reduce_zero_label_lut(self.NUM_CLASSES)

@@ -64,7 +64,10 @@ class PascalContext(SegmentationDataset):
         mask_dir = require_dir(base / "SegmentationClassContext", self.LAYOUT)
         ids = read_id_list(base / "ImageSets" / "SegmentationContext" / f"{self.split}.txt", self.LAYOUT)
         return [
-            (require_file(image_dir / f"{i}.jpg", self.LAYOUT), require_file(mask_dir / f"{i}.png", self.LAYOUT))
+            (
+                require_file(image_dir / f"{i}.jpg", self.LAYOUT),
+                require_file(mask_dir / f"{i}.png", self.LAYOUT),
+            )
             for i in ids
         ]
 

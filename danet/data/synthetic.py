@@ -88,7 +88,9 @@ class SyntheticShapes(Dataset):
         max_shapes: int = 4,
     ):
         if split not in _SPLIT_STREAMS:
-            raise ValueError(f"SyntheticShapes: unknown split {split!r}; expected one of {', '.join(self.SPLITS)}")
+            raise ValueError(
+                f"SyntheticShapes: unknown split {split!r}; expected one of {', '.join(self.SPLITS)}"
+            )
         if num_samples is None:
             num_samples = self.DEFAULT_NUM_SAMPLES[split]
         if num_samples < 1:

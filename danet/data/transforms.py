@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2 import functional as F  # noqa: N812 (torchvision's own spelling)
 
 from danet.data.base import IGNORE_INDEX
 
@@ -81,7 +81,7 @@ class RandomLongSideScale(v2.Transform):
 
 
 class PadToMinSize(v2.Transform):
-    """Pads on the right and bottom up to ``size`` x ``size``: images with ``image_fill``, masks with ``mask_fill``."""
+    """Pads right and bottom ``size`` x ``size`` (images with ``image_fill``, masks ``mask_fill``)."""
 
     def __init__(self, size: int, image_fill: float = 0, mask_fill: int = IGNORE_INDEX):
         super().__init__()
