@@ -81,7 +81,7 @@ class RandomLongSideScale(v2.Transform):
 
 
 class PadToMinSize(v2.Transform):
-    """Pads right and bottom ``size`` x ``size`` (images with ``image_fill``, masks ``mask_fill``)."""
+    """Pads right and bottom up to ``size`` per side (images with ``image_fill``, masks ``mask_fill``)."""
 
     def __init__(self, size: int, image_fill: float = 0, mask_fill: int = IGNORE_INDEX):
         super().__init__()
