@@ -1,0 +1,793 @@
+"""Fused position attention (DANet's PAM) in Triton: flash-style forward and recomputing backward.
+
+Math (per batch element b; q, k of shape (B, d, N), v of shape (B, C, N))::
+
+    S[i, j]   = sum_d q[d, i] k[d, j]                 no 1/sqrt(d) scaling, as in DANet
+    P[i, :]   = softmax_j(S[i, :])
+    O[c, i]   = sum_j v[c, j] P[i, j]
+    Y         = gamma * O + residual                  when gamma is given, else Y = O
+
+Backward (dY the incoming gradient, dO = gamma * dY or dY)::
+
+    dV[c, j]  = sum_i P[i, j] dO[c, i]
+    dP[i, j]  = sum_c dO[c, i] v[c, j]                summed over ALL of C
+    Delta[i]  = sum_c dO[c, i] O[c, i]  (= rowsum(dP * P))
+    dS        = P * (dP - Delta[:, None])
+    dQ[:, i]  = sum_j dS[i, j] k[:, j]     dK[:, j] = sum_i dS[i, j] q[:, i]
+    dgamma    = sum(dY * O)               dresidual = dY
+
+Algorithm and memory traffic
+----------------------------
+Forward (``_pam_fwd_kernel``), after FlashAttention and Triton's fused-attention tutorial: a
+program keeps a BLOCK_M block of queries and an fp32 (BLOCK_M, BLOCK_C) accumulator on chip,
+streams BLOCK_N blocks of k and v, and keeps a running row max and row sum (online softmax).
+The softmax works in base 2: ``exp2(S * log2(e) - m)`` with log2(e) folded into the subtraction
+(one FMA per element) and m, the running max, kept in log2 units. It writes Y (and O when the
+backward will need it) and the per-row log-sum-exp ``lse = m + log2(l)``, never S or P: device
+memory holds O(B * (C + d) * N), not O(B * N^2).
+
+The value dim. DANet's d is 64 but C is 512, and C is meant to reach 2048: an fp32
+(BLOCK_M, C) accumulator (256 KiB at BLOCK_M = 128, C = 512) does not fit a Hopper SM's
+registers. We SPLIT C ACROSS PROGRAMS (grid axis 1 runs over C blocks of BLOCK_C) rather than
+looping over it inside a program. Both options must recompute S = q^T k once per C block (the
+accumulator for all of C never exists at once), so their FLOPs are equal:
+``2 N^2 (d * ceil(C / BLOCK_C) + C)`` plus ``N^2 * ceil(C / BLOCK_C)`` exp2s; at d = 64,
+C = 512, BLOCK_C = 128 that is 1536 N^2 against the minimal 1152 N^2 (+33%; +11% with
+BLOCK_C = 256, which the autotuner weighs against register pressure). The split wins on
+occupancy: at B = 1, N = 4096, BLOCK_M = 128 a loop would launch 32 programs on 132 SMs, the
+split launches 32 * 4. Programs of one (batch, C block) are adjacent on grid axis 0, so they
+stream the same k and v blocks through L2 together. Every C block computes the same lse; the
+first one stores it.
+
+Backward recomputes P blockwise from q, k and lse (never N x N) in four kernels, fixed
+configurations rather than autotuned (as in the tutorial: four kernels would multiply the
+first-call tuning time, and dK/dQ are bound by the dP matmul whose best tile is the forward's):
+
+* ``_pam_bwd_preprocess``: ``delta_raw[i] = sum_c dY[c, i] O[c, i]`` in fp32. Delta = gamma *
+  delta_raw and dgamma = sum(delta_raw) both fall out of it (one pass over O and dY).
+* ``_pam_bwd_dv_kernel``: grid (key blocks, C blocks, B), the split-C layout of the forward:
+  k and an fp32 (BLOCK_N, BLOCK_C) dV tile stay resident while query blocks stream by.
+* ``_pam_bwd_dk_kernel``: grid (key blocks, B); dS needs dP summed over ALL of C, so dP is
+  accumulated over an inner loop of BLOCK_C chunks of dO and v, then dK += dS^T q.
+* ``_pam_bwd_dq_kernel``: grid (query blocks, B); the mirror image, dQ += dS k.
+
+dP (2 N^2 C FLOPs, the dominant term at C = 512) is computed twice, once for dK and once for
+dQ, as in the tutorial; that keeps every gradient deterministic (no fp32 atomics into dQ).
+Gamma never leaves the device: the kernels read it through a pointer (no ``.item()`` sync,
+nothing data-dependent for torch.compile), so gamma = 0 at initialisation costs nothing special.
+
+What the forward stores for the backward: q, k, v, lse (B x N fp32) and O. With the residual
+epilogue the kernel writes O next to Y, because O cannot be recovered from Y (gamma is 0 at
+initialisation) and is needed for dgamma and Delta; the extra write is skipped when no gradient
+is needed. Without gamma, Y is O.
+
+Numerics. fp32, fp16 and bf16 inputs; S, the softmax statistics and all accumulators are fp32;
+P and dS are rounded to the input dtype before their matmuls for fp16/bf16 (tensor-core
+inputs), kept fp32 for fp32. For fp32 inputs ``tl.dot``'s input_precision follows torch
+(``"ieee"`` when torch.get_float32_matmul_precision() is "highest" and TF32 is off, the
+default, so the kernel is as exact as the reference; ``"tf32"`` otherwise). NaN/Inf propagate
+as in the reference; a row whose energies are all -inf so far gets its max guarded to 0 so that
+``-inf - -inf`` never manufactures a NaN the reference does not have.
+
+Indexing. Every tensor comes with its per-axis strides (non-contiguous inputs such as
+flattened channels_last maps are read in place), every load and store on N, C and d is masked
+(any N, C, d >= 1; d is padded to BLOCK_D >= 16 for tl.dot), and batch and block offsets are
+int64 so that B * C * N beyond 2^31 cannot overflow.
+
+torch.compile. ``danet_kernels::pam_forward`` and ``danet_kernels::pam_backward`` are
+``torch.library.triton_op`` custom ops (their kernels launched through ``wrap_triton``, so
+Inductor sees and schedules them); the forward op carries the autograd formula of
+:class:`PositionAttentionFunction` through ``register_autograd``. A model calling
+:func:`position_attention_triton` compiles with ``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["PositionAttentionFunction", "pam_backward", "pam_forward", "position_attention_triton"]
+
+# Read once at import, like Triton itself: TRITON_INTERPRET must be set before triton is imported.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pam_fwd_inner(
+    acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
+    offs_d, offs_c, mask_d, mask_c, start_n, end_n, N,
+    MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online-softmax sweep over key blocks [start_n, end_n); MASK_N only for the ragged tail."""
+    for block_start in range(start_n, end_n, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kT = tl.load(
+            K_block + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+            mask=mask_d[:, None] & mask_n[None, :], other=0.0,
+        )
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION)
+        if MASK_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E)
+        # A row whose energies are all -inf so far would compute -inf - -inf = NaN; shift by 0
+        # instead, which leaves p = 0 and alpha = 0 (the reference is NaN only if all are -inf,
+        # and then l = 0 gives 0/0 = NaN at the end, as it should).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s * LOG2E - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_block + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vc,
+            mask=mask_n[:, None] & mask_c[None, :], other=0.0,
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _pam_fwd_kernel(
+    Q, K, V, Gamma, Residual, Result, Out, Lse,
+    stride_qb, stride_qd, stride_qn,
+    stride_kb, stride_kd, stride_kn,
+    stride_vb, stride_vc, stride_vn,
+    stride_rb, stride_rc, stride_rn,
+    stride_yb, stride_yc, stride_yn,
+    stride_ob, stride_oc, stride_on,
+    N, D, C,
+    HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: BLOCK_M queries x BLOCK_C value channels of one batch element.
+
+    Writes Result (gamma * O + residual, or O), O itself when STORE_OUT, and lse (log2 units)
+    from the first C block.
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    start_c = pid_c.to(tl.int64) * BLOCK_C
+    mask_m = offs_m < N
+    mask_d = offs_d < D
+    mask_c = (start_c + offs_c) < C
+
+    q = tl.load(
+        Q + pid_b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+    )
+    K_block = K + pid_b * stride_kb
+    V_block = V + pid_b * stride_vb + start_c * stride_vc
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _pam_fwd_inner(
+        acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
+        offs_d, offs_c, mask_d, mask_c, 0, n_full, N,
+        False, INPUT_PRECISION, BLOCK_N,
+    )
+    if n_full < N:
+        acc, l_i, m_i = _pam_fwd_inner(
+            acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
+            offs_d, offs_c, mask_d, mask_c, n_full, N, N,
+            True, INPUT_PRECISION, BLOCK_N,
+        )
+
+    out = acc / l_i[:, None]
+    mask_mc = mask_m[:, None] & mask_c[None, :]
+    if pid_c == 0:
+        tl.store(Lse + pid_b * N + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+    if HAS_RESIDUAL:
+        gamma = tl.load(Gamma).to(tl.float32)
+        residual = tl.load(
+            Residual + pid_b * stride_rb + start_c * stride_rc
+            + offs_m[:, None] * stride_rn + offs_c[None, :] * stride_rc,
+            mask=mask_mc, other=0.0,
+        )
+        result = gamma * out + residual.to(tl.float32)
+        if STORE_OUT:
+            tl.store(
+                Out + pid_b * stride_ob + start_c * stride_oc
+                + offs_m[:, None] * stride_on + offs_c[None, :] * stride_oc,
+                out.to(Out.dtype.element_ty), mask=mask_mc,
+            )
+    else:
+        result = out
+    tl.store(
+        Result + pid_b * stride_yb + start_c * stride_yc
+        + offs_m[:, None] * stride_yn + offs_c[None, :] * stride_yc,
+        result.to(Result.dtype.element_ty), mask=mask_mc,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pam_bwd_preprocess(
+    Out, DY, DeltaRaw,
+    stride_ob, stride_oc, stride_on,
+    stride_gb, stride_gc, stride_gn,
+    N, C,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """delta_raw[b, i] = sum_c dY[b, c, i] * O[b, c, i] in fp32 (tiles are (C, N): N is the fast axis)."""
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_c in range(0, C, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)
+        mask = (offs_c < C)[:, None] & mask_m[None, :]
+        o = tl.load(Out + pid_b * stride_ob + offs_c[:, None] * stride_oc + offs_m[None, :] * stride_on,
+                    mask=mask, other=0.0)
+        dy = tl.load(DY + pid_b * stride_gb + offs_c[:, None] * stride_gc + offs_m[None, :] * stride_gn,
+                     mask=mask, other=0.0)
+        total += tl.sum(o.to(tl.float32) * dy.to(tl.float32), 0)
+    tl.store(DeltaRaw + pid_b * N + offs_m, total, mask=mask_m)
+
+
+@triton.jit
+def _pam_recompute_p(q, kT, lse, INPUT_PRECISION: tl.constexpr):
+    """P block from a (BLOCK_M, BLOCK_D) query tile, a (BLOCK_D, BLOCK_N) key tile and lse (log2)."""
+    s = tl.dot(q, kT, input_precision=INPUT_PRECISION)
+    return tl.math.exp2(s * LOG2E - lse[:, None])
+
+
+@triton.jit
+def _pam_load_gamma(Gamma, HAS_GAMMA: tl.constexpr):
+    """gamma as an fp32 scalar (1 when the op has no residual epilogue: dO = dY)."""
+    if HAS_GAMMA:
+        return tl.load(Gamma).to(tl.float32)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _pam_bwd_dv_kernel(
+    Q, K, DY, Gamma, Lse, DV,
+    stride_qb, stride_qd, stride_qn,
+    stride_kb, stride_kd, stride_kn,
+    stride_gb, stride_gc, stride_gn,
+    stride_dvb, stride_dvc, stride_dvn,
+    N, D, C,
+    HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dV for BLOCK_N keys x BLOCK_C channels: dV^T += P^T dO over all query blocks."""
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    start_c = pid_c.to(tl.int64) * BLOCK_C
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    mask_c = (start_c + offs_c) < C
+
+    kT = tl.load(
+        K + pid_b * stride_kb + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+        mask=mask_d[:, None] & mask_n[None, :], other=0.0,
+    )
+    Q_block = Q + pid_b * stride_qb
+    DY_block = DY + pid_b * stride_gb + start_c * stride_gc
+    Lse_block = Lse + pid_b * N
+    dv = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = tl.load(Q_block + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        # lse = +inf on padded query rows makes their P exactly 0.
+        lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
+        p = _pam_recompute_p(q, kT, lse, INPUT_PRECISION)
+        dy = tl.load(DY_block + offs_m[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        dv = tl.dot(tl.trans(p.to(dy.dtype)), dy, dv, input_precision=INPUT_PRECISION)
+    dv = dv * _pam_load_gamma(Gamma, HAS_GAMMA)
+    tl.store(
+        DV + pid_b * stride_dvb + start_c * stride_dvc
+        + offs_n[:, None] * stride_dvn + offs_c[None, :] * stride_dvc,
+        dv.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :],
+    )
+
+
+@triton.jit
+def _pam_bwd_dp(
+    DY_rows, V_cols, stride_gc, stride_gn, stride_vc, stride_vn,
+    offs_m, offs_n, mask_m, mask_n, C,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dP/gamma = dY^T v for one (BLOCK_M, BLOCK_N) block, summed over ALL C in BLOCK_C chunks."""
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start_c in range(0, C, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        dy = tl.load(DY_rows + offs_m[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        vT = tl.load(V_cols + offs_c[:, None] * stride_vc + offs_n[None, :] * stride_vn,
+                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        dp = tl.dot(dy, vT, dp, input_precision=INPUT_PRECISION)
+    return dp
+
+
+@triton.jit
+def _pam_bwd_dk_kernel(
+    Q, K, V, DY, Gamma, Lse, DeltaRaw, DK,
+    stride_qb, stride_qd, stride_qn,
+    stride_kb, stride_kd, stride_kn,
+    stride_vb, stride_vc, stride_vn,
+    stride_gb, stride_gc, stride_gn,
+    stride_dkb, stride_dkd, stride_dkn,
+    N, D, C,
+    HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dK for BLOCK_N keys: dK^T += dS^T q over all query blocks, dP summed over all of C."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
+
+    kT = tl.load(
+        K + pid_b * stride_kb + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+        mask=mask_d[:, None] & mask_n[None, :], other=0.0,
+    )
+    Q_block = Q + pid_b * stride_qb
+    DY_block = DY + pid_b * stride_gb
+    V_block = V + pid_b * stride_vb
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = tl.load(Q_block + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        lse = tl.load(Lse + pid_b * N + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DeltaRaw + pid_b * N + offs_m, mask=mask_m, other=0.0) * gamma
+        p = _pam_recompute_p(q, kT, lse, INPUT_PRECISION)
+        dp = _pam_bwd_dp(DY_block, V_block, stride_gc, stride_gn, stride_vc, stride_vn,
+                         offs_m, offs_n, mask_m, mask_n, C,
+                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C)
+        ds = p * (dp * gamma - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    tl.store(
+        DK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :],
+    )
+
+
+@triton.jit
+def _pam_bwd_dq_inner(
+    dq, q, lse, delta, gamma, K_block, V_block, DY_rows,
+    stride_kd, stride_kn, stride_vc, stride_vn, stride_gc, stride_gn,
+    offs_m, offs_d, mask_m, mask_d, start_n, end_n, N, C,
+    MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dQ^T += dS k over key blocks [start_n, end_n); MASK_N zeroes P on padded keys of the tail.
+
+    The tail mask is needed here (not in the dK/dV kernels, where padded keys are never stored):
+    a padded key has k = 0, so S = 0 and P = exp2(-lse), which overflows to inf when a row's
+    energies are hugely negative, and inf * (k = 0) would poison dQ with NaN.
+    """
+    for block_start in range(start_n, end_n, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kT = tl.load(K_block + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        p = _pam_recompute_p(q, kT, lse, INPUT_PRECISION)
+        if MASK_N:
+            p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _pam_bwd_dp(DY_rows, V_block, stride_gc, stride_gn, stride_vc, stride_vn,
+                         offs_m, offs_n, mask_m, mask_n, C,
+                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C)
+        ds = p * (dp * gamma - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _pam_bwd_dq_kernel(
+    Q, K, V, DY, Gamma, Lse, DeltaRaw, DQ,
+    stride_qb, stride_qd, stride_qn,
+    stride_kb, stride_kd, stride_kn,
+    stride_vb, stride_vc, stride_vn,
+    stride_gb, stride_gc, stride_gn,
+    stride_dqb, stride_dqd, stride_dqn,
+    N, D, C,
+    HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dQ for BLOCK_M queries: dQ^T += dS k over all key blocks, dP summed over all of C."""
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < D
+    gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
+
+    q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    lse = tl.load(Lse + pid_b * N + offs_m, mask=mask_m, other=float("inf"))
+    delta = tl.load(DeltaRaw + pid_b * N + offs_m, mask=mask_m, other=0.0) * gamma
+    K_block = K + pid_b * stride_kb
+    V_block = V + pid_b * stride_vb
+    DY_rows = DY + pid_b * stride_gb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    dq = _pam_bwd_dq_inner(
+        dq, q, lse, delta, gamma, K_block, V_block, DY_rows,
+        stride_kd, stride_kn, stride_vc, stride_vn, stride_gc, stride_gn,
+        offs_m, offs_d, mask_m, mask_d, 0, n_full, N, C,
+        False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C,
+    )
+    if n_full < N:
+        dq = _pam_bwd_dq_inner(
+            dq, q, lse, delta, gamma, K_block, V_block, DY_rows,
+            stride_kd, stride_kn, stride_vc, stride_vn, stride_gc, stride_gn,
+            offs_m, offs_d, mask_m, mask_d, n_full, N, N, C,
+            True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C,
+        )
+    tl.store(
+        DQ + pid_b * stride_dqb + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning
+# ----------------------------------------------------------------------------------------------
+# Hopper (H100/H200) forward search space. Reasoning behind the ranges:
+# * BLOCK_M = 16 * num_warps: every warp owns 16 query rows, the mma M granularity (wgmma's
+#   64-row warpgroup tile at BLOCK_M = 64 / 4 warps and 128 / 8 warps), so no warp idles.
+# * BLOCK_C: 64..256. Larger tiles recompute S = q^T k fewer times (ceil(C / BLOCK_C) per query
+#   block) but hold an fp32 BLOCK_M x BLOCK_C accumulator in registers; the prune below keeps
+#   accumulator + S tile within ~160 fp32 registers per thread (255 is the hardware limit and
+#   the rest holds pointers, statistics and pipelining).
+# * BLOCK_N: 32..128, the key block streamed per step; num_stages 2-3 software-pipelines the k/v
+#   loads, limited by shared memory (the prune keeps q + stages * (k + v tiles) under 200 KiB
+#   of the H100's 227 KiB per block).
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for bc in (64, 128, 256)
+    for w in (4, 8)
+    for s in (2, 3)
+]
+# The interpreter runs programs one by one in numpy: tuning would only multiply its run time,
+# and 32-wide tiles keep the CI shapes multi-block (ragged tails, several C blocks).
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32}
+
+_MAX_REGS_PER_THREAD = 160
+_MAX_SHARED_BYTES = 200 * 1024
+
+
+def _keep(config: triton.Config) -> bool:
+    """Static filter: one 16-row mma slice of BLOCK_M per warp."""
+    return config.kwargs["BLOCK_M"] == 16 * config.num_warps
+
+
+def _pow2_cap(n: int) -> int:
+    """Smallest tile (a power of two >= 16, tl.dot's minimum) that covers n."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _prune_fwd_configs(
+    configs: list[triton.Config], named_args: dict, **kwargs: object
+) -> list[triton.Config]:
+    """Drop forward configs that cannot fit this problem: tiles capped at the problem size
+    (duplicates removed), register and shared-memory budgets computed for the input dtype."""
+    n, c, block_d = named_args["N"], named_args["C"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    element_size = named_args["V"].element_size()
+    kept: dict[tuple, triton.Config] = {}
+    for config in configs:
+        bm = min(config.kwargs["BLOCK_M"], _pow2_cap(n))
+        bn = min(config.kwargs["BLOCK_N"], _pow2_cap(n))
+        bc = min(config.kwargs["BLOCK_C"], _pow2_cap(c))
+        threads = 32 * config.num_warps
+        registers = (bm * bc + bm * bn) // threads
+        shared = element_size * (bm * block_d + config.num_stages * bn * (block_d + bc))
+        if registers > _MAX_REGS_PER_THREAD or shared > _MAX_SHARED_BYTES:
+            continue
+        key = (bm, bn, bc, config.num_warps, config.num_stages)
+        kept.setdefault(key, triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc},
+                                           num_warps=config.num_warps, num_stages=config.num_stages))
+    # Huge d (256) with fp32 can exclude everything: fall back to the smallest tile.
+    return list(kept.values()) or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_C": 64},
+                                                 num_warps=4, num_stages=1)]
+
+
+if _INTERPRETING:
+    _fwd_tuner = triton.autotune([triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)],
+                                 key=["N", "BLOCK_D", "C"])
+else:
+    _fwd_tuner = triton.autotune(
+        list(filter(_keep, _FWD_CONFIGS)),
+        key=["N", "BLOCK_D", "C", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_fwd_configs},
+    )
+_pam_fwd_kernel_tuned = _fwd_tuner(_pam_fwd_kernel)
+
+
+def _bwd_config(dtype: torch.dtype, block_d: int, n: int, c: int) -> dict[str, dict[str, int]]:
+    """Fixed backward tiles per kernel (Hopper), capped at the problem size.
+
+    dV keeps an fp32 BLOCK_N x BLOCK_C tile (64 registers/thread at 128 x 128 on 8 warps); dK
+    and dQ keep BLOCK x BLOCK_D plus a BLOCK_M x BLOCK_N dP tile and stream dY and v through
+    BLOCK_C-wide chunks. fp32 operands take twice the shared memory, so their C chunks halve;
+    a d above 128 halves the resident key/query block to keep dK/dQ in registers.
+    """
+    if _INTERPRETING:
+        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32}
+        kernels = {"dv": tiles, "dk": tiles, "dq": tiles, "pre": {"BLOCK_M": 32, "BLOCK_C": 32}}
+        launch = {"num_warps": 4, "num_stages": 1}
+    else:
+        wide = 64 if dtype == torch.float32 else 128
+        narrow = 32 if dtype == torch.float32 else 64
+        resident = 128 if block_d <= 128 else 64
+        kernels = {
+            "dv": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_C": wide},
+            "dk": {"BLOCK_M": 64, "BLOCK_N": resident, "BLOCK_C": narrow},
+            "dq": {"BLOCK_M": resident, "BLOCK_N": 64, "BLOCK_C": narrow},
+            "pre": {"BLOCK_M": 128, "BLOCK_C": 32},
+        }
+        launch = {"num_warps": 8, "num_stages": 2}
+    caps = {"BLOCK_M": _pow2_cap(n), "BLOCK_N": _pow2_cap(n), "BLOCK_C": _pow2_cap(c)}
+    return {
+        name: {key: min(size, caps[key]) for key, size in tiles.items()} | launch
+        for name, tiles in kernels.items()
+    }
+
+
+# Grid axes 1 and 2 are limited to 65535 programs: larger batches are launched in chunks.
+_MAX_GRID_BATCH = 65535
+
+
+def _batch_chunks(batch: int) -> list[tuple[int, int]]:
+    return [(start, min(batch, start + _MAX_GRID_BATCH)) for start in range(0, batch, _MAX_GRID_BATCH)]
+
+
+def _dot_input_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: torch's fp32 matmul setting for fp32 (ignored for 16-bit inputs)."""
+    if dtype != torch.float32:
+        return "tf32"
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def pam_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    store_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on validated inputs (see danet_kernels.functional).
+
+    Returns ``(result, out, lse)``: result = gamma * O + residual (or O without gamma), shape
+    (B, C, N) in v's dtype; out = O when gamma is given and ``store_out`` (the backward needs it),
+    else an empty tensor; lse = per-row log2-sum-exp2 of the log2(e)-scaled energies, (B, N) fp32.
+    """
+    batch, head_dim, n = q.shape
+    channels = v.shape[1]
+    has_residual = gamma is not None
+    result = torch.empty((batch, channels, n), device=v.device, dtype=v.dtype)
+    store_out = has_residual and store_out
+    out = torch.empty_like(result) if store_out else result.new_empty(0)
+    lse = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    # Placeholders for pointer arguments a constexpr branch never reads.
+    gamma_arg = gamma if has_residual else lse
+    residual_arg = residual if has_residual else v
+    out_arg = out if store_out else result
+    meta = {
+        "HAS_RESIDUAL": has_residual,
+        "STORE_OUT": store_out,
+        "BLOCK_D": _pow2_cap(head_dim),
+        "INPUT_PRECISION": _dot_input_precision(v.dtype),
+    }
+    for b0, b1 in _batch_chunks(batch):
+        chunk = b1 - b0
+
+        def grid(meta: dict, chunk: int = chunk) -> tuple[int, int, int]:
+            return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]), chunk)
+
+        torch.library.wrap_triton(_pam_fwd_kernel_tuned)[grid](
+            q[b0:b1], k[b0:b1], v[b0:b1], gamma_arg, residual_arg[b0:b1],
+            result[b0:b1], out_arg[b0:b1], lse[b0:b1],
+            *q.stride(), *k.stride(), *v.stride(), *residual_arg.stride(),
+            *result.stride(), *out_arg.stride(),
+            n, head_dim, channels,
+            **meta,
+        )
+    return result, out, lse
+
+
+def pam_backward(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels. ``out`` is O (the forward's result when there is no gamma).
+
+    Returns ``(dq, dk, dv, delta_raw)`` with delta_raw[b, i] = sum_c dy[b, c, i] O[b, c, i]
+    (fp32, (B, N)): dgamma = delta_raw.sum(). dq, dk, dv take the inputs' dtype.
+    """
+    batch, head_dim, n = q.shape
+    channels = v.shape[1]
+    has_gamma = gamma is not None
+    dq = torch.empty((batch, head_dim, n), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty((batch, channels, n), device=v.device, dtype=v.dtype)
+    delta_raw = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    gamma_arg = gamma if has_gamma else lse
+    config = _bwd_config(v.dtype, _pow2_cap(head_dim), n, channels)
+    common = {"HAS_GAMMA": has_gamma, "BLOCK_D": _pow2_cap(head_dim),
+              "INPUT_PRECISION": _dot_input_precision(v.dtype)}
+    pre, dv_cfg, dk_cfg, dq_cfg = config["pre"], config["dv"], config["dk"], config["dq"]
+    for b0, b1 in _batch_chunks(batch):
+        chunk = b1 - b0
+        q_, k_, v_, dy_, lse_ = q[b0:b1], k[b0:b1], v[b0:b1], dy[b0:b1], lse[b0:b1]
+        delta_ = delta_raw[b0:b1]
+        torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n, pre["BLOCK_M"]), chunk)](
+            out[b0:b1], dy_, delta_, *out.stride(), *dy.stride(), n, channels, **pre,
+        )
+        torch.library.wrap_triton(_pam_bwd_dv_kernel)[
+            (triton.cdiv(n, dv_cfg["BLOCK_N"]), triton.cdiv(channels, dv_cfg["BLOCK_C"]), chunk)
+        ](
+            q_, k_, dy_, gamma_arg, lse_, dv[b0:b1],
+            *q.stride(), *k.stride(), *dy.stride(), *dv.stride(),
+            n, head_dim, channels, **common, **dv_cfg,
+        )
+        torch.library.wrap_triton(_pam_bwd_dk_kernel)[(triton.cdiv(n, dk_cfg["BLOCK_N"]), chunk)](
+            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk[b0:b1],
+            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dk.stride(),
+            n, head_dim, channels, **common, **dk_cfg,
+        )
+        torch.library.wrap_triton(_pam_bwd_dq_kernel)[(triton.cdiv(n, dq_cfg["BLOCK_M"]), chunk)](
+            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq[b0:b1],
+            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dq.stride(),
+            n, head_dim, channels, **common, **dq_cfg,
+        )
+    return dq, dk, dv, delta_raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("danet_kernels::pam_forward", mutates_args=())
+def _pam_forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    store_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pam_forward(q, k, v, gamma, residual, store_out)
+
+
+@torch.library.triton_op("danet_kernels::pam_backward", mutates_args=())
+def _pam_backward_op(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pam_backward(dy, q, k, v, gamma, out, lse)
+
+
+class PositionAttentionFunction(torch.autograd.Function):
+    """Autograd for fused PAM: ``(q, k, v, gamma, residual, store_out) -> (result, out, lse)``.
+
+    ``result`` is the attention output (``gamma * O + residual`` when gamma is given); ``out``
+    (O, saved only with gamma and ``store_out``) and ``lse`` are what the backward reads and
+    are not differentiable. Its ``setup_context``/``backward`` are also registered as the
+    autograd formula of the ``danet_kernels::pam_forward`` op, so eager and torch.compile share
+    one definition; :func:`position_attention_triton` is the entry point to use.
+    """
+
+    @staticmethod
+    def forward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gamma: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        store_out: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the forward op."""
+        return _pam_forward_op(q, k, v, gamma, residual, store_out)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        """Save q, k, v, gamma, O and lse for the backward."""
+        q, k, v, gamma, _, _ = inputs
+        result, out, lse = output
+        ctx.save_for_backward(q, k, v, gamma, result if gamma is None else out, lse)
+        ctx.has_gamma = gamma is not None
+        ctx.mark_non_differentiable(out, lse)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dresult: torch.Tensor, *unused_grads: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of q, k, v, gamma, residual (None for store_out)."""
+        q, k, v, gamma, out, lse = ctx.saved_tensors
+        needs_q, needs_k, needs_v, needs_gamma, needs_residual, _ = ctx.needs_input_grad
+        dresidual = dresult if needs_residual else None
+        if not (needs_q or needs_k or needs_v or needs_gamma):
+            return None, None, None, None, dresidual, None
+        if out.numel() == 0:
+            raise RuntimeError(
+                "pam_forward ran with store_out=False, so O was not kept and the backward cannot "
+                "run; call position_attention_triton (it decides store_out from grad mode)"
+            )
+        dq, dk, dv, delta_raw = _pam_backward_op(dresult, q, k, v, gamma, out, lse)
+        dgamma = delta_raw.sum().reshape(gamma.shape).to(gamma.dtype) if needs_gamma else None
+        return (dq if needs_q else None, dk if needs_k else None, dv if needs_v else None,
+                dgamma, dresidual, None)
+
+
+_pam_forward_op.register_autograd(
+    PositionAttentionFunction.backward, setup_context=PositionAttentionFunction.setup_context
+)
+
+
+def position_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """Fused PAM: ``gamma * attention(q, k, v) + residual`` when gamma is given, else the attention.
+
+    Inputs are validated by :func:`danet_kernels.position_attention`: q, k (B, d, N); v, residual
+    (B, C, N); one dtype (fp16, bf16, fp32) and device; any strides. O is kept for the backward
+    only when a gradient will be needed.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, gamma)
+    )
+    result, _, _ = torch.ops.danet_kernels.pam_forward(q, k, v, gamma, residual, needs_grad)
+    return result
