@@ -1,0 +1,147 @@
+"""DANet: a dilated ResNet with the dual attention head (Fu et al., CVPR 2019).
+
+Layout follows timm: the :class:`DANet` module, a private builder, tiny registered entry points
+(``danet_resnet101``, ...) and :func:`create_model`, which rejects unknown names. The
+dataclass route is :func:`build_model` (``ModelConfig`` -> model), used by every command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from danet.config import ModelConfig
+from danet.models.backbone import create_backbone
+from danet.models.head import DANetHead, FCNHead
+
+__all__ = ["DANet", "build_model", "create_model", "list_models", "register_model"]
+
+
+def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with align_corners=True, as the published model upsamples its outputs."""
+    return functional.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+class DANet(nn.Module):
+    """Dual Attention Network for scene segmentation.
+
+    Args:
+        nclass: number of classes.
+        backbone: a name from :data:`danet.models.backbone.BACKBONES` ("resnet101s" has the
+            published deep stem; "resnet_tiny" is for CPUs).
+        output_stride: 8 (published) or 16.
+        attention: "fused" (danet_kernels) or "reference" (bmm modules); same state_dict.
+        aux: add the auxiliary FCN head on the third stage (training output gains a 4th logit).
+        multi_grid: dilate the last stage's blocks by (1, 2, 4) x its dilation.
+        pretrained_backbone: local file of ImageNet weights (timm or torchvision naming) for
+            the backbone, or None for random weights. Nothing is ever downloaded.
+
+    ``forward(x)`` returns, in training mode, ``(sum, pam, cam[, aux])`` logits and, in eval
+    mode, the sum logits alone; every logit map is (B, nclass, H, W), upsampled to the input.
+    """
+
+    def __init__(self, nclass: int, backbone: str = "resnet101", output_stride: int = 8,
+                 attention: str = "fused", aux: bool = False, multi_grid: bool = False,
+                 pretrained_backbone: str | None = None) -> None:
+        super().__init__()
+        if nclass < 1:
+            raise ValueError(f"nclass must be >= 1, got {nclass}")
+        self.nclass = nclass
+        self.backbone = create_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid)
+        if pretrained_backbone is not None:
+            from danet.models.weights import load_backbone_weights  # weights imports this module
+
+            load_backbone_weights(self.backbone, pretrained_backbone)
+        stage3_channels, stage4_channels = self.backbone.feature_info.channels()
+        self.head = DANetHead(stage4_channels, nclass, attention=attention)
+        self.auxlayer = FCNHead(stage3_channels, nclass) if aux else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Segment ``x`` (B, 3, H, W): see the class docstring for what is returned."""
+        size = (x.shape[-2], x.shape[-1])
+        stage3, stage4 = self.backbone(x)
+        outputs = [_upsample(logits, size) for logits in self.head(stage4)]
+        if not self.training:
+            return outputs[0]
+        if self.auxlayer is not None:
+            outputs.append(_upsample(self.auxlayer(stage3), size))
+        return tuple(outputs)
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Return (backbone parameters, head parameters), the latter including the aux head.
+
+        The published recipe trains the freshly initialised heads at 10x the backbone's LR.
+        """
+        head = [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+        return list(self.backbone.parameters()), head
+
+
+_MODEL_ENTRYPOINTS: dict[str, Callable[..., DANet]] = {}
+
+
+def register_model(fn: Callable[..., DANet]) -> Callable[..., DANet]:
+    """Register ``fn`` under its function name for :func:`create_model` (timm style)."""
+    if fn.__name__ in _MODEL_ENTRYPOINTS:
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
+    _MODEL_ENTRYPOINTS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(_MODEL_ENTRYPOINTS)
+
+
+def create_model(name: str, nclass: int, **kwargs: object) -> DANet:
+    """Build the registered model ``name``; ``None`` keyword values fall back to the defaults.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the registered ones).
+    """
+    if name not in _MODEL_ENTRYPOINTS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _MODEL_ENTRYPOINTS[name](nclass, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _create_danet(backbone: str, nclass: int, **kwargs: object) -> DANet:
+    return DANet(nclass, backbone=backbone, **kwargs)
+
+
+@register_model
+def danet_resnet_tiny(nclass: int, **kwargs: object) -> DANet:
+    """DANet on the tiny CPU backbone."""
+    return _create_danet("resnet_tiny", nclass, **kwargs)
+
+
+@register_model
+def danet_resnet50(nclass: int, **kwargs: object) -> DANet:
+    """DANet on ResNet-50 (timm's standard stem)."""
+    return _create_danet("resnet50", nclass, **kwargs)
+
+
+@register_model
+def danet_resnet101(nclass: int, **kwargs: object) -> DANet:
+    """DANet on ResNet-101 (timm's standard stem)."""
+    return _create_danet("resnet101", nclass, **kwargs)
+
+
+@register_model
+def danet_resnet101s(nclass: int, **kwargs: object) -> DANet:
+    """The published DANet: ResNet-101 with the 64-64-128 deep stem, multi-grid at OS 8."""
+    return _create_danet("resnet101s", nclass, **{"multi_grid": True, **kwargs})
+
+
+@register_model
+def danet_resnet152(nclass: int, **kwargs: object) -> DANet:
+    """DANet on ResNet-152 (timm's standard stem)."""
+    return _create_danet("resnet152", nclass, **kwargs)
+
+
+def build_model(cfg: ModelConfig, nclass: int) -> DANet:
+    """Build the model a :class:`~danet.config.ModelConfig` describes, for ``nclass`` classes."""
+    return DANet(nclass, backbone=cfg.backbone, output_stride=cfg.output_stride, attention=cfg.attention,
+                 aux=cfg.aux, multi_grid=cfg.multi_grid, pretrained_backbone=cfg.pretrained_backbone)
+

@@ -1,0 +1,294 @@
+"""Weights from local files: ImageNet backbones, our checkpoints, the original DANet release.
+
+Nothing here touches the network. Files are read on the CPU with ``torch.load(weights_only=True)``
+(``.pth``/``.pt``/``.tar``) or safetensors (``.safetensors``).
+
+Accepted layouts for :func:`load_weights`:
+
+* our training checkpoints: ``{"model": state_dict, "config": {...}, ...}``;
+* the original release / Encoding checkpoints: ``{"state_dict": state_dict, "epoch": ..., ...}``;
+* a plain state_dict.
+
+Keys lose any leading ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes.
+Checkpoints in the original DANet release's naming (``pretrained.*``, ``head.*``, ``auxlayer.*``)
+are renamed through :data:`ORIGINAL_KEY_MAP`:
+
+==========================  ==================  =============================================
+original prefix             our prefix          why
+==========================  ==================  =============================================
+``pretrained.fc.``          (dropped)           ImageNet classifier, unused for segmentation
+``pretrained.``             ``backbone.``       timm's ResNet keys equal Encoding's: deep stem
+                                                ``conv1.0/1/3/4/6``, ``bn1``, ``layerX.Y.convZ``,
+                                                ``layerX.0.downsample.0/1``
+``head.``                   ``head.``           same modules: conv5a/5c, sa, sc, conv51/52, conv6/7/8
+``auxlayer.``               ``auxlayer.``       Encoding's FCNHead: ``auxlayer.conv5.{0,1,4}``
+==========================  ==================  =============================================
+
+A checkpoint of the published ResNet-101 model loads into ``DANet(nclass, "resnet101s",
+multi_grid=True)`` (the deep stem and the dilations the release used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from danet.config import ModelConfig
+
+__all__ = [
+    "ORIGINAL_KEY_MAP",
+    "PUBLISHED_MODEL_CONFIG",
+    "from_original_naming",
+    "load_backbone_weights",
+    "load_model",
+    "load_state_dict_checked",
+    "load_weights",
+    "model_config_from",
+    "num_classes_in",
+    "read_checkpoint",
+    "to_original_naming",
+]
+
+# (original prefix, our prefix or None = drop), first match wins; see the module docstring
+ORIGINAL_KEY_MAP: tuple[tuple[str, str | None], ...] = (
+    ("pretrained.fc.", None),
+    ("pretrained.", "backbone."),
+    ("head.", "head."),
+    ("auxlayer.", "auxlayer."),
+)
+# the architecture of the original release's published checkpoints (DANet-101, Encoding's
+# deep-base ResNet-101, multi-grid (4, 8, 16) at output stride 8)
+PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101s", output_stride=8, multi_grid=True)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the sum classifier's weight: its first dimension is the number of classes
+_CLASSIFIER_KEY = "head.conv8.1.weight"
+_MAX_KEYS_IN_ERROR = 8
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Remove leading ``module.`` / ``_orig_mod.`` prefixes (in any order and number)."""
+    stripped = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        stripped[key] = value
+    return stripped
+
+
+def _rename(state_dict: Mapping[str, torch.Tensor], table: tuple[tuple[str, str | None], ...]) -> StateDict:
+    renamed = {}
+    for key, value in state_dict.items():
+        for source, target in table:
+            if key.startswith(source):
+                if target is not None:
+                    renamed[target + key[len(source):]] = value
+                break
+        else:
+            raise ValueError(f"key {key!r} has no rule in the original-DANet key mapping "
+                             f"(known prefixes: {', '.join(s for s, _ in table)})")
+    return renamed
+
+
+def from_original_naming(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Rename a state_dict from the original DANet release's keys to ours (ORIGINAL_KEY_MAP)."""
+    return _rename(state_dict, ORIGINAL_KEY_MAP)
+
+
+def to_original_naming(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Rename our keys to the original release's (the inverse of :func:`from_original_naming`)."""
+    inverse = tuple((ours, original) for original, ours in ORIGINAL_KEY_MAP if ours is not None)
+    return _rename(state_dict, inverse)
+
+
+def _is_original_naming(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(key.startswith("pretrained.") for key in state_dict)
+
+
+def _load_file(path: str | Path) -> Any:
+    """Read ``path`` on the CPU; FileNotFoundError / ValueError with the path when it fails."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, wrong format, pickled custom classes
+        raise ValueError(f"cannot read weights file {path}: {err}") from err
+
+
+def read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, Any] | None]:
+    """Return (state_dict in our naming, the checkpoint's "config" or None) for ``path``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, or one that holds no state_dict.
+    """
+    state_dict, config, _ = _read_checkpoint(path)
+    return state_dict, config
+
+
+def _read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, Any] | None, bool]:
+    """:func:`read_checkpoint`, also saying whether the file used the original release's naming."""
+    obj = _load_file(path)
+    config = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        state_dict, config = obj["model"], obj.get("config")
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state_dict = obj["state_dict"]
+    else:
+        state_dict = obj
+    if not isinstance(state_dict, Mapping) or not state_dict or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} holds no state_dict (expected a dict of tensors, or one under "
+                         f"'model' or 'state_dict')")
+    state_dict = _strip_wrapper_prefixes(state_dict)
+    original = _is_original_naming(state_dict)
+    if original:
+        state_dict = from_original_naming(state_dict)
+    return state_dict, (config if isinstance(config, dict) else None), original
+
+
+def _key_list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_IN_ERROR])
+    more = len(keys) - _MAX_KEYS_IN_ERROR
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                            source: str = "checkpoint") -> None:
+    """Load ``state_dict`` into ``module`` after checking every key and shape.
+
+    Missing BatchNorm ``num_batches_tracked`` buffers are tolerated (old checkpoints lack them).
+
+    Raises:
+        ValueError: different classes (classifier shape), shape mismatches, missing or
+            unexpected keys; the message names them.
+    """
+    expected = module.state_dict()
+    classifier = state_dict.get(_CLASSIFIER_KEY)
+    if classifier is not None and _CLASSIFIER_KEY in expected and \
+            classifier.shape[0] != expected[_CLASSIFIER_KEY].shape[0]:
+        raise ValueError(f"{source} was trained for {classifier.shape[0]} classes, the model has "
+                         f"{expected[_CLASSIFIER_KEY].shape[0]} (check --dataset)")
+    mismatched = [f"{k}: {tuple(v.shape)} in {source}, {tuple(expected[k].shape)} in model"
+                  for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if mismatched:
+        raise ValueError(f"{source} does not match the model's shapes (another backbone?): "
+                         f"{_key_list(mismatched)}")
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_key_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_key_list(unexpected)}")
+        raise ValueError(f"{source} does not match the model (another backbone, aux head or "
+                         f"naming?): {'; '.join(parts)}")
+    module.load_state_dict(state_dict, strict=False)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
+    """Load a checkpoint (ours, the original release's, or a plain state_dict) into ``model``.
+
+    Returns the checkpoint's "config" dict, or None when it has none.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, or keys/shapes/classes that do not match the model.
+    """
+    state_dict, config = read_checkpoint(path)
+    load_state_dict_checked(model, state_dict, source=f"checkpoint {path}")
+    return config
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load ImageNet ResNet weights (timm or torchvision naming) from a local file.
+
+    The ImageNet classifier (``fc.*``) is dropped; every other key must match the backbone
+    (timm and torchvision name ResNet parameters identically; deep-stem variants use timm's
+    ``conv1.0/1/3/4/6``, as the original release's backbone does).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, or keys/shapes that do not fit the backbone.
+    """
+    state_dict, _ = read_checkpoint(path)
+    if any(key.startswith("backbone.") for key in state_dict):  # a full DANet checkpoint's backbone
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    load_state_dict_checked(backbone, state_dict, source=f"backbone weights {path}")
+
+
+def num_classes_in(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Number of classes of a DANet state_dict (rows of the sum classifier).
+
+    Raises:
+        ValueError: the state_dict has no DANet classifier.
+    """
+    if _CLASSIFIER_KEY not in state_dict:
+        raise ValueError(f"not a DANet state_dict: no {_CLASSIFIER_KEY!r}")
+    return int(state_dict[_CLASSIFIER_KEY].shape[0])
+
+
+def model_config_from(config: Mapping[str, Any] | None) -> ModelConfig | None:
+    """The ModelConfig stored in a checkpoint's config (its "model" section), or None.
+
+    The ImageNet file is not needed (the checkpoint holds the weights) and may not exist on
+    this machine, so ``pretrained_backbone`` is cleared.
+    """
+    if not config:
+        return None
+    section = config.get("model", config)
+    if not isinstance(section, Mapping) or "backbone" not in section:
+        return None
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in section.items() if k in fields})
+    cfg.pretrained_backbone = None
+    return cfg
+
+
+def load_model(path: str | Path, nclass: int | None = None,
+               overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Build a DANet for checkpoint ``path`` and load it; returns (model, checkpoint config).
+
+    The architecture is, field by field: ``overrides`` (non-None values, e.g. command-line
+    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults. The number
+    of classes comes from ``nclass`` when given (a mismatch with the checkpoint is an error),
+    else from the checkpoint's classifier.
+
+    A checkpoint in the original release's naming carries no config: it gets the published
+    architecture (:data:`PUBLISHED_MODEL_CONFIG`) unless overridden.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, unknown backbone, or a checkpoint that does not fit.
+    """
+    from danet.models.danet import build_model  # danet.models.danet imports this module lazily
+
+    state_dict, config, original = _read_checkpoint(path)
+    cfg = model_config_from(config) or (
+        dataclasses.replace(PUBLISHED_MODEL_CONFIG) if original else ModelConfig())
+    cfg.pretrained_backbone = None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if not hasattr(cfg, key):
+                raise ValueError(f"unknown model option {key!r}")
+            setattr(cfg, key, value)
+    model = build_model(cfg, nclass if nclass is not None else num_classes_in(state_dict))
+    load_state_dict_checked(model, state_dict, source=f"checkpoint {path}")
+    return model, config
