@@ -1,0 +1,659 @@
+"""Fused channel attention (DANet's CAM) in Triton: forward and backward kernels.
+
+Written for this project from the published semantics (Fu et al., "Dual Attention Network for
+Scene Segmentation", CVPR 2019); the file layout follows Liger-Kernel's op files and Triton's
+fused-attention tutorial (kernels, then launchers, then the autograd Function).
+
+What is computed, for x of shape (B, C, N)::
+
+    E   = x x^T                       (B, C, C), unscaled, accumulated AND kept in fp32
+    A   = softmax(rowmax(E) - E)      row softmax, in fp32
+    out = A x                         (B, C, N)
+    y   = gamma * out + x             when gamma is given (the residual fused in the epilogue)
+
+Why softmax(rowmax(E) - E) == softmax(-E): softmax is invariant to adding a per-row constant,
+and rowmax(E) is constant along each row. We compute it stably as
+``A[i, j] = exp(m_i - E[i, j]) / sum_j exp(m_i - E[i, j])`` with ``m_i = min_j E[i, j]``, so every
+exponent is <= 0 (no overflow) and the largest term is exactly exp(0) = 1 (the sum is >= 1, no
+division by zero). torch's softmax of ``rowmax - E`` subtracts the maximum of ``rowmax - E``,
+which is ``rowmax - m_i``, so it evaluates the same exponents: huge energies saturate to the same
+one-hot row (at the row minimum of E) and never give NaN.
+
+Why fp32 energy: |E| grows with N (E[i, i] = |x_i|^2). Rounded to bf16 (8 mantissa bits) at
+N = 4096 an energy of ~4000 is off by ~16, and the softmax of such differences is garbage: the
+bf16 reference is at 0.5-0.7 relative error (../shared/baseline/h100_peers.md). Here E never
+leaves fp32, whatever the input dtype; only A (entries in [0, 1]) is rounded to the input dtype
+when it multiplies x on the tensor cores, a relative error of 2^-8 per entry that averages out.
+
+Forward, three kernels (x is the only N-sized input; it is read twice, the output written once):
+
+1. ``_cam_gram_kernel``: E tiles of BLOCK_C x BLOCK_C with fp32 accumulation. The reduction over
+   N is SPLIT across programs so that B = 1 still fills a GPU: at C = 512 there are only 10
+   distinct 128 x 128 tiles (E is symmetric, so only the lower triangle of tiles is computed and
+   each off-diagonal tile is also stored mirrored), far fewer than an H100's 132 SMs. Each
+   (tile, split) program writes its partial fp32 tile to a workspace of shape (B, S, C, C); the
+   partials are summed in a fixed order by the next kernel, so the result is DETERMINISTIC
+   (atomics would make E, and through the softmax every output, vary bitwise run to run). S is
+   chosen so that about one wave of programs runs; the workspace is S x 4 C^2 bytes per image
+   (13 MiB at C = 512 on an H100) and is freed when the forward returns. Tiles are the fastest
+   moving program index, so the programs sharing one N-chunk of x run together and hit L2.
+2. ``_cam_softmax_kernel``: per block of rows, pass 1 sums the S partials into E (written into
+   the attention buffer) while keeping an online row minimum and sum of exponentials; pass 2
+   rereads E and writes A in fp32 (saved for backward) and, for 16-bit inputs, a copy in the
+   input dtype for the tensor cores of step 3. C x C traffic only (1 MiB at C = 512 in fp32).
+3. ``_cam_apply_kernel``: out = A x tiled over (BLOCK_R rows of C, BLOCK_N positions) with a
+   K-loop over C; the epilogue reads the matching x tile and writes ``gamma * out + x``. Row
+   blocks are the fastest moving program index, so the C / BLOCK_R programs that read the same
+   x columns run together and x comes from DRAM about once.
+
+Backward (Y = gamma * O + x, O = A x, A = softmax(-E) by rows, E = x x^T; dY the incoming grad;
+without gamma read gamma = 1 and drop the identity term)::
+
+    dO      = gamma dY
+    dgamma  = sum(dY * O)            = sum_ij A_ij P_ij  with  P = dY x^T   (no need for O)
+    dA      = dO x^T                 = gamma P
+    dx     <- A^T dO                 = gamma A^T dY                          (through O = A x)
+    dS      = A * (dA - rowsum(dA * A))                                      (softmax, S = -E)
+    dE      = -dS                    = -gamma A * (P - rowsum(P * A))
+    dx     <- (dE + dE^T) x                                                  (through E = x x^T)
+    dx     <- dY                                                              (the residual)
+
+so ``dx = dY + W1 dY + W2 x`` with the C x C matrices ``W1 = gamma A^T`` and ``W2 = dE + dE^T``,
+and the row dots ``rowsum(P * A)`` give dgamma for free. Four kernels, two passes over the
+N-sized tensors:
+
+1. ``_cam_gram_kernel`` again (not symmetric): the split-N partials of P = dY x^T.
+2. ``_cam_softmax_bwd_kernel``: per block of rows, sums the partials of P, forms the row dots
+   (kept for dgamma) and dE, in fp32.
+3. ``_cam_bwd_weights_kernel``: W = [gamma A^T | dE + dE^T] of shape (B, C, 2C) in the input
+   dtype (the transposes need all rows of dE, hence a kernel of their own; C x C traffic).
+4. ``_cam_apply_kernel`` again: dx = W [dY; x] (+ dY), the GEMM with K = 2C and the same tiling
+   as the forward's step 3; x's gradient is written in x's dtype.
+
+The forward saves x, A (fp32, 4 C^2 bytes per image) and gamma; nothing N-sized is saved beyond
+the input itself, and out is not needed (dgamma comes from P and A).
+
+Precision: fp32 inputs multiply with ``input_precision`` following torch's own setting
+(``torch.get_float32_matmul_precision()``, which ``torch.backends.cuda.matmul.allow_tf32``
+also sets): "highest" -> "ieee", otherwise "tf32"; 16-bit inputs use the tensor cores with fp32
+accumulation. Any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot needs dims >= 16),
+any B, arbitrary strides; offsets are computed in int64 so B * C * N may exceed 2^31.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from danet_kernels._dispatch import triton_interpreting
+
+__all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
+
+_LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------
+# Tuning. Hopper (H100: 132 SMs, 228 KiB shared memory per SM, 50 MiB L2) configurations; each
+# list is pruned per call by the shared memory its stages need for the operands' dtype. Under
+# TRITON_INTERPRET=1 each kernel gets one small configuration: the interpreter runs every
+# program in Python, so autotuning would only multiply the CI time, and small tiles let small
+# test shapes still cover several tiles and splits.
+# ----------------------------------------------------------------------------------------------
+_INTERPRET = triton_interpreting()
+_SMEM_BUDGET = 200 * 1024  # of the 227 KiB a Hopper CTA may use; the rest is for layout shuffles
+
+if _INTERPRET:
+    _GRAM_CONFIGS = [triton.Config({"BLOCK_C": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    _APPLY_CONFIGS = [
+        triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1)
+    ]
+    _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 16, 32, 1
+    _WEIGHTS_BLOCK = 16
+    _MIN_N_PER_SPLIT = 32  # small, so that test shapes exercise the split-N reduction
+    _N_SPLIT_ALIGN = 32
+else:
+    # Gram tiles: 128 x 128 fp32 accumulators (64 KiB of registers over 8 warps) give the
+    # highest tensor-core intensity; 64 x 64 halves the register need for fp32 ieee dots, which
+    # run on the FMA units. The N step is the K dimension of the dot: 64 keeps 3-4 stages of
+    # two 128 x 64 operand tiles inside shared memory even in fp32.
+    _GRAM_CONFIGS = [
+        triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bc, bn, w, s in [
+            (128, 64, 8, 3),
+            (128, 64, 8, 4),
+            (128, 32, 8, 4),
+            (128, 128, 8, 3),
+            (64, 64, 4, 4),
+            (64, 128, 4, 3),
+        ]
+    ]
+    # out = W @ U tiles: BLOCK_R rows of the small C x C (or C x 2C) matrix against a BLOCK_R x
+    # BLOCK_N output tile. A larger BLOCK_R means fewer programs re-read each x column (from
+    # L2), a larger BLOCK_N fewer re-reads of W; 128 x 128 (fp32 accumulator 64 KiB over 8
+    # warps) is the usual Hopper sweet spot, 128 x 256 trades registers for W traffic.
+    _APPLY_CONFIGS = [
+        triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for br, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (128, 128, 32, 8, 4),
+            (128, 256, 32, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 256, 64, 8, 3),
+        ]
+    ]
+    # Row kernels over C x C fp32 matrices: 8 rows x 128 columns per step, coalesced along rows.
+    _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 8, 128, 4
+    _WEIGHTS_BLOCK = 64
+    # Each split must loop over enough of N to amortise its prologue and its C x C tile store;
+    # split boundaries are aligned to the largest BLOCK_N so no split ends in a partial block.
+    _MIN_N_PER_SPLIT = 1024
+    _N_SPLIT_ALIGN = 256
+_MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
+
+
+def _prune_by_shared_memory(configs, named_args, **kwargs):
+    """Drop configurations whose pipelined operand tiles would not fit in shared memory."""
+    elem = named_args["L"].element_size() if "L" in named_args else named_args["U"].element_size()
+    kept = []
+    for config in configs:
+        meta = config.kwargs
+        if "BLOCK_C" in meta:
+            per_stage = 2 * meta["BLOCK_C"] * meta["BLOCK_N"] * elem
+        else:
+            per_stage = (meta["BLOCK_R"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * elem
+        if per_stage * max(config.num_stages, 1) <= _SMEM_BUDGET:
+            kept.append(config)
+    return kept or configs[-1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gram_tile_coords(pid_tile, num_tiles, SYMMETRIC: tl.constexpr):
+    """Map a tile index to (row tile, column tile); SYMMETRIC enumerates the lower triangle."""
+    if SYMMETRIC:
+        # pid = i (i + 1) / 2 + j with j <= i: invert the triangular number, then correct the
+        # float estimate by one either way (exact for any realistic number of tiles).
+        tile_i = ((tl.sqrt_rn((8 * pid_tile + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        tile_i -= (tile_i * (tile_i + 1) // 2 > pid_tile).to(tl.int32)
+        tile_i += ((tile_i + 1) * (tile_i + 2) // 2 <= pid_tile).to(tl.int32)
+        tile_j = pid_tile - tile_i * (tile_i + 1) // 2
+    else:
+        tile_i = pid_tile // num_tiles
+        tile_j = pid_tile % num_tiles
+    return tile_i, tile_j
+
+
+@triton.autotune(
+    configs=_GRAM_CONFIGS,
+    key=["C", "N_BUCKET", "SYMMETRIC", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_by_shared_memory},
+)
+@triton.jit
+def _cam_gram_kernel(
+    L, stride_lb, stride_lc, stride_ln,
+    R, stride_rb, stride_rc, stride_rn,
+    Partial,
+    C, N, n_per_split, num_splits,
+    N_BUCKET,  # next power of two of N: the autotuning key, so each N does not retune
+    SYMMETRIC: tl.constexpr,  # L is R (E = x x^T): lower triangle of tiles, mirrored stores
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Partial[b, s] = L[b, :, chunk s] @ R[b, :, chunk s]^T in fp32, for each N-chunk s.
+
+    Grid: (num_tile_pairs * num_splits * B,), tiles fastest, then splits, then batch.
+    """
+    num_tiles = tl.cdiv(C, BLOCK_C)
+    if SYMMETRIC:
+        num_pairs = num_tiles * (num_tiles + 1) // 2
+    else:
+        num_pairs = num_tiles * num_tiles
+    pid = tl.program_id(0)
+    pid_tile = pid % num_pairs
+    pid_split = (pid // num_pairs) % num_splits
+    pid_b = (pid // (num_pairs * num_splits)).to(tl.int64)
+    tile_i, tile_j = _gram_tile_coords(pid_tile, num_tiles, SYMMETRIC)
+
+    offs_i = tile_i * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_j = tile_j * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_i = offs_i < C
+    mask_j = offs_j < C
+    l_rows = L + pid_b * stride_lb + offs_i.to(tl.int64)[:, None] * stride_lc
+    r_rows = R + pid_b * stride_rb + offs_j.to(tl.int64)[:, None] * stride_rc
+
+    n_start = pid_split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        offs_n64 = offs_n.to(tl.int64)
+        left = tl.load(l_rows + offs_n64[None, :] * stride_ln, mask=mask_i[:, None] & mask_n[None, :],
+                       other=0.0)
+        right = tl.load(r_rows + offs_n64[None, :] * stride_rn, mask=mask_j[:, None] & mask_n[None, :],
+                        other=0.0)
+        acc = tl.dot(left, tl.trans(right), acc, input_precision=PRECISION)
+
+    tile_base = Partial + (pid_b * num_splits + pid_split) * C * C
+    offs_i64 = offs_i.to(tl.int64)
+    offs_j64 = offs_j.to(tl.int64)
+    mask = mask_i[:, None] & mask_j[None, :]
+    tl.store(tile_base + offs_i64[:, None] * C + offs_j64[None, :], acc, mask=mask)
+    if SYMMETRIC:
+        # The mirrored tile E[j, i] = E[i, j]^T, so the row kernels read whole rows. Diagonal
+        # tiles are skipped: two threads writing one address would race.
+        tl.store(tile_base + offs_j64[None, :] * C + offs_i64[:, None], acc, mask=mask & (tile_i != tile_j))
+
+
+@triton.jit
+def _sum_partials(Partial, partial_offs, mask, num_splits, split_stride):
+    """Sum the S partial tiles of one block of a (B, S, C, C) workspace in a fixed order."""
+    total = tl.load(Partial + partial_offs, mask=mask, other=0.0)
+    for s in range(1, num_splits):
+        total += tl.load(Partial + s * split_stride + partial_offs, mask=mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _cam_softmax_kernel(
+    Partial, num_splits,
+    Attn, AttnLow,
+    C,
+    WRITE_LOW: tl.constexpr,  # also write A in the input dtype (16-bit inputs)
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A = softmax(-E) by rows, E the sum of the Gram partials; E and A stay in fp32.
+
+    Grid: (cdiv(C, BLOCK_R) * B,). Pass 1 writes E into Attn while keeping the running row
+    minimum m and l = sum_j exp(m - E[i, j]); pass 2 rewrites Attn in place with A.
+    """
+    num_row_blocks = tl.cdiv(C, BLOCK_R)
+    pid = tl.program_id(0)
+    pid_b = (pid // num_row_blocks).to(tl.int64)
+    offs_r = (pid % num_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < C
+    matrix = pid_b * C * C
+    split_stride = tl.cast(C, tl.int64) * C
+    row_offs = offs_r.to(tl.int64)[:, None] * C
+
+    row_min = tl.full((BLOCK_R,), float("inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_r[:, None] & (offs_k < C)[None, :]
+        offs = matrix + row_offs + offs_k[None, :]
+        energy = _sum_partials(Partial + pid_b * num_splits * split_stride, row_offs + offs_k[None, :], mask,
+                               num_splits, split_stride)
+        tl.store(Attn + offs, energy, mask=mask)
+        # Padded columns get +inf: they neither lower the minimum nor add to the sum (exp(-inf) = 0).
+        # Padded rows keep their finite zeros, so no inf - inf arises in rows never stored.
+        energy = tl.where((offs_k < C)[None, :], energy, float("inf"))
+        new_min = tl.minimum(row_min, tl.min(energy, axis=1))
+        # exp(new_min - old_min) <= 1 rescales the sum to the new minimum; the first step has
+        # old_min = +inf and row_sum = 0, and exp2(-inf) = 0 keeps it 0.
+        row_sum = row_sum * tl.math.exp2((new_min - row_min) * _LOG2E)
+        row_sum += tl.sum(tl.math.exp2((new_min[:, None] - energy) * _LOG2E), axis=1)
+        row_min = new_min
+
+    # Each element is reread by the thread that wrote it in this layout, but say so explicitly.
+    tl.debug_barrier()
+    inv_sum = 1.0 / row_sum
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_r[:, None] & (offs_k < C)[None, :]
+        offs = matrix + row_offs + offs_k[None, :]
+        energy = tl.load(Attn + offs, mask=mask, other=0.0)
+        attn = tl.math.exp2((row_min[:, None] - energy) * _LOG2E) * inv_sum[:, None]
+        tl.store(Attn + offs, attn, mask=mask)
+        if WRITE_LOW:
+            tl.store(AttnLow + offs, attn.to(AttnLow.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_accumulate(acc, W, w_rows, mask_r, U, u_base, stride_uc, stride_un, offs_n64, mask_n, C,
+                       PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += W[rows, 0:C] @ U[0:C, cols] with a K-loop over C (masked tails)."""
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        w = tl.load(W + w_rows + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        u = tl.load(U + u_base + offs_k.to(tl.int64)[:, None] * stride_uc + offs_n64[None, :] * stride_un,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(w.to(u.dtype), u, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(
+    configs=_APPLY_CONFIGS,
+    key=["C", "N_BUCKET", "HAS_V", "HAS_SCALE", "HAS_RESIDUAL", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_by_shared_memory},
+)
+@triton.jit
+def _cam_apply_kernel(
+    W, stride_wb, stride_wr,
+    U, stride_ub, stride_uc, stride_un,
+    V, stride_vb, stride_vc, stride_vn,
+    Res, stride_resb, stride_resc, stride_resn,
+    Scale,
+    Y, stride_yb, stride_yc, stride_yn,
+    C, N,
+    N_BUCKET,
+    HAS_V: tl.constexpr,  # also add W[:, C:2C] @ V (the backward's K = 2C GEMM)
+    HAS_SCALE: tl.constexpr,  # multiply the product by Scale[0] (gamma)
+    HAS_RESIDUAL: tl.constexpr,  # add Res in the epilogue
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Y = [Scale *] (W[:, :C] @ U [+ W[:, C:] @ V]) [+ Res], all (B, C, N) but W (B, C, C or 2C).
+
+    Forward: W = A, U = Res = x, Scale = gamma. Backward: W = [gamma A^T | dE + dE^T], U = dY,
+    V = x, Res = dY. Grid: (cdiv(C, BLOCK_R) * cdiv(N, BLOCK_N) * B,), row blocks fastest so the
+    programs that read the same columns of U and V run together (L2 reuse).
+    """
+    num_row_blocks = tl.cdiv(C, BLOCK_R)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_r = pid % num_row_blocks
+    pid_n = (pid // num_row_blocks) % num_n_blocks
+    pid_b = (pid // (num_row_blocks * num_n_blocks)).to(tl.int64)
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = offs_r < C
+    mask_n = offs_n < N
+    offs_r64 = offs_r.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    w_rows = pid_b * stride_wb + offs_r64[:, None] * stride_wr
+
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    acc = _matmul_accumulate(acc, W, w_rows, mask_r, U, pid_b * stride_ub, stride_uc, stride_un, offs_n64,
+                             mask_n, C, PRECISION, BLOCK_K)
+    if HAS_V:
+        acc = _matmul_accumulate(acc, W, w_rows + C, mask_r, V, pid_b * stride_vb, stride_vc, stride_vn,
+                                 offs_n64, mask_n, C, PRECISION, BLOCK_K)
+    if HAS_SCALE:
+        acc = acc * tl.load(Scale).to(tl.float32)
+    mask = mask_r[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        res_ptrs = Res + pid_b * stride_resb + offs_r64[:, None] * stride_resc + offs_n64[None, :] * stride_resn
+        res = tl.load(res_ptrs, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    y_ptrs = Y + pid_b * stride_yb + offs_r64[:, None] * stride_yc + offs_n64[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cam_softmax_bwd_kernel(
+    Partial, num_splits,
+    Attn, Scale, DE, RowDot,
+    C,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dE = -gamma A * (P - rowsum(P * A)) with P the sum of the partials of dY x^T; all fp32.
+
+    Grid: (cdiv(C, BLOCK_R) * B,). Pass 1 writes P into DE and the row dots rowsum(P * A) into
+    RowDot (their total is dgamma); pass 2 rewrites DE in place.
+    """
+    num_row_blocks = tl.cdiv(C, BLOCK_R)
+    pid = tl.program_id(0)
+    pid_b = (pid // num_row_blocks).to(tl.int64)
+    offs_r = (pid % num_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < C
+    matrix = pid_b * C * C
+    split_stride = tl.cast(C, tl.int64) * C
+    row_offs = offs_r.to(tl.int64)[:, None] * C
+
+    row_dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_r[:, None] & (offs_k < C)[None, :]
+        offs = matrix + row_offs + offs_k[None, :]
+        p = _sum_partials(Partial + pid_b * num_splits * split_stride, row_offs + offs_k[None, :], mask,
+                          num_splits, split_stride)
+        tl.store(DE + offs, p, mask=mask)
+        row_dot += tl.sum(p * tl.load(Attn + offs, mask=mask, other=0.0), axis=1)
+    tl.store(RowDot + pid_b * C + offs_r, row_dot, mask=mask_r)
+
+    tl.debug_barrier()
+    scale = -1.0
+    if HAS_SCALE:
+        scale = -tl.load(Scale).to(tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_r[:, None] & (offs_k < C)[None, :]
+        offs = matrix + row_offs + offs_k[None, :]
+        p = tl.load(DE + offs, mask=mask, other=0.0)
+        attn = tl.load(Attn + offs, mask=mask, other=0.0)
+        tl.store(DE + offs, scale * attn * (p - row_dot[:, None]), mask=mask)
+
+
+@triton.jit
+def _cam_bwd_weights_kernel(
+    Attn, DE, Scale, Wgt,
+    C,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Wgt[b, i, k] = gamma A[b, k, i] and Wgt[b, i, C + k] = dE[b, i, k] + dE[b, k, i].
+
+    Grid: (cdiv(C, BLOCK)^2 * B,). Tiles are loaded row-major (coalesced) and transposed in
+    registers.
+    """
+    num_tiles = tl.cdiv(C, BLOCK)
+    pid = tl.program_id(0)
+    pid_b = (pid // (num_tiles * num_tiles)).to(tl.int64)
+    tile = pid % (num_tiles * num_tiles)
+    offs_i = (tile // num_tiles) * BLOCK + tl.arange(0, BLOCK)
+    offs_k = (tile % num_tiles) * BLOCK + tl.arange(0, BLOCK)
+    offs_i64 = offs_i.to(tl.int64)
+    offs_k64 = offs_k.to(tl.int64)
+    mask_ik = (offs_i < C)[:, None] & (offs_k < C)[None, :]
+    mask_ki = (offs_k < C)[:, None] & (offs_i < C)[None, :]
+    matrix = pid_b * C * C
+    ik = matrix + offs_i64[:, None] * C + offs_k64[None, :]
+    ki = matrix + offs_k64[:, None] * C + offs_i64[None, :]
+
+    attn_t = tl.trans(tl.load(Attn + ki, mask=mask_ki, other=0.0))
+    if HAS_SCALE:
+        attn_t = attn_t * tl.load(Scale).to(tl.float32)
+    grad_sym = tl.load(DE + ik, mask=mask_ik, other=0.0) + tl.trans(tl.load(DE + ki, mask=mask_ki, other=0.0))
+    w_rows = Wgt + pid_b * 2 * C * C + offs_i64[:, None] * (2 * C)
+    tl.store(w_rows + offs_k64[None, :], attn_t.to(Wgt.dtype.element_ty), mask=mask_ik)
+    tl.store(w_rows + C + offs_k64[None, :], grad_sym.to(Wgt.dtype.element_ty), mask=mask_ik)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels write comes from here (tests fill it with NaN to catch gaps)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_per_wave(device: torch.device) -> int:
+    """How many Gram programs fill the device once (the interpreter has no SMs; 8 makes the
+    small test shapes split N)."""
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def _split_plan(batch: int, C: int, N: int, symmetric: bool, device: torch.device) -> tuple[int, int]:
+    """Number of N-splits of the Gram reduction and the positions each covers.
+
+    Enough splits that (tiles x splits x batch) is about one wave of programs, counting tiles
+    of the largest BLOCK_C; no split shorter than _MIN_N_PER_SPLIT; at most _MAX_SPLITS.
+    """
+    tiles = triton.cdiv(C, max(cfg.kwargs["BLOCK_C"] for cfg in _GRAM_CONFIGS))
+    pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
+    wanted = triton.cdiv(_programs_per_wave(device), batch * pairs)
+    splits = max(1, min(wanted, triton.cdiv(N, _MIN_N_PER_SPLIT), _MAX_SPLITS))
+    n_per_split = triton.cdiv(triton.cdiv(N, splits), _N_SPLIT_ALIGN) * _N_SPLIT_ALIGN
+    return triton.cdiv(N, n_per_split), n_per_split
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 follows torch's matmul setting; 16-bit types ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, int]:
+    """Split-N partial products left @ right^T in fp32: returns the (B, S, C, C) workspace and S."""
+    B, C, N = left.shape
+    num_splits, n_per_split = _split_plan(B, C, N, symmetric, left.device)
+    partial = _new_buffer((B, num_splits, C, C), torch.float32, left.device)
+
+    def grid(meta):
+        tiles = triton.cdiv(C, meta["BLOCK_C"])
+        pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
+        return (pairs * num_splits * B,)
+
+    wrap_triton(_cam_gram_kernel)[grid](
+        left, *left.stride(),
+        right, *right.stride(),
+        partial,
+        C, N, n_per_split, num_splits, triton.next_power_of_2(N),
+        SYMMETRIC=symmetric, PRECISION=_dot_precision(left.dtype),
+    )
+    return partial, num_splits
+
+
+def _apply(weights: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor],  # noqa: UP045
+           residual: Optional[torch.Tensor], scale: Optional[torch.Tensor],  # noqa: UP045
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """Launch ``_cam_apply_kernel``: [scale *] (W[:, :C] @ u [+ W[:, C:] @ v]) [+ residual]."""
+    B, C, N = u.shape
+    y = _new_buffer((B, C, N), out_dtype, u.device)
+    dummy = u  # stands in for absent operands; the constexpr flags keep them unread
+
+    def grid(meta):
+        return (triton.cdiv(C, meta["BLOCK_R"]) * triton.cdiv(N, meta["BLOCK_N"]) * B,)
+
+    v_ = dummy if v is None else v
+    res = dummy if residual is None else residual
+    wrap_triton(_cam_apply_kernel)[grid](
+        weights, weights.stride(0), weights.stride(1),
+        u, *u.stride(),
+        v_, *v_.stride(),
+        res, *res.stride(),
+        dummy if scale is None else scale,
+        y, *y.stride(),
+        C, N, triton.next_power_of_2(N),
+        HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
+        PRECISION=_dot_precision(u.dtype),
+    )
+    return y
+
+
+def channel_attention_forward(x: torch.Tensor, gamma: Optional[torch.Tensor]  # noqa: UP045
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernels; returns (y, A) with A = softmax(-x x^T) in fp32, shape (B, C, C)."""
+    B, C, _ = x.shape
+    partial, num_splits = _gram_partials(x, x, symmetric=True)
+    attention = _new_buffer((B, C, C), torch.float32, x.device)
+    write_low = x.dtype != torch.float32
+    attention_low = _new_buffer((B, C, C), x.dtype, x.device) if write_low else attention
+    wrap_triton(_cam_softmax_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
+        partial, num_splits, attention, attention_low, C,
+        WRITE_LOW=write_low, BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K, num_warps=_SOFTMAX_WARPS,
+    )
+    y = _apply(attention_low, x, None, x if gamma is not None else None, gamma, x.dtype)
+    return y, attention
+
+
+def channel_attention_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor,
+    gamma: Optional[torch.Tensor],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the backward kernels; returns (dx in x's dtype, dgamma as an fp32 scalar tensor)."""
+    B, C, _ = x.shape
+    grad_y = grad_y.to(x.dtype)
+    partial, num_splits = _gram_partials(grad_y, x, symmetric=False)
+    grad_energy = _new_buffer((B, C, C), torch.float32, x.device)
+    row_dot = _new_buffer((B, C), torch.float32, x.device)
+    scale = attention if gamma is None else gamma
+    wrap_triton(_cam_softmax_bwd_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
+        partial, num_splits, attention, scale, grad_energy, row_dot, C,
+        HAS_SCALE=gamma is not None, BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K,
+        num_warps=_SOFTMAX_WARPS,
+    )
+    weights = _new_buffer((B, C, 2 * C), x.dtype, x.device)
+    wrap_triton(_cam_bwd_weights_kernel)[(triton.cdiv(C, _WEIGHTS_BLOCK) ** 2 * B,)](
+        attention, grad_energy, scale, weights, C,
+        HAS_SCALE=gamma is not None, BLOCK=_WEIGHTS_BLOCK,
+    )
+    grad_x = _apply(weights, grad_y, x, grad_y if gamma is not None else None, None, x.dtype)
+    return grad_x, row_dot.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (torch.compile sees through triton_op into the kernels) and autograd
+# ----------------------------------------------------------------------------------------------
+# Optional[...] rather than "X | None": torch.library infers the op schema from these
+# annotations, and Optional is understood by every torch version we support (2.11-2.14).
+@triton_op("danet_kernels::cam_forward", mutates_args=())
+def _cam_forward_op(x: torch.Tensor, gamma: Optional[torch.Tensor]  # noqa: UP045
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return channel_attention_forward(x, gamma)
+
+
+@triton_op("danet_kernels::cam_backward", mutates_args=())
+def _cam_backward_op(grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor,
+                     gamma: Optional[torch.Tensor]  # noqa: UP045
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return channel_attention_backward(grad_y, x, attention, gamma)
+
+
+class ChannelAttentionFunction(torch.autograd.Function):
+    """Autograd for the fused CAM: forward and backward each call one ``danet_kernels::`` op.
+
+    ``apply(x, gamma)`` returns ``gamma * out + x`` (or ``out`` when gamma is None). Saved for
+    backward: x, the fp32 attention A (B, C, C) and gamma; the backward needs neither out nor
+    the energy. Double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+        y, attention = torch.ops.danet_kernels.cam_forward(x, gamma)
+        ctx.save_for_backward(x, attention, gamma)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # noqa: UP045
+        x, attention, gamma = ctx.saved_tensors
+        grad_x, grad_gamma = torch.ops.danet_kernels.cam_backward(grad_y, x, attention, gamma)
+        if gamma is None or not ctx.needs_input_grad[1]:
+            return grad_x, None
+        return grad_x, grad_gamma.to(gamma.dtype).reshape(gamma.shape)
+
+
+def channel_attention_triton(x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    """The Triton backend of :func:`danet_kernels.channel_attention` (inputs already validated).
+
+    Args:
+        x: (B, C, N), fp16, bf16 or fp32, any strides, on CUDA (or the CPU under the interpreter).
+        gamma: None, or a one-element tensor of any float dtype (possibly requiring grad).
+
+    Returns:
+        ``gamma * out + x`` when gamma is given, else ``out``, in x's dtype, contiguous.
+    """
+    return ChannelAttentionFunction.apply(x, gamma)
