@@ -1,0 +1,77 @@
+"""pytest-benchmark wiring of the suite: the ``--bench-quick`` option and what goes into the JSON.
+
+* ``machine_info["danet"]``: the device the numbers belong to (GPU name or CPU model),
+  torch, triton and CUDA versions, and the CPU thread count; the report prints them.
+* ``"danet_not_run"``: the cases that were skipped (out of memory, no SDPA kernel for the
+  shape, a training size that does not fit), which pytest-benchmark leaves out of its JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import harness
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--bench-quick``: one round per case, for smoke tests of the suite itself."""
+    parser.addoption(
+        "--bench-quick",
+        action="store_true",
+        default=False,
+        help="danet benchmarks: one timed round per case and no warm-up (checks that the suite runs; "
+        "the timings are not worth reading)",
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_description() -> dict[str, Any]:
+    """The facts a reader needs to place the numbers: device, versions, threads."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+    }
+    if harness.ON_CUDA:
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        info["device"] = f"CPU: {info['cpu']}, {info['cpu_threads']} torch threads"
+    return info
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Add the device and library versions under ``machine_info["danet"]``."""
+    machine_info["danet"] = device_description()
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: list[Any], output_json: dict[str, Any]
+) -> None:
+    """Add the cases that could not run, so that the report can list them with their reasons."""
+    output_json["danet_not_run"] = list(harness.NOT_RUN)

@@ -1,0 +1,78 @@
+"""Channel attention (CAM): the bmm reference against danet_kernels, side by side.
+
+Run ``pytest benchmarks/test_channel_attention.py --benchmark-only``. Each group is one
+problem (pass, dtype, shape); its rows are the implementations:
+
+* ``reference``: ``danet_kernels.reference.channel_attention_reference``, the original
+  module's bmm / softmax(rowmax - energy) / bmm;
+* ``triton`` (CUDA only): ``channel_attention(x, backend="triton")``;
+* ``blockwise``: ``channel_attention(x, backend="torch")``.
+
+The input is random normal (B, C, N) as in the peer baseline; every implementation computes
+the plain attention output, without DANet's ``gamma * out + x`` epilogue. The float64 check
+uses the reference (its C x C matrix is small at any N).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from benchmarks.harness import (
+    DEVICE,
+    DTYPES,
+    ON_CUDA,
+    PASSES,
+    AttentionShape,
+    attention_shapes,
+    cam_flops,
+    dtype_name,
+    error_vs_float64,
+    make_step,
+    quick_mode,
+    run_benchmark,
+)
+from danet_kernels import channel_attention
+from danet_kernels.reference import channel_attention_reference
+
+IMPLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "reference": channel_attention_reference,
+    **({"triton": lambda x: channel_attention(x, backend="triton")} if ON_CUDA else {}),
+    "blockwise": lambda x: channel_attention(x, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("shape", attention_shapes(), ids=lambda s: s.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_cam(
+    benchmark,
+    request: pytest.FixtureRequest,
+    impl: str,
+    pass_: str,
+    dtype: torch.dtype,
+    shape: AttentionShape,
+) -> None:
+    """Time one CAM forward or forward+backward; record peak memory, FLOPs and the float64 error."""
+    benchmark.group = f"cam {pass_} {dtype_name(dtype)} {shape.id}"
+    benchmark.extra_info.update(
+        op="cam", impl=impl, **{"pass": pass_}, dtype=dtype_name(dtype), B=shape.batch, C=shape.channels,
+        H=shape.height, W=shape.width, N=shape.n, flops=cam_flops(shape, pass_),
+    )
+    torch.manual_seed(0)
+    x = torch.randn(shape.batch, shape.channels, shape.n, device=DEVICE).to(dtype)
+    grad_out = torch.randn_like(x)
+    inputs = [x.requires_grad_(pass_ != "forward")]
+    fn = IMPLS[impl]
+
+    run_benchmark(
+        benchmark,
+        make_step(fn, inputs, pass_, grad_out),
+        quick=quick_mode(request.config),
+        check=lambda: error_vs_float64(
+            fn, inputs, grad_out, pass_, channel_attention_reference, [x], grad_out
+        ),
+    )
