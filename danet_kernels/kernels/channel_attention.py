@@ -80,8 +80,9 @@ accumulation. Any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot need
 any B, arbitrary strides; offsets are computed in int64 so B * C * N may exceed 2^31.
 """
 
+from __future__ import annotations
+
 import functools
-from typing import Optional
 
 import torch
 import triton
@@ -384,7 +385,8 @@ def _cam_apply_kernel(
         acc = acc * tl.load(Scale).to(tl.float32)
     mask = mask_r[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        res_ptrs = Res + pid_b * stride_resb + offs_r64[:, None] * stride_resc + offs_n64[None, :] * stride_resn
+        res_ptrs = (Res + pid_b * stride_resb + offs_r64[:, None] * stride_resc
+                    + offs_n64[None, :] * stride_resn)
         res = tl.load(res_ptrs, mask=mask, other=0.0)
         acc += res.to(tl.float32)
     y_ptrs = Y + pid_b * stride_yb + offs_r64[:, None] * stride_yc + offs_n64[None, :] * stride_yn
@@ -536,8 +538,8 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
     return partial, num_splits
 
 
-def _apply(weights: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor],  # noqa: UP045
-           residual: Optional[torch.Tensor], scale: Optional[torch.Tensor],  # noqa: UP045
+def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
+           residual: torch.Tensor | None, scale: torch.Tensor | None,
            out_dtype: torch.dtype) -> torch.Tensor:
     """Launch ``_cam_apply_kernel``: [scale *] (W[:, :C] @ u [+ W[:, C:] @ v]) [+ residual]."""
     B, C, N = u.shape
@@ -563,7 +565,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor],  #
     return y
 
 
-def channel_attention_forward(x: torch.Tensor, gamma: Optional[torch.Tensor]  # noqa: UP045
+def channel_attention_forward(x: torch.Tensor, gamma: torch.Tensor | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernels; returns (y, A) with A = softmax(-x x^T) in fp32, shape (B, C, C)."""
     B, C, _ = x.shape
@@ -581,7 +583,7 @@ def channel_attention_forward(x: torch.Tensor, gamma: Optional[torch.Tensor]  # 
 
 def channel_attention_backward(
     grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor,
-    gamma: Optional[torch.Tensor],  # noqa: UP045
+    gamma: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the backward kernels; returns (dx in x's dtype, dgamma as an fp32 scalar tensor)."""
     B, C, _ = x.shape
@@ -607,46 +609,63 @@ def channel_attention_backward(
 # ----------------------------------------------------------------------------------------------
 # torch.library ops (torch.compile sees through triton_op into the kernels) and autograd
 # ----------------------------------------------------------------------------------------------
-# Optional[...] rather than "X | None": torch.library infers the op schema from these
-# annotations, and Optional is understood by every torch version we support (2.11-2.14).
 @triton_op("danet_kernels::cam_forward", mutates_args=())
-def _cam_forward_op(x: torch.Tensor, gamma: Optional[torch.Tensor]  # noqa: UP045
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _cam_forward_op(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return channel_attention_forward(x, gamma)
 
 
 @triton_op("danet_kernels::cam_backward", mutates_args=())
-def _cam_backward_op(grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor,
-                     gamma: Optional[torch.Tensor]  # noqa: UP045
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _cam_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     return channel_attention_backward(grad_y, x, attention, gamma)
 
 
 class ChannelAttentionFunction(torch.autograd.Function):
-    """Autograd for the fused CAM: forward and backward each call one ``danet_kernels::`` op.
+    """Autograd for the fused CAM: ``(x, gamma) -> (y, attention)``.
 
-    ``apply(x, gamma)`` returns ``gamma * out + x`` (or ``out`` when gamma is None). Saved for
-    backward: x, the fp32 attention A (B, C, C) and gamma; the backward needs neither out nor
-    the energy. Double backward is not supported.
+    ``y`` is ``gamma * out + x`` (``out`` when gamma is None); ``attention`` is the fp32
+    A = softmax(-x x^T) of shape (B, C, C), what the backward reads besides x and gamma, and is
+    not differentiable. Its ``setup_context``/``backward`` are also registered as the autograd
+    formula of the ``danet_kernels::cam_forward`` op, so eager and torch.compile share one
+    definition; :func:`channel_attention_triton` is the entry point to use. Double backward is
+    not supported.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
-        y, attention = torch.ops.danet_kernels.cam_forward(x, gamma)
-        ctx.save_for_backward(x, attention, gamma)
-        return y
+    def forward(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the forward op."""
+        return _cam_forward_op(x, gamma)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # noqa: UP045
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        """Save x, A and gamma for the backward (neither out nor the energy is needed)."""
+        x, gamma = inputs
+        _, attention = output
+        ctx.save_for_backward(x, attention, gamma)
+        ctx.mark_non_differentiable(attention)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor, *unused_grads: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of x (x's dtype) and gamma (gamma's dtype and shape)."""
         x, attention, gamma = ctx.saved_tensors
-        grad_x, grad_gamma = torch.ops.danet_kernels.cam_backward(grad_y, x, attention, gamma)
-        if gamma is None or not ctx.needs_input_grad[1]:
-            return grad_x, None
-        return grad_x, grad_gamma.to(gamma.dtype).reshape(gamma.shape)
+        needs_x, needs_gamma = ctx.needs_input_grad
+        if not (needs_x or needs_gamma):
+            return None, None
+        grad_x, grad_gamma = _cam_backward_op(grad_y, x, attention, gamma)
+        if gamma is None or not needs_gamma:
+            return grad_x if needs_x else None, None
+        return grad_x if needs_x else None, grad_gamma.to(gamma.dtype).reshape(gamma.shape)
 
 
-def channel_attention_triton(x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+_cam_forward_op.register_autograd(
+    ChannelAttentionFunction.backward, setup_context=ChannelAttentionFunction.setup_context
+)
+
+
+def channel_attention_triton(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     """The Triton backend of :func:`danet_kernels.channel_attention` (inputs already validated).
 
     Args:
@@ -654,6 +673,7 @@ def channel_attention_triton(x: torch.Tensor, gamma: Optional[torch.Tensor]) -> 
         gamma: None, or a one-element tensor of any float dtype (possibly requiring grad).
 
     Returns:
-        ``gamma * out + x`` when gamma is given, else ``out``, in x's dtype, contiguous.
+        ``gamma * out + x`` when gamma is given, else ``out``; x's dtype, contiguous.
     """
-    return ChannelAttentionFunction.apply(x, gamma)
+    y, _ = torch.ops.danet_kernels.cam_forward(x, gamma)
+    return y
