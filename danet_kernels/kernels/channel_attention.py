@@ -609,12 +609,43 @@ def channel_attention_backward(
 # ----------------------------------------------------------------------------------------------
 # torch.library ops (torch.compile sees through triton_op into the kernels) and autograd
 # ----------------------------------------------------------------------------------------------
-@triton_op("danet_kernels::cam_forward", mutates_args=())
+def _custom_op(name: str, fake_impl):
+    """Define a ``danet_kernels::`` op whose implementation launches our Triton kernels.
+
+    On a GPU it is a ``triton_op``: torch.compile traces through it and sees the kernels (the
+    function doubles as the fake implementation, its launches captured by ``wrap_triton``).
+    Under TRITON_INTERPRET=1 the kernels are plain Python functions that read real memory, so
+    they can neither be traced nor run on fake tensors: there the op is an opaque
+    ``custom_op`` with an explicit fake implementation, which torch.compile keeps as one node.
+    """
+
+    def define(fn):
+        if not _INTERPRET:
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake_impl)
+        return op
+
+    return define
+
+
+def _cam_forward_fake(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, N = x.shape
+    return x.new_empty((B, C, N)), x.new_empty((B, C, C), dtype=torch.float32)
+
+
+def _cam_backward_fake(
+    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty((), dtype=torch.float32)
+
+
+@_custom_op("danet_kernels::cam_forward", _cam_forward_fake)
 def _cam_forward_op(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return channel_attention_forward(x, gamma)
 
 
-@triton_op("danet_kernels::cam_backward", mutates_args=())
+@_custom_op("danet_kernels::cam_backward", _cam_backward_fake)
 def _cam_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
