@@ -184,7 +184,7 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
             classifier.shape[0] != expected[_CLASSIFIER_KEY].shape[0]:
         raise ValueError(f"{source} was trained for {classifier.shape[0]} classes, the model has "
                          f"{expected[_CLASSIFIER_KEY].shape[0]} (check --dataset)")
-    mismatched = [f"{k}: {tuple(v.shape)} in {source}, {tuple(expected[k].shape)} in model"
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)} in the model"
                   for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
     if mismatched:
         raise ValueError(f"{source} does not match the model's shapes (another backbone?): "
