@@ -1,0 +1,154 @@
+"""ConfusionMatrix: hand-computed cases, ignored pixels, absent classes, bad input, 2-process reduction."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from danet.metrics import ConfusionMatrix
+
+
+def _reference_metrics(pred: np.ndarray, target: np.ndarray, k: int, ignore: int) -> dict:
+    """Straightforward float64 metrics from explicit per-class loops."""
+    keep = target != ignore
+    pred, target = pred[keep], target[keep]
+    iou = []
+    for c in range(k):
+        tp = np.sum((pred == c) & (target == c))
+        union = np.sum((pred == c) | (target == c))
+        iou.append(tp / union if union else math.nan)
+    return {"pixAcc": float(np.mean(pred == target)), "mIoU": float(np.nanmean(iou)), "IoU": iou}
+
+
+def test_hand_computed_example():
+    # targets (rows) / predictions: 0 0 | 0 1 | 1 1 | 1 2 | 2 2 | 2 2
+    target = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    pred = torch.tensor([[0, 1, 1, 2, 2, 2]])
+    cm = ConfusionMatrix(3)
+    cm.update(pred, target)
+    assert cm.mat.tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 2]]
+    metrics = cm.compute()
+    assert metrics["pixAcc"] == pytest.approx(4 / 6)
+    # IoU: class 0: 1/(1+1) ; class 1: 1/(1+1+1) ; class 2: 2/(2+1)
+    assert metrics["IoU"] == pytest.approx([1 / 2, 1 / 3, 2 / 3])
+    assert metrics["mIoU"] == pytest.approx((1 / 2 + 1 / 3 + 2 / 3) / 3)
+
+
+def test_ignored_pixels_are_not_counted_whatever_is_predicted_there():
+    target = torch.tensor([[0, 255, 1], [255, 1, 255]])
+    pred = torch.tensor([[0, 1, 1], [7, 0, -3]])  # out-of-range predictions only where ignored
+    cm = ConfusionMatrix(2)
+    cm.update(pred, target)
+    assert cm.mat.sum() == 3
+    assert cm.mat.tolist() == [[1, 0], [1, 1]]
+    assert cm.compute()["pixAcc"] == pytest.approx(2 / 3)
+
+
+def test_custom_ignore_index():
+    cm = ConfusionMatrix(2, ignore_index=-1)
+    cm.update(torch.tensor([1, 1, 0]), torch.tensor([1, -1, 0]))
+    assert cm.compute()["pixAcc"] == 1.0
+
+
+def test_absent_class_is_nan_and_left_out_of_the_mean():
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 1, 1, 3]), torch.tensor([0, 1, 0, 1]))
+    iou = cm.compute()["IoU"]
+    assert math.isnan(iou[2])  # never predicted, never present
+    assert iou[3] == 0.0  # predicted but never present: a real zero
+    assert iou[0] == pytest.approx(1 / 2) and iou[1] == pytest.approx(1 / 3)
+    assert cm.compute()["mIoU"] == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+
+
+@pytest.mark.parametrize("k", [1, 5, 19])
+def test_matches_reference_over_several_updates(k):
+    rng = np.random.default_rng(k)
+    cm = ConfusionMatrix(k)
+    preds, targets = [], []
+    for shape in [(2, 7, 9), (1, 13, 5), (3, 4, 4)]:
+        target = rng.integers(0, k, size=shape)
+        target[rng.random(shape) < 0.2] = 255
+        pred = rng.integers(0, k, size=shape)
+        agree = (rng.random(shape) < 0.5) & (target != 255)  # a realistic share of correct pixels
+        pred = np.where(agree, target, pred)
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+        preds.append(pred.ravel())
+        targets.append(target.ravel())
+    expected = _reference_metrics(np.concatenate(preds), np.concatenate(targets), k, 255)
+    got = cm.compute()
+    assert got["pixAcc"] == pytest.approx(expected["pixAcc"])
+    assert got["mIoU"] == pytest.approx(expected["mIoU"])
+    np.testing.assert_allclose(got["IoU"], expected["IoU"], equal_nan=True)
+    assert all(0.0 <= v <= 1.0 for v in (got["pixAcc"], got["mIoU"]))
+
+
+def test_reset_and_empty():
+    cm = ConfusionMatrix(3)
+    empty = cm.compute()
+    assert math.isnan(empty["pixAcc"]) and math.isnan(empty["mIoU"]) and all(map(math.isnan, empty["IoU"]))
+    cm.update(torch.tensor([1]), torch.tensor([1]))
+    cm.reset()
+    assert cm.mat.sum() == 0
+    cm.update(torch.tensor([2, 2]), torch.tensor([2, 0]))
+    assert cm.compute()["pixAcc"] == 0.5
+
+
+def test_reduce_is_a_no_op_without_distributed():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    before = cm.mat.clone()
+    cm.reduce_from_all_processes()
+    assert torch.equal(cm.mat, before)
+
+
+@pytest.mark.parametrize(
+    ("pred", "target", "message"),
+    [
+        (torch.tensor([0, 1]), torch.tensor([0, 3]), r"target values \[3\]"),
+        (torch.tensor([0, 1]), torch.tensor([-2, 0]), r"target values \[-2\]"),
+        (torch.tensor([0, 3]), torch.tensor([0, 1]), r"predicted values \[3\]"),
+        (torch.tensor([0, 1, 1]), torch.tensor([0, 1]), "shape"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), "dtype"),
+        (torch.tensor([0, 1]), torch.tensor([True, False]), "dtype"),
+    ],
+)
+def test_bad_input_is_rejected(pred, target, message):
+    cm = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match=message):
+        cm.update(pred, target)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="num_classes"):
+        ConfusionMatrix(0)
+    with pytest.raises(ValueError, match="collides"):
+        ConfusionMatrix(5, ignore_index=3)
+
+
+def _reduce_worker(rank: int, world_size: int, workdir: str) -> None:
+    init = f"file://{workdir}/rendezvous"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    try:
+        cm = ConfusionMatrix(3)
+        if rank == 0:
+            cm.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+        # rank 1 sees no data at all: it must still join the collective
+        cm.reduce_from_all_processes()
+        (Path(workdir) / f"rank{rank}.json").write_text(json.dumps(cm.mat.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch: a few seconds of CPU
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_two_process_gloo_reduction(tmp_path):
+    world_size = 2
+    mp.spawn(_reduce_worker, args=(world_size, str(tmp_path)), nprocs=world_size)
+    expected = [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+    for rank in range(world_size):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
