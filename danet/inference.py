@@ -1,0 +1,133 @@
+"""Inference modes: whole image, sliding window, multi-scale with horizontal flip.
+
+All modes return logits averaged over every prediction that covers a pixel:
+
+* ``whole``: one forward pass over the full image.
+* ``sliding``: ``crop_size`` x ``crop_size`` windows every ``int(crop_size * stride_ratio)``
+  pixels (the published test used a 2/3 stride). The last window of a row or column is
+  aligned to the image border and a side shorter than the crop gets one window of the full
+  side (mmsegmentation's ``slide_inference``), so windows never leave the image and no
+  padding value leaks into the logits; where the crop covers the image, sliding is exactly
+  ``whole``. Overlaps are averaged through a per-pixel count map.
+* ``multiscale``: the image is resized by each scale (relative to its own size, bilinear,
+  align_corners=True as the release's ``resize_image``), predicted whole when the scaled
+  image fits in the crop and by sliding windows otherwise, and the logits are resized back.
+
+With ``flip``, every prediction is also made on the horizontally flipped input and flipped
+back. Logits, not softmax probabilities, are averaged: the published ``MultiEvalModule`` sums
+the raw outputs, and averaging keeps the result on the same scale as a single pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+__all__ = ["MODES", "predict_logits", "sliding_window_starts"]
+
+MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if (x.shape[-2], x.shape[-1]) == size:
+        return x
+    return functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def _accumulation_dtype(images: torch.Tensor) -> torch.dtype:
+    """float32 (half-precision logits are summed in float32), float64 for float64 inputs."""
+    return torch.promote_types(images.dtype, torch.float32)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, num_classes: int, flip: bool) -> torch.Tensor:
+    """Logits of one pass, plus the flipped pass when ``flip`` (summed, not averaged)."""
+    logits = _checked(model(images), images, num_classes)
+    if flip:
+        logits = logits + _checked(model(images.flip(-1)), images, num_classes).flip(-1)
+    return logits
+
+
+def _checked(output: torch.Tensor | Sequence[torch.Tensor], images: torch.Tensor,
+             num_classes: int) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):  # a model in training mode: the first output is the sum
+        output = output[0]
+    expected = (images.shape[0], num_classes, images.shape[-2], images.shape[-1])
+    if tuple(output.shape) != expected:
+        raise ValueError(f"model returned logits of shape {tuple(output.shape)}, expected {expected} "
+                         f"(num_classes={num_classes})")
+    return output.to(_accumulation_dtype(images))
+
+
+def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one side of ``length`` pixels.
+
+    Windows are ``min(crop, length)`` long, ``stride`` apart, the last one ending at the border.
+    """
+    if length <= crop:
+        return [0]
+    count = (length - crop + stride - 1) // stride + 1
+    return [min(i * stride, length - crop) for i in range(count)]
+
+
+def _sliding(model: nn.Module, images: torch.Tensor, num_classes: int, crop_size: int, stride: int,
+             flip: bool) -> torch.Tensor:
+    """Sum over flips of the window-averaged logits (the caller divides by the flip count)."""
+    b, _, h, w = images.shape
+    logits = images.new_zeros((b, num_classes, h, w), dtype=_accumulation_dtype(images))
+    count = images.new_zeros((1, 1, h, w), dtype=logits.dtype)
+    crop_h, crop_w = min(crop_size, h), min(crop_size, w)
+    for top in sliding_window_starts(h, crop_size, stride):
+        for left in sliding_window_starts(w, crop_size, stride):
+            window = images[:, :, top:top + crop_h, left:left + crop_w]
+            logits[:, :, top:top + crop_h, left:left + crop_w] += _forward(model, window, num_classes, flip)
+            count[:, :, top:top + crop_h, left:left + crop_w] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mode: str = "whole",
+                   crop_size: int | None = None, stride_ratio: float = 2.0 / 3.0,
+                   scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+    """Average logits (B, num_classes, H, W) of ``model`` on ``images`` (B, 3, H, W).
+
+    Logits are accumulated and returned in float32 (float64 for float64 images).
+
+    ``model`` should be in eval mode (a tuple output is reduced to its first element).
+    ``crop_size`` is required by "sliding" and "multiscale"; ``scales`` is used by
+    "multiscale" only; ``flip`` applies to every mode. See the module docstring.
+
+    Raises:
+        ValueError: bad mode, shapes, crop size, stride ratio or scales.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; choose from {', '.join(MODES)}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if mode != "whole":
+        if crop_size is None or crop_size < 1:
+            raise ValueError(f"mode {mode!r} needs a crop_size >= 1, got {crop_size}")
+        if not 0 < stride_ratio <= 1:
+            raise ValueError(f"stride_ratio must be in (0, 1], got {stride_ratio}")
+    if mode == "multiscale" and (not scales or any(s <= 0 for s in scales)):
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+    images = images.as_subclass(torch.Tensor)  # tv_tensors.Image would re-wrap some results
+    passes = 2 if flip else 1
+    if mode == "whole":
+        return _forward(model, images, num_classes, flip) / passes
+    stride = max(1, int(crop_size * stride_ratio))
+    if mode == "sliding":
+        return _sliding(model, images, num_classes, crop_size, stride, flip) / passes
+
+    size = (images.shape[-2], images.shape[-1])
+    total = images.new_zeros((images.shape[0], num_classes, *size), dtype=_accumulation_dtype(images))
+    for scale in scales:
+        scaled_size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        # a scaled image that fits in the crop is one window: a whole-image pass
+        logits = _sliding(model, _resize(images, scaled_size), num_classes, crop_size, stride, flip)
+        total += _resize(logits, size)
+    return total / (passes * len(scales))
