@@ -45,6 +45,10 @@ class DataConfig:
     workers: int = 2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # training random scale, x base_size (published)
+    train_samples: int | None = None  # use only the first N training images (synthetic: generate N)
+    val_samples: int | None = None  # likewise for the validation split
+    image_size: int = 64  # generated datasets ("synthetic") only: side of the square scenes
 
 
 @dataclass

@@ -1,0 +1,185 @@
+"""Distributed training through torchrun: process group, DDP, SyncBatchNorm, sharded sampling.
+
+The trainer runs as one process per GPU; ``torchrun`` starts them and sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, which
+:func:`setup_distributed` reads. Without them (plain ``danet train``) the run is a single process.
+
+One node, 4 GPUs::
+
+    torchrun --standalone --nproc_per_node=4 -m danet.cli train --preset cityscapes \\
+        --set data.root=/data/cityscapes
+
+Two nodes with 8 GPUs each (run on every node; ``host0`` is any one of them)::
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=danet-city --rdzv_backend=c10d \\
+        --rdzv_endpoint=host0:29500 -m danet.cli train --preset cityscapes --set data.root=/data/cityscapes
+
+(or with a static master: ``--nnodes=2 --node_rank=<0|1> --master_addr=host0 --master_port=29500``).
+The configured ``train.batch_size`` is the global batch: it is split over the processes (and the
+gradient-accumulation steps), so the same preset trains the same recipe on 1 GPU or 16.
+
+Backends: NCCL on CUDA, gloo on the CPU. SyncBatchNorm needs CUDA; where it cannot sync
+(gloo / CPU) each process keeps plain BatchNorm over its own micro-batch, with a warning.
+Only rank 0 writes logs and checkpoints; metrics are all-reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job: its rank, the job size and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = _CPU
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part (a process group is initialised)."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes logs and checkpoints."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this process's GPU when CUDA is available, else the CPU; ``"cpu"``/``"cuda"``."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {preference!r}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def setup_distributed(device_preference: str = "auto") -> DistributedContext:
+    """Read torchrun's environment, pick the device and, for several processes, join the group."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ctx: DistributedContext, sync_bn: bool) -> nn.Module:
+    """DDP-wrap ``model`` for a multi-process run (SyncBatchNorm first, where it can sync)."""
+    if not ctx.distributed:
+        return model
+    if sync_bn:
+        if ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            warnings.warn(
+                "SyncBatchNorm needs CUDA; on this backend each process normalises its own micro-batch "
+                "with plain BatchNorm", stacklevel=2,
+            )
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over all processes (identity in a single process); returns the tensor."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose order is a function of (seed, epoch) and that can skip a prefix.
+
+    ``set_epoch(e)`` picks the permutation (as DistributedSampler does); ``set_start(k)`` drops
+    this process's first ``k`` indices of that epoch, so a run resumed mid-epoch sees exactly
+    the samples an uninterrupted run would have seen next. ``set_start`` applies until changed.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` indices of this process's share of the current epoch."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"cannot skip {start} of {self.num_samples} samples")
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``, in order, without padding: exact validation.
+
+    (DistributedSampler pads the last round with repeated samples, which would count those
+    images twice in the all-reduced confusion matrix.)
+    """
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        self.indices = range(rank, length, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
