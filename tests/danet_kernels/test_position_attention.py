@@ -1,0 +1,315 @@
+"""Fused Triton position attention (PAM) against the float64 bmm reference.
+
+On machines without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set
+by tests/conftest.py), which executes programs one at a time in numpy: the CPU shapes are small
+but always span several 32-wide tiles (the interpreter's tile size) with ragged tails, so every
+masked path runs. Every test poisons fresh allocations with NaN (see ``_poison_new_memory``) so
+an element the kernels fail to write shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import danet_kernels
+from danet_kernels.kernels import position_attention as pam
+from danet_kernels.reference import position_attention_reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("q", "k", "v", "gamma", "residual")
+
+
+@pytest.fixture(autouse=True)
+def _poison_new_memory():
+    """torch.empty & co. return NaN-filled memory: unwritten outputs cannot pass as correct."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def make_inputs(
+    batch: int, head_dim: int, channels: int, n: int, dtype: torch.dtype = torch.float32,
+    gamma: float | None = 0.7, scale: float = 1.0,
+) -> dict[str, torch.Tensor | None]:
+    """Fresh random operands; q and k scaled so energies are O(scale)."""
+    qk_scale = scale / head_dim**0.5
+    inputs: dict[str, torch.Tensor | None] = {
+        "q": (torch.randn(batch, head_dim, n, device=DEVICE) * qk_scale).to(dtype),
+        "k": (torch.randn(batch, head_dim, n, device=DEVICE) * qk_scale).to(dtype),
+        "v": torch.randn(batch, channels, n, device=DEVICE).to(dtype),
+        "gamma": None,
+        "residual": None,
+    }
+    if gamma is not None:
+        inputs["gamma"] = torch.full((1,), gamma, device=DEVICE)
+        inputs["residual"] = torch.randn(batch, channels, n, device=DEVICE).to(dtype)
+    return inputs
+
+
+def run(
+    inputs: dict[str, torch.Tensor | None], dy: torch.Tensor, fn=None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward through ``fn`` (default: the public API with backend="triton")."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items() if t is not None}
+    if fn is None:
+        y = danet_kernels.position_attention(
+            leaves["q"], leaves["k"], leaves["v"], gamma=leaves.get("gamma"),
+            residual=leaves.get("residual"), backend="triton",
+        )
+    else:
+        y = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("gamma"), leaves.get("residual"))
+    y.backward(dy)
+    return y.detach(), {name: t.grad for name, t in leaves.items()}
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """The oracle, including the residual epilogue, in the operands' own dtype."""
+    out = position_attention_reference(q, k, v)
+    return out if gamma is None else gamma.to(out.dtype) * out + residual
+
+
+def run_float64(
+    inputs: dict[str, torch.Tensor | None], dy: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return run({n: None if t is None else t.double() for n, t in inputs.items()}, dy.double(), reference)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual.double() - expected.double()).abs()
+    assert not error.isnan().any(), f"{what}: NaN where the reference is finite"
+    bound = atol + rtol * expected.double().abs()
+    worst = (error - bound).argmax()
+    assert (error <= bound).all(), (
+        f"{what}: max error {error.max().item():.3e} (bound at worst element "
+        f"{bound.flatten()[worst].item():.3e})"
+    )
+
+
+def check_against_float64(
+    inputs: dict[str, torch.Tensor | None], atol: float = 2e-5, rtol: float = 2e-5
+) -> None:
+    """Output and every gradient within atol + rtol * |expected| of float64."""
+    dy = torch.randn_like(inputs["v"])
+    y, grads = run(inputs, dy)
+    y_ref, grads_ref = run_float64(inputs, dy)
+    assert y.dtype == inputs["v"].dtype
+    assert_close(y, y_ref, atol, rtol, "output")
+    for name, grad_ref in grads_ref.items():
+        assert grads[name].dtype == inputs[name].dtype, f"d{name} has dtype {grads[name].dtype}"
+        assert_close(grads[name], grad_ref, atol, rtol, f"d{name}")
+
+def check_error_within_reference_error(inputs: dict[str, torch.Tensor | None], factor: float) -> None:
+    """flash-attn's bound for low precision: our max error against float64 is at most ``factor``
+    times the reference's own error in the same dtype, plus a floor of 1e-3 of the values' scale."""
+    dy = torch.randn_like(inputs["v"])
+    y, grads = run(inputs, dy)
+    y_low, grads_low = run(inputs, dy, reference)
+    y_ref, grads_ref = run_float64(inputs, dy)
+    pairs = [("output", y, y_low, y_ref)] + [
+        (f"d{name}", grads[name], grads_low[name], grads_ref[name]) for name in grads_ref
+    ]
+    for what, ours, theirs, truth in pairs:
+        assert ours.dtype == theirs.dtype, what
+        ours_err = (ours.double() - truth).abs().max().item()
+        theirs_err = (theirs.double() - truth).abs().max().item()
+        floor = 1e-3 * max(truth.abs().max().item(), 1.0)
+        print(f"{what}: error {ours_err:.3e}, reference's {theirs_err:.3e}")
+        assert ours_err <= factor * theirs_err + floor, f"{what}: {ours_err:.3e} vs {theirs_err:.3e}"
+
+
+
+# (B, d, C, N): N = 7*13 with a ragged tail, N = 1 (a 1x1 map), N below one tile, N an exact
+# multiple of the tile; d odd (padded to the 16-wide dot); C above one 32-wide C tile and ragged.
+@pytest.mark.parametrize(
+    "batch, head_dim, channels, n, with_residual",
+    [(2, 5, 48, 91, True), (2, 5, 48, 91, False), (1, 16, 64, 64, True), (1, 16, 64, 64, False),
+     (1, 3, 8, 1, True), (1, 3, 8, 1, False), (3, 8, 33, 7, True), (1, 16, 16, 300, True)],
+)
+def test_fp32_matches_float64(batch: int, head_dim: int, channels: int, n: int, with_residual: bool) -> None:
+    inputs = make_inputs(batch, head_dim, channels, n, gamma=0.7 if with_residual else None, scale=3.0)
+    check_against_float64(inputs)
+
+
+def test_gamma_zero_at_initialisation() -> None:
+    """gamma = 0 (DANet's init): the result is the residual, dgamma = sum(dY * O) is not zero."""
+    inputs = make_inputs(1, 8, 40, 45, gamma=0.0)
+    check_against_float64(inputs)
+    y, grads = run(inputs, torch.ones_like(inputs["v"]))
+    assert torch.equal(y, inputs["residual"])
+    assert grads["gamma"].abs().item() > 0
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided"])
+def test_non_contiguous_inputs(layout: str) -> None:
+    batch, head_dim, channels, height, width = 2, 6, 40, 7, 9
+    n = height * width
+    # Scaling happens before the view: an elementwise op on a strided slice would make it contiguous.
+    if layout == "transposed":  # (B, N, d) storage read as (B, d, N)
+        make = lambda rows, scale=1.0: (torch.randn(batch, n, rows, device=DEVICE) * scale).transpose(1, 2)
+    elif layout == "channels_last":  # a channels_last feature map flattened: stride 1 on channels
+        make = lambda rows, scale=1.0: (torch.randn(batch, rows, height, width, device=DEVICE) * scale).to(
+            memory_format=torch.channels_last).view(batch, rows, n)
+    else:  # every other channel and position of a larger tensor
+        make = lambda rows, scale=1.0: (torch.randn(batch, 2 * rows, 2 * n, device=DEVICE) * scale)[
+            :, ::2, ::2
+        ]
+    inputs = {"q": make(head_dim, 0.5), "k": make(head_dim, 0.5), "v": make(channels),
+              "gamma": torch.full((1,), -0.4, device=DEVICE), "residual": make(channels)}
+    assert not any(t.is_contiguous() for name, t in inputs.items() if name != "gamma")
+    dy = torch.randn(batch, n, channels, device=DEVICE).transpose(1, 2)  # a strided gradient too
+    y, grads = run(inputs, dy)
+    y_ref, grads_ref = run_float64(inputs, dy)
+    assert_close(y, y_ref, 2e-5, 2e-5, "output")
+    for name in NAMES:
+        assert_close(grads[name], grads_ref[name], 2e-5, 2e-5, f"d{name}")
+
+
+def test_fp16_error_bounded_by_reference_error() -> None:
+    """flash-attn style: the kernel's fp16 error is within a small multiple of the fp16 reference's."""
+    inputs = make_inputs(2, 16, 48, 91, dtype=torch.float16, gamma=0.5, scale=3.0)
+    inputs["gamma"] = inputs["gamma"].float()  # a fp32 parameter driving fp16 activations
+    check_error_within_reference_error(inputs, factor=3.0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN/inf
+def test_row_with_leading_minus_inf_energies() -> None:
+    """Energies of -inf over the whole first key tile: -inf - -inf must not turn into NaN."""
+    n = 70
+    q = torch.ones(1, 1, n, device=DEVICE)
+    k = torch.randn(1, 1, n, device=DEVICE)
+    k[..., :40] = float("-inf")
+    v = torch.randn(1, 20, n, device=DEVICE)
+    expected = position_attention_reference(q.double(), k.double(), v.double())
+    assert expected.isfinite().all()
+    actual = danet_kernels.position_attention(q, k, v, backend="triton")
+    assert_close(actual, expected, 1e-5, 1e-5, "output")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN/inf
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_propagates_like_the_reference(where: str) -> None:
+    inputs = make_inputs(2, 4, 20, 40, gamma=None)
+    inputs[where][1, 2, 17] = float("nan")
+    actual = danet_kernels.position_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+    expected = position_attention_reference(*(inputs[name].double() for name in ("q", "k", "v")))
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert expected.isnan().any() and not expected.isnan().all()
+    finite = ~expected.isnan()
+    assert_close(actual[finite], expected[finite], 2e-5, 2e-5, "finite part")
+
+
+def test_gradient_of_a_sum_and_partial_requires_grad() -> None:
+    """y.sum() hands the backward an expanded (zero-stride) gradient; only some inputs need grads."""
+    inputs = make_inputs(2, 4, 36, 50, gamma=0.3)
+    q, k, v, gamma, residual = (inputs[name] for name in NAMES)
+    v = v.clone().requires_grad_()
+    residual = residual.clone().requires_grad_()
+    y = danet_kernels.position_attention(q, k, v, gamma=gamma, residual=residual, backend="triton")
+    y.sum().backward()
+    v64 = v.detach().double().requires_grad_()
+    reference(q.double(), k.double(), v64, gamma.double(), residual.detach().double()).sum().backward()
+    assert_close(v.grad, v64.grad, 2e-5, 2e-5, "dv")
+    assert torch.equal(residual.grad, torch.ones_like(residual))
+
+
+def test_inference_skips_saving_o_and_matches() -> None:
+    """Under no_grad the residual epilogue writes the result only (O is not kept)."""
+    inputs = make_inputs(1, 8, 40, 45, gamma=0.6)
+    with torch.no_grad():
+        result, out, lse = torch.ops.danet_kernels.pam_forward(*(inputs[name] for name in NAMES), False)
+        y = pam.position_attention_triton(*(inputs[name] for name in NAMES))
+    assert out.numel() == 0
+    assert torch.equal(result, y)
+    expected = reference(*(None if inputs[name] is None else inputs[name].double() for name in NAMES))
+    assert_close(y, expected, 2e-5, 2e-5, "output")
+    assert lse.shape == (1, 45) and lse.dtype == torch.float32
+
+
+def test_autograd_function_matches_entry_point() -> None:
+    """PositionAttentionFunction.apply and the registered op share one autograd formula."""
+    inputs = make_inputs(1, 4, 24, 33)
+    dy = torch.randn_like(inputs["v"])
+    via_function = lambda q, k, v, g, r: pam.PositionAttentionFunction.apply(q, k, v, g, r, True)[0]
+    y_function, grads_function = run(inputs, dy, via_function)
+    y_entry, grads_entry = run(inputs, dy, pam.position_attention_triton)
+    assert torch.equal(y_function, y_entry)
+    for name in NAMES:
+        assert torch.equal(grads_function[name], grads_entry[name]), name
+
+
+def test_fp32_dot_precision_follows_torch() -> None:
+    assert pam._dot_input_precision(torch.float32) == "ieee"  # torch's default: "highest"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert pam._dot_input_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert pam._dot_input_precision(torch.float32) == "ieee"
+
+
+def test_forward_config_prune_keeps_problem_sized_tiles() -> None:
+    """The Hopper prune caps tiles at the problem size and respects the register budget."""
+    configs = list(filter(pam._keep, pam._FWD_CONFIGS))
+    v = torch.empty(1, 512, 1, dtype=torch.bfloat16)
+    kept = pam._prune_fwd_configs(configs, {"N": 4096, "C": 512, "V": v}, BLOCK_D=64)
+    assert kept and len(kept) < len(configs)
+    for config in kept:
+        per_thread = config.kwargs["BLOCK_M"] * (config.kwargs["BLOCK_C"] + config.kwargs["BLOCK_N"])
+        assert per_thread // (32 * config.num_warps) <= pam._MAX_REGS_PER_THREAD
+    small = pam._prune_fwd_configs(configs, {"N": 7, "C": 20, "V": v}, BLOCK_D=16)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"]) for c in small} == {(16, 16, 32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, head_dim, channels, n", [(2, 64, 512, 97 * 97), (1, 256, 2048, 1000)])
+def test_gpu_low_precision_error_bounded_by_reference_error(
+    dtype: torch.dtype, batch: int, head_dim: int, channels: int, n: int
+) -> None:
+    inputs = make_inputs(batch, head_dim, channels, n, dtype=dtype, gamma=0.5, scale=3.0)
+    check_error_within_reference_error(inputs, factor=4.0)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_danet_shape_fp32_matches_float64() -> None:
+    """DANet's shape: B=1, C=512 (d=64), a 64x64 map; exact fp32 (TF32 off by default)."""
+    check_against_float64(make_inputs(1, 64, 512, 4096, gamma=0.7, scale=3.0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_gpu_offsets_beyond_int32() -> None:
+    """B * C * N > 2^31 elements (and B above the 65535 grid limit): int64 offsets, batch chunks."""
+    batch, head_dim, channels, n = 65537 + 3, 16, 16, 2048
+    q = torch.randn(batch, head_dim, n, device="cuda", dtype=torch.float16) * 0.25
+    k = torch.randn(batch, head_dim, n, device="cuda", dtype=torch.float16) * 0.25
+    v = torch.randn(batch, channels, n, device="cuda", dtype=torch.float16)
+    assert v.numel() > 2**31
+    with torch.no_grad():
+        y = danet_kernels.position_attention(q, k, v, backend="triton")
+    for b in (0, 65535, 65536, batch - 1):
+        one = slice(b, b + 1)
+        expected = position_attention_reference(q[one].double(), k[one].double(), v[one].double())
+        assert_close(y[b : b + 1], expected, 2e-2, 2e-2, f"batch element {b}")
