@@ -177,9 +177,9 @@ def _prune_by_shared_memory(configs, named_args, **kwargs):
 def _gram_tile_coords(pid_tile, num_tiles, SYMMETRIC: tl.constexpr):
     """Map a tile index to (row tile, column tile); SYMMETRIC enumerates the lower triangle."""
     if SYMMETRIC:
-        # pid = i (i + 1) / 2 + j with j <= i: invert the triangular number, then correct the
-        # float estimate by one either way (exact for any realistic number of tiles).
-        tile_i = ((tl.sqrt_rn((8 * pid_tile + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        # pid = i (i + 1) / 2 + j with j <= i: invert the triangular number with a float square
+        # root (approximate on GPUs), then correct the estimate by one either way in integers.
+        tile_i = ((tl.sqrt((8 * pid_tile + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
         tile_i -= (tile_i * (tile_i + 1) // 2 > pid_tile).to(tl.int32)
         tile_i += ((tile_i + 1) * (tile_i + 2) // 2 <= pid_tile).to(tl.int32)
         tile_j = pid_tile - tile_i * (tile_i + 1) // 2
