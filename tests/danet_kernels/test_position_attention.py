@@ -184,6 +184,23 @@ def test_fp16_error_bounded_by_reference_error() -> None:
     check_error_within_reference_error(inputs, factor=3.0)
 
 
+@pytest.mark.parametrize("energies", ["mixed", "all_negative"])
+def test_huge_energies_stay_finite(energies: str) -> None:
+    """q, k scaled by 30: the softmax saturates to near one-hot; no NaN where the reference is finite.
+
+    "all_negative" makes every energy of every row about -1e3, so log-sum-exp is hugely negative
+    and a padded key (energy 0) would get P = exp(+1e3) = inf unless the tail is masked.
+    """
+    inputs = make_inputs(1, 8, 24, 70, gamma=0.9)
+    inputs["q"] *= 30
+    inputs["k"] *= 30
+    if energies == "all_negative":
+        inputs["q"] = inputs["q"].abs() + 1.0
+        inputs["k"] = -inputs["k"].abs() - 1.0
+    # Energies of ~1e3 carry fp32 rounding errors of ~1e-4 into exp: bound by the fp32 reference's error.
+    check_error_within_reference_error(inputs, factor=3.0)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN/inf
 def test_row_with_leading_minus_inf_energies() -> None:
     """Energies of -inf over the whole first key tile: -inf - -inf must not turn into NaN."""
