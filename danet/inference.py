@@ -20,13 +20,31 @@ the raw outputs, and averaging keeps the result on the same scale as a single pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-__all__ = ["MODES", "predict_logits", "sliding_window_starts"]
+from danet.config import DataConfig, EvalConfig, ModelConfig
+
+__all__ = [
+    "MODES",
+    "CommandSetup",
+    "add_inference_arguments",
+    "add_model_arguments",
+    "atomic_write",
+    "predict_logits",
+    "run_inference",
+    "setup_from_args",
+    "sliding_window_starts",
+]
 
 MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
 
@@ -131,3 +149,127 @@ def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mod
         logits = _sliding(model, _resize(images, scaled_size), num_classes, crop_size, stride, flip)
         total += _resize(logits, size)
     return total / (passes * len(scales))
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line plumbing shared by `danet eval`, `danet predict` and `danet attention`.
+# Every option defaults to None so that "not given" can be told apart: the value then comes
+# from the checkpoint's stored config, else from the dataclasses in danet/config.py.
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --dataset and the model/device overrides."""
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="model weights: a danet training checkpoint, the original DANet release's "
+                             "checkpoint, or a plain state_dict")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="dataset the model was trained on (classes, palette); default: the "
+                             f"checkpoint's, else {DataConfig.dataset!r}")
+    group = parser.add_argument_group("model (default: the checkpoint's stored config, else "
+                                      "danet/config.py's ModelConfig)")
+    group.add_argument("--backbone", default=None, help=f"backbone name (default {ModelConfig.backbone!r})")
+    group.add_argument("--output-stride", type=int, choices=(8, 16), default=None)
+    group.add_argument("--attention", choices=("fused", "reference"), default=None)
+    group.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
+                       help="the checkpoint has the auxiliary FCN head")
+    group.add_argument("--multi-grid", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available (default)")
+
+
+def _scale_list(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text}")
+    return value
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--mode, --crop-size, --stride-ratio, --scales, --flip (defaults: EvalConfig)."""
+    group = parser.add_argument_group("inference (default: the checkpoint's eval config, else "
+                                      "danet/config.py's EvalConfig)")
+    group.add_argument("--mode", choices=MODES, default=None, help=f"default {EvalConfig.mode!r}")
+    group.add_argument("--crop-size", type=int, default=None,
+                       help="sliding-window crop (default: the training crop size)")
+    group.add_argument("--stride-ratio", type=float, default=None,
+                       help=f"window stride / crop (default {EvalConfig.stride_ratio:.3g})")
+    group.add_argument("--scales", type=_scale_list, nargs="+", default=None, metavar="S",
+                       help=f"multi-scale factors (default {' '.join(map(str, EvalConfig.scales))})")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"average with the horizontally flipped image (default {EvalConfig.flip})")
+
+
+def _section(cls: type, stored: Mapping[str, Any] | None) -> Any:
+    """A ``cls`` dataclass from a stored (asdict) section, ignoring fields this version lacks."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (stored or {}).items() if k in names}
+    return cls(**values)
+
+
+@dataclasses.dataclass
+class CommandSetup:
+    """What eval/predict/attention need: the loaded model and the resolved config sections."""
+
+    model: nn.Module  # on ``device``, in eval mode
+    device: torch.device
+    dataset_class: type  # NUM_CLASSES, CLASS_NAMES, PALETTE
+    data: DataConfig
+    eval: EvalConfig
+
+
+def setup_from_args(args: argparse.Namespace) -> CommandSetup:
+    """Read the checkpoint, resolve every option (flag > checkpoint config > default), load the model.
+
+    Raises:
+        FileNotFoundError: missing checkpoint.
+        ValueError: unknown dataset or backbone, a checkpoint that does not fit the model.
+    """
+    from danet.data import get_dataset_class
+    from danet.distributed import resolve_device
+    from danet.models import build_from_checkpoint, read_checkpoint
+
+    checkpoint = read_checkpoint(args.checkpoint)
+    stored = checkpoint.config or {}
+    data = _section(DataConfig, stored.get("data"))
+    eval_cfg = _section(EvalConfig, stored.get("eval"))
+    eval_fields = ("mode", "crop_size", "stride_ratio", "scales", "flip", "batch_size")
+    for section, fields in ((data, ("dataset", "root")), (eval_cfg, eval_fields)):
+        for name in fields:
+            value = getattr(args, name, None)
+            if value is not None:
+                setattr(section, name, tuple(value) if isinstance(value, list) else value)
+    if eval_cfg.crop_size is None:
+        eval_cfg.crop_size = data.crop_size
+    dataset_class = get_dataset_class(data.dataset)
+    overrides = {"backbone": args.backbone, "output_stride": args.output_stride, "attention": args.attention,
+                 "aux": args.aux, "multi_grid": args.multi_grid}
+    model = build_from_checkpoint(checkpoint, dataset_class.NUM_CLASSES, overrides)
+    device = resolve_device(args.device)
+    return CommandSetup(model.to(device).eval(), device, dataset_class, data, eval_cfg)
+
+
+def run_inference(setup: CommandSetup, images: torch.Tensor) -> torch.Tensor:
+    """:func:`predict_logits` with the setup's model, classes and EvalConfig."""
+    cfg = setup.eval
+    return predict_logits(setup.model, images.to(setup.device), setup.dataset_class.NUM_CLASSES,
+                          mode=cfg.mode, crop_size=cfg.crop_size, stride_ratio=cfg.stride_ratio,
+                          scales=cfg.scales, flip=cfg.flip)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    A crash or error never leaves a half-written file at ``path`` (nor destroys what was there).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

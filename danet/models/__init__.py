@@ -11,6 +11,8 @@ from danet.models.danet import DANet, build_model, create_model, list_models, re
 from danet.models.head import DANetHead, FCNHead
 from danet.models.weights import (
     ORIGINAL_KEY_MAP,
+    Checkpoint,
+    build_from_checkpoint,
     load_backbone_weights,
     load_model,
     load_weights,
@@ -20,9 +22,11 @@ from danet.models.weights import (
 __all__ = [
     "BACKBONES",
     "ORIGINAL_KEY_MAP",
+    "Checkpoint",
     "DANet",
     "DANetHead",
     "FCNHead",
+    "build_from_checkpoint",
     "build_model",
     "create_backbone",
     "create_model",

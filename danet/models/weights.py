@@ -43,6 +43,8 @@ from danet.config import ModelConfig
 __all__ = [
     "ORIGINAL_KEY_MAP",
     "PUBLISHED_MODEL_CONFIG",
+    "Checkpoint",
+    "build_from_checkpoint",
     "from_original_naming",
     "load_backbone_weights",
     "load_model",
@@ -130,19 +132,30 @@ def _load_file(path: str | Path) -> Any:
         raise ValueError(f"cannot read weights file {path}: {err}") from err
 
 
-def read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, Any] | None]:
-    """Return (state_dict in our naming, the checkpoint's "config" or None) for ``path``.
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint file's contents, renamed to our keys.
+
+    Attributes:
+        state_dict: the model's tensors, in our naming.
+        config: the stored run config (``dataclasses.asdict`` of the trainer's Config) or None.
+        original_naming: the file used the original DANet release's key names.
+        path: where it was read from (for messages).
+    """
+
+    state_dict: StateDict
+    config: dict[str, Any] | None
+    original_naming: bool
+    path: str
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read ``path`` (our checkpoint, the original release's, or a plain state_dict).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unreadable file, or one that holds no state_dict.
     """
-    state_dict, config, _ = _read_checkpoint(path)
-    return state_dict, config
-
-
-def _read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, Any] | None, bool]:
-    """:func:`read_checkpoint`, also saying whether the file used the original release's naming."""
     obj = _load_file(path)
     config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
@@ -159,7 +172,7 @@ def _read_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, Any] | None
     original = _is_original_naming(state_dict)
     if original:
         state_dict = from_original_naming(state_dict)
-    return state_dict, (config if isinstance(config, dict) else None), original
+    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path))
 
 
 def _key_list(keys: list[str]) -> str:
@@ -211,9 +224,9 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
         FileNotFoundError: no such file.
         ValueError: unreadable file, or keys/shapes/classes that do not match the model.
     """
-    state_dict, config = read_checkpoint(path)
-    load_state_dict_checked(model, state_dict, source=f"checkpoint {path}")
-    return config
+    checkpoint = read_checkpoint(path)
+    load_state_dict_checked(model, checkpoint.state_dict, source=f"checkpoint {path}")
+    return checkpoint.config
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
@@ -227,7 +240,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         FileNotFoundError: no such file.
         ValueError: unreadable file, or keys/shapes that do not fit the backbone.
     """
-    state_dict, _ = read_checkpoint(path)
+    state_dict = read_checkpoint(path).state_dict
     if any(key.startswith("backbone.") for key in state_dict):  # a full DANet checkpoint's backbone
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
@@ -262,33 +275,42 @@ def model_config_from(config: Mapping[str, Any] | None) -> ModelConfig | None:
     return cfg
 
 
-def load_model(path: str | Path, nclass: int | None = None,
-               overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
-    """Build a DANet for checkpoint ``path`` and load it; returns (model, checkpoint config).
+def build_from_checkpoint(checkpoint: Checkpoint, nclass: int | None = None,
+                          overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build the DANet ``checkpoint`` describes and load its weights.
 
     The architecture is, field by field: ``overrides`` (non-None values, e.g. command-line
-    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults. The number
-    of classes comes from ``nclass`` when given (a mismatch with the checkpoint is an error),
-    else from the checkpoint's classifier.
-
-    A checkpoint in the original release's naming carries no config: it gets the published
-    architecture (:data:`PUBLISHED_MODEL_CONFIG`) unless overridden.
+    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults; a
+    checkpoint in the original release's naming carries no config and gets the published
+    architecture (:data:`PUBLISHED_MODEL_CONFIG`). The number of classes comes from ``nclass``
+    when given (a mismatch with the checkpoint is an error), else from its classifier.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable file, unknown backbone, or a checkpoint that does not fit.
+        ValueError: unknown backbone or option, or a checkpoint that does not fit.
     """
     from danet.models.danet import build_model  # danet.models.danet imports this module lazily
 
-    state_dict, config, original = _read_checkpoint(path)
-    cfg = model_config_from(config) or (
-        dataclasses.replace(PUBLISHED_MODEL_CONFIG) if original else ModelConfig())
+    cfg = model_config_from(checkpoint.config) or (
+        dataclasses.replace(PUBLISHED_MODEL_CONFIG) if checkpoint.original_naming else ModelConfig())
     cfg.pretrained_backbone = None
     for key, value in (overrides or {}).items():
         if value is not None:
             if not hasattr(cfg, key):
                 raise ValueError(f"unknown model option {key!r}")
             setattr(cfg, key, value)
+    state_dict = checkpoint.state_dict
     model = build_model(cfg, nclass if nclass is not None else num_classes_in(state_dict))
-    load_state_dict_checked(model, state_dict, source=f"checkpoint {path}")
-    return model, config
+    load_state_dict_checked(model, state_dict, source=f"checkpoint {checkpoint.path}")
+    return model
+
+
+def load_model(path: str | Path, nclass: int | None = None,
+               overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Read checkpoint ``path`` and :func:`build_from_checkpoint`; returns (model, stored config).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, unknown backbone, or a checkpoint that does not fit.
+    """
+    checkpoint = read_checkpoint(path)
+    return build_from_checkpoint(checkpoint, nclass, overrides), checkpoint.config
