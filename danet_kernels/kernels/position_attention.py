@@ -585,6 +585,40 @@ def _dot_input_precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _forward_outputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    store_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's (result, out, lse), allocated and not yet written (see :func:`pam_forward`)."""
+    batch, _, n = q.shape
+    result = torch.empty((batch, v.shape[1], n), device=v.device, dtype=v.dtype)
+    out = torch.empty_like(result) if (gamma is not None and store_out) else result.new_empty(0)
+    lse = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    return result, out, lse
+
+
+def _backward_outputs(
+    dy: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see :func:`pam_backward`)."""
+    batch, _, n = q.shape
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    delta_raw = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    return dq, dk, dv, delta_raw
+
+
 def pam_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -602,10 +636,8 @@ def pam_forward(
     batch, head_dim, n = q.shape
     channels = v.shape[1]
     has_residual = gamma is not None
-    result = torch.empty((batch, channels, n), device=v.device, dtype=v.dtype)
     store_out = has_residual and store_out
-    out = torch.empty_like(result) if store_out else result.new_empty(0)
-    lse = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    result, out, lse = _forward_outputs(q, k, v, gamma, residual, store_out)
     # Placeholders for pointer arguments a constexpr branch never reads.
     gamma_arg = gamma if has_residual else lse
     residual_arg = residual if has_residual else v
@@ -650,10 +682,7 @@ def pam_backward(
     batch, head_dim, n = q.shape
     channels = v.shape[1]
     has_gamma = gamma is not None
-    dq = torch.empty((batch, head_dim, n), device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty((batch, channels, n), device=v.device, dtype=v.dtype)
-    delta_raw = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    dq, dk, dv, delta_raw = _backward_outputs(dy, q, k, v, gamma, out, lse)
     gamma_arg = gamma if has_gamma else lse
     config = _bwd_config(v.dtype, _pow2_cap(head_dim), n, channels)
     common = {"HAS_GAMMA": has_gamma, "BLOCK_D": _pow2_cap(head_dim),
@@ -691,7 +720,14 @@ def pam_backward(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("danet_kernels::pam_forward", mutates_args=())
+# On a GPU the ops are triton_ops: their kernels stay visible to torch.compile (Inductor schedules
+# them like its own). Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreted kernel,
+# which fake-tensor tracing would execute on fake data (and AOT's decomposition of a triton_op
+# would drop); there the ops are opaque custom_ops whose fake kernels only allocate the outputs.
+_define_op = torch.library.custom_op if _INTERPRETING else torch.library.triton_op
+
+
+@_define_op("danet_kernels::pam_forward", mutates_args=())
 def _pam_forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -703,7 +739,7 @@ def _pam_forward_op(
     return pam_forward(q, k, v, gamma, residual, store_out)
 
 
-@torch.library.triton_op("danet_kernels::pam_backward", mutates_args=())
+@_define_op("danet_kernels::pam_backward", mutates_args=())
 def _pam_backward_op(
     dy: torch.Tensor,
     q: torch.Tensor,
@@ -714,6 +750,11 @@ def _pam_backward_op(
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return pam_backward(dy, q, k, v, gamma, out, lse)
+
+
+if _INTERPRETING:
+    _pam_forward_op.register_fake(_forward_outputs)
+    _pam_backward_op.register_fake(_backward_outputs)
 
 
 class PositionAttentionFunction(torch.autograd.Function):
