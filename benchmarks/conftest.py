@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 from typing import Any
 
@@ -19,14 +20,26 @@ from benchmarks import harness
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Register ``--bench-quick``: one round per case, for smoke tests of the suite itself."""
+    """Register ``--bench-quick`` (smoke run of the suite) and ``--train-amp`` (training precision)."""
     parser.addoption(
         "--bench-quick",
         action="store_true",
         default=False,
-        help="danet benchmarks: one timed round per case and no warm-up (checks that the suite runs; "
-        "the timings are not worth reading)",
+        help="danet benchmarks: the smallest case of each grid, one timed round, no warm-up (checks "
+        "that the suite runs; the timings are not worth reading)",
     )
+    parser.addoption(
+        "--train-amp",
+        choices=("none", "bf16"),
+        default="none",
+        help="danet training benchmark: fp32 steps (none, the published recipe) or bf16 autocast",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Turn ``--bench-quick`` into the environment switch the test modules read at import."""
+    if config.getoption("--bench-quick"):
+        os.environ[harness.QUICK_ENV] = "1"
 
 
 def _cpu_model() -> str:
@@ -56,6 +69,7 @@ def device_description() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
+        "quick": harness.quick_mode(),
     }
     if harness.ON_CUDA:
         props = torch.cuda.get_device_properties(0)

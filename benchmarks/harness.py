@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "error_vs_float64",
     "free_memory",
     "is_oom",
+    "largest_batch",
     "make_step",
     "max_rel_err",
     "pam_flops",
@@ -75,7 +77,8 @@ CAM_BACKWARD_FACTOR = 2.0
 # written into the JSON output by conftest.pytest_benchmark_update_json.
 NOT_RUN: list[dict[str, Any]] = []
 
-# Environment switch for a one-round smoke run (the CI test sets it); see conftest --bench-quick.
+# The smoke-run switch: one timed round per case and the smallest grids. ``--bench-quick``
+# sets it (conftest) before the test modules, which read it to build their grids, are imported.
 QUICK_ENV = "DANET_BENCH_QUICK"
 
 
@@ -109,8 +112,10 @@ CPU_BATCHES = (1,)
 
 
 def attention_shapes() -> list[AttentionShape]:
-    """The shapes of the kernel benchmarks on this machine (full on CUDA, reduced on the CPU)."""
+    """The shapes of the kernel benchmarks here: full on CUDA, reduced on the CPU, one when quick."""
     sizes, batches = (CUDA_SIZES, CUDA_BATCHES) if ON_CUDA else (CPU_SIZES, CPU_BATCHES)
+    if quick_mode():
+        sizes, batches = sizes[:1], batches[:1]
     return [AttentionShape(b, h, w) for (h, w) in sizes for b in batches]
 
 
@@ -247,20 +252,46 @@ def error_vs_float64(
     return {"rel_err": max_rel_err(actual, expected)}
 
 
-def _rounds(probe_seconds: float, quick: bool) -> tuple[int, int]:
-    """(rounds, warmup_rounds): enough rounds for about a second of timing, within bounds."""
+def largest_batch(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest batch ``b`` in ``[0, limit]`` with ``fits(b)``, for a ``fits`` true up to some size.
+
+    Doubles from 1 until a batch fails (or ``limit`` fits), then bisects between the last
+    success and the first failure: ``O(log b)`` trials, each a real training step.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    fitting, failing = 0, None
+    batch = 1
+    while failing is None:
+        if not fits(batch):
+            failing = batch
+        elif batch == limit:
+            return limit
+        else:
+            fitting, batch = batch, min(2 * batch, limit)
+    while failing - fitting > 1:
+        middle = (fitting + failing) // 2
+        if fits(middle):
+            fitting = middle
+        else:
+            failing = middle
+    return fitting
+
+
+def _rounds(probe_seconds: float, quick: bool, fixed: tuple[int, int] | None) -> tuple[int, int]:
+    """(rounds, warmup_rounds): ``fixed`` if given, else enough rounds for about a second of timing."""
     if quick:
         return 1, 0
+    if fixed is not None:
+        return fixed
     target, lo, hi, warmup = (0.5, 10, 200, 3) if ON_CUDA else (1.0, 3, 20, 1)
     rounds = math.ceil(target / max(probe_seconds, 1e-6))
     return min(max(rounds, lo), hi), warmup
 
 
-def quick_mode(config: pytest.Config | None = None) -> bool:
-    """Whether this is a one-round smoke run (``--bench-quick`` or ``DANET_BENCH_QUICK=1``)."""
-    if os.environ.get(QUICK_ENV, "0") == "1":
-        return True
-    return bool(config is not None and config.getoption("--bench-quick", default=False))
+def quick_mode() -> bool:
+    """Whether this is a smoke run of the suite (``--bench-quick``, i.e. ``DANET_BENCH_QUICK=1``)."""
+    return os.environ.get(QUICK_ENV, "0") == "1"
 
 
 def record_not_run(benchmark: Any, reason: str, **extra_info: Any) -> None:
@@ -281,32 +312,36 @@ def run_benchmark(
     benchmark: Any,
     step: Callable[[], object],
     *,
-    quick: bool,
     check: Callable[[], dict[str, Any]] | None = None,
+    rounds: tuple[int, int] | None = None,
+    first_call: bool = True,
 ) -> None:
     """Measure ``step`` (one forward or forward+backward) with pytest-benchmark.
 
     First one untimed call (autotuning, lazy initialisation, and the time estimate that sets
     the number of rounds), then one call under the memory probe, then the timed rounds, then
     ``check()`` whose dict (e.g. the error against float64) joins ``benchmark.extra_info``.
-    An out-of-memory error at any point skips the case as "OOM" instead of failing it.
+    ``rounds`` fixes (timed rounds, warm-up rounds) for steps too slow for the time-based
+    choice; then ``first_call=False`` may drop the untimed first call where the caller has
+    warmed everything up already. An out-of-memory error at any point skips the case as
+    "OOM" instead of failing it.
     """
-    import time
-
     try:
-        start = time.perf_counter()
-        step()
-        synchronize()
-        probe_seconds = time.perf_counter() - start
+        probe_seconds = math.inf
+        if first_call or rounds is None:
+            start = time.perf_counter()
+            step()
+            synchronize()
+            probe_seconds = time.perf_counter() - start
         peak, method = peak_memory_bytes(step)
         benchmark.extra_info.update(peak_mem_bytes=peak, peak_mem_method=method, oom=False)
-        rounds, warmup = _rounds(probe_seconds, quick)
+        timed_rounds, warmup = _rounds(probe_seconds, quick_mode(), rounds)
 
         def target() -> None:
             step()
             synchronize()
 
-        benchmark.pedantic(target, setup=synchronize, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        benchmark.pedantic(target, setup=synchronize, rounds=timed_rounds, warmup_rounds=warmup, iterations=1)
         out_of_memory = False
     except Exception as exc:
         if not is_oom(exc):

@@ -31,7 +31,6 @@ from benchmarks.harness import (
     dtype_name,
     error_vs_float64,
     make_step,
-    quick_mode,
     run_benchmark,
 )
 from danet_kernels import channel_attention
@@ -50,7 +49,6 @@ IMPLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_cam(
     benchmark,
-    request: pytest.FixtureRequest,
     impl: str,
     pass_: str,
     dtype: torch.dtype,
@@ -71,7 +69,6 @@ def test_cam(
     run_benchmark(
         benchmark,
         make_step(fn, inputs, pass_, grad_out),
-        quick=quick_mode(request.config),
         check=lambda: error_vs_float64(
             fn, inputs, grad_out, pass_, channel_attention_reference, [x], grad_out
         ),

@@ -40,7 +40,6 @@ from benchmarks.harness import (
     error_vs_float64,
     make_step,
     pam_flops,
-    quick_mode,
     run_benchmark,
     skip_case,
 )
@@ -130,7 +129,6 @@ def _exact_pam(n: int) -> Callable[..., torch.Tensor]:
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.name)
 def test_pam(
     benchmark,
-    request: pytest.FixtureRequest,
     impl: PamImpl,
     pass_: str,
     dtype: torch.dtype,
@@ -153,7 +151,6 @@ def test_pam(
     run_benchmark(
         benchmark,
         make_step(impl.fn, native, pass_, native_grad_out),
-        quick=quick_mode(request.config),
         check=lambda: error_vs_float64(
             impl.fn, native, native_grad_out, pass_, _exact_pam(shape.n), (q, k, v), grad_out,
             impl.to_canonical,

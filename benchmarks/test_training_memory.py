@@ -1,0 +1,301 @@
+"""High-resolution training: a full DANet step with the reference attention against the fused one.
+
+Run ``pytest benchmarks/test_training_memory.py --benchmark-only``. A step is what the
+trainer does per iteration: forward, DANet's loss (cross entropy on the sum, PAM and CAM
+outputs), backward, and an SGD step with the training config's defaults (momentum, weight
+decay, 10x head LR). Two tests:
+
+* ``test_train_step[attention-HxW-Bb]``: the step's time and peak memory at each input size
+  and batch; a batch that does not fit is reported as OOM.
+* ``test_max_batch[attention-HxW-capG]``: the largest batch whose step fits under a memory
+  cap (a search over batch sizes, doubling then bisecting), and the step's time at that batch.
+
+``peak_mem_bytes`` of a step is what must fit: the model's state (parameters, SGD momentum)
+and the batch, plus the peak the step allocates on top (activations, gradients, workspace;
+the harness's probe). Gradients are released after each step, as ``zero_grad`` does.
+
+On CUDA: the published backbone (``ModelConfig().backbone``) at 512x512, 769x769, 1024x1024
+and a full 1024x2048 Cityscapes frame, batches 1 to 8, and caps of 16, 24, 40 and 80 GiB
+enforced with ``torch.cuda.set_per_process_memory_fraction`` (a cap above the device's memory
+is clamped to it, and says so). The claim to check: the fused model trains on 1024x2048
+frames at a batch the reference cannot fit.
+
+On the CPU a scaled-down version shows the same effect on any machine: the tiny backbone
+(``resnet_tiny``) at 256x256 and 512x512 (N = 1024 and 4096 positions), where the reference
+PAM's N x N activations outweigh the backbone's, with caps of 256 and 512 MiB. The CPU
+allocator cannot be capped, so there a batch "fits" when its measured peak is under the cap
+(``cap_enforced`` is False). The fused model runs the blockwise backend on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import danet_kernels
+from benchmarks.harness import (
+    DEVICE,
+    ON_CUDA,
+    free_memory,
+    is_oom,
+    largest_batch,
+    peak_memory_bytes,
+    quick_mode,
+    run_benchmark,
+    skip_case,
+    synchronize,
+)
+from danet.config import ModelConfig, OptimConfig
+from danet.losses import DANetLoss
+from danet.models import DANet
+from danet_kernels._dispatch import resolve_backend
+
+NCLASS = 19  # Cityscapes
+# Measured totals per (attention, H, W, batch, amp): the CPU's max-batch search compares them
+# with its caps instead of running every step again.
+_measured_totals: dict[tuple[str, int, int, int, bool], int | None] = {}
+ATTENTIONS = ("reference", "fused")
+GIB, MIB = 2**30, 2**20
+OUTPUT_STRIDE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingGrid:
+    """What the training benchmark runs on one kind of machine."""
+
+    backbone: str
+    sizes: tuple[tuple[int, int], ...]  # (H, W) of the input images
+    batches: tuple[int, ...]
+    cap_sizes: tuple[tuple[int, int], ...]  # input sizes of the max-batch search
+    caps: tuple[int, ...]  # memory caps in bytes
+    search_limit: int  # the largest batch tried
+    rounds: tuple[int, int]  # (timed rounds, warm-up rounds) of a step
+    cap_enforced: bool  # caps enforced by the allocator (CUDA) or compared with measured peaks
+
+
+CUDA_GRID = TrainingGrid(
+    backbone=ModelConfig().backbone,
+    sizes=((512, 512), (769, 769), (1024, 1024), (1024, 2048)),
+    batches=(1, 2, 4, 8),
+    cap_sizes=((512, 512), (769, 769), (1024, 1024), (1024, 2048)),
+    caps=(16 * GIB, 24 * GIB, 40 * GIB, 80 * GIB),
+    search_limit=32,
+    rounds=(3, 1),
+    cap_enforced=True,
+)
+CPU_GRID = TrainingGrid(
+    backbone="resnet_tiny",
+    sizes=((256, 256), (512, 512)),
+    batches=(1, 2),
+    cap_sizes=((512, 512),),
+    caps=(256 * MIB, 512 * MIB),
+    search_limit=4,
+    rounds=(1, 0),
+    cap_enforced=False,
+)
+
+
+def _quick(grid: TrainingGrid) -> TrainingGrid:
+    """The smoke-run grid: the smallest size and batch, on the CPU at 128 x 128 with tiny caps."""
+    if ON_CUDA:
+        return dataclasses.replace(grid, sizes=grid.sizes[:1], batches=grid.batches[:1],
+                                   cap_sizes=grid.cap_sizes[:1], caps=grid.caps[:1], search_limit=2)
+    return dataclasses.replace(grid, sizes=((128, 128),), batches=(1,), cap_sizes=((128, 128),),
+                               caps=(8 * MIB, 20 * MIB), search_limit=2)
+
+
+GRID = CUDA_GRID if ON_CUDA else CPU_GRID
+if quick_mode():
+    GRID = _quick(GRID)
+
+
+def _size_id(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _cap_id(cap: int) -> str:
+    return f"{cap / GIB:g}G" if cap >= GIB else f"{cap / MIB:g}M"
+
+
+def _tensor_bytes(tensors: object) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class Trainer:
+    """A DANet with its loss and SGD optimiser (the training config's defaults), one step at a time.
+
+    One step on a small image at construction creates the SGD momentum buffers, which every
+    later step holds, so that the steps measured are steady-state steps.
+    """
+
+    def __init__(self, attention: str, amp: bool) -> None:
+        optim = OptimConfig()
+        self.model = DANet(NCLASS, backbone=GRID.backbone, output_stride=OUTPUT_STRIDE, attention=attention)
+        self.model.to(DEVICE).train()
+        backbone_params, head_params = self.model.parameter_groups()
+        self.optimizer = torch.optim.SGD(
+            [{"params": backbone_params}, {"params": head_params, "lr": optim.lr * optim.head_lr_mult}],
+            lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+        )
+        self.criterion = DANetLoss()
+        self.amp = amp
+        self.step(*self.batch(1, 64, 64))
+
+    def batch(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random normalised images (B, 3, H, W) and labels (B, H, W) on the device."""
+        images = torch.randn(batch, 3, height, width, device=DEVICE)
+        target = torch.randint(0, NCLASS, (batch, height, width), device=DEVICE)
+        return images, target
+
+    def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
+        """Forward, loss, backward, optimiser step; gradients released afterwards."""
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, _ = self.criterion(self.model(images), target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        """Bytes of the parameters, buffers and optimiser state held between steps."""
+        state = [t for per_param in self.optimizer.state.values() for t in per_param.values()]
+        return _tensor_bytes([*self.model.parameters(), *self.model.buffers(), *state])
+
+    def step_total_bytes(self, images: torch.Tensor, target: torch.Tensor) -> int | None:
+        """What one step needs in all: state, batch, and the step's own peak (None: not measurable)."""
+        peak, _ = peak_memory_bytes(lambda: self.step(images, target))
+        return None if peak is None else self.state_bytes() + _tensor_bytes((images, target)) + peak
+
+
+@pytest.fixture(autouse=True)
+def _fused_backend() -> Iterator[None]:
+    """On the CPU the fused model runs the blockwise backend (the Triton interpreter is for tests)."""
+    with contextlib.nullcontext() if ON_CUDA else danet_kernels.use_backend("torch"):
+        yield
+
+
+def _describe(benchmark, attention: str, size: tuple[int, int], amp: bool) -> None:
+    height, width = size
+    feature_h, feature_w = -(-height // OUTPUT_STRIDE), -(-width // OUTPUT_STRIDE)
+    backend = "reference"
+    if attention == "fused":
+        resolved = resolve_backend("auto", torch.empty(0, device=DEVICE))
+        backend = {"torch": "blockwise"}.get(resolved, resolved)
+    benchmark.extra_info.update(
+        impl=attention, backbone=GRID.backbone, H=height, W=width, N=feature_h * feature_w,
+        precision="bf16-autocast" if amp else "fp32", attention_backend=backend,
+    )
+
+
+def _amp(request: pytest.FixtureRequest) -> bool:
+    return request.config.getoption("--train-amp", default="none") == "bf16"
+
+
+@pytest.mark.parametrize("batch", GRID.batches, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("size", GRID.sizes, ids=_size_id)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_train_step(
+    benchmark, request: pytest.FixtureRequest, attention: str, size: tuple[int, int], batch: int
+) -> None:
+    """Time one DANet training step and record what it needs in memory."""
+    amp = _amp(request)
+    benchmark.group = f"train step {GRID.backbone} {_size_id(size)} B{batch}"
+    benchmark.extra_info.update(op="train_step", B=batch)
+    _describe(benchmark, attention, size, amp)
+    trainer = Trainer(attention, amp)
+    images, target = trainer.batch(batch, *size)
+    total = _time_step(benchmark, trainer, images, target)
+    _measured_totals[(attention, *size, batch, amp)] = total  # spares the CPU max-batch search a step
+
+
+def _time_step(benchmark, trainer: Trainer, images: torch.Tensor, target: torch.Tensor) -> int | None:
+    """Benchmark ``trainer.step`` on this batch; record and return the total memory it needs.
+
+    On CUDA a first untimed step lets cuDNN, the allocator and Triton's autotuner settle; the
+    CPU has nothing to settle after the trainer's own warm-up step, and its steps are slow.
+    """
+    held = trainer.state_bytes() + _tensor_bytes((images, target))
+    run_benchmark(benchmark, lambda: trainer.step(images, target), rounds=GRID.rounds, first_call=ON_CUDA)
+    step_peak = benchmark.extra_info["peak_mem_bytes"]
+    total = None if step_peak is None else held + step_peak
+    benchmark.extra_info.update(state_bytes=held, step_peak_bytes=step_peak, peak_mem_bytes=total)
+    return total
+
+
+@contextlib.contextmanager
+def memory_cap(cap: int) -> Iterator[dict[str, object]]:
+    """Cap this process's CUDA memory at ``cap`` bytes (clamped to the device) while inside.
+
+    Yields what was applied, for ``extra_info``. On the CPU nothing can be capped: the
+    search compares measured peaks with the cap instead.
+    """
+    if not ON_CUDA:
+        yield {"cap_enforced": False}
+        return
+    total = torch.cuda.get_device_properties(DEVICE).total_memory
+    fraction = min(1.0, cap / total)
+    applied: dict[str, object] = {"cap_enforced": True, "memory_fraction": fraction}
+    if cap > total:
+        applied["cap_note"] = f"cap above the device's {total / GIB:.1f} GiB: the whole device was used"
+    free_memory()
+    torch.cuda.set_per_process_memory_fraction(fraction, DEVICE)
+    try:
+        yield applied
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+        free_memory()
+
+
+def _fits_under(trainer: Trainer, attention: str, size: tuple[int, int], cap: int, amp: bool):
+    """``fits(batch)`` for :func:`largest_batch`: one real step under the cap (CUDA) or a
+    measured total compared with it (CPU)."""
+
+    def fits_cuda(batch: int) -> bool:
+        images, target = trainer.batch(batch, *size)
+        try:
+            trainer.step(images, target)
+            synchronize()
+            ok = True
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            ok = False  # the except block ends here, releasing the failed step's tensors
+        del images, target
+        trainer.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        return ok
+
+    def fits_cpu(batch: int) -> bool:
+        key = (attention, *size, batch, amp)
+        if key not in _measured_totals:
+            _measured_totals[key] = trainer.step_total_bytes(*trainer.batch(batch, *size))
+        total = _measured_totals[key]
+        if total is None:
+            pytest.skip("peak memory is not measurable here: torch.profiler recorded no memory events")
+        return total <= cap
+
+    return fits_cuda if ON_CUDA else fits_cpu
+
+
+@pytest.mark.parametrize("cap", GRID.caps, ids=_cap_id)
+@pytest.mark.parametrize("size", GRID.cap_sizes, ids=_size_id)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_max_batch(
+    benchmark, request: pytest.FixtureRequest, attention: str, size: tuple[int, int], cap: int
+) -> None:
+    """Find the largest batch whose training step fits under ``cap``; time the step at that batch."""
+    amp = _amp(request)
+    benchmark.group = f"max batch {GRID.backbone} {_size_id(size)} cap {_cap_id(cap)}"
+    benchmark.extra_info.update(op="train_max_batch", cap_bytes=cap, search_limit=GRID.search_limit)
+    _describe(benchmark, attention, size, amp)
+    trainer = Trainer(attention, amp)
+    with memory_cap(cap) as applied:
+        benchmark.extra_info.update(applied)
+        best = largest_batch(_fits_under(trainer, attention, size, cap, amp), GRID.search_limit)
+        benchmark.extra_info.update(max_batch=best, B=best)
+        if best == 0:
+            skip_case(benchmark, f"OOM: not even batch 1 fits under {_cap_id(cap)}B", oom=True)
+        _time_step(benchmark, trainer, *trainer.batch(best, *size))
