@@ -18,7 +18,6 @@ a call wins over all of them. Models never name a backend: they follow this swit
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -63,10 +62,14 @@ def use_backend(backend: str) -> Iterator[None]:
         set_backend(previous)
 
 
-@functools.cache
+# Looked up once at import rather than behind functools.cache: torch.compile traces
+# triton_can_run inside the modules' forward and warns on every lru_cache-wrapped call.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
     """Whether the ``triton`` package can be imported in this environment."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreting() -> bool:

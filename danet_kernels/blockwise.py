@@ -1,0 +1,273 @@
+"""Blockwise pure-PyTorch backend: DANet's attention without the N x N matrix, on any device.
+
+The same algorithm as the fused Triton kernels, written in plain tensor ops so that it runs
+on the CPU (where ``backend="auto"`` picks it), on any GPU, and in float64 (which Triton does
+not compute). Both ops are ``torch.autograd.Function``s with their own backward; both
+return ``gamma * out + residual`` when ``gamma`` is given (the residual added while each
+output block is written, not in a separate pass), else ``out``.
+
+Precision: fp16 and bf16 operands are computed in fp32 (energies, softmax, accumulators),
+one block at a time, and the result is rounded to the input dtype once; fp32 stays fp32 and
+float64 stays float64.
+
+Position attention (PAM), q, k of shape (B, d, N), v of shape (B, C, N)::
+
+    S = q^T k  (N x N, never whole)   P = softmax_rows(S)   O = v P^T   Y = gamma O + R
+
+The forward loops over *query* blocks of ``rows`` queries. Each block sees all N keys at once,
+so its softmax is exact in one pass (no online rescaling is needed, unlike on a GPU whose
+on-chip memory holds only a few key blocks), and the block's two matmuls are as large as the
+memory budget allows, which is what makes a CPU fast. Per block it keeps one ``rows x N``
+buffer; it saves q, k, v and the per-row log-sum-exp ``lse = max + log(sum exp)`` (B x N).
+
+The backward recomputes ``P = exp(q_blk^T k - lse)`` block by block. With ``dPY = dY^T v``
+(the gradient of P for gamma = 1)::
+
+    T     = P * dPY;   D = rowsum(T)          (= rowsum(dY * O) = Delta / gamma)
+    dS    = gamma * (T - P * D)               (softmax backward, in place in the dPY buffer)
+    dV   += gamma * dY_blk P;   dQ_blk = k dS^T;   dK += q_blk dS
+    dgamma = sum_blocks sum(D);  dR = dY
+
+Computing Delta from P and dPY of the block, instead of from a saved O, means the forward
+never has to keep O beside the result ``gamma O + R``, and dgamma comes for free. Two
+``rows x N`` buffers live at a time in backward.
+
+Channel attention (CAM), x of shape (B, C, N)::
+
+    E = x x^T (C x C, fp32)   A = softmax(rowmax(E) - E) = softmax(rowmin(E) - E)   O = A x
+
+The published model's ``rowmax(E) - E`` and ``-E`` differ by a per-row constant, which
+softmax ignores: softmax(rowmax - E) = softmax(-E). We stabilise it by the row minimum,
+``rowmin(E) - E <= 0``, whose largest entry is exactly 0; huge energies then saturate to the
+same one-hot as the reference, never NaN. Backward (``Y = gamma O + x``, ``G = dY x^T``)::
+
+    dA = gamma G                                  (O = A x, gradient wrt A)
+    dgamma = sum(A * G)                           (= sum(dY * O), without keeping O)
+    dS = A * (dA - rowsum(dA * A))                (softmax backward, S = rowmin(E) - E)
+    dE = -dS                                      (rowmin's gradient vanishes: softmax is
+                                                   shift invariant, rowsum(dS) = 0)
+    dx = dY + gamma A^T dY + (dE + dE^T) x        (residual, O = A x, and E = x x^T, which is
+                                                   quadratic in x: both factors get dE x)
+
+The C x C matrices are small (1 MiB at C = 512); x and dY are streamed over column blocks of
+N, so fp16/bf16 inputs are upcast one block at a time instead of as a whole fp32 copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["channel_attention_blockwise", "position_attention_blockwise"]
+
+# Elements per rows x N buffer (4 Mi elements: 16 MiB in fp32). Why this size:
+# * memory: PAM forward holds one such buffer and backward two, so the attention's extra
+#   memory stays in the tens of MB at any N (the reference's N x N is 354 MB at N = 9409);
+# * CPU speed: the block's matmuls are (rows x d) @ (d x N) and (C x N) @ (N x rows); at
+#   N = 9409 a block has 445 rows, far above the few dozen a CPU matmul needs to reach its
+#   peak, so a bigger budget would not be faster, only fatter; a much smaller one would make
+#   the matmuls thin and add Python overhead per block.
+# Tests lower it to exercise many blocks at small N.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _row_tiles(batch: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(b0, b1, i0, i1)`` of (batch, query rows) whose ``rows x N`` energy fits the budget.
+
+    Whole N x N matrices of several images share a tile when they fit (small N, large B);
+    otherwise one image per tile and as many query rows as fit.
+    """
+    rows = max(1, min(n, BLOCK_ELEMENTS // n))
+    images = max(1, BLOCK_ELEMENTS // (n * n)) if rows == n else 1
+    return [
+        (b0, min(b0 + images, batch), i0, min(i0 + rows, n))
+        for b0 in range(0, batch, images)
+        for i0 in range(0, n, rows)
+    ]
+
+
+def _column_blocks(batch: int, channels: int, n: int) -> list[tuple[int, int]]:
+    """Column ranges ``(n0, n1)`` of N such that a (B, C, n1 - n0) block fits the budget."""
+    cols = max(1, min(n, BLOCK_ELEMENTS // (batch * channels)))
+    return [(n0, min(n0 + cols, n)) for n0 in range(0, n, cols)]
+
+
+def _scalar(gamma: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """gamma as a 0-dim tensor of the compute dtype (any one-element shape broadcasts safely)."""
+    return None if gamma is None else gamma.detach().reshape(()).to(dtype)
+
+
+class _PositionAttentionBlockwise(torch.autograd.Function):
+    """PAM ``gamma * v softmax(q^T k)^T + residual`` by query blocks; see the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gamma: torch.Tensor | None,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor:
+        compute = _compute_dtype(v.dtype)
+        batch, _, n = v.shape
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        scale = _scalar(gamma, compute)
+        result = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        lse = torch.empty((batch, n), dtype=compute, device=v.device)
+        for b0, b1, i0, i1 in _row_tiles(batch, n):
+            probs = torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1])  # (b, rows, N) energy
+            row_max = probs.amax(dim=-1, keepdim=True)
+            probs.sub_(row_max).exp_()  # unnormalised; a NaN or inf energy spreads as in softmax
+            row_sum = probs.sum(dim=-1, keepdim=True)  # >= 1: the max entry contributes exp(0)
+            lse[b0:b1, i0:i1] = (row_max + row_sum.log()).squeeze(-1)
+            out = torch.bmm(vc[b0:b1], probs.transpose(1, 2))  # (b, C, rows)
+            del probs  # free the rows x N buffer before the next block allocates its own
+            norm = row_sum.transpose(1, 2).reciprocal()
+            if scale is not None:  # fused residual epilogue: gamma * out + residual
+                out.mul_(norm * scale).add_(residual[b0:b1, :, i0:i1])
+            else:
+                out.mul_(norm)
+            result[b0:b1, :, i0:i1] = out
+        ctx.save_for_backward(q, k, v, gamma, lse)
+        ctx.has_gamma = gamma is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_result: torch.Tensor):
+        q, k, v, gamma, lse = ctx.saved_tensors
+        need_q, need_k, need_v, need_gamma, need_residual = ctx.needs_input_grad
+        compute = lse.dtype
+        batch, _, n = v.shape
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        grad = grad_result.to(compute)
+        scale = _scalar(gamma, compute)
+        need_scores = need_q or need_k or need_gamma  # anything that needs dPY = dY^T v
+        grad_q = torch.empty(qc.shape, dtype=compute, device=q.device) if need_q else None
+        grad_k = torch.zeros(kc.shape, dtype=compute, device=k.device) if need_k else None
+        grad_v = torch.zeros(vc.shape, dtype=compute, device=v.device) if need_v else None
+        grad_gamma = torch.zeros((), dtype=compute, device=v.device)
+        for b0, b1, i0, i1 in _row_tiles(batch, n):
+            q_blk = qc[b0:b1, :, i0:i1]  # (b, d, rows)
+            grad_blk = grad[b0:b1, :, i0:i1]  # (b, C, rows)
+            probs = torch.bmm(q_blk.transpose(1, 2), kc[b0:b1])
+            probs.sub_(lse[b0:b1, i0:i1].unsqueeze(-1)).exp_()  # P, recomputed
+            if grad_v is not None:
+                grad_v[b0:b1].baddbmm_(grad_blk, probs)
+            if not need_scores:
+                continue
+            dscores = torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1])  # dPY, (b, rows, N)
+            dscores.mul_(probs)  # T = P * dPY
+            delta = dscores.sum(dim=-1, keepdim=True)  # D = rowsum(dY * O)
+            grad_gamma = grad_gamma + delta.sum()
+            dscores.addcmul_(probs, delta, value=-1)  # dS / gamma = T - P * D
+            del probs
+            if grad_q is not None:
+                grad_q[b0:b1, :, i0:i1] = torch.bmm(kc[b0:b1], dscores.transpose(1, 2))
+            if grad_k is not None:
+                grad_k[b0:b1].baddbmm_(q_blk, dscores)
+        if scale is not None:  # dO = gamma dY: scale once at the end instead of per block
+            for g in (grad_q, grad_k, grad_v):
+                if g is not None:
+                    g.mul_(scale)
+        return (
+            None if grad_q is None else grad_q.to(q.dtype),
+            None if grad_k is None else grad_k.to(k.dtype),
+            None if grad_v is None else grad_v.to(v.dtype),
+            grad_gamma.reshape(gamma.shape).to(gamma.dtype) if ctx.has_gamma and need_gamma else None,
+            grad_result if need_residual else None,
+        )
+
+
+class _ChannelAttentionBlockwise(torch.autograd.Function):
+    """CAM ``gamma * softmax(rowmin(E) - E) x + x`` with E = x x^T in fp32; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        compute = _compute_dtype(x.dtype)
+        batch, channels, n = x.shape
+        blocks = _column_blocks(batch, channels, n)
+        energy = torch.zeros((batch, channels, channels), dtype=compute, device=x.device)
+        for n0, n1 in blocks:
+            x_blk = x[:, :, n0:n1].to(compute)
+            energy.baddbmm_(x_blk, x_blk.transpose(1, 2))
+        # softmax(rowmax(E) - E) == softmax(-E) == softmax(rowmin(E) - E): all <= 0, max exactly 0
+        attention = torch.softmax(energy.amin(dim=-1, keepdim=True) - energy, dim=-1)
+        del energy
+        scale = _scalar(gamma, compute)
+        # gamma folded into the small C x C matrix: gamma * A x + x is then one baddbmm per block
+        mix = attention if scale is None else attention * scale
+        result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for n0, n1 in blocks:
+            x_blk = x[:, :, n0:n1].to(compute)
+            if scale is None:
+                result[:, :, n0:n1] = torch.bmm(mix, x_blk)
+            else:
+                result[:, :, n0:n1] = torch.baddbmm(x_blk, mix, x_blk)
+        ctx.save_for_backward(x, gamma, attention)
+        ctx.has_gamma = gamma is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_result: torch.Tensor):
+        x, gamma, attention = ctx.saved_tensors
+        need_x, need_gamma = ctx.needs_input_grad
+        compute = attention.dtype
+        batch, channels, n = x.shape
+        blocks = _column_blocks(batch, channels, n)
+        scale = _scalar(gamma, compute)
+        grad_attention = torch.zeros_like(attention)  # G = dY x^T
+        for n0, n1 in blocks:
+            x_blk = x[:, :, n0:n1].to(compute)
+            grad_attention.baddbmm_(grad_result[:, :, n0:n1].to(compute), x_blk.transpose(1, 2))
+        grad_gamma = None
+        if ctx.has_gamma and need_gamma:
+            grad_gamma = (attention * grad_attention).sum().reshape(gamma.shape).to(gamma.dtype)
+        if not need_x:
+            return None, grad_gamma
+        if scale is not None:
+            grad_attention.mul_(scale)  # dA = gamma G
+        # dS = A * (dA - rowsum(dA * A)); dE = -dS; the Gram matrix takes dE + dE^T
+        grad_scores = attention * (grad_attention - (grad_attention * attention).sum(dim=-1, keepdim=True))
+        grad_energy_sym = -(grad_scores + grad_scores.transpose(1, 2))
+        attention_t = attention.transpose(1, 2) if scale is None else attention.transpose(1, 2) * scale
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for n0, n1 in blocks:
+            x_blk = x[:, :, n0:n1].to(compute)
+            grad_blk = grad_result[:, :, n0:n1].to(compute)
+            block = torch.bmm(grad_energy_sym, x_blk).baddbmm_(attention_t, grad_blk)
+            if scale is not None:
+                block.add_(grad_blk)  # the residual x
+            grad_x[:, :, n0:n1] = block
+        return grad_x, grad_gamma
+
+
+def position_attention_blockwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """PAM by query blocks: ``gamma * v softmax(q^T k)^T + residual`` (or the attention alone).
+
+    Inputs are validated by :func:`danet_kernels.position_attention`: q, k (B, d, N), v and
+    residual (B, C, N), one float dtype and device, possibly non-contiguous; gamma and
+    residual both given or both None. Returns a contiguous (B, C, N) tensor of v's dtype.
+    Memory beyond inputs and output: one ``rows x N`` buffer forward, two backward, plus
+    the (B, N) log-sum-exp; never N x N.
+    """
+    return _PositionAttentionBlockwise.apply(q, k, v, gamma, residual)
+
+
+def channel_attention_blockwise(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """CAM with the C x C energy in fp32: ``gamma * softmax(rowmax(E) - E) x + x`` (or without gamma/x).
+
+    x has shape (B, C, N), any float dtype, possibly non-contiguous (validated by
+    :func:`danet_kernels.channel_attention`). Returns a contiguous (B, C, N) tensor of x's dtype.
+    """
+    return _ChannelAttentionBlockwise.apply(x, gamma)
