@@ -49,7 +49,8 @@ def position_attention_rows(pam: nn.Module, features: torch.Tensor, queries: tor
     """
     q = pam.query_conv(features).flatten(2)[:, :, queries]  # (B, d, P)
     k = pam.key_conv(features).flatten(2)  # (B, d, N)
-    energy = torch.bmm(q.transpose(1, 2).float(), k.float())  # (B, P, N); fp32 under any autocast
+    dtype = torch.promote_types(q.dtype, torch.float32)  # half-precision energies would overflow
+    energy = torch.bmm(q.transpose(1, 2).to(dtype), k.to(dtype))  # (B, P, N)
     return torch.softmax(energy, dim=-1)
 
 
@@ -131,7 +132,7 @@ def attention_maps(model: nn.Module, image: torch.Tensor, points: Sequence[tuple
     bad = [c for c in channels if not 0 <= c < cam_out.shape[1]]
     if bad:
         raise ValueError(f"channel ids {bad} out of range: CAM has {cam_out.shape[1]} channels")
-    channel_maps = cam_out[:, list(channels)].float()
+    channel_maps = cam_out[:, list(channels)]
 
     def full_size(maps: torch.Tensor) -> torch.Tensor:
         resized = functional.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)

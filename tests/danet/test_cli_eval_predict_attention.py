@@ -1,0 +1,261 @@
+"""evaluate(), `danet eval`, `danet predict`, `danet attention`: end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision import tv_tensors
+
+from danet.cli import main
+from danet.config import DataConfig, EvalConfig, ModelConfig
+from danet.data import SyntheticShapes, eval_transforms
+from danet.evaluate import evaluate
+from danet.inference import predict_logits
+from danet.models import DANet, load_model
+from danet.visualize import attention_maps, position_attention_rows
+from danet_kernels.reference import position_attention_reference
+
+NUM_CLASSES = SyntheticShapes.NUM_CLASSES
+
+
+def _tiny_model(nclass: int = NUM_CLASSES, **kwargs: object) -> DANet:
+    model = DANet(nclass, backbone="resnet_tiny", **kwargs)
+    with torch.no_grad():  # make the attention paths count
+        model.head.sa.gamma.fill_(1.0)
+        model.head.sc.gamma.fill_(0.5)
+    return model
+
+
+def _save_checkpoint(path: Path, model: DANet, dataset: str = "synthetic", **model_cfg: object) -> Path:
+    config = {"model": dataclasses.asdict(ModelConfig(backbone="resnet_tiny", **model_cfg)),
+              "data": dataclasses.asdict(DataConfig(dataset=dataset, crop_size=32, image_size=48,
+                                                    val_samples=2)),
+              "eval": dataclasses.asdict(EvalConfig(mode="whole", flip=False))}
+    torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    paths = {
+        "checkpoint": _save_checkpoint(root / "tiny.pt", _tiny_model()),
+        "cityscapes": _save_checkpoint(root / "city.pt", _tiny_model(19), dataset="cityscapes"),
+        "image": root / "street.png",
+        "image2": root / "other" / "room.jpg",
+        "not_an_image": root / "notes.png",
+    }
+    Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(paths["image"])
+    paths["image2"].parent.mkdir()
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(paths["image2"])
+    paths["not_an_image"].write_text("hello")
+    return paths
+
+
+# ------------------------------------------------------------------------------ evaluate()
+
+
+class _PredictsFromInput(nn.Module):
+    """Per-pixel 'model': the class is the first input channel, as one-hot logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.one_hot(x[:, 0].long(), 3).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("mode", ["whole", "sliding", "multiscale"])
+def test_evaluate_counts_pixels_correctly(mode: str) -> None:
+    pred = torch.tensor([[[0, 1, 2, 2], [1, 1, 0, 2], [0, 0, 0, 1]]])  # (1, 3, 4)
+    target = torch.tensor([[[0, 1, 2, 1], [1, 255, 0, 2], [0, 2, 255, 1]]])
+    images = pred[:, None].expand(1, 3, 3, 4).float()
+    loader = DataLoader(TensorDataset(images.repeat(2, 1, 1, 1), target.repeat(2, 1, 1)), batch_size=1)
+    model = _PredictsFromInput().train()
+    cfg = EvalConfig(mode=mode, crop_size=2, scales=(1.0,), flip=True)
+    metrics = evaluate(model, loader, 3, cfg, "cpu", progress=False)
+    # 10 counted pixels, 8 right, errors (target 1 -> 2) and (target 2 -> 0):
+    # class 0: tp 3, fp 1; class 1: tp 3, fn 1; class 2: tp 2, fp 1, fn 1
+    assert metrics["pixAcc"] == pytest.approx(8 / 10)
+    assert metrics["IoU"] == pytest.approx([3 / 4, 3 / 4, 2 / 4])
+    assert metrics["mIoU"] == pytest.approx((3 / 4 + 3 / 4 + 2 / 4) / 3)
+    assert model.training  # left as it came
+
+
+def test_evaluate_on_the_tiny_danet_matches_predict_logits() -> None:
+    model = _tiny_model().eval()
+    dataset = SyntheticShapes("val", eval_transforms(DataConfig.mean, DataConfig.std), num_samples=2,
+                              image_size=40)
+    cfg = EvalConfig(mode="sliding", crop_size=32, flip=False)
+    metrics = evaluate(model, DataLoader(dataset, batch_size=2), NUM_CLASSES, cfg, "cpu", progress=False)
+    images, masks = next(iter(DataLoader(dataset, batch_size=2)))
+    pred = predict_logits(model, images, NUM_CLASSES, mode="sliding", crop_size=32).argmax(1)
+    valid = masks != 255
+    assert metrics["pixAcc"] == pytest.approx(((pred == masks) & valid).sum().item() / valid.sum().item())
+
+
+# ------------------------------------------------------------------------------ danet eval
+
+
+def test_eval_command(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "metrics" / "eval.json"
+    assert main(["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--workers", "0",
+                 "--mode", "sliding", "--no-progress", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic/val (2 images)" in printed and "mode=sliding crop=32" in printed and "mIoU" in printed
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["pixAcc"] <= 1.0 and len(metrics["IoU"]) == NUM_CLASSES
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["IoU"])  # NaN written as null
+
+    # the same numbers through the library, from the same checkpoint and data
+    model, _ = load_model(files["checkpoint"])
+    dataset = SyntheticShapes("val", eval_transforms(DataConfig.mean, DataConfig.std), num_samples=2,
+                              image_size=48)
+    cfg = EvalConfig(mode="sliding", crop_size=32, flip=False)
+    expected = evaluate(model, DataLoader(dataset), NUM_CLASSES, cfg, "cpu", progress=False)
+    assert metrics["pixAcc"] == pytest.approx(expected["pixAcc"])
+    assert metrics["mIoU"] == pytest.approx(expected["mIoU"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--checkpoint", "{missing}"], "weights file not found"),
+    (["--dataset", "kitti"], "unknown dataset 'kitti'"),
+    (["--backbone", "resnet7"], "unknown backbone 'resnet7'"),
+    (["--dataset", "voc"], "trained for 4 classes, the model has 21"),
+    (["--aux"], "missing keys: auxlayer.conv5.0.weight"),
+    (["--backbone", "resnet18"], "does not match the model's shapes"),
+    (["--checkpoint", "{cityscapes}", "--root", "{missing_dir}"], "expected layout"),
+    (["--limit", "0"], "--limit must be >= 1"),
+])
+def test_eval_errors(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                     extra: list[str], message: str) -> None:
+    names = {"missing": str(tmp_path / "nope.pt"), "cityscapes": str(files["cityscapes"]),
+             "missing_dir": str(tmp_path / "no_cityscapes")}
+    args = ["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--no-progress"]
+    assert main(args + [a.format(**names) for a in extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("danet eval: error: ") and message in err
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "attention"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--checkpoint" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ danet predict
+
+
+def test_predict_writes_palette_masks_and_overlays(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    args = ["predict", str(files["image"]), str(files["image2"]), "--checkpoint", str(files["checkpoint"]),
+            "--output", str(out), "--device", "cpu", "--alpha", "0.4"]
+    assert main(args) == 0
+    image = np.asarray(Image.open(files["image"]).convert("RGB"))
+    with Image.open(out / "street_mask.png") as mask:
+        assert mask.mode == "P" and mask.size == (61, 45)
+        palette = np.asarray(mask.getpalette()[: 3 * NUM_CLASSES], dtype=np.uint8).reshape(-1, 3)
+        np.testing.assert_array_equal(palette, SyntheticShapes.PALETTE)
+        ids = np.asarray(mask)
+    # the mask is the model's whole-image prediction (the checkpoint's eval config: whole, no flip)
+    model, _ = load_model(files["checkpoint"])
+    chw = tv_tensors.Image(torch.from_numpy(image.copy()).permute(2, 0, 1))
+    x = eval_transforms(DataConfig.mean, DataConfig.std)(chw)
+    np.testing.assert_array_equal(ids, model.eval()(x[None]).argmax(1)[0].numpy())
+    with Image.open(out / "street_overlay.png") as overlay_png:
+        assert overlay_png.mode == "RGB"
+        blended = np.asarray(overlay_png).astype(np.float64)
+    expected = 0.6 * image + 0.4 * SyntheticShapes.PALETTE[ids]
+    assert np.abs(blended - expected).max() <= 0.5 + 1e-6
+    assert (out / "room_mask.png").is_file() and (out / "room_overlay.png").is_file()
+
+    before = (out / "street_mask.png").read_bytes()
+    assert main(args) == 2  # never replaces outputs silently
+    assert (out / "street_mask.png").read_bytes() == before
+    multiscale = ["--mode", "multiscale", "--scales", "0.5", "1", "--crop-size", "32"]
+    assert main([*args, "--overwrite", *multiscale]) == 0
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    (["{missing}"], "image(s) not found"),
+    (["{not_an_image}"], "cannot read image"),
+    (["{image}", "{image_copy}"], "several input images are named street"),
+])
+def test_predict_errors(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        images: list[str], message: str) -> None:
+    copy = tmp_path / "copy" / "street.png"
+    copy.parent.mkdir()
+    copy.write_bytes(files["image"].read_bytes())
+    names = {"missing": str(tmp_path / "nope.png"), "not_an_image": str(files["not_an_image"]),
+             "image": str(files["image"]), "image_copy": str(copy)}
+    args = ["predict", *[i.format(**names) for i in images], "--checkpoint", str(files["checkpoint"]),
+            "--output", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not any((tmp_path / "out").glob("*.png"))
+
+
+# ------------------------------------------------------------------------------ danet attention
+
+
+def test_position_attention_rows_are_rows_of_the_reference_softmax() -> None:
+    pam = _tiny_model().double().head.sa
+    features = torch.randn(2, 32, 5, 7, dtype=torch.float64)
+    queries = torch.tensor([0, 13, 34])
+    rows = position_attention_rows(pam, features, queries)
+    q, k = pam.query_conv(features).flatten(2), pam.key_conv(features).flatten(2)
+    full = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)  # (B, N, N), the oracle's matrix
+    torch.testing.assert_close(rows, full[:, queries])
+    # the rows are the weights the reference applies: attention-weighted values agree
+    v = pam.value_conv(features).flatten(2)
+    weighted = torch.bmm(v, rows.transpose(1, 2))
+    torch.testing.assert_close(weighted, position_attention_reference(q, k, v)[:, :, queries])
+
+
+def test_attention_maps_hook_the_right_tensors() -> None:
+    model = _tiny_model().double().eval()
+    x = torch.randn(1, 3, 41, 57, dtype=torch.float64)
+    points = [(0, 0), (56, 40), (20, 10)]
+    maps = attention_maps(model, x, points, num_channels=3)
+    features = model.head.conv5a(model.backbone(x)[1])
+    h, w = features.shape[-2:]
+    assert maps.feature_size == (h, w) == (6, 8)
+    queries = torch.tensor([0, h * w - 1, round(10 * (h - 1) / 40) * w + round(20 * (w - 1) / 56)])
+    rows = position_attention_rows(model.head.sa, features, queries).reshape(1, 3, h, w)
+    expected = functional.interpolate(rows, size=(41, 57), mode="bilinear", align_corners=True)[0]
+    torch.testing.assert_close(maps.position.double(), expected, rtol=1e-5, atol=1e-7)
+    cam_out = model.head.sc(model.head.conv5c(model.backbone(x)[1]))
+    top = cam_out[0].flatten(1).std(dim=1).topk(3).indices.tolist()
+    assert maps.channels == top and maps.channel.shape == (3, 41, 57)
+    torch.testing.assert_close(maps.prediction, model(x).argmax(1)[0])
+    with pytest.raises(ValueError, match="point 57,3 is outside the 57x41 image"):
+        attention_maps(model, x, [(57, 3)])
+    with pytest.raises(ValueError, match=r"channel ids \[99\] out of range"):
+        attention_maps(model, x, [(1, 1)], channels=[1, 99])
+
+
+def test_attention_command(files: dict[str, Path], tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fig.png"
+    args = ["attention", str(files["image"]), "--points", "3,4", "60,44", "--checkpoint",
+            str(files["checkpoint"]), "--output", str(out), "--device", "cpu", "--channels", "0", "5"]
+    assert main(args) == 0
+    with Image.open(out) as figure:
+        assert figure.format == "PNG" and figure.size[0] > 400
+    assert "2 point(s) and 2 channel(s)" in capsys.readouterr().out
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    assert main([*args[:4], "61,0", *args[5:], "--overwrite"]) == 2
+    assert "outside the 61x45 image" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects a malformed point itself
+        main(["attention", str(files["image"]), "--points", "3;4", "--checkpoint", "x", "--output", "y"])
+    assert exit_info.value.code == 2
