@@ -1,0 +1,116 @@
+"""danet.distributed and DDP training: two gloo processes on the CPU stay in sync and learn."""
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from danet.distributed import (
+    DistributedContext,
+    ResumableDistributedSampler,
+    ShardSampler,
+    resolve_device,
+    setup_distributed,
+    wrap_model,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One torchrun-like process: the environment torchrun would set, then the real trainer."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_num_threads(1)
+    import danet_kernels
+    from danet.config import load_config
+    from danet.train import train
+
+    danet_kernels.set_backend("torch")  # the CPU attention backend (as tests/danet/conftest.py)
+    cfg = load_config("synthetic", overrides=[
+        "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=32",
+        "data.val_samples=6", "eval.batch_size=2", "train.batch_size=8", "train.iters=8",
+        "train.progress=false", "train.val_interval=0", "train.log_interval=1", "train.device=cpu",
+        f"train.output={out_dir}/run",
+    ])
+    result = train(cfg)
+    torch.save({"state": result.model.state_dict(), "losses": result.losses, "metrics": result.metrics},
+               f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_gloo_processes_stay_identical_and_learn(tmp_path):
+    world_size = 2
+    mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size))
+    for key, value in rank0["state"].items():
+        if value.is_floating_point() and "running" not in key:  # BN running stats are per process
+            assert torch.equal(value, rank1["state"][key]), key
+    # the logged loss is all-reduced: the same on both ranks, and it fell
+    assert rank0["losses"] == rank1["losses"]
+    assert rank0["losses"][-1] < rank0["losses"][0]
+    assert rank0["metrics"] == rank1["metrics"]  # the confusion matrix was reduced across ranks
+    # only rank 0 wrote logs and checkpoints
+    written = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert written == ["checkpoint_best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"type": "train"' in line for line in lines) == 8  # once per iteration, not per rank
+
+
+def test_resumable_sampler_partitions_and_skips():
+    data = list(range(10))
+    shares = []
+    for rank in range(3):
+        sampler = ResumableDistributedSampler(data, num_replicas=3, rank=rank, seed=5)
+        sampler.set_epoch(2)
+        shares.append(list(sampler))
+    flat = [i for share in shares for i in share]
+    assert set(flat) == set(data) and len(flat) == 12  # every sample; two repeated to pad to 3 x 4
+    again = ResumableDistributedSampler(data, num_replicas=3, rank=1, seed=5)
+    again.set_epoch(2)
+    again.set_start(2)
+    assert list(again) == shares[1][2:] and len(again) == len(shares[1]) - 2
+    again.set_epoch(3)
+    again.set_start(0)
+    assert list(again) != shares[1]  # a new epoch, a new order
+    with pytest.raises(ValueError, match="cannot skip"):
+        again.set_start(99)
+
+
+def test_shard_sampler_covers_each_index_once():
+    shards = [list(ShardSampler(7, 3, rank)) for rank in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(7))
+
+
+def test_single_process_context_and_device_errors(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = setup_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.distributed, ctx.is_main) == (0, 1, False, True)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        setup_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="outside WORLD_SIZE"):
+        setup_distributed("cpu")
+    with pytest.raises(ValueError, match=r"train\.device must be"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_wrap_model_single_process_is_identity():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert wrap_model(model, DistributedContext(), sync_bn=True) is model

@@ -1,0 +1,219 @@
+"""danet.train: the synthetic default learns; resume is exact; checkpoints survive SIGTERM and NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from danet.checkpoint import BEST, LAST, load_checkpoint
+from danet.cli import main as cli_main
+from danet.config import load_config
+from danet.train import NonFiniteLossError, plan_batches, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+# 16 scenes of 32x32, global batch 4: 4 iterations per epoch, a few seconds per run
+TINY = [
+    "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=16",
+    "data.val_samples=4", "eval.batch_size=4", "train.batch_size=4", "train.progress=false",
+    "train.val_interval=1", "train.log_interval=1", "train.checkpoint_interval=0", "train.device=cpu",
+]
+
+
+def tiny_config(run_dir: Path, *overrides: str):
+    return load_config("synthetic", overrides=[*TINY, f"train.output={run_dir}", *overrides])
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _majority_class_miou(cfg) -> float:
+    """mIoU of always predicting the most frequent class of the validation split: the 'chance' bar."""
+    from danet.data import build_dataset
+
+    val = build_dataset("synthetic", None, "val", num_samples=cfg.data.val_samples,
+                        image_size=cfg.data.image_size, seed=cfg.train.seed)
+    counts = torch.zeros(4)
+    for i in range(len(val)):
+        counts += torch.bincount(val[i][1].flatten(), minlength=4)[:4].float()
+    # predicting class c everywhere: IoU(c) = freq(c), other present classes 0
+    present = int((counts > 0).sum())
+    return float(counts.max() / counts.sum()) / present
+
+
+def test_synthetic_default_learns(tmp_path):
+    """A short CPU run of the default recipe, shortened: mIoU well above the majority-class bar.
+
+    Chance here is predicting the background everywhere: mIoU = freq(background) / 4 classes,
+    about 0.21. The model must find the shapes and tell the two scene types apart.
+    """
+    cfg = load_config("synthetic", overrides=[f"train.output={tmp_path}", "train.progress=false",
+                                              "data.train_samples=256", "train.epochs=6",
+                                              "train.val_interval=0", "data.val_samples=32"])
+    result = train(cfg)
+    chance = _majority_class_miou(cfg)
+    print(f"synthetic: mIoU {result.metrics['mIoU']:.3f} (majority-class mIoU {chance:.3f}), "
+          f"pixAcc {result.metrics['pixAcc']:.3f}, IoU {result.metrics['IoU']}")
+    assert chance < 0.3
+    assert result.metrics["mIoU"] > 0.5
+    assert result.losses[-1] < result.losses[0] / 2
+    assert (tmp_path / LAST).is_file() and (tmp_path / BEST).is_file()
+    kinds = {r["type"] for r in _records(tmp_path)}
+    assert kinds == {"train", "val"}
+
+
+@pytest.mark.parametrize(("stop_at", "extra"), [(3, []), (4, []), (5, ["train.accum_steps=2"])])
+def test_resume_matches_uninterrupted_run(tmp_path, stop_at, extra):
+    """8 iterations straight vs. stopped after ``stop_at`` and resumed: identical bits.
+
+    3: mid-epoch; 4: after an epoch's last step but before its validation; 5 with gradient
+    accumulation. Dropout, augmentation and the data order all draw random numbers.
+    """
+    common = ["train.iters=8", *extra]
+    straight = train(tiny_config(tmp_path / "a", *common))
+
+    cfg_b = tiny_config(tmp_path / "b", *common)
+    stopped = train(cfg_b, on_step=lambda it, model: it == stop_at)
+    assert stopped.stopped_early and stopped.iteration == stop_at
+    assert load_checkpoint(tmp_path / "b" / LAST)["iteration"] == stop_at
+    resumed = train(cfg_b, resume=tmp_path / "b")
+    assert resumed.iteration == straight.iteration == 8
+
+    assert resumed.losses == straight.losses[stop_at:]
+    state_a, state_b = straight.model.state_dict(), resumed.model.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    ckpt_a, ckpt_b = load_checkpoint(tmp_path / "a" / LAST), load_checkpoint(tmp_path / "b" / LAST)
+    assert ckpt_a["scheduler"]["_last_lr"] == ckpt_b["scheduler"]["_last_lr"]
+    assert ckpt_a["best_miou"] == ckpt_b["best_miou"]
+    # the resumed run appended to the same log: every iteration logged once
+    iterations = [r["iteration"] for r in _records(tmp_path / "b") if r["type"] == "train"]
+    assert iterations == list(range(1, 9))
+
+
+@pytest.mark.parametrize("checkpoint_interval", [1, 2])
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, checkpoint_interval):
+    """Parameters turn NaN after step 3: the run stops, last.pt still holds step 2's finite state.
+
+    Interval 1: the save at step 3 refuses the NaN state. Interval 2: step 4's loss is NaN.
+    """
+
+    def poison(iteration, model):
+        if iteration == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    cfg = tiny_config(tmp_path, "train.iters=12", f"train.checkpoint_interval={checkpoint_interval}")
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        train(cfg, on_step=poison)
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU: blockwise attention
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_sigterm_writes_checkpoint_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "danet.cli", "train", "--output", str(run_dir),
+           "--set", *TINY, "train.iters=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        log = run_dir / "metrics.jsonl"
+        while not (log.is_file() and log.read_text().count("\n") >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM" in stderr and "--resume" in stderr
+    ckpt = load_checkpoint(run_dir / LAST)
+    logged = max(r["iteration"] for r in _records(run_dir))
+    assert ckpt["iteration"] >= logged >= 2
+    assert {"optimizer", "scheduler", "rng", "config", "epoch", "iteration_in_epoch"} <= ckpt.keys()
+
+    # and it resumes from there through the command line
+    stop_after_one = {"count": 0}
+
+    def one_more(iteration, model):
+        stop_after_one["count"] += 1
+        return True
+
+    cfg = load_config("synthetic", overrides=[*TINY, "train.iters=100000", f"train.output={run_dir}"])
+    result = train(cfg, resume=run_dir, on_step=one_more)
+    assert result.iteration == ckpt["iteration"] + 1 and stop_after_one["count"] == 1
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    train(tiny_config(tmp_path, "train.iters=1"))
+    before = (tmp_path / LAST).read_bytes()
+    with pytest.raises(ValueError, match="already holds"):
+        train(tiny_config(tmp_path, "train.iters=1"))
+    assert (tmp_path / LAST).read_bytes() == before
+    train(tiny_config(tmp_path, "train.iters=1"), overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        ["train.amp=bf16", "train.channels_last=true", "train.activation_checkpointing=true",
+         "optim.grad_clip=1.0", "model.aux=true"],
+        ["train.amp=fp16", "train.accum_steps=2", "optim.name=adamw", "optim.lr=0.001",
+         "schedule.warmup_iters=2", "schedule.policy=step", "schedule.step_size=1"],
+    ],
+)
+def test_memory_and_precision_knobs_train(tmp_path, knobs):
+    result = train(tiny_config(tmp_path, "train.iters=3", *knobs))
+    assert result.iteration == 3
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert 0.0 <= result.metrics["mIoU"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.accum_steps=3"], "not divisible"),
+        (["data.train_samples=2"], "do not fill one global batch"),
+        (["train.amp=fp8"], "train.amp must be one of"),
+        (["optim.name=lamb"], "unknown optimiser"),
+        (["schedule.policy=cosine"], "unknown LR policy"),
+    ],
+)
+def test_bad_training_settings_are_clear_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(tmp_path, *overrides))
+
+
+def test_plan_splits_global_batch():
+    cfg = load_config("cityscapes", overrides=["train.accum_steps=2"])
+    plan = plan_batches(cfg, num_train=2975, world_size=4)  # ceil(2975 / 4) = 744 per process
+    assert (plan.micro_batch, plan.accum_steps, plan.iters_per_epoch) == (1, 2, 372)
+    assert plan.total_iters == 240 * 372
+
+
+def test_cli_print_config_and_errors(tmp_path, capsys):
+    assert cli_main(["train", "--preset", "cityscapes", "--set", "optim.lr=0.01", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.01" in printed and "dataset: cityscapes" in printed
+    assert cli_main(["train", "--set", "train.epohcs=2"]) == 2
+    assert "unknown config key 'train.epohcs'" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
