@@ -1,0 +1,118 @@
+"""The benchmark suite cannot rot silently: its smallest cases run and the report renders them.
+
+``pytest benchmarks/ --bench-quick`` runs every benchmark of the suite on its smallest grid
+(one 16x16 attention problem, a 128x128 training step on the tiny backbone) with one timed
+round each, in a subprocess, exactly as a user would; then ``benchmarks.report`` turns the
+JSON it wrote into markdown and a PNG. The checks are on what the suite records (every
+implementation ran, memory was measured, the errors against float64 are small, the cases
+that cannot run are listed with their reason), never on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.harness import largest_batch
+from benchmarks.report import format_bytes, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the benchmark suite's smoke grid once and return its JSON."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    command = [sys.executable, "-m", "pytest", "benchmarks", "--bench-quick", "--benchmark-only",
+               f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"benchmark suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_every_benchmark_records_what_the_report_needs(quick_results: dict) -> None:
+    measured = {}
+    for bench in quick_results["benchmarks"]:
+        info = bench["extra_info"]
+        measured[(info["op"], info["impl"], info.get("pass"))] = info
+        assert bench["stats"]["median"] > 0
+        assert info["peak_mem_bytes"] > 0, f"{bench['name']}: no peak memory recorded"
+        if info["op"] in ("pam", "cam"):
+            assert info["flops"] > 0
+            # fp32 against float64 on the same inputs: any backend bug shows up far above this
+            assert info["rel_err"] < 1e-4, f"{bench['name']}: error {info['rel_err']:.1e} against float64"
+    for op in ("pam", "cam"):
+        for impl in ("reference", "blockwise"):
+            for pass_ in ("forward", "forward+backward"):
+                assert (op, impl, pass_) in measured, f"{op} {impl} {pass_} did not run"
+    for attention in ("reference", "fused"):
+        assert ("train_step", attention, None) in measured
+        assert measured[("train_max_batch", attention, None)]["max_batch"] >= 1
+    assert quick_results["machine_info"]["danet"]["quick"] is True
+
+
+@pytest.mark.slow
+def test_cases_that_cannot_run_are_listed_with_their_reason(quick_results: dict) -> None:
+    not_run = quick_results["danet_not_run"]
+    reasons = {(entry["extra_info"]["op"], entry["extra_info"]["impl"]): entry for entry in not_run}
+    sdpa = reasons[("pam", "sdpa")]  # no fused SDPA kernel takes value dim 512 != query dim 64 on a CPU
+    assert sdpa["reason"].startswith("SDPA")
+    too_small = [e for e in not_run if e["extra_info"]["op"] == "train_max_batch"]
+    assert too_small and all(e["extra_info"]["oom"] and e["reason"].startswith("OOM") for e in too_small)
+    assert all(e["extra_info"]["max_batch"] == 0 for e in too_small)
+
+
+@pytest.mark.slow
+def test_report_renders_markdown_and_plot(quick_results: dict, tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(quick_results))
+    out, plot = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "benchmarks.png"
+    assert main([str(results), "--out", str(out), "--plot", str(plot)]) == 0
+    text = out.read_text()
+    headings = ("## Position attention (PAM)", "## Channel attention (CAM)", "### Step time and peak memory",
+                "### Largest batch under a memory cap", "## Cases that did not run", "## Reproducing")
+    for heading in headings:
+        assert heading in text
+    assert "CPU results" in text and "Smoke run" in text
+    assert "| 1 | 16x16 | 256 | blockwise |" in text
+    assert "![time and peak memory against N](benchmarks.png)" in text
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_report_rejects_a_file_that_is_not_benchmark_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    assert main([str(bad)]) == 2
+    assert "not a pytest-benchmark JSON file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("true_max", [0, 1, 2, 3, 5, 8, 13, 40])
+def test_largest_batch_search(true_max: int) -> None:
+    trials: list[int] = []
+
+    def fits(batch: int) -> bool:
+        trials.append(batch)
+        return batch <= true_max
+
+    assert largest_batch(fits, limit=32) == min(true_max, 32)
+    assert len(trials) <= 2 * 6 + 1  # doubling to 32, then bisecting: O(log limit) steps
+    with pytest.raises(ValueError, match="limit"):
+        largest_batch(fits, limit=0)
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(None) == "—"
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 2**20) == "3.0 MiB"
+    assert format_bytes(1.5 * 2**30) == "1.50 GiB"
