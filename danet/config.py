@@ -25,9 +25,9 @@ import yaml
 class ModelConfig:
     """The network: DANet on a dilated ResNet."""
 
-    backbone: str = "resnet101"
+    backbone: str = "resnet101"  # danet.models.BACKBONES; "resnet101s": the published 64-64-128 deep stem
     output_stride: int = 8
-    multi_grid: bool = False
+    multi_grid: bool = False  # last-stage dilations x (1, 2, 4): (4, 8, 16) at output stride 8, as published
     attention: str = "fused"  # "fused" (danet_kernels) or "reference" (bmm modules)
     aux: bool = False  # auxiliary FCN head on the third stage
     pretrained_backbone: str | None = None  # local file of ImageNet weights (timm/torchvision)
@@ -58,7 +58,7 @@ class EvalConfig:
     mode: str = "whole"  # "whole", "sliding" or "multiscale"
     crop_size: int | None = None  # sliding-window crop; None: DataConfig.crop_size
     stride_ratio: float = 2.0 / 3.0  # the published sliding stride: 2/3 of the crop
-    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # "multiscale": x the image's own size
     flip: bool = True
     batch_size: int = 1
     checkpoint: str | None = None
