@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -117,6 +118,11 @@ def _is_original_naming(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith("pretrained.") for key in state_dict)
 
 
+# Training checkpoints hold numpy's RNG state (an ndarray) next to the weights. These are the
+# only non-tensor globals it needs, so loading stays weights_only (no arbitrary code from a file).
+_NUMPY_RNG_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _load_file(path: str | Path) -> Any:
     """Read ``path`` on the CPU; FileNotFoundError / ValueError with the path when it fails."""
     path = Path(path)
@@ -127,7 +133,8 @@ def _load_file(path: str | Path) -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, wrong format, pickled custom classes
         raise ValueError(f"cannot read weights file {path}: {err}") from err
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -42,6 +44,29 @@ def test_our_checkpoint_round_trip_returns_config(tmp_path: Path) -> None:
     target = DANet(4, backbone="resnet_tiny", aux=True)
     assert load_weights(target, path) == config
     _assert_same_state(source, target)
+
+
+def test_training_checkpoint_with_rng_state_loads_weights_only(tmp_path: Path) -> None:
+    """The trainer stores numpy/python RNG states beside the weights: still a weights_only load."""
+    source = _tiny()
+    path = tmp_path / "last.pt"
+    torch.save({"model": source.state_dict(), "config": {}, "iteration": 7,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state()}}, path)
+    target = DANet(4, backbone="resnet_tiny")
+    load_weights(target, path)
+    _assert_same_state(source, target)
+
+
+class _NotAllowed:
+    pass
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _tiny().state_dict(), "payload": _NotAllowed()}, path)
+    with pytest.raises(ValueError, match="cannot read weights file"):
+        read_checkpoint(path)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
