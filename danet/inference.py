@@ -14,8 +14,11 @@ All modes return logits averaged over every prediction that covers a pixel:
   image fits in the crop and by sliding windows otherwise, and the logits are resized back.
 
 With ``flip``, every prediction is also made on the horizontally flipped input and flipped
-back. Logits, not softmax probabilities, are averaged: the published ``MultiEvalModule`` sums
-the raw outputs, and averaging keeps the result on the same scale as a single pass.
+back. Logits are averaged (the mean, so the result stays on a single pass's scale). The
+published ``MultiEvalModule`` sums ``exp(logits)`` instead, i.e. unnormalised probabilities,
+which lets one confident pass dominate; averaging logits weighs every scale and flip equally,
+and the argmax of the two can differ only where the passes disagree. Unlike the release,
+windows are never padded (see "sliding").
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ original prefix             our prefix          why
 ``auxlayer.``               ``auxlayer.``       Encoding's FCNHead: ``auxlayer.conv5.{0,1,4}``
 ==========================  ==================  =============================================
 
+The release's inference-only variant (no ``head.conv6``/``head.conv7``, the PAM/CAM classifiers
+only the training loss uses) and its stage-3 auxiliary DANetHead (``auxlayer.conv5a...``) load too:
+the former keep their initialisation, the latter is skipped when the model has no such head
+(both with a warning).
+
 A checkpoint of the published ResNet-101 model loads into ``DANet(nclass, "resnet101s",
 multi_grid=True)`` (the deep stem and the dilations the release used).
 """
@@ -31,6 +36,7 @@ multi_grid=True)`` (the deep stem and the dilations the release used).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +73,9 @@ ORIGINAL_KEY_MAP: tuple[tuple[str, str | None], ...] = (
 # the architecture of the original release's published checkpoints (DANet-101, Encoding's
 # deep-base ResNet-101, multi-grid (4, 8, 16) at output stride 8)
 PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101s", output_stride=8, multi_grid=True)
+# the PAM-only and CAM-only classifiers: used by the training loss only, absent from the
+# release's inference-only head
+_TRAINING_ONLY_CLASSIFIERS = ("head.conv6.", "head.conv7.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # the sum classifier's weight: its first dimension is the number of classes
 _CLASSIFIER_KEY = "head.conv8.1.weight"
@@ -222,6 +231,32 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
     module.load_state_dict(state_dict, strict=False)
 
 
+def _load_checkpoint_into(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Checked load; the original release's checkpoints get the leniency their variants need.
+
+    The release also shipped an inference-only head (``conv8`` alone, without the PAM/CAM
+    classifiers ``conv6``/``conv7``, which only training uses) and an auxiliary head of another
+    design (a DANetHead on stage 3). For those checkpoints the missing classifiers keep their
+    fresh initialisation and an auxiliary head the model does not have is skipped, with a warning.
+    """
+    state_dict = checkpoint.state_dict
+    source = f"checkpoint {checkpoint.path}"
+    if not checkpoint.original_naming:
+        load_state_dict_checked(model, state_dict, source=source)
+        return
+    expected = model.state_dict()
+    skipped = [k for k in state_dict if k.startswith("auxlayer.") and k not in expected]
+    absent = [k for k in expected if k.startswith(_TRAINING_ONLY_CLASSIFIERS) and k not in state_dict]
+    if skipped or absent:
+        warnings.warn(f"{source}: original release checkpoint; "
+                      + (f"skipping its auxiliary head ({len(skipped)} tensors); " if skipped else "")
+                      + (f"no PAM/CAM classifiers, kept freshly initialised: {_key_list(absent)}"
+                         if absent else ""), stacklevel=3)
+    state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
+    state_dict.update({k: expected[k] for k in absent})
+    load_state_dict_checked(model, state_dict, source=source)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
     """Load a checkpoint (ours, the original release's, or a plain state_dict) into ``model``.
 
@@ -232,7 +267,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
         ValueError: unreadable file, or keys/shapes/classes that do not match the model.
     """
     checkpoint = read_checkpoint(path)
-    load_state_dict_checked(model, checkpoint.state_dict, source=f"checkpoint {path}")
+    _load_checkpoint_into(model, checkpoint)
     return checkpoint.config
 
 
@@ -305,9 +340,8 @@ def build_from_checkpoint(checkpoint: Checkpoint, nclass: int | None = None,
             if not hasattr(cfg, key):
                 raise ValueError(f"unknown model option {key!r}")
             setattr(cfg, key, value)
-    state_dict = checkpoint.state_dict
-    model = build_model(cfg, nclass if nclass is not None else num_classes_in(state_dict))
-    load_state_dict_checked(model, state_dict, source=f"checkpoint {checkpoint.path}")
+    model = build_model(cfg, nclass if nclass is not None else num_classes_in(checkpoint.state_dict))
+    _load_checkpoint_into(model, checkpoint)
     return model
 
 

@@ -115,6 +115,26 @@ def test_original_release_checkpoint_loads(tmp_path: Path) -> None:
     assert PUBLISHED_MODEL_CONFIG.backbone == "resnet101s" and PUBLISHED_MODEL_CONFIG.multi_grid
 
 
+def test_original_inference_only_release_loads_with_a_warning(tmp_path: Path) -> None:
+    source = _tiny()
+    original = {k: v for k, v in to_original_naming(source.state_dict()).items()
+                if not k.startswith(("head.conv6.", "head.conv7."))}
+    original["auxlayer.conv5a.0.weight"] = torch.randn(64, 256, 3, 3)  # the release's DANetHead aux
+    path = tmp_path / "danet101_inference.pth"
+    torch.save({"state_dict": original}, path)
+    target = DANet(4, backbone="resnet_tiny")
+    fresh_conv6 = target.head.conv6[1].weight.clone()
+    warning = r"skipping its auxiliary head \(1 tensors\).*head\.conv6\.1\.weight"
+    with pytest.warns(UserWarning, match=warning):
+        load_weights(target, path)
+    torch.testing.assert_close(target.head.conv8[1].weight, source.head.conv8[1].weight, rtol=0, atol=0)
+    torch.testing.assert_close(target.head.conv6[1].weight, fresh_conv6, rtol=0, atol=0)
+    # our own checkpoints get no such leniency
+    torch.save({"model": from_original_naming(original)}, tmp_path / "ours.pt")
+    with pytest.raises(ValueError, match=r"missing keys: head\.conv6\.1\.weight"):
+        load_weights(DANet(4, backbone="resnet_tiny"), tmp_path / "ours.pt")
+
+
 def test_unknown_original_key_is_named() -> None:
     with pytest.raises(ValueError, match=r"'pretrained_extra\.weight'"):
         from_original_naming({"pretrained.conv1.weight": torch.ones(1),
