@@ -73,11 +73,13 @@ N-sized tensors:
 The forward saves x, A (fp32, 4 C^2 bytes per image) and gamma; nothing N-sized is saved beyond
 the input itself, and out is not needed (dgamma comes from P and A).
 
-Precision: fp32 inputs multiply with ``input_precision`` following torch's own setting
-(``torch.get_float32_matmul_precision()``, which ``torch.backends.cuda.matmul.allow_tf32``
-also sets): "highest" -> "ieee", otherwise "tf32"; 16-bit inputs use the tensor cores with fp32
-accumulation. Any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot needs dims >= 16),
-any B, arbitrary strides; offsets are computed in int64 so B * C * N may exceed 2^31.
+Precision: fp32 inputs multiply with ``input_precision`` following torch's own CUDA matmul
+setting (``torch.backends.cuda.matmul.fp32_precision``, which ``allow_tf32`` and
+``torch.set_float32_matmul_precision`` also set): TF32 allowed -> "tf32", otherwise "ieee" (the
+default, as exact as the reference); 16-bit inputs use the tensor cores with fp32 accumulation.
+
+Shapes: any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot needs dims >= 16), any
+B, arbitrary strides; offsets are computed in int64 so B * C * N may exceed 2^31.
 """
 
 from __future__ import annotations
@@ -506,10 +508,26 @@ def _split_plan(batch: int, C: int, N: int, symmetric: bool, device: torch.devic
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 follows torch's matmul setting; 16-bit types ignore it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    """tl.dot input precision: fp32 follows torch's CUDA matmul setting; 16-bit types ignore it.
+
+    torch >= 2.9 keeps the setting in ``torch.backends.cuda.matmul.fp32_precision`` ("tf32",
+    "ieee", or "none" when unset), which the legacy setters (``allow_tf32``,
+    ``set_float32_matmul_precision``) also update; reading the legacy getters after the new API
+    was used raises, so the new one is read wherever it exists.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def _size_bucket(n: int) -> int:
+    """The autotuning key for N: its next power of two, so that every image size does not
+    retune. A symbolic N (torch.compile with dynamic shapes) is passed through unchanged: bit
+    tricks do not apply to SymInts, and Inductor tunes user kernels at compile time anyway."""
+    return triton.next_power_of_2(n) if isinstance(n, int) else n
 
 
 def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, int]:
@@ -527,7 +545,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         left, *left.stride(),
         right, *right.stride(),
         partial,
-        C, N, n_per_split, num_splits, triton.next_power_of_2(N),
+        C, N, n_per_split, num_splits, _size_bucket(N),
         SYMMETRIC=symmetric, PRECISION=_dot_precision(left.dtype),
     )
     return partial, num_splits
@@ -553,7 +571,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
         res, *res.stride(),
         dummy if scale is None else scale,
         y, *y.stride(),
-        C, N, triton.next_power_of_2(N),
+        C, N, _size_bucket(N),
         HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
         PRECISION=_dot_precision(u.dtype),
     )
