@@ -195,8 +195,13 @@ class _ChannelAttentionBlockwise(torch.autograd.Function):
         for n0, n1 in blocks:
             x_blk = x[:, :, n0:n1].to(compute)
             energy.baddbmm_(x_blk, x_blk.transpose(1, 2))
-        # softmax(rowmax(E) - E) == softmax(-E) == softmax(rowmin(E) - E): all <= 0, max exactly 0
-        attention = torch.softmax(energy.amin(dim=-1, keepdim=True) - energy, dim=-1)
+        # softmax(rowmax(E) - E) == softmax(-E) == softmax(rowmin(E) - E): all <= 0, max exactly 0.
+        # One difference with the reference remains: a row holding +inf (an inf input) is NaN
+        # there (rowmax - E = inf - inf) but would be finite here; 0 * rowmax is NaN exactly
+        # when rowmax is infinite (0 otherwise), which restores the reference's propagation.
+        shift = energy.amin(dim=-1, keepdim=True) + 0 * energy.amax(dim=-1, keepdim=True)
+        attention = torch.softmax(shift - energy, dim=-1)
+        del shift
         del energy
         scale = _scalar(gamma, compute)
         # gamma folded into the small C x C matrix: gamma * A x + x is then one baddbmm per block
