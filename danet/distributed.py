@@ -103,18 +103,26 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistributedContext, sync_bn: bool) -> nn.Module:
-    """DDP-wrap ``model`` for a multi-process run (SyncBatchNorm first, where it can sync)."""
+def convert_batchnorm(model: nn.Module, ctx: DistributedContext, sync_bn: bool) -> nn.Module:
+    """SyncBatchNorm for a multi-process CUDA run; elsewhere BN stays per process (warned about).
+
+    The converted layers keep the same Parameter objects, but build the optimiser afterwards anyway.
+    """
+    if not (ctx.distributed and sync_bn):
+        return model
+    if ctx.device.type != "cuda":
+        warnings.warn(
+            "SyncBatchNorm needs CUDA; on this backend each process normalises its own micro-batch "
+            "with plain BatchNorm", stacklevel=2,
+        )
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, ctx: DistributedContext) -> nn.Module:
+    """DistributedDataParallel around ``model`` in a multi-process run; ``model`` itself otherwise."""
     if not ctx.distributed:
         return model
-    if sync_bn:
-        if ctx.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            warnings.warn(
-                "SyncBatchNorm needs CUDA; on this backend each process normalises its own micro-batch "
-                "with plain BatchNorm", stacklevel=2,
-            )
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

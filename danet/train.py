@@ -78,8 +78,9 @@ from danet.distributed import (
     all_gather_objects,
     all_reduce_sum,
     cleanup_distributed,
+    convert_batchnorm,
     setup_distributed,
-    wrap_model,
+    wrap_ddp,
 )
 from danet.losses import DANetLoss
 from danet.lr_policies import build_scheduler
@@ -371,13 +372,15 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        self.model = convert_batchnorm(self.model, ctx, t.sync_bn)
+        self.ddp = wrap_ddp(self.model, ctx)
+        # torch.compile goes around the DDP module (DDPOptimizer splits the graph at bucket boundaries)
+        self.train_model: nn.Module = torch.compile(self.ddp) if t.compile else self.ddp
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.plan.total_iters)
         self.amp_dtype = AMP_DTYPES[t.amp]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
         self.criterion = DANetLoss(cfg.loss.weights, cfg.loss.aux_weight, cfg.data.ignore_index)
-        stepped: nn.Module = torch.compile(self.model) if t.compile else self.model
-        self.train_model = wrap_model(stepped, ctx, t.sync_bn)
         self.state = TrainState()
         self.stop = StopFlag()
         self.losses: list[float] = []
@@ -473,14 +476,14 @@ class Trainer:
         Every rank returns the same values; a non-finite loss raises before the update is applied.
         """
         device, accum = self.ctx.device, self.plan.accum_steps
-        ddp = isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+        ddp = self.ddp if isinstance(self.ddp, nn.parallel.DistributedDataParallel) else None
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             images, masks = next(batches)
             images = images.to(device, non_blocking=True, memory_format=self.memory_format)
             masks = masks.to(device, non_blocking=True)
             # gradients are all-reduced only on the last micro-step
-            sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else self.train_model.no_sync()
+            sync = contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     outputs = self.train_model(images)

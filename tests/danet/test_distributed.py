@@ -13,9 +13,10 @@ from danet.distributed import (
     DistributedContext,
     ResumableDistributedSampler,
     ShardSampler,
+    convert_batchnorm,
     resolve_device,
     setup_distributed,
-    wrap_model,
+    wrap_ddp,
 )
 
 
@@ -109,8 +110,17 @@ def test_single_process_context_and_device_errors(monkeypatch):
             resolve_device("cuda")
 
 
-def test_wrap_model_single_process_is_identity():
+def test_single_process_wrappers_are_identity():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert wrap_model(model, DistributedContext(), sync_bn=True) is model
+        assert convert_batchnorm(model, DistributedContext(), sync_bn=True) is model
+        assert wrap_ddp(model, DistributedContext()) is model
+
+
+def test_batchnorm_cannot_sync_on_cpu_warns():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    two_cpu_processes = DistributedContext(rank=0, world_size=2)
+    with pytest.warns(UserWarning, match="SyncBatchNorm needs CUDA"):
+        assert convert_batchnorm(model, two_cpu_processes, sync_bn=True) is model
+    assert type(model[1]) is nn.BatchNorm2d
