@@ -118,9 +118,10 @@ if _INTERPRET:
     _N_SPLIT_ALIGN = 32
 else:
     # Gram tiles: 128 x 128 fp32 accumulators (64 KiB of registers over 8 warps) give the
-    # highest tensor-core intensity; 64 x 64 halves the register need for fp32 ieee dots, which
-    # run on the FMA units. The N step is the K dimension of the dot: 64 keeps 3-4 stages of
-    # two 128 x 64 operand tiles inside shared memory even in fp32.
+    # highest tensor-core intensity; 64 x 64 quarters the register need, for fp32 "ieee" dots,
+    # which run on the FMA units, and for small C. The N step is the K dimension of the dot: 64
+    # keeps 3 stages of two 128 x 64 operand tiles inside shared memory even in fp32; the
+    # shared-memory pruning below drops the deep-pipelined configs fp32 cannot hold.
     _GRAM_CONFIGS = [
         triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bc, bn, w, s in [

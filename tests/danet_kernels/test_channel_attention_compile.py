@@ -61,6 +61,25 @@ def test_compile_fullgraph_aot_eager() -> None:
     compile_and_compare("aot_eager")
 
 
+def test_compile_cam_module_fullgraph() -> None:
+    """The drop-in module compiles without a graph break; output and gamma's gradient match eager."""
+    torch._dynamo.reset()
+    module = danet_kernels.CAM_Module(6).to(DEVICE)
+    with torch.no_grad():
+        module.gamma.fill_(0.5)
+    x = torch.randn(2, 6, 3, 5, device=DEVICE) * 0.3
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with danet_kernels.use_backend("triton"):
+        eager = module(x)
+        eager.sum().backward()
+        eager_grad = module.gamma.grad.clone()
+        module.gamma.grad = None
+        traced = compiled(x)
+        traced.sum().backward()
+    torch.testing.assert_close(traced, eager, atol=0, rtol=0)
+    torch.testing.assert_close(module.gamma.grad, eager_grad, atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_compile_fullgraph_inductor() -> None:
