@@ -25,7 +25,7 @@ import yaml
 class ModelConfig:
     """The network: DANet on a dilated ResNet."""
 
-    backbone: str = "resnet101"  # danet.models.BACKBONES; "resnet101s": the published 64-64-128 deep stem
+    backbone: str = "resnet101"  # danet.models.BACKBONES; "resnet101s": Encoding's 64-64-128 deep stem
     output_stride: int = 8
     multi_grid: bool = False  # last-stage dilations x (1, 2, 4): (4, 8, 16) at output stride 8, as published
     attention: str = "fused"  # "fused" (danet_kernels) or "reference" (bmm modules)

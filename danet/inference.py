@@ -15,9 +15,10 @@ All modes return logits averaged over every prediction that covers a pixel:
 
 With ``flip``, every prediction is also made on the horizontally flipped input and flipped
 back. Logits are averaged (the mean, so the result stays on a single pass's scale). The
-published ``MultiEvalModule`` sums ``exp(logits)`` instead, i.e. unnormalised probabilities,
-which lets one confident pass dominate; averaging logits weighs every scale and flip equally,
-and the argmax of the two can differ only where the passes disagree. Unlike the release,
+published ``MultiEvalModule`` sums, over scales, ``exp`` of the flip-summed logits instead
+(unnormalised probabilities), which lets one confident pass dominate; averaging logits
+weighs every scale and flip equally, and the argmax of the two can differ only where the
+passes disagree. Unlike the release,
 windows are never padded (see "sliding").
 """
 

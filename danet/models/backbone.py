@@ -4,11 +4,14 @@ timm builds every backbone (``features_only=True``): its ``output_stride`` turns
 of the last stages into dilations, exactly as the original DANet's dilated ResNet does
 (stage 3: first block dilation 1, then 2; stage 4: first block 2, then 4 at output stride 8).
 
-Stems. The published DANet used Encoding's "deep base" ResNet: three 3x3 convs 64-64-128
-(``conv1.0/1/3/4/6`` in its state_dict) before the max-pool. In timm that stem is the
-``s`` variant (``stem_type='deep', stem_width=64``): ``resnet50s``/``resnet101s``/``resnet152s``,
-with the same key names. timm's ``c`` variants (32-32-64 stem) and ``d`` variants (32-32-64
-stem plus average-pool shortcuts) are other deep stems, offered for their ImageNet weights.
+Stems. Encoding (the library DANet was released in) offers a "deep base" ResNet: three 3x3
+convs 64-64-128 (``conv1.0/1/3/4/6`` in its state_dict) before the max-pool. In timm that stem
+is the ``s`` variant (``stem_type='deep', stem_width=64``): ``resnet50s``/``resnet101s``/
+``resnet152s``, with the same key names. The released DANet-101 checkpoint does NOT use it: the
+September 2018 release's dilated ResNet has the standard 7x7 stem, and the 2020 README tests
+``DANet101.pth.tar`` with ``--no-deepstem``; that is timm's plain ``resnet101``. timm's ``c``
+variants (32-32-64 stem) and ``d`` variants (32-32-64 stem plus average-pool shortcuts) are
+other deep stems, offered for their ImageNet weights.
 
 Multi-grid (DeepLabv3, used by the published DANet at output stride 8): the last stage's
 blocks get dilations ``base * (1, 2, 4)`` cycled over the blocks, i.e. (4, 8, 16) at output
@@ -32,7 +35,7 @@ MULTI_GRID: tuple[int, ...] = (1, 2, 4)
 
 _TIMM_BACKBONES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnet50s", "resnet101s", "resnet152s",  # the published model's 64-64-128 deep stem
+    "resnet50s", "resnet101s", "resnet152s",  # Encoding's 64-64-128 "deep base" stem
     "resnet50c", "resnet101c", "resnet152c",  # 32-32-64 deep stem
     "resnet18d", "resnet34d", "resnet50d", "resnet101d", "resnet152d",  # deep stem + avg-pool shortcut
 )

@@ -30,8 +30,8 @@ class DANet(nn.Module):
 
     Args:
         nclass: number of classes.
-        backbone: a name from :data:`danet.models.backbone.BACKBONES` ("resnet101s" has the
-            published deep stem; "resnet_tiny" is for CPUs).
+        backbone: a name from :data:`danet.models.backbone.BACKBONES` ("resnet101" is the
+            released model's; "resnet101s" has Encoding's deep stem; "resnet_tiny" is for CPUs).
         output_stride: 8 (published) or 16.
         attention: "fused" (danet_kernels) or "reference" (bmm modules); same state_dict.
         aux: add the auxiliary FCN head on the third stage (training output gains a 4th logit).
@@ -124,13 +124,13 @@ def danet_resnet50(nclass: int, **kwargs: object) -> DANet:
 
 @register_model
 def danet_resnet101(nclass: int, **kwargs: object) -> DANet:
-    """DANet on ResNet-101 (timm's standard stem)."""
-    return _create_danet("resnet101", nclass, **kwargs)
+    """The released DANet-101: ResNet-101 (standard stem), multi-grid (4, 8, 16) at output stride 8."""
+    return _create_danet("resnet101", nclass, **{"multi_grid": True, **kwargs})
 
 
 @register_model
 def danet_resnet101s(nclass: int, **kwargs: object) -> DANet:
-    """The published DANet: ResNet-101 with the 64-64-128 deep stem, multi-grid at OS 8."""
+    """DANet on ResNet-101 with Encoding's 64-64-128 deep stem, multi-grid at output stride 8."""
     return _create_danet("resnet101s", nclass, **{"multi_grid": True, **kwargs})
 
 

@@ -29,8 +29,9 @@ only the training loss uses) and its stage-3 auxiliary DANetHead (``auxlayer.con
 the former keep their initialisation, the latter is skipped when the model has no such head
 (both with a warning).
 
-A checkpoint of the published ResNet-101 model loads into ``DANet(nclass, "resnet101s",
-multi_grid=True)`` (the deep stem and the dilations the release used).
+The released DANet-101 checkpoint loads into ``DANet(nclass, "resnet101", multi_grid=True)``
+(:data:`PUBLISHED_MODEL_CONFIG`): the release's README tests it with ``--no-deepstem
+--multi-grid --multi-dilation 4 8 16 --os 8``.
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ ORIGINAL_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("head.", "head."),
     ("auxlayer.", "auxlayer."),
 )
-# the architecture of the original release's published checkpoints (DANet-101, Encoding's
-# deep-base ResNet-101, multi-grid (4, 8, 16) at output stride 8)
-PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101s", output_stride=8, multi_grid=True)
+# the architecture of the original release's DANet-101 checkpoint: ResNet-101 with the standard
+# stem (its README runs it with --no-deepstem), multi-grid (4, 8, 16) at output stride 8
+PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101", output_stride=8, multi_grid=True)
 # the PAM-only and CAM-only classifiers: used by the training loss only, absent from the
 # release's inference-only head
 _TRAINING_ONLY_CLASSIFIERS = ("head.conv6.", "head.conv7.")

@@ -97,7 +97,7 @@ def test_multi_grid_on_basic_blocks() -> None:
     assert grid.layer4[0].conv1.dilation == (4, 4) and grid.layer4[0].conv2.dilation == (4, 4)
 
 
-def test_published_deep_stem_and_head_channel_plan() -> None:
+def test_deep_stem_and_head_channel_plan() -> None:
     model = DANet(19, backbone="resnet50s")
     stem = model.backbone.conv1
     assert [stem[i].out_channels for i in (0, 3, 6)] == [64, 64, 128]

@@ -112,7 +112,7 @@ def test_original_release_checkpoint_loads(tmp_path: Path) -> None:
     # without a config, load_model picks the published architecture unless told otherwise
     model, config = load_model(path, overrides={"backbone": "resnet_tiny", "multi_grid": False, "aux": True})
     assert config is None and model.head.conv8[1].out_channels == 4
-    assert PUBLISHED_MODEL_CONFIG.backbone == "resnet101s" and PUBLISHED_MODEL_CONFIG.multi_grid
+    assert PUBLISHED_MODEL_CONFIG.backbone == "resnet101" and PUBLISHED_MODEL_CONFIG.multi_grid
 
 
 def test_original_inference_only_release_loads_with_a_warning(tmp_path: Path) -> None:
