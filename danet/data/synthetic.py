@@ -4,9 +4,9 @@ The embedded default dataset of the demo (``danet train`` with no arguments) and
 no download, learnable by a tiny model on a CPU in minutes, and built so that DANet's
 attention has something to do.
 
-Each scene is a grey, noisy, gently shaded background with a few grey discs and rectangles
-and one small saturated square, the *marker*, somewhere in the image. The marker is red or
-blue, and it decides the class of every shape in the scene:
+Each scene is a grey, noisy, gently shaded background with one to six grey discs and
+rectangles and one saturated square, the *marker* (a fifth of the image side), somewhere in
+the image. The marker is red or blue, and it decides the class of every shape in the scene:
 
 ===  =====================  ======================================================
 id   name                   pixels
@@ -19,11 +19,18 @@ id   name                   pixels
 
 Shapes look the same in both scenes (their grey levels, sizes and forms are drawn from the
 same distributions), so a pixel's class cannot be read from its neighbourhood: it needs
-the marker, which is usually far away. A network with a small receptive field can find the
-shapes but can only guess between classes 2 and 3; the position-attention module lets
-every shape pixel look at the marker directly, and the channel-attention module can carry
-"the image contains red" as a global channel statistic. Both branches therefore have a
-reason to learn.
+the marker, which is usually far away. A network whose receptive field does not span the
+image can find the shapes but only guess between classes 2 and 3; the position-attention
+module lets every shape pixel look at the marker directly, and the channel-attention module
+can carry "the image contains red" as a global channel statistic.
+
+Measured (DANet on ``resnet_tiny``, 96 x 96 scenes, 512 training scenes, batch 8, SGD with
+poly LR 0.02, 600 iterations, about 5 minutes on one busy CPU core): 0.81 mIoU on 64
+validation scenes, shape classes at 0.76 IoU, against 0.62 mIoU with both attention
+gammas frozen at 0 (shape classes at 0.35-0.43 IoU: chance). At 64 x 64 the tiny backbone's
+convolutions alone see most of the image, and the attention model only learns faster
+(0.72 vs 0.63 mIoU after 400 iterations, equal after about 700): use ``image_size=96`` to
+show what attention adds, 64 for the fastest demo.
 
 Scenes are generated on the fly, deterministically from ``(seed, split, index)``: the same
 arguments give the same image on every machine and in every worker, and the splits draw
@@ -85,7 +92,7 @@ class SyntheticShapes(Dataset):
         num_samples: int | None = None,
         image_size: int = 64,
         seed: int = 0,
-        max_shapes: int = 4,
+        max_shapes: int = 6,
     ):
         if split not in _SPLIT_STREAMS:
             raise ValueError(
@@ -139,7 +146,7 @@ class SyntheticShapes(Dataset):
         for _ in range(rng.integers(1, self.max_shapes + 1)):
             cy, cx = rng.uniform(0.1, 0.9, size=2)
             if rng.random() < 0.5:
-                radius = rng.uniform(0.07, 0.16)
+                radius = rng.uniform(0.07, 0.2)
                 inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
             else:
                 half_h, half_w = rng.uniform(0.05, 0.15, size=2)
@@ -154,7 +161,7 @@ class SyntheticShapes(Dataset):
 
         image = np.repeat(grey[:, :, None], 3, axis=2)
         # The marker: a saturated square, drawn last so that shapes never hide it.
-        side = max(4, size // 8)
+        side = max(4, size // 5)  # about 2 feature cells at output stride 8: clearly detectable
         top, left = rng.integers(0, size - side + 1, size=2)
         image[top : top + side, left : left + side] = _MARKER_COLOURS[scene_class]
         mask[top : top + side, left : left + side] = MARKER
