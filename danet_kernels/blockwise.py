@@ -55,9 +55,18 @@ N, so fp16/bf16 inputs are upcast one block at a time instead of as a whole fp32
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["channel_attention_blockwise", "position_attention_blockwise"]
+__all__ = [
+    "cam_backward",
+    "cam_forward",
+    "channel_attention_blockwise",
+    "pam_backward",
+    "pam_forward",
+    "position_attention_blockwise",
+]
 
 # Elements per rows x N buffer (4 Mi elements: 16 MiB in fp32). Why this size:
 # * memory: PAM forward holds one such buffer and backward two, so the attention's extra
@@ -101,154 +110,202 @@ def _scalar(gamma: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return None if gamma is None else gamma.detach().reshape(()).to(dtype)
 
 
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: it would run the matmuls below in bf16/fp16, losing the fp32 energy."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def pam_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAM forward by query blocks; returns the (B, C, N) result in v's dtype and the (B, N) lse."""
+    compute = _compute_dtype(v.dtype)
+    batch, _, n = v.shape
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    scale = _scalar(gamma, compute)
+    result = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    lse = torch.empty((batch, n), dtype=compute, device=v.device)
+    for b0, b1, i0, i1 in _row_tiles(batch, n):
+        probs = torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1])  # (b, rows, N) energy
+        row_max = probs.amax(dim=-1, keepdim=True)
+        probs.sub_(row_max).exp_()  # unnormalised; a NaN or inf energy spreads as in softmax
+        row_sum = probs.sum(dim=-1, keepdim=True)  # >= 1: the max entry contributes exp(0)
+        lse[b0:b1, i0:i1] = (row_max + row_sum.log()).squeeze(-1)
+        out = torch.bmm(vc[b0:b1], probs.transpose(1, 2))  # (b, C, rows)
+        del probs  # free the rows x N buffer before the next block allocates its own
+        norm = row_sum.transpose(1, 2).reciprocal()
+        if scale is not None:  # fused residual epilogue: gamma * out + residual
+            out.mul_(norm * scale).add_(residual[b0:b1, :, i0:i1])
+        else:
+            out.mul_(norm)
+        result[b0:b1, :, i0:i1] = out
+    return result, lse
+
+
+def pam_backward(
+    grad_result: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor | None,
+    lse: torch.Tensor,
+    needs_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """PAM backward, recomputing P by query blocks; returns (dq, dk, dv, dgamma, dresidual).
+
+    ``needs_grad`` is autograd's ``needs_input_grad`` for (q, k, v, gamma, residual); a
+    gradient that is not needed is None and is not computed.
+    """
+    need_q, need_k, need_v, need_gamma, need_residual = needs_grad
+    compute = lse.dtype
+    batch, _, n = v.shape
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    grad = grad_result.to(compute)
+    scale = _scalar(gamma, compute)
+    need_gamma = need_gamma and gamma is not None
+    need_scores = need_q or need_k or need_gamma  # anything that needs dPY = dY^T v
+    grad_q = torch.empty(qc.shape, dtype=compute, device=q.device) if need_q else None
+    grad_k = torch.zeros(kc.shape, dtype=compute, device=k.device) if need_k else None
+    grad_v = torch.zeros(vc.shape, dtype=compute, device=v.device) if need_v else None
+    grad_gamma = torch.zeros((), dtype=compute, device=v.device)
+    for b0, b1, i0, i1 in _row_tiles(batch, n):
+        q_blk = qc[b0:b1, :, i0:i1]  # (b, d, rows)
+        grad_blk = grad[b0:b1, :, i0:i1]  # (b, C, rows)
+        probs = torch.bmm(q_blk.transpose(1, 2), kc[b0:b1])
+        probs.sub_(lse[b0:b1, i0:i1].unsqueeze(-1)).exp_()  # P, recomputed
+        if grad_v is not None:
+            grad_v[b0:b1].baddbmm_(grad_blk, probs)
+        if not need_scores:
+            continue
+        dscores = torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1])  # dPY, (b, rows, N)
+        dscores.mul_(probs)  # T = P * dPY
+        delta = dscores.sum(dim=-1, keepdim=True)  # D = rowsum(dY * O)
+        grad_gamma = grad_gamma + delta.sum()
+        dscores.addcmul_(probs, delta, value=-1)  # dS / gamma = T - P * D
+        del probs
+        if grad_q is not None:
+            grad_q[b0:b1, :, i0:i1] = torch.bmm(kc[b0:b1], dscores.transpose(1, 2))
+        if grad_k is not None:
+            grad_k[b0:b1].baddbmm_(q_blk, dscores)
+    if scale is not None:  # dO = gamma dY: scale once at the end instead of per block
+        for g in (grad_q, grad_k, grad_v):
+            if g is not None:
+                g.mul_(scale)
+    return (
+        None if grad_q is None else grad_q.to(q.dtype),
+        None if grad_k is None else grad_k.to(k.dtype),
+        None if grad_v is None else grad_v.to(v.dtype),
+        grad_gamma.reshape(gamma.shape).to(gamma.dtype) if need_gamma else None,
+        grad_result if need_residual else None,
+    )
+
+
+def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAM forward; returns the (B, C, N) result in x's dtype and the (B, C, C) attention (fp32/f64)."""
+    compute = _compute_dtype(x.dtype)
+    batch, channels, n = x.shape
+    blocks = _column_blocks(batch, channels, n)
+    energy = torch.zeros((batch, channels, channels), dtype=compute, device=x.device)
+    for n0, n1 in blocks:
+        x_blk = x[:, :, n0:n1].to(compute)
+        energy.baddbmm_(x_blk, x_blk.transpose(1, 2))
+    # softmax(rowmax(E) - E) == softmax(-E) == softmax(rowmin(E) - E): all <= 0, max exactly 0.
+    # One difference with the reference remains: a row holding +inf (an inf input) is NaN
+    # there (rowmax - E = inf - inf) but would be finite here; 0 * rowmax is NaN exactly
+    # when rowmax is infinite (0 otherwise), which restores the reference's propagation.
+    shift = energy.amin(dim=-1, keepdim=True) + 0 * energy.amax(dim=-1, keepdim=True)
+    attention = torch.softmax(shift - energy, dim=-1)
+    del shift, energy
+    scale = _scalar(gamma, compute)
+    # gamma folded into the small C x C matrix: gamma * A x + x is then one baddbmm per block
+    mix = attention if scale is None else attention * scale
+    result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for n0, n1 in blocks:
+        x_blk = x[:, :, n0:n1].to(compute)
+        if scale is None:
+            result[:, :, n0:n1] = torch.bmm(mix, x_blk)
+        else:
+            result[:, :, n0:n1] = torch.baddbmm(x_blk, mix, x_blk)
+    return result, attention
+
+
+def cam_backward(
+    grad_result: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    attention: torch.Tensor,
+    needs_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """CAM backward (derived in the module docstring); returns (dx, dgamma)."""
+    need_x, need_gamma = needs_grad
+    compute = attention.dtype
+    batch, channels, n = x.shape
+    blocks = _column_blocks(batch, channels, n)
+    scale = _scalar(gamma, compute)
+    grad_attention = torch.zeros_like(attention)  # G = dY x^T
+    for n0, n1 in blocks:
+        x_blk = x[:, :, n0:n1].to(compute)
+        grad_attention.baddbmm_(grad_result[:, :, n0:n1].to(compute), x_blk.transpose(1, 2))
+    grad_gamma = None
+    if gamma is not None and need_gamma:
+        grad_gamma = (attention * grad_attention).sum().reshape(gamma.shape).to(gamma.dtype)
+    if not need_x:
+        return None, grad_gamma
+    if scale is not None:
+        grad_attention.mul_(scale)  # dA = gamma G
+    # dS = A * (dA - rowsum(dA * A)); dE = -dS; the Gram matrix takes dE + dE^T
+    grad_scores = attention * (grad_attention - (grad_attention * attention).sum(dim=-1, keepdim=True))
+    grad_energy_sym = -(grad_scores + grad_scores.transpose(1, 2))
+    attention_t = attention.transpose(1, 2) if scale is None else attention.transpose(1, 2) * scale
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for n0, n1 in blocks:
+        x_blk = x[:, :, n0:n1].to(compute)
+        grad_blk = grad_result[:, :, n0:n1].to(compute)
+        block = torch.bmm(grad_energy_sym, x_blk).baddbmm_(attention_t, grad_blk)
+        if scale is not None:
+            block.add_(grad_blk)  # the residual x
+        grad_x[:, :, n0:n1] = block
+    return grad_x, grad_gamma
+
+
 class _PositionAttentionBlockwise(torch.autograd.Function):
-    """PAM ``gamma * v softmax(q^T k)^T + residual`` by query blocks; see the module docstring."""
+    """PAM ``gamma * v softmax(q^T k)^T + residual`` by query blocks; saves q, k, v, gamma, lse."""
 
     @staticmethod
-    def forward(
-        ctx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        gamma: torch.Tensor | None,
-        residual: torch.Tensor | None,
-    ) -> torch.Tensor:
-        compute = _compute_dtype(v.dtype)
-        batch, _, n = v.shape
-        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-        scale = _scalar(gamma, compute)
-        result = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        lse = torch.empty((batch, n), dtype=compute, device=v.device)
-        for b0, b1, i0, i1 in _row_tiles(batch, n):
-            probs = torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1])  # (b, rows, N) energy
-            row_max = probs.amax(dim=-1, keepdim=True)
-            probs.sub_(row_max).exp_()  # unnormalised; a NaN or inf energy spreads as in softmax
-            row_sum = probs.sum(dim=-1, keepdim=True)  # >= 1: the max entry contributes exp(0)
-            lse[b0:b1, i0:i1] = (row_max + row_sum.log()).squeeze(-1)
-            out = torch.bmm(vc[b0:b1], probs.transpose(1, 2))  # (b, C, rows)
-            del probs  # free the rows x N buffer before the next block allocates its own
-            norm = row_sum.transpose(1, 2).reciprocal()
-            if scale is not None:  # fused residual epilogue: gamma * out + residual
-                out.mul_(norm * scale).add_(residual[b0:b1, :, i0:i1])
-            else:
-                out.mul_(norm)
-            result[b0:b1, :, i0:i1] = out
+    def forward(ctx, q, k, v, gamma, residual):
+        with _without_autocast(v.device):
+            result, lse = pam_forward(q, k, v, gamma, residual)
         ctx.save_for_backward(q, k, v, gamma, lse)
-        ctx.has_gamma = gamma is not None
         return result
 
     @staticmethod
-    def backward(ctx, grad_result: torch.Tensor):
+    def backward(ctx, grad_result):
         q, k, v, gamma, lse = ctx.saved_tensors
-        need_q, need_k, need_v, need_gamma, need_residual = ctx.needs_input_grad
-        compute = lse.dtype
-        batch, _, n = v.shape
-        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-        grad = grad_result.to(compute)
-        scale = _scalar(gamma, compute)
-        need_scores = need_q or need_k or need_gamma  # anything that needs dPY = dY^T v
-        grad_q = torch.empty(qc.shape, dtype=compute, device=q.device) if need_q else None
-        grad_k = torch.zeros(kc.shape, dtype=compute, device=k.device) if need_k else None
-        grad_v = torch.zeros(vc.shape, dtype=compute, device=v.device) if need_v else None
-        grad_gamma = torch.zeros((), dtype=compute, device=v.device)
-        for b0, b1, i0, i1 in _row_tiles(batch, n):
-            q_blk = qc[b0:b1, :, i0:i1]  # (b, d, rows)
-            grad_blk = grad[b0:b1, :, i0:i1]  # (b, C, rows)
-            probs = torch.bmm(q_blk.transpose(1, 2), kc[b0:b1])
-            probs.sub_(lse[b0:b1, i0:i1].unsqueeze(-1)).exp_()  # P, recomputed
-            if grad_v is not None:
-                grad_v[b0:b1].baddbmm_(grad_blk, probs)
-            if not need_scores:
-                continue
-            dscores = torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1])  # dPY, (b, rows, N)
-            dscores.mul_(probs)  # T = P * dPY
-            delta = dscores.sum(dim=-1, keepdim=True)  # D = rowsum(dY * O)
-            grad_gamma = grad_gamma + delta.sum()
-            dscores.addcmul_(probs, delta, value=-1)  # dS / gamma = T - P * D
-            del probs
-            if grad_q is not None:
-                grad_q[b0:b1, :, i0:i1] = torch.bmm(kc[b0:b1], dscores.transpose(1, 2))
-            if grad_k is not None:
-                grad_k[b0:b1].baddbmm_(q_blk, dscores)
-        if scale is not None:  # dO = gamma dY: scale once at the end instead of per block
-            for g in (grad_q, grad_k, grad_v):
-                if g is not None:
-                    g.mul_(scale)
-        return (
-            None if grad_q is None else grad_q.to(q.dtype),
-            None if grad_k is None else grad_k.to(k.dtype),
-            None if grad_v is None else grad_v.to(v.dtype),
-            grad_gamma.reshape(gamma.shape).to(gamma.dtype) if ctx.has_gamma and need_gamma else None,
-            grad_result if need_residual else None,
-        )
+        with _without_autocast(v.device):
+            return pam_backward(grad_result, q, k, v, gamma, lse, ctx.needs_input_grad)
 
 
 class _ChannelAttentionBlockwise(torch.autograd.Function):
-    """CAM ``gamma * softmax(rowmin(E) - E) x + x`` with E = x x^T in fp32; see the module docstring."""
+    """CAM ``gamma * softmax(rowmin(E) - E) x + x`` with E in fp32; saves x, gamma, attention."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        compute = _compute_dtype(x.dtype)
-        batch, channels, n = x.shape
-        blocks = _column_blocks(batch, channels, n)
-        energy = torch.zeros((batch, channels, channels), dtype=compute, device=x.device)
-        for n0, n1 in blocks:
-            x_blk = x[:, :, n0:n1].to(compute)
-            energy.baddbmm_(x_blk, x_blk.transpose(1, 2))
-        # softmax(rowmax(E) - E) == softmax(-E) == softmax(rowmin(E) - E): all <= 0, max exactly 0.
-        # One difference with the reference remains: a row holding +inf (an inf input) is NaN
-        # there (rowmax - E = inf - inf) but would be finite here; 0 * rowmax is NaN exactly
-        # when rowmax is infinite (0 otherwise), which restores the reference's propagation.
-        shift = energy.amin(dim=-1, keepdim=True) + 0 * energy.amax(dim=-1, keepdim=True)
-        attention = torch.softmax(shift - energy, dim=-1)
-        del shift
-        del energy
-        scale = _scalar(gamma, compute)
-        # gamma folded into the small C x C matrix: gamma * A x + x is then one baddbmm per block
-        mix = attention if scale is None else attention * scale
-        result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        for n0, n1 in blocks:
-            x_blk = x[:, :, n0:n1].to(compute)
-            if scale is None:
-                result[:, :, n0:n1] = torch.bmm(mix, x_blk)
-            else:
-                result[:, :, n0:n1] = torch.baddbmm(x_blk, mix, x_blk)
+    def forward(ctx, x, gamma):
+        with _without_autocast(x.device):
+            result, attention = cam_forward(x, gamma)
         ctx.save_for_backward(x, gamma, attention)
-        ctx.has_gamma = gamma is not None
         return result
 
     @staticmethod
-    def backward(ctx, grad_result: torch.Tensor):
+    def backward(ctx, grad_result):
         x, gamma, attention = ctx.saved_tensors
-        need_x, need_gamma = ctx.needs_input_grad
-        compute = attention.dtype
-        batch, channels, n = x.shape
-        blocks = _column_blocks(batch, channels, n)
-        scale = _scalar(gamma, compute)
-        grad_attention = torch.zeros_like(attention)  # G = dY x^T
-        for n0, n1 in blocks:
-            x_blk = x[:, :, n0:n1].to(compute)
-            grad_attention.baddbmm_(grad_result[:, :, n0:n1].to(compute), x_blk.transpose(1, 2))
-        grad_gamma = None
-        if ctx.has_gamma and need_gamma:
-            grad_gamma = (attention * grad_attention).sum().reshape(gamma.shape).to(gamma.dtype)
-        if not need_x:
-            return None, grad_gamma
-        if scale is not None:
-            grad_attention.mul_(scale)  # dA = gamma G
-        # dS = A * (dA - rowsum(dA * A)); dE = -dS; the Gram matrix takes dE + dE^T
-        grad_scores = attention * (grad_attention - (grad_attention * attention).sum(dim=-1, keepdim=True))
-        grad_energy_sym = -(grad_scores + grad_scores.transpose(1, 2))
-        attention_t = attention.transpose(1, 2) if scale is None else attention.transpose(1, 2) * scale
-        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        for n0, n1 in blocks:
-            x_blk = x[:, :, n0:n1].to(compute)
-            grad_blk = grad_result[:, :, n0:n1].to(compute)
-            block = torch.bmm(grad_energy_sym, x_blk).baddbmm_(attention_t, grad_blk)
-            if scale is not None:
-                block.add_(grad_blk)  # the residual x
-            grad_x[:, :, n0:n1] = block
-        return grad_x, grad_gamma
+        with _without_autocast(x.device):
+            return cam_backward(grad_result, x, gamma, attention, ctx.needs_input_grad)
 
 
 def position_attention_blockwise(
