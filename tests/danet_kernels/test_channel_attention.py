@@ -96,8 +96,10 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
 # (B, C, N): C = 3 and C = 1 (one padded tile), C = 40 (three 16-channel tiles, ragged), N = 1,
-# N = 7 * 13 (ragged, split over N), C > N, N >> C (an 8-way split of the Gram reduction).
-SHAPES = [(2, 3, 91), (1, 40, 91), (1, 1, 1), (2, 16, 1), (1, 40, 7), (1, 5, 300)]
+# N = 7 * 13 (ragged), C > N, N >> C. With the interpreter's 8-program "wave", (2, 3, 91) and
+# (1, 40, 91) split the Gram reduction over N, and (1, 20, 300) splits both the symmetric forward
+# Gram (3 tile pairs, 3 splits) and the backward's dY x^T (4 tiles, 2 splits) with ragged tails.
+SHAPES = [(2, 3, 91), (1, 40, 91), (1, 1, 1), (2, 16, 1), (1, 40, 7), (1, 20, 300)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
