@@ -229,10 +229,11 @@ def _training_sections(cases: list[Case]) -> list[str]:
                 f"{batch / c.median_s:.3g}" if measured and batch else "—",
                 format_bytes(c.peak),
                 _ratio(c.peak, ref.peak) if measured and ref else "—",
+                str(c.rounds or "—"),
             ])
         lines += ["### Step time and peak memory", ""]
         lines += _table(["input HxW", "N (feature map)", "batch", "attention", "step ms", "images/s",
-                         "peak memory", "memory vs reference"], rows)
+                         "peak memory", "memory vs reference", "rounds"], rows)
         lines.append("")
     if searches:
         lines += _max_batch_section(searches)

@@ -24,10 +24,8 @@ from benchmarks.report import format_bytes, main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run the benchmark suite's smoke grid once and return its JSON."""
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+def run_quick_suite(out: Path) -> dict:
+    """Run the benchmark suite's smoke grid in a subprocess and return its JSON."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     command = [sys.executable, "-m", "pytest", "benchmarks", "--bench-quick", "--benchmark-only",
@@ -38,7 +36,16 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.slow
-def test_every_benchmark_records_what_the_report_needs(quick_results: dict) -> None:
+def test_benchmark_suite_runs_and_reports(tmp_path: Path) -> None:
+    """One test, not three sharing a fixture: under pytest-xdist a module fixture would run the
+    suite once per worker."""
+    quick_results = run_quick_suite(tmp_path / "results.json")
+    check_every_benchmark_records_what_the_report_needs(quick_results)
+    check_cases_that_cannot_run_are_listed_with_their_reason(quick_results)
+    check_report_renders_markdown_and_plot(tmp_path / "results.json", tmp_path / "docs")
+
+
+def check_every_benchmark_records_what_the_report_needs(quick_results: dict) -> None:
     measured = {}
     for bench in quick_results["benchmarks"]:
         info = bench["extra_info"]
@@ -59,8 +66,7 @@ def test_every_benchmark_records_what_the_report_needs(quick_results: dict) -> N
     assert quick_results["machine_info"]["danet"]["quick"] is True
 
 
-@pytest.mark.slow
-def test_cases_that_cannot_run_are_listed_with_their_reason(quick_results: dict) -> None:
+def check_cases_that_cannot_run_are_listed_with_their_reason(quick_results: dict) -> None:
     not_run = quick_results["danet_not_run"]
     reasons = {(entry["extra_info"]["op"], entry["extra_info"]["impl"]): entry for entry in not_run}
     sdpa = reasons[("pam", "sdpa")]  # no fused SDPA kernel takes value dim 512 != query dim 64 on a CPU
@@ -70,11 +76,8 @@ def test_cases_that_cannot_run_are_listed_with_their_reason(quick_results: dict)
     assert all(e["extra_info"]["max_batch"] == 0 for e in too_small)
 
 
-@pytest.mark.slow
-def test_report_renders_markdown_and_plot(quick_results: dict, tmp_path: Path) -> None:
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps(quick_results))
-    out, plot = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "benchmarks.png"
+def check_report_renders_markdown_and_plot(results: Path, docs: Path) -> None:
+    out, plot = docs / "benchmarks.md", docs / "benchmarks.png"
     assert main([str(results), "--out", str(out), "--plot", str(plot)]) == 0
     text = out.read_text()
     headings = ("## Position attention (PAM)", "## Channel attention (CAM)", "### Step time and peak memory",
