@@ -2,7 +2,8 @@
 
 The annotation PNGs store 0 for "other" pixels and the classes as 1..150; "reduce zero
 label" turns 0 into 255 (ignored) and k into k - 1, as every published ADE20K result does.
-Class names and colours are the ones mmsegmentation uses (its ``ADE20KDataset``).
+Class names and colours are the ones mmsegmentation uses (its ``ADE20KDataset``; its palette
+gives "road" and "skyscraper" the same grey).
 """
 
 from __future__ import annotations

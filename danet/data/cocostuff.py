@@ -2,7 +2,9 @@
 
 The converter maps the 182 raw ids to 171 training ids (0..170, the 80 things then the 91
 stuff classes) and 255 for unlabelled pixels, stored as ``<name>_labelTrainIds.png`` next to
-nothing else; those values are used as stored. Names and colours are mmsegmentation's.
+nothing else; those values are used as stored. Names and colours are mmsegmentation's, so
+that our colour masks compare with theirs; note that palette repeats 9 colours (162 distinct
+colours for 171 classes).
 """
 
 from __future__ import annotations
