@@ -89,3 +89,10 @@ def pytest_benchmark_update_json(
 ) -> None:
     """Add the cases that could not run, so that the report can list them with their reasons."""
     output_json["danet_not_run"] = list(harness.NOT_RUN)
+
+
+@pytest.fixture(autouse=True)
+def _clean_device() -> None:
+    """Start every case on an empty CUDA cache: a case that ran out of memory leaves its tensors
+    to the garbage collector (frames of the failed step), and the next case must not pay for them."""
+    harness.free_memory()

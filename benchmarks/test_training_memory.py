@@ -235,17 +235,17 @@ def memory_cap(cap: int) -> Iterator[dict[str, object]]:
     if not ON_CUDA:
         yield {"cap_enforced": False}
         return
-    total = torch.cuda.get_device_properties(DEVICE).total_memory
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     fraction = min(1.0, cap / total)
     applied: dict[str, object] = {"cap_enforced": True, "memory_fraction": fraction}
     if cap > total:
         applied["cap_note"] = f"cap above the device's {total / GIB:.1f} GiB: the whole device was used"
     free_memory()
-    torch.cuda.set_per_process_memory_fraction(fraction, DEVICE)
+    torch.cuda.set_per_process_memory_fraction(fraction)  # the current device (an index, not "cuda")
     try:
         yield applied
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+        torch.cuda.set_per_process_memory_fraction(1.0)
         free_memory()
 
 
