@@ -65,7 +65,10 @@ class ConfusionMatrix:
         index = torch.where(keep, target * k + pred, k * k)
         counts = torch.bincount(index, minlength=k * k + 1)[: k * k].reshape(k, k)
         if self.mat is None:
-            self.mat = torch.zeros((k, k), dtype=torch.int64, device=pred.device)
+            # A normal tensor even when the first update runs under torch.inference_mode (as
+            # evaluation does): reset() and the all_reduce update it in place outside that mode.
+            with torch.inference_mode(False):
+                self.mat = torch.zeros((k, k), dtype=torch.int64, device=pred.device)
         self.mat += counts.to(self.mat.device)
 
     def reset(self) -> None:

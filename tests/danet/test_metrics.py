@@ -98,6 +98,17 @@ def test_reset_and_empty():
     assert cm.compute()["pixAcc"] == 0.5
 
 
+def test_updates_under_inference_mode_leave_a_normal_matrix():
+    cm = ConfusionMatrix(2)
+    with torch.inference_mode():
+        cm.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+        cm.update(torch.tensor([1, 1]), torch.tensor([1, 1]))
+    assert not cm.mat.is_inference()
+    assert cm.mat.tolist() == [[1, 1], [0, 2]]
+    cm.reset()  # an in-place update outside inference mode, like the all_reduce
+    assert cm.mat.sum() == 0
+
+
 def test_reduce_is_a_no_op_without_distributed():
     cm = ConfusionMatrix(2)
     cm.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
@@ -136,7 +147,8 @@ def _reduce_worker(rank: int, world_size: int, workdir: str) -> None:
     try:
         cm = ConfusionMatrix(3)
         if rank == 0:
-            cm.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+            with torch.inference_mode():  # as danet.evaluate runs it
+                cm.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
         # rank 1 sees no data at all: it must still join the collective
         cm.reduce_from_all_processes()
         (Path(workdir) / f"rank{rank}.json").write_text(json.dumps(cm.mat.tolist()))
