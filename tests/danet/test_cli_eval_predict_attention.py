@@ -90,6 +90,47 @@ def test_evaluate_counts_pixels_correctly(mode: str) -> None:
     assert model.training  # left as it came
 
 
+def _evaluate_shard(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    """One process of test_evaluate_reduces_across_processes: evaluates every other image."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        images, targets = _sharding_data()
+        shard = TensorDataset(images[rank::world_size], targets[rank::world_size])
+        metrics = evaluate(_PredictsFromInput(), DataLoader(shard), 3, EvalConfig(mode="whole", flip=False),
+                           "cpu", progress=False)
+        if rank == 0:
+            Path(result_file).write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharding_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    pred = torch.randint(0, 3, (4, 5, 6), generator=generator)
+    target = torch.where(torch.rand(4, 5, 6, generator=generator) < 0.7, pred,
+                         torch.randint(0, 3, (4, 5, 6), generator=generator))
+    target[0, 0] = 255
+    return pred[:, None].expand(4, 3, 5, 6).float(), target
+
+
+def test_evaluate_reduces_across_processes(tmp_path: Path) -> None:
+    images, targets = _sharding_data()
+    expected = evaluate(_PredictsFromInput(), DataLoader(TensorDataset(images, targets)), 3,
+                        EvalConfig(mode="whole", flip=False), "cpu", progress=False)
+    result = tmp_path / "metrics.json"
+    # fork, as DataLoader workers do: spawn would re-import torch, timm, matplotlib in each child
+    torch.multiprocessing.start_processes(_evaluate_shard, args=(2, str(tmp_path / "init"), str(result)),
+                                          nprocs=2, start_method="fork")
+    reduced = json.loads(result.read_text())
+    alone = evaluate(_PredictsFromInput(), DataLoader(TensorDataset(images[::2], targets[::2])), 3,
+                     EvalConfig(mode="whole", flip=False), "cpu", progress=False)
+    assert alone["pixAcc"] != pytest.approx(expected["pixAcc"])  # rank 0's shard alone would differ
+    assert reduced["pixAcc"] == pytest.approx(expected["pixAcc"])
+    assert reduced["IoU"] == pytest.approx(expected["IoU"])
+
+
 def test_evaluate_on_the_tiny_danet_matches_predict_logits() -> None:
     model = _tiny_model().eval()
     dataset = SyntheticShapes("val", eval_transforms(DataConfig.mean, DataConfig.std), num_samples=2,
