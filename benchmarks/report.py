@@ -34,8 +34,8 @@ OP_TITLES = {"pam": "Position attention (PAM)", "cam": "Channel attention (CAM)"
 GPU_COMMANDS = """\
 # On the CUDA machine, from the repository root. It needs no install and no network
 # (PYTHONPATH=. instead of pip install; torch >= 2.11 and triton >= 3.6 as installed there).
-# The kernel and the training benchmarks can run as separate commands (each under 10 minutes);
-# the report merges their JSON files.
+# The kernel and the training benchmarks run as separate commands (shorter runs; -k selects
+# fewer cases, e.g. -k "128x256"); the report merges their JSON files.
 PYTHONPATH=. python -m pytest benchmarks/test_position_attention.py benchmarks/test_channel_attention.py \\
     --benchmark-only --benchmark-json=kernels-gpu.json
 PYTHONPATH=. python -m pytest benchmarks/test_training_memory.py --benchmark-only \\
