@@ -14,7 +14,8 @@ decay, 10x head LR). Two tests:
 and the batch, plus the peak the step allocates on top (activations, gradients, workspace;
 the harness's probe). Gradients are released after each step, as ``zero_grad`` does.
 
-On CUDA: the published backbone (``ModelConfig().backbone``) at 512x512, 769x769, 1024x1024
+On CUDA: the published model (``PUBLISHED_MODEL_CONFIG``: ResNet-101, output stride 8,
+multi-grid) at 512x512, 769x769, 1024x1024
 and a full 1024x2048 Cityscapes frame, batches 1 to 8, and caps of 16, 24, 40 and 80 GiB
 enforced with ``torch.cuda.set_per_process_memory_fraction`` (a cap above the device's memory
 is clamped to it, and says so). The claim to check: the fused model trains on 1024x2048
@@ -51,7 +52,8 @@ from benchmarks.harness import (
 )
 from danet.config import ModelConfig, OptimConfig
 from danet.losses import DANetLoss
-from danet.models import DANet
+from danet.models import build_model
+from danet.models.weights import PUBLISHED_MODEL_CONFIG
 from danet_kernels._dispatch import resolve_backend
 
 NCLASS = 19  # Cityscapes
@@ -60,14 +62,13 @@ NCLASS = 19  # Cityscapes
 _measured_totals: dict[tuple[str, int, int, int, bool], int | None] = {}
 ATTENTIONS = ("reference", "fused")
 GIB, MIB = 2**30, 2**20
-OUTPUT_STRIDE = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingGrid:
     """What the training benchmark runs on one kind of machine."""
 
-    backbone: str
+    model: ModelConfig  # the network; each test sets its attention
     sizes: tuple[tuple[int, int], ...]  # (H, W) of the input images
     batches: tuple[int, ...]
     cap_sizes: tuple[tuple[int, int], ...]  # input sizes of the max-batch search
@@ -78,7 +79,7 @@ class TrainingGrid:
 
 
 CUDA_GRID = TrainingGrid(
-    backbone=ModelConfig().backbone,
+    model=PUBLISHED_MODEL_CONFIG,
     sizes=((512, 512), (769, 769), (1024, 1024), (1024, 2048)),
     batches=(1, 2, 4, 8),
     cap_sizes=((512, 512), (769, 769), (1024, 1024), (1024, 2048)),
@@ -88,7 +89,7 @@ CUDA_GRID = TrainingGrid(
     cap_enforced=True,
 )
 CPU_GRID = TrainingGrid(
-    backbone="resnet_tiny",
+    model=ModelConfig(backbone="resnet_tiny", output_stride=8),
     sizes=((256, 256), (512, 512)),
     batches=(1, 2),
     cap_sizes=((512, 512),),
@@ -134,7 +135,7 @@ class Trainer:
 
     def __init__(self, attention: str, amp: bool) -> None:
         optim = OptimConfig()
-        self.model = DANet(NCLASS, backbone=GRID.backbone, output_stride=OUTPUT_STRIDE, attention=attention)
+        self.model = build_model(dataclasses.replace(GRID.model, attention=attention), NCLASS)
         self.model.to(DEVICE).train()
         backbone_params, head_params = self.model.parameter_groups()
         self.optimizer = torch.optim.SGD(
@@ -179,13 +180,15 @@ def _fused_backend() -> Iterator[None]:
 
 def _describe(benchmark, attention: str, size: tuple[int, int], amp: bool) -> None:
     height, width = size
-    feature_h, feature_w = -(-height // OUTPUT_STRIDE), -(-width // OUTPUT_STRIDE)
+    stride = GRID.model.output_stride
+    feature_h, feature_w = -(-height // stride), -(-width // stride)
     backend = "reference"
     if attention == "fused":
         resolved = resolve_backend("auto", torch.empty(0, device=DEVICE))
         backend = {"torch": "blockwise"}.get(resolved, resolved)
+    network = GRID.model.backbone + (" multi-grid" if GRID.model.multi_grid else "")
     benchmark.extra_info.update(
-        impl=attention, backbone=GRID.backbone, H=height, W=width, N=feature_h * feature_w,
+        impl=attention, backbone=network, H=height, W=width, N=feature_h * feature_w,
         precision="bf16-autocast" if amp else "fp32", attention_backend=backend,
     )
 
@@ -202,7 +205,7 @@ def test_train_step(
 ) -> None:
     """Time one DANet training step and record what it needs in memory."""
     amp = _amp(request)
-    benchmark.group = f"train step {GRID.backbone} {_size_id(size)} B{batch}"
+    benchmark.group = f"train step {GRID.model.backbone} {_size_id(size)} B{batch}"
     benchmark.extra_info.update(op="train_step", B=batch)
     _describe(benchmark, attention, size, amp)
     trainer = Trainer(attention, amp)
@@ -288,7 +291,7 @@ def test_max_batch(
 ) -> None:
     """Find the largest batch whose training step fits under ``cap``; time the step at that batch."""
     amp = _amp(request)
-    benchmark.group = f"max batch {GRID.backbone} {_size_id(size)} cap {_cap_id(cap)}"
+    benchmark.group = f"max batch {GRID.model.backbone} {_size_id(size)} cap {_cap_id(cap)}"
     benchmark.extra_info.update(op="train_max_batch", cap_bytes=cap, search_limit=GRID.search_limit)
     _describe(benchmark, attention, size, amp)
     trainer = Trainer(attention, amp)
