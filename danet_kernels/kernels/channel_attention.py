@@ -151,9 +151,11 @@ else:
     # Row kernels over C x C fp32 matrices: 8 rows x 128 columns per step, coalesced along rows.
     _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 8, 128, 4
     _WEIGHTS_BLOCK = 64
-    # Each split must loop over enough of N to amortise its prologue and its C x C tile store;
-    # split boundaries are aligned to the largest BLOCK_N so no split ends in a partial block.
-    _MIN_N_PER_SPLIT = 1024
+    # Each split must loop over enough of N to amortise its prologue and its fp32 tile store
+    # (and the reduction's reread of it): 512 positions are 8 BLOCK_N = 64 steps, while B = 1,
+    # C = 512, N = 4096 still gets 8 splits (80 programs) instead of under-filling the GPU.
+    # Split boundaries are aligned to the largest BLOCK_N so no split ends in a partial block.
+    _MIN_N_PER_SPLIT = 512
     _N_SPLIT_ALIGN = 256
 _MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
 
