@@ -86,6 +86,7 @@ from danet.losses import DANetLoss
 from danet.lr_policies import build_scheduler
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # the shell's status for "terminated by SIGTERM"
 
 
@@ -470,14 +471,18 @@ class Trainer:
 
     # -------------------------------------------------------------- one iteration
 
-    def _step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, bool]:
-        """One optimiser step over ``accum_steps`` micro-batches; returns (mean loss, any rank stopping).
+    def _step(self, batches: Iterator[Batch]) -> tuple[float, dict[str, float], bool]:
+        """One optimiser step over ``accum_steps`` micro-batches.
+
+        Returns the loss and its per-output terms (averaged over micro-steps and processes) and
+        whether any process asked to stop.
 
         Every rank returns the same values; a non-finite loss raises before the update is applied.
         """
         device, accum = self.ctx.device, self.plan.accum_steps
         ddp = self.ddp if isinstance(self.ddp, nn.parallel.DistributedDataParallel) else None
         loss_sum = torch.zeros((), device=device)
+        term_sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             images, masks = next(batches)
             images = images.to(device, non_blocking=True, memory_format=self.memory_format)
@@ -487,14 +492,19 @@ class Trainer:
             with sync:
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     outputs = self.train_model(images)
-                    loss, _ = self.criterion(outputs, masks)
+                    loss, terms = self.criterion(outputs, masks)
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
+            for name, term in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + term
         # one all-reduce carries the loss, the non-finite count and stop requests of every rank
         flags = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float(),
-                             torch.tensor(float(self.stop.requested), device=device)])
-        flags = all_reduce_sum(flags)
-        mean_loss = float(flags[0]) / self.ctx.world_size
+                             torch.tensor(float(self.stop.requested), device=device),
+                             *(term / accum for term in term_sums.values())])
+        flags = all_reduce_sum(flags).tolist()
+        mean_loss = flags[0] / self.ctx.world_size
+        mean_terms = {name: value / self.ctx.world_size
+                      for name, value in zip(term_sums, flags[3:], strict=True)}
         if flags[1] > 0:
             raise NonFiniteLossError(
                 f"the loss is {mean_loss} at iteration {self.state.iteration + 1} "
@@ -509,7 +519,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return mean_loss, bool(flags[2] > 0)
+        return mean_loss, mean_terms, flags[2] > 0
 
     # -------------------------------------------------------------- the run
 
@@ -562,7 +572,7 @@ class Trainer:
         try:
             while state.iteration_in_epoch < epoch_iters:
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, stop_requested = self._step(batches)
+                loss, terms, stop_requested = self._step(batches)
                 state.iteration += 1
                 state.iteration_in_epoch += 1
                 self.losses.append(loss)
@@ -571,8 +581,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}")
                 if cfg.train.log_interval and state.iteration % cfg.train.log_interval == 0:
-                    log.write("train", state.iteration, epoch=state.epoch, loss=loss, lr=lr,
-                              images_per_s=images_per_s)
+                    log.write("train", state.iteration, epoch=state.epoch, loss=loss,
+                              **{f"loss_{name}": value for name, value in terms.items()},
+                              lr=lr, lr_head=self.optimizer.param_groups[-1]["lr"], images_per_s=images_per_s)
                 if self.on_step is not None and self.on_step(state.iteration, self.model):
                     self.stop.requested = True
                 if stop_requested or (self.stop.requested and not ctx.distributed):

@@ -54,9 +54,10 @@ def test_synthetic_default_learns(tmp_path):
     Chance here is predicting the background everywhere: mIoU = freq(background) / 4 classes,
     about 0.21. The model must find the shapes and tell the two scene types apart.
     """
-    cfg = load_config("synthetic", overrides=[f"train.output={tmp_path}", "train.progress=false",
-                                              "data.train_samples=256", "train.epochs=6",
-                                              "train.val_interval=0", "data.val_samples=32"])
+    cfg = load_config("synthetic", overrides=[
+        f"train.output={tmp_path}", "train.progress=false", "data.image_size=48", "data.base_size=48",
+        "data.crop_size=48", "train.epochs=6", "train.val_interval=0", "data.val_samples=32",
+    ])
     result = train(cfg)
     chance = _majority_class_miou(cfg)
     print(f"synthetic: mIoU {result.metrics['mIoU']:.3f} (majority-class mIoU {chance:.3f}), "
@@ -217,3 +218,34 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
     assert "unknown config key 'train.epohcs'" in capsys.readouterr().err
     assert cli_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_seeded_augmentation_is_a_function_of_seed_epoch_index():
+    from danet.data import SyntheticShapes, train_transforms
+    from danet.train import SeededAugmentation
+
+    base = SyntheticShapes("train", train_transforms(32, 24, (0.5,) * 3, (0.25,) * 3), num_samples=4,
+                           image_size=32)
+    data = SeededAugmentation(base, seed=7)
+    torch.manual_seed(123)
+    outside = torch.get_rng_state()
+    first = data[2]
+    assert torch.equal(torch.get_rng_state(), outside)  # the caller's random stream is untouched
+    torch.rand(5)  # whatever else draws in between does not matter
+    again = data[2]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    data.set_epoch(1)
+    other_epoch = [data[2] for _ in range(2)]
+    assert torch.equal(other_epoch[0][0], other_epoch[1][0])
+    assert not all(torch.equal(data[i][0], SeededAugmentation(base, seed=7)[i][0]) for i in range(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("knobs", [["train.amp=bf16", "train.channels_last=true", "train.compile=true"],
+                                   ["train.amp=fp16", "train.activation_checkpointing=true"]])
+def test_cuda_training_knobs(tmp_path, knobs):
+    cfg = tiny_config(tmp_path, "train.iters=4", "train.device=cuda", *knobs)
+    result = train(cfg)
+    assert result.iteration == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert next(result.model.parameters()).is_cuda
