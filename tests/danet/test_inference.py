@@ -96,9 +96,9 @@ def test_multiscale_averages_resized_predictions() -> None:
 def test_odd_sizes_on_the_tiny_danet(mode: str) -> None:
     model = DANet(5, backbone="resnet_tiny").eval()
     size = (37, 53)
-    x = torch.randn(2, 3, *size)
-    logits = predict_logits(model, x, 5, mode=mode, crop_size=24, scales=(0.75, 1.25), flip=True)
-    assert logits.shape == (2, 5, *size) and logits.dtype == torch.float32
+    x = torch.randn(1, 3, *size)
+    logits = predict_logits(model, x, 5, mode=mode, crop_size=32, scales=(0.75, 1.25), flip=True)
+    assert logits.shape == (1, 5, *size) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
 
 
