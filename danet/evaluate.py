@@ -2,9 +2,9 @@
 
 Examples::
 
-    danet eval --checkpoint runs/synthetic-*/best.pt                      # the run's dataset, val split
+    danet eval --checkpoint runs/synthetic-<time>/checkpoint_best.pt      # the run's dataset, val split
     danet eval --checkpoint city.pt --dataset cityscapes --root data/cityscapes \\
-        --mode multiscale --crop-size 768                                  # the published protocol
+        --mode multiscale --crop-size 768 --flip                           # multi-scale + flip testing
 
 Options not given come from the checkpoint's stored config, else from danet/config.py.
 """
@@ -74,8 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate the first N images only")
     add_inference_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"images per batch (default {EvalConfig.batch_size}; >1 needs equal sizes)")
-    parser.add_argument("--workers", type=int, default=None, help="data loader processes")
+                        help=f"images per batch (default: the checkpoint's, else {EvalConfig.batch_size}; "
+                             ">1 needs images of one size)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"data loader processes (default: the checkpoint's, else {DataConfig.workers})")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

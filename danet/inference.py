@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional
 
 from danet.config import DataConfig, EvalConfig, ModelConfig
+from danet.models.backbone import BACKBONES
 
 __all__ = [
     "MODES",
@@ -171,7 +172,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              f"checkpoint's, else {DataConfig.dataset!r}")
     group = parser.add_argument_group("model (default: the checkpoint's stored config, else "
                                       "danet/config.py's ModelConfig)")
-    group.add_argument("--backbone", default=None, help=f"backbone name (default {ModelConfig.backbone!r})")
+    group.add_argument("--backbone", default=None,
+                       help=f"one of {', '.join(BACKBONES)} (default {ModelConfig.backbone!r})")
     group.add_argument("--output-stride", type=int, choices=(8, 16), default=None)
     group.add_argument("--attention", choices=("fused", "reference"), default=None)
     group.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,

@@ -2,7 +2,7 @@
 
 Example::
 
-    danet predict photo1.jpg photo2.png --checkpoint runs/synthetic-*/best.pt --output predictions/
+    danet predict photo1.jpg photo2.png --checkpoint runs/synthetic-<time>/checkpoint_best.pt --output pred/
 
 For each image ``NAME.ext`` it writes ``NAME_mask.png`` (a palette PNG whose pixel values are
 the class ids, coloured with the dataset's palette) and ``NAME_overlay.png`` (the mask blended
