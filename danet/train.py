@@ -347,7 +347,8 @@ class Trainer:
                  on_step: Callable[[int, nn.Module], bool | None] | None = None) -> None:
         self.cfg, self.ctx, self.run_dir, self.on_step = cfg, ctx, run_dir, on_step
         t = cfg.train
-        torch.manual_seed(t.seed + ctx.rank)  # model init is the same everywhere: DDP broadcasts rank 0's
+        # seeds offset by rank: dropout differs per process; DDP broadcasts rank 0's initial weights
+        torch.manual_seed(t.seed + ctx.rank)
         np.random.seed(t.seed + ctx.rank)
         random.seed(t.seed + ctx.rank)
 
@@ -390,11 +391,16 @@ class Trainer:
 
     def resume_from(self, path: Path) -> None:
         """Load the full training state of ``path`` (every rank reads it)."""
-        ckpt = load_checkpoint(path, map_location=self.ctx.device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device
+        ckpt = load_checkpoint(path, map_location="cpu")
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
             raise ValueError(f"{path} does not fit the configured model: {err}") from None
+        changed = _schedule_changes(ckpt["config"], config_to_dict(self.cfg))
+        if changed:
+            warnings.warn(f"resuming with changed {', '.join(changed)}: the LR schedule continues as "
+                          f"stored in {path}, not as the new settings would make it", stacklevel=2)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler") is not None:
@@ -406,7 +412,8 @@ class Trainer:
             restore_rng_state(rng[self.ctx.rank])
         else:
             warnings.warn(f"{path} was written by {len(rng)} processes, this run has {self.ctx.world_size}: "
-                          "data order and LR continue exactly, dropout masks do not", stacklevel=2)
+                          "the LR schedule continues exactly, but the per-process data shares and dropout "
+                          "masks differ from an uninterrupted run", stacklevel=2)
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + self.state.iteration)
         if self.ctx.is_main:
             print(f"resumed from {path}: iteration {self.state.iteration}/{self.plan.total_iters}, "
@@ -596,6 +603,14 @@ class Trainer:
         return False
 
 
+def _schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that shape the LR schedule and differ between a checkpoint's config and ``current``."""
+    keys = [("optim", k) for k in current["optim"]] + [("schedule", k) for k in current["schedule"]]
+    keys += [("train", "epochs"), ("train", "iters"), ("train", "batch_size")]
+    return [f"{section}.{key}" for section, key in keys
+            if saved.get(section, {}).get(key) != current[section][key]]
+
+
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics with NaN turned into None (JSON has no NaN)."""
     def clean(value: Any) -> Any:
@@ -632,6 +647,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
             run_dir = resume_path.parent
         else:
             run_dir = _default_run_dir(cfg)
+        run_dir = Path(all_gather_objects(str(run_dir))[0])  # rank 0's clock names the run for everyone
+        cfg.train.output = str(run_dir)  # config.yaml and checkpoints record where the run lives
         if ctx.is_main:
             prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

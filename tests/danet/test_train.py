@@ -1,5 +1,6 @@
 """danet.train: the synthetic default learns; resume is exact; checkpoints survive SIGTERM and NaN."""
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,16 @@ TINY = [
     "data.val_samples=4", "eval.batch_size=4", "train.batch_size=4", "train.progress=false",
     "train.val_interval=1", "train.log_interval=1", "train.checkpoint_interval=0", "train.device=cpu",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: CI runs two test processes on two cores, and oversubscribed OpenMP
+    threads spin against each other (a 10x slowdown here); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(run_dir: Path, *overrides: str):
@@ -122,6 +133,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, checkpoint_interval)
 
 def _subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU: blockwise attention
+    env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -249,3 +261,25 @@ def test_cuda_training_knobs(tmp_path, knobs):
     result = train(cfg)
     assert result.iteration == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     assert next(result.model.parameters()).is_cuda
+
+
+def test_metrics_log_writes_json_lines_and_tensorboard_is_optional(tmp_path):
+    from danet.train import MetricsLog
+
+    try:
+        import tensorboard  # noqa: F401
+
+        expectation = contextlib.nullcontext()
+    except ImportError:
+        expectation = pytest.warns(UserWarning, match="tensorboard package is not installed")
+    with expectation:
+        log = MetricsLog(tmp_path, enabled=True, append=False, tensorboard=True)
+    log.write("val", 7, mIoU=0.5, IoU=[0.25, None])
+    log.close()
+    (record,) = _records(tmp_path)
+    assert (record["type"], record["iteration"]) == ("val", 7)
+    assert (record["mIoU"], record["IoU"]) == (0.5, [0.25, None])
+    silent = MetricsLog(tmp_path / "other", enabled=False, append=False, tensorboard=False)
+    silent.write("train", 1, loss=1.0)
+    silent.close()
+    assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
