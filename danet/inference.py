@@ -238,6 +238,8 @@ def setup_from_args(args: argparse.Namespace) -> CommandSetup:
     stored = checkpoint.config or {}
     data = _section(DataConfig, stored.get("data"))
     eval_cfg = _section(EvalConfig, stored.get("eval"))
+    if args.dataset is not None and args.dataset != data.dataset:
+        data.root = None  # the stored root belongs to the stored dataset
     eval_fields = ("mode", "crop_size", "stride_ratio", "scales", "flip", "batch_size")
     for section, fields in ((data, ("dataset", "root")), (eval_cfg, eval_fields)):
         for name in fields:
@@ -250,6 +252,8 @@ def setup_from_args(args: argparse.Namespace) -> CommandSetup:
     overrides = {"backbone": args.backbone, "output_stride": args.output_stride, "attention": args.attention,
                  "aux": args.aux, "multi_grid": args.multi_grid}
     model = build_from_checkpoint(checkpoint, dataset_class.NUM_CLASSES, overrides)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
     device = resolve_device(args.device)
     return CommandSetup(model.to(device).eval(), device, dataset_class, data, eval_cfg)
 

@@ -186,6 +186,12 @@ def test_eval_errors(files: dict[str, Path], tmp_path: Path, capsys: pytest.Capt
     assert err.startswith("danet eval: error: ") and message in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_eval_on_missing_cuda(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cuda"]) == 2
+    assert "--device cuda, but no CUDA device is available" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["eval", "predict", "attention"])
 def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
