@@ -27,7 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 def run_quick_suite(out: Path) -> dict:
     """Run the benchmark suite's smoke grid in a subprocess and return its JSON."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
+    # Under `pytest -n`, this process is an xdist worker; pytest-benchmark reads the inherited
+    # PYTEST_XDIST_WORKER and would disable every benchmark in the child.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env["PYTHONPATH"] = path
     command = [sys.executable, "-m", "pytest", "benchmarks", "--bench-quick", "--benchmark-only",
                f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
