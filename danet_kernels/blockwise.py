@@ -123,13 +123,22 @@ def pam_forward(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PAM forward by query blocks; returns the (B, C, N) result in v's dtype and the (B, N) lse."""
+    keep_attention_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """PAM forward by query blocks.
+
+    Returns the (B, C, N) result in v's dtype, the (B, N) log-sum-exp, and, when
+    ``keep_attention_output``, the attention output O (B, C, N) in the compute dtype (the
+    backward's ``rowsum(dY * O)``; without gamma it is the result itself and is not copied).
+    """
     compute = _compute_dtype(v.dtype)
     batch, _, n = v.shape
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     scale = _scalar(gamma, compute)
     result = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    attention_out = None
+    if keep_attention_output and (scale is not None or compute != v.dtype):
+        attention_out = torch.empty(v.shape, dtype=compute, device=v.device)
     lse = torch.empty((batch, n), dtype=compute, device=v.device)
     for b0, b1, i0, i1 in _row_tiles(batch, n):
         probs = torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1])  # (b, rows, N) energy
@@ -137,15 +146,21 @@ def pam_forward(
         probs.sub_(row_max).exp_()  # unnormalised; a NaN or inf energy spreads as in softmax
         row_sum = probs.sum(dim=-1, keepdim=True)  # >= 1: the max entry contributes exp(0)
         lse[b0:b1, i0:i1] = (row_max + row_sum.log()).squeeze(-1)
-        out = torch.bmm(vc[b0:b1], probs.transpose(1, 2))  # (b, C, rows)
+        out = torch.bmm(vc[b0:b1], probs.transpose(1, 2))  # (b, C, rows), unnormalised
         del probs  # free the rows x N buffer before the next block allocates its own
         norm = row_sum.transpose(1, 2).reciprocal()
-        if scale is not None:  # fused residual epilogue: gamma * out + residual
-            out.mul_(norm * scale).add_(residual[b0:b1, :, i0:i1])
+        result_blk = result[b0:b1, :, i0:i1]
+        if attention_out is not None:  # O, kept for the backward: normalised where it is stored
+            out = torch.mul(out, norm, out=attention_out[b0:b1, :, i0:i1])
+            norm = 1.0
+        # epilogue written straight into the result: gamma * out + residual (or out)
+        if scale is None:
+            torch.mul(out, norm, out=result_blk)
         else:
-            out.mul_(norm)
-        result[b0:b1, :, i0:i1] = out
-    return result, lse
+            torch.addcmul(residual[b0:b1, :, i0:i1], out, norm * scale, out=result_blk)
+    if keep_attention_output and attention_out is None:
+        attention_out = result
+    return result, lse, attention_out
 
 
 def pam_backward(
@@ -155,12 +170,14 @@ def pam_backward(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     lse: torch.Tensor,
+    attention_out: torch.Tensor,
     needs_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
     """PAM backward, recomputing P by query blocks; returns (dq, dk, dv, dgamma, dresidual).
 
-    ``needs_grad`` is autograd's ``needs_input_grad`` for (q, k, v, gamma, residual); a
-    gradient that is not needed is None and is not computed.
+    ``attention_out`` is O from :func:`pam_forward`; ``needs_grad`` is autograd's
+    ``needs_input_grad`` for (q, k, v, gamma, residual); a gradient that is not needed is
+    None and is not computed.
     """
     need_q, need_k, need_v, need_gamma, need_residual = needs_grad
     compute = lse.dtype
@@ -169,30 +186,30 @@ def pam_backward(
     grad = grad_result.to(compute)
     scale = _scalar(gamma, compute)
     need_gamma = need_gamma and gamma is not None
-    need_scores = need_q or need_k or need_gamma  # anything that needs dPY = dY^T v
+    need_scores = need_q or need_k  # dS is needed; dgamma only needs D
+    # D = rowsum(dY * O) (= rowsum(P * dPY)), once for all rows: (B, 1, N); dgamma = sum(D)
+    delta = (grad * attention_out).sum(dim=1, keepdim=True) if need_scores or need_gamma else None
+    # [q; -lse]^T [k; 1] = q^T k - lse: the matmul subtracts the lse, and exp_ alone gives P
+    ones = torch.ones((batch, 1, n), dtype=compute, device=v.device)
+    k_aug = torch.cat([kc, ones], dim=1)
+    q_aug = torch.cat([qc, -lse.unsqueeze(1)], dim=1)
     grad_q = torch.empty(qc.shape, dtype=compute, device=q.device) if need_q else None
     grad_k = torch.zeros(kc.shape, dtype=compute, device=k.device) if need_k else None
     grad_v = torch.zeros(vc.shape, dtype=compute, device=v.device) if need_v else None
-    grad_gamma = torch.zeros((), dtype=compute, device=v.device)
-    for b0, b1, i0, i1 in _row_tiles(batch, n):
-        q_blk = qc[b0:b1, :, i0:i1]  # (b, d, rows)
+    for b0, b1, i0, i1 in _row_tiles(batch, n) if need_v or need_scores else ():
         grad_blk = grad[b0:b1, :, i0:i1]  # (b, C, rows)
-        probs = torch.bmm(q_blk.transpose(1, 2), kc[b0:b1])
-        probs.sub_(lse[b0:b1, i0:i1].unsqueeze(-1)).exp_()  # P, recomputed
+        probs = torch.bmm(q_aug[b0:b1, :, i0:i1].transpose(1, 2), k_aug[b0:b1]).exp_()  # P, recomputed
         if grad_v is not None:
             grad_v[b0:b1].baddbmm_(grad_blk, probs)
         if not need_scores:
             continue
         dscores = torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1])  # dPY, (b, rows, N)
-        dscores.mul_(probs)  # T = P * dPY
-        delta = dscores.sum(dim=-1, keepdim=True)  # D = rowsum(dY * O)
-        grad_gamma = grad_gamma + delta.sum()
-        dscores.addcmul_(probs, delta, value=-1)  # dS / gamma = T - P * D
+        dscores.sub_(delta[b0:b1, :, i0:i1].transpose(1, 2)).mul_(probs)  # dS / gamma = P * (dPY - D)
         del probs
         if grad_q is not None:
-            grad_q[b0:b1, :, i0:i1] = torch.bmm(kc[b0:b1], dscores.transpose(1, 2))
+            torch.bmm(kc[b0:b1], dscores.transpose(1, 2), out=grad_q[b0:b1, :, i0:i1])
         if grad_k is not None:
-            grad_k[b0:b1].baddbmm_(q_blk, dscores)
+            grad_k[b0:b1].baddbmm_(qc[b0:b1, :, i0:i1], dscores)
     if scale is not None:  # dO = gamma dY: scale once at the end instead of per block
         for g in (grad_q, grad_k, grad_v):
             if g is not None:
@@ -201,7 +218,7 @@ def pam_backward(
         None if grad_q is None else grad_q.to(q.dtype),
         None if grad_k is None else grad_k.to(k.dtype),
         None if grad_v is None else grad_v.to(v.dtype),
-        grad_gamma.reshape(gamma.shape).to(gamma.dtype) if need_gamma else None,
+        delta.sum().reshape(gamma.shape).to(gamma.dtype) if need_gamma else None,
         grad_result if need_residual else None,
     )
 
@@ -279,16 +296,17 @@ class _PositionAttentionBlockwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gamma, residual):
+        needs_backward = any(ctx.needs_input_grad[:4])
         with _without_autocast(v.device):
-            result, lse = pam_forward(q, k, v, gamma, residual)
-        ctx.save_for_backward(q, k, v, gamma, lse)
+            result, lse, attention_out = pam_forward(q, k, v, gamma, residual, needs_backward)
+        ctx.save_for_backward(q, k, v, gamma, lse, attention_out)
         return result
 
     @staticmethod
     def backward(ctx, grad_result):
-        q, k, v, gamma, lse = ctx.saved_tensors
+        q, k, v, gamma, lse, attention_out = ctx.saved_tensors
         with _without_autocast(v.device):
-            return pam_backward(grad_result, q, k, v, gamma, lse, ctx.needs_input_grad)
+            return pam_backward(grad_result, q, k, v, gamma, lse, attention_out, ctx.needs_input_grad)
 
 
 class _ChannelAttentionBlockwise(torch.autograd.Function):

@@ -212,7 +212,7 @@ def test_pam_never_materialises_n_by_n(batch, monkeypatch):
             out.backward(torch.ones_like(out))
     assert probe.largest < n * n, probe.largest
     assert max(saved) <= batch * c * n
-    assert sum(saved) <= 4 * batch * c * n  # q, k, v, gamma and the (B, N) log-sum-exp
+    assert sum(saved) <= 4 * batch * c * n  # q, k, v, gamma, O and the (B, N) log-sum-exp
 
     with _LargestTensor() as probe:
         position_attention_reference(q, k, v)
