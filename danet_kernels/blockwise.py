@@ -18,19 +18,23 @@ The forward loops over *query* blocks of ``rows`` queries. Each block sees all N
 so its softmax is exact in one pass (no online rescaling is needed, unlike on a GPU whose
 on-chip memory holds only a few key blocks), and the block's two matmuls are as large as the
 memory budget allows, which is what makes a CPU fast. Per block it keeps one ``rows x N``
-buffer; it saves q, k, v and the per-row log-sum-exp ``lse = max + log(sum exp)`` (B x N).
+buffer, normalises after the second matmul (on rows x C, not rows x N), and writes
+``gamma O + R`` straight into the result. It saves q, k, v, the per-row log-sum-exp
+``lse = max + log(sum exp)`` (B x N) and, only when a gradient is wanted, O (B x C x N, the
+size of the output; with no gamma O is the result itself and nothing is copied).
 
-The backward recomputes ``P = exp(q_blk^T k - lse)`` block by block. With ``dPY = dY^T v``
-(the gradient of P for gamma = 1)::
+The backward recomputes P block by block. With ``dPY = dY^T v`` (the gradient of P for
+gamma = 1) and ``D = rowsum_c(dY * O)`` computed once from the saved O::
 
-    T     = P * dPY;   D = rowsum(T)          (= rowsum(dY * O) = Delta / gamma)
-    dS    = gamma * (T - P * D)               (softmax backward, in place in the dPY buffer)
-    dV   += gamma * dY_blk P;   dQ_blk = k dS^T;   dK += q_blk dS
-    dgamma = sum_blocks sum(D);  dR = dY
+    P_blk  = exp([q_blk; -lse_blk]^T [k; 1])  (the lse subtraction rides in the matmul)
+    dS     = gamma * P * (dPY - D)            (softmax backward, in place in the dPY buffer)
+    dV    += gamma * dY_blk P;   dQ_blk = k dS^T;   dK += q_blk dS
+    dgamma = sum(D);   dR = dY
 
-Computing Delta from P and dPY of the block, instead of from a saved O, means the forward
-never has to keep O beside the result ``gamma O + R``, and dgamma comes for free. Two
-``rows x N`` buffers live at a time in backward.
+Every elementwise pass over a ``rows x N`` buffer costs as much memory traffic as a matmul
+over it costs arithmetic on a CPU, so the loop keeps them few: four in forward (max,
+subtract, exp, sum; the reference's softmax makes about as many) and three in backward
+(exp, subtract, multiply). Two ``rows x N`` buffers live at a time in backward.
 
 Channel attention (CAM), x of shape (B, C, N)::
 
