@@ -462,19 +462,22 @@ def _pam_bwd_dq_kernel(
 # Tuning
 # ----------------------------------------------------------------------------------------------
 # Hopper (H100/H200) forward search space. Reasoning behind the ranges:
-# * BLOCK_M = 16 * num_warps: every warp owns 16 query rows, the mma M granularity (wgmma's
-#   64-row warpgroup tile at BLOCK_M = 64 / 4 warps and 128 / 8 warps), so no warp idles.
+# * BLOCK_M 64 or 128 rows: wgmma works on 64-row slices per warpgroup (4 warps). 8 warps on 64
+#   rows split the C columns between two warpgroups, which halves the per-thread accumulator and
+#   makes BLOCK_C = 256 fit (fewer recomputations of q^T k); 128 rows need 8 warps (see _keep).
 # * BLOCK_C: 64..256. Larger tiles recompute S = q^T k fewer times (ceil(C / BLOCK_C) per query
-#   block) but hold an fp32 BLOCK_M x BLOCK_C accumulator in registers; the prune below keeps
-#   accumulator + S tile within ~160 fp32 registers per thread (255 is the hardware limit and
-#   the rest holds pointers, statistics and pipelining).
-# * BLOCK_N: 32..128, the key block streamed per step; num_stages 2-3 software-pipelines the k/v
-#   loads, limited by shared memory (the prune keeps q + stages * (k + v tiles) under 200 KiB
-#   of the H100's 227 KiB per block).
+#   block) but hold an fp32 BLOCK_M x BLOCK_C accumulator in registers.
+# * BLOCK_N: 64 or 128, the key block streamed per step: it is the N of the q^T k wgmma and the
+#   K of the P v one, and each step pays one accumulator rescale, so narrower blocks only add
+#   overhead. num_stages 2-3 software-pipelines the k/v loads.
+# The prune below keeps what fits: a register estimate calibrated against `ptxas -v` for sm_90
+# (bf16, d = 64, every config of this list compiled without a GPU: estimates up to 144 compiled
+# without spills, several at 160 spilled), and shared memory q + stages * (k + v tiles), exact
+# against the compiler's figure, under 200 KiB of the H100's 227 KiB per block.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
     for bm in (64, 128)
-    for bn in (32, 64, 128)
+    for bn in (64, 128)
     for bc in (64, 128, 256)
     for w in (4, 8)
     for s in (2, 3)
@@ -483,13 +486,22 @@ _FWD_CONFIGS = [
 # and 32-wide tiles keep the CI shapes multi-block (ragged tails, several C blocks).
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32}
 
-_MAX_REGS_PER_THREAD = 160
+_MAX_REGS_PER_THREAD = 144
 _MAX_SHARED_BYTES = 200 * 1024
 
 
 def _keep(config: triton.Config) -> bool:
-    """Static filter: one 16-row mma slice of BLOCK_M per warp."""
-    return config.kwargs["BLOCK_M"] == 16 * config.num_warps
+    """Static filter: 128 query rows take 8 warps. On one warpgroup the row statistics and the
+    exp2 of the whole 128 x BLOCK_N tile (MUFU throughput is the forward's second limit after
+    the tensor cores) would run on half the threads."""
+    return not (config.kwargs["BLOCK_M"] == 128 and config.num_warps == 4)
+
+
+def _registers_per_thread(block_m: int, block_n: int, block_c: int, element_size: int, num_warps: int) -> int:
+    """Forward register estimate per thread: the fp32 accumulator and S tiles plus the v tile in
+    flight (calibrated with ptxas, see above; the compiled count is about 1.6x this figure)."""
+    words = block_m * block_c + block_m * block_n + block_n * block_c * element_size // 4
+    return words // (32 * num_warps)
 
 
 def _pow2_cap(n: int) -> int:
@@ -509,8 +521,7 @@ def _prune_fwd_configs(
         bm = min(config.kwargs["BLOCK_M"], _pow2_cap(n))
         bn = min(config.kwargs["BLOCK_N"], _pow2_cap(n))
         bc = min(config.kwargs["BLOCK_C"], _pow2_cap(c))
-        threads = 32 * config.num_warps
-        registers = (bm * bc + bm * bn) // threads
+        registers = _registers_per_thread(bm, bn, bc, element_size, config.num_warps)
         shared = element_size * (bm * block_d + config.num_stages * bn * (block_d + bc))
         if registers > _MAX_REGS_PER_THREAD or shared > _MAX_SHARED_BYTES:
             continue
@@ -522,36 +533,57 @@ def _prune_fwd_configs(
                                                  num_warps=4, num_stages=1)]
 
 
+# fp32 with input_precision="ieee" (torch's default, "highest"): no tensor cores, tl.dot becomes
+# FMA loops with both operands in registers, and ptxas spills kilobytes on every tensor-core tile
+# above. This path gets its own small tiles, each compiled spill-free for sm_90.
+_FWD_CONFIGS_FMA = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=2)
+    for bm, bn, bc, w in ((32, 32, 64, 4), (64, 32, 64, 8), (64, 16, 64, 4))
+]
+
 if _INTERPRETING:
-    _fwd_tuner = triton.autotune([triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)],
-                                 key=["N", "BLOCK_D", "C"])
+    _interpreter_tuner = triton.autotune([triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)],
+                                         key=["N", "BLOCK_D", "C"])
+    _pam_fwd_kernel_tensor_cores = _pam_fwd_kernel_fma = _interpreter_tuner(_pam_fwd_kernel)
 else:
-    _fwd_tuner = triton.autotune(
+    _pam_fwd_kernel_tensor_cores = triton.autotune(
         list(filter(_keep, _FWD_CONFIGS)),
         key=["N", "BLOCK_D", "C", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    )
-_pam_fwd_kernel_tuned = _fwd_tuner(_pam_fwd_kernel)
+    )(_pam_fwd_kernel)
+    _pam_fwd_kernel_fma = triton.autotune(
+        _FWD_CONFIGS_FMA,
+        key=["N", "BLOCK_D", "C"],
+        prune_configs_by={"early_config_prune": _prune_fwd_configs},
+    )(_pam_fwd_kernel)
 
 
-def _bwd_config(dtype: torch.dtype, block_d: int, n: int, c: int) -> dict[str, dict[str, int]]:
+def _bwd_config(
+    dtype: torch.dtype, input_precision: str, block_d: int, n: int, c: int
+) -> dict[str, dict[str, int]]:
     """Fixed backward tiles per kernel (Hopper), capped at the problem size.
 
-    dV keeps an fp32 BLOCK_N x BLOCK_C tile (64 registers/thread at 128 x 128 on 8 warps); dK
-    and dQ keep BLOCK x BLOCK_D plus a BLOCK_M x BLOCK_N dP tile and stream dY and v through
-    BLOCK_C-wide chunks. fp32 operands take twice the shared memory, so their C chunks halve;
-    a d above 128 halves the resident key/query block to keep dK/dQ in registers.
+    Tensor-core path: dV keeps an fp32 BLOCK_N x BLOCK_C tile (64 registers/thread at 128 x 128
+    on 8 warps); dK and dQ keep a resident block of 128 keys/queries x BLOCK_D plus a
+    BLOCK_M x BLOCK_N dP tile and stream dY and v through BLOCK_C-wide chunks. tf32 operands
+    take twice the shared memory of 16-bit ones, so their C chunks halve; d above 128 halves
+    the resident block. fp32 "ieee" (FMA) gets 32 x 32 x 64 tiles on 4 warps. Each choice
+    compiles for sm_90 without register spills (ptxas -v, bf16/fp32, d = 64; bf16, d = 256).
     """
     if _INTERPRETING:
         tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32}
         kernels = {"dv": tiles, "dk": tiles, "dq": tiles, "pre": {"BLOCK_M": 32, "BLOCK_C": 32}}
         launch = {"num_warps": 4, "num_stages": 1}
+    elif input_precision == "ieee":
+        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 64}
+        kernels = {"dv": tiles, "dk": tiles, "dq": tiles, "pre": {"BLOCK_M": 128, "BLOCK_C": 32}}
+        launch = {"num_warps": 4, "num_stages": 2}
     else:
         wide = 64 if dtype == torch.float32 else 128
         narrow = 32 if dtype == torch.float32 else 64
         resident = 128 if block_d <= 128 else 64
         kernels = {
-            "dv": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_C": wide},
+            "dv": {"BLOCK_M": 64, "BLOCK_N": resident, "BLOCK_C": wide},
             "dk": {"BLOCK_M": 64, "BLOCK_N": resident, "BLOCK_C": narrow},
             "dq": {"BLOCK_M": resident, "BLOCK_N": 64, "BLOCK_C": narrow},
             "pre": {"BLOCK_M": 128, "BLOCK_C": 32},
@@ -642,11 +674,13 @@ def pam_forward(
     gamma_arg = gamma if has_residual else lse
     residual_arg = residual if has_residual else v
     out_arg = out if store_out else result
+    precision = _dot_input_precision(v.dtype)
+    kernel = _pam_fwd_kernel_fma if precision == "ieee" else _pam_fwd_kernel_tensor_cores
     meta = {
         "HAS_RESIDUAL": has_residual,
         "STORE_OUT": store_out,
         "BLOCK_D": _pow2_cap(head_dim),
-        "INPUT_PRECISION": _dot_input_precision(v.dtype),
+        "INPUT_PRECISION": precision,
     }
     for b0, b1 in _batch_chunks(batch):
         chunk = b1 - b0
@@ -654,7 +688,7 @@ def pam_forward(
         def grid(meta: dict, chunk: int = chunk) -> tuple[int, int, int]:
             return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]), chunk)
 
-        torch.library.wrap_triton(_pam_fwd_kernel_tuned)[grid](
+        torch.library.wrap_triton(kernel)[grid](
             q[b0:b1], k[b0:b1], v[b0:b1], gamma_arg, residual_arg[b0:b1],
             result[b0:b1], out_arg[b0:b1], lse[b0:b1],
             *q.stride(), *k.stride(), *v.stride(), *residual_arg.stride(),
@@ -684,9 +718,9 @@ def pam_backward(
     has_gamma = gamma is not None
     dq, dk, dv, delta_raw = _backward_outputs(dy, q, k, v, gamma, out, lse)
     gamma_arg = gamma if has_gamma else lse
-    config = _bwd_config(v.dtype, _pow2_cap(head_dim), n, channels)
-    common = {"HAS_GAMMA": has_gamma, "BLOCK_D": _pow2_cap(head_dim),
-              "INPUT_PRECISION": _dot_input_precision(v.dtype)}
+    precision = _dot_input_precision(v.dtype)
+    config = _bwd_config(v.dtype, precision, _pow2_cap(head_dim), n, channels)
+    common = {"HAS_GAMMA": has_gamma, "BLOCK_D": _pow2_cap(head_dim), "INPUT_PRECISION": precision}
     pre, dv_cfg, dk_cfg, dq_cfg = config["pre"], config["dv"], config["dk"], config["dq"]
     for b0, b1 in _batch_chunks(batch):
         chunk = b1 - b0

@@ -9,6 +9,11 @@ an element the kernels fail to write shows up as a mismatch.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -285,10 +290,80 @@ def test_forward_config_prune_keeps_problem_sized_tiles() -> None:
     kept = pam._prune_fwd_configs(configs, {"N": 4096, "C": 512, "V": v}, BLOCK_D=64)
     assert kept and len(kept) < len(configs)
     for config in kept:
-        per_thread = config.kwargs["BLOCK_M"] * (config.kwargs["BLOCK_C"] + config.kwargs["BLOCK_N"])
-        assert per_thread // (32 * config.num_warps) <= pam._MAX_REGS_PER_THREAD
+        tiles = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_C"))
+        registers = pam._registers_per_thread(*tiles, 2, config.num_warps)
+        assert registers <= pam._MAX_REGS_PER_THREAD
+    assert {c.kwargs["BLOCK_C"] for c in kept} == {64, 128, 256}
     small = pam._prune_fwd_configs(configs, {"N": 7, "C": 20, "V": v}, BLOCK_D=16)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"]) for c in small} == {(16, 16, 32)}
+
+
+HOPPER_COMPILE_SCRIPT = r"""
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+
+import danet_kernels.kernels.position_attention as pam
+
+def compile_for_hopper(kernel, dtype, constexprs, config):
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    constexprs = {**constexprs, **config.kwargs}
+    # As a launch on contiguous (B, *, N) tensors specialises them: N-axis strides are 1.
+    constexprs.update({name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("n")})
+    fp32 = ("Gamma", "Lse", "DeltaRaw")
+    sizes = ("N", "C", "D")
+    signature = {name: "constexpr" if name in constexprs else "*fp32" if name in fp32
+                 else "*" + dtype if name[0].isupper() and name not in sizes else "i32"
+                 for name in fn.arg_names}
+    constants = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    if precision == "ieee":
+        forward_configs = pam._FWD_CONFIGS_FMA[1:2]
+    else:  # the largest tiles the prune keeps for DANet's shape: the likeliest to fail
+        problem = {"N": 4096, "C": 512, "V": torch.empty(1, dtype=torch_dtype)}
+        kept = pam._prune_fwd_configs(list(filter(pam._keep, pam._FWD_CONFIGS)), problem, BLOCK_D=64)
+        forward_configs = [max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"] * c.num_stages)]
+    for config in forward_configs:
+        flags = {"HAS_RESIDUAL": True, "STORE_OUT": True, "BLOCK_D": 64, "INPUT_PRECISION": precision}
+        compile_for_hopper(pam._pam_fwd_kernel, dtype, flags, config)
+    tiles = pam._bwd_config(torch_dtype, precision, 64, 4096, 512)
+    for name, kernel in (("dv", pam._pam_bwd_dv_kernel), ("dk", pam._pam_bwd_dk_kernel),
+                         ("dq", pam._pam_bwd_dq_kernel)):
+        blocks = {key: value for key, value in tiles[name].items() if key.startswith("BLOCK")}
+        launch = {key: tiles[name][key] for key in ("num_warps", "num_stages")}
+        config = triton.Config(blocks, **launch)
+        flags = {"HAS_GAMMA": True, "BLOCK_D": 64, "INPUT_PRECISION": precision}
+        compile_for_hopper(kernel, dtype, flags, config)
+pre = pam._bwd_config(torch.bfloat16, "tf32", 64, 4096, 512)["pre"]
+compile_for_hopper(pam._pam_bwd_preprocess, "bf16", {},
+                   triton.Config({"BLOCK_M": pre["BLOCK_M"], "BLOCK_C": pre["BLOCK_C"]}, num_warps=4))
+# No gamma, odd d padded to 16, N = 1 (Triton turns integer arguments equal to 1 into constants).
+flags = {"HAS_RESIDUAL": False, "STORE_OUT": False, "BLOCK_D": 16, "INPUT_PRECISION": "tf32", "N": 1}
+compile_for_hopper(pam._pam_fwd_kernel, "fp16", flags, pam._FWD_CONFIGS_FMA[0])
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel")
+def test_kernels_compile_for_hopper() -> None:
+    """The interpreter forgives what the compiler rejects: compile the kernels for sm_90 in a fresh
+    process without TRITON_INTERPRET (largest forward tiles, every backward kernel, bf16, tf32 and
+    fp32 "ieee"). Needs no GPU, only the ptxas that ships with Triton."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = str(Path(danet_kernels.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------
