@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from torch import nn
 from torch.nn import functional
 
@@ -143,8 +144,12 @@ def attention_maps(model: nn.Module, image: torch.Tensor, points: Sequence[tuple
 
 
 def attention_figure(image: np.ndarray, maps: AttentionMaps, points: Sequence[tuple[int, int]],
-                     palette: np.ndarray, columns: int = 4) -> Figure:
-    """One figure: the image with the points, the prediction, one panel per point, one per channel."""
+                     palette: np.ndarray, class_names: Sequence[str] | None = None,
+                     columns: int = 4) -> Figure:
+    """One figure: the image with the points, the prediction, one panel per point, one per channel.
+
+    With ``class_names``, the prediction panel gets a legend of the classes it shows.
+    """
     panels = 2 + len(points) + len(maps.channels)
     columns = min(columns, panels)
     rows = math.ceil(panels / columns)
@@ -163,6 +168,10 @@ def attention_figure(image: np.ndarray, maps: AttentionMaps, points: Sequence[tu
     axes[0].set_title("image and query points")
     axes[1].imshow(overlay(image, colourise(maps.prediction, palette), 0.6))
     axes[1].set_title("prediction")
+    if class_names is not None:
+        shown = torch.unique(maps.prediction).tolist()
+        handles = [Patch(color=np.asarray(palette[c]) / 255.0, label=class_names[c]) for c in shown]
+        axes[1].legend(handles=handles, loc="lower left", fontsize="small", framealpha=0.8)
     for i, ((x, y), colour) in enumerate(zip(points, colours, strict=True)):
         ax = axes[2 + i]
         ax.imshow(image)
@@ -201,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     maps = attention_maps(setup.model, normalise_image(setup, image), args.points, args.channels,
                           args.num_channels)
-    fig = attention_figure(image, maps, args.points, setup.dataset_class.PALETTE)
+    fig = attention_figure(image, maps, args.points, setup.dataset_class.PALETTE,
+                           setup.dataset_class.CLASS_NAMES)
     atomic_write(output, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     print(f"attention maps of {len(args.points)} point(s) and {len(maps.channels)} channel(s) -> {output}")
     return 0
