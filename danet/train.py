@@ -156,7 +156,7 @@ def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, int]:
     d = cfg.data
     extra: dict[str, dict[str, Any]] = {"train": {}, "val": {}}
     if d.dataset == "synthetic":  # generated: the sample counts and size are constructor arguments
-        extra = {split: {"num_samples": n, "image_size": d.image_size, "seed": cfg.train.seed}
+        extra = {split: {"num_samples": n, "image_size": d.image_size}
                  for split, n in (("train", d.train_samples), ("val", d.val_samples))}
     train_tf = train_transforms(d.base_size, d.crop_size, d.mean, d.std, ignore_index=d.ignore_index,
                                 scale_range=d.scale_range)

@@ -50,7 +50,7 @@ def _majority_class_miou(cfg) -> float:
     from danet.data import build_dataset
 
     val = build_dataset("synthetic", None, "val", num_samples=cfg.data.val_samples,
-                        image_size=cfg.data.image_size, seed=cfg.train.seed)
+                        image_size=cfg.data.image_size)
     counts = torch.zeros(4)
     for i in range(len(val)):
         counts += torch.bincount(val[i][1].flatten(), minlength=4)[:4].float()
