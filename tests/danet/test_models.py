@@ -121,6 +121,12 @@ def test_parameter_groups_partition_the_parameters() -> None:
     assert len(backbone) + len(head) == len(list(model.parameters()))
 
 
+def test_package_exports_the_model() -> None:
+    import danet
+
+    assert danet.DANet is DANet and danet.build_model is build_model
+
+
 def test_build_model_from_config() -> None:
     cfg = ModelConfig(backbone="resnet_tiny", output_stride=16, attention="reference", aux=True)
     model = build_model(cfg, nclass=6)
