@@ -1,13 +1,17 @@
 """Train DANet: one process on a CPU or GPU, or many through torchrun (DDP + SyncBatchNorm).
 
 With no arguments, ``danet train`` runs the embedded default: the ``synthetic`` preset, a tiny
-backbone on generated scenes, on the CPU in a few minutes, ending with a validation mIoU.
+backbone on generated scenes, on the CPU in a few minutes (1280 iterations, about 75 s of one
+core's time), ending with a validation mIoU of about 0.75 (always predicting the background
+scores 0.21).
 
     danet train                                            # CPU demo -> runs/synthetic-<time>/
     danet train --preset cityscapes --set data.root=/data/cityscapes
     danet train --preset ade20k --config my.yaml --set optim.lr=0.01 train.epochs=120 train.amp=bf16
     danet train --resume runs/cityscapes-20260101-120000   # continue: same LR, same data order
     torchrun --standalone --nproc_per_node=4 -m danet.cli train --preset cityscapes --set data.root=...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \
+        --rdzv_id=city -m danet.cli train --preset cityscapes --set data.root=...   # on every node
 
 Configuration: dataclass defaults (danet/config.py), then ``--preset`` (danet/configs/*.yaml,
 default "synthetic"), then ``--config FILE``, then ``--set section.key=value ...`` (values in
@@ -18,6 +22,16 @@ loss and LR every ``train.log_interval`` iterations, every validation), ``last.p
 state, rewritten atomically at every epoch end, every ``train.checkpoint_interval`` iterations,
 on SIGTERM and at the end) and ``checkpoint_best.pt`` (the best validation mIoU). An existing
 run directory is never overwritten unless ``--resume`` or ``--overwrite`` says so.
+
+Fitting a memory budget: ``train.batch_size`` is the global batch, split over processes and
+``train.accum_steps`` (gradient accumulation; DDP syncs only on the last micro-step);
+``train.amp=bf16`` (autocast) or ``fp16`` (autocast + GradScaler); ``train.channels_last``;
+``train.activation_checkpointing`` (recompute backbone stages in backward); ``train.compile``.
+
+Failures: a NaN/Inf loss stops the run before the update (exit status 1) and last.pt keeps the
+last good state (a non-finite model is never saved); SIGTERM (preemption) finishes the current
+iteration, writes last.pt and exits with status 143. ``--resume`` continues with the stored
+config (``--set`` may change e.g. workers; the LR schedule continues as stored).
 
 Exact resumption: the data order is a function of (seed, epoch) (DistributedSampler), each
 sample's augmentation a function of (seed, epoch, index), and the other random state (dropout)
