@@ -111,10 +111,11 @@ def convert_batchnorm(model: nn.Module, ctx: DistributedContext, sync_bn: bool) 
     if not (ctx.distributed and sync_bn):
         return model
     if ctx.device.type != "cuda":
-        warnings.warn(
-            "SyncBatchNorm needs CUDA; on this backend each process normalises its own micro-batch "
-            "with plain BatchNorm", stacklevel=2,
-        )
+        if ctx.is_main:  # once per job, not once per process
+            warnings.warn(
+                "SyncBatchNorm needs CUDA; on this backend each process normalises its own micro-batch "
+                "with plain BatchNorm", stacklevel=2,
+            )
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
