@@ -39,9 +39,10 @@ split launches 32 * 4. Programs of one (batch, C block) are adjacent on grid axi
 stream the same k and v blocks through L2 together. Every C block computes the same lse; the
 first one stores it.
 
-Backward recomputes P blockwise from q, k and lse (never N x N) in four kernels, fixed
-configurations rather than autotuned (as in the tutorial: four kernels would multiply the
-first-call tuning time, and dK/dQ are bound by the dP matmul whose best tile is the forward's):
+Backward recomputes P blockwise from q, k and lse (never N x N) in four kernels with fixed
+configurations rather than autotuned ones, as in the tutorial: tuning four kernels would
+multiply the first-call time, and without a GPU in this project's CI the fixed tiles could at
+least be checked to compile spill-free for sm_90 (see ``_bwd_config``):
 
 * ``_pam_bwd_preprocess``: ``delta_raw[i] = sum_c dY[c, i] O[c, i]`` in fp32. Delta = gamma *
   delta_raw and dgamma = sum(delta_raw) both fall out of it (one pass over O and dY).
@@ -53,6 +54,9 @@ first-call tuning time, and dK/dQ are bound by the dP matmul whose best tile is 
 
 dP (2 N^2 C FLOPs, the dominant term at C = 512) is computed twice, once for dK and once for
 dQ, as in the tutorial; that keeps every gradient deterministic (no fp32 atomics into dQ).
+Backward FLOPs: 2 N^2 (d * ceil(C / BLOCK_C) + C) for dV plus 2 N^2 (2 d + C) each for dK and
+dQ, i.e. 4096 N^2 at d = 64, C = 512, BLOCK_C = 128 against the minimal 2432 N^2. Folding dQ
+into the dK kernel with atomics would save one dP (to 2944 N^2) at the price of determinism.
 Gamma never leaves the device: the kernels read it through a pointer (no ``.item()`` sync,
 nothing data-dependent for torch.compile), so gamma = 0 at initialisation costs nothing special.
 
@@ -74,9 +78,17 @@ flattened channels_last maps are read in place), every load and store on N, C an
 (any N, C, d >= 1; d is padded to BLOCK_D >= 16 for tl.dot), and batch and block offsets are
 int64 so that B * C * N beyond 2^31 cannot overflow.
 
+Tuning (Hopper). The forward is autotuned (``_FWD_CONFIGS`` with a ``_keep`` filter and a
+problem-aware prune, keyed on N, d, C and the dot precision); its register and shared-memory
+budgets were calibrated by compiling every config for sm_90 with ``ptxas -v`` (no GPU was
+available to time them). fp32 in "ieee" precision has no tensor cores: its FMA dots hold both
+operands in registers, so it gets its own small tiles (``_FWD_CONFIGS_FMA``). Under
+TRITON_INTERPRET=1 a single small configuration is used and nothing is tuned.
+
 torch.compile. ``danet_kernels::pam_forward`` and ``danet_kernels::pam_backward`` are
-``torch.library.triton_op`` custom ops (their kernels launched through ``wrap_triton``, so
-Inductor sees and schedules them); the forward op carries the autograd formula of
+``torch.library.triton_op`` custom ops on a GPU (their kernels launched through ``wrap_triton``,
+so Inductor sees and schedules them) and plain ``custom_op``s with allocating fake kernels under
+the interpreter (see ``_define_op``); the forward op carries the autograd formula of
 :class:`PositionAttentionFunction` through ``register_autograd``. A model calling
 :func:`position_attention_triton` compiles with ``fullgraph=True``.
 """

@@ -148,6 +148,13 @@ def test_fp32_matches_float64(batch: int, head_dim: int, channels: int, n: int, 
     check_against_float64(inputs)
 
 
+def test_batches_beyond_the_grid_limit_launch_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grid axes are capped at 65535 batches; shrink the cap to 2 so 5 batches take 3 launches."""
+    monkeypatch.setattr(pam, "_MAX_GRID_BATCH", 2)
+    assert pam._batch_chunks(5) == [(0, 2), (2, 4), (4, 5)]
+    check_against_float64(make_inputs(5, 4, 20, 19, gamma=0.4))
+
+
 def test_gamma_zero_at_initialisation() -> None:
     """gamma = 0 (DANet's init): the result is the residual, dgamma = sum(dY * O) is not zero."""
     inputs = make_inputs(1, 8, 40, 45, gamma=0.0)
