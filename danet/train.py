@@ -439,16 +439,15 @@ class Trainer:
         Every rank takes part: the RNG states of all ranks are gathered into the checkpoint.
         """
         rng = all_gather_objects(capture_rng_state())
-        if not self.ctx.is_main:
-            return
         model_state = self.model.state_dict()
-        bad = non_finite_tensors(model_state)
+        bad = non_finite_tensors(model_state)  # checked on every rank, so that every rank stops
         if bad:
             raise NonFiniteLossError(
                 f"the model holds NaN/Inf values at iteration {self.state.iteration} (in {', '.join(bad[:5])}"
-                f"{', ...' if len(bad) > 5 else ''}); not overwriting the last good checkpoint "
-                f"{self.run_dir / LAST}"
+                f"{', ...' if len(bad) > 5 else ''}); nothing saved: {self._last_good()}"
             )
+        if not self.ctx.is_main:
+            return
         checkpoint = {
             "model": model_state,
             "optimizer": self.optimizer.state_dict(),
@@ -465,6 +464,13 @@ class Trainer:
         }
         for name in names:
             atomic_save(checkpoint, self.run_dir / name)
+
+    def _last_good(self) -> str:
+        """Where the last good state is, for error messages."""
+        path = self.run_dir / LAST
+        if not path.is_file():
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint is {path}, iteration {load_checkpoint(path)['iteration']}"
 
     # -------------------------------------------------------------- validation
 
@@ -529,9 +535,9 @@ class Trainer:
         if flags[1] > 0:
             raise NonFiniteLossError(
                 f"the loss is {mean_loss} at iteration {self.state.iteration + 1} "
-                f"(epoch {self.state.epoch + 1}): training stopped. The last good checkpoint is "
-                f"{self.run_dir / LAST}. Try a lower optim.lr, "
-                "a warm-up (schedule.warmup_iters), optim.grad_clip, or train.amp=bf16 instead of fp16."
+                f"(epoch {self.state.epoch + 1}): training stopped; {self._last_good()}. Try a lower "
+                "optim.lr, a warm-up (schedule.warmup_iters), optim.grad_clip, or train.amp=bf16 "
+                "instead of fp16."
             )
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
