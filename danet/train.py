@@ -268,6 +268,8 @@ def _default_run_dir(cfg: Config) -> Path:
 
 def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     """Create ``run_dir``; refuse to clobber the checkpoints or log of another run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"the run directory {run_dir} exists and is not a directory")
     existing = [name for name in (LAST, BEST, "metrics.jsonl") if (run_dir / name).exists()]
     if existing and not (resuming or overwrite):
         raise ValueError(

@@ -124,7 +124,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, checkpoint_interval)
                 next(model.parameters()).fill_(float("nan"))
 
     cfg = tiny_config(tmp_path, "train.iters=12", f"train.checkpoint_interval={checkpoint_interval}")
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint is .*last\.pt, iteration 2"):
         train(cfg, on_step=poison)
     ckpt = load_checkpoint(tmp_path / LAST)
     assert ckpt["iteration"] == 2
@@ -182,6 +182,10 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
         train(tiny_config(tmp_path, "train.iters=1"))
     assert (tmp_path / LAST).read_bytes() == before
     train(tiny_config(tmp_path, "train.iters=1"), overwrite=True)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is not a directory"):
+        train(tiny_config(tmp_path / "file", "train.iters=1"))
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
