@@ -81,17 +81,21 @@ def test_synthetic_default_learns(tmp_path):
     assert kinds == {"train", "val"}
 
 
-@pytest.mark.parametrize(("stop_at", "extra"), [(3, []), (4, []), (5, ["train.accum_steps=2"])])
-def test_resume_matches_uninterrupted_run(tmp_path, stop_at, extra):
+@pytest.mark.parametrize(
+    ("stop_at", "extra", "interrupted_only"),
+    [(3, [], ["data.workers=2"]), (4, [], []), (5, ["train.accum_steps=2"], [])],
+)
+def test_resume_matches_uninterrupted_run(tmp_path, stop_at, extra, interrupted_only):
     """8 iterations straight vs. stopped after ``stop_at`` and resumed: identical bits.
 
-    3: mid-epoch; 4: after an epoch's last step but before its validation; 5 with gradient
-    accumulation. Dropout, augmentation and the data order all draw random numbers.
+    3: mid-epoch, and the interrupted run loads data in two worker processes (augmentation must
+    not depend on them); 4: after an epoch's last step but before its validation; 5 with
+    gradient accumulation. Dropout, augmentation and the data order all draw random numbers.
     """
     common = ["train.iters=8", *extra]
     straight = train(tiny_config(tmp_path / "a", *common))
 
-    cfg_b = tiny_config(tmp_path / "b", *common)
+    cfg_b = tiny_config(tmp_path / "b", *common, *interrupted_only)
     stopped = train(cfg_b, on_step=lambda it, model: it == stop_at)
     assert stopped.stopped_early and stopped.iteration == stop_at
     assert load_checkpoint(tmp_path / "b" / LAST)["iteration"] == stop_at
