@@ -196,6 +196,8 @@ def test_fp16_error_bounded_by_reference_error() -> None:
     check_error_within_reference_error(inputs, factor=3.0)
 
 
+# Padded keys of the dK/dV kernels' resident block may hold inf (never stored): numpy warns.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("energies", ["mixed", "all_negative"])
 def test_huge_energies_stay_finite(energies: str) -> None:
     """q, k scaled by 30: the softmax saturates to near one-hot; no NaN where the reference is finite.
