@@ -39,7 +39,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     danet_kernels.set_backend("torch")  # the CPU attention backend (as tests/danet/conftest.py)
     cfg = load_config("synthetic", overrides=[
         "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=32",
-        "data.val_samples=6", "eval.batch_size=2", "train.batch_size=8", "train.iters=8",
+        "data.val_samples=6", "eval.batch_size=2", "train.batch_size=8", "train.accum_steps=2",
+        "train.iters=8",
         "train.progress=false", "train.val_interval=0", "train.log_interval=1", "train.device=cpu",
         f"train.output={out_dir}/run",
     ])
@@ -49,6 +50,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_stay_identical_and_learn(tmp_path):
+    """Global batch 8 = 2 processes x 2 accumulation steps (no_sync on the first) x 2 images."""
     world_size = 2
     mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size))
