@@ -281,6 +281,15 @@ def test_autograd_function_matches_entry_point() -> None:
         assert torch.equal(grads_function[name], grads_entry[name]), name
 
 
+def test_backward_without_saved_o_is_a_clear_error() -> None:
+    """Calling the op with store_out=False and then differentiating names the problem."""
+    inputs = make_inputs(1, 4, 8, 9)
+    leaves = [t.clone().requires_grad_() for t in (inputs[name] for name in NAMES)]
+    result = pam.PositionAttentionFunction.apply(*leaves, False)[0]
+    with pytest.raises(RuntimeError, match="store_out=False"):
+        result.sum().backward()
+
+
 def test_fp32_dot_precision_follows_torch() -> None:
     assert pam._dot_input_precision(torch.float32) == "ieee"  # torch's default: "highest"
     previous = torch.get_float32_matmul_precision()
@@ -389,6 +398,18 @@ def test_gpu_low_precision_error_bounded_by_reference_error(
 ) -> None:
     inputs = make_inputs(batch, head_dim, channels, n, dtype=dtype, gamma=0.5, scale=3.0)
     check_error_within_reference_error(inputs, factor=4.0)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_tf32_when_torch_allows_it() -> None:
+    """With torch's fp32 matmuls on TF32 the kernels use TF32 too, within the reference's error."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        check_error_within_reference_error(make_inputs(1, 64, 512, 97 * 97, gamma=0.5, scale=3.0), factor=4.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.gpu
