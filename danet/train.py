@@ -148,7 +148,7 @@ class SeededAugmentation(Dataset):
         python_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed)
+                torch.default_generator.manual_seed(item_seed)  # the CPU one: CUDA streams stay untouched
                 random.seed(item_seed)
                 return self.dataset[index]
         finally:
