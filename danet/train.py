@@ -600,7 +600,7 @@ class Trainer:
         start, done_here = time.perf_counter(), 0
         try:
             while state.iteration_in_epoch < epoch_iters:
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr, lr_head = (group["lr"] for group in self.optimizer.param_groups)  # this step's LRs
                 loss, terms, stop_requested = self._step(batches)
                 state.iteration += 1
                 state.iteration_in_epoch += 1
@@ -612,7 +612,7 @@ class Trainer:
                 if cfg.train.log_interval and state.iteration % cfg.train.log_interval == 0:
                     log.write("train", state.iteration, epoch=state.epoch, loss=loss,
                               **{f"loss_{name}": value for name, value in terms.items()},
-                              lr=lr, lr_head=self.optimizer.param_groups[-1]["lr"], images_per_s=images_per_s)
+                              lr=lr, lr_head=lr_head, images_per_s=images_per_s)
                 if self.on_step is not None and self.on_step(state.iteration, self.model):
                     self.stop.requested = True
                 if stop_requested or (self.stop.requested and not ctx.distributed):
