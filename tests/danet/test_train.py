@@ -79,8 +79,11 @@ def test_synthetic_default_learns(tmp_path):
     assert result.metrics["mIoU"] > 0.45  # measured 0.63 (0.21 for the majority class)
     assert result.losses[-1] < result.losses[0] / 2
     assert (tmp_path / LAST).is_file() and (tmp_path / BEST).is_file()
-    kinds = {r["type"] for r in _records(tmp_path)}
-    assert kinds == {"train", "val"}
+    records = _records(tmp_path)
+    assert {r["type"] for r in records} == {"train", "val"}
+    train_records = [r for r in records if r["type"] == "train"]
+    assert all(r["lr_head"] == pytest.approx(10 * r["lr"]) for r in train_records)  # the head at 10x
+    assert {"loss_sum", "loss_pam", "loss_cam", "images_per_s"} <= train_records[0].keys()
 
 
 @pytest.mark.parametrize(
