@@ -15,7 +15,7 @@ Two nodes with 8 GPUs each (run on every node; ``host0`` is any one of them)::
         --rdzv_endpoint=host0:29500 -m danet.cli train --preset cityscapes --set data.root=/data/cityscapes
 
 (or with a static master: ``--nnodes=2 --node_rank=<0|1> --master_addr=host0 --master_port=29500``).
-Two CPU processes (gloo; how the tests run it): ``OMP_NUM_THREADS=1 torchrun --standalone
+Two CPU processes (gloo, as the tests run them): ``OMP_NUM_THREADS=1 torchrun --standalone
 --nproc_per_node=2 -m danet.cli train --set train.device=cpu``.
 The configured ``train.batch_size`` is the global batch: it is split over the processes (and the
 gradient-accumulation steps), so the same preset trains the same recipe on 1 GPU or 16.
