@@ -141,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None,
                         help="take the schedule section and base LR from this preset (default: built-in)")
     parser.add_argument("--config", default=None, help="YAML file overriding the preset")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        dest="overrides",
                         help="overrides, e.g. schedule.gamma=0.5 schedule.warmup_iters=500")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
     parser.add_argument("--output", "-o", default="lr_policies.png",

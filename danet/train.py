@@ -707,7 +707,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"recipe to start from: {', '.join(available_presets())} "
                              f"(default: {DEFAULT_PRESET})")
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML file overriding the preset")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        dest="overrides",
                         help="override any field, e.g. optim.lr=0.01 train.epochs=2 train.amp=bf16 "
                              "data.root=/data/cityscapes (sections: model, data, eval, optim, schedule, "
                              "loss, train; see danet/config.py)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from danet.checkpoint import BEST, LAST, load_checkpoint
 from danet.cli import main as cli_main
@@ -236,9 +237,11 @@ def test_plan_splits_global_batch():
 
 
 def test_cli_print_config_and_errors(tmp_path, capsys):
-    assert cli_main(["train", "--preset", "cityscapes", "--set", "optim.lr=0.01", "--print-config"]) == 0
-    printed = capsys.readouterr().out
-    assert "lr: 0.01" in printed and "dataset: cityscapes" in printed
+    assert cli_main(["train", "--preset", "cityscapes", "--set", "optim.lr=0.01", "--print-config",
+                     "--set", "train.epochs=3"]) == 0  # repeated --set flags add up
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["optim"]["lr"], printed["train"]["epochs"]) == (0.01, 3)
+    assert printed["data"]["dataset"] == "cityscapes"
     assert cli_main(["train", "--set", "train.epohcs=2"]) == 2
     assert "unknown config key 'train.epohcs'" in capsys.readouterr().err
     assert cli_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
