@@ -20,7 +20,7 @@ YAML syntax); unknown keys are errors. Multi-node commands: see danet.distribute
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON record per line: training
 loss and LR every ``train.log_interval`` iterations, every validation), ``last.pt`` (the full
 state, rewritten atomically at every epoch end, every ``train.checkpoint_interval`` iterations,
-on SIGTERM and at the end) and ``checkpoint_best.pt`` (the best validation mIoU). An existing
+on SIGTERM or Ctrl-C and at the end) and ``checkpoint_best.pt`` (the best validation mIoU). An existing
 run directory is never overwritten unless ``--resume`` or ``--overwrite`` says so.
 
 Fitting a memory budget: ``train.batch_size`` is the global batch, split over processes and
@@ -29,9 +29,10 @@ Fitting a memory budget: ``train.batch_size`` is the global batch, split over pr
 ``train.activation_checkpointing`` (recompute backbone stages in backward); ``train.compile``.
 
 Failures: a NaN/Inf loss stops the run before the update (exit status 1) and last.pt keeps the
-last good state (a non-finite model is never saved); SIGTERM (preemption) finishes the current
-iteration, writes last.pt and exits with status 143. ``--resume`` continues with the stored
-config (``--set`` may change e.g. workers; the LR schedule continues as stored).
+last good state (a non-finite model is never saved); SIGTERM (preemption) or a first Ctrl-C
+finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C).
+``--resume`` continues with the stored config (``--set`` may change e.g. workers; the LR schedule
+continues as stored).
 
 Exact resumption: the data order is a function of (seed, epoch) (DistributedSampler), each
 sample's augmentation a function of (seed, epoch, index), and the other random state (dropout)
@@ -101,7 +102,6 @@ from danet.lr_policies import build_scheduler
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
-EXIT_PREEMPTED = 128 + signal.SIGTERM  # the shell's status for "terminated by SIGTERM"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,7 +119,8 @@ class TrainResult:
     best_miou: float
     metrics: dict[str, Any] = field(default_factory=dict)  # the last validation
     losses: list[float] = field(default_factory=list)  # training loss of every iteration run here
-    stopped_early: bool = False  # SIGTERM or a stop request; last.pt holds the state
+    stopped_early: bool = False  # a signal or a stop request; last.pt holds the state
+    signal_received: int | None = None  # SIGTERM or SIGINT when one stopped the run
 
 
 # ------------------------------------------------------------------------------ data
@@ -319,27 +320,39 @@ class MetricsLog:
 
 
 class StopFlag:
-    """Set by SIGTERM (preemption) or a callback; the loop checkpoints and exits at the next step."""
+    """Set by SIGTERM/SIGINT or a callback; the loop checkpoints and exits after the current step.
+
+    SIGTERM is how clusters preempt a job. The first Ctrl-C (SIGINT) also stops gracefully,
+    with a checkpoint; a second one interrupts at once (KeyboardInterrupt), as usual.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_received: int | None = None
 
     @contextlib.contextmanager
-    def handle_sigterm(self) -> Iterator[None]:
-        """Turn SIGTERM into a stop request while the block runs (main thread only)."""
+    def handle_signals(self) -> Iterator[None]:
+        """Turn SIGTERM and the first SIGINT into stop requests while the block runs (main thread)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        # getsignal gives None for a handler installed outside Python: restore the default then
+        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum: int, frame: Any) -> None:
             self.requested, self.signal_received = True, signum
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: stopping after this iteration with a checkpoint (Ctrl-C again to abort)",
+                      file=sys.stderr)
+                signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
-        previous = signal.signal(signal.SIGTERM, handler)
+        for sig in previous:
+            signal.signal(sig, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, old_handler in previous.items():
+                signal.signal(sig, old_handler)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -561,7 +574,7 @@ class Trainer:
         stopped = False
         self.train_model.train()
         try:
-            with self.stop.handle_sigterm():
+            with self.stop.handle_signals():
                 while state.iteration < plan.total_iters and not stopped:
                     self.sampler.set_epoch(state.epoch)
                     self.train_set.set_epoch(state.epoch)
@@ -580,14 +593,15 @@ class Trainer:
             if stopped:
                 self.save(LAST)
                 if ctx.is_main:
-                    why = "SIGTERM" if self.stop.signal_received else "stop requested"
+                    received = self.stop.signal_received
+                    why = signal.Signals(received).name if received else "stop requested"
                     print(f"{why}: stopped at iteration {state.iteration}; state saved to "
                           f"{self.run_dir / LAST}. Continue with: danet train --resume {self.run_dir}",
                           file=sys.stderr)
         finally:
             log.close()
         return TrainResult(self.model, self.run_dir, state.iteration, state.epoch, state.best_miou,
-                           state.last_metrics, self.losses, stopped)
+                           state.last_metrics, self.losses, stopped, self.stop.signal_received)
 
     def _run_epoch(self, log: MetricsLog) -> bool:
         """Run the rest of the current epoch; True when a stop was requested (state is consistent)."""
@@ -749,8 +763,8 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"danet train: error: {err}", file=sys.stderr)
         return 1
-    if result.stopped_early:
-        return EXIT_PREEMPTED
+    if result.stopped_early:  # the shell's status for "terminated by SIGTERM/SIGINT": 143/130
+        return 128 + (result.signal_received or signal.SIGTERM)
     if result.metrics and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result.iteration} iterations; final mIoU {float(result.metrics['mIoU']):.4f}, "
               f"pixAcc {float(result.metrics['pixAcc']):.4f}, best mIoU {result.best_miou:.4f}; "

@@ -148,7 +148,9 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-def test_sigterm_writes_checkpoint_then_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_checkpoint_then_resume(tmp_path, sig):
+    """Preemption (SIGTERM) or a first Ctrl-C: the current step ends, last.pt is written, exit 128+sig."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "danet.cli", "train", "--output", str(run_dir),
            "--set", *TINY, "train.iters=100000"]
@@ -161,13 +163,13 @@ def test_sigterm_writes_checkpoint_then_resume(tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "training did not start in time"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "SIGTERM" in stderr and "--resume" in stderr
+    assert proc.returncode == 128 + sig, stderr
+    assert signal.Signals(sig).name in stderr and "--resume" in stderr
     ckpt = load_checkpoint(run_dir / LAST)
     logged = max(r["iteration"] for r in _records(run_dir))
     assert ckpt["iteration"] >= logged >= 2
