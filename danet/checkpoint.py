@@ -64,13 +64,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint written by :func:`atomic_save`; clear errors for a wrong file."""
+# Checkpoints hold numpy's RNG state (an ndarray) next to the weights. These are the only
+# non-tensor globals it needs, so every read stays weights_only: no code runs from a file.
+_NUMPY_RNG_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_file(path: str | Path, map_location: str | torch.device = "cpu", what: str = "file") -> Any:
+    """Read a ``.pt``/``.pth`` (weights_only) or ``.safetensors`` file; ``what`` names it in errors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read (corrupt, wrong format, pickled code).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # weights_only=False: the checkpoint holds RNG states (numpy arrays, python tuples) we wrote ourselves
-    state = torch.load(path, map_location=map_location, weights_only=False)
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device=str(map_location))
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt file, wrong format, pickled custom classes
+        raise ValueError(f"cannot read {what} {path}: {err}") from err
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint written by :func:`atomic_save`; clear errors for a wrong file."""
+    state = read_file(path, map_location, what="checkpoint")
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a danet training checkpoint (a {type(state).__name__}, not a dict)")
     missing = [key for key in ("model", "config", "iteration") if key not in state]
@@ -100,12 +122,15 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes from keys."""
+    """Drop leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any order and number."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "_orig_mod."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
         out[key] = value
     return out
 

@@ -11,7 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
+
+# pytest -n 2 on a 2-core machine: one thread per worker. Several intra-op threads per
+# process spin against each other there and run 10 to 50 times slower.
+torch.set_num_threads(1)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

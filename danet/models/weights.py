@@ -42,10 +42,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from danet.checkpoint import read_file, strip_prefixes
 from danet.config import ModelConfig
 
 __all__ = [
@@ -77,26 +77,11 @@ PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101", output_stride=8, mult
 # the PAM-only and CAM-only classifiers: used by the training loss only, absent from the
 # release's inference-only head
 _TRAINING_ONLY_CLASSIFIERS = ("head.conv6.", "head.conv7.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # the sum classifier's weight: its first dimension is the number of classes
 _CLASSIFIER_KEY = "head.conv8.1.weight"
 _MAX_KEYS_IN_ERROR = 8
 
 StateDict = dict[str, torch.Tensor]
-
-
-def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Remove leading ``module.`` / ``_orig_mod.`` prefixes (in any order and number)."""
-    stripped = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        stripped[key] = value
-    return stripped
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], table: tuple[tuple[str, str | None], ...]) -> StateDict:
@@ -128,27 +113,6 @@ def _is_original_naming(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith("pretrained.") for key in state_dict)
 
 
-# Training checkpoints hold numpy's RNG state (an ndarray) next to the weights. These are the
-# only non-tensor globals it needs, so loading stays weights_only (no arbitrary code from a file).
-_NUMPY_RNG_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def _load_file(path: str | Path) -> Any:
-    """Read ``path`` on the CPU; FileNotFoundError / ValueError with the path when it fails."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, wrong format, pickled custom classes
-        raise ValueError(f"cannot read weights file {path}: {err}") from err
-
-
 @dataclasses.dataclass
 class Checkpoint:
     """A checkpoint file's contents, renamed to our keys.
@@ -173,7 +137,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         FileNotFoundError: no such file.
         ValueError: unreadable file, or one that holds no state_dict.
     """
-    obj = _load_file(path)
+    obj = read_file(path, what="weights file")
     config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         state_dict, config = obj["model"], obj.get("config")
@@ -185,7 +149,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state_dict (expected a dict of tensors, or one under "
                          f"'model' or 'state_dict')")
-    state_dict = _strip_wrapper_prefixes(state_dict)
+    state_dict = strip_prefixes(state_dict)
     original = _is_original_naming(state_dict)
     if original:
         state_dict = from_original_naming(state_dict)
