@@ -39,7 +39,7 @@ def _check_operand(name: str, t: object) -> torch.Tensor:
 def _check_same(names: str, tensors: tuple[torch.Tensor, ...], what: str) -> None:
     values = {getattr(t, what) for t in tensors}
     if len(values) > 1:
-        shown = ", ".join(f"{n}={getattr(t, what)}" for n, t in zip(names.split(), tensors))
+        shown = ", ".join(f"{n}={getattr(t, what)}" for n, t in zip(names.split(), tensors, strict=True))
         raise ValueError(f"{names.replace(' ', ', ')} must share one {what}; got {shown}")
 
 
@@ -93,7 +93,9 @@ def position_attention(
     _check_same("q k v", (q, k, v), "device")
     _check_same("q k v", (q, k, v), "dtype")
     if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape (B, d, N); got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must have the same shape (B, d, N); got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if v.shape[0] != q.shape[0] or v.shape[2] != q.shape[2]:
         raise ValueError(
             f"v must have shape (B, C, N) with q's B and N; got q {tuple(q.shape)}, v {tuple(v.shape)}"
