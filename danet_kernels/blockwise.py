@@ -31,8 +31,8 @@ gamma = 1) and ``D = rowsum_c(dY * O)`` computed once from the saved O::
     dV    += gamma * dY_blk P;   dQ_blk = k dS^T;   dK += q_blk dS
     dgamma = sum(D);   dR = dY
 
-Every elementwise pass over a ``rows x N`` buffer costs as much memory traffic as a matmul
-over it costs arithmetic on a CPU, so the loop keeps them few: four in forward (max,
+Elementwise passes over a ``rows x N`` buffer are memory bound and, on a CPU, take a real
+share of the time next to the matmuls, so the loop keeps them few: four in forward (max,
 subtract, exp, sum; the reference's softmax makes about as many) and three in backward
 (exp, subtract, multiply). Two ``rows x N`` buffers live at a time in backward.
 
@@ -72,15 +72,16 @@ __all__ = [
     "position_attention_blockwise",
 ]
 
-# Elements per rows x N buffer (4 Mi elements: 16 MiB in fp32). Why this size:
+# Elements per rows x N buffer (2 Mi elements: 8 MiB in fp32). Why this size, measured on a
+# 2-core CPU at B=1, C=512 (scripts/measure_cpu.py, docs/performance.md):
 # * memory: PAM forward holds one such buffer and backward two, so the attention's extra
 #   memory stays in the tens of MB at any N (the reference's N x N is 354 MB at N = 9409);
 # * CPU speed: the block's matmuls are (rows x d) @ (d x N) and (C x N) @ (N x rows); at
-#   N = 9409 a block has 445 rows, far above the few dozen a CPU matmul needs to reach its
-#   peak, so a bigger budget would not be faster, only fatter; a much smaller one would make
-#   the matmuls thin and add Python overhead per block.
+#   N = 9409 a block has 222 rows, enough for a CPU matmul to run near its peak. Doubling the
+#   budget made forward+backward ~10% faster at N = 9409 but its peak RSS growth 144 MB
+#   instead of 114 MB (the reference's: 1438 MB); halving it cost ~25% at N = 4096.
 # Tests lower it to exercise many blocks at small N.
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 21
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,6 +102,19 @@ def _row_tiles(batch: int, n: int) -> list[tuple[int, int, int, int]]:
         for b0 in range(0, batch, images)
         for i0 in range(0, n, rows)
     ]
+
+
+def _tile_buffer(
+    tiles: list[tuple[int, int, int, int]], n: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """One (images, rows, N) buffer that every tile's rows x N block is a contiguous view of.
+
+    Allocated once per call, not per block: a fresh multi-MiB tensor per block made glibc's heap
+    fragment (its mmap threshold adapts to freed sizes), and peak RSS crept up call after call.
+    """
+    images = max((b1 - b0 for b0, b1, _, _ in tiles), default=0)
+    rows = max((i1 - i0 for _, _, i0, i1 in tiles), default=0)
+    return torch.empty((images, rows, n), dtype=dtype, device=device)
 
 
 def _column_blocks(batch: int, channels: int, n: int) -> list[tuple[int, int]]:
@@ -144,14 +158,16 @@ def pam_forward(
     if keep_attention_output and (scale is not None or compute != v.dtype):
         attention_out = torch.empty(v.shape, dtype=compute, device=v.device)
     lse = torch.empty((batch, n), dtype=compute, device=v.device)
-    for b0, b1, i0, i1 in _row_tiles(batch, n):
-        probs = torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1])  # (b, rows, N) energy
+    tiles = _row_tiles(batch, n)
+    probs_buffer = _tile_buffer(tiles, n, compute, v.device)
+    for b0, b1, i0, i1 in tiles:
+        probs = probs_buffer[: b1 - b0, : i1 - i0]  # (b, rows, N): energy, then exp(energy - max)
+        torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1], out=probs)
         row_max = probs.amax(dim=-1, keepdim=True)
         probs.sub_(row_max).exp_()  # unnormalised; a NaN or inf energy spreads as in softmax
         row_sum = probs.sum(dim=-1, keepdim=True)  # >= 1: the max entry contributes exp(0)
         lse[b0:b1, i0:i1] = (row_max + row_sum.log()).squeeze(-1)
         out = torch.bmm(vc[b0:b1], probs.transpose(1, 2))  # (b, C, rows), unnormalised
-        del probs  # free the rows x N buffer before the next block allocates its own
         norm = row_sum.transpose(1, 2).reciprocal()
         result_blk = result[b0:b1, :, i0:i1]
         if attention_out is not None:  # O, kept for the backward: normalised where it is stored
@@ -191,8 +207,6 @@ def pam_backward(
     scale = _scalar(gamma, compute)
     need_gamma = need_gamma and gamma is not None
     need_scores = need_q or need_k  # dS is needed; dgamma only needs D
-    # D = rowsum(dY * O) (= rowsum(P * dPY)), once for all rows: (B, 1, N); dgamma = sum(D)
-    delta = (grad * attention_out).sum(dim=1, keepdim=True) if need_scores or need_gamma else None
     # [q; -lse]^T [k; 1] = q^T k - lse: the matmul subtracts the lse, and exp_ alone gives P
     ones = torch.ones((batch, 1, n), dtype=compute, device=v.device)
     k_aug = torch.cat([kc, ones], dim=1)
@@ -200,16 +214,26 @@ def pam_backward(
     grad_q = torch.empty(qc.shape, dtype=compute, device=q.device) if need_q else None
     grad_k = torch.zeros(kc.shape, dtype=compute, device=k.device) if need_k else None
     grad_v = torch.zeros(vc.shape, dtype=compute, device=v.device) if need_v else None
-    for b0, b1, i0, i1 in _row_tiles(batch, n) if need_v or need_scores else ():
+    grad_gamma = torch.zeros((), dtype=compute, device=v.device)
+    tiles = _row_tiles(batch, n) if need_v or need_scores or need_gamma else []
+    probs_buffer = _tile_buffer(tiles if need_v or need_scores else [], n, compute, v.device)
+    dscores_buffer = _tile_buffer(tiles if need_scores else [], n, compute, v.device)
+    for b0, b1, i0, i1 in tiles:
         grad_blk = grad[b0:b1, :, i0:i1]  # (b, C, rows)
-        probs = torch.bmm(q_aug[b0:b1, :, i0:i1].transpose(1, 2), k_aug[b0:b1]).exp_()  # P, recomputed
+        if need_scores or need_gamma:  # D = rowsum(dY * O) (= rowsum(P * dPY)); dgamma = sum(D)
+            delta = (grad_blk * attention_out[b0:b1, :, i0:i1]).sum(dim=1, keepdim=True)  # (b, 1, rows)
+            grad_gamma = grad_gamma + delta.sum()
+        if not (need_v or need_scores):
+            continue
+        probs = probs_buffer[: b1 - b0, : i1 - i0]
+        torch.bmm(q_aug[b0:b1, :, i0:i1].transpose(1, 2), k_aug[b0:b1], out=probs).exp_()  # P, recomputed
         if grad_v is not None:
             grad_v[b0:b1].baddbmm_(grad_blk, probs)
         if not need_scores:
             continue
-        dscores = torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1])  # dPY, (b, rows, N)
-        dscores.sub_(delta[b0:b1, :, i0:i1].transpose(1, 2)).mul_(probs)  # dS / gamma = P * (dPY - D)
-        del probs
+        dscores = dscores_buffer[: b1 - b0, : i1 - i0]
+        torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1], out=dscores)  # dPY, (b, rows, N)
+        dscores.sub_(delta.transpose(1, 2)).mul_(probs)  # dS / gamma = P * (dPY - D)
         if grad_q is not None:
             torch.bmm(kc[b0:b1], dscores.transpose(1, 2), out=grad_q[b0:b1, :, i0:i1])
         if grad_k is not None:
@@ -222,7 +246,7 @@ def pam_backward(
         None if grad_q is None else grad_q.to(q.dtype),
         None if grad_k is None else grad_k.to(k.dtype),
         None if grad_v is None else grad_v.to(v.dtype),
-        delta.sum().reshape(gamma.shape).to(gamma.dtype) if need_gamma else None,
+        grad_gamma.reshape(gamma.shape).to(gamma.dtype) if need_gamma else None,
         grad_result if need_residual else None,
     )
 
