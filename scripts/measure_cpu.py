@@ -5,9 +5,10 @@ in fp32 at 32x32, 64x64 and 97x97, forward and forward+backward (a ones gradient
 every input), through the public functions with ``backend="torch"`` (blockwise) and
 ``backend="reference"``. Each case runs in its own subprocess, so that the peak resident
 memory (``resource.getrusage``'s ``ru_maxrss``) belongs to that case alone: one warm-up
-step, then the median of ``--repeats`` timed steps. "Growth" is the peak RSS minus the RSS
-reached once torch is imported and the inputs are built, i.e. the memory the op itself adds
-(output, saved tensors, gradients, temporaries).
+step, then the median of ``--repeats`` timed steps. "Growth" is the peak RSS minus the peak
+reached once torch is imported, the same op has run once at 8x8 (loading its kernels) and the
+inputs are built, i.e. the memory the op itself adds (output, saved tensors, gradients,
+temporaries).
 
 Usage::
 
@@ -16,7 +17,7 @@ Usage::
     python scripts/measure_cpu.py --case pam 64 torch full   # one case (used internally)
 
 On a shared machine timings vary from run to run: compare the two backends within one run,
-as ratios. The whole run takes about two minutes on an idle 2-core CPU.
+as ratios. The whole run takes about a minute and a half on a quiet 2-core CPU.
 """
 
 from __future__ import annotations
