@@ -256,10 +256,13 @@ def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tens
     compute = _compute_dtype(x.dtype)
     batch, channels, n = x.shape
     blocks = _column_blocks(batch, channels, n)
-    energy = torch.zeros((batch, channels, channels), dtype=compute, device=x.device)
-    for n0, n1 in blocks:
+    energy = None
+    for n0, n1 in blocks:  # E = sum over column blocks of x_blk x_blk^T, in the compute dtype
         x_blk = x[:, :, n0:n1].to(compute)
-        energy.baddbmm_(x_blk, x_blk.transpose(1, 2))
+        if energy is None:
+            energy = torch.bmm(x_blk, x_blk.transpose(1, 2))
+        else:
+            energy.baddbmm_(x_blk, x_blk.transpose(1, 2))
     # softmax(rowmax(E) - E) == softmax(-E) == softmax(rowmin(E) - E): all <= 0, max exactly 0.
     # One difference with the reference remains: a row holding +inf (an inf input) is NaN
     # there (rowmax - E = inf - inf) but would be finite here; 0 * rowmax is NaN exactly
@@ -273,10 +276,11 @@ def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tens
     result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     for n0, n1 in blocks:
         x_blk = x[:, :, n0:n1].to(compute)
-        if scale is None:
-            result[:, :, n0:n1] = torch.bmm(mix, x_blk)
-        else:
-            result[:, :, n0:n1] = torch.baddbmm(x_blk, mix, x_blk)
+        # written straight into the result when the dtypes agree: no (B, C, N) temporary
+        dest = result[:, :, n0:n1] if compute == x.dtype else None
+        out = torch.bmm(mix, x_blk, out=dest) if scale is None else torch.baddbmm(x_blk, mix, x_blk, out=dest)
+        if dest is None:
+            result[:, :, n0:n1] = out
     return result, attention
 
 
@@ -312,10 +316,12 @@ def cam_backward(
     for n0, n1 in blocks:
         x_blk = x[:, :, n0:n1].to(compute)
         grad_blk = grad_result[:, :, n0:n1].to(compute)
-        block = torch.bmm(grad_energy_sym, x_blk).baddbmm_(attention_t, grad_blk)
+        dest = grad_x[:, :, n0:n1] if compute == x.dtype else None
+        block = torch.bmm(grad_energy_sym, x_blk, out=dest).baddbmm_(attention_t, grad_blk)
         if scale is not None:
             block.add_(grad_blk)  # the residual x
-        grad_x[:, :, n0:n1] = block
+        if dest is None:
+            grad_x[:, :, n0:n1] = block
     return grad_x, grad_gamma
 
 
