@@ -12,17 +12,13 @@ through the kernels' numerics written in torch.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import danet_kernels
 from danet_kernels.kernels import channel_attention as cam
 from danet_kernels.reference import channel_attention_reference
+from tests.danet_kernels.hopper_compile import check_compiles
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,21 +255,8 @@ def test_cam_module_uses_the_kernels() -> None:
 
 
 HOPPER_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 import danet_kernels.kernels.channel_attention as cam
-
-def compile_for_hopper(kernel, pointer_types, constexprs, config=None):
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constexprs = {**constexprs, **(config.kwargs if config else {})}
-    signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "i32")
-                 for name in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+from tests.danet_kernels.hopper_compile import compile_for_hopper
 
 for dtype, precision in [("bf16", "tf32"), ("fp32", "ieee")]:
     io = {name: "*" + dtype for name in ("L", "R", "W", "U", "V", "Res", "Y", "AttnLow", "Wgt")}
@@ -298,14 +281,7 @@ def test_kernels_compile_for_hopper() -> None:
     """The interpreter forgives what the compiler rejects (e.g. a plain global read in a kernel):
     compile every kernel, with a Hopper autotuning config, for sm_90 in a fresh process without
     TRITON_INTERPRET. Needs no GPU, only the ptxas that ships with Triton."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo_root = str(Path(danet_kernels.__file__).parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([repo_root, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT], env=env, capture_output=True,
-                            text=True, timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    check_compiles(HOPPER_COMPILE_SCRIPT)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,17 +9,13 @@ an element the kernels fail to write shows up as a mismatch.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import danet_kernels
 from danet_kernels.kernels import position_attention as pam
 from danet_kernels.reference import position_attention_reference
+from tests.danet_kernels.hopper_compile import check_compiles
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -319,26 +315,20 @@ def test_forward_config_prune_keeps_problem_sized_tiles() -> None:
 HOPPER_COMPILE_SCRIPT = r"""
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
 import danet_kernels.kernels.position_attention as pam
+from tests.danet_kernels.hopper_compile import compile_for_hopper as compile_with_types
 
 def compile_for_hopper(kernel, dtype, constexprs, config):
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    constexprs = {**constexprs, **config.kwargs}
     # As a launch on contiguous (B, *, N) tensors specialises them: N-axis strides are 1.
-    constexprs.update({name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("n")})
+    unit_strides = {name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("n")}
     fp32 = ("Gamma", "Lse", "DeltaRaw")
     sizes = ("N", "C", "D")
-    signature = {name: "constexpr" if name in constexprs else "*fp32" if name in fp32
-                 else "*" + dtype if name[0].isupper() and name not in sizes else "i32"
-                 for name in fn.arg_names}
-    constants = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    pointers = {name: "*fp32" if name in fp32 else "*" + dtype
+                for name in fn.arg_names if name[0].isupper() and name not in sizes}
+    compile_with_types(kernel, pointers, {**constexprs, **unit_strides}, config)
 
 for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -374,14 +364,7 @@ def test_kernels_compile_for_hopper() -> None:
     """The interpreter forgives what the compiler rejects: compile the kernels for sm_90 in a fresh
     process without TRITON_INTERPRET (largest forward tiles, every backward kernel, bf16, tf32 and
     fp32 "ieee"). Needs no GPU, only the ptxas that ships with Triton."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = str(Path(danet_kernels.__file__).parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT], env=env, capture_output=True,
-                            text=True, timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    check_compiles(HOPPER_COMPILE_SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------------
