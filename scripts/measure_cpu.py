@@ -5,10 +5,11 @@ in fp32 at 32x32, 64x64 and 97x97, forward and forward+backward (a ones gradient
 every input), through the public functions with ``backend="torch"`` (blockwise) and
 ``backend="reference"``. Each case runs in its own subprocess, so that the peak resident
 memory (``resource.getrusage``'s ``ru_maxrss``) belongs to that case alone: one warm-up
-step, then the median of ``--repeats`` timed steps. "Growth" is the peak RSS minus the peak
-reached once torch is imported, the same op has run once at 8x8 (loading its kernels) and the
-inputs are built, i.e. the memory the op itself adds (output, saved tensors, gradients,
-temporaries).
+step, then the median of ``--repeats`` timed steps; the two backends alternate for
+``--rounds`` processes each and each keeps its fastest median and its largest growth.
+"Growth" is the peak RSS minus the peak reached once torch is imported, the same op has
+run once at 8x8 (loading its kernels) and the inputs are built, i.e. the memory the op
+itself adds (output, saved tensors, gradients, temporaries).
 
 Usage::
 
@@ -17,7 +18,7 @@ Usage::
     python scripts/measure_cpu.py --case pam 64 torch full   # one case (used internally)
 
 On a shared machine timings vary from run to run: compare the two backends within one run,
-as ratios. The whole run takes about a minute and a half on a quiet 2-core CPU.
+as ratios. The whole run takes about three minutes on a quiet 2-core CPU (``--rounds 1``: half).
 """
 
 from __future__ import annotations
@@ -95,6 +96,19 @@ def _subprocess_case(op: str, side: int, backend: str, mode: str, args: argparse
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _alternating(op: str, side: int, mode: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Run reference, blockwise, reference, ... ``args.rounds`` times each, so that both see the
+    same machine; keep each backend's fastest median (interference from other users of a shared
+    machine only ever adds time) and its largest memory growth (the allocator varies a little)."""
+    runs: dict[str, list[dict]] = {b: [] for b in BACKENDS}
+    for _ in range(args.rounds):
+        for backend in BACKENDS:
+            runs[backend].append(_subprocess_case(op, side, backend, mode, args))
+    ref, ours = ({"ms": min(r["ms"] for r in runs[b]), "growth_mb": max(r["growth_mb"] for r in runs[b])}
+                 for b in BACKENDS)
+    return ref, ours
+
+
 def _ratio(ours: float, ref: float) -> str:
     return f"{ours / ref:.2f}x"
 
@@ -105,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 97], help="H = W of the feature map")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median reported)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per case, alternating the backends; the fastest median is reported")
     parser.add_argument("--block-elements", type=int, default=None,
                         help="override danet_kernels.blockwise.BLOCK_ELEMENTS (the rows x N buffer budget)")
     parser.add_argument("--case", nargs=4, metavar=("OP", "SIDE", "BACKEND", "MODE"), help=argparse.SUPPRESS)
@@ -121,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, B=1, C={CHANNELS}, "
-          f"median of {args.repeats} steps after one warm-up, {when}, load average {os.getloadavg()[0]:.1f}, "
+          f"median of {args.repeats} steps after one warm-up, best of {args.rounds} alternating rounds, "
+          f"{when}, load average {os.getloadavg()[0]:.1f}, "
           f"block budget {args.block_elements or blockwise.BLOCK_ELEMENTS} elements")
     print()
     print("| op | H x W (N) | mode | reference | blockwise | time ratio | reference growth | "
@@ -130,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for op in args.ops:
         for side in args.sizes:
             for mode in MODES:
-                ref, ours = (_subprocess_case(op, side, b, mode, args) for b in BACKENDS)
+                ref, ours = _alternating(op, side, mode, args)
                 name = "forward" if mode == "fwd" else "fwd+bwd"
                 print(
                     f"| {op.upper()} | {side}x{side} ({side * side}) | {name} "
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {_ratio(max(ours['growth_mb'], 1), max(ref['growth_mb'], 1))} |",
                     flush=True,
                 )
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
