@@ -126,6 +126,24 @@ def test_pam_gamma_zero_still_has_gradients():
     _check_against_ref64(_pam_torch, _pam_ref64, (q, k, v, torch.zeros(1), r), tol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "wanted", [(3,), (2,), (4,), (0, 1), (0, 3)], ids=["gamma", "v", "residual", "qk", "q_gamma"]
+)
+def test_pam_partial_gradients(wanted, block_budget):
+    """Only some inputs require grad (frozen features, a trained gamma): those match, the rest stay None."""
+    inputs = _pam_inputs((2, 4, 6, 29))
+    leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    refs = [t.double().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    grad_out = torch.randn(inputs[2].shape, dtype=torch.float64)
+    _pam_torch(*leaves).backward(grad_out.float())
+    _pam_ref64(*refs).backward(grad_out)
+    for i, (t, r) in enumerate(zip(leaves, refs, strict=True)):
+        if i in wanted:
+            assert _rel_err(t.grad, r.grad) <= 2e-5, i
+        else:
+            assert t.grad is None, i
+
+
 # ---------------------------------------------------------------- PAM: fp16 / bf16
 
 
