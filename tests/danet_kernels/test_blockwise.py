@@ -269,6 +269,21 @@ def test_cam_fp32_forward_and_gradients(shape, with_gamma, block_budget):
     _check_against_ref64(_cam_torch, _cam_ref64, (x, torch.tensor([0.6]) if with_gamma else None), tol=2e-5)
 
 
+@pytest.mark.parametrize("wanted", ["x", "gamma"])
+def test_cam_partial_gradients(wanted, block_budget):
+    x, g = 0.3 * torch.randn(2, 5, 33), torch.tensor([0.6])
+    leaves = [x.clone().requires_grad_(wanted == "x"), g.clone().requires_grad_(wanted == "gamma")]
+    refs = [x.double().requires_grad_(wanted == "x"), g.double().requires_grad_(wanted == "gamma")]
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    _cam_torch(*leaves).backward(grad_out.float())
+    _cam_ref64(*refs).backward(grad_out)
+    for name, t, r in zip(("x", "gamma"), leaves, refs, strict=True):
+        if name == wanted:
+            assert _rel_err(t.grad, r.grad) <= 2e-5
+        else:
+            assert t.grad is None
+
+
 def test_cam_float64_and_non_contiguous(block_budget):
     x64 = torch.randn(2, 30, 7, dtype=torch.float64).transpose(1, 2)  # (2, 7, 30), C=7 N=30, strided
     _check_against_ref64(_cam_torch, _cam_ref64, (x64, torch.tensor([0.4], dtype=torch.float64)), tol=1e-12)
