@@ -24,7 +24,7 @@ buffer, normalises after the second matmul (on rows x C, not rows x N), and writ
 size of the output; with no gamma O is the result itself and nothing is copied).
 
 The backward recomputes P block by block. With ``dPY = dY^T v`` (the gradient of P for
-gamma = 1) and ``D = rowsum_c(dY * O)`` computed once from the saved O::
+gamma = 1) and ``D = rowsum_c(dY * O)`` from the saved O (per block, on rows x C)::
 
     P_blk  = exp([q_blk; -lse_blk]^T [k; 1])  (the lse subtraction rides in the matmul)
     dS     = gamma * P * (dPY - D)            (softmax backward, in place in the dPY buffer)
