@@ -1,36 +1,29 @@
 """Drop-in PAM_Module and CAM_Module running the fused attention.
 
-Same constructor, parameter names and ``state_dict`` as :mod:`danet_kernels.reference`
-(and the original DANet release), so a checkpoint trained with the reference loads with no
-key changes. The modules own the parameters and nothing else; the work happens in
-:func:`danet_kernels.position_attention` / :func:`danet_kernels.channel_attention`, whose
-backend follows the switch in :mod:`danet_kernels._dispatch`.
+Each subclasses its reference module (:mod:`danet_kernels.reference`, the original DANet
+release's modules) and replaces only ``forward``: the constructor, parameter names and
+``state_dict`` are the reference's own, so a checkpoint trained with the reference loads with
+no key changes. The work happens in :func:`danet_kernels.position_attention` /
+:func:`danet_kernels.channel_attention`, whose backend follows the switch in
+:mod:`danet_kernels._dispatch`.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from danet_kernels import reference
 from danet_kernels.functional import channel_attention, position_attention
 
 __all__ = ["CAM_Module", "PAM_Module"]
 
 
-class PAM_Module(nn.Module):  # noqa: N801 - the original release's name, kept for drop-in use
+class PAM_Module(reference.PAM_Module):  # noqa: N801 - the original release's name, kept for drop-in use
     """Position attention module: ``gamma * PAM(x) + x`` without the N x N matrix.
 
     Args:
         in_dim: channels C of the input; queries and keys have ``C // 8`` channels.
     """
-
-    def __init__(self, in_dim: int) -> None:
-        super().__init__()
-        self.chanel_in = in_dim
-        self.query_conv = nn.Conv2d(in_dim, in_dim // 8, kernel_size=1)
-        self.key_conv = nn.Conv2d(in_dim, in_dim // 8, kernel_size=1)
-        self.value_conv = nn.Conv2d(in_dim, in_dim, kernel_size=1)
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``gamma * PAM(x) + x`` for x of shape (B, C, H, W)."""
@@ -47,21 +40,13 @@ class PAM_Module(nn.Module):  # noqa: N801 - the original release's name, kept f
             out = self.gamma * position_attention(q, k, v) + residual
         return out.reshape(b, c, h, w)
 
-    def extra_repr(self) -> str:
-        return f"in_dim={self.chanel_in}"
 
-
-class CAM_Module(nn.Module):  # noqa: N801 - the original release's name, kept for drop-in use
+class CAM_Module(reference.CAM_Module):  # noqa: N801 - the original release's name, kept for drop-in use
     """Channel attention module: ``gamma * CAM(x) + x`` with the C x C energy in fp32.
 
     Args:
         in_dim: channels C of the input (kept for the original signature).
     """
-
-    def __init__(self, in_dim: int) -> None:
-        super().__init__()
-        self.chanel_in = in_dim
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``gamma * CAM(x) + x`` for x of shape (B, C, H, W)."""
@@ -69,6 +54,3 @@ class CAM_Module(nn.Module):  # noqa: N801 - the original release's name, kept f
             raise ValueError(f"CAM_Module expects (B, C, H, W), got shape {tuple(x.shape)}")
         b, c, h, w = x.shape
         return channel_attention(x.flatten(2), gamma=self.gamma).reshape(b, c, h, w)
-
-    def extra_repr(self) -> str:
-        return f"in_dim={self.chanel_in}"
