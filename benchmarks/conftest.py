@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shlex
 from typing import Any
 
 import pytest
@@ -29,6 +30,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "that the suite runs; the timings are not worth reading)",
     )
     parser.addoption(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="danet benchmarks: torch.set_num_threads for the CPU runs (default: torch's choice). On a "
+        "shared machine 1 gives stable timings: with 2 threads each op waits in an OpenMP barrier "
+        "whenever another process holds a core",
+    )
+    parser.addoption(
         "--train-amp",
         choices=("none", "bf16"),
         default="none",
@@ -37,9 +46,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Turn ``--bench-quick`` into the environment switch the test modules read at import."""
+    """Apply ``--torch-threads``; turn ``--bench-quick`` into the switch the test modules read at import."""
     if config.getoption("--bench-quick"):
         os.environ[harness.QUICK_ENV] = "1"
+    threads = config.getoption("--torch-threads")
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"--torch-threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _cpu_model() -> str:
@@ -75,13 +89,15 @@ def device_description() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     else:
-        info["device"] = f"CPU: {info['cpu']}, {info['cpu_threads']} torch threads"
+        threads = info["cpu_threads"]
+        info["device"] = f"CPU: {info['cpu']}, {threads} torch thread{'s' * (threads != 1)}"
     return info
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
-    """Add the device and library versions under ``machine_info["danet"]``."""
+    """Add the device, library versions and the command line under ``machine_info["danet"]``."""
     machine_info["danet"] = device_description()
+    machine_info["danet"]["command"] = shlex.join(["python", "-m", "pytest", *config.invocation_params.args])
 
 
 def pytest_benchmark_update_json(

@@ -53,6 +53,7 @@ class Case:
     info: dict[str, Any]
     median_s: float | None = None
     rounds: int | None = None
+    min_s: float | None = None
     reason: str | None = None
 
     @property
@@ -87,6 +88,7 @@ class Run:
     date: str
     commit: str
     quick: bool = False  # a --bench-quick smoke run: one round, smallest grids
+    command: str | None = None  # the pytest command line that wrote the file
     cases: list[Case] = field(default_factory=list)
 
 
@@ -107,12 +109,13 @@ def _load_run(path: Path) -> Run:
         date=str(data.get("datetime", "?")),
         commit=commit,
         quick=bool(danet.get("quick")),
+        command=danet.get("command"),
     )
     for bench in data["benchmarks"]:
         stats = bench.get("stats") or {}
         info = dict(bench.get("extra_info", {}))
-        median, rounds = stats.get("median"), stats.get("rounds")
-        run.cases.append(Case(bench["name"], bench.get("group") or "", info, median, rounds))
+        median, rounds, fastest = stats.get("median"), stats.get("rounds"), stats.get("min")
+        run.cases.append(Case(bench["name"], bench.get("group") or "", info, median, rounds, fastest))
     for skipped in data.get("danet_not_run", []):
         info = dict(skipped.get("extra_info", {}))
         run.cases.append(Case(skipped["name"], skipped.get("group") or "", info,
@@ -191,6 +194,7 @@ def _kernel_section(op: str, cases: list[Case]) -> list[str]:
                 str(c.info.get("B", "?")), f"{c.info.get('H')}x{c.info.get('W')}", str(c.info.get("N", "?")),
                 c.impl,
                 format_ms(c.median_s) if measured else _not_run_cell(c),
+                format_ms(c.min_s) if measured else "—",
                 _ratio(ref.median_s, c.median_s) if measured and ref else "—",
                 format_bytes(c.peak),
                 _ratio(c.peak, ref.peak) if measured and ref else "—",
@@ -199,8 +203,8 @@ def _kernel_section(op: str, cases: list[Case]) -> list[str]:
                 str(c.rounds or "—"),
             ])
         lines += [f"### {pass_}, {dtype}", ""]
-        lines += _table(["B", "HxW", "N", "impl", "median ms", "speed-up vs reference", "peak memory",
-                         "memory vs reference", "TFLOP/s", "max rel. err", "rounds"], rows)
+        lines += _table(["B", "HxW", "N", "impl", "median ms", "min ms", "speed-up vs reference",
+                         "peak memory", "memory vs reference", "TFLOP/s", "max rel. err", "rounds"], rows)
         lines.append("")
     return lines
 
@@ -302,7 +306,8 @@ CONVENTIONS = """\
 ## How to read the numbers
 
 - **median ms**: the median of the timed rounds of one call (pytest-benchmark's pedantic mode,
-  after warm-up; on CUDA every round is bracketed by `torch.cuda.synchronize()`).
+  after warm-up; on CUDA every round is bracketed by `torch.cuda.synchronize()`). **min ms**:
+  the fastest round, the least disturbed by other processes on a shared machine.
 - **speed-up vs reference**: the reference's median divided by this row's, in the same group
   (same op, pass, dtype and shape); above 1 is faster. **memory vs reference**: this row's
   peak divided by the reference's; below 1 is smaller.
@@ -347,6 +352,9 @@ def render_markdown(runs: Sequence[Run], plot_link: str | None = None) -> str:
     header = ["measured on", "torch", "triton", "CUDA", "python", "date (UTC)", "commit", "file"]
     lines += _table(header, rows)
     lines.append("")
+    for run in runs:
+        if run.command:
+            lines += [f"`{Path(run.path).name}` was written by `{run.command}`.", ""]
     if plot_link:
         lines += [f"![time and peak memory against N]({plot_link})", ""]
     for op in ("pam", "cam"):
