@@ -82,7 +82,7 @@ def device_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
+        "cuda": torch.version.cuda if harness.ON_CUDA else None,  # a CPU run uses no CUDA
         "quick": harness.quick_mode(),
     }
     if harness.ON_CUDA:

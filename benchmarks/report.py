@@ -347,7 +347,8 @@ def render_markdown(runs: Sequence[Run], plot_link: str | None = None) -> str:
         lines += ["> **Smoke run** (`--bench-quick`): one round per case on the smallest grids; the",
                   "> timings only show that the suite runs.", ""]
     rows = [[run.device, str(run.versions.get("torch")), str(run.versions.get("triton")),
-             run.versions.get("cuda") or "—", str(run.versions.get("python")),
+             (run.versions.get("cuda") if not run.device.startswith("CPU") else None) or "—",
+             str(run.versions.get("python")),
              run.date[:19].replace("T", " "), run.commit, f"`{Path(run.path).name}`"] for run in runs]
     header = ["measured on", "torch", "triton", "CUDA", "python", "date (UTC)", "commit", "file"]
     lines += _table(header, rows)
@@ -380,6 +381,7 @@ def render_plot(runs: Sequence[Run], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     cases = [c for run in runs for c in run.cases if c.median_s is not None]
     kernel = [c for c in cases if c.op in OP_TITLES]
@@ -402,6 +404,7 @@ def render_plot(runs: Sequence[Run], path: str | Path) -> None:
                     color=colours.get(impl, "k"), linestyle=styles.get(pass_, "-"))
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
