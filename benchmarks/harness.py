@@ -136,11 +136,17 @@ def cam_flops(shape: AttentionShape, pass_: str) -> float:
     return forward if pass_ == "forward" else forward * (1.0 + CAM_BACKWARD_FACTOR)
 
 
+# Out-of-memory errors that do not arrive as torch.OutOfMemoryError: the CPU allocator's, and
+# those of CUDA libraries that allocate outside the caching allocator (cuBLAS, cuDNN handles).
+_OOM_MESSAGES = ("can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error (CUDA's, or the CPU allocator's RuntimeError)."""
+    """Whether ``exc`` is an out-of-memory error (the caching allocator's, a CUDA library's, the CPU's)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
 def free_memory() -> None:
