@@ -274,7 +274,8 @@ def _max_batch_section(searches: list[Case]) -> list[str]:
             claims.append(
                 f"{h}x{w} under {format_bytes(cap)}: fused batch {fused_best}, reference {ref_best}"
             )
-    how = ("enforced with torch.cuda.set_per_process_memory_fraction" if enforced else
+    how = ("enforced with torch.cuda.set_per_process_memory_fraction on PyTorch's caching allocator "
+           "(the CUDA context and library workspaces come on top)" if enforced else
            "compared with the measured peak of each batch (the CPU allocator cannot be capped)")
     lines = ["### Largest batch under a memory cap", "", f"Caps {how}; a search over batch sizes "
              "(doubling, then bisecting; `>=` marks the search's upper limit).", ""]
