@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Case", "load_cases", "main", "render_markdown", "render_plot"]
+__all__ = ["Case", "Run", "format_bytes", "format_ms", "load_cases", "main", "render_markdown", "render_plot"]
 
 IMPL_ORDER = ("reference", "triton", "blockwise", "sdpa", "fused")
 PASS_ORDER = ("forward", "forward+backward")
