@@ -300,5 +300,5 @@ def test_max_batch(
         best = largest_batch(_fits_under(trainer, attention, size, cap, amp), GRID.search_limit)
         benchmark.extra_info.update(max_batch=best, B=best)
         if best == 0:
-            skip_case(benchmark, f"OOM: not even batch 1 fits under {_cap_id(cap)}B", oom=True)
+            skip_case(benchmark, f"OOM: not even batch 1 fits under {_cap_id(cap)}iB", oom=True)
         _time_step(benchmark, trainer, *trainer.batch(best, *size))
