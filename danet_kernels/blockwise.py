@@ -82,6 +82,12 @@ __all__ = [
 #   instead of 114 MB (the reference's: 1438 MB); halving it cost ~25% at N = 4096.
 # Tests lower it to exercise many blocks at small N.
 BLOCK_ELEMENTS = 1 << 21
+# Below the cap, a buffer holds at most 1/32 of the N x N matrix (never less than 256 Ki
+# elements, so small maps keep large matmuls): at 64x64 (N = 4096) that is 128 rows, 2 MiB
+# instead of 8 MiB per buffer, which brings the backend under 10% of the reference's memory
+# there (measured, docs/performance.md) at about 10% of its forward speed; from N = 8192 on
+# the cap decides alone.
+MIN_BLOCK_ELEMENTS = 1 << 18
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,8 +101,9 @@ def _row_tiles(batch: int, n: int) -> list[tuple[int, int, int, int]]:
     Whole N x N matrices of several images share a tile when they fit (small N, large B);
     otherwise one image per tile and as many query rows as fit.
     """
-    rows = max(1, min(n, BLOCK_ELEMENTS // n))
-    images = max(1, BLOCK_ELEMENTS // (n * n)) if rows == n else 1
+    budget = min(BLOCK_ELEMENTS, max(n * n // 32, MIN_BLOCK_ELEMENTS))
+    rows = max(1, min(n, budget // n))
+    images = max(1, budget // (n * n)) if rows == n else 1
     return [
         (b0, min(b0 + images, batch), i0, min(i0 + rows, n))
         for b0 in range(0, batch, images)
