@@ -92,6 +92,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from danet_kernels._dispatch import triton_interpreting
+from danet_kernels.kernels.common import dot_input_precision
 
 __all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
 
@@ -510,22 +511,6 @@ def _split_plan(batch: int, C: int, N: int, symmetric: bool, device: torch.devic
     return triton.cdiv(N, n_per_split), n_per_split
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 follows torch's CUDA matmul setting; 16-bit types ignore it.
-
-    torch >= 2.9 keeps the setting in ``torch.backends.cuda.matmul.fp32_precision`` ("tf32",
-    "ieee", or "none" when unset), which the legacy setters (``allow_tf32``,
-    ``set_float32_matmul_precision``) also update; reading the legacy getters after the new API
-    was used raises, so the new one is read wherever it exists.
-    """
-    if dtype != torch.float32:
-        return "tf32"
-    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if precision is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return "tf32" if precision == "tf32" else "ieee"
-
-
 def _size_bucket(n: int) -> int:
     """The autotuning key for N: its next power of two, so that every image size does not
     retune. A symbolic N (torch.compile with dynamic shapes) is passed through unchanged: bit
@@ -549,7 +534,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         right, *right.stride(),
         partial,
         C, N, n_per_split, num_splits, _size_bucket(N),
-        SYMMETRIC=symmetric, PRECISION=_dot_precision(left.dtype),
+        SYMMETRIC=symmetric, PRECISION=dot_input_precision(left.dtype),
     )
     return partial, num_splits
 
@@ -576,7 +561,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
         y, *y.stride(),
         C, N, _size_bucket(N),
         HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
-        PRECISION=_dot_precision(u.dtype),
+        PRECISION=dot_input_precision(u.dtype),
     )
     return y
 

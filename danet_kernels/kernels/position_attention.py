@@ -68,8 +68,8 @@ is needed. Without gamma, Y is O.
 Numerics. fp32, fp16 and bf16 inputs; S, the softmax statistics and all accumulators are fp32;
 P and dS are rounded to the input dtype before their matmuls for fp16/bf16 (tensor-core
 inputs), kept fp32 for fp32. For fp32 inputs ``tl.dot``'s input_precision follows torch
-(``"ieee"`` when torch.get_float32_matmul_precision() is "highest" and TF32 is off, the
-default, so the kernel is as exact as the reference; ``"tf32"`` otherwise). NaN/Inf propagate
+(:func:`danet_kernels.kernels.common.dot_input_precision`: ``"ieee"`` by default, so the
+kernel is as exact as the reference; ``"tf32"`` where torch allows TF32). NaN/Inf propagate
 as in the reference; a row whose energies are all -inf so far gets its max guarded to 0 so that
 ``-inf - -inf`` never manufactures a NaN the reference does not have.
 
@@ -95,16 +95,17 @@ the interpreter (see ``_define_op``); the forward op carries the autograd formul
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from danet_kernels._dispatch import triton_interpreting
+from danet_kernels.kernels.common import dot_input_precision
+
 __all__ = ["PositionAttentionFunction", "pam_backward", "pam_forward", "position_attention_triton"]
 
 # Read once at import, like Triton itself: TRITON_INTERPRET must be set before triton is imported.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETING = triton_interpreting()
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -616,14 +617,6 @@ def _batch_chunks(batch: int) -> list[tuple[int, int]]:
     return [(start, min(batch, start + _MAX_GRID_BATCH)) for start in range(0, batch, _MAX_GRID_BATCH)]
 
 
-def _dot_input_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: torch's fp32 matmul setting for fp32 (ignored for 16-bit inputs)."""
-    if dtype != torch.float32:
-        return "tf32"
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if allow_tf32 else "ieee"
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -686,7 +679,7 @@ def pam_forward(
     gamma_arg = gamma if has_residual else lse
     residual_arg = residual if has_residual else v
     out_arg = out if store_out else result
-    precision = _dot_input_precision(v.dtype)
+    precision = dot_input_precision(v.dtype)
     kernel = _pam_fwd_kernel_fma if precision == "ieee" else _pam_fwd_kernel_tensor_cores
     meta = {
         "HAS_RESIDUAL": has_residual,
@@ -730,7 +723,7 @@ def pam_backward(
     has_gamma = gamma is not None
     dq, dk, dv, delta_raw = _backward_outputs(dy, q, k, v, gamma, out, lse)
     gamma_arg = gamma if has_gamma else lse
-    precision = _dot_input_precision(v.dtype)
+    precision = dot_input_precision(v.dtype)
     config = _bwd_config(v.dtype, precision, _pow2_cap(head_dim), n, channels)
     common = {"HAS_GAMMA": has_gamma, "BLOCK_D": _pow2_cap(head_dim), "INPUT_PRECISION": precision}
     pre, dv_cfg, dk_cfg, dq_cfg = config["pre"], config["dv"], config["dk"], config["dq"]

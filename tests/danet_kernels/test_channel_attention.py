@@ -216,18 +216,6 @@ def test_split_plan_covers_n_exactly() -> None:
             assert (splits - 1) * per_split < n <= splits * per_split
 
 
-def test_fp32_dot_precision_follows_torch() -> None:
-    """fp32 dots are IEEE by default (like the reference's matmuls) and TF32 when torch allows it."""
-    assert cam._dot_precision(torch.float32) == "ieee"
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert cam._dot_precision(torch.float32) == "tf32"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    assert cam._dot_precision(torch.float32) == "ieee"
-
-
 def test_autograd_function_apply_matches_the_op() -> None:
     """ChannelAttentionFunction.apply and the registered op share one autograd formula."""
     gamma = torch.full((1,), 0.4, device=DEVICE)

@@ -286,17 +286,6 @@ def test_backward_without_saved_o_is_a_clear_error() -> None:
         result.sum().backward()
 
 
-def test_fp32_dot_precision_follows_torch() -> None:
-    assert pam._dot_input_precision(torch.float32) == "ieee"  # torch's default: "highest"
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")
-        assert pam._dot_input_precision(torch.float32) == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert pam._dot_input_precision(torch.float32) == "ieee"
-
-
 def test_forward_config_prune_keeps_problem_sized_tiles() -> None:
     """The Hopper prune caps tiles at the problem size and respects the register budget."""
     configs = list(filter(pam._keep, pam._FWD_CONFIGS))
