@@ -17,9 +17,7 @@ mid-write leaves the previous checkpoint intact, never a truncated one.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,41 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from danet.files import atomic_write
+
 LAST = "last.pt"
 BEST = "checkpoint_best.pt"
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj)`` to ``path`` atomically: the old file stays whole until the new one is."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # whatever went wrong (disk full, KeyboardInterrupt), never leave the partial file behind
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # Checkpoints hold numpy's RNG state (an ndarray) next to the weights. These are the only

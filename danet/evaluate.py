@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from danet.config import DataConfig, EvalConfig
+from danet.files import atomic_write
 from danet.inference import (
     add_inference_arguments,
     add_model_arguments,
-    atomic_write,
     predict_logits,
     setup_from_args,
 )

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +41,6 @@ __all__ = [
     "CommandSetup",
     "add_inference_arguments",
     "add_model_arguments",
-    "atomic_write",
     "predict_logits",
     "run_inference",
     "setup_from_args",
@@ -264,22 +260,3 @@ def run_inference(setup: CommandSetup, images: torch.Tensor) -> torch.Tensor:
     return predict_logits(setup.model, images.to(setup.device), setup.dataset_class.NUM_CLASSES,
                           mode=cfg.mode, crop_size=cfg.crop_size, stride_ratio=cfg.stride_ratio,
                           scales=cfg.scales, flip=cfg.flip)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    A crash or error never leaves a half-written file at ``path`` (nor destroys what was there).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -20,11 +20,11 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from danet.data import eval_transforms
+from danet.files import atomic_write
 from danet.inference import (
     CommandSetup,
     add_inference_arguments,
     add_model_arguments,
-    atomic_write,
     run_inference,
     setup_from_args,
 )

@@ -28,7 +28,8 @@ from matplotlib.patches import Patch
 from torch import nn
 from torch.nn import functional
 
-from danet.inference import add_model_arguments, atomic_write, setup_from_args
+from danet.files import atomic_write
+from danet.inference import add_model_arguments, setup_from_args
 from danet.predict import colourise, load_image, normalise_image, overlay
 
 __all__ = [
