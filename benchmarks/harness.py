@@ -1,5 +1,9 @@
 """Shared machinery of the benchmark suite: the case grid, inputs, timing, peak memory, OOM handling.
 
+The one-call GPU check (``scripts/gpu_check``) measures with the same helpers: the inputs
+(:func:`pam_inputs`), :func:`peak_memory_bytes`, :func:`median_ms` (``triton.testing.do_bench``)
+and :func:`median_step_ms` (CUDA events over a fixed number of long steps), :func:`is_oom`.
+
 Every benchmark test builds its inputs, hands a step (one forward, or one forward+backward)
 to :func:`run_benchmark`, and gets back timing from pytest-benchmark plus the facts the
 report needs in ``benchmark.extra_info``:
@@ -26,6 +30,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +55,10 @@ __all__ = [
     "largest_batch",
     "make_step",
     "max_rel_err",
+    "median_ms",
+    "median_step_ms",
     "pam_flops",
+    "pam_inputs",
     "peak_memory_bytes",
     "quick_mode",
     "record_not_run",
@@ -122,6 +130,22 @@ def attention_shapes() -> list[AttentionShape]:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def pam_inputs(
+    shape: AttentionShape, dtype: torch.dtype, device: torch.device = DEVICE, qk_scale: float = 1 / 8
+) -> tuple[torch.Tensor, ...]:
+    """PAM operands: q, k (B, d, N) random normal x ``qk_scale``, v and an output gradient (B, C, N).
+
+    The default is the peer baseline's: q and k divided by 8, so that the energies q^T k are
+    of order 1/8 at d = 64 (standard deviation ``qk_scale**2 * sqrt(d)``).
+    """
+    b, n = shape.batch, shape.n
+    q = torch.randn(b, shape.qk_dim, n, device=device).mul_(qk_scale).to(dtype)
+    k = torch.randn(b, shape.qk_dim, n, device=device).mul_(qk_scale).to(dtype)
+    v = torch.randn(b, shape.channels, n, device=device).to(dtype)
+    grad_out = torch.randn(b, shape.channels, n, device=device).to(dtype)
+    return q, k, v, grad_out
 
 
 def pam_flops(shape: AttentionShape, pass_: str) -> float:
@@ -214,6 +238,52 @@ def max_rel_err(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]
         scale = e64.abs().max().item() or 1.0
         worst = max(worst, (a.detach().double() - e64).abs().max().item() / scale)
     return worst
+
+
+def median_ms(step: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median milliseconds of ``step`` for kernels: ``triton.testing.do_bench`` on CUDA.
+
+    do_bench times each call with CUDA events, flushes the L2 cache before each one and runs
+    about ``warmup_ms`` of warm-up and ``rep_ms`` of timed calls (at least one each, after
+    six untimed ones). On the CPU: the median of ``time.perf_counter`` over the same budget.
+    """
+    if ON_CUDA:
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    start = time.perf_counter()
+    step()
+    estimate_ms = max(1e-3, 1000 * (time.perf_counter() - start))
+    repeats = max(1, min(1000, int(rep_ms / estimate_ms)))
+    return median_step_ms(step, warmup=max(0, min(100, int(warmup_ms / estimate_ms))), repeats=repeats)
+
+
+def median_step_ms(step: Callable[[], object], *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of a slow ``step`` (a training step, a frame).
+
+    A fixed number of calls, unlike :func:`median_ms`, so that slow steps cost what the caller
+    plans. On CUDA each call is bracketed by events (the GPU time, launch gaps included); on
+    the CPU by ``time.perf_counter``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        if ON_CUDA:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            step()
+            times.append(1000 * (time.perf_counter() - start))
+    return float(statistics.median(times))
 
 
 def make_step(

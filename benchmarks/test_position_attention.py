@@ -40,6 +40,7 @@ from benchmarks.harness import (
     error_vs_float64,
     make_step,
     pam_flops,
+    pam_inputs,
     run_benchmark,
     skip_case,
 )
@@ -107,16 +108,6 @@ def _sdpa_refusal(inputs: list[torch.Tensor]) -> str | None:
     return None
 
 
-def make_inputs(shape: AttentionShape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """q, k (B, d, N) scaled by 1/8, v (B, C, N), and an output gradient (B, C, N), all random normal."""
-    b, n = shape.batch, shape.n
-    q = torch.randn(b, shape.qk_dim, n, device=DEVICE).div_(8).to(dtype)
-    k = torch.randn(b, shape.qk_dim, n, device=DEVICE).div_(8).to(dtype)
-    v = torch.randn(b, shape.channels, n, device=DEVICE).to(dtype)
-    grad_out = torch.randn(b, shape.channels, n, device=DEVICE).to(dtype)
-    return q, k, v, grad_out
-
-
 def _exact_pam(n: int) -> Callable[..., torch.Tensor]:
     if n <= REFERENCE_CHECK_MAX_N:
         return position_attention_reference
@@ -141,7 +132,7 @@ def test_pam(
         d=shape.qk_dim, H=shape.height, W=shape.width, N=shape.n, flops=pam_flops(shape, pass_),
     )
     torch.manual_seed(0)
-    q, k, v, grad_out = make_inputs(shape, dtype)
+    q, k, v, grad_out = pam_inputs(shape, dtype)
     backward = pass_ != "forward"
     native = [impl.to_native(t).requires_grad_(backward) for t in (q, k, v)]
     native_grad_out = impl.to_native(grad_out)
