@@ -251,6 +251,38 @@ def test_worker_skips_every_case_past_its_deadline(tmp_path: Path) -> None:
     assert not [e for e in events if e["event"] == "record"]
 
 
+def test_a_cuda_fault_stops_the_worker_so_that_a_fresh_one_runs_the_rest(tmp_path: Path, monkeypatch) -> None:
+    from scripts.gpu_check import worker
+
+    ran = []
+
+    def faulting(ctx) -> None:
+        ctx.runner.run({"case": "fine"}, lambda: {"ms": 1.0})
+        fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+        ctx.runner.run({"case": "faults"}, _raise(fault))
+        ran.append("after the fault")
+
+    sections = {"pam": faulting, "cam": lambda ctx: ran.append("cam")}
+    monkeypatch.setattr(worker, "_section_functions", lambda: sections)
+    plan = make_plan(["pam", "cam"], total_s=600.0, quick=True, start=time.time())
+    events_file = EventWriter(tmp_path / "events.jsonl")
+    assert not worker.run_sections(["pam", "cam"], plan, TINY, tmp_path, events_file)
+    assert ran == []
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    records = [e["data"] for e in events if e["event"] == "record"]
+    assert [(r["case"], r["status"]) for r in records] == [("fine", "ok"), ("faults", "cuda fault")]
+    end = events[-1]
+    assert end["event"] == "section_end" and end["section"] == "pam" and end["status"] == "failed"
+    assert "fresh worker" in end["note"]
+
+
+def _raise(exc: BaseException):
+    def measure() -> None:
+        raise exc
+
+    return measure
+
+
 def test_events_fold_into_results() -> None:
     results = new_results(sections=["pam"], budgets={"pam": 10.0}, total_s=60.0, quick=False, command="c",
                           started_at=0.0, checkout={})

@@ -242,7 +242,8 @@ def _probe_case(op: str, n: int, variant: Variant, channels: int) -> dict[str, A
         del outputs
         _, second_s = _synchronized_seconds(forward_backward)
     return {"first_forward_s": round(forward_s, 3), "first_backward_s": round(backward_s, 3),
-            "second_fwd_bwd_ms": round(1000 * second_s, 3), "tuned": _tuned_since(tuners, before)}
+            "second_fwd_bwd_ms": round(1000 * second_s, 3), "autotuners_found": len(tuners),
+            "tuned": _tuned_since(tuners, before)}
 
 
 def autotune_probe(cases: Sequence[dict[str, Any]], deadline: float, cache_label: str, channels: int,

@@ -181,15 +181,21 @@ class CaseRunner:
             record.update(measure() or {})
             record.setdefault("status", "ok")
         except Exception as exc:  # a failed case is a result, not the end of the section
-            status = self.classify(exc)
-            self.failed += status == "error"
-            record.update(status=status, error=_short_error(exc, with_traceback=status == "error"))
-        finally:
+            self._failed(record, exc)
+        try:
             self.cleanup()
+        except Exception as exc:  # e.g. synchronising after a kernel that faulted
+            if record["status"] == "ok":
+                self._failed(record, exc)
         record["seconds"] = round(self.deadline.clock() - start, 3)
         self.last_seconds[group] = record["seconds"]
         self.emit(record)
         return record
+
+    def _failed(self, record: dict[str, Any], exc: BaseException) -> None:
+        status = self.classify(exc)
+        self.failed += status not in ("oom", "refused")
+        record.update(status=status, error=_short_error(exc, with_traceback=status == "error"))
 
 
 def _short_error(exc: BaseException, *, with_traceback: bool) -> str:

@@ -277,9 +277,11 @@ def _autotune_section(results: Mapping[str, Any]) -> list[str]:
             + (f" ({t['configs_timed']} of {t['configs']} timed, {t['bench_s']:g} s)"
                if t.get("configs_timed") is not None and t.get("bench_s") is not None else "")
             for t in r.get("tuned", [])) if _ok(r) else _why(r)
+        if not chosen:
+            chosen = "no autotuner found" if r.get("autotuners_found") == 0 else "none tuned"
         rows.append((r["op"].upper(), r.get("N"), r.get("variant"), r.get("cache"),
                      _cell(r, "first_forward_s", _ms), _cell(r, "first_backward_s", _ms),
-                     _cell(r, "second_fwd_bwd_ms", _ms), chosen or "none tuned"))
+                     _cell(r, "second_fwd_bwd_ms", _ms), chosen))
     return ["## Autotuning", "",
             "First call in a fresh process: 'cold' with empty Triton and user caches (compilation and "
             "tuning included), 'warm' over the caches the cold process left. B = 1, C = 512.", "",
@@ -396,6 +398,10 @@ def _left_out_section(results: Mapping[str, Any]) -> list[str]:
         what = ", ".join(f"{k}={r[k]}" for k in keys if k in r)
         first_line = (r.get("error") or "").strip().splitlines()[:1]
         lines.append(f"- {section} ({what}): {first_line[0] if first_line else 'error'}")
+    for section, state in results.get("sections", {}).items():
+        if state.get("error"):
+            tail = "\n".join(state["error"].rstrip().splitlines()[-15:])
+            lines += ["", f"{section} ({state.get('status')}):", "", "```", tail, "```"]
     return ["## Left out and failed", "", *lines] if lines else []
 
 

@@ -155,8 +155,12 @@ class Supervisor:
         record = {"command": "python " + " ".join(command[1:]), "returncode": returncode,
                   "timed_out": timed_out, "seconds": seconds, **parse_pytest_summary(output),
                   "tail": output[-4000:]}
-        status = "killed" if timed_out else "done"
-        note = f"stopped after {seconds:g} s (the section's deadline)" if timed_out else None
+        if timed_out:
+            status, note = "killed", f"stopped after {seconds:g} s (the section's deadline)"
+        elif returncode != 0:
+            status, note = "errors", f"pytest exited with status {returncode}: see {PYTEST_LOG}"
+        else:
+            status, note = "done", None
         for event in ({"event": "record", "section": "tests", "data": record},
                       {"event": "section_end", "section": "tests", "status": status, "seconds": seconds,
                        "note": note}):
@@ -176,6 +180,7 @@ class Supervisor:
                     for section in remaining:
                         end_section(self.results, section, "not run",
                                     f"the worker stopped before this section twice: see {WORKER_LOG}", now)
+                        self.results["sections"][section]["error"] = self._worker_log_tail()
                     return
             else:
                 starts_without_progress = 0
@@ -230,10 +235,19 @@ class Supervisor:
             end_section(self.results, current, "crashed",
                         f"the worker exited with status {returncode} in this section: see {WORKER_LOG}",
                         self.clock())
+            self.results["sections"][current]["error"] = self._worker_log_tail()
         self.write(force=True)
         return [s for s in sections if s not in started]
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _worker_log_tail(self, chars: int = 2000) -> str | None:
+        """The end of the workers' log: a crash's traceback, for the report."""
+        try:
+            text = (self.out / WORKER_LOG).read_text(errors="replace")
+        except OSError:
+            return None
+        return text[-chars:] or None
 
     def _drain(self) -> None:
         for event in self.reader.read_new():

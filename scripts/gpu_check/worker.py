@@ -34,7 +34,7 @@ from scripts.gpu_check.plan import (
     section_deadline,
 )
 
-__all__ = ["SectionContext", "classify_error", "environment", "run_sections", "run_worker"]
+__all__ = ["CudaFaultError", "SectionContext", "classify_error", "environment", "run_sections", "run_worker"]
 
 
 @dataclass
@@ -48,11 +48,26 @@ class SectionContext:
     section: str
 
 
+# Errors after which the process's CUDA context is unusable: every later call fails too.
+_CUDA_FAULTS = ("illegal memory access", "unspecified launch failure", "device-side assert",
+                "misaligned address", "illegal instruction", "CUDA error: unknown error",
+                "uncorrectable ECC error")
+CUDA_FAULT = "cuda fault"
+EXIT_CUDA_FAULT = 70
+
+
+class CudaFaultError(RuntimeError):
+    """A case broke the CUDA context: this worker must stop; a fresh one runs the next sections."""
+
+
 def classify_error(exc: BaseException) -> str:
-    """A failed case's status: "oom", "refused" (no kernel for the shape, SDPA's words) or "error"."""
+    """A failed case's status: "oom", "refused" (no kernel for the shape, SDPA's words), "cuda fault"
+    (the context is broken) or "error"."""
     if harness.is_oom(exc):
         return "oom"
     message = str(exc)
+    if any(fault in message for fault in _CUDA_FAULTS):
+        return CUDA_FAULT
     if isinstance(exc, RuntimeError) and ("No available kernel" in message or "No viable backend" in message):
         return "refused"
     return "error"
@@ -110,8 +125,11 @@ def _section_functions() -> dict[str, Callable[[SectionContext], None]]:
     }
 
 
-def run_sections(sections: list[str], plan: Plan, sizing: Sizing, out: Path, events: EventWriter) -> None:
-    """Run ``sections`` in order, each within its deadline, reporting through ``events``."""
+def run_sections(sections: list[str], plan: Plan, sizing: Sizing, out: Path, events: EventWriter) -> bool:
+    """Run ``sections`` in order, each within its deadline, reporting through ``events``.
+
+    Returns False when a CUDA fault stopped the run (the sections after it were not started).
+    """
     functions = _section_functions()
     for section in sections:
         start = time.time()
@@ -120,23 +138,30 @@ def run_sections(sections: list[str], plan: Plan, sizing: Sizing, out: Path, eve
 
         def emit(record: dict[str, Any], section: str = section) -> None:
             events.emit("record", section=section, data=record)
+            if record.get("status") == CUDA_FAULT:
+                raise CudaFaultError(record.get("error", ""))
 
         runner = CaseRunner(Deadline(deadline), emit, classify=classify_error, cleanup=harness.free_memory)
         ctx = SectionContext(runner, sizing, out, events, section)
-        error = None
+        error, notes, faulted = None, [], False
         try:
             functions[section](ctx)
             status = "partial" if runner.skipped else "errors" if runner.failed else "done"
-        except Exception:  # the section's own code failed: record it, go on with the next
+            harness.free_memory()
+        except Exception as exc:  # the section's own code failed: record it, go on with the next
             status, error = "failed", traceback.format_exc()[-3000:]
-        harness.free_memory()
-        note = None
+            faulted = isinstance(exc, CudaFaultError) or classify_error(exc) == CUDA_FAULT
+            if faulted:
+                notes.append("a case broke the CUDA context; the next sections run in a fresh worker")
         if runner.skipped:
-            note = f"{len(runner.skipped)} case(s) left out: the section's deadline came first"
+            notes.append(f"{len(runner.skipped)} case(s) left out: the section's deadline came first")
         if runner.failed:
-            note = (note + "; " if note else "") + f"{runner.failed} case(s) failed with an error"
+            notes.append(f"{runner.failed} case(s) failed with an error")
         events.emit("section_end", section=section, status=status, seconds=round(time.time() - start, 1),
-                    note=note, error=error, skipped=runner.skipped)
+                    note="; ".join(notes) or None, error=error, skipped=runner.skipped)
+        if faulted:
+            return False
+    return True
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -145,6 +170,7 @@ def run_worker(args: argparse.Namespace) -> int:
     events = EventWriter(out / EVENTS_NAME)
     events.emit("worker_start", pid=os.getpid(), sections=args.sections)
     events.emit("env", data=environment())
-    run_sections(args.sections, args.plan, QUICK_SIZING if args.quick else FULL_SIZING, out, events)
+    sizing = QUICK_SIZING if args.quick else FULL_SIZING
+    completed = run_sections(args.sections, args.plan, sizing, out, events)
     events.emit("worker_end")
-    return 0
+    return 0 if completed else EXIT_CUDA_FAULT
