@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -152,7 +153,7 @@ class Supervisor:
             self.child = None
         output = log_path.read_text(errors="replace")
         seconds = round(self.clock() - start, 1)
-        record = {"command": "python " + " ".join(command[1:]), "returncode": returncode,
+        record = {"command": shlex.join(["python", *command[1:]]), "returncode": returncode,
                   "timed_out": timed_out, "seconds": seconds, **parse_pytest_summary(output),
                   "tail": output[-4000:]}
         if timed_out:
