@@ -9,7 +9,10 @@ Three implementations compute the same attention:
 * ``"reference"``: the plain bmm oracle (``danet_kernels.reference``).
 
 ``"auto"`` resolves per call: Triton where it can run the tensor (CUDA, or the interpreter,
-and a dtype Triton computes: fp16, bf16, fp32), otherwise the blockwise backend. A process
+and a dtype Triton computes: fp16, bf16, fp32), otherwise the blockwise backend. Under the
+interpreter (``TRITON_INTERPRET=1``) bf16 is not one of them: the interpreter runs ``tl.dot``
+through numpy, which has no bfloat16, and its bf16 dots come out wrong (a 16 x 16 dot off by
+1e10), so bf16 goes to the blockwise backend there and forcing ``"triton"`` is an error. A process
 wide default can be set with :func:`set_backend`, the :func:`use_backend` context manager,
 or the ``DANET_KERNELS_BACKEND`` environment variable; an explicit ``backend=`` argument of
 a call wins over all of them. Models never name a backend: they follow this switch.
@@ -78,12 +81,27 @@ def triton_interpreting() -> bool:
 
 
 def triton_can_run(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on ``x``'s device and dtype here."""
-    if x.dtype not in TRITON_DTYPES or not triton_importable():
-        return False
+    """Whether the Triton kernels can run on ``x``'s device and dtype here (and compute it right)."""
+    return _why_not_triton(x) is None
+
+
+def _why_not_triton(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run ``x`` here; None when they can."""
+    if not triton_importable():
+        return "triton is not installed"
+    if x.dtype not in TRITON_DTYPES:
+        return "the Triton kernels take fp16, bf16 or fp32"
+    if triton_interpreting():
+        if x.dtype == torch.bfloat16:
+            return ("Triton's interpreter (TRITON_INTERPRET=1) computes bf16 dots wrongly (numpy has "
+                    "no bfloat16); run bf16 on a CUDA device without the interpreter")
+        if x.device.type not in ("cpu", "cuda"):
+            return f"the interpreter does not run {x.device} tensors"
+        return None
     if x.device.type == "cuda":
-        return True
-    return x.device.type == "cpu" and triton_interpreting()
+        return None
+    return ("the Triton kernels run on CUDA (or on the CPU with TRITON_INTERPRET=1 set before triton "
+            "is imported)")
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -98,10 +116,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         backend = get_backend()
     if backend == "auto":
         return "triton" if triton_can_run(x) else "torch"
-    if backend == "triton" and not triton_can_run(x):
-        raise RuntimeError(
-            f"backend='triton' cannot run a {x.dtype} tensor on {x.device}: the Triton kernels "
-            "take fp16, bf16 or fp32 on CUDA (or on the CPU with TRITON_INTERPRET=1 set before "
-            "triton is imported); use backend='torch' or 'auto'"
-        )
+    why_not = _why_not_triton(x) if backend == "triton" else None
+    if why_not is not None:
+        raise RuntimeError(f"backend='triton' cannot run a {x.dtype} tensor on {x.device}: {why_not}; "
+                           "use backend='torch' or 'auto'")
     return backend

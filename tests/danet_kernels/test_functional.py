@@ -121,13 +121,31 @@ def test_auto_picks_blockwise_on_cpu_without_interpreter(dtype, cpu_without_inte
     assert _dispatch.resolve_backend("auto", torch.ones(1, dtype=dtype)) == "torch"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_auto_picks_triton_under_interpreter(dtype, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not _dispatch.triton_importable():
         pytest.skip("triton is not installed")
     assert _dispatch.resolve_backend("auto", torch.ones(1, dtype=dtype)) == "triton"
     assert _dispatch.resolve_backend("auto", torch.ones(1, dtype=torch.float64)) == "torch"
+
+
+def test_bf16_under_interpreter_goes_to_blockwise_and_forcing_triton_says_why(monkeypatch):
+    """The interpreter's bf16 dots are wrong: auto must not send bf16 there, triton must refuse."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not _dispatch.triton_importable():
+        pytest.skip("triton is not installed")
+    x = torch.ones(1, dtype=torch.bfloat16)
+    assert _dispatch.resolve_backend("auto", x) == "torch"
+    with pytest.raises(RuntimeError, match=r"interpreter .*bf16 dots wrongly"):
+        _dispatch.resolve_backend("triton", x)
+    # end to end through the public functions: the blockwise result, close to float64
+    q, k, v = (t.bfloat16() for t in _pam())
+    out = position_attention(q, k, v)
+    expected = reference.position_attention_reference(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+    with pytest.raises(RuntimeError, match="bf16"):
+        channel_attention(torch.randn(1, 4, 8).bfloat16(), backend="triton")
 
 
 def test_environment_interpreter_flag_is_read(monkeypatch):
