@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from danet.checkpoint import read_file, strip_prefixes
+from danet.checkpoint import check_finite, read_file, strip_prefixes
 from danet.config import ModelConfig
 
 __all__ = [
@@ -135,7 +135,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file, or one that holds no state_dict.
+        ValueError: unreadable or corrupted file, one that holds no state_dict, or NaN/Inf weights.
     """
     obj = read_file(path, what="weights file")
     config = None
@@ -149,6 +149,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state_dict (expected a dict of tensors, or one under "
                          f"'model' or 'state_dict')")
+    check_finite(state_dict, path)  # NaN weights would give plausible metrics and blank masks
     state_dict = strip_prefixes(state_dict)
     original = _is_original_naming(state_dict)
     if original:

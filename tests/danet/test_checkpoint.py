@@ -1,6 +1,8 @@
-"""danet.checkpoint: atomic writes, RNG round trips, prefix stripping, non-finite detection."""
+"""danet.checkpoint: atomic checksummed writes, the one reader, RNG round trips, non-finite detection."""
 
+import collections
 import random
+import re
 
 import numpy as np
 import pytest
@@ -10,10 +12,15 @@ from danet.checkpoint import (
     atomic_save,
     capture_rng_state,
     load_checkpoint,
+    load_training_state,
     non_finite_tensors,
+    read_file,
     restore_rng_state,
+    stored_checksum,
     strip_prefixes,
+    verify_checksum,
 )
+from danet.models.weights import read_checkpoint
 
 
 def _state(value: float) -> dict:
@@ -81,3 +88,113 @@ def test_strip_prefixes_and_non_finite():
     assert list(stripped) == ["head.w", "bn.num_batches"]
     assert non_finite_tensors(stripped) == ["head.w"]
     assert non_finite_tensors({"w": torch.tensor([float("inf")]), "ok": torch.ones(2)}) == ["w"]
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def _flip_middle(path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_detected_as_corruption(tmp_path):
+    """64 flipped bytes in the tensor data: torch itself loads them without complaint."""
+    path = atomic_save(_state(1.5), tmp_path / "last.pt")
+    assert verify_checksum(path)
+    _flip_middle(path)
+    assert torch.load(path, weights_only=True)["iteration"] == 1  # torch does not notice
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupted: its SHA-256 differs"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="is corrupted"):
+        read_checkpoint(path)  # eval / predict / attention read through the same reader
+
+
+def test_a_damaged_checksum_record_is_corruption_too(tmp_path):
+    path = atomic_save(_state(1.0), tmp_path / "last.pt")
+    data = bytearray(path.read_bytes())
+    data[-3] = ord("g")  # not a hex digit any more
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        load_checkpoint(path)
+
+
+def test_our_checkpoints_stay_plain_torch_files_and_foreign_ones_load_as_before(tmp_path):
+    ours = atomic_save(_state(2.0), tmp_path / "ours.pt")
+    assert stored_checksum(ours) is not None
+    assert torch.load(ours, weights_only=True)["iteration"] == 2  # any reader can load it
+    foreign = tmp_path / "release.pth.tar"  # e.g. the original release, timm/torchvision weights
+    torch.save({"state_dict": {"w": torch.ones(3)}, "epoch": 240}, foreign)
+    assert stored_checksum(foreign) is None and not verify_checksum(foreign)
+    assert read_file(foreign)["epoch"] == 240
+
+
+# ---------------------------------------------------------------- what a file is
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"is empty \(0 bytes\): not a checkpoint"),
+        (b"epoch: 3\nlr: 0.01\n", "is not a checkpoint: it is a text file"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(64), "is not a checkpoint: it is a PNG image"),
+        (b"\xff\xd8\xff\xe0" + bytes(64), "is not a checkpoint: it is a JPEG image"),
+    ],
+)
+def test_files_that_are_not_checkpoints_say_so(tmp_path, content, message):
+    path = tmp_path / "thing.pt"
+    path.write_bytes(content)
+    for reader in (load_checkpoint, read_checkpoint, load_training_state):
+        with pytest.raises(ValueError, match=message):
+            reader(path)
+
+
+def test_a_truncated_checkpoint_says_so(tmp_path):
+    path = atomic_save(_state(1.0), tmp_path / "last.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        load_checkpoint(path)
+
+
+def test_pickled_objects_are_refused_without_advising_weights_only_false(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": collections.OrderedDict, "hook": _Hook()}, path)
+    with pytest.raises(ValueError) as caught:
+        read_file(path)
+    message = str(caught.value)
+    assert "Python objects other than tensors" in message and "weights_only" not in message
+    assert "\n" not in message
+
+
+class _Hook:
+    """A class a checkpoint could name: weights_only reading must refuse it."""
+
+
+def test_resuming_needs_the_whole_training_state(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, weights)
+    with pytest.raises(ValueError, match=r"cannot be resumed: it holds a plain state_dict \(1 tensors\), no "
+                                         r"training state .*weights only .*--set model\.pretrained=.*"
+                                         r"danet eval --checkpoint"):
+        load_training_state(weights)
+    ours_without_state = atomic_save({"model": {"w": torch.ones(2)}, "config": {}, "iteration": 3},
+                                     tmp_path / "stripped.pt")
+    with pytest.raises(ValueError, match=r"has no optimizer, scheduler, epoch, iteration_in_epoch, rng; "
+                                         "it looks like weights only"):
+        load_training_state(ours_without_state)
+
+
+def test_non_finite_weights_are_refused_by_every_reader(tmp_path):
+    """All-NaN weights would evaluate to plausible metrics and all-background masks."""
+    state = {"model": {"head.w": torch.full((2,), float("nan")), "ok": torch.ones(1)}, "config": {},
+             "iteration": 1}
+    path = atomic_save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"NaN/Inf weights in 1 tensor\(s\): head\.w"):
+        read_checkpoint(path)
+    plain = tmp_path / "plain.pth"
+    torch.save({"w": torch.tensor([float("inf")])}, plain)
+    with pytest.raises(ValueError, match=r"NaN/Inf weights .*: w"):
+        read_checkpoint(plain)

@@ -174,7 +174,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
         load_weights(DANet(4, backbone="resnet_tiny"), tmp_path / "nope.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read weights file"):
+    with pytest.raises(ValueError, match=r"garbage\.pth is not a checkpoint: it is a text file"):
         read_checkpoint(garbage)
     torch.save({"epoch": 3}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="holds no state_dict"):
