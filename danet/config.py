@@ -7,7 +7,11 @@ Sections:
 * :class:`ModelConfig`: the network (backbone, output stride, attention implementation).
 * :class:`DataConfig`: the dataset and its transforms.
 * :class:`EvalConfig`: inference mode (whole, sliding, multi-scale).
-* the training sections (optimiser, schedule, run) are defined below them.
+* the training sections (optimiser, schedule, run, distributed) are defined below them.
+
+Every Config that :func:`load_config` or :func:`config_from_dict` builds is checked whole by
+:func:`validate_config` (names of backbones, datasets, policies, ..., and value ranges), so
+``--print-config`` refuses what training would refuse.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class ModelConfig:
     attention: str = "fused"  # "fused" (danet_kernels) or "reference" (bmm modules)
     aux: bool = False  # auxiliary FCN head on the third stage
     pretrained_backbone: str | None = None  # local file of ImageNet weights (timm/torchvision)
+    pretrained: str | None = None  # training only: a checkpoint whose weights start a new run
 
 
 @dataclass
@@ -117,7 +122,7 @@ class TrainConfig:
     iters: int | None = None  # total optimiser iterations; overrides epochs when set
     batch_size: int = 8  # GLOBAL batch per optimiser step (all processes x accumulation steps)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
-    amp: str = "none"  # "none", "bf16" (autocast) or "fp16" (autocast + GradScaler)
+    amp: str = "none"  # AMP_MODES: "none", "bf16" (autocast) or "fp16" (autocast + GradScaler)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute backbone stages in backward to save memory
@@ -133,6 +138,15 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process runs (torchrun): how long a process waits for the others."""
+
+    # seconds a collective (all-reduce, barrier) waits before the run fails naming the rank that
+    # stopped answering; torch's own default is 30 minutes
+    timeout_s: float = 300.0
+
+
+@dataclass
 class Config:
     """Everything one run needs; ``dataclasses.asdict`` of it is stored in every checkpoint."""
 
@@ -144,7 +158,16 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
+
+AMP_MODES = ("none", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTIONS = ("fused", "reference")
+OUTPUT_STRIDES = (8, 16)
+# a run directory is runs/<name>-YYYYmmdd-HHMMSS: one path component of at most 255 bytes
+_MAX_NAME_BYTES = 255 - len("-20260101-120000")
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "synthetic"  # what `danet train` runs with no arguments: a CPU demo in minutes
@@ -239,7 +262,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"override {key.strip()}={raw}: the value is not valid YAML ({problem}); "
+                             "quote lists and strings, e.g. --set 'data.scale_range=[0.5, 2.0]'") from None
     return nested
 
 
@@ -248,7 +276,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
     return data
@@ -270,7 +301,69 @@ def load_config(
     if config_file is not None:
         apply_dict(cfg, read_yaml(config_file))
     apply_dict(cfg, parse_overrides(overrides))
+    validate_config(cfg)
     return cfg
+
+
+def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _at_least(key: str, value: float | None, low: float, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        raise ValueError(f"{key} must be >= {low}, got {value!r}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Check every field whose valid values are known without the data: names and ranges.
+
+    The registries are imported here, not at module level, so that reading a config stays light.
+
+    Raises:
+        ValueError: naming the first bad field, its value and what it may be.
+    """
+    from danet.data import DATASETS
+    from danet.inference import MODES
+    from danet.lr_policies import POLICIES
+    from danet.models.backbone import BACKBONES
+
+    m, d, e, o, s, t = cfg.model, cfg.data, cfg.eval, cfg.optim, cfg.schedule, cfg.train
+    if not cfg.name or "/" in cfg.name or len(cfg.name.encode()) > _MAX_NAME_BYTES:
+        raise ValueError(f"name must be 1 to {_MAX_NAME_BYTES} bytes without '/' (it names the run "
+                         f"directory runs/<name>-<time>), got {len(cfg.name.encode())} bytes: "
+                         f"{cfg.name[:40]!r}...")
+    _choice("model.backbone", m.backbone, list(BACKBONES))
+    _choice("model.output_stride", m.output_stride, OUTPUT_STRIDES)
+    _choice("model.attention", m.attention, ATTENTIONS)
+    _choice("data.dataset", d.dataset, list(DATASETS))
+    for key in ("base_size", "crop_size", "image_size"):
+        _at_least(f"data.{key}", getattr(d, key), 1)
+    _at_least("data.workers", d.workers, 0)
+    _at_least("data.train_samples", d.train_samples, 1, optional=True)
+    _at_least("data.val_samples", d.val_samples, 1, optional=True)
+    low, high = d.scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"data.scale_range must satisfy 0 < low <= high, got {list(d.scale_range)}")
+    _choice("eval.mode", e.mode, MODES)
+    _at_least("eval.batch_size", e.batch_size, 1)
+    _at_least("eval.crop_size", e.crop_size, 1, optional=True)
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _at_least("optim.lr", o.lr, 0.0)
+    _at_least("optim.grad_clip", o.grad_clip, 0.0)
+    _choice("schedule.policy", s.policy, POLICIES)
+    _at_least("schedule.warmup_iters", s.warmup_iters, 0)
+    _choice("train.amp", t.amp, AMP_MODES)
+    _choice("train.device", t.device, DEVICES)
+    for key in ("epochs", "batch_size", "accum_steps"):
+        _at_least(f"train.{key}", getattr(t, key), 1)
+    _at_least("train.iters", t.iters, 1, optional=True)
+    for key in ("val_interval", "checkpoint_interval", "log_interval"):
+        _at_least(f"train.{key}", getattr(t, key), 0)
+    if not cfg.dist.timeout_s > 0:
+        raise ValueError(f"dist.timeout_s must be > 0 seconds, got {cfg.dist.timeout_s!r}")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -287,5 +380,21 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
-    """Rebuild a Config from :func:`config_to_dict` output (e.g. a checkpoint's "config")."""
-    return apply_dict(Config(), values)
+    """Rebuild a Config from :func:`config_to_dict` output (e.g. a checkpoint's "config"), checked."""
+    cfg = apply_dict(Config(), values)
+    validate_config(cfg)
+    return cfg
+
+
+def missing_keys(values: Mapping[str, Any], section: Any = None, prefix: str = "") -> list[str]:
+    """The dotted keys of Config that the nested mapping ``values`` does not set."""
+    section = Config() if section is None else section
+    missing = []
+    for key in get_type_hints(type(section)):
+        current = getattr(section, key)
+        inner = values.get(key) if isinstance(values, Mapping) else None
+        if is_dataclass(current):
+            missing += missing_keys(inner if isinstance(inner, Mapping) else {}, current, f"{prefix}{key}.")
+        elif not isinstance(values, Mapping) or key not in values:
+            missing.append(f"{prefix}{key}")
+    return missing

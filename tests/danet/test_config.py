@@ -8,6 +8,7 @@ import yaml
 from danet.config import (
     DEFAULT_PRESET,
     Config,
+    apply_dict,
     available_presets,
     config_from_dict,
     config_to_dict,
@@ -98,3 +99,42 @@ def test_bad_sources_are_clear_errors(tmp_path):
 
 def test_parse_overrides_nests_and_parses_yaml():
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+
+
+def test_malformed_yaml_values_name_the_key_and_the_value():
+    with pytest.raises(ValueError) as caught:
+        load_config(overrides=["data.crop_size=[64"])
+    message = str(caught.value)
+    assert message.startswith("override data.crop_size=[64: the value is not valid YAML")
+    assert "\n" not in message
+
+
+def test_a_malformed_config_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [3\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML"):
+        load_config(config_file=bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.amp=fp8", "train.amp must be one of none, bf16, fp16; got 'fp8'"),
+        ("model.backbone=resnet9", "model.backbone must be one of resnet18"),
+        ("model.attention=flash", "model.attention must be one of fused, reference"),
+        ("model.output_stride=4", "model.output_stride must be one of 8, 16"),
+        ("data.dataset=imagenet", "data.dataset must be one of cityscapes"),
+        ("eval.mode=tiled", "eval.mode must be one of whole, sliding, multiscale"),
+        ("train.device=tpu", "train.device must be one of auto, cpu, cuda"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("data.scale_range=[2.0, 0.5]", "data.scale_range must satisfy 0 < low <= high"),
+        ("dist.timeout_s=0", "dist.timeout_s must be > 0"),
+        ("name=" + "x" * 250, "name must be 1 to 239 bytes"),
+    ],
+)
+def test_the_whole_config_is_validated_when_it_is_built(override, message):
+    """Not only when training starts: --print-config and every command see the same errors."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(overrides=[override])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_dict(config_to_dict(apply_dict(Config(), parse_overrides([override]))))
