@@ -23,14 +23,26 @@ gradient-accumulation steps), so the same preset trains the same recipe on 1 GPU
 Backends: NCCL on CUDA, gloo on the CPU. SyncBatchNorm needs CUDA; where it cannot sync
 (gloo / CPU) each process keeps plain BatchNorm over its own micro-batch, with a warning.
 Only rank 0 writes logs and checkpoints; metrics are all-reduced across ranks.
+
+A process that stops answering (frozen, deadlocked, its machine gone) would hold the others
+for torch's default 30 minutes. Collectives here wait ``dist.timeout_s`` seconds (default 300;
+the first step of a large model, or validation on one rank, must fit in it). Every process
+records what it is starting (step N, validation, saving) in the process group's key-value
+store (:class:`Progress`), so the one that times out names the rank that stopped answering
+and where it was. (On NCCL, torch's watchdog may end the processes itself on a timeout; its
+own log names the collective.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -83,8 +95,11 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def setup_distributed(device_preference: str = "auto") -> DistributedContext:
-    """Read torchrun's environment, pick the device and, for several processes, join the group."""
+def setup_distributed(device_preference: str = "auto", timeout_s: float = 300.0) -> DistributedContext:
+    """Read torchrun's environment, pick the device and, for several processes, join the group.
+
+    ``timeout_s``: how long a collective waits for the other processes (``dist.timeout_s``).
+    """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -95,7 +110,8 @@ def setup_distributed(device_preference: str = "auto") -> DistributedContext:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -150,6 +166,68 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class DistributedTimeoutError(RuntimeError):
+    """Another process stopped answering within ``dist.timeout_s``; the message names it."""
+
+
+def is_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's timeout (gloo: "Timed out waiting", NCCL: "timeout")."""
+    return isinstance(err, RuntimeError) and re.search(r"timed? ?out", str(err), re.IGNORECASE) is not None
+
+
+class Progress:
+    """What every process last started, in the process group's store, to name a stalled rank.
+
+    ``mark("step 12")`` costs one small write to the store (rank 0's or torchrun's); with one
+    process it does nothing.
+    """
+
+    _KEY = "danet/progress/{rank}"
+
+    def __init__(self, ctx: DistributedContext) -> None:
+        self.ctx, self.count = ctx, 0
+        self.store = None
+        if ctx.distributed and dist.is_initialized():
+            try:
+                self.store = dist.distributed_c10d._get_default_store()
+            except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - a torch without it
+                self.store = None
+        self.mark("start")
+
+    def mark(self, what: str) -> None:
+        """Record that this process starts ``what`` now."""
+        if self.store is None:
+            return
+        self.count += 1
+        self.store.set(self._KEY.format(rank=self.ctx.rank), json.dumps([self.count, what, time.time()]))
+
+    def describe_stall(self, seconds: float = 10.0) -> str:
+        """Which ranks are behind the others, and where they were, as far as the store tells."""
+        if self.store is None:
+            return "no other process's progress is known"
+        try:
+            self.store.set_timeout(timedelta(seconds=seconds))
+            seen = {}
+            for rank in range(self.ctx.world_size):
+                key = self._KEY.format(rank=rank)
+                seen[rank] = json.loads(self.store.get(key)) if self.store.check([key]) else None
+        except (RuntimeError, ValueError) as err:
+            return (f"the store on MASTER_ADDR (rank 0 or torchrun) does not answer either ({err}); "
+                    "rank 0's process is the likely one")
+        reached = max(entry[0] for entry in seen.values() if entry is not None)
+        now, behind = time.time(), []
+        for rank, entry in seen.items():
+            if entry is None:
+                behind.append(f"rank {rank} (never reported)")
+            elif entry[0] < reached:
+                behind.append(f"rank {rank} (last started {entry[1]}, {now - entry[2]:.0f} s ago)")
+        if not behind:
+            return "every rank reported the same progress; the stall is inside a collective"
+        ahead = [str(rank) for rank, entry in seen.items() if entry is not None and entry[0] == reached]
+        where = next(entry[1] for entry in seen.values() if entry is not None and entry[0] == reached)
+        return (f"{', '.join(behind)} stopped answering; rank(s) {', '.join(ahead)} had started {where}")
 
 
 class ResumableDistributedSampler(DistributedSampler):
