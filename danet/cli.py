@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:  # OSError: a missing file, a full or read-only disk
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"danet {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -9,30 +9,35 @@ scores 0.21).
     danet train --preset cityscapes --set data.root=/data/cityscapes
     danet train --preset ade20k --config my.yaml --set optim.lr=0.01 train.epochs=120 train.amp=bf16
     danet train --resume runs/cityscapes-20260101-120000   # continue: same LR, same data order
+    danet train --resume runs/city-20260101-120000 --set train.epochs=480 --rebase-schedule
     torchrun --standalone --nproc_per_node=4 -m danet.cli train --preset cityscapes --set data.root=...
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \\
         --rdzv_id=city -m danet.cli train --preset cityscapes --set data.root=...   # on every node
 
 Configuration: dataclass defaults (danet/config.py), then ``--preset`` (danet/configs/*.yaml,
 default "synthetic"), then ``--config FILE``, then ``--set section.key=value ...`` (values in
-YAML syntax); unknown keys are errors. Multi-node commands: see danet.distributed.
+YAML syntax); unknown keys and bad values are errors before anything runs. Multi-node
+commands: see danet.distributed.
 
-A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON record per line: training
-loss and LR every ``train.log_interval`` iterations, every validation), ``last.pt`` (the full
-state, rewritten atomically at every epoch end, every ``train.checkpoint_interval`` iterations,
-on SIGTERM or Ctrl-C and at the end) and ``checkpoint_best.pt`` (the best validation mIoU). An existing
-run directory is never overwritten unless ``--resume`` or ``--overwrite`` says so.
+A run directory (danet.run_dir; created once every setting is checked, the data found and the
+model built) holds ``config.yaml``, ``metrics.jsonl`` (training loss and LR every
+``train.log_interval`` iterations, every validation), ``last.pt`` (the full state, rewritten
+atomically at every epoch end, every ``train.checkpoint_interval`` iterations, on SIGTERM or
+Ctrl-C and at the end), ``checkpoint_best.pt`` (the best validation mIoU) and ``last_good.pt``
+(the newest checkpoint that training continued from with a healthy loss).
 
 Fitting a memory budget: ``train.batch_size`` is the global batch, split over processes and
 ``train.accum_steps`` (gradient accumulation; DDP syncs only on the last micro-step);
 ``train.amp=bf16`` (autocast) or ``fp16`` (autocast + GradScaler); ``train.channels_last``;
 ``train.activation_checkpointing`` (recompute backbone stages in backward); ``train.compile``.
 
-Failures: a NaN/Inf loss stops the run before the update (exit status 1) and last.pt keeps the
-last good state (a non-finite model is never saved); SIGTERM (preemption) or a first Ctrl-C
-finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C).
-``--resume`` continues with the stored config (``--set`` may change e.g. workers; the LR schedule
-continues as stored).
+Failures (docs/training.md says what is guaranteed): SIGTERM (preemption) or a first Ctrl-C
+finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C), also
+when the whole process group is signalled (DataLoader workers ignore the signals) and when a
+second signal arrives during that save. A NaN/Inf loss stops the run before the update (status 1)
+and names the checkpoint to resume from. ``--resume`` continues in the checkpoint's own
+directory with the stored config; settings that shape the LR schedule change only with
+``--rebase-schedule`` (danet.resume).
 
 Exact resumption: the data order is a function of (seed, epoch) (DistributedSampler), each
 sample's augmentation a function of (seed, epoch, index), and the other random state (dropout)
@@ -45,18 +50,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +66,18 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from danet.checkpoint import (
     BEST,
     LAST,
+    LAST_GOOD,
     atomic_save,
     capture_rng_state,
+    keep_as,
     load_checkpoint,
+    load_training_state,
     non_finite_tensors,
     restore_rng_state,
 )
@@ -85,27 +90,43 @@ from danet.config import (
     config_to_dict,
     load_config,
     parse_overrides,
+    validate_config,
 )
 from danet.distributed import (
     DistributedContext,
+    DistributedTimeoutError,
+    Progress,
     ResumableDistributedSampler,
     ShardSampler,
     all_gather_objects,
     all_reduce_sum,
     cleanup_distributed,
     convert_batchnorm,
+    is_timeout,
     setup_distributed,
     wrap_ddp,
 )
+from danet.files import FileWriteError
 from danet.losses import DANetLoss
 from danet.lr_policies import build_scheduler
+from danet.resume import (
+    LossHealth,
+    check_lr_alive,
+    check_resume,
+    check_stored_config,
+    resolve_resume_path,
+)
+from danet.run_dir import METRICS, MetricsLog, check_run_dir, create_run_dir, default_run_dir
+from danet.stopping import StopFlag, StopSafeDataLoader
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
 
+__all__ = ["MetricsLog", "NonFiniteLossError", "TrainResult", "Trainer", "plan_batches", "run", "train"]
+
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the model state) became NaN or Inf; the last good checkpoint is kept."""
+    """The loss (or the model state) became NaN or Inf; the message names the checkpoint to resume from."""
 
 
 @dataclass
@@ -159,9 +180,16 @@ class SeededAugmentation(Dataset):
 def _limit(dataset: Dataset, count: int | None) -> Dataset:
     if count is None or count >= len(dataset):  # type: ignore[arg-type]
         return dataset
-    if count < 1:
-        raise ValueError(f"data.train_samples / data.val_samples must be >= 1, got {count}")
     return Subset(dataset, range(count))
+
+
+def check_data_source(cfg: Config) -> None:
+    """A dataset read from disk needs ``data.root``: say how to give it, before anything is built."""
+    from danet.data import SegmentationDataset, get_dataset_class
+
+    if cfg.data.root is None and issubclass(get_dataset_class(cfg.data.dataset), SegmentationDataset):
+        raise ValueError(f"the {cfg.data.dataset} dataset is read from disk: pass its directory with "
+                         f"--set data.root=/path/to/{cfg.data.dataset}")
 
 
 def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, int]:
@@ -197,9 +225,6 @@ class BatchPlan:
 def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
     """Check the batch arithmetic and derive the run length in optimiser iterations."""
     t = cfg.train
-    if t.batch_size < 1 or t.accum_steps < 1:
-        raise ValueError(f"train.batch_size and train.accum_steps must be >= 1, got {t.batch_size}, "
-                         f"{t.accum_steps}")
     if t.batch_size % (world_size * t.accum_steps):
         raise ValueError(f"train.batch_size={t.batch_size} (global) is not divisible by {world_size} "
                          f"processes x {t.accum_steps} accumulation steps")
@@ -209,12 +234,8 @@ def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
     if iters_per_epoch < 1:
         raise ValueError(f"{num_train} training samples do not fill one global batch of {t.batch_size}")
     if t.iters is not None:
-        if t.iters < 1:
-            raise ValueError(f"train.iters must be >= 1, got {t.iters}")
         total, epochs = t.iters, math.ceil(t.iters / iters_per_epoch)
     else:
-        if t.epochs < 1:
-            raise ValueError(f"train.epochs must be >= 1, got {t.epochs}")
         total, epochs = t.epochs * iters_per_epoch, t.epochs
     return BatchPlan(micro, t.accum_steps, iters_per_epoch, total, epochs)
 
@@ -234,128 +255,27 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     backbone.set_grad_checkpointing(True)
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD or AdamW over two groups: the backbone at ``optim.lr``, the head at ``head_lr_mult`` x."""
+def group_settings(cfg: Config) -> list[dict[str, Any]]:
+    """The optimiser's two parameter groups' settings: the backbone at ``optim.lr``, the head at
+    ``head_lr_mult`` x (the published recipe trains the randomly initialised head faster)."""
     o = cfg.optim
-    backbone_params, head_params = model.parameter_groups()  # type: ignore[operator]
-    groups = [{"params": backbone_params, "lr": o.lr}, {"params": head_params, "lr": o.lr * o.head_lr_mult}]
+    common: dict[str, Any] = {"weight_decay": o.weight_decay}
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-    raise ValueError(f"unknown optimiser optim.name={o.name!r}; choose sgd or adamw")
+        common.update(momentum=o.momentum, nesterov=o.nesterov)
+    return [{"lr": o.lr, **common}, {"lr": o.lr * o.head_lr_mult, **common}]
 
 
-def check_config(cfg: Config) -> None:
-    """Reject settings no component would catch early (others are checked where they are used)."""
-    if cfg.train.amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.train.amp!r}")
-    low, high = cfg.data.scale_range
-    if not 0 < low <= high:
-        raise ValueError(f"data.scale_range must satisfy 0 < low <= high, got {list(cfg.data.scale_range)}")
-    for name in ("val_interval", "checkpoint_interval", "log_interval"):
-        if getattr(cfg.train, name) < 0:
-            raise ValueError(f"train.{name} must be >= 0, got {getattr(cfg.train, name)}")
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD or AdamW over two groups (:func:`group_settings`)."""
+    backbone_params, head_params = model.parameter_groups()  # type: ignore[operator]
+    backbone, head = group_settings(cfg)
+    groups = [{"params": backbone_params, **backbone}, {"params": head_params, **head}]
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.optim.lr)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
-# ------------------------------------------------------------------------------ run directory and logs
-
-
-def _default_run_dir(cfg: Config) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.name}-{stamp}"
-
-
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
-    """Create ``run_dir``; refuse to clobber the checkpoints or log of another run."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"the run directory {run_dir} exists and is not a directory")
-    existing = [name for name in (LAST, BEST, "metrics.jsonl") if (run_dir / name).exists()]
-    if existing and not (resuming or overwrite):
-        raise ValueError(
-            f"{run_dir} already holds {', '.join(existing)} from another run; pass --resume {run_dir} to "
-            "continue it, --overwrite to replace it, or choose another --output"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-class MetricsLog:
-    """Rank 0's JSON-lines log (and optional TensorBoard); every other rank writes nothing."""
-
-    def __init__(self, run_dir: Path, enabled: bool, append: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
-        self._file = open(run_dir / "metrics.jsonl", "a" if append else "w") if enabled else None
-        self._tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("train.tensorboard is on but the tensorboard package is not installed; "
-                              "logging to metrics.jsonl only", stacklevel=2)
-            else:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-    def write(self, kind: str, iteration: int, **values: Any) -> None:
-        """Append one record (flushed at once, so a killed run keeps every line it logged)."""
-        if self._file is None:
-            return
-        record = {"type": kind, "iteration": iteration, "time": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{key}", value, iteration)
-
-    def close(self) -> None:
-        """Flush and close the outputs."""
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-# ------------------------------------------------------------------------------ preemption
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT or a callback; the loop checkpoints and exits after the current step.
-
-    SIGTERM is how clusters preempt a job. The first Ctrl-C (SIGINT) also stops gracefully,
-    with a checkpoint; a second one interrupts at once (KeyboardInterrupt), as usual.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_received: int | None = None
-
-    @contextlib.contextmanager
-    def handle_signals(self) -> Iterator[None]:
-        """Turn SIGTERM and the first SIGINT into stop requests while the block runs (main thread)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        # getsignal gives None for a handler installed outside Python: restore the default then
-        previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def handler(signum: int, frame: Any) -> None:
-            self.requested, self.signal_received = True, signum
-            if signum == signal.SIGINT:
-                print("\nCtrl-C: stopping after this iteration with a checkpoint (Ctrl-C again to abort)",
-                      file=sys.stderr)
-                signal.signal(signal.SIGINT, previous[signal.SIGINT])
-
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for sig, old_handler in previous.items():
-                signal.signal(sig, old_handler)
-
-
-# ------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------ the trainer
 
 
 @dataclass
@@ -370,10 +290,16 @@ class TrainState:
 
 
 class Trainer:
-    """One training run; :func:`train` is the function to call."""
+    """One training run; :func:`train` is the function to call.
+
+    Reads top to bottom: building the run, starting it (resume or pretrained weights), the loop
+    (:meth:`fit` > :meth:`_run_epoch` > :meth:`_step`), validation, then checkpoints and what a
+    divergence leaves to resume from.
+    """
 
     def __init__(self, cfg: Config, ctx: DistributedContext, run_dir: Path,
-                 on_step: Callable[[int, nn.Module], bool | None] | None = None) -> None:
+                 on_step: Callable[[int, nn.Module], bool | None] | None = None,
+                 stop: StopFlag | None = None) -> None:
         self.cfg, self.ctx, self.run_dir, self.on_step = cfg, ctx, run_dir, on_step
         t = cfg.train
         # seeds offset by rank: dropout differs per process; DDP broadcasts rank 0's initial weights
@@ -389,12 +315,12 @@ class Trainer:
         loader_kw = {"num_workers": cfg.data.workers, "pin_memory": ctx.device.type == "cuda",
                      "persistent_workers": False}  # fresh workers each epoch see the dataset's new epoch
         # The loaders draw their worker seeds from their own generators, not from the global one
-        self.train_loader = DataLoader(self.train_set, batch_size=self.plan.micro_batch, sampler=self.sampler,
-                                       drop_last=True, generator=torch.Generator().manual_seed(t.seed),
-                                       **loader_kw)
-        self.val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size,
-                                     sampler=ShardSampler(len(val_set), ctx.world_size, ctx.rank),  # type: ignore[arg-type]
-                                     generator=torch.Generator().manual_seed(t.seed), **loader_kw)
+        self.train_loader = StopSafeDataLoader(self.train_set, batch_size=self.plan.micro_batch,
+                                               sampler=self.sampler, drop_last=True,
+                                               generator=torch.Generator().manual_seed(t.seed), **loader_kw)
+        self.val_loader = StopSafeDataLoader(val_set, batch_size=cfg.eval.batch_size,
+                                             sampler=ShardSampler(len(val_set), ctx.world_size, ctx.rank),  # type: ignore[arg-type]
+                                             generator=torch.Generator().manual_seed(t.seed), **loader_kw)
 
         from danet.models import build_model
 
@@ -412,30 +338,51 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[t.amp]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
         self.criterion = DANetLoss(cfg.loss.weights, cfg.loss.aux_weight, cfg.data.ignore_index)
+
         self.state = TrainState()
-        self.stop = StopFlag()
+        self.stop = stop or StopFlag()
+        self.progress = Progress(ctx)  # what each process last started, to name a stalled one
+        self.health = LossHealth()
         self.losses: list[float] = []
+        self.resumed_from: Path | None = None
+        self._last_saved: int | None = None  # the iteration last.pt holds
+        self._last_window_healthy: bool | None = None  # the loss before it was healthy
+        self._awaiting_confirmation = False  # last.pt waits for the loss of the step after it
+        self._good_iteration: int | None = None  # the iteration last_good.pt holds
 
-    # -------------------------------------------------------------- checkpoints
+    # -------------------------------------------------------------- how the run starts
 
-    def resume_from(self, path: Path) -> None:
-        """Load the full training state of ``path`` (every rank reads it)."""
+    def resume_from(self, path: Path, *, rebase_schedule: bool = False) -> None:
+        """Load the full training state of ``path`` (every rank reads it); see danet.resume.
+
+        ``rebase_schedule``: recompute the LR schedule (and the optimiser's hyperparameters) from
+        this run's settings, continuing at the checkpoint's iteration, instead of the stored one.
+        """
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_training_state(path, map_location="cpu")
+        check_resume(ckpt, self.cfg, total_iters=self.plan.total_iters,
+                     iters_per_epoch=self.plan.iters_per_epoch, rebase=rebase_schedule, path=path)
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
             raise ValueError(f"{path} does not fit the configured model: {err}") from None
-        changed = _schedule_changes(ckpt["config"], config_to_dict(self.cfg))
-        if changed:
-            warnings.warn(f"resuming with changed {', '.join(changed)}: the LR schedule continues as "
-                          f"stored in {path}, not as the new settings would make it", stacklevel=2)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        iteration = ckpt["iteration"]
+        if rebase_schedule:
+            self._rebase_schedule(iteration)
+        else:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        check_lr_alive(lrs, self.cfg, iteration, self.plan.total_iters)
         if ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(ckpt["iteration"], ckpt["epoch"], ckpt["iteration_in_epoch"],
+        self.state = TrainState(iteration, ckpt["epoch"], ckpt["iteration_in_epoch"],
                                 ckpt.get("best_miou", float("-inf")), ckpt.get("metrics", {}))
+        self.health = LossHealth(ckpt.get("loss_windows", ()))
+        self.resumed_from = path
+        self._last_saved = iteration
+        self._last_window_healthy = ckpt.get("window_healthy")
+        self._awaiting_confirmation = self._resuming_here()
         rng = ckpt["rng"]
         if len(rng) == self.ctx.world_size:
             restore_rng_state(rng[self.ctx.rank])
@@ -443,75 +390,108 @@ class Trainer:
             warnings.warn(f"{path} was written by {len(rng)} processes, this run has {self.ctx.world_size}: "
                           "the LR schedule continues exactly, but the per-process data shares and dropout "
                           "masks differ from an uninterrupted run", stacklevel=2)
-            torch.manual_seed(self.cfg.train.seed + self.ctx.rank + self.state.iteration)
+            torch.manual_seed(self.cfg.train.seed + self.ctx.rank + iteration)
         if self.ctx.is_main:
-            print(f"resumed from {path}: iteration {self.state.iteration}/{self.plan.total_iters}, "
-                  f"epoch {self.state.epoch + 1}, LR {self.optimizer.param_groups[0]['lr']:.3g}")
+            how = ", LR schedule rebased on the current settings" if rebase_schedule else ""
+            print(f"resumed from {path}: iteration {iteration}/{self.plan.total_iters}, "
+                  f"epoch {self.state.epoch + 1}/{self.plan.epochs}, "
+                  f"LR {self.optimizer.param_groups[0]['lr']:.3g}{how}")
 
-    def save(self, *names: str) -> None:
-        """Write the full state to ``names`` in the run dir (rank 0), refusing a non-finite model.
+    def _rebase_schedule(self, iteration: int) -> None:
+        """A fresh scheduler for this run's settings and length, advanced to ``iteration``."""
+        for group, settings in zip(self.optimizer.param_groups, group_settings(self.cfg), strict=True):
+            group.update(settings)
+            group["initial_lr"] = settings["lr"]
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.plan.total_iters)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore")
+            for _ in range(iteration):
+                self.scheduler.step()
 
-        Every rank takes part: the RNG states of all ranks are gathered into the checkpoint.
+    def load_pretrained(self, path: str | Path) -> None:
+        """Start a new run from the weights of ``path`` (``model.pretrained``): the model only."""
+        from danet.models import load_weights
+
+        load_weights(self.model, path)
+        if self.ctx.is_main:
+            print(f"model initialised from {path}")
+
+    def _resuming_here(self) -> bool:
+        return self.resumed_from is not None and self.resumed_from.parent.resolve() == self.run_dir.resolve()
+
+    # -------------------------------------------------------------- the run
+
+    def fit(self) -> TrainResult:
+        """Train until the planned iteration count (or a stop request); validate and checkpoint.
+
+        The signal handlers stay installed until the final checkpoint of a stop is written.
         """
-        rng = all_gather_objects(capture_rng_state())
-        model_state = self.model.state_dict()
-        bad = non_finite_tensors(model_state)  # checked on every rank, so that every rank stops
-        if bad:
-            raise NonFiniteLossError(
-                f"the model holds NaN/Inf values at iteration {self.state.iteration} (in {', '.join(bad[:5])}"
-                f"{', ...' if len(bad) > 5 else ''}); nothing saved: {self._last_good()}"
-            )
-        if not self.ctx.is_main:
-            return
-        checkpoint = {
-            "model": model_state,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "iteration": self.state.iteration,
-            "epoch": self.state.epoch,
-            "iteration_in_epoch": self.state.iteration_in_epoch,
-            "rng": rng,
-            "config": config_to_dict(self.cfg),
-            "best_miou": self.state.best_miou,
-            "metrics": self.state.last_metrics,
-            "num_classes": self.num_classes,
-        }
-        for name in names:
-            atomic_save(checkpoint, self.run_dir / name)
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        if ctx.is_main and self._resuming_here() and self.resumed_from.name != LAST:  # type: ignore[union-attr]
+            keep_as(self.resumed_from, LAST)  # resumed from e.g. last_good.pt: that is now the run's state
+        previous_log = self.resumed_from.parent / METRICS if self.resumed_from is not None else None
+        log = MetricsLog(self.run_dir, ctx.is_main, tensorboard=cfg.train.tensorboard,
+                         resume_iteration=state.iteration if self.resumed_from is not None else None,
+                         previous_log=previous_log)
+        stopped = False
+        self.train_model.train()
+        try:
+            with self.stop.handle_signals(), self._name_stalled_ranks():
+                while not stopped and (state.iteration < self.plan.total_iters or state.iteration_in_epoch):
+                    stopped = self._run_epoch(log)
+                    if not stopped:
+                        self._end_epoch(log)
+                if stopped:
+                    with self.stop.saving():
+                        self.save()
+                    self._report_stop()
+        finally:
+            log.close()
+        return TrainResult(self.model, self.run_dir, state.iteration, state.epoch, state.best_miou,
+                           state.last_metrics, self.losses, stopped, self.stop.signal_received)
 
-    def _last_good(self) -> str:
-        """Where the last good state is, for error messages."""
-        path = self.run_dir / LAST
-        if not path.is_file():
-            return "no checkpoint had been written yet"
-        return f"the last good checkpoint is {path}, iteration {load_checkpoint(path)['iteration']}"
-
-    # -------------------------------------------------------------- validation
-
-    def validate(self, log: MetricsLog) -> dict[str, Any]:
-        """Evaluate the unwrapped model on the validation split (metrics reduced over ranks)."""
-        from danet.evaluate import evaluate
-
-        metrics = evaluate(self.model, self.val_loader, self.num_classes, self.cfg.eval, self.ctx.device,
-                           ignore_index=self.cfg.data.ignore_index,
-                           progress=self.cfg.train.progress and self.ctx.is_main)
-        self.model.train()
-        self.state.last_metrics = {k: v for k, v in metrics.items()}
-        miou = float(metrics["mIoU"])
-        improved = miou > self.state.best_miou
-        if improved:
-            self.state.best_miou = miou
-        log.write("val", self.state.iteration, epoch=self.state.epoch, **_jsonable(metrics),
-                  best_mIoU=self.state.best_miou)
-        if self.ctx.is_main:
-            print(f"validation at iteration {self.state.iteration} (epoch {self.state.epoch}): "
-                  f"mIoU {miou:.4f}  pixAcc {float(metrics['pixAcc']):.4f}  "
-                  f"best mIoU {self.state.best_miou:.4f}")
-        metrics["improved"] = improved
-        return metrics
-
-    # -------------------------------------------------------------- one iteration
+    def _run_epoch(self, log: MetricsLog) -> bool:
+        """Run the rest of the current epoch; True when a stop was requested (state is consistent)."""
+        cfg, ctx, plan, state = self.cfg, self.ctx, self.plan, self.state
+        self.sampler.set_epoch(state.epoch)
+        self.train_set.set_epoch(state.epoch)
+        self.sampler.set_start(state.iteration_in_epoch * plan.micro_batch * plan.accum_steps)
+        epoch_iters = min(plan.iters_per_epoch, plan.total_iters - state.iteration + state.iteration_in_epoch)
+        bar = tqdm(total=epoch_iters, initial=state.iteration_in_epoch,
+                   desc=f"epoch {state.epoch + 1}/{plan.epochs}",
+                   disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True, leave=False)
+        batches = iter(self.train_loader)
+        start, done_here = time.perf_counter(), 0
+        try:
+            while state.iteration_in_epoch < epoch_iters:
+                if self.stop.requested and not ctx.distributed:  # e.g. a signal during validation
+                    return True
+                lr, lr_head = (group["lr"] for group in self.optimizer.param_groups)  # this step's LRs
+                loss, terms, stop_requested = self._step(batches)
+                state.iteration += 1
+                state.iteration_in_epoch += 1
+                self.losses.append(loss)
+                self.health.add(loss)
+                if self._awaiting_confirmation:
+                    self._confirm_last(loss)
+                done_here += 1
+                images_per_s = done_here * cfg.train.batch_size / max(time.perf_counter() - start, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}")
+                if cfg.train.log_interval and state.iteration % cfg.train.log_interval == 0:
+                    log.write("train", state.iteration, epoch=state.epoch, loss=loss,
+                              **{f"loss_{name}": value for name, value in terms.items()},
+                              lr=lr, lr_head=lr_head, images_per_s=images_per_s)
+                if self.on_step is not None and self.on_step(state.iteration, self.model):
+                    self.stop.request()
+                if stop_requested or (self.stop.requested and not ctx.distributed):
+                    return True
+                interval = cfg.train.checkpoint_interval
+                if interval and state.iteration % interval == 0 and state.iteration_in_epoch < epoch_iters:
+                    self.save()
+        finally:
+            bar.close()
+        return False
 
     def _step(self, batches: Iterator[Batch]) -> tuple[float, dict[str, float], bool]:
         """One optimiser step over ``accum_steps`` micro-batches.
@@ -521,6 +501,7 @@ class Trainer:
 
         Every rank returns the same values; a non-finite loss raises before the update is applied.
         """
+        self.progress.mark(f"step {self.state.iteration + 1}")
         device, accum = self.ctx.device, self.plan.accum_steps
         ddp = self.ddp if isinstance(self.ddp, nn.parallel.DistributedDataParallel) else None
         loss_sum = torch.zeros((), device=device)
@@ -548,12 +529,9 @@ class Trainer:
         mean_terms = {name: value / self.ctx.world_size
                       for name, value in zip(term_sums, flags[3:], strict=True)}
         if flags[1] > 0:
-            raise NonFiniteLossError(
-                f"the loss is {mean_loss} at iteration {self.state.iteration + 1} "
-                f"(epoch {self.state.epoch + 1}): training stopped; {self._last_good()}. Try a lower "
-                "optim.lr, a warm-up (schedule.warmup_iters), optim.grad_clip, or train.amp=bf16 "
-                "instead of fp16."
-            )
+            where = f"iteration {self.state.iteration + 1} (epoch {self.state.epoch + 1})"
+            raise NonFiniteLossError(self._divergence_report(
+                f"the loss is {mean_loss} at {where}", first_loss_after_save=self._awaiting_confirmation))
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -563,135 +541,189 @@ class Trainer:
         self.scheduler.step()
         return mean_loss, mean_terms, flags[2] > 0
 
-    # -------------------------------------------------------------- the run
+    def _end_epoch(self, log: MetricsLog) -> None:
+        """Close the epoch: validate (every ``val_interval`` epochs and at the end) and checkpoint."""
+        state = self.state
+        state.epoch += 1
+        state.iteration_in_epoch = 0
+        final = state.iteration >= self.plan.total_iters
+        interval = self.cfg.train.val_interval
+        improved = False
+        if final or (interval and state.epoch % interval == 0):
+            improved = bool(self.validate(log)["improved"])
+        self.save(best=improved)
 
-    def fit(self) -> TrainResult:
-        """Train until the planned iteration count (or a stop request); validate and checkpoint."""
-        cfg, ctx, plan, state = self.cfg, self.ctx, self.plan, self.state
-        log = MetricsLog(self.run_dir, ctx.is_main, append=state.iteration > 0,
-                         tensorboard=cfg.train.tensorboard)
-        samples_per_iter_per_rank = plan.micro_batch * plan.accum_steps
-        stopped = False
-        self.train_model.train()
+    def _report_stop(self) -> None:
+        if self.ctx.is_main:
+            received = self.stop.signal_received
+            why = signal.Signals(received).name if received else "stop requested"
+            print(f"{why}: stopped at iteration {self.state.iteration}; state saved to "
+                  f"{self.run_dir / LAST}. Continue with: danet train --resume {self.run_dir}",
+                  file=sys.stderr)
+
+    @contextlib.contextmanager
+    def _name_stalled_ranks(self) -> Iterator[None]:
+        """A collective's timeout becomes an error naming the process that stopped answering."""
         try:
-            with self.stop.handle_signals():
-                while state.iteration < plan.total_iters and not stopped:
-                    self.sampler.set_epoch(state.epoch)
-                    self.train_set.set_epoch(state.epoch)
-                    self.sampler.set_start(state.iteration_in_epoch * samples_per_iter_per_rank)
-                    stopped = self._run_epoch(log)
-                    if stopped:
-                        break
-                    state.epoch += 1
-                    state.iteration_in_epoch = 0
-                    final = state.iteration >= plan.total_iters
-                    interval = cfg.train.val_interval
-                    improved = False
-                    if final or (interval and state.epoch % interval == 0):
-                        improved = bool(self.validate(log)["improved"])
-                    self.save(*((LAST, BEST) if improved else (LAST,)))
-            if stopped:
-                self.save(LAST)
-                if ctx.is_main:
-                    received = self.stop.signal_received
-                    why = signal.Signals(received).name if received else "stop requested"
-                    print(f"{why}: stopped at iteration {state.iteration}; state saved to "
-                          f"{self.run_dir / LAST}. Continue with: danet train --resume {self.run_dir}",
-                          file=sys.stderr)
-        finally:
-            log.close()
-        return TrainResult(self.model, self.run_dir, state.iteration, state.epoch, state.best_miou,
-                           state.last_metrics, self.losses, stopped, self.stop.signal_received)
+            yield
+        except RuntimeError as err:
+            if not (self.ctx.distributed and is_timeout(err)):
+                raise
+            saved = (f"; the state of iteration {self._last_saved} is in {self.run_dir / LAST}"
+                     if self._last_saved is not None else "")
+            raise DistributedTimeoutError(
+                f"rank {self.ctx.rank} waited dist.timeout_s={self.cfg.dist.timeout_s:g} s for the other "
+                f"processes: {self.progress.describe_stall()}{saved}") from err
 
-    def _run_epoch(self, log: MetricsLog) -> bool:
-        """Run the rest of the current epoch; True when a stop was requested (state is consistent)."""
-        cfg, ctx, plan, state = self.cfg, self.ctx, self.plan, self.state
-        epoch_iters = min(plan.iters_per_epoch, plan.total_iters - state.iteration + state.iteration_in_epoch)
-        bar = tqdm(total=epoch_iters, initial=state.iteration_in_epoch,
-                   desc=f"epoch {state.epoch + 1}/{plan.epochs}",
-                   disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True, leave=False)
-        batches = iter(self.train_loader)
-        start, done_here = time.perf_counter(), 0
-        try:
-            while state.iteration_in_epoch < epoch_iters:
-                lr, lr_head = (group["lr"] for group in self.optimizer.param_groups)  # this step's LRs
-                loss, terms, stop_requested = self._step(batches)
-                state.iteration += 1
-                state.iteration_in_epoch += 1
-                self.losses.append(loss)
-                done_here += 1
-                images_per_s = done_here * cfg.train.batch_size / max(time.perf_counter() - start, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}")
-                if cfg.train.log_interval and state.iteration % cfg.train.log_interval == 0:
-                    log.write("train", state.iteration, epoch=state.epoch, loss=loss,
-                              **{f"loss_{name}": value for name, value in terms.items()},
-                              lr=lr, lr_head=lr_head, images_per_s=images_per_s)
-                if self.on_step is not None and self.on_step(state.iteration, self.model):
-                    self.stop.requested = True
-                if stop_requested or (self.stop.requested and not ctx.distributed):
-                    return True
-                interval = cfg.train.checkpoint_interval
-                if interval and state.iteration % interval == 0 and state.iteration_in_epoch < epoch_iters:
-                    self.save(LAST)
-        finally:
-            bar.close()
-        return False
+    # -------------------------------------------------------------- validation
+
+    def validate(self, log: MetricsLog) -> dict[str, Any]:
+        """Evaluate the unwrapped model on the validation split (metrics reduced over ranks)."""
+        from danet.evaluate import evaluate
+
+        self.progress.mark(f"validation after iteration {self.state.iteration}")
+        metrics = evaluate(self.model, self.val_loader, self.num_classes, self.cfg.eval, self.ctx.device,
+                           ignore_index=self.cfg.data.ignore_index,
+                           progress=self.cfg.train.progress and self.ctx.is_main)
+        self.model.train()
+        self.state.last_metrics = dict(metrics)
+        miou = float(metrics["mIoU"])
+        improved = miou > self.state.best_miou
+        if improved:
+            self.state.best_miou = miou
+        log.write("val", self.state.iteration, epoch=self.state.epoch, **metrics,
+                  best_mIoU=self.state.best_miou)
+        if self.ctx.is_main:
+            print(f"validation at iteration {self.state.iteration} (epoch {self.state.epoch}): "
+                  f"mIoU {miou:.4f}  pixAcc {float(metrics['pixAcc']):.4f}  "
+                  f"best mIoU {self.state.best_miou:.4f}")
+        metrics["improved"] = improved
+        return metrics
+
+    # -------------------------------------------------------------- checkpoints
+
+    def save(self, *, best: bool = False) -> None:
+        """Write the full state to last.pt (rank 0; also as checkpoint_best.pt when ``best``).
+
+        Every rank takes part: the RNG states of all ranks are gathered into the checkpoint. A
+        non-finite model is never saved. The new last.pt becomes last_good.pt once the step after
+        it shows a healthy loss (:meth:`_confirm_last`).
+        """
+        self.progress.mark(f"saving iteration {self.state.iteration}")
+        rng = all_gather_objects(capture_rng_state())
+        model_state = self.model.state_dict()
+        bad = non_finite_tensors(model_state)  # checked on every rank, so that every rank stops
+        if bad:
+            raise NonFiniteLossError(self._divergence_report(
+                f"the model holds NaN/Inf values after iteration {self.state.iteration} (in "
+                f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing saved",
+                first_loss_after_save=False))
+        window_healthy = self.health.close_window(self.state.iteration)
+        if window_healthy is None:  # no step since the last save: the same state
+            window_healthy = self._last_window_healthy
+        if self.ctx.is_main:
+            path = atomic_save(self._checkpoint(rng, model_state, window_healthy), self.run_dir / LAST)
+            if best:
+                keep_as(path, BEST)
+        self._last_saved, self._last_window_healthy = self.state.iteration, window_healthy
+        self._awaiting_confirmation = True
+
+    def _checkpoint(self, rng: list[Any], model_state: dict[str, Any],
+                    window_healthy: bool | None) -> dict[str, Any]:
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "iteration": self.state.iteration,
+            "epoch": self.state.epoch,
+            "iteration_in_epoch": self.state.iteration_in_epoch,
+            "iters_per_epoch": self.plan.iters_per_epoch,
+            "rng": rng,
+            "config": config_to_dict(self.cfg),
+            "best_miou": self.state.best_miou,
+            "metrics": self.state.last_metrics,
+            "num_classes": self.num_classes,
+            "loss_windows": self.health.windows,
+            "window_healthy": window_healthy,
+        }
+
+    def _confirm_last(self, loss: float) -> None:
+        """The first loss after a save judges the saved weights: healthy -> last.pt is last_good.pt."""
+        self._awaiting_confirmation = False
+        if self._last_window_healthy is False or not self.health.is_healthy(loss):
+            return
+        if self.ctx.is_main:
+            keep_as(self.run_dir / LAST, LAST_GOOD)
+        self._good_iteration = self._last_saved
+
+    def _divergence_report(self, what: str, *, first_loss_after_save: bool) -> str:
+        """What happened, which checkpoint to resume from (and which not), and what to change."""
+        good = self._good_iteration
+        good_path = self.run_dir / LAST_GOOD
+        if good is None and self._resuming_here() and good_path.is_file():  # from before this resume
+            good = int(load_checkpoint(good_path)["iteration"])
+        if good is None:
+            return (f"{what}: training stopped; no checkpoint had been followed by a healthy loss yet. "
+                    f"Start again with a lower optim.lr (now {self.cfg.optim.lr:g}), a warm-up "
+                    "(schedule.warmup_iters), optim.grad_clip, or train.amp=bf16 instead of fp16")
+        avoid = ""
+        if self._last_saved is not None and self._last_saved != good:
+            why = ("its weights gave this loss" if first_loss_after_save
+                   else "the loss around it was out of its healthy range")
+            avoid = f"; {self.run_dir / LAST} (iteration {self._last_saved}) is not: {why}"
+        return (f"{what}: training stopped. Resume from {good_path} (iteration {good}), the newest "
+                f"checkpoint that training continued from with a healthy loss{avoid}. With a lower LR: "
+                f"danet train --resume {good_path} --set optim.lr={self.cfg.optim.lr / 2:g} "
+                "--rebase-schedule "
+                "(or try optim.grad_clip, schedule.warmup_iters, or train.amp=bf16 instead of fp16)")
 
 
-def _schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that shape the LR schedule and differ between a checkpoint's config and ``current``."""
-    keys = [("optim", k) for k in current["optim"]] + [("schedule", k) for k in current["schedule"]]
-    keys += [("train", "epochs"), ("train", "iters"), ("train", "batch_size")]
-    return [f"{section}.{key}" for section, key in keys
-            if saved.get(section, {}).get(key) != current[section][key]]
-
-
-def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics with NaN turned into None (JSON has no NaN)."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return {key: clean(value) for key, value in metrics.items()}
+# ------------------------------------------------------------------------------ train()
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = False,
-          on_step: Callable[[int, nn.Module], bool | None] | None = None) -> TrainResult:
+          rebase_schedule: bool = False, on_step: Callable[[int, nn.Module], bool | None] | None = None,
+          stop: StopFlag | None = None) -> TrainResult:
     """Run training for ``cfg`` (a torchrun process group is joined when the environment has one).
 
     Args:
-        cfg: the full configuration; ``cfg.train.output`` is the run dir (default runs/<name>-<time>).
+        cfg: the full configuration; ``cfg.train.output`` is the run dir (default: the resumed
+            checkpoint's directory, else runs/<name>-<time>).
         resume: a checkpoint file or a run directory (its last.pt) to continue from.
         overwrite: allow reusing a run directory that already holds another run's outputs.
+        rebase_schedule: on resume, recompute the LR schedule from ``cfg`` (danet.resume).
         on_step: called after every optimiser step with (iteration, unwrapped model); returning
             True stops the run as SIGTERM does (a checkpoint is written).
+        stop: a StopFlag whose signal handlers the caller installed (the command line's).
 
     Raises:
-        NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+        NonFiniteLossError: the loss became NaN/Inf (the message names the checkpoint to resume from).
+        DistributedTimeoutError: another process stopped answering (the message names it).
+        danet.files.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
-    check_config(cfg)
-    ctx = setup_distributed(cfg.train.device)
+    check_data_source(cfg)
+    ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
         resume_path = resolve_resume_path(resume) if resume is not None else None
         if cfg.train.output is not None:
             run_dir = Path(cfg.train.output)
         elif resume_path is not None:
-            run_dir = resume_path.parent
+            run_dir = resume_path.parent  # where the checkpoint is, never a directory named inside it
         else:
-            run_dir = _default_run_dir(cfg)
+            run_dir = default_run_dir(cfg)
         run_dir = Path(all_gather_objects(str(run_dir))[0])  # rank 0's clock names the run for everyone
         cfg.train.output = str(run_dir)  # config.yaml and checkpoints record where the run lives
+        resuming_here = resume_path is not None and resume_path.parent.resolve() == run_dir.resolve()
         if ctx.is_main:
-            prepare_run_dir(run_dir, resuming=resume_path is not None, overwrite=overwrite)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        trainer = Trainer(cfg, ctx, run_dir, on_step=on_step)
+            check_run_dir(run_dir, resuming_here=resuming_here, overwrite=overwrite)
+        trainer = Trainer(cfg, ctx, run_dir, on_step=on_step, stop=stop)
         if resume_path is not None:
-            trainer.resume_from(resume_path)
-        if ctx.is_main:
+            trainer.resume_from(resume_path, rebase_schedule=rebase_schedule)
+        elif cfg.model.pretrained is not None:
+            trainer.load_pretrained(cfg.model.pretrained)
+        if ctx.is_main:  # everything checked, built and loaded: now the run directory
+            create_run_dir(run_dir, cfg)
             p = trainer.plan
             print(f"training {cfg.name}: {p.total_iters} iterations ({p.epochs} epochs of "
                   f"{p.iters_per_epoch}), global batch {cfg.train.batch_size} = {ctx.world_size} "
@@ -700,16 +732,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
         return trainer.fit()
     finally:
         cleanup_distributed()
-
-
-def resolve_resume_path(resume: str | Path) -> Path:
-    """A checkpoint file, or a run directory whose last.pt is meant."""
-    path = Path(resume)
-    if path.is_dir():
-        path = path / LAST
-    if not path.is_file():
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    return path
 
 
 # ------------------------------------------------------------------------------ danet train
@@ -725,12 +747,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         dest="overrides",
                         help="override any field, e.g. optim.lr=0.01 train.epochs=2 train.amp=bf16 "
                              "data.root=/data/cityscapes (sections: model, data, eval, optim, schedule, "
-                             "loss, train; see danet/config.py)")
+                             "loss, train, dist; see danet/config.py)")
     parser.add_argument("--output", "-o", default=None, metavar="DIR",
-                        help="run directory (default: runs/<preset>-<UTC time>; "
-                             "same as --set train.output=DIR)")
+                        help="run directory (default: runs/<preset>-<UTC time>; on --resume the "
+                             "checkpoint's directory; same as --set train.output=DIR)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR|CHECKPOINT",
                         help="continue a run from its last.pt (its stored config, plus any --set)")
+    parser.add_argument("--rebase-schedule", action="store_true",
+                        help="with --resume and changed optim.*/schedule.*/train.epochs|iters: recompute "
+                             "the LR schedule from the new settings as if the run had used them from the "
+                             "start, continuing at the checkpoint's iteration")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a run directory that holds another run's checkpoints")
     parser.add_argument("--print-config", action="store_true",
@@ -738,14 +764,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """The Config the command line asks for (on --resume: the checkpoint's, plus --set)."""
+    """The Config the command line asks for (on --resume: the checkpoint's, plus --set).
+
+    On --resume the stored ``train.output`` is dropped: the run continues where the checkpoint
+    is, or in ``--output``.
+    """
     if args.resume is not None:
         if args.preset is not None or args.config is not None:
             raise ValueError("--resume continues with the checkpoint's stored config; "
                              "only --set overrides can be added")
-        ckpt = load_checkpoint(resolve_resume_path(args.resume))
-        cfg = apply_dict(config_from_dict(ckpt["config"]), parse_overrides(args.overrides))
+        path = resolve_resume_path(args.resume)
+        stored = load_training_state(path)["config"]
+        overrides = parse_overrides(args.overrides)
+        check_stored_config(stored, overrides, path)
+        stored = {**stored, "train": {**stored["train"], "output": None}}
+        cfg = apply_dict(config_from_dict(stored), overrides)
+        validate_config(cfg)
     else:
+        if args.rebase_schedule:
+            raise ValueError("--rebase-schedule applies to --resume only")
         cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
     if args.output is not None:
         cfg.train.output = args.output
@@ -753,19 +790,25 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``danet train``."""
-    cfg = resolve_config(args)
-    if args.print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return 0
-    try:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except NonFiniteLossError as err:
-        print(f"danet train: error: {err}", file=sys.stderr)
-        return 1
+    """Entry point of ``danet train``: status 0, 1 (a failure named on stderr), 130/143 (stopped)."""
+    stop = StopFlag()
+    with stop.handle_signals(ignore_after_stop=True):  # from the start: a SIGTERM at any time stops
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return 0
+        try:
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                           rebase_schedule=args.rebase_schedule, stop=stop)
+        except (NonFiniteLossError, DistributedTimeoutError, FileWriteError) as err:
+            print(f"danet train: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # a second Ctrl-C before the stop's checkpoint
+            print("danet train: interrupted; the newest checkpoint is the run's last.pt", file=sys.stderr)
+            return 130
     if result.stopped_early:  # the shell's status for "terminated by SIGTERM/SIGINT": 143/130
         return 128 + (result.signal_received or signal.SIGTERM)
-    if result.metrics and int(os.environ.get("RANK", "0")) == 0:
+    if result.metrics and result.run_dir and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result.iteration} iterations; final mIoU {float(result.metrics['mIoU']):.4f}, "
               f"pixAcc {float(result.metrics['pixAcc']):.4f}, best mIoU {result.best_miou:.4f}; "
               f"outputs in {result.run_dir}")

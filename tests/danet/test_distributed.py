@@ -63,7 +63,7 @@ def test_two_gloo_processes_stay_identical_and_learn(tmp_path):
     assert rank0["metrics"] == rank1["metrics"]  # the confusion matrix was reduced across ranks
     # only rank 0 wrote logs and checkpoints
     written = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert written == ["checkpoint_best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert written == ["checkpoint_best.pt", "config.yaml", "last.pt", "last_good.pt", "metrics.jsonl"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum('"type": "train"' in line for line in lines) == 8  # once per iteration, not per rank
 
@@ -126,3 +126,56 @@ def test_batchnorm_cannot_sync_on_cpu_warns():
     with pytest.warns(UserWarning, match="SyncBatchNorm needs CUDA"):
         assert convert_batchnorm(model, two_cpu_processes, sync_bn=True) is model
     assert type(model[1]) is nn.BatchNorm2d
+
+
+def _freezing_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 1 stops answering after step 2 (as a frozen or deadlocked process would)."""
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_num_threads(1)
+    import danet_kernels
+    from danet.config import load_config
+    from danet.distributed import DistributedTimeoutError
+    from danet.train import train
+
+    danet_kernels.set_backend("torch")
+    cfg = load_config("synthetic", overrides=[
+        "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=32",
+        "data.val_samples=4", "eval.batch_size=2", "train.batch_size=4", "train.iters=8",
+        "train.progress=false", "train.val_interval=0", "train.device=cpu", "dist.timeout_s=4",
+        f"train.output={out_dir}/run",
+    ])
+
+    def freeze(iteration, model):
+        if rank == 1 and iteration == 2:
+            time.sleep(600)  # the test kills this process long before
+
+    try:
+        train(cfg, on_step=freeze)
+    except DistributedTimeoutError as err:
+        with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+            f.write(str(err))
+
+
+def test_a_frozen_rank_is_named_after_dist_timeout_s(tmp_path):
+    """Two gloo processes, rank 1 freezes: rank 0 gives up after 4 s, naming rank 1 and where it was."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_freezing_worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        procs[0].join(timeout=240)
+        assert procs[0].exitcode == 0, "rank 0 did not give up in time"
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=30)
+    message = (tmp_path / "rank0.txt").read_text()
+    assert "waited dist.timeout_s=4 s" in message
+    assert "rank 1 (last started step 2" in message and "stopped answering" in message
+    assert "rank(s) 0 had started step 3" in message

@@ -1,31 +1,21 @@
 """danet.train: the synthetic default learns; resume is exact; checkpoints survive SIGTERM and NaN."""
 
 import contextlib
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from danet.checkpoint import BEST, LAST, load_checkpoint
+from danet.checkpoint import BEST, LAST, LAST_GOOD, load_checkpoint
 from danet.cli import main as cli_main
 from danet.config import load_config
 from danet.train import NonFiniteLossError, plan_batches, train
-
-REPO = Path(__file__).resolve().parents[2]
-
-# 16 scenes of 32x32, global batch 4: 4 iterations per epoch, a few seconds per run
-TINY = [
-    "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=16",
-    "data.val_samples=4", "eval.batch_size=4", "train.batch_size=4", "train.progress=false",
-    "train.val_interval=1", "train.log_interval=1", "train.checkpoint_interval=0", "train.device=cpu",
-]
+from tests.danet.training_helpers import REPO, TINY, subprocess_env, tiny_config
+from tests.danet.training_helpers import records as _records
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +26,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_config(run_dir: Path, *overrides: str):
-    return load_config("synthetic", overrides=[*TINY, f"train.output={run_dir}", *overrides])
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _majority_class_miou(cfg) -> float:
@@ -134,18 +116,12 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, checkpoint_interval)
                 next(model.parameters()).fill_(float("nan"))
 
     cfg = tiny_config(tmp_path, "train.iters=12", f"train.checkpoint_interval={checkpoint_interval}")
-    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint is .*last\.pt, iteration 2"):
+    with pytest.raises(NonFiniteLossError, match=r"Resume from .*last_good\.pt \(iteration 2\)"):
         train(cfg, on_step=poison)
-    ckpt = load_checkpoint(tmp_path / LAST)
-    assert ckpt["iteration"] == 2
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-
-
-def _subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU: blockwise attention
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+    for name in (LAST, LAST_GOOD):
+        ckpt = load_checkpoint(tmp_path / name)
+        assert ckpt["iteration"] == 2
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -154,7 +130,7 @@ def test_signal_writes_checkpoint_then_resume(tmp_path, sig):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "danet.cli", "train", "--output", str(run_dir),
            "--set", *TINY, "train.iters=100000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -222,8 +198,8 @@ def test_memory_and_precision_knobs_train(tmp_path, knobs):
         (["train.accum_steps=3"], "not divisible"),
         (["data.train_samples=2"], "do not fill one global batch"),
         (["train.amp=fp8"], "train.amp must be one of"),
-        (["optim.name=lamb"], "unknown optimiser"),
-        (["schedule.policy=cosine"], "unknown LR policy"),
+        (["optim.name=lamb"], "optim.name must be one of sgd, adamw"),
+        (["schedule.policy=cosine"], "schedule.policy must be one of"),
     ],
 )
 def test_bad_training_settings_are_clear_errors(tmp_path, overrides, message):
@@ -291,13 +267,13 @@ def test_metrics_log_writes_json_lines_and_tensorboard_is_optional(tmp_path):
     except ImportError:
         expectation = pytest.warns(UserWarning, match="tensorboard package is not installed")
     with expectation:
-        log = MetricsLog(tmp_path, enabled=True, append=False, tensorboard=True)
-    log.write("val", 7, mIoU=0.5, IoU=[0.25, None])
+        log = MetricsLog(tmp_path, enabled=True, tensorboard=True)
+    log.write("val", 7, mIoU=0.5, IoU=[0.25, float("nan")])
     log.close()
     (record,) = _records(tmp_path)
     assert (record["type"], record["iteration"]) == ("val", 7)
     assert (record["mIoU"], record["IoU"]) == (0.5, [0.25, None])
-    silent = MetricsLog(tmp_path / "other", enabled=False, append=False, tensorboard=False)
+    silent = MetricsLog(tmp_path / "other", enabled=False)
     silent.write("train", 1, loss=1.0)
     silent.close()
     assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing

@@ -1,0 +1,223 @@
+"""Continuing a run: from which checkpoint, with which settings, on which LR schedule.
+
+``danet train --resume RUN`` continues from ``RUN/last.pt`` *in RUN* (or in an explicit
+``--output``; never in a directory named inside the file) with the stored config plus any
+``--set``. What a resumed run may change:
+
+* how it runs (``data.workers``, ``train.progress``, intervals, ``train.amp``, ``dist.*``, ...): freely;
+* what shapes the LR schedule (``optim.lr``, ``head_lr_mult``, ``momentum``, ``nesterov``,
+  ``weight_decay``, every ``schedule.*``, ``train.epochs`` / ``train.iters``): only with
+  ``--rebase-schedule``, which recomputes the schedule from the new settings *as if the run had
+  used them from the start* and continues it at the checkpoint's iteration. Lengthening a finished
+  run this way stretches its schedule: a poly run of 1000 iterations extended to 2000 continues
+  at iteration 1000 with ``lr * (1 - 1000/2000) ** power``, not at the old schedule's end (LR 0);
+* the optimiser (``optim.name``) and the epoch length (``train.batch_size``, the training set):
+  never (the stored optimiser state and the position in the epoch would no longer mean anything);
+  start a new run from the weights instead, ``--set model.pretrained=RUN/last.pt``.
+
+A checkpoint at or past the run's last iteration, a stored config without the settings that
+decide the schedule and the run length (a file not written by ``danet train``), and a schedule
+that would train at LR 0 are refused with a message that says what to do.
+
+Which checkpoint to continue from after a divergence: :class:`LossHealth` judges the training
+loss against its recent healthy level; the trainer keeps ``last_good.pt``, the newest checkpoint
+that training continued from with a healthy loss (see danet.train).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from danet.checkpoint import LAST
+from danet.config import Config, config_to_dict, missing_keys
+
+# settings that shape the LR schedule (and the optimiser's hyperparameters): --rebase-schedule
+REBASE_KEYS = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+               "schedule.*", "train.epochs", "train.iters")
+# settings a resumed run cannot change
+FIXED_KEYS = ("optim.name", "train.batch_size")
+# a stored config must hold these (or --set must give them): they decide the run's schedule and length
+REQUIRED_KEYS = ("optim.*", "schedule.*", "train.epochs", "train.iters", "train.batch_size",
+                 "train.accum_steps", "train.seed", "model.backbone", "data.dataset")
+
+
+def resolve_resume_path(resume: str | Path) -> Path:
+    """A checkpoint file, or a run directory whose last.pt is meant."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / LAST
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    return path
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _merged(stored: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {key: dict(value) if isinstance(value, Mapping) else value for key, value in stored.items()}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_stored_config(stored: Any, overrides: Mapping[str, Any], path: Path) -> None:
+    """Refuse a stored config that lacks what decides the schedule and the run's length.
+
+    Keys missing elsewhere (settings newer than the checkpoint) take their defaults, with a
+    warning that names them.
+
+    Raises:
+        ValueError: naming the missing keys.
+    """
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"{path} has no stored config (a {type(stored).__name__}); it was not written "
+                         f"by danet train. Start a new run from its weights: --set model.pretrained={path}")
+    missing = missing_keys(_merged(stored, overrides))
+    required = [key for key in missing if _matches(key, REQUIRED_KEYS)]
+    if required:
+        shown = ", ".join(_summarised(required, missing_keys({})))
+        raise ValueError(
+            f"{path}'s stored config has no {shown}: it was not written by danet train, or was edited. "
+            "These settings decide the LR schedule and the run's length, so it is not resumed on "
+            "defaults; give them with --set, or start a new run from its weights: "
+            f"--set model.pretrained={path}")
+    if missing:
+        warnings.warn(f"{path}'s stored config has no {', '.join(missing)} (settings newer than the "
+                      "checkpoint?): their defaults are used", stacklevel=2)
+
+
+def _summarised(keys: list[str], every_key: list[str]) -> list[str]:
+    """``keys`` with each section whose keys are all among them written as ``section.*``."""
+    shown: list[str] = []
+    for key in keys:
+        section = key.rpartition(".")[0]
+        whole = section and all(k in keys for k in every_key if k.rpartition(".")[0] == section)
+        name = f"{section}.*" if whole else key
+        if name not in shown:
+            shown.append(name)
+    return shown
+
+
+def changed_settings(stored: Mapping[str, Any], cfg: Config, patterns: Sequence[str]) -> list[str]:
+    """The dotted keys matching ``patterns`` whose value in ``cfg`` differs from the stored config's."""
+    saved, current = _flat(stored), _flat(config_to_dict(cfg))
+    return [key for key, value in current.items()
+            if _matches(key, patterns) and key in saved and saved[key] != value]
+
+
+def check_resume(ckpt: Mapping[str, Any], cfg: Config, *, total_iters: int, iters_per_epoch: int,
+                 rebase: bool, path: Path) -> None:
+    """Refuse a resume that would not continue the stored run as asked (see the module docstring).
+
+    Raises:
+        ValueError: what is wrong and which flag or setting does what the user wants.
+    """
+    stored = ckpt["config"]
+    fixed = changed_settings(stored, cfg, FIXED_KEYS)
+    if fixed:
+        raise ValueError(f"cannot resume with a changed {', '.join(fixed)}: the stored optimiser state "
+                         "and the position in the epoch belong to the old settings. Start a new run from "
+                         f"the weights instead: --set model.pretrained={path}")
+    stored_epoch_length = ckpt.get("iters_per_epoch")
+    if stored_epoch_length is not None and stored_epoch_length != iters_per_epoch:
+        raise ValueError(f"the epoch has {iters_per_epoch} iterations here, {stored_epoch_length} in {path} "
+                         "(a changed data.train_samples, dataset or number of processes?); a resumed run "
+                         f"must keep it. Start a new run from the weights: --set model.pretrained={path}")
+    iteration, length = ckpt["iteration"], _length(cfg)
+    schedule_changes = changed_settings(stored, cfg, REBASE_KEYS)
+    if schedule_changes and not rebase:
+        raise ValueError(
+            f"resuming with a changed {', '.join(schedule_changes)}: the stored LR schedule was made for "
+            f"the old settings (continued as stored, it would train past its end at LR 0). Pass "
+            "--rebase-schedule to recompute the schedule from the new settings as if the run had used "
+            f"them from the start, continuing at iteration {iteration}; or leave these settings as stored")
+    if iteration > total_iters:
+        raise ValueError(
+            f"{path} is at iteration {iteration}, past this run's {total_iters} iterations ({length}): "
+            f"nothing to train. To train longer, set train.iters above {iteration} (or train.epochs) "
+            "with --rebase-schedule")
+    if iteration == total_iters and ckpt["iteration_in_epoch"] == 0:
+        raise ValueError(
+            f"the run in {path} is finished ({iteration} of {total_iters} iterations, {length}). To "
+            "train longer, raise train.epochs (or train.iters) and pass --rebase-schedule: the LR schedule "
+            "is then recomputed over the longer run as if it had been planned so from the start")
+
+
+def _length(cfg: Config) -> str:
+    t = cfg.train
+    return f"train.iters={t.iters}" if t.iters is not None else f"train.epochs={t.epochs}"
+
+
+def check_lr_alive(lrs: Sequence[float], cfg: Config, iteration: int, total_iters: int) -> None:
+    """Refuse to train remaining iterations at LR 0 when a positive LR is configured."""
+    if iteration < total_iters and cfg.optim.lr > 0 and all(lr == 0 for lr in lrs):
+        raise ValueError(
+            f"the LR schedule gives LR 0 at iteration {iteration} with {total_iters - iteration} iterations "
+            "to go (it has ended): pass --rebase-schedule to recompute it for this run's length")
+
+
+# ------------------------------------------------------------------------------ loss health
+
+
+class LossHealth:
+    """Whether the training loss is in its healthy range, judged against its own recent past.
+
+    The loss is averaged over each checkpoint's window (the iterations since the previous save);
+    a loss (or a window's mean) is healthy when it is finite and at most ``FACTOR`` times the
+    median of the last ``RECENT`` healthy windows' means. Divergence raises the loss by orders of
+    magnitude within a few windows, which this catches; ordinary noise and a slowly falling loss
+    stay well inside. (The judgement is a heuristic: a slow drift upwards, below FACTOR per window,
+    is not caught.)
+    """
+
+    FACTOR = 4.0
+    RECENT = 5
+
+    def __init__(self, windows: Sequence[Sequence[float]] = ()) -> None:
+        # [iteration at the save, mean loss of the window, healthy]; restored from checkpoints
+        self.windows: list[list[Any]] = [list(w) for w in windows if len(w) == 3]
+        self.current: list[float] = []
+
+    def reference(self) -> float | None:
+        """The healthy level: the median of the recent healthy windows' means (None before any)."""
+        recent = [mean for _, mean, healthy in self.windows if healthy][-self.RECENT:]
+        return statistics.median(recent) if recent else None
+
+    def is_healthy(self, loss: float) -> bool:
+        """Whether one loss value (or a window mean) is in the healthy range."""
+        reference = self.reference()
+        return math.isfinite(loss) and (reference is None or loss <= self.FACTOR * reference)
+
+    def add(self, loss: float) -> None:
+        """Count one iteration's loss into the current window."""
+        self.current.append(loss)
+
+    def close_window(self, iteration: int) -> bool | None:
+        """End the current window at a save; whether it was healthy (None: no iteration in it)."""
+        if not self.current:
+            return None
+        mean = math.fsum(self.current) / len(self.current)
+        healthy = self.is_healthy(mean)
+        self.windows.append([iteration, mean if math.isfinite(mean) else None, healthy])
+        self.current = []
+        return healthy

@@ -1,0 +1,150 @@
+"""A run directory: where it is, when it may be written, config.yaml and the metrics log.
+
+``runs/<name>-<UTC time>/`` by default. It is created only once training is about to start
+(every setting validated, the datasets found and the model built), so that a failed start
+leaves nothing behind. An existing run directory is never overwritten unless the run resumes
+from a checkpoint inside it or ``--overwrite`` says so.
+
+``metrics.jsonl`` is one JSON record per line (flushed at once, so a killed run keeps every
+line it logged). A resumed run first keeps only the records up to the checkpoint's iteration
+(those after it belong to steps that are now redone), so every iteration is logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from danet.checkpoint import BEST, LAST, LAST_GOOD
+from danet.config import Config, config_to_dict
+from danet.files import FileWriteError, atomic_write, describe_os_error
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+_RUN_OUTPUTS = (LAST, BEST, LAST_GOOD, METRICS)
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """``runs/<name>-<UTC time>``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> None:
+    """Refuse a run directory that is a file or holds another run's outputs (creates nothing).
+
+    ``resuming_here``: the run continues from a checkpoint inside ``run_dir``.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"the run directory {run_dir} exists and is not a directory")
+    existing = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+    if existing and not (resuming_here or overwrite):
+        raise ValueError(
+            f"{run_dir} already holds {', '.join(existing)} from another run; pass --resume {run_dir} to "
+            "continue it, --overwrite to replace it, or choose another --output"
+        )
+
+
+def create_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Create ``run_dir`` and write its config.yaml (atomically)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileWriteError(err.errno, describe_os_error(err, run_dir, "create the run directory")) from err
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write(run_dir / CONFIG, lambda tmp: tmp.write_text(text))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log; a line cut short by a kill is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    """Values with NaN/Inf turned into None (JSON has no NaN), in lists too."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return {key: clean(value) for key, value in values.items()}
+
+
+class MetricsLog:
+    """Rank 0's JSON-lines log (and optional TensorBoard); every other rank writes nothing.
+
+    Args:
+        run_dir: where ``metrics.jsonl`` is written.
+        enabled: False on every rank but 0.
+        resume_iteration: on resume, the checkpoint's iteration: the records up to it are kept
+            (read from ``previous_log``, by default this run directory's log), the rest dropped.
+        tensorboard: also write TensorBoard scalars (when the package is installed).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, *, resume_iteration: int | None = None,
+                 previous_log: Path | None = None, tensorboard: bool = False) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        path = run_dir / METRICS
+        kept = ""
+        previous_log = previous_log or path
+        if resume_iteration is not None and previous_log.is_file():
+            kept = "".join(json.dumps(r) + "\n" for r in read_records(previous_log)
+                           if isinstance(r.get("iteration"), int) and r["iteration"] <= resume_iteration)
+        atomic_write(path, lambda tmp: tmp.write_text(kept))
+        self._file = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("train.tensorboard is on but the tensorboard package is not installed; "
+                              "logging to metrics.jsonl only", stacklevel=2)
+            else:
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, kind: str, iteration: int, **values: Any) -> None:
+        """Append one record (flushed at once, so a killed run keeps every line it logged)."""
+        if self._file is None:
+            return
+        record = {"type": kind, "iteration": iteration, "time": time.time(), **_jsonable(values)}
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise FileWriteError(err.errno, describe_os_error(err, self._file.name)) from err
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, iteration)
+
+    def close(self) -> None:
+        """Flush and close the outputs."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # a full disk: the write that failed has already said so
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
