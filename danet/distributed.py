@@ -35,12 +35,13 @@ own log names the collective.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -228,6 +229,22 @@ class Progress:
         ahead = [str(rank) for rank, entry in seen.items() if entry is not None and entry[0] == reached]
         where = next(entry[1] for entry in seen.values() if entry is not None and entry[0] == reached)
         return (f"{', '.join(behind)} stopped answering; rank(s) {', '.join(ahead)} had started {where}")
+
+
+@contextlib.contextmanager
+def stalled_ranks_named(progress: Progress, timeout_s: float,
+                        note: Callable[[], str] = str) -> Iterator[None]:
+    """Turn a collective's timeout inside the block into a DistributedTimeoutError naming the
+    process that stopped answering (``note()`` adds e.g. where the newest checkpoint is)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (progress.ctx.distributed and is_timeout(err)):
+            raise
+        extra = note()
+        raise DistributedTimeoutError(
+            f"rank {progress.ctx.rank} waited dist.timeout_s={timeout_s:g} s for the other processes: "
+            f"{progress.describe_stall()}{'; ' + extra if extra else ''}") from err
 
 
 class ResumableDistributedSampler(DistributedSampler):

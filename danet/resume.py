@@ -20,8 +20,8 @@ decide the schedule and the run length (a file not written by ``danet train``), 
 that would train at LR 0 are refused with a message that says what to do.
 
 Which checkpoint to continue from after a divergence: :class:`LossHealth` judges the training
-loss against its recent healthy level; the trainer keeps ``last_good.pt``, the newest checkpoint
-that training continued from with a healthy loss (see danet.train).
+loss against its recent healthy level; :class:`RunCheckpoints` keeps ``last_good.pt``, the newest
+checkpoint that training continued from with a healthy loss, and the NaN stop names it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from danet.checkpoint import LAST
+from danet.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, keep_as, load_checkpoint
 from danet.config import Config, config_to_dict, missing_keys
 
 # settings that shape the LR schedule (and the optimiser's hyperparameters): --rebase-schedule
@@ -221,3 +221,90 @@ class LossHealth:
         self.windows.append([iteration, mean if math.isfinite(mean) else None, healthy])
         self.current = []
         return healthy
+
+
+# ------------------------------------------------------------------------------ the run's checkpoints
+
+
+class RunCheckpoints:
+    """A run directory's checkpoints and the evidence about which one training can continue from.
+
+    * ``last.pt``: written at every save (:meth:`save`);
+    * ``checkpoint_best.pt``: a hard link to the last.pt of the best validation;
+    * ``last_good.pt``: a hard link to the newest last.pt that training continued from with a
+      healthy loss: the loss of its own window (since the save before) and the loss of the very
+      next step, computed with exactly its weights (:meth:`record`). Finite weights that already
+      diverged (a sudden blow-up in the last update) fail that next step's check.
+
+    Every process keeps the same evidence (the losses are all-reduced); only ``writer`` (rank 0)
+    touches files.
+    """
+
+    def __init__(self, run_dir: Path, *, writer: bool) -> None:
+        self.run_dir, self.writer = run_dir, writer
+        self.health = LossHealth()
+        self.last_saved: int | None = None  # the iteration last.pt holds
+        self.last_window_healthy: bool | None = None  # the loss before it was healthy
+        self.awaiting_confirmation = False  # last.pt waits for the loss of the step after it
+        self.good: int | None = None  # the iteration last_good.pt holds (written by this process)
+        self.resumed_here = False
+
+    def restore(self, ckpt: Mapping[str, Any], *, resumed_here: bool) -> None:
+        """Continue the evidence of a resumed checkpoint (whose next loss judges it, in its own dir)."""
+        self.health = LossHealth(ckpt.get("loss_windows", ()))
+        self.last_saved, self.last_window_healthy = ckpt["iteration"], ckpt.get("window_healthy")
+        self.awaiting_confirmation = self.resumed_here = resumed_here
+
+    def adopt(self, path: Path) -> None:
+        """A run resumed from another file of its directory (e.g. last_good.pt): it becomes last.pt."""
+        if self.writer and path.name != LAST:
+            keep_as(path, LAST)
+
+    def record(self, loss: float) -> None:
+        """Count one step's loss; the first after a save judges that save (healthy: last_good.pt)."""
+        self.health.add(loss)
+        if not self.awaiting_confirmation:
+            return
+        self.awaiting_confirmation = False
+        if self.last_window_healthy is not False and self.health.is_healthy(loss):
+            if self.writer:
+                keep_as(self.run_dir / LAST, LAST_GOOD)
+            self.good = self.last_saved
+
+    def save(self, checkpoint: dict[str, Any], iteration: int, *, best: bool) -> None:
+        """Write ``checkpoint`` (plus the loss evidence) as last.pt, and as the best when ``best``."""
+        window_healthy = self.health.close_window(iteration)
+        if window_healthy is None:  # no step since the last save: the same state
+            window_healthy = self.last_window_healthy
+        if self.writer:
+            checkpoint = {**checkpoint, "loss_windows": self.health.windows, "window_healthy": window_healthy}
+            path = atomic_save(checkpoint, self.run_dir / LAST)
+            if best:
+                keep_as(path, BEST)
+        self.last_saved, self.last_window_healthy = iteration, window_healthy
+        self.awaiting_confirmation = True
+
+    def divergence_report(self, what: str, lr: float, *, first_loss_after_save: bool | None = None) -> str:
+        """``what`` happened: which checkpoint to resume from (and which not), and what to change.
+
+        ``first_loss_after_save``: the divergence showed in the first loss after the last save
+        (its weights produced it); by default, whether that save was still awaiting its check.
+        """
+        if first_loss_after_save is None:
+            first_loss_after_save = self.awaiting_confirmation
+        good, good_path = self.good, self.run_dir / LAST_GOOD
+        if good is None and self.resumed_here and good_path.is_file():  # written before this resume
+            good = int(load_checkpoint(good_path)["iteration"])
+        remedies = "optim.grad_clip, a warm-up (schedule.warmup_iters), or train.amp=bf16 instead of fp16"
+        if good is None:
+            return (f"{what}: training stopped; no checkpoint had been followed by a healthy loss yet. "
+                    f"Start again with a lower optim.lr (now {lr:g}), {remedies}")
+        avoid = ""
+        if self.last_saved is not None and self.last_saved != good:
+            why = ("its weights gave this loss" if first_loss_after_save
+                   else "the loss around it was out of its healthy range")
+            avoid = f"; {self.run_dir / LAST} (iteration {self.last_saved}) is not: {why}"
+        return (f"{what}: training stopped. Resume from {good_path} (iteration {good}), the newest "
+                f"checkpoint that training continued from with a healthy loss{avoid}. With a lower LR: "
+                f"danet train --resume {good_path} --set optim.lr={lr / 2:g} --rebase-schedule "
+                f"(or try {remedies})")

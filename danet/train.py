@@ -70,13 +70,8 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from danet.checkpoint import (
-    BEST,
     LAST,
-    LAST_GOOD,
-    atomic_save,
     capture_rng_state,
-    keep_as,
-    load_checkpoint,
     load_training_state,
     non_finite_tensors,
     restore_rng_state,
@@ -102,15 +97,15 @@ from danet.distributed import (
     all_reduce_sum,
     cleanup_distributed,
     convert_batchnorm,
-    is_timeout,
     setup_distributed,
+    stalled_ranks_named,
     wrap_ddp,
 )
 from danet.files import FileWriteError
 from danet.losses import DANetLoss
 from danet.lr_policies import build_scheduler
 from danet.resume import (
-    LossHealth,
+    RunCheckpoints,
     check_lr_alive,
     check_resume,
     check_stored_config,
@@ -293,8 +288,9 @@ class Trainer:
     """One training run; :func:`train` is the function to call.
 
     Reads top to bottom: building the run, starting it (resume or pretrained weights), the loop
-    (:meth:`fit` > :meth:`_run_epoch` > :meth:`_step`), validation, then checkpoints and what a
-    divergence leaves to resume from.
+    (:meth:`fit` > :meth:`_run_epoch` > :meth:`_step`), validation, the checkpoint. Which
+    checkpoint files exist and which is safe to continue from is ``self.checkpoints``
+    (danet.resume.RunCheckpoints); signals are ``self.stop`` (danet.stopping.StopFlag).
     """
 
     def __init__(self, cfg: Config, ctx: DistributedContext, run_dir: Path,
@@ -342,13 +338,9 @@ class Trainer:
         self.state = TrainState()
         self.stop = stop or StopFlag()
         self.progress = Progress(ctx)  # what each process last started, to name a stalled one
-        self.health = LossHealth()
+        self.checkpoints = RunCheckpoints(run_dir, writer=ctx.is_main)
         self.losses: list[float] = []
         self.resumed_from: Path | None = None
-        self._last_saved: int | None = None  # the iteration last.pt holds
-        self._last_window_healthy: bool | None = None  # the loss before it was healthy
-        self._awaiting_confirmation = False  # last.pt waits for the loss of the step after it
-        self._good_iteration: int | None = None  # the iteration last_good.pt holds
 
     # -------------------------------------------------------------- how the run starts
 
@@ -378,11 +370,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(iteration, ckpt["epoch"], ckpt["iteration_in_epoch"],
                                 ckpt.get("best_miou", float("-inf")), ckpt.get("metrics", {}))
-        self.health = LossHealth(ckpt.get("loss_windows", ()))
         self.resumed_from = path
-        self._last_saved = iteration
-        self._last_window_healthy = ckpt.get("window_healthy")
-        self._awaiting_confirmation = self._resuming_here()
+        self.checkpoints.restore(ckpt, resumed_here=self._resuming_here())
         rng = ckpt["rng"]
         if len(rng) == self.ctx.world_size:
             restore_rng_state(rng[self.ctx.rank])
@@ -427,8 +416,8 @@ class Trainer:
         The signal handlers stay installed until the final checkpoint of a stop is written.
         """
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        if ctx.is_main and self._resuming_here() and self.resumed_from.name != LAST:  # type: ignore[union-attr]
-            keep_as(self.resumed_from, LAST)  # resumed from e.g. last_good.pt: that is now the run's state
+        if self.resumed_from is not None and self._resuming_here():
+            self.checkpoints.adopt(self.resumed_from)  # e.g. last_good.pt: now the run's last.pt
         previous_log = self.resumed_from.parent / METRICS if self.resumed_from is not None else None
         log = MetricsLog(self.run_dir, ctx.is_main, tensorboard=cfg.train.tensorboard,
                          resume_iteration=state.iteration if self.resumed_from is not None else None,
@@ -436,7 +425,8 @@ class Trainer:
         stopped = False
         self.train_model.train()
         try:
-            with self.stop.handle_signals(), self._name_stalled_ranks():
+            stalls_named = stalled_ranks_named(self.progress, cfg.dist.timeout_s, self._saved)
+            with self.stop.handle_signals(), stalls_named:
                 while not stopped and (state.iteration < self.plan.total_iters or state.iteration_in_epoch):
                     stopped = self._run_epoch(log)
                     if not stopped:
@@ -471,9 +461,7 @@ class Trainer:
                 state.iteration += 1
                 state.iteration_in_epoch += 1
                 self.losses.append(loss)
-                self.health.add(loss)
-                if self._awaiting_confirmation:
-                    self._confirm_last(loss)
+                self.checkpoints.record(loss)
                 done_here += 1
                 images_per_s = done_here * cfg.train.batch_size / max(time.perf_counter() - start, 1e-9)
                 bar.update(1)
@@ -530,8 +518,8 @@ class Trainer:
                       for name, value in zip(term_sums, flags[3:], strict=True)}
         if flags[1] > 0:
             where = f"iteration {self.state.iteration + 1} (epoch {self.state.epoch + 1})"
-            raise NonFiniteLossError(self._divergence_report(
-                f"the loss is {mean_loss} at {where}", first_loss_after_save=self._awaiting_confirmation))
+            raise NonFiniteLossError(self.checkpoints.divergence_report(
+                f"the loss is {mean_loss} at {where}", self.cfg.optim.lr))
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -553,6 +541,11 @@ class Trainer:
             improved = bool(self.validate(log)["improved"])
         self.save(best=improved)
 
+    def _saved(self) -> str:
+        """Where the newest state is, for an error message."""
+        last = self.checkpoints.last_saved
+        return f"the state of iteration {last} is in {self.run_dir / LAST}" if last is not None else ""
+
     def _report_stop(self) -> None:
         if self.ctx.is_main:
             received = self.stop.signal_received
@@ -560,20 +553,6 @@ class Trainer:
             print(f"{why}: stopped at iteration {self.state.iteration}; state saved to "
                   f"{self.run_dir / LAST}. Continue with: danet train --resume {self.run_dir}",
                   file=sys.stderr)
-
-    @contextlib.contextmanager
-    def _name_stalled_ranks(self) -> Iterator[None]:
-        """A collective's timeout becomes an error naming the process that stopped answering."""
-        try:
-            yield
-        except RuntimeError as err:
-            if not (self.ctx.distributed and is_timeout(err)):
-                raise
-            saved = (f"; the state of iteration {self._last_saved} is in {self.run_dir / LAST}"
-                     if self._last_saved is not None else "")
-            raise DistributedTimeoutError(
-                f"rank {self.ctx.rank} waited dist.timeout_s={self.cfg.dist.timeout_s:g} s for the other "
-                f"processes: {self.progress.describe_stall()}{saved}") from err
 
     # -------------------------------------------------------------- validation
 
@@ -606,31 +585,18 @@ class Trainer:
         """Write the full state to last.pt (rank 0; also as checkpoint_best.pt when ``best``).
 
         Every rank takes part: the RNG states of all ranks are gathered into the checkpoint. A
-        non-finite model is never saved. The new last.pt becomes last_good.pt once the step after
-        it shows a healthy loss (:meth:`_confirm_last`).
+        non-finite model is never saved.
         """
         self.progress.mark(f"saving iteration {self.state.iteration}")
         rng = all_gather_objects(capture_rng_state())
         model_state = self.model.state_dict()
         bad = non_finite_tensors(model_state)  # checked on every rank, so that every rank stops
         if bad:
-            raise NonFiniteLossError(self._divergence_report(
+            raise NonFiniteLossError(self.checkpoints.divergence_report(
                 f"the model holds NaN/Inf values after iteration {self.state.iteration} (in "
                 f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing saved",
-                first_loss_after_save=False))
-        window_healthy = self.health.close_window(self.state.iteration)
-        if window_healthy is None:  # no step since the last save: the same state
-            window_healthy = self._last_window_healthy
-        if self.ctx.is_main:
-            path = atomic_save(self._checkpoint(rng, model_state, window_healthy), self.run_dir / LAST)
-            if best:
-                keep_as(path, BEST)
-        self._last_saved, self._last_window_healthy = self.state.iteration, window_healthy
-        self._awaiting_confirmation = True
-
-    def _checkpoint(self, rng: list[Any], model_state: dict[str, Any],
-                    window_healthy: bool | None) -> dict[str, Any]:
-        return {
+                self.cfg.optim.lr, first_loss_after_save=False))
+        self.checkpoints.save({
             "model": model_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -644,39 +610,7 @@ class Trainer:
             "best_miou": self.state.best_miou,
             "metrics": self.state.last_metrics,
             "num_classes": self.num_classes,
-            "loss_windows": self.health.windows,
-            "window_healthy": window_healthy,
-        }
-
-    def _confirm_last(self, loss: float) -> None:
-        """The first loss after a save judges the saved weights: healthy -> last.pt is last_good.pt."""
-        self._awaiting_confirmation = False
-        if self._last_window_healthy is False or not self.health.is_healthy(loss):
-            return
-        if self.ctx.is_main:
-            keep_as(self.run_dir / LAST, LAST_GOOD)
-        self._good_iteration = self._last_saved
-
-    def _divergence_report(self, what: str, *, first_loss_after_save: bool) -> str:
-        """What happened, which checkpoint to resume from (and which not), and what to change."""
-        good = self._good_iteration
-        good_path = self.run_dir / LAST_GOOD
-        if good is None and self._resuming_here() and good_path.is_file():  # from before this resume
-            good = int(load_checkpoint(good_path)["iteration"])
-        if good is None:
-            return (f"{what}: training stopped; no checkpoint had been followed by a healthy loss yet. "
-                    f"Start again with a lower optim.lr (now {self.cfg.optim.lr:g}), a warm-up "
-                    "(schedule.warmup_iters), optim.grad_clip, or train.amp=bf16 instead of fp16")
-        avoid = ""
-        if self._last_saved is not None and self._last_saved != good:
-            why = ("its weights gave this loss" if first_loss_after_save
-                   else "the loss around it was out of its healthy range")
-            avoid = f"; {self.run_dir / LAST} (iteration {self._last_saved}) is not: {why}"
-        return (f"{what}: training stopped. Resume from {good_path} (iteration {good}), the newest "
-                f"checkpoint that training continued from with a healthy loss{avoid}. With a lower LR: "
-                f"danet train --resume {good_path} --set optim.lr={self.cfg.optim.lr / 2:g} "
-                "--rebase-schedule "
-                "(or try optim.grad_clip, schedule.warmup_iters, or train.amp=bf16 instead of fp16)")
+        }, self.state.iteration, best=best)
 
 
 # ------------------------------------------------------------------------------ train()
