@@ -7,20 +7,28 @@
 """
 
 from danet.models.backbone import BACKBONES, create_backbone
-from danet.models.danet import DANet, build_model, create_model, list_models, register_model
+from danet.models.danet import (
+    HEAD_OUTPUTS,
+    DANet,
+    build_from_checkpoint,
+    build_model,
+    create_model,
+    list_models,
+    load_model,
+    register_model,
+)
 from danet.models.head import DANetHead, FCNHead
 from danet.models.weights import (
     ORIGINAL_KEY_MAP,
     Checkpoint,
-    build_from_checkpoint,
     load_backbone_weights,
-    load_model,
     load_weights,
     read_checkpoint,
 )
 
 __all__ = [
     "BACKBONES",
+    "HEAD_OUTPUTS",
     "ORIGINAL_KEY_MAP",
     "Checkpoint",
     "DANet",

@@ -2,12 +2,17 @@
 
 Layout follows timm: the :class:`DANet` module, a private builder, tiny registered entry points
 (``danet_resnet101``, ...) and :func:`create_model`, which rejects unknown names. The
-dataclass route is :func:`build_model` (``ModelConfig`` -> model), used by every command.
+dataclass route is :func:`build_model` (``ModelConfig`` -> model), used by every command;
+:func:`build_from_checkpoint` and :func:`load_model` build the model a checkpoint describes.
+Reading and renaming weights is :mod:`danet.models.weights`' job; it never imports this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,8 +21,21 @@ from torch.nn import functional
 from danet.config import ModelConfig
 from danet.models.backbone import create_backbone
 from danet.models.head import DANetHead, FCNHead
+from danet.models.weights import (
+    PUBLISHED_MODEL_CONFIG,
+    Checkpoint,
+    load_backbone_weights,
+    load_checkpoint_into,
+    model_config_from,
+    num_classes_in,
+    read_checkpoint,
+)
 
-__all__ = ["DANet", "build_model", "create_model", "list_models", "register_model"]
+__all__ = ["HEAD_OUTPUTS", "DANet", "build_from_checkpoint", "build_model", "create_model", "list_models",
+           "load_model", "register_model"]
+
+HEAD_OUTPUTS: tuple[str, ...] = ("sum", "pam", "cam")
+"""The head's outputs, in the order ``forward(x, head_outputs=True)`` returns them."""
 
 
 def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -41,6 +59,9 @@ class DANet(nn.Module):
 
     ``forward(x)`` returns, in training mode, ``(sum, pam, cam[, aux])`` logits and, in eval
     mode, the sum logits alone; every logit map is (B, nclass, H, W), upsampled to the input.
+    ``forward(x, head_outputs=True)`` returns ``(sum, pam, cam)`` in eval mode too, as the
+    original release's model always does (code written for it indexes ``model(x)[0]``); the
+    PAM-only and CAM-only predictions are the paper's ablation.
     """
 
     def __init__(self, nclass: int, backbone: str = "resnet101", output_stride: int = 8,
@@ -52,20 +73,18 @@ class DANet(nn.Module):
         self.nclass = nclass
         self.backbone = create_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid)
         if pretrained_backbone is not None:
-            from danet.models.weights import load_backbone_weights  # weights imports this module
-
             load_backbone_weights(self.backbone, pretrained_backbone)
         stage3_channels, stage4_channels = self.backbone.feature_info.channels()
         self.head = DANetHead(stage4_channels, nclass, attention=attention)
         self.auxlayer = FCNHead(stage3_channels, nclass) if aux else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, head_outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Segment ``x`` (B, 3, H, W): see the class docstring for what is returned."""
         size = (x.shape[-2], x.shape[-1])
         stage3, stage4 = self.backbone(x)
-        outputs = [_upsample(logits, size) for logits in self.head(stage4)]
+        outputs = [_upsample(logits, size) for logits in self.head(stage4, all_outputs=head_outputs)]
         if not self.training:
-            return outputs[0]
+            return tuple(outputs) if head_outputs else outputs[0]
         if self.auxlayer is not None:
             outputs.append(_upsample(self.auxlayer(stage3), size))
         return tuple(outputs)
@@ -145,3 +164,40 @@ def build_model(cfg: ModelConfig, nclass: int) -> DANet:
     return DANet(nclass, backbone=cfg.backbone, output_stride=cfg.output_stride, attention=cfg.attention,
                  aux=cfg.aux, multi_grid=cfg.multi_grid, pretrained_backbone=cfg.pretrained_backbone)
 
+
+def build_from_checkpoint(checkpoint: Checkpoint, nclass: int | None = None,
+                          overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build the DANet ``checkpoint`` describes and load its weights.
+
+    The architecture is, field by field: ``overrides`` (non-None values, e.g. command-line
+    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults; a
+    checkpoint in the original release's naming carries no config and gets the published
+    architecture (:data:`PUBLISHED_MODEL_CONFIG`). The number of classes comes from ``nclass``
+    when given (a mismatch with the checkpoint is an error), else from its classifier.
+
+    Raises:
+        ValueError: unknown backbone or option, or a checkpoint that does not fit.
+    """
+    cfg = model_config_from(checkpoint.config) or (
+        dataclasses.replace(PUBLISHED_MODEL_CONFIG) if checkpoint.original_naming else ModelConfig())
+    cfg.pretrained_backbone = None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if not hasattr(cfg, key):
+                raise ValueError(f"unknown model option {key!r}")
+            setattr(cfg, key, value)
+    model = build_model(cfg, nclass if nclass is not None else num_classes_in(checkpoint.state_dict))
+    load_checkpoint_into(model, checkpoint)
+    return model
+
+
+def load_model(path: str | Path, nclass: int | None = None,
+               overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Read checkpoint ``path`` and :func:`build_from_checkpoint`; returns (model, stored config).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, unknown backbone, or a checkpoint that does not fit.
+    """
+    checkpoint = read_checkpoint(path)
+    return build_from_checkpoint(checkpoint, nclass, overrides), checkpoint.config

@@ -69,12 +69,13 @@ class DANetHead(nn.Module):
         self.conv7 = _classifier(inter_channels, nclass)
         self.conv8 = _classifier(inter_channels, nclass)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Return (sum, pam, cam) logits at feature resolution in training, (sum,) in eval."""
+    def forward(self, x: torch.Tensor, all_outputs: bool = False) -> tuple[torch.Tensor, ...]:
+        """Return (sum, pam, cam) logits at feature resolution in training or when ``all_outputs``;
+        (sum,) in eval otherwise (the PAM and CAM classifiers are then not run)."""
         sa_conv = self.conv51(self.sa(self.conv5a(x)))
         sc_conv = self.conv52(self.sc(self.conv5c(x)))
         sum_logits = self.conv8(sa_conv + sc_conv)
-        if not self.training:  # inference needs only the fused prediction
+        if not (self.training or all_outputs):  # inference needs only the fused prediction
             return (sum_logits,)
         return sum_logits, self.conv6(sa_conv), self.conv7(sc_conv)
 

@@ -1,6 +1,7 @@
 """Weights from local files: ImageNet backbones, our checkpoints, the original DANet release.
 
-Nothing here touches the network. Files are read on the CPU with ``torch.load(weights_only=True)``
+Nothing here builds the network (``danet.models.danet`` builds it and uses this module, never
+the other way round). Files are read on the CPU with ``torch.load(weights_only=True)``
 (``.pth``/``.pt``/``.tar``) or safetensors (``.safetensors``).
 
 Accepted layouts for :func:`load_weights`:
@@ -52,10 +53,9 @@ __all__ = [
     "ORIGINAL_KEY_MAP",
     "PUBLISHED_MODEL_CONFIG",
     "Checkpoint",
-    "build_from_checkpoint",
     "from_original_naming",
     "load_backbone_weights",
-    "load_model",
+    "load_checkpoint_into",
     "load_state_dict_checked",
     "load_weights",
     "model_config_from",
@@ -197,7 +197,7 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
     module.load_state_dict(state_dict, strict=False)
 
 
-def _load_checkpoint_into(model: nn.Module, checkpoint: Checkpoint) -> None:
+def load_checkpoint_into(model: nn.Module, checkpoint: Checkpoint) -> None:
     """Checked load; the original release's checkpoints get the leniency their variants need.
 
     The release also shipped an inference-only head (``conv8`` alone, without the PAM/CAM
@@ -233,7 +233,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any] | None:
         ValueError: unreadable file, or keys/shapes/classes that do not match the model.
     """
     checkpoint = read_checkpoint(path)
-    _load_checkpoint_into(model, checkpoint)
+    load_checkpoint_into(model, checkpoint)
     return checkpoint.config
 
 
@@ -281,43 +281,3 @@ def model_config_from(config: Mapping[str, Any] | None) -> ModelConfig | None:
     cfg = ModelConfig(**{k: v for k, v in section.items() if k in fields})
     cfg.pretrained_backbone = None
     return cfg
-
-
-def build_from_checkpoint(checkpoint: Checkpoint, nclass: int | None = None,
-                          overrides: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build the DANet ``checkpoint`` describes and load its weights.
-
-    The architecture is, field by field: ``overrides`` (non-None values, e.g. command-line
-    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults; a
-    checkpoint in the original release's naming carries no config and gets the published
-    architecture (:data:`PUBLISHED_MODEL_CONFIG`). The number of classes comes from ``nclass``
-    when given (a mismatch with the checkpoint is an error), else from its classifier.
-
-    Raises:
-        ValueError: unknown backbone or option, or a checkpoint that does not fit.
-    """
-    from danet.models.danet import build_model  # danet.models.danet imports this module lazily
-
-    cfg = model_config_from(checkpoint.config) or (
-        dataclasses.replace(PUBLISHED_MODEL_CONFIG) if checkpoint.original_naming else ModelConfig())
-    cfg.pretrained_backbone = None
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            if not hasattr(cfg, key):
-                raise ValueError(f"unknown model option {key!r}")
-            setattr(cfg, key, value)
-    model = build_model(cfg, nclass if nclass is not None else num_classes_in(checkpoint.state_dict))
-    _load_checkpoint_into(model, checkpoint)
-    return model
-
-
-def load_model(path: str | Path, nclass: int | None = None,
-               overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
-    """Read checkpoint ``path`` and :func:`build_from_checkpoint`; returns (model, stored config).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable file, unknown backbone, or a checkpoint that does not fit.
-    """
-    checkpoint = read_checkpoint(path)
-    return build_from_checkpoint(checkpoint, nclass, overrides), checkpoint.config
