@@ -60,12 +60,18 @@ class DataConfig:
 class EvalConfig:
     """How validation and ``danet eval`` run inference."""
 
+    protocol: str = "danet"  # "danet" (ours), "release" (the DANet release's), "mmseg"; docs/evaluation.md
     mode: str = "whole"  # "whole", "sliding" or "multiscale"
     crop_size: int | None = None  # sliding-window crop; None: DataConfig.crop_size
     stride_ratio: float = 2.0 / 3.0  # the published sliding stride: 2/3 of the crop
+    stride: int | None = None  # window stride in pixels (mmseg: 513 for 769 crops); None: crop * stride_ratio
     scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # "multiscale": x the image's own size
+    base_size: int | None = None  # protocol "release": scales are x base_size (long side); None: DataConfig's
     flip: bool = True
     batch_size: int = 1
+    window_memory_mb: int = 4096  # batch windows and flips up to this estimated tensor memory; 0: one by one
+    amp: str = "auto"  # "auto" (bf16 on CUDA, none on the CPU), "none", "bf16", "fp16"
+    channels_last: bool = True
     checkpoint: str | None = None
 
 

@@ -1,89 +1,142 @@
-"""Inference modes: whole image, sliding window, multi-scale with horizontal flip.
+"""Inference: three evaluation protocols over one batched window engine.
 
-All modes return logits averaged over every prediction that covers a pixel:
+Every protocol cuts the (resized) image into windows, runs the model on them and merges the
+predictions; they differ in the grid, the padding, the resizing and how passes are merged
+(docs/evaluation.md compares them):
 
-* ``whole``: one forward pass over the full image.
-* ``sliding``: ``crop_size`` x ``crop_size`` windows every ``int(crop_size * stride_ratio)``
-  pixels (the published test used a 2/3 stride). The last window of a row or column is
-  aligned to the image border and a side shorter than the crop gets one window of the full
-  side (mmsegmentation's ``slide_inference``), so windows never leave the image and no
-  padding value leaks into the logits; where the crop covers the image, sliding is exactly
-  ``whole``. Overlaps are averaged through a per-pixel count map.
-* ``multiscale``: the image is resized by each scale (relative to its own size, bilinear,
-  align_corners=True as the release's ``resize_image``), predicted whole when the scaled
-  image fits in the crop and by sliding windows otherwise, and the logits are resized back.
+* ``danet`` (ours, the default). Modes ``whole`` (one pass over the image), ``sliding``
+  (``crop_size`` windows ``stride`` apart, the last one of a row or column aligned to the
+  border, a side shorter than the crop taken whole: windows never leave the image and no
+  padding value reaches the model) and ``multiscale`` (the image resized by each scale, relative
+  to its own size, bilinear with align_corners=True, then sliding). Logits are averaged over
+  the windows covering a pixel, over flips and over scales, so the result stays on a single
+  pass's scale.
+* ``release``: the evaluator of the original DANet release (PyTorch-Encoding's
+  ``MultiEvalModule``, 2020 code). Scales are relative to ``base_size``: the long side becomes
+  ``ceil(base_size * scale)``, the short side ``int(short * long / long_side + 0.5)``; bilinear
+  resizing with align_corners=True; the scaled image is padded at the bottom and right to
+  ``crop_size`` with the value of a black pixel after normalisation (``-mean / std``); windows
+  start every ``int(crop * stride_ratio)`` pixels (``ceil((side - crop) / stride) + 1`` of them),
+  end at ``min(start + crop, side)`` and are padded back to the crop (not shifted); each window
+  gives ``exp(logits + flipped logits)``, averaged where windows overlap, cropped back, resized
+  to the image and **summed** over scales. ``mode`` only chooses single scale (``whole``,
+  ``sliding``) or ``scales`` (``multiscale``); whether windows are used follows the release's
+  rule (a scaled image whose long side fits in the crop is one padded window).
+* ``mmseg``: mmsegmentation's ``whole_inference`` / ``slide_inference`` (the same border-aligned
+  grid as ours, with the stride given in pixels) and its test-time augmentation: each pass (scale
+  ``r``: sides ``int(side * r + 0.5)``, align_corners=False; the horizontally flipped image) is
+  resized back to the image, turned into probabilities (softmax) and the probabilities are
+  averaged. ``multiscale`` slides at each scale.
 
-With ``flip``, every prediction is also made on the horizontally flipped input and flipped
-back. Logits are averaged (the mean, so the result stays on a single pass's scale). The
-published ``MultiEvalModule`` sums, over scales, ``exp`` of the flip-summed logits instead
-(unnormalised probabilities), which lets one confident pass dominate; averaging logits
-weighs every scale and flip equally, and the argmax of the two can differ only where the
-passes disagree. Unlike the release,
-windows are never padded (see "sliding").
+The engine batches the windows of an image, and their mirror images, into forwards of as many
+samples as :attr:`EvalConfig.window_memory_mb` allows (the tensor memory of one window is
+estimated on fake tensors, :mod:`danet.cost`; 0 runs one window at a time), under
+``torch.inference_mode``, autocast (``amp``: bf16 on CUDA by default) and channels_last. All
+windows of one image and scale have one size, so the fused attention meets one ``N`` per image
+size (its kernels are tuned per ``N``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import inspect
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional
+from tqdm import tqdm
 
 from danet.config import DataConfig, EvalConfig, ModelConfig
-from danet.models.backbone import BACKBONES
+from danet.models import BACKBONES, HEAD_OUTPUTS
 
 __all__ = [
+    "AMP_MODES",
+    "EVAL_FIELDS",
+    "HEAD_OUTPUTS",
     "MODES",
+    "PROTOCOLS",
     "CommandSetup",
+    "Stage",
+    "Window",
     "add_inference_arguments",
     "add_model_arguments",
+    "check_eval_config",
+    "inference_plan",
     "predict_logits",
+    "predict_scores",
+    "release_window_starts",
+    "resolve_eval_config",
     "run_inference",
     "setup_from_args",
     "sliding_window_starts",
+    "window_stride",
 ]
 
+PROTOCOLS: tuple[str, ...] = ("danet", "release", "mmseg")
 MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
+AMP_MODES: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if (x.shape[-2], x.shape[-1]) == size:
-        return x
-    return functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
+# --------------------------------------------------------------------------------------------
+# The plan: which windows of which resized image, per protocol (integer arithmetic only).
 
 
-def _accumulation_dtype(images: torch.Tensor) -> torch.dtype:
-    """float32 (half-precision logits are summed in float32), float64 for float64 inputs."""
-    return torch.promote_types(images.dtype, torch.float32)
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A window of a (resized, padded) image: rows ``top:top + height``, columns ``left:left + width``."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def region(self) -> tuple[slice, slice, slice, slice]:
+        """The index of this window in a (B, C, H, W) tensor."""
+        return (slice(None), slice(None), slice(self.top, self.top + self.height),
+                slice(self.left, self.left + self.width))
 
 
-def _forward(model: nn.Module, images: torch.Tensor, num_classes: int, flip: bool) -> torch.Tensor:
-    """Logits of one pass, plus the flipped pass when ``flip`` (summed, not averaged)."""
-    logits = _checked(model(images), images, num_classes)
-    if flip:
-        logits = logits + _checked(model(images.flip(-1)), images, num_classes).flip(-1)
-    return logits
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One scale of a protocol's plan.
 
+    Attributes:
+        scale: the scale factor (of the image for "danet"/"mmseg", of base_size for "release").
+        size: (H, W) the image is resized to.
+        padded: (H, W) after bottom/right padding ("release"; else ``size``).
+        windows: the windows of the padded image.
+        pad_to: windows shorter than this are padded to it ("release"; else None).
+        image_flips: passes over the image, unflipped and flipped ("mmseg" flip: separate passes).
+        window_flip: each window also runs mirrored and the two logits are summed ("danet", "release").
+    """
 
-def _checked(output: torch.Tensor | Sequence[torch.Tensor], images: torch.Tensor,
-             num_classes: int) -> torch.Tensor:
-    if isinstance(output, (tuple, list)):  # a model in training mode: the first output is the sum
-        output = output[0]
-    expected = (images.shape[0], num_classes, images.shape[-2], images.shape[-1])
-    if tuple(output.shape) != expected:
-        raise ValueError(f"model returned logits of shape {tuple(output.shape)}, expected {expected} "
-                         f"(num_classes={num_classes})")
-    return output.to(_accumulation_dtype(images))
+    scale: float
+    size: tuple[int, int]
+    padded: tuple[int, int]
+    windows: tuple[Window, ...]
+    pad_to: int | None
+    image_flips: tuple[bool, ...]
+    window_flip: bool
+
+    @property
+    def forwards(self) -> int:
+        """Model samples this stage runs per image."""
+        return len(self.windows) * len(self.image_flips) * (2 if self.window_flip else 1)
 
 
 def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of the windows along one side of ``length`` pixels.
+    """Start offsets of the border-aligned windows along one side of ``length`` pixels.
 
-    Windows are ``min(crop, length)`` long, ``stride`` apart, the last one ending at the border.
+    Windows are ``min(crop, length)`` long, ``stride`` apart, the last one ending at the
+    border (mmsegmentation's ``slide_inference`` grid; ours).
     """
     if length <= crop:
         return [0]
@@ -91,65 +144,370 @@ def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(count)]
 
 
-def _sliding(model: nn.Module, images: torch.Tensor, num_classes: int, crop_size: int, stride: int,
-             flip: bool) -> torch.Tensor:
-    """Sum over flips of the window-averaged logits (the caller divides by the flip count)."""
-    b, _, h, w = images.shape
-    logits = images.new_zeros((b, num_classes, h, w), dtype=_accumulation_dtype(images))
-    count = images.new_zeros((1, 1, h, w), dtype=logits.dtype)
-    crop_h, crop_w = min(crop_size, h), min(crop_size, w)
-    for top in sliding_window_starts(h, crop_size, stride):
-        for left in sliding_window_starts(w, crop_size, stride):
-            window = images[:, :, top:top + crop_h, left:left + crop_w]
-            logits[:, :, top:top + crop_h, left:left + crop_w] += _forward(model, window, num_classes, flip)
-            count[:, :, top:top + crop_h, left:left + crop_w] += 1
-    return logits / count
+def release_window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of the release's windows along a (padded) side of ``length >= crop`` pixels.
+
+    ``ceil((length - crop) / stride) + 1`` windows at multiples of ``stride``; a window ends at
+    ``min(start + crop, length)`` and is padded back to the crop, never shifted.
+    """
+    return [i * stride for i in range(-(-(length - crop) // stride) + 1)]
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mode: str = "whole",
-                   crop_size: int | None = None, stride_ratio: float = 2.0 / 3.0,
-                   scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
-    """Average logits (B, num_classes, H, W) of ``model`` on ``images`` (B, 3, H, W).
+def window_stride(cfg: EvalConfig) -> int:
+    """The stride in pixels: ``cfg.stride``, else ``int(crop_size * stride_ratio)`` (at least 1)."""
+    if cfg.stride is not None:
+        return cfg.stride
+    return max(1, int(cfg.crop_size * cfg.stride_ratio))
 
-    Logits are accumulated and returned in float32 (float64 for float64 images).
 
-    ``model`` should be in eval mode (a tuple output is reduced to its first element).
-    ``crop_size`` is required by "sliding" and "multiscale"; ``scales`` is used by
-    "multiscale" only; ``flip`` applies to every mode. See the module docstring.
+def _grid(size: tuple[int, int], crop: int, stride: int) -> tuple[Window, ...]:
+    h, w = size
+    crop_h, crop_w = min(crop, h), min(crop, w)
+    return tuple(Window(top, left, crop_h, crop_w) for top in sliding_window_starts(h, crop, stride)
+                 for left in sliding_window_starts(w, crop, stride))
+
+
+def _release_size(height: int, width: int, base_size: int, scale: float) -> tuple[int, int]:
+    """The release's scaled (H, W): the long side ``ceil(base_size * scale)``, the short one rounded."""
+    long_size = math.ceil(base_size * scale)
+    if height > width:
+        return long_size, int(1.0 * width * long_size / height + 0.5)
+    return int(1.0 * height * long_size / width + 0.5), long_size
+
+
+def inference_plan(height: int, width: int, cfg: EvalConfig) -> list[Stage]:
+    """The stages ``cfg``'s protocol runs on an image of ``height`` x ``width`` (cfg resolved).
 
     Raises:
-        ValueError: bad mode, shapes, crop size, stride ratio or scales.
+        ValueError: a scaled size below one pixel.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown inference mode {mode!r}; choose from {', '.join(MODES)}")
+    scales = cfg.scales if cfg.mode == "multiscale" else (1.0,)
+    stages = []
+    for scale in scales:
+        if cfg.protocol == "release":
+            size = _release_size(height, width, cfg.base_size, scale)
+        elif cfg.protocol == "mmseg":
+            size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        else:
+            size = (height, width)
+            if cfg.mode == "multiscale":
+                size = (round(height * scale), round(width * scale))
+        if min(size) < 1:
+            raise ValueError(f"scale {scale} makes the {height}x{width} image {size[0]}x{size[1]}")
+        if cfg.protocol == "release":
+            crop, stride = cfg.crop_size, window_stride(cfg)
+            padded = (max(size[0], crop), max(size[1], crop))
+            windows = tuple(Window(top, left, min(top + crop, padded[0]) - top,
+                                   min(left + crop, padded[1]) - left)
+                            for top in release_window_starts(padded[0], crop, stride)
+                            for left in release_window_starts(padded[1], crop, stride))
+            stages.append(Stage(scale, size, padded, windows, crop, (False,), cfg.flip))
+            continue
+        if cfg.mode == "whole":
+            windows: tuple[Window, ...] = (Window(0, 0, *size),)
+        else:
+            windows = _grid(size, cfg.crop_size, window_stride(cfg))
+        if cfg.protocol == "mmseg":
+            flips = (False, True) if cfg.flip else (False,)
+            stages.append(Stage(scale, size, size, windows, None, flips, False))
+        else:
+            stages.append(Stage(scale, size, size, windows, None, (False,), cfg.flip))
+    return stages
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration checks.
+
+
+def check_eval_config(cfg: EvalConfig) -> None:
+    """Raise ValueError naming the first bad field of a resolved EvalConfig."""
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {cfg.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown inference mode {cfg.mode!r}; choose from {', '.join(MODES)}")
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {cfg.amp!r}; choose from {', '.join(AMP_MODES)}")
+    needs_crop = cfg.mode != "whole" or cfg.protocol == "release"
+    if needs_crop and (cfg.crop_size is None or cfg.crop_size < 1):
+        raise ValueError(f"mode {cfg.mode!r} (protocol {cfg.protocol!r}) needs a crop_size >= 1, "
+                         f"got {cfg.crop_size}")
+    if not 0 < cfg.stride_ratio <= 1:
+        raise ValueError(f"stride_ratio must be in (0, 1], got {cfg.stride_ratio}")
+    if cfg.stride is not None and not (needs_crop and 1 <= cfg.stride <= cfg.crop_size):
+        raise ValueError(f"stride must be between 1 and the crop size {cfg.crop_size}, got {cfg.stride}")
+    if cfg.mode == "multiscale" and (not cfg.scales or any(s <= 0 for s in cfg.scales)):
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(cfg.scales)}")
+    if cfg.protocol == "release" and (cfg.base_size is None or cfg.base_size < 1):
+        raise ValueError(f"protocol 'release' needs a base_size >= 1, got {cfg.base_size}")
+    if cfg.window_memory_mb < 0:
+        raise ValueError(f"window_memory_mb must be >= 0, got {cfg.window_memory_mb}")
+
+
+def resolve_eval_config(cfg: EvalConfig, data: DataConfig | None = None) -> EvalConfig:
+    """A checked copy of ``cfg`` with ``crop_size`` and ``base_size`` filled from ``data`` when None."""
+    data = data or DataConfig()
+    resolved = dataclasses.replace(
+        cfg, crop_size=cfg.crop_size if cfg.crop_size is not None else data.crop_size,
+        base_size=cfg.base_size if cfg.base_size is not None else data.base_size,
+        scales=tuple(cfg.scales))
+    check_eval_config(resolved)
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: batched forwards over windows.
+
+
+def _accumulation_dtype(images: torch.Tensor) -> torch.dtype:
+    """float32 (half-precision logits are summed in float32), float64 for float64 inputs."""
+    return torch.promote_types(images.dtype, torch.float32)
+
+
+# the fitted per-sample cost of a model, per inference settings (dtype, device, autocast, layout, heads)
+_COST_MODELS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+class _ModelRunner:
+    """Calls the model on batches of windows and returns the requested heads' logits, stacked
+    along the channel dimension ((n, len(heads) * K, h, w), in the accumulation dtype)."""
+
+    def __init__(self, model: nn.Module, num_classes: int, heads: Sequence[str], cfg: EvalConfig,
+                 images: torch.Tensor, bar: tqdm | None) -> None:
+        self.model, self.num_classes, self.heads = model, num_classes, tuple(heads)
+        self.cfg, self.bar = cfg, bar
+        self.dtype = _accumulation_dtype(images)
+        self.device = images.device
+        amp = "bf16" if cfg.amp == "auto" and images.device.type == "cuda" else cfg.amp
+        self.autocast_dtype = _AMP_DTYPES.get(amp)
+        self.call = {} if self.heads == ("sum",) else {"head_outputs": True}
+        self.max_batch = 1
+
+    def plan_batches(self, window_shape: tuple[int, int], images: int, samples: int) -> None:
+        """Set the forward batch for windows of ``window_shape``: as many of the ``samples`` as fit
+        in the memory budget, and never fewer than the ``images`` of one window (the caller's
+        batch). A model in training mode gets exactly that: its BatchNorm statistics would mix
+        windows."""
+        budget = self.cfg.window_memory_mb * 2 ** 20
+        if budget == 0 or samples <= images or self.model.training:
+            self.max_batch = images
+            return
+        per_sample = self._sample_bytes(window_shape)
+        fits = images if per_sample is None else int(budget // max(per_sample, 1.0))
+        self.max_batch = max(images, min(samples, fits))
+
+    def _sample_bytes(self, window_shape: tuple[int, int]) -> float | None:
+        """Estimated tensor bytes of one sample (danet.cost, fitted once per model and settings);
+        None when the model cannot be traced on fake tensors (then windows run one at a time)."""
+        from danet.cost import fit_cost_model
+
+        key = (self.dtype, self.device, self.autocast_dtype, self.cfg.channels_last, self.heads)
+        per_model = _COST_MODELS.setdefault(self.model, {})
+        if key not in per_model:
+            try:
+                per_model[key] = fit_cost_model(self.model, dtype=self.dtype, device=self.device,
+                                                autocast_dtype=self.autocast_dtype,
+                                                channels_last=self.cfg.channels_last, call=self.call)
+            except Exception as err:  # an estimate must not stop the inference itself
+                warnings.warn(f"cannot estimate the memory of a {type(self.model).__name__} forward ({err}); "
+                              "windows run one at a time", stacklevel=4)
+                per_model[key] = None
+        cost_model = per_model[key]
+        return None if cost_model is None else cost_model.estimate(1, *window_shape).peak_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        autocast = (contextlib.nullcontext() if self.autocast_dtype is None
+                    else torch.autocast(x.device.type, dtype=self.autocast_dtype))
+        for start in range(0, x.shape[0], self.max_batch):
+            batch = x[start:start + self.max_batch]
+            if self.cfg.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                output = self.model(batch, **self.call)
+            outputs.append(self._checked(output, batch))
+            if self.bar is not None:
+                self.bar.update(batch.shape[0])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _checked(self, output: torch.Tensor | Sequence[torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        if self.heads == ("sum",):
+            # a tuple is a model in training mode: its first output is the sum
+            selected = [output[0] if isinstance(output, (tuple, list)) else output]
+        else:
+            if not isinstance(output, (tuple, list)) or len(output) < len(HEAD_OUTPUTS):
+                raise ValueError("the model did not return the (sum, pam, cam) outputs for head_outputs=True")
+            selected = [output[HEAD_OUTPUTS.index(head)] for head in self.heads]
+        expected = (batch.shape[0], self.num_classes, batch.shape[-2], batch.shape[-1])
+        for logits in selected:
+            if tuple(logits.shape) != expected:
+                raise ValueError(f"model returned logits of shape {tuple(logits.shape)}, expected {expected} "
+                                 f"(num_classes={self.num_classes})")
+        stacked = selected[0] if len(selected) == 1 else torch.cat(selected, 1)
+        return stacked.to(self.dtype).contiguous()
+
+
+def _pad(x: torch.Tensor, size: tuple[int, int], values: Sequence[float] | None) -> torch.Tensor:
+    """``x`` padded at the bottom and right to ``size`` with one value per channel (the release's
+    pad_image: a black pixel after normalisation)."""
+    pad_h, pad_w = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if pad_h <= 0 and pad_w <= 0:
+        return x
+    out = x.new_empty((*x.shape[:-2], max(size[0], x.shape[-2]), max(size[1], x.shape[-1])))
+    for channel, value in enumerate(values):
+        out[:, channel] = functional.pad(x[:, channel], (0, max(pad_w, 0), 0, max(pad_h, 0)), value=value)
+    return out
+
+
+def _window_averages(run: _ModelRunner, image: torch.Tensor, stage: Stage, pad_values: Sequence[float] | None,
+                     transform: Callable[[torch.Tensor], torch.Tensor] | None) -> list[torch.Tensor]:
+    """For each pass in ``stage.image_flips``: the per-pixel average over the windows covering it of
+    ``transform(logits [+ mirrored window's logits])``, on the padded image (flipped passes stay
+    flipped). ``image`` is already resized to ``stage.size``."""
+    b = image.shape[0]
+    sources = [_pad(image.flip(-1) if flipped else image, stage.padded, pad_values)
+               for flipped in stage.image_flips]
+    mirrors = 2 if stage.window_flip else 1
+    first = stage.windows[0]
+    window_shape = (stage.pad_to, stage.pad_to) if stage.pad_to else (first.height, first.width)
+    run.plan_batches(window_shape, b, b * stage.forwards)
+    per_forward = max(1, run.max_batch // (b * mirrors))
+    channels = len(run.heads) * run.num_classes
+    sums = [image.new_zeros((b, channels, *stage.padded), dtype=run.dtype) for _ in sources]
+    count = image.new_zeros((1, 1, *stage.padded), dtype=run.dtype)
+    items = [(source, window) for source in range(len(sources)) for window in stage.windows]
+    for start in range(0, len(items), per_forward):
+        chunk = items[start:start + per_forward]
+        crops = [sources[s][w.region()] for s, w in chunk]
+        if stage.pad_to is not None:
+            crops = [_pad(crop, (stage.pad_to, stage.pad_to), pad_values) for crop in crops]
+        x = crops[0] if len(crops) == 1 else torch.cat(crops)
+        if stage.window_flip:
+            x = torch.cat([x, x.flip(-1)])
+        out = run(x)
+        if stage.window_flip:
+            half = out.shape[0] // 2
+            out = out[:half] + out[half:].flip(-1)
+        if transform is not None:
+            out = transform(out)
+        for i, (s, w) in enumerate(chunk):
+            sums[s][w.region()] += out[i * b:(i + 1) * b, :, :w.height, :w.width]
+    for w in stage.windows:
+        count[w.region()] += 1
+    return [total / count for total in sums]
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    if (x.shape[-2], x.shape[-1]) == size:
+        return x
+    return functional.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _danet_scores(run: _ModelRunner, images: torch.Tensor, stages: list[Stage]) -> torch.Tensor:
+    size = (images.shape[-2], images.shape[-1])
+    total = None
+    for stage in stages:
+        (average,) = _window_averages(run, _resize(images, stage.size, True), stage, None, None)
+        logits = _resize(average / (2 if stage.window_flip else 1), size, True)
+        total = logits if total is None else total + logits
+    return total / len(stages)
+
+
+def _release_scores(run: _ModelRunner, images: torch.Tensor, stages: list[Stage],
+                    pad_values: Sequence[float]) -> torch.Tensor:
+    size = (images.shape[-2], images.shape[-1])
+    total = None
+    for stage in stages:
+        # the release resizes even to the same size (bilinear, align_corners=True: an exact copy)
+        scaled = functional.interpolate(images, size=stage.size, mode="bilinear", align_corners=True)
+        (average,) = _window_averages(run, scaled, stage, pad_values, torch.exp)
+        cropped = average[:, :, :stage.size[0], :stage.size[1]]
+        scores = functional.interpolate(cropped, size=size, mode="bilinear", align_corners=True)
+        total = scores if total is None else total + scores
+    return total
+
+
+def _mmseg_scores(run: _ModelRunner, images: torch.Tensor, stages: list[Stage]) -> torch.Tensor:
+    size = (images.shape[-2], images.shape[-1])
+    b, heads, k = images.shape[0], len(run.heads), run.num_classes
+    total, passes = None, 0
+    for stage in stages:
+        averages = _window_averages(run, _resize(images, stage.size, False), stage, None, None)
+        for flipped, logits in zip(stage.image_flips, averages, strict=True):
+            logits = _resize(logits.flip(-1) if flipped else logits, size, False)
+            probs = logits.view(b, heads, k, *size).softmax(2).view(b, heads * k, *size)
+            total = probs if total is None else total + probs
+            passes += 1
+    return total / passes
+
+
+def predict_scores(model: nn.Module, images: torch.Tensor, num_classes: int, cfg: EvalConfig, *,
+                   mean: Sequence[float] = DataConfig.mean, std: Sequence[float] = DataConfig.std,
+                   heads: Sequence[str] = ("sum",), progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per-pixel class scores of ``model`` on ``images`` (B, 3, H, W, normalised), one map per head.
+
+    Returns ``{head: (B, num_classes, H, W)}`` in float32 (float64 for float64 images); the
+    prediction is the argmax over classes. The scores are the protocol's (module docstring):
+    mean logits ("danet"), the sum over scales of window-averaged ``exp(logits + flipped
+    logits)`` ("release"), mean probabilities ("mmseg").
+
+    ``cfg`` is resolved (:func:`resolve_eval_config`); ``mean``/``std`` give the release's padding
+    value; ``heads`` are names from :data:`HEAD_OUTPUTS` ("pam"/"cam" need a DANet, which is
+    called with ``head_outputs=True``); ``progress`` shows a bar over the model's samples.
+    ``model`` should be in eval mode (a tuple output of a model in training mode is reduced to
+    its first element, and then windows are not batched).
+
+    Raises:
+        ValueError: bad settings, shapes or heads.
+    """
+    check_eval_config(cfg)
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if mode != "whole":
-        if crop_size is None or crop_size < 1:
-            raise ValueError(f"mode {mode!r} needs a crop_size >= 1, got {crop_size}")
-        if not 0 < stride_ratio <= 1:
-            raise ValueError(f"stride_ratio must be in (0, 1], got {stride_ratio}")
-    if mode == "multiscale" and (not scales or any(s <= 0 for s in scales)):
-        raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+    heads = tuple(heads)
+    unknown = [h for h in heads if h not in HEAD_OUTPUTS]
+    if not heads or unknown or len(set(heads)) != len(heads):
+        raise ValueError(f"heads must be distinct names from {', '.join(HEAD_OUTPUTS)}, got {list(heads)}")
+    if heads != ("sum",) and "head_outputs" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"heads {list(heads)} need a model that offers its head outputs (a DANet), "
+                         f"got {type(model).__name__}")
     images = images.as_subclass(torch.Tensor)  # tv_tensors.Image would re-wrap some results
-    passes = 2 if flip else 1
-    if mode == "whole":
-        return _forward(model, images, num_classes, flip) / passes
-    stride = max(1, int(crop_size * stride_ratio))
-    if mode == "sliding":
-        return _sliding(model, images, num_classes, crop_size, stride, flip) / passes
+    stages = inference_plan(images.shape[-2], images.shape[-1], cfg)
+    total = images.shape[0] * sum(stage.forwards for stage in stages)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        bar = stack.enter_context(tqdm(total=total, desc="inference", unit="window", leave=False)) \
+            if progress else None
+        run = _ModelRunner(model, num_classes, heads, cfg, images, bar)
+        if cfg.protocol == "release":
+            pad_values = [-m / s for m, s in zip(mean, std, strict=True)]
+            scores = _release_scores(run, images, stages, pad_values)
+        elif cfg.protocol == "mmseg":
+            scores = _mmseg_scores(run, images, stages)
+        else:
+            scores = _danet_scores(run, images, stages)
+    return dict(zip(heads, scores.split(num_classes, dim=1), strict=True))
 
-    size = (images.shape[-2], images.shape[-1])
-    total = images.new_zeros((images.shape[0], num_classes, *size), dtype=_accumulation_dtype(images))
-    for scale in scales:
-        scaled_size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        # a scaled image that fits in the crop is one window: a whole-image pass
-        logits = _sliding(model, _resize(images, scaled_size), num_classes, crop_size, stride, flip)
-        total += _resize(logits, size)
-    return total / (passes * len(scales))
+
+def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mode: str = "whole",
+                   crop_size: int | None = None, stride_ratio: float = 2.0 / 3.0,
+                   scales: Sequence[float] = (1.0,), flip: bool = False, *,
+                   mean: Sequence[float] = DataConfig.mean, std: Sequence[float] = DataConfig.std,
+                   **options: Any) -> torch.Tensor:
+    """The "sum" scores (B, num_classes, H, W) of :func:`predict_scores`, settings as keywords.
+
+    ``options`` are further :class:`~danet.config.EvalConfig` fields (``protocol``, ``stride``,
+    ``base_size``, ``window_memory_mb``, ``amp``, ``channels_last``). With the default protocol
+    the scores are the averaged logits.
+
+    Raises:
+        ValueError: bad mode, shapes, crop size, stride or scales.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    cfg = EvalConfig(mode=mode, crop_size=crop_size, stride_ratio=stride_ratio, scales=tuple(scales),
+                     flip=flip, **options)
+    return predict_scores(model, images, num_classes, cfg, mean=mean, std=std)["sum"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,18 +545,42 @@ def _scale_list(text: str) -> float:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """--mode, --crop-size, --stride-ratio, --scales, --flip (defaults: EvalConfig)."""
+    """--protocol, --mode, --crop-size, --stride(-ratio), --scales, --base-size, --flip and the
+    speed options (defaults: EvalConfig)."""
     group = parser.add_argument_group("inference (default: the checkpoint's eval config, else "
-                                      "danet/config.py's EvalConfig)")
+                                      "danet/config.py's EvalConfig; docs/evaluation.md)")
+    group.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                       help=f"danet: ours; release: the DANet release's evaluator (base_size-relative "
+                            f"scales, padded windows, exp-summed scores, its metrics first); mmseg: "
+                            f"mmsegmentation's whole/slide and test-time augmentation "
+                            f"(default {EvalConfig.protocol!r})")
     group.add_argument("--mode", choices=MODES, default=None, help=f"default {EvalConfig.mode!r}")
     group.add_argument("--crop-size", type=int, default=None,
                        help="sliding-window crop (default: the training crop size)")
     group.add_argument("--stride-ratio", type=float, default=None,
                        help=f"window stride / crop (default {EvalConfig.stride_ratio:.3g})")
+    group.add_argument("--stride", type=int, default=None,
+                       help="window stride in pixels, instead of --stride-ratio "
+                            "(mmsegmentation's 513 for 769 crops)")
     group.add_argument("--scales", type=_scale_list, nargs="+", default=None, metavar="S",
                        help=f"multi-scale factors (default {' '.join(map(str, EvalConfig.scales))})")
+    group.add_argument("--base-size", type=int, default=None,
+                       help="protocol release: the long side at scale 1 (default: the data config's "
+                            "base_size; the release tested Cityscapes with 2048)")
     group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"average with the horizontally flipped image (default {EvalConfig.flip})")
+                       help=f"also predict the horizontally flipped image (default {EvalConfig.flip})")
+    group.add_argument("--window-memory-mb", type=int, default=None, metavar="MB",
+                       help=f"batch windows and flips up to this estimated tensor memory; 0: one window "
+                            f"at a time (default {EvalConfig.window_memory_mb})")
+    group.add_argument("--amp", choices=AMP_MODES, default=None,
+                       help=f"autocast: auto is bf16 on CUDA, none on the CPU (default {EvalConfig.amp!r})")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"channels_last memory format (default {EvalConfig.channels_last})")
+
+
+EVAL_FIELDS: tuple[str, ...] = ("protocol", "mode", "crop_size", "stride_ratio", "stride", "scales",
+                                "base_size", "flip", "batch_size", "window_memory_mb", "amp", "channels_last")
+"""EvalConfig fields that command-line flags of the same name override."""
 
 
 def _section(cls: type, stored: Mapping[str, Any] | None) -> Any:
@@ -219,8 +601,10 @@ class CommandSetup:
     eval: EvalConfig
 
 
-def setup_from_args(args: argparse.Namespace) -> CommandSetup:
+def setup_from_args(args: argparse.Namespace, device: torch.device | None = None) -> CommandSetup:
     """Read the checkpoint, resolve every option (flag > checkpoint config > default), load the model.
+
+    ``device`` (e.g. a distributed process's own GPU) replaces ``args.device`` when given.
 
     Raises:
         FileNotFoundError: missing checkpoint.
@@ -236,27 +620,27 @@ def setup_from_args(args: argparse.Namespace) -> CommandSetup:
     eval_cfg = _section(EvalConfig, stored.get("eval"))
     if args.dataset is not None and args.dataset != data.dataset:
         data.root = None  # the stored root belongs to the stored dataset
-    eval_fields = ("mode", "crop_size", "stride_ratio", "scales", "flip", "batch_size")
-    for section, fields in ((data, ("dataset", "root")), (eval_cfg, eval_fields)):
+    for section, fields in ((data, ("dataset", "root")), (eval_cfg, EVAL_FIELDS)):
         for name in fields:
             value = getattr(args, name, None)
             if value is not None:
                 setattr(section, name, tuple(value) if isinstance(value, list) else value)
-    if eval_cfg.crop_size is None:
-        eval_cfg.crop_size = data.crop_size
+    eval_cfg = resolve_eval_config(eval_cfg, data)
     dataset_class = get_dataset_class(data.dataset)
     overrides = {"backbone": args.backbone, "output_stride": args.output_stride, "attention": args.attention,
                  "aux": args.aux, "multi_grid": args.multi_grid}
     model = build_from_checkpoint(checkpoint, dataset_class.NUM_CLASSES, overrides)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
-    device = resolve_device(args.device)
+    if device is None:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no CUDA device is available")
+        device = resolve_device(args.device)
     return CommandSetup(model.to(device).eval(), device, dataset_class, data, eval_cfg)
 
 
-def run_inference(setup: CommandSetup, images: torch.Tensor) -> torch.Tensor:
-    """:func:`predict_logits` with the setup's model, classes and EvalConfig."""
-    cfg = setup.eval
-    return predict_logits(setup.model, images.to(setup.device), setup.dataset_class.NUM_CLASSES,
-                          mode=cfg.mode, crop_size=cfg.crop_size, stride_ratio=cfg.stride_ratio,
-                          scales=cfg.scales, flip=cfg.flip)
+def run_inference(setup: CommandSetup, images: torch.Tensor, cfg: EvalConfig | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """The "sum" scores of :func:`predict_scores` with the setup's model, classes, normalisation
+    and EvalConfig (or ``cfg``)."""
+    scores = predict_scores(setup.model, images.to(setup.device), setup.dataset_class.NUM_CLASSES,
+                            cfg or setup.eval, mean=setup.data.mean, std=setup.data.std, progress=progress)
+    return scores["sum"]

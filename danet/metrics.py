@@ -1,10 +1,20 @@
-"""Segmentation metrics from a confusion matrix: pixel accuracy, per-class IoU and mIoU.
+"""Segmentation metrics from a confusion matrix, in two conventions.
 
-The matrix is accumulated over a whole evaluation (not averaged per image), which is how
-the published numbers are computed: ``pixAcc = sum(diag) / sum(all)`` and
-``IoU_k = TP_k / (TP_k + FP_k + FN_k)``, over the pixels whose target is not ``ignore_index``.
-A class that appears neither in the predictions nor in the targets has no IoU (NaN) and is
-left out of the mean; a class predicted but never present gets IoU 0.
+The matrix is accumulated over a whole evaluation (not averaged per image), over the pixels
+whose target is not ``ignore_index``; both conventions compute their numbers from it:
+
+* :meth:`ConfusionMatrix.compute`, mmsegmentation's (``IoUMetric``) and ours: ``aAcc =
+  sum(TP) / sum(labelled)`` (= ``pixAcc``), ``IoU_k = TP_k / (TP_k + FP_k + FN_k)``, ``Acc_k =
+  TP_k / labelled_k``; a class whose denominator is 0 has no value (NaN) and ``mIoU`` / ``mAcc``
+  are the means over the classes that have one (numpy's nanmean). So a class absent from
+  both predictions and targets is left out of mIoU, one predicted but never present counts
+  as IoU 0 (and is left out of mAcc).
+* :meth:`ConfusionMatrix.compute_release`, the DANet release's (PyTorch-Encoding's
+  ``batch_pix_accuracy`` / ``batch_intersection_union`` / ``get_pixacc_miou``): labels shifted
+  by one so that ignored pixels are 0, histograms over 1..K, ``pixAcc = correct / (eps +
+  labelled)``, ``IoU_k = TP_k / (eps + union_k)`` with ``eps = np.spacing(1)``, and mIoU the mean
+  over **all** K classes: a class absent from both counts as 0 (2 absent classes of 19 take
+  about 0.1 x the mean off).
 
 In distributed evaluation every process updates its own matrix on its shard of the data;
 :meth:`ConfusionMatrix.reduce_from_all_processes` sums them (``all_reduce``) before
@@ -17,6 +27,13 @@ import math
 
 import torch
 import torch.distributed as dist
+
+_RELEASE_EPS = 2.220446049250313e-16  # np.spacing(1), the release's guard against empty denominators
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    present = ~torch.isnan(values)
+    return float(values[present].mean()) if present.any() else math.nan
 
 
 class ConfusionMatrix:
@@ -92,24 +109,37 @@ class ConfusionMatrix:
             self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64, device=device)
         dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
 
-    def compute(self) -> dict[str, float | list[float]]:
-        """``{"pixAcc": float, "mIoU": float, "IoU": [float] * K}`` from the counts so far.
-
-        IoU is NaN for a class absent from both predictions and targets; mIoU is the mean
-        over the other classes. With no counted pixel at all every value is NaN.
-        """
+    def _counts(self) -> torch.Tensor:
         k = self.num_classes
-        mat = self.mat.double().cpu() if self.mat is not None else torch.zeros((k, k), dtype=torch.float64)
+        return self.mat.double().cpu() if self.mat is not None else torch.zeros((k, k), dtype=torch.float64)
+
+    def compute(self) -> dict[str, float | list[float]]:
+        """mmsegmentation's metrics (see the module docstring) from the counts so far.
+
+        Returns ``{"aAcc", "mIoU", "mAcc": float, "IoU", "Acc": [float] * K, "pixAcc": float}``
+        (``pixAcc`` is ``aAcc`` under the release's name). With no counted pixel every value is NaN.
+        """
+        mat = self._counts()
         true_positives = mat.diag()
+        labelled = mat.sum(1)
+        union = mat.sum(0) + labelled - true_positives
+        nan = torch.full_like(union, math.nan)
+        iou = torch.where(union > 0, true_positives / union.clamp(min=1), nan)
+        acc = torch.where(labelled > 0, true_positives / labelled.clamp(min=1), nan)
         total = mat.sum()
+        a_acc = float(true_positives.sum() / total) if total > 0 else math.nan
+        return {"aAcc": a_acc, "mIoU": _nanmean(iou), "mAcc": _nanmean(acc), "IoU": iou.tolist(),
+                "Acc": acc.tolist(), "pixAcc": a_acc}
+
+    def compute_release(self) -> dict[str, float | list[float]]:
+        """The DANet release's ``{"pixAcc", "mIoU": float, "IoU": [float] * K}`` (module docstring):
+        absent classes count as IoU 0 in the mean; never NaN."""
+        mat = self._counts()
+        true_positives = mat.diag()
         union = mat.sum(0) + mat.sum(1) - true_positives
-        iou = torch.where(union > 0, true_positives / union.clamp(min=1), torch.full_like(union, math.nan))
-        present = ~torch.isnan(iou)
-        return {
-            "pixAcc": float(true_positives.sum() / total) if total > 0 else math.nan,
-            "mIoU": float(iou[present].mean()) if present.any() else math.nan,
-            "IoU": iou.tolist(),
-        }
+        iou = true_positives / (_RELEASE_EPS + union)
+        return {"pixAcc": float(true_positives.sum() / (_RELEASE_EPS + mat.sum())), "mIoU": float(iou.mean()),
+                "IoU": iou.tolist()}
 
     def __repr__(self) -> str:
         metrics = self.compute()

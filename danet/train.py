@@ -562,7 +562,7 @@ class Trainer:
 
         self.progress.mark(f"validation after iteration {self.state.iteration}")
         metrics = evaluate(self.model, self.val_loader, self.num_classes, self.cfg.eval, self.ctx.device,
-                           ignore_index=self.cfg.data.ignore_index,
+                           ignore_index=self.cfg.data.ignore_index, data=self.cfg.data,
                            progress=self.cfg.train.progress and self.ctx.is_main)
         self.model.train()
         self.state.last_metrics = dict(metrics)
