@@ -68,6 +68,7 @@ __all__ = [
     "add_inference_arguments",
     "add_model_arguments",
     "check_eval_config",
+    "estimate_inference_cost",
     "inference_plan",
     "predict_logits",
     "predict_scores",
@@ -130,6 +131,12 @@ class Stage:
     def forwards(self) -> int:
         """Model samples this stage runs per image."""
         return len(self.windows) * len(self.image_flips) * (2 if self.window_flip else 1)
+
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        """(H, W) of the model's input: every window of a stage has it."""
+        first = self.windows[0]
+        return (self.pad_to, self.pad_to) if self.pad_to else (first.height, first.width)
 
 
 def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -233,7 +240,8 @@ def check_eval_config(cfg: EvalConfig) -> None:
                          f"got {cfg.crop_size}")
     if not 0 < cfg.stride_ratio <= 1:
         raise ValueError(f"stride_ratio must be in (0, 1], got {cfg.stride_ratio}")
-    if cfg.stride is not None and not (needs_crop and 1 <= cfg.stride <= cfg.crop_size):
+    too_long = cfg.stride is not None and cfg.crop_size is not None and cfg.stride > cfg.crop_size
+    if cfg.stride is not None and (cfg.stride < 1 or too_long):
         raise ValueError(f"stride must be between 1 and the crop size {cfg.crop_size}, got {cfg.stride}")
     if cfg.mode == "multiscale" and (not cfg.scales or any(s <= 0 for s in cfg.scales)):
         raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(cfg.scales)}")
@@ -291,13 +299,13 @@ class _ModelRunner:
         if budget == 0 or samples <= images or self.model.training:
             self.max_batch = images
             return
-        per_sample = self._sample_bytes(window_shape)
-        fits = images if per_sample is None else int(budget // max(per_sample, 1.0))
+        per_sample = self.sample_cost(window_shape)
+        fits = images if per_sample is None else int(budget // max(per_sample.peak_bytes, 1.0))
         self.max_batch = max(images, min(samples, fits))
 
-    def _sample_bytes(self, window_shape: tuple[int, int]) -> float | None:
-        """Estimated tensor bytes of one sample (danet.cost, fitted once per model and settings);
-        None when the model cannot be traced on fake tensors (then windows run one at a time)."""
+    def sample_cost(self, window_shape: tuple[int, int]) -> Any:
+        """The estimated :class:`danet.cost.ForwardCost` of one sample (the cost model is fitted once
+        per model and settings); None when the model cannot be traced on fake tensors."""
         from danet.cost import fit_cost_model
 
         key = (self.dtype, self.device, self.autocast_dtype, self.cfg.channels_last, self.heads)
@@ -308,11 +316,11 @@ class _ModelRunner:
                                                 autocast_dtype=self.autocast_dtype,
                                                 channels_last=self.cfg.channels_last, call=self.call)
             except Exception as err:  # an estimate must not stop the inference itself
-                warnings.warn(f"cannot estimate the memory of a {type(self.model).__name__} forward ({err}); "
+                warnings.warn(f"cannot estimate the cost of a {type(self.model).__name__} forward ({err}); "
                               "windows run one at a time", stacklevel=4)
                 per_model[key] = None
         cost_model = per_model[key]
-        return None if cost_model is None else cost_model.estimate(1, *window_shape).peak_bytes
+        return None if cost_model is None else cost_model.estimate(1, *window_shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         outputs = []
@@ -367,9 +375,7 @@ def _window_averages(run: _ModelRunner, image: torch.Tensor, stage: Stage, pad_v
     sources = [_pad(image.flip(-1) if flipped else image, stage.padded, pad_values)
                for flipped in stage.image_flips]
     mirrors = 2 if stage.window_flip else 1
-    first = stage.windows[0]
-    window_shape = (stage.pad_to, stage.pad_to) if stage.pad_to else (first.height, first.width)
-    run.plan_batches(window_shape, b, b * stage.forwards)
+    run.plan_batches(stage.window_shape, b, b * stage.forwards)
     per_forward = max(1, run.max_batch // (b * mirrors))
     channels = len(run.heads) * run.num_classes
     sums = [image.new_zeros((b, channels, *stage.padded), dtype=run.dtype) for _ in sources]
@@ -508,6 +514,29 @@ def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mod
     cfg = EvalConfig(mode=mode, crop_size=crop_size, stride_ratio=stride_ratio, scales=tuple(scales),
                      flip=flip, **options)
     return predict_scores(model, images, num_classes, cfg, mean=mean, std=std)["sum"]
+
+
+def estimate_inference_cost(model: nn.Module, height: int, width: int, num_classes: int, cfg: EvalConfig, *,
+                            device: torch.device | str = "cpu", heads: Sequence[str] = ("sum",)) -> Any:
+    """The estimated :class:`danet.cost.ForwardCost` of :func:`predict_scores` on one float32 image
+    of ``height`` x ``width``: the FLOPs of all its forwards, and the peak tensor memory of the
+    largest batched forward plus the score buffers. None when the model cannot be traced."""
+    from danet.cost import ForwardCost
+
+    check_eval_config(cfg)
+    run = _ModelRunner(model, num_classes, heads, cfg, torch.empty(0, device=device), None)
+    flops, peak = 0.0, 0.0
+    for stage in inference_plan(height, width, cfg):
+        per_sample = run.sample_cost(stage.window_shape)
+        if per_sample is None:
+            return None
+        run.plan_batches(stage.window_shape, 1, stage.forwards)
+        flops += stage.forwards * per_sample.flops
+        # window sums (one per image pass), the count, the merged scores, the resized image: 4 bytes a value
+        buffers = 4 * (len(heads) * num_classes * (len(stage.image_flips) + 1) + 1 + 3) * stage.padded[0] \
+            * stage.padded[1]
+        peak = max(peak, run.max_batch * per_sample.peak_bytes + buffers)
+    return ForwardCost(flops, peak, extrapolated=True)
 
 
 # --------------------------------------------------------------------------------------------
