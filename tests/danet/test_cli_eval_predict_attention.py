@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +309,131 @@ def test_attention_command(files: dict[str, Path], tmp_path: Path,
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects a malformed point itself
         main(["attention", str(files["image"]), "--points", "3;4", "--checkpoint", "x", "--output", "y"])
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------ eval outputs
+
+
+def test_eval_json_confusion_matrix_and_heads(files: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "eval.json", tmp_path / "confusion.png"
+    assert main(["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--workers", "0",
+                 "--no-progress", "--mode", "sliding", "--heads", "sum", "pam", "cam", "--json", str(out),
+                 "--confusion-matrix", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "protocol=danet mode=sliding crop=32 stride=21" in printed
+    assert "mmsegmentation's convention" in printed and "the release's convention" in printed
+    assert "head pam:" in printed and "head cam:" in printed
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == str(files["checkpoint"]) and report["dataset"] == "synthetic"
+    assert report["classes"] == list(SyntheticShapes.CLASS_NAMES) and report["images"] == 2
+    assert report["inference"]["protocol"] == "danet" and report["inference"]["crop_size"] == 32
+    for key in ("aAcc", "mIoU", "mAcc", "pixAcc"):
+        assert report[key] is None or 0.0 <= report[key] <= 1.0
+    assert len(report["IoU"]) == len(report["Acc"]) == NUM_CLASSES
+    assert set(report["release"]) == {"pixAcc", "mIoU", "IoU"}
+    assert set(report["conventions"]) >= {"mIoU", "release"}
+    assert report["heads"]["sum"]["mIoU"] == report["mIoU"]
+    assert report["heads"]["pam"]["IoU"] != report["heads"]["sum"]["IoU"]  # another classifier
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    # the head's numbers are evaluate()'s on the same data
+    model, _ = load_model(files["checkpoint"])
+    dataset = SyntheticShapes("val", eval_transforms(DataConfig.mean, DataConfig.std), num_samples=2,
+                              image_size=48)
+    cfg = EvalConfig(mode="sliding", crop_size=32, flip=False)
+    expected = evaluate(model, DataLoader(dataset), NUM_CLASSES, cfg, "cpu", progress=False, heads=("cam",))
+    assert report["heads"]["cam"]["mIoU"] == pytest.approx(expected["mIoU"])
+
+
+def test_eval_release_protocol_prints_its_numbers_last(files: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--workers", "0",
+                 "--no-progress", "--protocol", "release", "--base-size", "40", "--flip"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "protocol=release mode=whole crop=32 stride=21 base_size=40 flip=True" in lines[0]
+    assert lines[-1].startswith("aAcc") and lines[-2].startswith("pixAcc")
+
+
+def _torchrun_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = str(Path(__file__).resolve().parents[2])
+    env.update(PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""), DANET_KERNELS_BACKEND="torch",
+               OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and timm: ~10-30 s on a loaded 2-core machine
+def test_torchrun_eval_with_two_processes_equals_one(files: dict[str, Path], tmp_path: Path) -> None:
+    args = ["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--workers", "0",
+            "--no-progress", "--mode", "sliding", "--flip", "--limit", "5"]
+    two = tmp_path / "two.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, "-m", "danet.cli", *args, "--json", str(two)], env=_torchrun_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("evaluating ") == 1  # rank 0 alone prints
+    one = tmp_path / "one.json"
+    assert main([*args, "--json", str(one)]) == 0
+    reduced, alone = json.loads(two.read_text()), json.loads(one.read_text())
+    assert reduced.pop("processes") == 2 and alone.pop("processes") == 1
+    assert reduced == alone
+
+
+# ------------------------------------------------------------------------------ predict outputs
+
+
+def _normalised(image: np.ndarray) -> torch.Tensor:
+    chw = tv_tensors.Image(torch.from_numpy(image.copy()).permute(2, 0, 1))
+    return eval_transforms(DataConfig.mean, DataConfig.std)(chw)
+
+
+def test_predict_cityscapes_format(files: dict[str, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from danet.data.cityscapes import LABEL_ID_TO_TRAIN_ID
+
+    rng = np.random.default_rng(1)
+    images = tmp_path / "leftImg8bit" / "test" / "berlin"
+    images.mkdir(parents=True)
+    names = ["berlin_000000_000019_leftImg8bit.png", "berlin_000123_000456_leftImg8bit.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / name)
+    out = tmp_path / "results"
+    args = ["predict", *[str(images / n) for n in names], "--checkpoint", str(files["cityscapes"]),
+            "--output", str(out), "--device", "cpu", "--format", "cityscapes"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == names  # <city>_<seq>_<frame>*.png, as the server matches
+    model, _ = load_model(files["cityscapes"])
+    image = np.asarray(Image.open(images / names[0]).convert("RGB"))
+    x = _normalised(image)
+    train_ids = model.eval()(x[None]).argmax(1)[0].numpy()
+    train_to_label = {t: lab for lab, t in LABEL_ID_TO_TRAIN_ID.items()}
+    with Image.open(out / names[0]) as written:
+        assert written.mode == "L" and written.size == (56, 40)
+        np.testing.assert_array_equal(np.asarray(written), np.vectorize(train_to_label.get)(train_ids))
+    capsys.readouterr()
+    bad = tmp_path / "street.png"
+    bad.write_bytes((images / names[0]).read_bytes())
+    assert main(["predict", str(bad), "--checkpoint", str(files["cityscapes"]), "--output",
+                 str(tmp_path / "o"), "--device", "cpu", "--format", "cityscapes"]) == 2
+    assert "needs Cityscapes image names" in capsys.readouterr().err
+    assert main([*args[:-4], "--checkpoint", str(files["checkpoint"]), "--output", str(tmp_path / "o2"),
+                 "--device", "cpu", "--format", "cityscapes"]) == 2
+    assert "needs a Cityscapes model" in capsys.readouterr().err
+
+
+def test_predict_switches_large_images_to_sliding_windows(files: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pred"
+    args = ["predict", str(files["image"]), "--checkpoint", str(files["checkpoint"]), "--output", str(out),
+            "--device", "cpu"]
+    assert main([*args, "--max-whole-pixels", "1000", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "61x45 (0.0 MP) is above --max-whole-pixels 1000: sliding 32x32 windows, stride 21" in printed
+    image = np.asarray(Image.open(files["image"]).convert("RGB"))
+    model, _ = load_model(files["checkpoint"])
+    x = _normalised(image)
+    expected = predict_logits(model.eval(), x[None], NUM_CLASSES, mode="sliding", crop_size=32).argmax(1)[0]
+    with Image.open(out / "street_mask.png") as mask:
+        np.testing.assert_array_equal(np.asarray(mask), expected.numpy())
+    assert main([*args, "--overwrite", "--max-whole-pixels", "-1"]) == 2

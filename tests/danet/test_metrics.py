@@ -164,3 +164,91 @@ def test_two_process_gloo_reduction(tmp_path):
     expected = [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
     for rank in range(world_size):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+# ------------------------------------------------------------------ the two conventions, transcribed
+
+
+def _mmseg_metrics(preds: list[torch.Tensor], labels: list[torch.Tensor], k: int, ignore: int) -> dict:
+    """mmsegmentation's IoUMetric: intersect_and_union per image (torch.histc), summed, then
+    total_area_to_metrics with nanmean summaries."""
+    totals = [torch.zeros(k, dtype=torch.float64) for _ in range(4)]
+    for pred, label in zip(preds, labels, strict=True):
+        mask = label != ignore
+        pred, label = pred[mask], label[mask]
+        intersect = pred[pred == label]
+        area_intersect = torch.histc(intersect.float(), bins=k, min=0, max=k - 1)
+        area_pred = torch.histc(pred.float(), bins=k, min=0, max=k - 1)
+        area_label = torch.histc(label.float(), bins=k, min=0, max=k - 1)
+        area_union = area_pred + area_label - area_intersect
+        for total, area in zip(totals, (area_intersect, area_union, area_pred, area_label), strict=True):
+            total += area.double()
+    inter, union, _, label_area = (t.numpy() for t in totals)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou, acc = inter / union, inter / label_area
+    return {"aAcc": inter.sum() / label_area.sum(), "IoU": iou, "Acc": acc, "mIoU": np.nanmean(iou),
+            "mAcc": np.nanmean(acc)}
+
+
+def _release_metrics(preds: list[torch.Tensor], labels: list[torch.Tensor], k: int, ignore: int) -> dict:
+    """PyTorch-Encoding's batch_pix_accuracy / batch_intersection_union / get_pixacc_miou; its
+    datasets mark ignored pixels with -1, so that the +1 shift makes them 0."""
+    correct = labelled = 0
+    inter_total, union_total = np.zeros(k), np.zeros(k)
+    for pred, label in zip(preds, labels, strict=True):
+        target = np.where(label.numpy() == ignore, -1, label.numpy()).astype("int64") + 1
+        predict = pred.numpy().astype("int64") + 1
+        labelled += np.sum(target > 0)
+        correct += np.sum((predict == target) * (target > 0))
+        predict = predict * (target > 0).astype(predict.dtype)
+        intersection = predict * (predict == target)
+        area_inter, _ = np.histogram(intersection, bins=k, range=(1, k))
+        area_pred, _ = np.histogram(predict, bins=k, range=(1, k))
+        area_lab, _ = np.histogram(target, bins=k, range=(1, k))
+        inter_total += area_inter
+        union_total += area_pred + area_lab - area_inter
+    iou = 1.0 * inter_total / (np.spacing(1) + union_total)
+    return {"pixAcc": 1.0 * correct / (np.spacing(1) + labelled), "IoU": iou, "mIoU": iou.mean()}
+
+
+@pytest.mark.parametrize("k", [3, 7, 19])
+def test_both_conventions_equal_their_transcriptions(k):
+    rng = np.random.default_rng(k)
+    cm = ConfusionMatrix(k)
+    preds, labels = [], []
+    for shape in [(11, 13), (7, 5), (16, 9)]:
+        # classes 1 and k-1 never appear in the targets; class 1 is never predicted either
+        label = rng.choice([c for c in range(k) if c not in (1, k - 1)], size=shape)
+        label[rng.random(shape) < 0.15] = 255
+        pred = np.where(rng.random(shape) < 0.6, label, rng.integers(0, k, size=shape))
+        pred[pred == 1] = 0
+        pred[pred == 255] = 0
+        preds.append(torch.from_numpy(pred))
+        labels.append(torch.from_numpy(label))
+        cm.update(preds[-1], labels[-1])
+    mmseg, release = _mmseg_metrics(preds, labels, k, 255), _release_metrics(preds, labels, k, 255)
+    got, got_release = cm.compute(), cm.compute_release()
+    for key in ("aAcc", "mIoU", "mAcc"):
+        assert got[key] == pytest.approx(mmseg[key], rel=1e-12)
+    np.testing.assert_allclose(got["IoU"], mmseg["IoU"], rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(got["Acc"], mmseg["Acc"], rtol=1e-12, equal_nan=True)
+    assert got["pixAcc"] == got["aAcc"]
+    assert got_release["pixAcc"] == pytest.approx(release["pixAcc"], rel=1e-12)
+    assert got_release["mIoU"] == pytest.approx(release["mIoU"], rel=1e-12)
+    np.testing.assert_allclose(got_release["IoU"], release["IoU"], rtol=1e-12)
+    # the conventions differ exactly where the issue says: class 1 (absent from both) is NaN in
+    # one and 0 in the other; class k-1 (predicted, never present) is IoU 0 in both, Acc NaN
+    assert math.isnan(got["IoU"][1]) and got_release["IoU"][1] == 0.0
+    if k > 3:
+        assert got["IoU"][k - 1] == 0.0 and math.isnan(got["Acc"][k - 1])
+    assert got_release["mIoU"] < got["mIoU"]
+
+
+def test_absent_classes_hand_computed():
+    # 4 classes; class 3 absent from both. IoU: 0 -> 1/2 (one missed), 1 -> 1/2 (one false), 2 -> 1
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 0, 2]))
+    assert cm.compute()["mIoU"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)  # 0.6667: absent left out
+    assert cm.compute_release()["mIoU"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 4)  # 0.5: absent as 0
+    assert cm.compute()["mAcc"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert cm.compute()["Acc"][3] != cm.compute()["Acc"][3]  # NaN

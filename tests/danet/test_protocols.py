@@ -60,8 +60,8 @@ def _release_evaluate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _release_module_inference(model: nn.Module, image: torch.Tensor, flip: bool) -> torch.Tensor:
     output = _release_evaluate(model, image)
     if flip:
-        flipped = image.index_select(3, torch.arange(image.size(3) - 1, -1, -1))
-        output = output + _release_evaluate(model, flipped).index_select(3, torch.arange(image.size(3) - 1, -1, -1))
+        reverse = torch.arange(image.size(3) - 1, -1, -1)
+        output = output + _release_evaluate(model, image.index_select(3, reverse)).index_select(3, reverse)
     return output.exp()
 
 
@@ -83,7 +83,7 @@ def _release_multi_eval(model: nn.Module, image: torch.Tensor, nclass: int, base
     stride = int(crop_size * stride_rate)
     scores = image.new_zeros((batch, nclass, h, w))
     for scale in scales:
-        long_size = int(math.ceil(base_size * scale))
+        long_size = int(math.ceil(base_size * scale))  # noqa: RUF046 - as the original
         if h > w:
             height, width = long_size, int(1.0 * w * long_size / h + 0.5)
             short_size = width
@@ -97,8 +97,8 @@ def _release_multi_eval(model: nn.Module, image: torch.Tensor, nclass: int, base
         else:
             pad_img = _release_pad_image(cur_img, crop_size) if short_size < crop_size else cur_img
             _, _, ph, pw = pad_img.size()
-            h_grids = int(math.ceil(1.0 * (ph - crop_size) / stride)) + 1
-            w_grids = int(math.ceil(1.0 * (pw - crop_size) / stride)) + 1
+            h_grids = int(math.ceil(1.0 * (ph - crop_size) / stride)) + 1  # noqa: RUF046 - as the original
+            w_grids = int(math.ceil(1.0 * (pw - crop_size) / stride)) + 1  # noqa: RUF046
             outputs = image.new_zeros((batch, nclass, ph, pw))
             count_norm = image.new_zeros((batch, 1, ph, pw))
             for idh in range(h_grids):
@@ -192,7 +192,7 @@ def test_release_protocol_equals_the_transcribed_release(size: tuple[int, int], 
 
 
 @pytest.mark.parametrize(("size", "mode", "crop", "stride", "ratios", "flip"), [
-    ((37, 53), "sliding", 24, 16, [1.0], True),  # stride not dividing the sides: the flipped pass' grid differs
+    ((37, 53), "sliding", 24, 16, [1.0], True),  # a stride not dividing the sides: the flipped grid differs
     ((45, 30), "multiscale", 32, 21, [0.5, 1.0, 1.75], True),
     ((40, 56), "whole", 64, 64, [1.0], True),
     ((33, 47), "sliding", 32, 13, [1.0], False),
@@ -203,8 +203,8 @@ def test_mmseg_protocol_equals_the_transcribed_mmseg(size: tuple[int, int], mode
     model = _tiny_danet(nclass)
     image = torch.randn(1, 3, *size, dtype=torch.float64)
     with torch.no_grad():
-        expected = _mmseg_inference(model, image, nclass, "whole" if mode == "whole" else "slide", crop, stride,
-                                    ratios, flip)
+        expected = _mmseg_inference(model, image, nclass, "whole" if mode == "whole" else "slide", crop,
+                                    stride, ratios, flip)
     got = _ours(model, image, nclass, protocol="mmseg", mode=mode, crop_size=crop, stride=stride,
                 scales=tuple(ratios), flip=flip)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
@@ -272,11 +272,12 @@ def test_window_grids() -> None:
     assert stage.size == (1024, 2048) and stage.padded == (1024, 2048) and stage.window_shape == (768, 768)
     assert [(w.top, w.left, w.height, w.width) for w in stage.windows][-1] == (512, 1536, 512, 512)
     assert stage.forwards == 16  # 8 windows, each with its mirror
-    mmseg = resolve_eval_config(EvalConfig(protocol="mmseg", mode="sliding", crop_size=769, stride=513, flip=True))
+    mmseg = resolve_eval_config(EvalConfig(protocol="mmseg", mode="sliding", crop_size=769, stride=513,
+                                           flip=True))
     (stage,) = inference_plan(1024, 2048, mmseg)
     assert len(stage.windows) == 8 and stage.image_flips == (False, True) and stage.window_shape == (769, 769)
-    small = resolve_eval_config(EvalConfig(protocol="release", mode="multiscale", crop_size=768, base_size=2048,
-                                           scales=(0.25,)))
+    small = resolve_eval_config(EvalConfig(protocol="release", mode="multiscale", crop_size=768,
+                                           base_size=2048, scales=(0.25,)))
     (stage,) = inference_plan(1024, 2048, small)
     assert stage.size == (256, 512) and stage.padded == (768, 768) and len(stage.windows) == 1
 
