@@ -31,7 +31,8 @@ predictions; they differ in the grid, the padding, the resizing and how passes a
 The engine batches the windows of an image, and their mirror images, into forwards of as many
 samples as :attr:`EvalConfig.window_memory_mb` allows (the tensor memory of one window is
 estimated on fake tensors, :mod:`danet.cost`; 0 runs one window at a time), under
-``torch.inference_mode``, autocast (``amp``: bf16 on CUDA by default) and channels_last. All
+``torch.inference_mode``, autocast (``amp``: bf16 on CUDA by default, unless the caller runs under
+an autocast of its own) and channels_last. All
 windows of one image and scale have one size, so the fused attention meets one ``N`` per image
 size (its kernels are tuned per ``N``).
 """
@@ -285,7 +286,10 @@ class _ModelRunner:
         self.cfg, self.bar = cfg, bar
         self.dtype = _accumulation_dtype(images)
         self.device = images.device
-        amp = "bf16" if cfg.amp == "auto" and images.device.type == "cuda" else cfg.amp
+        amp = cfg.amp
+        if amp == "auto":  # bf16 on CUDA, unless the caller runs under an autocast of its own
+            own = images.device.type == "cuda" and not torch.is_autocast_enabled(images.device.type)
+            amp = "bf16" if own else "none"
         self.autocast_dtype = _AMP_DTYPES.get(amp)
         self.call = {} if self.heads == ("sum",) else {"head_outputs": True}
         self.max_batch = 1
@@ -503,8 +507,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mod
     """The "sum" scores (B, num_classes, H, W) of :func:`predict_scores`, settings as keywords.
 
     ``options`` are further :class:`~danet.config.EvalConfig` fields (``protocol``, ``stride``,
-    ``base_size``, ``window_memory_mb``, ``amp``, ``channels_last``). With the default protocol
-    the scores are the averaged logits.
+    ``base_size``, ``window_memory_mb``, ``amp``, ``channels_last``). ``amp`` defaults to "none"
+    here, so that the caller's own autocast context (or its absence: fp32) decides the precision.
+    With the default protocol the scores are the averaged logits.
 
     Raises:
         ValueError: bad mode, shapes, crop size, stride or scales.
@@ -512,7 +517,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mod
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     cfg = EvalConfig(mode=mode, crop_size=crop_size, stride_ratio=stride_ratio, scales=tuple(scales),
-                     flip=flip, **options)
+                     flip=flip, **{"amp": "none", **options})
     return predict_scores(model, images, num_classes, cfg, mean=mean, std=std)["sum"]
 
 
