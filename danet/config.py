@@ -332,7 +332,8 @@ def validate_config(cfg: Config) -> None:
         ValueError: naming the first bad field, its value and what it may be.
     """
     from danet.data import DATASETS
-    from danet.inference import MODES
+    from danet.inference import AMP_MODES as EVAL_AMP_MODES
+    from danet.inference import MODES, PROTOCOLS
     from danet.lr_policies import POLICIES
     from danet.models.backbone import BACKBONES
 
@@ -353,9 +354,13 @@ def validate_config(cfg: Config) -> None:
     low, high = d.scale_range
     if not 0 < low <= high:
         raise ValueError(f"data.scale_range must satisfy 0 < low <= high, got {list(d.scale_range)}")
+    _choice("eval.protocol", e.protocol, PROTOCOLS)
     _choice("eval.mode", e.mode, MODES)
+    _choice("eval.amp", e.amp, EVAL_AMP_MODES)
     _at_least("eval.batch_size", e.batch_size, 1)
-    _at_least("eval.crop_size", e.crop_size, 1, optional=True)
+    for key in ("crop_size", "stride", "base_size"):
+        _at_least(f"eval.{key}", getattr(e, key), 1, optional=True)
+    _at_least("eval.window_memory_mb", e.window_memory_mb, 0)
     _choice("optim.name", o.name, OPTIMIZERS)
     _at_least("optim.lr", o.lr, 0.0)
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
