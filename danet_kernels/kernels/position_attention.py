@@ -101,11 +101,14 @@ import triton.language as tl
 
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import dot_input_precision
+from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["PositionAttentionFunction", "pam_backward", "pam_forward", "position_attention_triton"]
 
 # Read once at import, like Triton itself: TRITON_INTERPRET must be set before triton is imported.
 _INTERPRETING = triton_interpreting()
+if _INTERPRETING:
+    squeeze_scalar_index()  # loop bounds under Triton 3.6's interpreter with numpy >= 2.4
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -235,6 +238,17 @@ def _pam_fwd_kernel(
 
 
 @triton.jit
+def _pam_offsets(rows, stride_rows, cols, stride_cols):
+    """Element offsets of a (rows x cols) tile inside one image, in int64.
+
+    A (C, N) image passes 2^31 elements at C * N >= 2^31 (C = 512 at N = 4.2M, or any N with
+    C = 2048 and a channels_last stride of C on the N axis), and a row index times its stride
+    overflows int32 long before the pointer does: every in-image offset goes through here.
+    """
+    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
+
+
+@triton.jit
 def _pam_bwd_preprocess(
     Out, DY, DeltaRaw,
     stride_ob, stride_oc, stride_on,
@@ -251,19 +265,12 @@ def _pam_bwd_preprocess(
     for start_c in range(0, C, BLOCK_C):
         offs_c = start_c + tl.arange(0, BLOCK_C)
         mask = (offs_c < C)[:, None] & mask_m[None, :]
-        o = tl.load(Out + pid_b * stride_ob + offs_c[:, None] * stride_oc + offs_m[None, :] * stride_on,
+        o = tl.load(Out + pid_b * stride_ob + _pam_offsets(offs_c, stride_oc, offs_m, stride_on),
                     mask=mask, other=0.0)
-        dy = tl.load(DY + pid_b * stride_gb + offs_c[:, None] * stride_gc + offs_m[None, :] * stride_gn,
+        dy = tl.load(DY + pid_b * stride_gb + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask, other=0.0)
         total += tl.sum(o.to(tl.float32) * dy.to(tl.float32), 0)
     tl.store(DeltaRaw + pid_b * N + offs_m, total, mask=mask_m)
-
-
-@triton.jit
-def _pam_recompute_p(q, kT, lse, INPUT_PRECISION: tl.constexpr):
-    """P block from a (BLOCK_M, BLOCK_D) query tile, a (BLOCK_D, BLOCK_N) key tile and lse (log2)."""
-    s = tl.dot(q, kT, input_precision=INPUT_PRECISION)
-    return tl.math.exp2(s * LOG2E - lse[:, None])
 
 
 @triton.jit
@@ -281,145 +288,131 @@ def _pam_bwd_dv_kernel(
     stride_qb, stride_qd, stride_qn,
     stride_kb, stride_kd, stride_kn,
     stride_gb, stride_gc, stride_gn,
-    stride_dvb, stride_dvc, stride_dvn,
-    N, D, C,
+    stride_dvs, stride_dvb, stride_dvc, stride_dvn,
+    N, D, C, num_key_blocks, blocks_per_split,
     HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dV for BLOCK_N keys x BLOCK_C channels: dV^T += P^T dO over all query blocks."""
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """dV for BLOCK_N keys x BLOCK_C channels over one split of the query blocks: dV += P^T dO^T.
+
+    S^T = k^T q first (BLOCK_N = 128 rows: 16 per warp on 8 warps, no replicated S), so P^T is
+    already the A operand of the dV product, in registers. Grid: (key block + key blocks * C
+    block, query split, batch); with one split DV is dV itself, else an fp32 partial per split.
+    """
+    pid_n = tl.program_id(0) % num_key_blocks
+    pid_c = tl.program_id(0) // num_key_blocks
+    pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_c = tl.arange(0, BLOCK_C)
-    start_c = pid_c.to(tl.int64) * BLOCK_C
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    mask_c = (start_c + offs_c) < C
+    mask_c = offs_c < C
 
-    kT = tl.load(
-        K + pid_b * stride_kb + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-        mask=mask_d[:, None] & mask_n[None, :], other=0.0,
-    )
+    kT = tl.load(K + pid_b * stride_kb + _pam_offsets(offs_n, stride_kn, offs_d, stride_kd),
+                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     Q_block = Q + pid_b * stride_qb
-    DY_block = DY + pid_b * stride_gb + start_c * stride_gc
+    DY_block = DY + pid_b * stride_gb
     Lse_block = Lse + pid_b * N
     dv = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    first_m = pid_s * blocks_per_split * BLOCK_M
+    for step in range(0, blocks_per_split):
+        offs_m = first_m + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = tl.load(Q_block + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        q = tl.load(Q_block + _pam_offsets(offs_d, stride_qd, offs_m, stride_qn),
+                    mask=mask_d[:, None] & mask_m[None, :], other=0.0)
         # lse = +inf on padded query rows makes their P exactly 0.
         lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
-        p = _pam_recompute_p(q, kT, lse, INPUT_PRECISION)
-        dy = tl.load(DY_block + offs_m[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        dv = tl.dot(tl.trans(p.to(dy.dtype)), dy, dv, input_precision=INPUT_PRECISION)
+        p_t = tl.math.exp2(tl.dot(kT, q, input_precision=INPUT_PRECISION) * LOG2E - lse[None, :])
+        dy = tl.load(DY_block + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
+                     mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+        dv = tl.dot(p_t.to(dy.dtype), tl.trans(dy), dv, input_precision=INPUT_PRECISION)
     dv = dv * _pam_load_gamma(Gamma, HAS_GAMMA)
-    tl.store(
-        DV + pid_b * stride_dvb + start_c * stride_dvc
-        + offs_n[:, None] * stride_dvn + offs_c[None, :] * stride_dvc,
-        dv.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :],
-    )
+    DV_tile = DV + pid_s.to(tl.int64) * stride_dvs + pid_b * stride_dvb
+    tl.store(DV_tile + _pam_offsets(offs_n, stride_dvn, offs_c, stride_dvc), dv.to(DV.dtype.element_ty),
+             mask=mask_n[:, None] & mask_c[None, :])
 
 
 @triton.jit
-def _pam_bwd_dp(
-    DY_rows, V_cols, stride_gc, stride_gn, stride_vc, stride_vn,
-    offs_m, offs_n, mask_m, mask_n, C,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """dP/gamma = dY^T v for one (BLOCK_M, BLOCK_N) block, summed over ALL C in BLOCK_C chunks."""
-    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start_c in range(0, C, BLOCK_C):
-        offs_c = start_c + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        dy = tl.load(DY_rows + offs_m[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        vT = tl.load(V_cols + offs_c[:, None] * stride_vc + offs_n[None, :] * stride_vn,
-                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        dp = tl.dot(dy, vT, dp, input_precision=INPUT_PRECISION)
-    return dp
-
-
-@triton.jit
-def _pam_bwd_dk_kernel(
-    Q, K, V, DY, Gamma, Lse, DeltaRaw, DK,
+def _pam_bwd_dkdq_kernel(
+    Q, K, V, DY, Gamma, Lse, DeltaRaw, DK, DQ,
     stride_qb, stride_qd, stride_qn,
     stride_kb, stride_kd, stride_kn,
     stride_vb, stride_vc, stride_vn,
     stride_gb, stride_gc, stride_gn,
-    stride_dkb, stride_dkd, stride_dkn,
-    N, D, C,
-    HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    stride_dks, stride_dkb, stride_dkd, stride_dkn,
+    stride_dqb, stride_dqd, stride_dqn,
+    N, D, C, blocks_per_split, num_c_blocks, num_steps,
+    HAS_GAMMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dK for BLOCK_N keys: dK^T += dS^T q over all query blocks, dP summed over all of C."""
+    """dK for BLOCK_N keys over one split of the query blocks, and (ATOMIC_DQ) dQ by fp32 atomics.
+
+    Per query block: dP^T = v^T dO summed over ALL of C in BLOCK_C chunks, S^T = k^T q,
+    dS^T = P^T (dP^T - Delta), dK += dS^T q^T; with ATOMIC_DQ also dQ^T += k dS^T, added into an
+    fp32 (B, d, N) buffer: each of S, P, dP and dS once per (query, key) pair. The (query block,
+    C chunk) nest runs as ONE flat loop of ``num_steps`` steps, so the software pipeline of the
+    v and dY chunks never drains at a query-block boundary; the block's q, lse and Delta are
+    loaded at its first C step and used at its last (their latency hides behind the chunks).
+    """
     pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
     gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
 
-    kT = tl.load(
-        K + pid_b * stride_kb + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-        mask=mask_d[:, None] & mask_n[None, :], other=0.0,
-    )
+    kT = tl.load(K + pid_b * stride_kb + _pam_offsets(offs_n, stride_kn, offs_d, stride_kd),
+                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     Q_block = Q + pid_b * stride_qb
-    DY_block = DY + pid_b * stride_gb
     V_block = V + pid_b * stride_vb
+    DY_block = DY + pid_b * stride_gb
+    Lse_block = Lse + pid_b * N
+    Delta_block = DeltaRaw + pid_b * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    q = tl.zeros([BLOCK_D, BLOCK_M], dtype=Q.dtype.element_ty)
+    lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first_m = pid_s * blocks_per_split * BLOCK_M
+    for step in range(0, num_steps):
+        block = step // num_c_blocks
+        chunk = step - block * num_c_blocks
+        offs_m = first_m + block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_m = offs_m < N
-        q = tl.load(Q_block + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lse = tl.load(Lse + pid_b * N + offs_m, mask=mask_m, other=float("inf"))
-        delta = tl.load(DeltaRaw + pid_b * N + offs_m, mask=mask_m, other=0.0) * gamma
-        p = _pam_recompute_p(q, kT, lse, INPUT_PRECISION)
-        dp = _pam_bwd_dp(DY_block, V_block, stride_gc, stride_gn, stride_vc, stride_vn,
-                         offs_m, offs_n, mask_m, mask_n, C,
-                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C)
-        ds = p * (dp * gamma - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
-    tl.store(
-        DK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :],
-    )
-
-
-@triton.jit
-def _pam_bwd_dq_inner(
-    dq, q, lse, delta, gamma, K_block, V_block, DY_rows,
-    stride_kd, stride_kn, stride_vc, stride_vn, stride_gc, stride_gn,
-    offs_m, offs_d, mask_m, mask_d, start_n, end_n, N, C,
-    MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """dQ^T += dS k over key blocks [start_n, end_n); MASK_N zeroes P on padded keys of the tail.
-
-    The tail mask is needed here (not in the dK/dV kernels, where padded keys are never stored):
-    a padded key has k = 0, so S = 0 and P = exp2(-lse), which overflows to inf when a row's
-    energies are hugely negative, and inf * (k = 0) would poison dQ with NaN.
-    """
-    for block_start in range(start_n, end_n, BLOCK_N):
-        offs_n = block_start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        kT = tl.load(K_block + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        p = _pam_recompute_p(q, kT, lse, INPUT_PRECISION)
-        if MASK_N:
-            p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _pam_bwd_dp(DY_rows, V_block, stride_gc, stride_gn, stride_vc, stride_vn,
-                         offs_m, offs_n, mask_m, mask_n, C,
-                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C)
-        ds = p * (dp * gamma - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
-    return dq
+        mask_c = offs_c < C
+        if chunk == 0:
+            q = tl.load(Q_block + _pam_offsets(offs_d, stride_qd, offs_m, stride_qn),
+                        mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+            # lse = +inf on padded query rows makes their P exactly 0.
+            lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
+            delta = tl.load(Delta_block + offs_m, mask=mask_m, other=0.0)
+        vT = tl.load(V_block + _pam_offsets(offs_n, stride_vn, offs_c, stride_vc),
+                     mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        dy = tl.load(DY_block + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
+                     mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+        # where(chunk == 0, 0, acc) becomes the MMA's "ignore the accumulator" flag.
+        dp_t = tl.dot(vT, dy, tl.where(chunk == 0, 0.0, dp_t), input_precision=INPUT_PRECISION)
+        if chunk == num_c_blocks - 1:
+            p_t = tl.math.exp2(tl.dot(kT, q, input_precision=INPUT_PRECISION) * LOG2E - lse[None, :])
+            # A padded key has k = 0, so S = 0 and P = exp2(-lse), which overflows to inf when a
+            # row's energies are hugely negative: inf * (k = 0) would poison dQ with NaN.
+            p_t = tl.where(mask_n[:, None], p_t, 0.0)
+            # dS = P (dP - Delta) with dP = gamma dP_raw and Delta = gamma delta_raw.
+            ds_t = (p_t * (dp_t - delta[None, :]) * gamma).to(Q.dtype.element_ty)
+            dk = tl.dot(ds_t, tl.trans(q), dk, input_precision=INPUT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t), kT, input_precision=INPUT_PRECISION)
+                tl.atomic_add(DQ + pid_b * stride_dqb + _pam_offsets(offs_m, stride_dqn, offs_d, stride_dqd),
+                              dq, mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
+    DK_tile = DK + pid_s.to(tl.int64) * stride_dks + pid_b * stride_dkb
+    tl.store(DK_tile + _pam_offsets(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty),
+             mask=mask_n[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -429,46 +422,60 @@ def _pam_bwd_dq_kernel(
     stride_kb, stride_kd, stride_kn,
     stride_vb, stride_vc, stride_vn,
     stride_gb, stride_gc, stride_gn,
-    stride_dqb, stride_dqd, stride_dqn,
-    N, D, C,
+    stride_dqs, stride_dqb, stride_dqd, stride_dqn,
+    N, D, C, blocks_per_split, num_c_blocks, num_steps,
     HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries: dQ^T += dS k over all key blocks, dP summed over all of C."""
+    """dQ for BLOCK_M queries over one split of the key blocks, without atomics (deterministic).
+
+    The mirror image of the dK kernel: dP = dO^T v over all of C, S = q^T k, dS, dQ += dS k^T,
+    in one flat (key block, C chunk) loop; k is loaded at a key block's first C step. With one
+    split DQ is dQ itself, else an fp32 partial per split.
+    """
     pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < D
     gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
 
-    q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    qT = tl.load(Q + pid_b * stride_qb + _pam_offsets(offs_m, stride_qn, offs_d, stride_qd),
+                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     lse = tl.load(Lse + pid_b * N + offs_m, mask=mask_m, other=float("inf"))
-    delta = tl.load(DeltaRaw + pid_b * N + offs_m, mask=mask_m, other=0.0) * gamma
+    delta = tl.load(DeltaRaw + pid_b * N + offs_m, mask=mask_m, other=0.0)
     K_block = K + pid_b * stride_kb
     V_block = V + pid_b * stride_vb
-    DY_rows = DY + pid_b * stride_gb
+    DY_block = DY + pid_b * stride_gb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N // BLOCK_N) * BLOCK_N
-    dq = _pam_bwd_dq_inner(
-        dq, q, lse, delta, gamma, K_block, V_block, DY_rows,
-        stride_kd, stride_kn, stride_vc, stride_vn, stride_gc, stride_gn,
-        offs_m, offs_d, mask_m, mask_d, 0, n_full, N, C,
-        False, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C,
-    )
-    if n_full < N:
-        dq = _pam_bwd_dq_inner(
-            dq, q, lse, delta, gamma, K_block, V_block, DY_rows,
-            stride_kd, stride_kn, stride_vc, stride_vn, stride_gc, stride_gn,
-            offs_m, offs_d, mask_m, mask_d, n_full, N, N, C,
-            True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C,
-        )
-    tl.store(
-        DQ + pid_b * stride_dqb + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
-    )
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k = tl.zeros([BLOCK_D, BLOCK_N], dtype=K.dtype.element_ty)
+    first_n = pid_s * blocks_per_split * BLOCK_N
+    for step in range(0, num_steps):
+        block = step // num_c_blocks
+        chunk = step - block * num_c_blocks
+        offs_n = first_n + block * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_n = offs_n < N
+        mask_c = offs_c < C
+        if chunk == 0:
+            k = tl.load(K_block + _pam_offsets(offs_d, stride_kd, offs_n, stride_kn),
+                        mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        dyT = tl.load(DY_block + _pam_offsets(offs_m, stride_gn, offs_c, stride_gc),
+                      mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        v = tl.load(V_block + _pam_offsets(offs_c, stride_vc, offs_n, stride_vn),
+                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        dp = tl.dot(dyT, v, tl.where(chunk == 0, 0.0, dp), input_precision=INPUT_PRECISION)
+        if chunk == num_c_blocks - 1:
+            p = tl.math.exp2(tl.dot(qT, k, input_precision=INPUT_PRECISION) * LOG2E - lse[:, None])
+            p = tl.where(mask_n[None, :], p, 0.0)  # padded keys: see the dK kernel
+            ds = (p * (dp - delta[:, None]) * gamma).to(K.dtype.element_ty)
+            dq = tl.dot(ds, tl.trans(k), dq, input_precision=INPUT_PRECISION)
+    DQ_tile = DQ + pid_s.to(tl.int64) * stride_dqs + pid_b * stride_dqb
+    tl.store(DQ_tile + _pam_offsets(offs_m, stride_dqn, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,42 +578,94 @@ else:
     )(_pam_fwd_kernel)
 
 
+# Backward tiles, (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) per kernel and operand class,
+# fixed rather than autotuned (as in the tutorial: tuning four kernels would multiply the first
+# call's time). Each was chosen by compiling for sm_90 with a real launch's specialisation
+# (d = 64, C = 512): no spills, no replicated S, every load of the main loop software-pipelined;
+# the figures are in the module docstring. "dkdq" is the key-side kernel with atomic dQ (the
+# default), "dk" and "dq" the deterministic pair.
+_BWD_TILES: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
+    # bf16 / fp16 on wgmma.
+    "16-bit": {"dv": (64, 128, 256, 8, 2), "dkdq": (64, 128, 64, 8, 3), "dk": (64, 128, 64, 8, 3),
+               "dq": (128, 128, 64, 8, 2)},
+    # fp32 operands on wgmma: twice the bytes and (P, dS kept fp32) twice the registers per tile.
+    "tf32": {"dv": (64, 128, 128, 8, 2), "dkdq": (32, 128, 32, 8, 2), "dk": (64, 128, 32, 8, 2),
+             "dq": (128, 64, 32, 8, 2)},
+    # 3xTF32 splits each operand into high and low halves in registers. The atomic dQ product
+    # spills at every tile tried, so this class always takes the atomics-free pair (no "dkdq").
+    "tf32x3": {"dv": (32, 128, 128, 8, 2), "dk": (16, 128, 16, 8, 2), "dq": (128, 16, 32, 8, 2)},
+    # fp32 "ieee": FMA dots hold both operands in registers, hence the small tiles.
+    "ieee": {"dv": (32, 32, 256, 8, 2), "dkdq": (16, 16, 32, 4, 2), "dk": (16, 64, 32, 8, 2),
+             "dq": (32, 32, 32, 8, 2)},
+    # The interpreter: 32-wide tiles keep the CI shapes multi-block (ragged tails, several chunks).
+    "interpreter": {name: (32, 32, 32, 4, 1) for name in ("dv", "dkdq", "dk", "dq")},
+}
+# Heads wider than 128 (BLOCK_D = 256): the resident k^T / q^T tile and the dK / dQ accumulators
+# grow 4x over d = 64, so the tiles shrink (compiled at d = 256, C = 2048).
+_BWD_TILES_WIDE_HEAD: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
+    "16-bit": {"dv": (64, 64, 256, 8, 2), "dkdq": (64, 64, 64, 8, 3), "dk": (64, 64, 64, 8, 3),
+               "dq": (64, 64, 64, 8, 2)},
+    "tf32": {"dv": (64, 64, 128, 8, 2), "dkdq": (32, 64, 32, 8, 2), "dk": (64, 64, 32, 8, 2),
+             "dq": (64, 64, 32, 8, 2)},
+    "tf32x3": {"dv": (32, 64, 128, 8, 2), "dk": (16, 64, 16, 8, 2), "dq": (64, 16, 32, 8, 2)},
+    "ieee": {"dv": (32, 16, 256, 8, 2), "dkdq": (16, 16, 32, 4, 2), "dk": (16, 32, 32, 8, 2),
+             "dq": (16, 32, 32, 8, 2)},
+    "interpreter": _BWD_TILES["interpreter"],
+}
+_BWD_PREPROCESS = {"BLOCK_M": 128, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _bwd_operand_class(dtype: torch.dtype, input_precision: str) -> str:
+    if _INTERPRETING:
+        return "interpreter"
+    if dtype != torch.float32:
+        return "16-bit"
+    return input_precision
+
+
 def _bwd_config(
     dtype: torch.dtype, input_precision: str, block_d: int, n: int, c: int
 ) -> dict[str, dict[str, int]]:
-    """Fixed backward tiles per kernel (Hopper), capped at the problem size.
-
-    Tensor-core path: dV keeps an fp32 BLOCK_N x BLOCK_C tile (64 registers/thread at 128 x 128
-    on 8 warps); dK and dQ keep a resident block of 128 keys/queries x BLOCK_D plus a
-    BLOCK_M x BLOCK_N dP tile and stream dY and v through BLOCK_C-wide chunks. tf32 operands
-    take twice the shared memory of 16-bit ones, so their C chunks halve; d above 128 halves
-    the resident block. fp32 "ieee" (FMA) gets 32 x 32 x 64 tiles on 4 warps. Each choice
-    compiles for sm_90 without register spills (ptxas -v, bf16/fp32, d = 64; bf16, d = 256).
-    """
-    if _INTERPRETING:
-        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32}
-        kernels = {"dv": tiles, "dk": tiles, "dq": tiles, "pre": {"BLOCK_M": 32, "BLOCK_C": 32}}
-        launch = {"num_warps": 4, "num_stages": 1}
-    elif input_precision == "ieee":
-        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 64}
-        kernels = {"dv": tiles, "dk": tiles, "dq": tiles, "pre": {"BLOCK_M": 128, "BLOCK_C": 32}}
-        launch = {"num_warps": 4, "num_stages": 2}
-    else:
-        wide = 64 if dtype == torch.float32 else 128
-        narrow = 32 if dtype == torch.float32 else 64
-        resident = 128 if block_d <= 128 else 64
-        kernels = {
-            "dv": {"BLOCK_M": 64, "BLOCK_N": resident, "BLOCK_C": wide},
-            "dk": {"BLOCK_M": 64, "BLOCK_N": resident, "BLOCK_C": narrow},
-            "dq": {"BLOCK_M": resident, "BLOCK_N": 64, "BLOCK_C": narrow},
-            "pre": {"BLOCK_M": 128, "BLOCK_C": 32},
-        }
-        launch = {"num_warps": 8, "num_stages": 2}
+    """Launch parameters of every backward kernel: tiles (capped at the problem size) and the
+    num_warps / num_stages each one was compiled and measured with."""
+    table = _BWD_TILES_WIDE_HEAD if block_d > 128 else _BWD_TILES
+    tiles = table[_bwd_operand_class(dtype, input_precision)]
     caps = {"BLOCK_M": _pow2_cap(n), "BLOCK_N": _pow2_cap(n), "BLOCK_C": _pow2_cap(c)}
-    return {
-        name: {key: min(size, caps[key]) for key, size in tiles.items()} | launch
-        for name, tiles in kernels.items()
-    }
+    config: dict[str, dict[str, int]] = {"pre": {**_BWD_PREPROCESS, "BLOCK_M": min(128, _pow2_cap(n))}}
+    for name, (block_m, block_n, block_c, num_warps, num_stages) in tiles.items():
+        sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_C": block_c}
+        config[name] = {key: min(size, caps[key]) for key, size in sizes.items()}
+        config[name] |= {"num_warps": num_warps, "num_stages": num_stages}
+    return config
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; 1 off the GPU (the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Splits of a backward kernel's sequential loop: each one more costs an fp32 partial of the
+# kernel's output (at most 4 of them: 4 x 19 MB for dV at C = 512, N = 9409).
+_MAX_SPLITS = 4
+
+
+def _split(programs: int, blocks: int, sm_count: int) -> tuple[int, int]:
+    """``(blocks_per_split, splits)`` for a kernel of ``programs`` programs that each loop over
+    ``blocks`` blocks: the split count (1 to 4) that finishes soonest on ``sm_count`` SMs with one
+    program per SM at a time, ``ceil(programs * splits / sm_count) / splits``, the fewest splits
+    among equals, and no split unless it saves 10%. B = 1, N = 4096 gives the dK kernel 32
+    programs (32 key blocks of 128): 4 splits of 16 query blocks make 128 programs, one wave on
+    132 SMs. The partial sums are added afterwards in a fixed order: no determinism is lost."""
+    def finish(splits: int) -> float:
+        return triton.cdiv(programs * splits, sm_count) / splits
+
+    best = min(range(1, min(_MAX_SPLITS, blocks) + 1), key=lambda splits: (finish(splits), splits))
+    if finish(best) > 0.9 * finish(1):
+        best = 1
+    per_split = triton.cdiv(blocks, best)
+    return per_split, triton.cdiv(blocks, per_split)
 
 
 # Grid axes 1 and 2 are limited to 65535 programs: larger batches are launched in chunks.
@@ -704,6 +763,20 @@ def pam_forward(
     return result, out, lse
 
 
+def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
+    """Where a kernel writes ``out`` (B, rows, N) from ``splits`` programs per tile: ``out`` itself
+    (as a split axis of one) or an fp32 (splits, B, rows, N) buffer for :func:`_sum_partials`."""
+    if splits == 1:
+        return out.unsqueeze(0)
+    return torch.empty((splits, *out.shape), device=out.device, dtype=torch.float32)
+
+
+def _sum_partials(out: torch.Tensor, partials: torch.Tensor) -> None:
+    """Add the splits' partials into ``out`` in a fixed order (deterministic)."""
+    if partials.shape[0] > 1:
+        out.copy_(partials.sum(0))
+
+
 def pam_backward(
     dy: torch.Tensor,
     q: torch.Tensor,
@@ -717,16 +790,26 @@ def pam_backward(
 
     Returns ``(dq, dk, dv, delta_raw)`` with delta_raw[b, i] = sum_c dy[b, c, i] O[b, c, i]
     (fp32, (B, N)): dgamma = delta_raw.sum(). dq, dk, dv take the inputs' dtype.
+
+    By default dQ is accumulated with fp32 atomics by the dK kernel (each product once, the
+    order of the additions varies from run to run); under
+    ``torch.use_deterministic_algorithms(True)`` a separate dQ kernel computes it without
+    atomics, bit-for-bit repeatable.
     """
     batch, head_dim, n = q.shape
     channels = v.shape[1]
     has_gamma = gamma is not None
+    deterministic = torch.are_deterministic_algorithms_enabled()
     dq, dk, dv, delta_raw = _backward_outputs(dy, q, k, v, gamma, out, lse)
     gamma_arg = gamma if has_gamma else lse
     precision = dot_input_precision(v.dtype)
-    config = _bwd_config(v.dtype, precision, _pow2_cap(head_dim), n, channels)
-    common = {"HAS_GAMMA": has_gamma, "BLOCK_D": _pow2_cap(head_dim), "INPUT_PRECISION": precision}
-    pre, dv_cfg, dk_cfg, dq_cfg = config["pre"], config["dv"], config["dk"], config["dq"]
+    block_d = _pow2_cap(head_dim)
+    config = _bwd_config(v.dtype, precision, block_d, n, channels)
+    sm_count = _sm_count(q.device)
+    common = {"HAS_GAMMA": has_gamma, "BLOCK_D": block_d, "INPUT_PRECISION": precision}
+    atomic_dq = not deterministic and "dkdq" in config
+    pre, dv_cfg = config["pre"], config["dv"]
+    dk_cfg = config["dkdq" if atomic_dq else "dk"]
     for b0, b1 in _batch_chunks(batch):
         chunk = b1 - b0
         q_, k_, v_, dy_, lse_ = q[b0:b1], k[b0:b1], v[b0:b1], dy[b0:b1], lse[b0:b1]
@@ -734,23 +817,53 @@ def pam_backward(
         torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n, pre["BLOCK_M"]), chunk)](
             out[b0:b1], dy_, delta_, *out.stride(), *dy.stride(), n, channels, **pre,
         )
-        torch.library.wrap_triton(_pam_bwd_dv_kernel)[
-            (triton.cdiv(n, dv_cfg["BLOCK_N"]), triton.cdiv(channels, dv_cfg["BLOCK_C"]), chunk)
-        ](
-            q_, k_, dy_, gamma_arg, lse_, dv[b0:b1],
-            *q.stride(), *k.stride(), *dy.stride(), *dv.stride(),
-            n, head_dim, channels, **common, **dv_cfg,
+
+        key_blocks = triton.cdiv(n, dv_cfg["BLOCK_N"])
+        c_blocks = triton.cdiv(channels, dv_cfg["BLOCK_C"])
+        per_split, splits = _split(key_blocks * c_blocks * chunk, triton.cdiv(n, dv_cfg["BLOCK_M"]), sm_count)
+        dv_partials = _partials(dv[b0:b1], splits)
+        torch.library.wrap_triton(_pam_bwd_dv_kernel)[(key_blocks * c_blocks, splits, chunk)](
+            q_, k_, dy_, gamma_arg, lse_, dv_partials,
+            *q.stride(), *k.stride(), *dy.stride(), *dv_partials.stride(),
+            n, head_dim, channels, key_blocks, per_split, **common, **dv_cfg,
         )
-        torch.library.wrap_triton(_pam_bwd_dk_kernel)[(triton.cdiv(n, dk_cfg["BLOCK_N"]), chunk)](
-            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk[b0:b1],
-            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dk.stride(),
-            n, head_dim, channels, **common, **dk_cfg,
+        _sum_partials(dv[b0:b1], dv_partials)
+
+        key_blocks = triton.cdiv(n, dk_cfg["BLOCK_N"])
+        c_blocks = triton.cdiv(channels, dk_cfg["BLOCK_C"])
+        per_split, splits = _split(key_blocks * chunk, triton.cdiv(n, dk_cfg["BLOCK_M"]), sm_count)
+        dk_partials = _partials(dk[b0:b1], splits)
+        if not atomic_dq:
+            dq_accumulator = dq  # not written: ATOMIC_DQ is off
+        elif dq.dtype == torch.float32:
+            dq_accumulator = dq[b0:b1].zero_()
+        else:
+            dq_accumulator = torch.zeros(dq[b0:b1].shape, device=dq.device, dtype=torch.float32)
+        torch.library.wrap_triton(_pam_bwd_dkdq_kernel)[(key_blocks, splits, chunk)](
+            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk_partials, dq_accumulator,
+            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dk_partials.stride(),
+            *dq_accumulator.stride(),
+            n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+            ATOMIC_DQ=atomic_dq, **common, **dk_cfg,
         )
-        torch.library.wrap_triton(_pam_bwd_dq_kernel)[(triton.cdiv(n, dq_cfg["BLOCK_M"]), chunk)](
-            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq[b0:b1],
-            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dq.stride(),
-            n, head_dim, channels, **common, **dq_cfg,
+        _sum_partials(dk[b0:b1], dk_partials)
+        if atomic_dq:
+            if dq.dtype != torch.float32:
+                dq[b0:b1].copy_(dq_accumulator)
+            continue
+
+        dq_cfg = config["dq"]
+        query_blocks = triton.cdiv(n, dq_cfg["BLOCK_M"])
+        c_blocks = triton.cdiv(channels, dq_cfg["BLOCK_C"])
+        per_split, splits = _split(query_blocks * chunk, triton.cdiv(n, dq_cfg["BLOCK_N"]), sm_count)
+        dq_partials = _partials(dq[b0:b1], splits)
+        torch.library.wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, chunk)](
+            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq_partials,
+            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dq_partials.stride(),
+            n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+            **common, **dq_cfg,
         )
+        _sum_partials(dq[b0:b1], dq_partials)
     return dq, dk, dv, delta_raw
 
 

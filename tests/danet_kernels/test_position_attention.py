@@ -9,13 +9,20 @@ an element the kernels fail to write shows up as a mismatch.
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
+import re
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import danet_kernels
 from danet_kernels.kernels import position_attention as pam
 from danet_kernels.reference import position_attention_reference
-from tests.danet_kernels.hopper_compile import check_compiles
+from tests.danet_kernels.hopper_compile import Launch, check_compiles, recorded_launches
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,6 +39,17 @@ def _poison_new_memory():
     yield
     torch.use_deterministic_algorithms(deterministic)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture(params=["atomic", "deterministic"])
+def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both backward paths: the default one (dQ by fp32 atomics) and the one that
+    ``torch.use_deterministic_algorithms(True)`` selects. The poison fixture has torch's switch
+    on (its NaN fill needs it), so the atomic path is reached by hiding the switch from the
+    launcher only: fresh memory is still poisoned."""
+    if request.param == "atomic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    return request.param
 
 
 def make_inputs(
@@ -139,12 +157,16 @@ def check_error_within_reference_error(inputs: dict[str, torch.Tensor | None], f
     [(2, 5, 48, 91, True), (2, 5, 48, 91, False), (1, 16, 64, 64, True), (1, 16, 64, 64, False),
      (1, 3, 8, 1, True), (1, 3, 8, 1, False), (3, 8, 33, 7, True), (1, 16, 16, 300, True)],
 )
-def test_fp32_matches_float64(batch: int, head_dim: int, channels: int, n: int, with_residual: bool) -> None:
+def test_fp32_matches_float64(
+    batch: int, head_dim: int, channels: int, n: int, with_residual: bool, backward_path: str
+) -> None:
     inputs = make_inputs(batch, head_dim, channels, n, gamma=0.7 if with_residual else None, scale=3.0)
     check_against_float64(inputs)
 
 
-def test_batches_beyond_the_grid_limit_launch_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batches_beyond_the_grid_limit_launch_in_chunks(
+    monkeypatch: pytest.MonkeyPatch, backward_path: str
+) -> None:
     """Grid axes are capped at 65535 batches; shrink the cap to 2 so 5 batches take 3 launches."""
     monkeypatch.setattr(pam, "_MAX_GRID_BATCH", 2)
     assert pam._batch_chunks(5) == [(0, 2), (2, 4), (4, 5)]
@@ -161,7 +183,7 @@ def test_gamma_zero_at_initialisation() -> None:
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided"])
-def test_non_contiguous_inputs(layout: str) -> None:
+def test_non_contiguous_inputs(layout: str, backward_path: str) -> None:
     batch, head_dim, channels, height, width = 2, 6, 40, 7, 9
     n = height * width
     # Scaling happens before the view: an elementwise op on a strided slice would make it contiguous.
@@ -195,7 +217,7 @@ def test_fp16_error_bounded_by_reference_error() -> None:
 # Padded keys of the dK/dV kernels' resident block may hold inf (never stored): numpy warns.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("energies", ["mixed", "all_negative"])
-def test_huge_energies_stay_finite(energies: str) -> None:
+def test_huge_energies_stay_finite(energies: str, backward_path: str) -> None:
     """q, k scaled by 30: the softmax saturates to near one-hot; no NaN where the reference is finite.
 
     "all_negative" makes every energy of every row about -1e3, so log-sum-exp is hugely negative
@@ -238,7 +260,7 @@ def test_nan_propagates_like_the_reference(where: str) -> None:
     assert_close(actual[finite], expected[finite], 2e-5, 2e-5, "finite part")
 
 
-def test_gradient_of_a_sum_and_partial_requires_grad() -> None:
+def test_gradient_of_a_sum_and_partial_requires_grad(backward_path: str) -> None:
     """y.sum() hands the backward an expanded (zero-stride) gradient; only some inputs need grads."""
     inputs = make_inputs(2, 4, 36, 50, gamma=0.3)
     q, k, v, gamma, residual = (inputs[name] for name in NAMES)
@@ -286,6 +308,234 @@ def test_backward_without_saved_o_is_a_clear_error() -> None:
         result.sum().backward()
 
 
+# ---------------------------------------------------------------------------------------------
+# Backward: the two paths, splits, determinism, int64 offsets, the launches a Hopper GPU gets
+# ---------------------------------------------------------------------------------------------
+
+
+def meta_backward_operands(
+    batch: int, head_dim: int, channels: int, n: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """pam_backward's (dy, q, k, v, gamma, out, lse) on the "meta" device: the launcher runs,
+    nothing is allocated (the launches are recorded, not run)."""
+    q = torch.empty(batch, head_dim, n, device="meta", dtype=dtype)
+    v = torch.empty(batch, channels, n, device="meta", dtype=dtype)
+    gamma = torch.empty(1, device="meta")
+    lse = torch.empty(batch, n, device="meta")
+    return torch.empty_like(v), q, torch.empty_like(q), v, gamma, torch.empty_like(v), lse
+
+
+def hopper_backward_launches(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, precision: str, deterministic: bool,
+    n: int, batch: int = 1, head_dim: int = 64, channels: int = 512, sm_count: int = 132,
+) -> list[Launch]:
+    """The launches pam_backward makes on a Hopper GPU with ``sm_count`` SMs (the compiled
+    tiles, not the interpreter's), recorded on meta tensors."""
+    monkeypatch.setattr(pam, "_INTERPRETING", False)
+    monkeypatch.setattr(pam, "_sm_count", lambda device: sm_count)
+    monkeypatch.setattr(pam, "dot_input_precision", lambda dtype: precision)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    with recorded_launches() as launches:
+        pam.pam_backward(*meta_backward_operands(batch, head_dim, channels, n, dtype))
+    return launches
+
+
+def executed_flops_per_pair(launches: list[Launch], n: int) -> float:
+    """Matmul FLOPs that the recorded backward launches execute, per (query, key) pair: from each
+    grid and tile, padded blocks and the padded head dim included, as the GPU runs them."""
+    total = 0
+    for launch in launches:
+        tile = {name: launch.kwargs.get(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_D")}
+        pair_block = tile["BLOCK_M"] * tile["BLOCK_N"] if tile["BLOCK_N"] else 0
+        blocks = launch.arg("blocks_per_split") if pair_block else 0
+        if launch.name == "_pam_bwd_dv_kernel":  # S^T and dV^T per query block
+            per_program = blocks * 2 * pair_block * (tile["BLOCK_D"] + tile["BLOCK_C"])
+        elif launch.name in ("_pam_bwd_dkdq_kernel", "_pam_bwd_dq_kernel"):
+            # dP per (block, C chunk); S, the dK / dQ products (and the atomic dQ) per block
+            products = 3 if launch.kwargs.get("ATOMIC_DQ") else 2
+            per_step = launch.arg("num_c_blocks") * tile["BLOCK_C"] + products * tile["BLOCK_D"]
+            per_program = blocks * 2 * pair_block * per_step
+        else:  # the preprocess: a row sum, no matmul
+            per_program = 0
+        total += launch.programs * per_program
+    return total / n**2
+
+
+def test_backward_splits_small_grids(monkeypatch: pytest.MonkeyPatch, backward_path: str) -> None:
+    """With more SMs than programs the loops split into partials (reduced in a fixed order)."""
+    monkeypatch.setattr(pam, "_sm_count", lambda device: 64)
+    # At the interpreter's 32-wide tiles, N = 91 has 3 key (and query) blocks: 3 splits.
+    assert pam._split(2 * 3, 3, 64) == (1, 3)
+    check_against_float64(make_inputs(2, 5, 48, 91, scale=3.0))
+    check_against_float64(make_inputs(1, 3, 8, 1))
+
+
+def test_split_count_finishes_soonest() -> None:
+    assert pam._split(256, 512, 132) == (512, 1)  # B = 1, N = 32768: two waves already
+    assert pam._split(32, 64, 132) == (16, 4)  # N = 4096: 32 key blocks -> 128 programs
+    assert pam._split(64, 64, 132) == (32, 2)
+    assert pam._split(74, 148, 132) == (50, 3)  # N = 9409: 222 programs in 2 waves, not 74 in 1
+    assert pam._split(148, 148, 132) == (37, 4)  # 1.12 waves: 4 splits finish in 5 quarter-waves
+    assert pam._split(2048, 2048, 132) == (2048, 1)  # 3 splits would save only 2%
+    assert pam._split(5, 2, 132) == (1, 2)  # never more splits than blocks
+    assert pam._split(7, 9, 1) == (9, 1)  # the interpreter: one "SM"
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_path_follows_torch_switch(monkeypatch: pytest.MonkeyPatch, deterministic: bool) -> None:
+    """torch.use_deterministic_algorithms(True) selects the atomics-free dQ kernel."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    with recorded_launches() as launches:
+        pam.pam_backward(*meta_backward_operands(2, 8, 40, 50, torch.float32))
+    names = [launch.name for launch in launches]
+    key_side = launches[names.index("_pam_bwd_dkdq_kernel")]
+    assert key_side.kwargs["ATOMIC_DQ"] is not deterministic
+    assert ("_pam_bwd_dq_kernel" in names) is deterministic
+
+
+def test_deterministic_backward_is_bitwise_repeatable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twice the same gradients, bit for bit, with split loops (their partials reduced in order).
+
+    The interpreter runs programs one at a time, so atomics would repeat here too; what this
+    checks on the CPU is that the deterministic launches are reproducible end to end (the GPU
+    test below repeats it where atomics would not)."""
+    monkeypatch.setattr(pam, "_sm_count", lambda device: 64)
+    assert torch.are_deterministic_algorithms_enabled()
+    inputs = make_inputs(2, 5, 48, 91, scale=3.0)
+    dy = torch.randn_like(inputs["v"])
+    first = run(inputs, dy)[1]
+    second = run(inputs, dy)[1]
+    for name in NAMES:
+        assert torch.equal(first[name], second[name]), name
+
+
+@triton.jit
+def _offsets_probe(
+    Out, row_start, stride_rows, col_start, stride_cols, ROWS: tl.constexpr, COLS: tl.constexpr
+):
+    offsets = pam._pam_offsets(row_start + tl.arange(0, ROWS), stride_rows,
+                               col_start + tl.arange(0, COLS), stride_cols)
+    tl.store(Out + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], offsets)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_in_image_offsets_are_int64(layout: str) -> None:
+    """The backward's in-image offset arithmetic at an image of C * N > 2^31 elements, run by the
+    interpreter on the index arithmetic alone (no such tensor is allocated): channels near
+    C = 2^19 of an N = 2^13 map, i.e. offsets near 2^32 that int32 would wrap."""
+    channels, n = 2**19, 2**13
+    row_start, col_start = channels - 16, n - 8
+    stride_rows, stride_cols = (n, 1) if layout == "contiguous" else (1, channels)
+    out = torch.empty(16, 8, dtype=torch.int64)
+    _offsets_probe[(1,)](out, row_start, stride_rows, col_start, stride_cols, ROWS=16, COLS=8)
+    rows = torch.arange(row_start, row_start + 16, dtype=torch.int64)[:, None]
+    cols = torch.arange(col_start, col_start + 8, dtype=torch.int64)[None, :]
+    expected = rows * stride_rows + cols * stride_cols
+    assert expected.max() > 2**31
+    assert torch.equal(out, expected)
+
+
+def test_backward_kernels_compute_every_offset_in_int64() -> None:
+    """Every ``index * stride`` product of a backward kernel goes through ``_pam_offsets`` or has
+    an int64 left side (the batch index), so no offset inside an image is formed in int32."""
+    for kernel in (pam._pam_bwd_preprocess, pam._pam_bwd_dv_kernel, pam._pam_bwd_dkdq_kernel,
+                   pam._pam_bwd_dq_kernel):
+        source = inspect.getsource(kernel.fn)
+        for left in re.findall(r"(\S+) \* stride_", source):
+            assert left == "pid_b" or left.endswith(".to(tl.int64)"), f"{kernel.fn.__name__}: {left} * stride"
+
+
+@pytest.mark.parametrize("operands, precision", [
+    (torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "ieee"),
+])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_small_maps_fill_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, operands: torch.dtype, precision: str, deterministic: bool
+) -> None:
+    """B = 1, N = 4096 (a 64 x 64 map) on 132 SMs: every matmul kernel finishes within 10% of the
+    time a perfectly balanced grid would take (one program per SM at a time)."""
+    sms = 132
+    for launch in hopper_backward_launches(monkeypatch, operands, precision, deterministic, n=4096):
+        if launch.name == "_pam_bwd_preprocess":
+            continue  # a row sum over C: bandwidth-bound, microseconds
+        waves = math.ceil(launch.programs / sms)
+        assert launch.programs / (waves * sms) >= 0.9, (launch.name, launch.grid)
+
+
+@pytest.mark.parametrize("operands, precision, default, deterministic", [
+    (torch.bfloat16, "tf32", 2688, 3840), (torch.float16, "tf32", 2688, 3840),
+    (torch.float32, "tf32", 2944, 4096), (torch.float32, "tf32x3", 4096, 4096),
+    (torch.float32, "ieee", 2688, 3840),
+])
+def test_backward_executed_flops(
+    monkeypatch: pytest.MonkeyPatch, operands: torch.dtype, precision: str, default: int, deterministic: int
+) -> None:
+    """Executed matmul FLOPs / N^2 at DANet's d = 64, C = 512, N = 32768 (the minimum is 2432):
+    <= 3000 by default for 16-bit and tf32 operands (each product once, dV split over C in
+    256- or 128-wide blocks); the deterministic split computes dP twice, >= 3584 whatever its
+    tiles. The figures are the module docstring's."""
+    n = 32768
+    for is_deterministic, expected in ((False, default), (True, deterministic)):
+        launches = hopper_backward_launches(monkeypatch, operands, precision, is_deterministic, n=n)
+        assert executed_flops_per_pair(launches, n) == pytest.approx(expected)
+    if precision == "tf32" or operands != torch.float32:
+        assert default <= 3000
+
+
+BACKWARD_COMPILE_SCRIPT = r"""
+import json
+import torch
+
+import danet_kernels.kernels.position_attention as pam
+from tests.danet_kernels.hopper_compile import compile_launch, recorded_launches
+from tests.danet_kernels.test_position_attention import meta_backward_operands
+
+pam._sm_count = lambda device: 132
+results, compiled = [], set()
+for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "tf32x3"),
+                         (torch.float32, "ieee")):
+    pam.dot_input_precision = lambda dtype, precision=precision: precision
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        for n in (32768, 4096):  # 4096: the split loops
+            with recorded_launches() as launches:
+                pam.pam_backward(*meta_backward_operands(1, 64, 512, n, dtype))
+            for launch in launches:
+                specialisation = (launch.name, str(sorted(launch.kwargs.items())), str([
+                    (value % 16 == 0, value == 1) if isinstance(value, int) else getattr(value, "dtype", None)
+                    for value in launch.args]))
+                if specialisation in compiled:
+                    continue
+                compiled.add(specialisation)
+                result = compile_launch(launch)
+                tiles = {key: launch.kwargs.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_C")}
+                result.update(dtype=str(dtype), precision=precision, deterministic=deterministic, tiles=tiles)
+                results.append(result)
+print(json.dumps(results))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel")
+def test_backward_compiles_for_hopper_without_spills_or_replication() -> None:
+    """Every backward launch at d = 64, C = 512 (N = 32768 and the split N = 4096; bf16, tf32,
+    3xTF32 and "ieee"; both paths), compiled for sm_90 as the launch specialises it: no register
+    spills; one S tile's share of ex2 per thread (an S computed on every warpgroup would double
+    it); the main loop's operand tiles loaded by software-pipelined asynchronous copies."""
+    results = json.loads(check_compiles(BACKWARD_COMPILE_SCRIPT).splitlines()[-2])
+    for result in results:
+        what = f"{result['kernel']} {result['dtype']} {result['precision']} det={result['deterministic']}"
+        assert result["spill_bytes"] == 0, f"{what}: {result['spill_bytes']} bytes of spills"
+        if result["kernel"] == "_pam_bwd_preprocess":
+            continue
+        tiles = result["tiles"]
+        share = tiles["BLOCK_M"] * tiles["BLOCK_N"] // result["threads"]
+        assert result["ex2"] == share, f"{what}: {result['ex2']} ex2 per thread, a tile's share is {share}"
+        assert result["loop_async_loads"] >= 2, f"{what}: main loop not pipelined"
+        if result["precision"] != "ieee":
+            assert result["wgmma"] > 0, f"{what}: not on tensor cores"
+
+
 def test_forward_config_prune_keeps_problem_sized_tiles() -> None:
     """The Hopper prune caps tiles at the problem size and respects the register budget."""
     configs = list(filter(pam._keep, pam._FWD_CONFIGS))
@@ -330,17 +580,6 @@ for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
     for config in forward_configs:
         flags = {"HAS_RESIDUAL": True, "STORE_OUT": True, "BLOCK_D": 64, "INPUT_PRECISION": precision}
         compile_for_hopper(pam._pam_fwd_kernel, dtype, flags, config)
-    tiles = pam._bwd_config(torch_dtype, precision, 64, 4096, 512)
-    for name, kernel in (("dv", pam._pam_bwd_dv_kernel), ("dk", pam._pam_bwd_dk_kernel),
-                         ("dq", pam._pam_bwd_dq_kernel)):
-        blocks = {key: value for key, value in tiles[name].items() if key.startswith("BLOCK")}
-        launch = {key: tiles[name][key] for key in ("num_warps", "num_stages")}
-        config = triton.Config(blocks, **launch)
-        flags = {"HAS_GAMMA": True, "BLOCK_D": 64, "INPUT_PRECISION": precision}
-        compile_for_hopper(kernel, dtype, flags, config)
-pre = pam._bwd_config(torch.bfloat16, "tf32", 64, 4096, 512)["pre"]
-compile_for_hopper(pam._pam_bwd_preprocess, "bf16", {},
-                   triton.Config({"BLOCK_M": pre["BLOCK_M"], "BLOCK_C": pre["BLOCK_C"]}, num_warps=4))
 # No gamma, odd d padded to 16, N = 1 (Triton turns integer arguments equal to 1 into constants).
 flags = {"HAS_RESIDUAL": False, "STORE_OUT": False, "BLOCK_D": 16, "INPUT_PRECISION": "tf32", "N": 1}
 compile_for_hopper(pam._pam_fwd_kernel, "fp16", flags, pam._FWD_CONFIGS_FMA[0])
@@ -351,8 +590,8 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel")
 def test_kernels_compile_for_hopper() -> None:
     """The interpreter forgives what the compiler rejects: compile the kernels for sm_90 in a fresh
-    process without TRITON_INTERPRET (largest forward tiles, every backward kernel, bf16, tf32 and
-    fp32 "ieee"). Needs no GPU, only the ptxas that ships with Triton."""
+    process without TRITON_INTERPRET (largest forward tiles, bf16, tf32 and fp32 "ieee"; the
+    backward has its own test above). Needs no GPU, only the ptxas that ships with Triton."""
     check_compiles(HOPPER_COMPILE_SCRIPT)
 
 
@@ -407,3 +646,61 @@ def test_gpu_offsets_beyond_int32() -> None:
         one = slice(b, b + 1)
         expected = position_attention_reference(q[one].double(), k[one].double(), v[one].double())
         assert_close(y[b : b + 1], expected, 2e-2, 2e-2, f"batch element {b}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_deterministic_backward_is_bitwise_repeatable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DANet's shape at B = 1, N = 4096 (split loops): under torch's deterministic switch two
+    backward passes agree bit for bit; the default path (atomic dQ) agrees within rounding."""
+    inputs = make_inputs(1, 64, 512, 4096, dtype=torch.bfloat16, gamma=0.5, scale=3.0)
+    dy = torch.randn_like(inputs["v"])
+    assert torch.are_deterministic_algorithms_enabled()
+    first, second = run(inputs, dy)[1], run(inputs, dy)[1]
+    for name in NAMES:
+        assert torch.equal(first[name], second[name]), name
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    atomic = run(inputs, dy)[1]
+    for name in NAMES:
+        assert_close(atomic[name], first[name], 2e-2, 2e-2, f"d{name}, atomic against deterministic")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_backward_offsets_beyond_int32_inside_one_image(
+    monkeypatch: pytest.MonkeyPatch, deterministic: bool
+) -> None:
+    """One image of C * N > 2^31 elements (C = 2^23 + 256 channels of N = 256 positions, 4.3 GB
+    per fp16 tensor): every gradient, the last channels' dV included, against an fp32 reference
+    computed in chunks of C."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    head_dim, n = 16, 256
+    channels = 2**31 // n + n
+    q = torch.randn(1, head_dim, n, device="cuda", dtype=torch.float16) * 0.5
+    k = torch.randn(1, head_dim, n, device="cuda", dtype=torch.float16) * 0.5
+    v = torch.randn(1, channels, n, device="cuda", dtype=torch.float16)
+    dy = torch.randn_like(v)
+    gamma = torch.full((1,), 0.5, device="cuda")
+    assert v.numel() > 2**31
+    scores = q[0].float().T @ k[0].float()
+    p = scores.softmax(-1)
+    lse = (torch.logsumexp(scores, -1) / math.log(2)).unsqueeze(0)
+    out = torch.empty_like(v)
+    dp = torch.zeros(n, n, device="cuda")
+    delta = torch.zeros(n, device="cuda")
+    step = 2**20
+    for c in range(0, channels, step):
+        o = v[0, c : c + step].float() @ p.T
+        out[0, c : c + step] = o.half()
+        d_o = 0.5 * dy[0, c : c + step].float()
+        dp += d_o.T @ v[0, c : c + step].float()
+        delta += (d_o * out[0, c : c + step].float()).sum(0)
+    ds = p * (dp - delta[:, None])
+    dq, dk, dv, _ = pam.pam_backward(dy, q, k, v, gamma, out, lse)
+    assert_close(dq[0], k[0].float() @ ds.T, 2e-2, 2e-2, "dq")
+    assert_close(dk[0], q[0].float() @ ds, 2e-2, 2e-2, "dk")
+    for c in (0, channels - step):  # the first channels and those beyond 2^31 elements
+        expected = 0.5 * dy[0, c : c + step].float() @ p
+        assert_close(dv[0, c : c + step], expected, 2e-2, 2e-2, f"dv from channel {c}")
