@@ -39,24 +39,66 @@ split launches 32 * 4. Programs of one (batch, C block) are adjacent on grid axi
 stream the same k and v blocks through L2 together. Every C block computes the same lse; the
 first one stores it.
 
-Backward recomputes P blockwise from q, k and lse (never N x N) in four kernels with fixed
-configurations rather than autotuned ones, as in the tutorial: tuning four kernels would
-multiply the first-call time, and without a GPU in this project's CI the fixed tiles could at
-least be checked to compile spill-free for sm_90 (see ``_bwd_config``):
+Backward recomputes P blockwise from q, k and lse (never N x N). Every (query, key) pair needs
+dP = dO^T v summed over ALL of C (2 C FLOPs, the dominant term at C = 512) before its dS, and
+contributes P^T dO to dV across all of C. Holding a key block's dV for all of C on chip (an fp32
+BLOCK_N x C tile: 128 KiB at BLOCK_N = 64, half the register file) is what would make each
+product happen once, and it does not fit sm_90: S^T-first it needs 128 key rows on 8 warps, 256
+registers per thread for dV alone; with C as the MMA's M and 32 keys per program it compiles
+with 68 to 1080 bytes of spills. Fusing dV for half of C (256 channels) into the key-side
+kernel compiles clean at 32 x 128 x 256 but computes dS twice: 2816 N^2 against the 2688 here.
+So dV gets its own kernel, split over C like the forward, and everything that needs dP over all
+of C happens once, in the key-side kernel:
 
 * ``_pam_bwd_preprocess``: ``delta_raw[i] = sum_c dY[c, i] O[c, i]`` in fp32. Delta = gamma *
   delta_raw and dgamma = sum(delta_raw) both fall out of it (one pass over O and dY).
-* ``_pam_bwd_dv_kernel``: grid (key blocks, C blocks, B), the split-C layout of the forward:
-  k and an fp32 (BLOCK_N, BLOCK_C) dV tile stay resident while query blocks stream by.
-* ``_pam_bwd_dk_kernel``: grid (key blocks, B); dS needs dP summed over ALL of C, so dP is
-  accumulated over an inner loop of BLOCK_C chunks of dO and v, then dK += dS^T q.
-* ``_pam_bwd_dq_kernel``: grid (query blocks, B); the mirror image, dQ += dS k.
+* ``_pam_bwd_dv_kernel``: grid (key blocks x C blocks, query splits, B). S^T = k^T q first, as
+  in Triton's tutorial: 128 key rows are 16 per warp on 8 warps (no S computed twice), and P^T
+  is already the A operand of dV^T += P^T dO^T, in registers (no transpose through shared
+  memory). An fp32 BLOCK_N x BLOCK_C dV tile stays on chip while query blocks stream by.
+* ``_pam_bwd_dkdq_kernel``, the default: grid (key blocks, query splits, B). Per query block,
+  dP^T = v^T dO over all of C in BLOCK_C chunks, S^T, P^T, dS^T = P^T (dP^T - Delta), dK +=
+  dS^T q^T on chip, and dQ += dS k added into an fp32 (B, d, N) buffer with atomics, as in
+  FlashAttention-2: S, P, dP and dS once per pair. The (query block, C chunk) nest is ONE flat
+  loop, so the cp.async pipeline of the v and dY chunks never drains at a query block; the
+  block's q, lse and Delta are loaded at its first chunk and used at its last.
+* Deterministic, where ``torch.use_deterministic_algorithms(True)``: the same key-side kernel
+  without the atomics, and ``_pam_bwd_dq_kernel`` (grid (query blocks, key splits, B)), its
+  mirror image with 128 x 128 dP tiles, for dQ. dP is computed twice; the gradients repeat bit
+  for bit. (3xTF32 and heads wider than 128 take this pair always: their atomic dQ product
+  spills.)
 
-dP (2 N^2 C FLOPs, the dominant term at C = 512) is computed twice, once for dK and once for
-dQ, as in the tutorial; that keeps every gradient deterministic (no fp32 atomics into dQ).
-Backward FLOPs: 2 N^2 (d * ceil(C / BLOCK_C) + C) for dV plus 2 N^2 (2 d + C) each for dK and
-dQ, i.e. 4096 N^2 at d = 64, C = 512, BLOCK_C = 128 against the minimal 2432 N^2. Folding dQ
-into the dK kernel with atomics would save one dP (to 2944 N^2) at the price of determinism.
+Small grids. At B = 1 and small N a kernel launches fewer programs than the GPU has SMs (N =
+4096: 32 key blocks of 128 for 132 SMs). ``_split`` then cuts each program's sequential loop
+into up to 4 splits (query ranges for the key-side kernels, key ranges for dQ), each writing an
+fp32 partial of its output, summed afterwards in a fixed order (deterministic either way): at
+N = 4096 every kernel runs 128 programs in one wave. Extra memory: splits x B x C x N x 4
+bytes for dV, splits x B x d x N x 4 for dK / dQ, only where the grid is small.
+
+FLOPs executed per N^2 (d = 64, C = 512, the sm_90 tiles of ``_BWD_TILES``; minimal 2432):
+
+=============  =======================================  ========  =============
+operands       dV (S^T recomputed per C block) + rest   default   deterministic
+=============  =======================================  ========  =============
+bf16, fp16     2 (64 * 2 + 512) = 1280, BLOCK_C = 256    2688      3840
+fp32, tf32     2 (64 * 4 + 512) = 1536, BLOCK_C = 128    2944      4096
+fp32, tf32x3   1536                                      4096      4096
+fp32, ieee     1280, BLOCK_C = 256                       2688      3840
+=============  =======================================  ========  =============
+
+The key-side kernel is 2 (C + 3 d) = 1408 with atomic dQ, 2 (C + 2 d) = 1280 without; the
+dQ kernel 1280. exp2: 3 N^2 by default (1 N^2 more per extra dV C block), 4 deterministic. The
+deterministic split computes dP twice, so no tiling takes it below 3584 + 128 ceil(C /
+BLOCK_C_dV), 3712 at best (the issue's 3600 is out of its reach); the old split executed 6272
+with its replicated S.
+
+Memory traffic (operand reads from L2 per pair, bf16): the dV kernel re-reads q and its dY
+chunk per key block, 2 (d ceil(C / BLOCK_C) + C) / BLOCK_N = 10 B; the key-side kernel re-reads
+its v^T block per query block, dY and q per key block, 2 C / BLOCK_M + 2 (C + d) / BLOCK_N =
+25 B, plus 2 B of fp32 dQ atomics; the dQ kernel (128 x 128) 17 B. About 37 B per pair by
+default, 52 B deterministic; DRAM traffic stays O((d + C) N) per pass where L2 holds the
+re-read blocks. 128 x 128 key-side tiles would cut 25 B to 17 B but spill 132 to 424 bytes.
+
 Gamma never leaves the device: the kernels read it through a pointer (no ``.item()`` sync,
 nothing data-dependent for torch.compile), so gamma = 0 at initialisation costs nothing special.
 
@@ -76,7 +118,8 @@ as in the reference; a row whose energies are all -inf so far gets its max guard
 Indexing. Every tensor comes with its per-axis strides (non-contiguous inputs such as
 flattened channels_last maps are read in place), every load and store on N, C and d is masked
 (any N, C, d >= 1; d is padded to BLOCK_D >= 16 for tl.dot), and batch and block offsets are
-int64 so that B * C * N beyond 2^31 cannot overflow.
+int64 so that B * C * N beyond 2^31 cannot overflow; the backward computes every offset inside
+an image in int64 too (``_pam_offsets``), as C * N passes 2^31 in one image at C = 512, N > 4.2M.
 
 Tuning (Hopper). The forward is autotuned (``_FWD_CONFIGS`` with a ``_keep`` filter and a
 problem-aware prune, keyed on N, d, C and the dot precision); its register and shared-memory
@@ -600,16 +643,16 @@ _BWD_TILES: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
     # The interpreter: 32-wide tiles keep the CI shapes multi-block (ragged tails, several chunks).
     "interpreter": {name: (32, 32, 32, 4, 1) for name in ("dv", "dkdq", "dk", "dq")},
 }
-# Heads wider than 128 (BLOCK_D = 256): the resident k^T / q^T tile and the dK / dQ accumulators
-# grow 4x over d = 64, so the tiles shrink (compiled at d = 256, C = 2048).
+# Heads wider than 128 (BLOCK_D = 256, compiled at d = 256, C = 2048): the resident k^T / q^T
+# tile and the dK / dQ accumulators grow 4x over d = 64, so the tiles shrink (keeping 128 rows
+# of S on 8 warps), and the atomic dQ product spills at every 16-bit and tf32 tile tried (those
+# classes take the atomics-free pair). 3xTF32 and "ieee" spill at every tile tried at this width
+# (376 bytes to 4.7 KB; d = 256 is outside DANet's shapes, and at d = 64 they compile clean).
 _BWD_TILES_WIDE_HEAD: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
-    "16-bit": {"dv": (64, 64, 256, 8, 2), "dkdq": (64, 64, 64, 8, 3), "dk": (64, 64, 64, 8, 3),
-               "dq": (64, 64, 64, 8, 2)},
-    "tf32": {"dv": (64, 64, 128, 8, 2), "dkdq": (32, 64, 32, 8, 2), "dk": (64, 64, 32, 8, 2),
-             "dq": (64, 64, 32, 8, 2)},
-    "tf32x3": {"dv": (32, 64, 128, 8, 2), "dk": (16, 64, 16, 8, 2), "dq": (64, 16, 32, 8, 2)},
-    "ieee": {"dv": (32, 16, 256, 8, 2), "dkdq": (16, 16, 32, 4, 2), "dk": (16, 32, 32, 8, 2),
-             "dq": (16, 32, 32, 8, 2)},
+    "16-bit": {"dv": (64, 128, 128, 8, 2), "dk": (32, 128, 32, 8, 2), "dq": (128, 32, 64, 8, 2)},
+    "tf32": {"dv": (32, 128, 128, 8, 2), "dk": (16, 128, 16, 8, 2), "dq": (128, 16, 32, 8, 2)},
+    "tf32x3": {"dv": (16, 64, 128, 4, 2), "dk": (16, 64, 16, 4, 2), "dq": (64, 16, 16, 4, 2)},
+    "ieee": {"dv": (32, 16, 256, 8, 2), "dk": (16, 32, 16, 8, 2), "dq": (16, 16, 16, 8, 2)},
     "interpreter": _BWD_TILES["interpreter"],
 }
 _BWD_PREPROCESS = {"BLOCK_M": 128, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
