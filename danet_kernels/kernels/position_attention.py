@@ -386,7 +386,7 @@ def _pam_bwd_dkdq_kernel(
     stride_gb, stride_gc, stride_gn,
     stride_dks, stride_dkb, stride_dkd, stride_dkn,
     stride_dqb, stride_dqd, stride_dqn,
-    N, D, C, blocks_per_split, num_c_blocks, num_steps,
+    N, N_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
     HAS_GAMMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -444,8 +444,9 @@ def _pam_bwd_dkdq_kernel(
         if chunk == num_c_blocks - 1:
             p_t = tl.math.exp2(tl.dot(kT, q, input_precision=INPUT_PRECISION) * LOG2E - lse[None, :])
             # A padded key has k = 0, so S = 0 and P = exp2(-lse), which overflows to inf when a
-            # row's energies are hugely negative: inf * (k = 0) would poison dQ with NaN.
-            p_t = tl.where(mask_n[:, None], p_t, 0.0)
+            # row's energies are hugely negative: inf * (k = 0) would poison dQ with NaN. Keys
+            # from N_VALID to N are the launcher's zero padding, beyond N the tile's.
+            p_t = tl.where((offs_n < N_VALID)[:, None], p_t, 0.0)
             # dS = P (dP - Delta) with dP = gamma dP_raw and Delta = gamma delta_raw.
             ds_t = (p_t * (dp_t - delta[None, :]) * gamma).to(Q.dtype.element_ty)
             dk = tl.dot(ds_t, tl.trans(q), dk, input_precision=INPUT_PRECISION)
@@ -466,7 +467,7 @@ def _pam_bwd_dq_kernel(
     stride_vb, stride_vc, stride_vn,
     stride_gb, stride_gc, stride_gn,
     stride_dqs, stride_dqb, stride_dqd, stride_dqn,
-    N, D, C, blocks_per_split, num_c_blocks, num_steps,
+    N, N_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
     HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -513,7 +514,7 @@ def _pam_bwd_dq_kernel(
         dp = tl.dot(dyT, v, tl.where(chunk == 0, 0.0, dp), input_precision=INPUT_PRECISION)
         if chunk == num_c_blocks - 1:
             p = tl.math.exp2(tl.dot(qT, k, input_precision=INPUT_PRECISION) * LOG2E - lse[:, None])
-            p = tl.where(mask_n[None, :], p, 0.0)  # padded keys: see the dK kernel
+            p = tl.where((offs_n < N_VALID)[None, :], p, 0.0)  # padded keys: see the dK kernel
             ds = (p * (dp - delta[:, None]) * gamma).to(K.dtype.element_ty)
             dq = tl.dot(ds, tl.trans(k), dq, input_precision=INPUT_PRECISION)
     DQ_tile = DQ + pid_s.to(tl.int64) * stride_dqs + pid_b * stride_dqb
@@ -749,12 +750,18 @@ def _backward_outputs(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see :func:`pam_backward`)."""
-    batch, _, n = q.shape
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    delta_raw = torch.empty((batch, n), device=v.device, dtype=torch.float32)
+    """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see :func:`pam_backward`):
+    (B, *, N) views of buffers whose N axis is rounded up to a multiple of 16, so that the
+    kernels' rows start 16-byte aligned."""
+    batch, head_dim, n = q.shape
+    n_pad = _bwd_padded_length(n)
+
+    def allocate(rows: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty((batch, rows, n_pad), device=q.device, dtype=dtype)[..., :n]
+
+    dq, dk = allocate(head_dim, q.dtype), allocate(head_dim, q.dtype)
+    dv = allocate(v.shape[1], v.dtype)
+    delta_raw = allocate(1, torch.float32)[:, 0]
     return dq, dk, dv, delta_raw
 
 
@@ -806,9 +813,30 @@ def pam_forward(
     return result, out, lse
 
 
+def _bwd_padded_length(n: int) -> int:
+    """The N axis as the backward kernels see it: rounded up to a multiple of 16 elements."""
+    return triton.cdiv(n, 16) * 16
+
+
+def _bwd_operand(t: torch.Tensor, n_pad: int, fill: float = 0.0) -> torch.Tensor:
+    """``t`` (..., N) as the backward kernels read it, N_PAD long: itself where N_PAD is N, else a
+    copy whose tail holds ``fill`` (zeros: padded positions add nothing; lse = +inf: padded
+    queries get P = 0). Without the copy, N % 16 != 0 (DANet's 97 x 97 = 9409) leaves no row
+    16-byte aligned: no vectorised or asynchronous loads, and spills (788 bytes in dV, bf16)."""
+    if t.shape[-1] == n_pad:
+        return t
+    return torch.nn.functional.pad(t, (0, n_pad - t.shape[-1]), value=fill)
+
+
+def _widened(t: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """An output view from :func:`_backward_outputs` widened to its whole N_PAD-long buffer."""
+    return t.as_strided((*t.shape[:-1], n_pad), t.stride(), t.storage_offset())
+
+
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
-    """Where a kernel writes ``out`` (B, rows, N) from ``splits`` programs per tile: ``out`` itself
-    (as a split axis of one) or an fp32 (splits, B, rows, N) buffer for :func:`_sum_partials`."""
+    """Where a kernel writes ``out`` (B, rows, N_PAD) from ``splits`` programs per tile: ``out``
+    itself (as a split axis of one) or an fp32 (splits, B, rows, N_PAD) buffer for
+    :func:`_sum_partials`."""
     if splits == 1:
         return out.unsqueeze(0)
     return torch.empty((splits, *out.shape), device=out.device, dtype=torch.float32)
@@ -844,10 +872,15 @@ def pam_backward(
     has_gamma = gamma is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
     dq, dk, dv, delta_raw = _backward_outputs(dy, q, k, v, gamma, out, lse)
-    gamma_arg = gamma if has_gamma else lse
+    n_pad = _bwd_padded_length(n)
+    q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
+    lse_in = _bwd_operand(lse, n_pad, fill=float("inf"))
+    dq_out, dk_out, dv_out = (_widened(t, n_pad) for t in (dq, dk, dv))
+    delta_out = _widened(delta_raw, n_pad)
+    gamma_arg = gamma if has_gamma else lse_in
     precision = dot_input_precision(v.dtype)
     block_d = _pow2_cap(head_dim)
-    config = _bwd_config(v.dtype, precision, block_d, n, channels)
+    config = _bwd_config(v.dtype, precision, block_d, n_pad, channels)
     sm_count = _sm_count(q.device)
     common = {"HAS_GAMMA": has_gamma, "BLOCK_D": block_d, "INPUT_PRECISION": precision}
     atomic_dq = not deterministic and "dkdq" in config
@@ -855,58 +888,59 @@ def pam_backward(
     dk_cfg = config["dkdq" if atomic_dq else "dk"]
     for b0, b1 in _batch_chunks(batch):
         chunk = b1 - b0
-        q_, k_, v_, dy_, lse_ = q[b0:b1], k[b0:b1], v[b0:b1], dy[b0:b1], lse[b0:b1]
-        delta_ = delta_raw[b0:b1]
-        torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n, pre["BLOCK_M"]), chunk)](
-            out[b0:b1], dy_, delta_, *out.stride(), *dy.stride(), n, channels, **pre,
+        q_, k_, v_, dy_, lse_ = q_in[b0:b1], k_in[b0:b1], v_in[b0:b1], dy_in[b0:b1], lse_in[b0:b1]
+        delta_ = delta_out[b0:b1]
+        torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n_pad, pre["BLOCK_M"]), chunk)](
+            out_in[b0:b1], dy_, delta_, *out_in.stride(), *dy_in.stride(), n_pad, channels, **pre,
         )
 
-        key_blocks = triton.cdiv(n, dv_cfg["BLOCK_N"])
+        key_blocks = triton.cdiv(n_pad, dv_cfg["BLOCK_N"])
         c_blocks = triton.cdiv(channels, dv_cfg["BLOCK_C"])
-        per_split, splits = _split(key_blocks * c_blocks * chunk, triton.cdiv(n, dv_cfg["BLOCK_M"]), sm_count)
-        dv_partials = _partials(dv[b0:b1], splits)
+        query_blocks = triton.cdiv(n_pad, dv_cfg["BLOCK_M"])
+        per_split, splits = _split(key_blocks * c_blocks * chunk, query_blocks, sm_count)
+        dv_partials = _partials(dv_out[b0:b1], splits)
         torch.library.wrap_triton(_pam_bwd_dv_kernel)[(key_blocks * c_blocks, splits, chunk)](
             q_, k_, dy_, gamma_arg, lse_, dv_partials,
-            *q.stride(), *k.stride(), *dy.stride(), *dv_partials.stride(),
-            n, head_dim, channels, key_blocks, per_split, **common, **dv_cfg,
+            *q_in.stride(), *k_in.stride(), *dy_in.stride(), *dv_partials.stride(),
+            n_pad, head_dim, channels, key_blocks, per_split, **common, **dv_cfg,
         )
-        _sum_partials(dv[b0:b1], dv_partials)
+        _sum_partials(dv_out[b0:b1], dv_partials)
 
-        key_blocks = triton.cdiv(n, dk_cfg["BLOCK_N"])
+        key_blocks = triton.cdiv(n_pad, dk_cfg["BLOCK_N"])
         c_blocks = triton.cdiv(channels, dk_cfg["BLOCK_C"])
-        per_split, splits = _split(key_blocks * chunk, triton.cdiv(n, dk_cfg["BLOCK_M"]), sm_count)
-        dk_partials = _partials(dk[b0:b1], splits)
+        per_split, splits = _split(key_blocks * chunk, triton.cdiv(n_pad, dk_cfg["BLOCK_M"]), sm_count)
+        dk_partials = _partials(dk_out[b0:b1], splits)
         if not atomic_dq:
-            dq_accumulator = dq  # not written: ATOMIC_DQ is off
+            dq_accumulator = dq_out  # not written: ATOMIC_DQ is off
         elif dq.dtype == torch.float32:
-            dq_accumulator = dq[b0:b1].zero_()
+            dq_accumulator = dq_out[b0:b1].zero_()
         else:
-            dq_accumulator = torch.zeros(dq[b0:b1].shape, device=dq.device, dtype=torch.float32)
+            dq_accumulator = torch.zeros(dq_out[b0:b1].shape, device=dq.device, dtype=torch.float32)
         torch.library.wrap_triton(_pam_bwd_dkdq_kernel)[(key_blocks, splits, chunk)](
             q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk_partials, dq_accumulator,
-            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dk_partials.stride(),
+            *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dk_partials.stride(),
             *dq_accumulator.stride(),
-            n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+            n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
             ATOMIC_DQ=atomic_dq, **common, **dk_cfg,
         )
-        _sum_partials(dk[b0:b1], dk_partials)
+        _sum_partials(dk_out[b0:b1], dk_partials)
         if atomic_dq:
             if dq.dtype != torch.float32:
-                dq[b0:b1].copy_(dq_accumulator)
+                dq_out[b0:b1].copy_(dq_accumulator)
             continue
 
         dq_cfg = config["dq"]
-        query_blocks = triton.cdiv(n, dq_cfg["BLOCK_M"])
+        query_blocks = triton.cdiv(n_pad, dq_cfg["BLOCK_M"])
         c_blocks = triton.cdiv(channels, dq_cfg["BLOCK_C"])
-        per_split, splits = _split(query_blocks * chunk, triton.cdiv(n, dq_cfg["BLOCK_N"]), sm_count)
-        dq_partials = _partials(dq[b0:b1], splits)
+        per_split, splits = _split(query_blocks * chunk, triton.cdiv(n_pad, dq_cfg["BLOCK_N"]), sm_count)
+        dq_partials = _partials(dq_out[b0:b1], splits)
         torch.library.wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, chunk)](
             q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq_partials,
-            *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *dq_partials.stride(),
-            n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+            *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dq_partials.stride(),
+            n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
             **common, **dq_cfg,
         )
-        _sum_partials(dq[b0:b1], dq_partials)
+        _sum_partials(dq_out[b0:b1], dq_partials)
     return dq, dk, dv, delta_raw
 
 
