@@ -75,6 +75,14 @@ fp32 partial of its output, summed afterwards in a fixed order (deterministic ei
 N = 4096 every kernel runs 128 programs in one wave. Extra memory: splits x B x C x N x 4
 bytes for dV, splits x B x d x N x 4 for dK / dQ, only where the grid is small.
 
+Unaligned N. Where N is not a multiple of 16 (DANet's 97 x 97 = 9409) no row of a (B, *, N)
+tensor starts 16-byte aligned, and the compiled kernels lose their vectorised asynchronous
+loads (and spill: 788 bytes in dV, bf16). The launcher then copies q, k, v, dY and O into
+buffers with N rounded up to a multiple of 16 and zero tails (lse with +inf tails: padded
+queries get P = 0; padded keys get P = 0 by a mask on the true N), and the kernels write the
+gradients into buffers of that length, returned as (B, *, N) views: (2 d + 3 C) N extra
+elements, 31 MB at 97 x 97, C = 512 in bf16, against the kernels' O(N^2) work.
+
 FLOPs executed per N^2 (d = 64, C = 512, the sm_90 tiles of ``_BWD_TILES``; minimal 2432):
 
 =============  =======================================  ========  =============
@@ -89,8 +97,8 @@ fp32, ieee     1280, BLOCK_C = 256                       2688      3840
 The key-side kernel is 2 (C + 3 d) = 1408 with atomic dQ, 2 (C + 2 d) = 1280 without; the
 dQ kernel 1280. exp2: 3 N^2 by default (1 N^2 more per extra dV C block), 4 deterministic. The
 deterministic split computes dP twice, so no tiling takes it below 3584 + 128 ceil(C /
-BLOCK_C_dV), 3712 at best (the issue's 3600 is out of its reach); the old split executed 6272
-with its replicated S.
+BLOCK_C) of dV, 3712 at best (3600 is out of its reach); the previous split (dV, dK and dQ
+kernels, S on both warpgroups of its 64-row tiles) executed 6272.
 
 Memory traffic (operand reads from L2 per pair, bf16): the dV kernel re-reads q and its dY
 chunk per key block, 2 (d ceil(C / BLOCK_C) + C) / BLOCK_N = 10 B; the key-side kernel re-reads
