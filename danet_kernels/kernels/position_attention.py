@@ -749,6 +749,19 @@ def _forward_outputs(
     return result, out, lse
 
 
+def _backward_buffers(
+    q: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised (dq, dk, dv, delta_raw) as the backward kernels write them: their N axis is
+    N_PAD long (:func:`_bwd_padded_length`), so every row starts 16-byte aligned."""
+    batch, head_dim, n = q.shape
+    n_pad = _bwd_padded_length(n)
+    dq = torch.empty((batch, head_dim, n_pad), device=q.device, dtype=q.dtype)
+    dv = torch.empty((batch, v.shape[1], n_pad), device=v.device, dtype=v.dtype)
+    delta_raw = torch.empty((batch, n_pad), device=v.device, dtype=torch.float32)
+    return dq, torch.empty_like(dq), dv, delta_raw
+
+
 def _backward_outputs(
     dy: torch.Tensor,
     q: torch.Tensor,
@@ -758,19 +771,9 @@ def _backward_outputs(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see :func:`pam_backward`):
-    (B, *, N) views of buffers whose N axis is rounded up to a multiple of 16, so that the
-    kernels' rows start 16-byte aligned."""
-    batch, head_dim, n = q.shape
-    n_pad = _bwd_padded_length(n)
-
-    def allocate(rows: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty((batch, rows, n_pad), device=q.device, dtype=dtype)[..., :n]
-
-    dq, dk = allocate(head_dim, q.dtype), allocate(head_dim, q.dtype)
-    dv = allocate(v.shape[1], v.dtype)
-    delta_raw = allocate(1, torch.float32)[:, 0]
-    return dq, dk, dv, delta_raw
+    """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see
+    :func:`pam_backward`): N-long views of :func:`_backward_buffers`."""
+    return tuple(t[..., : q.shape[-1]] for t in _backward_buffers(q, v))
 
 
 def pam_forward(
@@ -836,11 +839,6 @@ def _bwd_operand(t: torch.Tensor, n_pad: int, fill: float = 0.0) -> torch.Tensor
     return torch.nn.functional.pad(t, (0, n_pad - t.shape[-1]), value=fill)
 
 
-def _widened(t: torch.Tensor, n_pad: int) -> torch.Tensor:
-    """An output view from :func:`_backward_outputs` widened to its whole N_PAD-long buffer."""
-    return t.as_strided((*t.shape[:-1], n_pad), t.stride(), t.storage_offset())
-
-
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
     """Where a kernel writes ``out`` (B, rows, N_PAD) from ``splits`` programs per tile: ``out``
     itself (as a split axis of one) or an fp32 (splits, B, rows, N_PAD) buffer for
@@ -879,12 +877,10 @@ def pam_backward(
     channels = v.shape[1]
     has_gamma = gamma is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, delta_raw = _backward_outputs(dy, q, k, v, gamma, out, lse)
     n_pad = _bwd_padded_length(n)
     q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
     lse_in = _bwd_operand(lse, n_pad, fill=float("inf"))
-    dq_out, dk_out, dv_out = (_widened(t, n_pad) for t in (dq, dk, dv))
-    delta_out = _widened(delta_raw, n_pad)
+    dq_out, dk_out, dv_out, delta_out = _backward_buffers(q, v)
     gamma_arg = gamma if has_gamma else lse_in
     precision = dot_input_precision(v.dtype)
     block_d = _pow2_cap(head_dim)
@@ -920,10 +916,10 @@ def pam_backward(
         dk_partials = _partials(dk_out[b0:b1], splits)
         if not atomic_dq:
             dq_accumulator = dq_out  # not written: ATOMIC_DQ is off
-        elif dq.dtype == torch.float32:
+        elif dq_out.dtype == torch.float32:
             dq_accumulator = dq_out[b0:b1].zero_()
         else:
-            dq_accumulator = torch.zeros(dq_out[b0:b1].shape, device=dq.device, dtype=torch.float32)
+            dq_accumulator = torch.zeros(dq_out[b0:b1].shape, device=dq_out.device, dtype=torch.float32)
         torch.library.wrap_triton(_pam_bwd_dkdq_kernel)[(key_blocks, splits, chunk)](
             q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk_partials, dq_accumulator,
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dk_partials.stride(),
@@ -933,7 +929,7 @@ def pam_backward(
         )
         _sum_partials(dk_out[b0:b1], dk_partials)
         if atomic_dq:
-            if dq.dtype != torch.float32:
+            if dq_out.dtype != torch.float32:
                 dq_out[b0:b1].copy_(dq_accumulator)
             continue
 
@@ -949,7 +945,7 @@ def pam_backward(
             **common, **dq_cfg,
         )
         _sum_partials(dq_out[b0:b1], dq_partials)
-    return dq, dk, dv, delta_raw
+    return tuple(t[..., :n] for t in (dq_out, dk_out, dv_out, delta_out))
 
 
 # ----------------------------------------------------------------------------------------------

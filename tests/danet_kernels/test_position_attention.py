@@ -613,7 +613,7 @@ def test_kernels_compile_for_hopper() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch, head_dim, channels, n", [(2, 64, 512, 97 * 97), (1, 256, 2048, 1000)])
 def test_gpu_low_precision_error_bounded_by_reference_error(
-    dtype: torch.dtype, batch: int, head_dim: int, channels: int, n: int
+    dtype: torch.dtype, batch: int, head_dim: int, channels: int, n: int, backward_path: str
 ) -> None:
     inputs = make_inputs(batch, head_dim, channels, n, dtype=dtype, gamma=0.5, scale=3.0)
     check_error_within_reference_error(inputs, factor=4.0)
@@ -633,7 +633,7 @@ def test_gpu_tf32_when_torch_allows_it() -> None:
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_danet_shape_fp32_matches_float64() -> None:
+def test_gpu_danet_shape_fp32_matches_float64(backward_path: str) -> None:
     """DANet's shape: B=1, C=512 (d=64), a 64x64 map; exact fp32 (TF32 off by default)."""
     check_against_float64(make_inputs(1, 64, 512, 4096, gamma=0.7, scale=3.0), atol=1e-4, rtol=1e-4)
 
