@@ -55,6 +55,18 @@ same one-hot as the reference, never NaN. Backward (``Y = gamma O + x``, ``G = d
 
 The C x C matrices are small (1 MiB at C = 512); x and dY are streamed over column blocks of
 N, so fp16/bf16 inputs are upcast one block at a time instead of as a whole fp32 copy.
+
+Export. The blocks write through ``out=`` into preallocated buffers, which a graph capture
+cannot replay (``torch.export`` re-runs the forward with parameters that require grad, and
+bmm's ``out=`` refuses autograd; the legacy ``torch.jit`` tracer records no ops of an
+autograd.Function at all and would export a constant). Under ``torch.export`` (which
+``torch.onnx.export(dynamo=True)`` uses) and under ``torch.jit.trace`` (``dynamo=False``) the
+public functions therefore compute the plain decomposition instead, the reference's bmm +
+softmax in the compute dtype, whose ops every exporter knows; it holds the N x N matrix, as
+any exported graph of PAM does. ``torch.compile`` keeps the blockwise Functions.
+
+Double backward is not supported: the backward is computed under no_grad, and differentiating
+its result raises a RuntimeError that says so (as the Triton backend does).
 """
 
 from __future__ import annotations
@@ -62,6 +74,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from danet_kernels.reference import channel_attention_reference, position_attention_reference
 
 __all__ = [
     "cam_backward",
@@ -332,6 +346,40 @@ def cam_backward(
     return grad_x, grad_gamma
 
 
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on a backward's gradients whose own backward raises: double backward is unsupported.
+
+    ``anchor`` (an input of the op that requires grad) only makes autograd record this node: the
+    gradients themselves were computed under no_grad.
+    """
+
+    @staticmethod
+    def forward(ctx, op_name, anchor, *grads):
+        ctx.op_name = op_name
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            f"double backward through the blockwise {ctx.op_name} is not supported (its backward is "
+            "not differentiable); use backend='reference' for higher-order gradients"
+        )
+
+
+def _refuse_double_backward(op_name: str, inputs: tuple[torch.Tensor | None, ...],
+                            grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """``grads`` as they are, or, under create_graph=True, through :class:`_RefuseDoubleBackward`."""
+    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
+    wrapped = _RefuseDoubleBackward.apply(op_name, anchor, *(grads[i] for i in present))
+    out = list(grads)
+    for i, g in zip(present, wrapped, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
 class _PositionAttentionBlockwise(torch.autograd.Function):
     """PAM ``gamma * v softmax(q^T k)^T + residual`` by query blocks; saves q, k, v, gamma, lse."""
 
@@ -346,8 +394,10 @@ class _PositionAttentionBlockwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result):
         q, k, v, gamma, lse, attention_out = ctx.saved_tensors
-        with _without_autocast(v.device):
-            return pam_backward(grad_result, q, k, v, gamma, lse, attention_out, ctx.needs_input_grad)
+        # no_grad: the out= writes below refuse tensors that require grad (create_graph=True)
+        with _without_autocast(v.device), torch.no_grad():
+            grads = pam_backward(grad_result, q, k, v, gamma, lse, attention_out, ctx.needs_input_grad)
+        return _refuse_double_backward("position attention", (q, k, v, gamma), grads)
 
 
 class _ChannelAttentionBlockwise(torch.autograd.Function):
@@ -363,8 +413,33 @@ class _ChannelAttentionBlockwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result):
         x, gamma, attention = ctx.saved_tensors
-        with _without_autocast(x.device):
-            return cam_backward(grad_result, x, gamma, attention, ctx.needs_input_grad)
+        with _without_autocast(x.device), torch.no_grad():
+            grads = cam_backward(grad_result, x, gamma, attention, ctx.needs_input_grad)
+        return _refuse_double_backward("channel attention", (x, gamma), grads)
+
+
+def _capturing_graph() -> bool:
+    """Whether torch.export or the torch.jit tracer is recording (see "Export" above)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _plain_position_attention(q, k, v, gamma, residual):
+    """The reference PAM in the compute dtype: plain ops that every exporter translates."""
+    compute = _compute_dtype(v.dtype)
+    out = position_attention_reference(q.to(compute), k.to(compute), v.to(compute))
+    if gamma is not None:
+        out = gamma.reshape(()).to(compute) * out + residual.to(compute)
+    return out.to(v.dtype)
+
+
+def _plain_channel_attention(x, gamma):
+    """The reference CAM in the compute dtype (its energy in fp32 at least, as the blockwise one)."""
+    compute = _compute_dtype(x.dtype)
+    xc = x.to(compute)
+    out = channel_attention_reference(xc)
+    if gamma is not None:
+        out = gamma.reshape(()).to(compute) * out + xc
+    return out.to(x.dtype)
 
 
 def position_attention_blockwise(
@@ -382,6 +457,8 @@ def position_attention_blockwise(
     Memory beyond inputs and output: one ``rows x N`` buffer forward, two backward, plus
     the (B, N) log-sum-exp; never N x N.
     """
+    if _capturing_graph():
+        return _plain_position_attention(q, k, v, gamma, residual)
     return _PositionAttentionBlockwise.apply(q, k, v, gamma, residual)
 
 
@@ -391,4 +468,6 @@ def channel_attention_blockwise(x: torch.Tensor, gamma: torch.Tensor | None) -> 
     x has shape (B, C, N), any float dtype, possibly non-contiguous (validated by
     :func:`danet_kernels.channel_attention`). Returns a contiguous (B, C, N) tensor of x's dtype.
     """
+    if _capturing_graph():
+        return _plain_channel_attention(x, gamma)
     return _ChannelAttentionBlockwise.apply(x, gamma)

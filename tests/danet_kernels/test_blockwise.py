@@ -376,3 +376,68 @@ def test_blockwise_compiles_fullgraph(op):
     torch.testing.assert_close(out, ref)
     for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg)
+
+
+# ---------------------------------------------------------------- double backward, export
+
+
+@pytest.mark.parametrize("op", ["pam", "cam"])
+def test_double_backward_is_refused_with_a_clear_error(op):
+    """create_graph=True still gives correct first-order gradients; differentiating them raises."""
+    if op == "pam":
+        inputs, fn = _pam_inputs((1, 4, 6, 21)), _pam_torch
+    else:
+        inputs, fn = (torch.randn(1, 6, 21), torch.tensor([0.5])), _cam_torch
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    _, expected = _forward_and_grads(fn, inputs, 2 * out.detach())
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    name = "position" if op == "pam" else "channel"
+    with pytest.raises(RuntimeError, match=f"double backward through the blockwise {name} attention is not"):
+        sum(g.sum() for g in grads).backward()
+
+
+class _BothAttentions(torch.nn.Module):
+    """PAM and CAM with a learnable gamma, as DANet's head calls them."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.tensor([0.75]))
+
+    def forward(self, q, k, v):
+        pam = _pam_torch(q, k, v, self.gamma, v)
+        return pam + _cam_torch(pam, self.gamma)
+
+
+def test_torch_export_captures_plain_ops_that_run_with_grad():
+    """torch.export (parameters requiring grad) records no out= op and replays exactly, with gradients."""
+    module = _BothAttentions()
+    q, k, v = torch.randn(1, 4, 30), torch.randn(1, 4, 30), torch.randn(1, 6, 30)
+    exported = torch.export.export(module, (q, k, v))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "aten.bmm.default" in targets and not any(".out" in t for t in targets)
+    replay = exported.module()
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (torch.randn(1, 4, 30), torch.randn(1, 4, 30),
+                                                        torch.randn(1, 6, 30)))
+    out = replay(q2, k2, v2)
+    torch.testing.assert_close(out, module(q2, k2, v2))
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q2, k2, v2))
+
+
+def test_jit_trace_records_the_computation_not_a_constant():
+    """The legacy tracer (torch.onnx.export(dynamo=False)) records plain ops, not an opaque Function.
+
+    An autograd.Function is recorded as a prim::PythonOp, which the legacy ONNX exporter cannot
+    translate: it exported a model without inputs that returned a constant.
+    """
+    module = _BothAttentions()
+    example = (torch.randn(1, 4, 30), torch.randn(1, 4, 30), torch.randn(1, 6, 30))
+    with torch.no_grad():
+        traced = torch.jit.trace(module, example)
+        kinds = {node.kind() for node in traced.graph.nodes()}
+        assert "aten::bmm" in kinds and "prim::PythonOp" not in kinds
+        other = (torch.randn(1, 4, 30), torch.randn(1, 4, 30), torch.randn(1, 6, 30))
+        torch.testing.assert_close(traced(*other), module(*other))
