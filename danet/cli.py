@@ -1,46 +1,290 @@
-"""The ``danet`` console entry point: one subcommand per job.
+"""The danet command: train, evaluate, predict, show attention, plot LR policies, export.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them together, so ``danet --help`` and
-``danet <command> --help`` list every option.
+Every option of every subcommand is defined here with the standard library alone, so that
+``danet --help`` and ``danet <command> --help`` answer at once: torch, the model and the
+datasets are imported only for the subcommand that runs, from the module that does its work
+(:data:`COMMANDS`; each provides ``run(args) -> int``). A subcommand's help text is its
+module's docstring, read from the source file without importing it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
+import re
 import sys
+from pathlib import Path
 
-# name -> module providing add_arguments(parser) and run(args)
+from danet import __version__
+from danet.config import DEFAULT_PRESET, DataConfig, EvalConfig, ModelConfig, TrainConfig, available_presets
+
+__all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text"]
+
+# name -> module providing run(args)
 COMMANDS: dict[str, str] = {
     "train": "danet.train",
     "eval": "danet.evaluate",
     "predict": "danet.predict",
     "attention": "danet.visualize",
     "lr-plot": "danet.lr_policies",
+    "export": "danet.export",
+}
+# choices that modules importing torch define (a test keeps them equal): danet.inference's
+# MODES, PROTOCOLS and AMP_MODES, danet.models.HEAD_OUTPUTS, danet.predict.FORMATS and
+# danet.export.EXPORTERS
+INFERENCE_MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
+INFERENCE_PROTOCOLS: tuple[str, ...] = ("danet", "release", "mmseg")
+INFERENCE_AMP: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
+HEAD_OUTPUTS: tuple[str, ...] = ("sum", "pam", "cam")
+PREDICT_FORMATS: tuple[str, ...] = ("palette", "cityscapes")
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torch-export")
+
+
+def plain_text(docstring: str) -> str:
+    """A reStructuredText docstring as terminal text: ``x`` and :func:`x` become x, "::" ":"."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", docstring)
+    text = text.replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE).strip()
+
+
+def _module_docstring(module_name: str) -> str:
+    """The docstring of ``module_name``, parsed from its source (importing it would import torch)."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        return module_name
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or module_name
+
+
+def parse_point(text: str) -> tuple[int, int]:
+    """``"x,y"`` -> (x, y) integers (pixel column, row)."""
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is x,y in pixels (e.g. 120,45), got {text!r}") from None
+    return x, y
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text}")
+    return value
+
+
+# ------------------------------------------------------------------------------ shared options
+# eval/predict/attention/export: every option defaults to None so that "not given" can be told
+# apart; the value then comes from the checkpoint's stored config, else from danet/config.py.
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --dataset, the model overrides, --device and --threads."""
+    parser.add_argument("--checkpoint", required=True, metavar="PATH|RUN_DIR|latest",
+                        help="model weights: a checkpoint file (a danet training checkpoint, the original "
+                             "DANet release's checkpoint, or a plain state_dict), a run directory (its "
+                             "checkpoint_best.pt, else last.pt), or 'latest' (runs/latest, the last run "
+                             "started)")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="dataset the model was trained on (classes, palette); default: the "
+                             f"checkpoint's, else {DataConfig.dataset!r}")
+    group = parser.add_argument_group("model (default: the checkpoint's stored config, else "
+                                      "danet/config.py's ModelConfig)")
+    group.add_argument("--backbone", default=None,
+                       help=f"a name of danet.models.BACKBONES (default {ModelConfig.backbone!r})")
+    group.add_argument("--output-stride", type=int, choices=(8, 16), default=None)
+    group.add_argument("--attention", choices=("fused", "reference"), default=None)
+    group.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
+                       help="the checkpoint has the auxiliary FCN head")
+    group.add_argument("--multi-grid", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available (default)")
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads, metavar="N",
+                        help="CPU threads of this process (default %(default)s, as train.threads; "
+                             "0: torch's default, one per core; see the README)")
+
+
+def _inference_options(parser: argparse.ArgumentParser) -> None:
+    """--protocol, --mode, --crop-size, --stride(-ratio), --scales, --base-size, --flip and the
+    speed options (defaults: EvalConfig)."""
+    group = parser.add_argument_group("inference (default: the checkpoint's eval config, else "
+                                      "danet/config.py's EvalConfig; docs/evaluation.md)")
+    group.add_argument("--protocol", choices=INFERENCE_PROTOCOLS, default=None,
+                       help=f"danet: ours; release: the DANet release's evaluator (base_size-relative "
+                            f"scales, padded windows, exp-summed scores, its metrics first); mmseg: "
+                            f"mmsegmentation's whole/slide and test-time augmentation "
+                            f"(default {EvalConfig.protocol!r})")
+    group.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=f"default {EvalConfig.mode!r}")
+    group.add_argument("--crop-size", type=int, default=None,
+                       help="sliding-window crop (default: the training crop size)")
+    group.add_argument("--stride-ratio", type=float, default=None,
+                       help=f"window stride / crop (default {EvalConfig.stride_ratio:.3g})")
+    group.add_argument("--stride", type=int, default=None,
+                       help="window stride in pixels, instead of --stride-ratio "
+                            "(mmsegmentation's 513 for 769 crops)")
+    group.add_argument("--scales", type=_positive_float, nargs="+", default=None, metavar="S",
+                       help=f"multi-scale factors (default {' '.join(map(str, EvalConfig.scales))})")
+    group.add_argument("--base-size", type=int, default=None,
+                       help="protocol release: the long side at scale 1 (default: the data config's "
+                            "base_size; the release tested Cityscapes with 2048)")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"also predict the horizontally flipped image (default {EvalConfig.flip})")
+    group.add_argument("--window-memory-mb", type=int, default=None, metavar="MB",
+                       help=f"batch windows and flips up to this estimated tensor memory; 0: one window "
+                            f"at a time (default {EvalConfig.window_memory_mb})")
+    group.add_argument("--amp", choices=INFERENCE_AMP, default=None,
+                       help=f"autocast: auto is bf16 on CUDA, none on the CPU (default {EvalConfig.amp!r})")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"channels_last memory format (default {EvalConfig.channels_last})")
+
+
+def _config_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--preset, --config, --set: the layers of danet.config.load_config."""
+    parser.add_argument("--preset", default=None,
+                        help=f"{what}: {', '.join(available_presets())} (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML file overriding the preset")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        dest="overrides",
+                        help="override any field, e.g. optim.lr=0.01 train.epochs=2 train.threads=2 "
+                             "data.root=/data/cityscapes (sections: model, data, eval, optim, schedule, "
+                             "loss, train; see danet/config.py)")
+
+
+# ------------------------------------------------------------------------------ per command
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    _config_options(parser, "recipe to start from")
+    parser.add_argument("--output", "-o", default=None, metavar="DIR",
+                        help="run directory (default: runs/<preset>-<UTC time>; "
+                             "same as --set train.output=DIR)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR|CHECKPOINT",
+                        help="continue a run from its last.pt (its stored config, plus any --set)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into a run directory that holds another run's checkpoints")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+
+
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument("--root", default=None, metavar="DIR",
+                        help="dataset root (default: the checkpoint's; not needed for 'synthetic')")
+    parser.add_argument("--split", default="val", help="dataset split (default: val)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate the first N images only")
+    _inference_options(parser)
+    parser.add_argument("--heads", nargs="+", choices=HEAD_OUTPUTS, default=["sum"], metavar="HEAD",
+                        help="head outputs to score: sum (the prediction), pam, cam (the PAM-only and "
+                             "CAM-only classifiers: the paper's ablation); default sum")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per batch (default: the checkpoint's, else {EvalConfig.batch_size}; "
+                             ">1 needs images of one size)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"data loader processes (default: the checkpoint's, else {DataConfig.workers})")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the metrics, class names, checkpoint and settings as JSON")
+    parser.add_argument("--confusion-matrix", default=None, metavar="PNG",
+                        help="also draw the row-normalised confusion matrix")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _predict_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="images to segment (any PIL format), directories of images, or glob "
+                             "patterns such as 'photos/*.jpg' (quoted: expanded by danet)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="directory for the PNGs")
+    _model_options(parser)
+    _inference_options(parser)
+    parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
+    parser.add_argument("--no-legend", dest="legend", action="store_false",
+                        help="no class legend on the overlays (by default the classes present are named)")
+    parser.add_argument("--format", choices=PREDICT_FORMATS, default="palette",
+                        help="palette: NAME_mask.png + NAME_overlay.png; cityscapes: label-id PNGs named "
+                             "as the Cityscapes benchmark server expects (default palette)")
+    parser.add_argument("--max-whole-pixels", type=int, default=None, metavar="N",
+                        help="predict larger images with sliding windows even in whole mode; 0: never "
+                             "(default 2048 x 2048 = 4194304)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on long inference")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _attention_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="the image to look at")
+    parser.add_argument("--points", type=parse_point, nargs="+", required=True, metavar="X,Y",
+                        help="query pixels (column,row) whose position-attention maps are shown")
+    parser.add_argument("--output", required=True, metavar="PNG", help="the figure file to write")
+    _model_options(parser)
+    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
+                        help="CAM channels to show (default: the --num-channels most contrasted)")
+    parser.add_argument("--num-channels", type=int, default=4, help="channel maps to show (default 4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _lr_plot_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policies", nargs="+", default=None, metavar="POLICY",
+                        help="policies to draw: fixed step exp inv multistep poly sigmoid (default: all)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="iterations of the run (default: the preset's run length, as "
+                             "`danet train` would plan it)")
+    _config_options(parser, "take the schedule, base LR and run length from this preset")
+    parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
+    parser.add_argument("--output", "-o", default="lr_policies.png",
+                        help="PNG to write (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                        help="onnx (an .onnx file for onnxruntime and others) or torch-export "
+                             "(a torch.export .pt2 program); default %(default)s")
+    parser.add_argument("--output", required=True, metavar="FILE", help="the file to write")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="input size of the example image (default: the training crop size)")
+    parser.add_argument("--fixed-size", action="store_true",
+                        help="export for the --size input only (default: any height and width)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+_OPTIONS = {
+    "train": _train_options,
+    "eval": _eval_options,
+    "predict": _predict_options,
+    "attention": _attention_options,
+    "lr-plot": _lr_plot_options,
+    "export": _export_options,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the ``danet`` argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="danet", description=__doc__.splitlines()[0])
+    """Return the ``danet`` argument parser with every subcommand registered (imports no torch)."""
+    parser = argparse.ArgumentParser(prog="danet", description=plain_text(__doc__.split("\n\n")[0]))
+    parser.add_argument("--version", action="version", version=f"danet-fused {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        summary = (module.__doc__ or name).strip().splitlines()[0]
-        cmd = sub.add_parser(name, help=summary, description=module.__doc__,
+        doc = plain_text(_module_docstring(module_name))
+        cmd = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        _OPTIONS[name](cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; user errors exit with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        module = importlib.import_module(COMMANDS[args.command])
+        if hasattr(args, "threads"):
+            from danet.threads import set_threads
+
+            set_threads(args.threads)
+        if hasattr(args, "checkpoint"):
+            from danet.runs import resolve_checkpoint
+
+            args.checkpoint = str(resolve_checkpoint(args.checkpoint))
+        return int(module.run(args) or 0)
     except (OSError, ValueError, KeyError) as err:  # OSError: a missing file, a full or read-only disk
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"danet {args.command}: error: {message}", file=sys.stderr)

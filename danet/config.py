@@ -134,6 +134,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute backbone stages in backward to save memory
     sync_bn: bool = True  # SyncBatchNorm under DDP on CUDA (plain BN, with a warning, elsewhere)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
+    threads: int = 1  # CPU threads of the main process; 0: torch's default (one per core); danet/threads.py
     seed: int = 0
     output: str | None = None  # run directory; None: runs/<name>-<UTC timestamp>
     val_interval: int = 1  # validate every N epochs (and always at the end); 0: only at the end

@@ -34,9 +34,6 @@ from danet.config import DataConfig, EvalConfig
 from danet.files import atomic_write
 from danet.inference import (
     EVAL_FIELDS,
-    HEAD_OUTPUTS,
-    add_inference_arguments,
-    add_model_arguments,
     predict_scores,
     resolve_eval_config,
     setup_from_args,
@@ -44,7 +41,7 @@ from danet.inference import (
 )
 from danet.metrics import ConfusionMatrix
 
-__all__ = ["CONVENTIONS", "add_arguments", "confusion_figure", "confusion_matrices", "evaluate", "metrics_of",
+__all__ = ["CONVENTIONS", "confusion_figure", "confusion_matrices", "evaluate", "metrics_of",
            "run"]
 
 CONVENTIONS: dict[str, str] = {
@@ -110,30 +107,6 @@ def _head_metrics(matrices: dict[str, ConfusionMatrix]) -> dict[str, Any]:
     if others:
         metrics["heads"] = {head: metrics_of(matrix) for head, matrix in matrices.items()}
     return metrics
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``danet eval``."""
-    add_model_arguments(parser)
-    parser.add_argument("--root", default=None, metavar="DIR",
-                        help="dataset root (default: the checkpoint's; not needed for 'synthetic')")
-    parser.add_argument("--split", default="val", help="dataset split (default: val)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="evaluate the first N images only")
-    add_inference_arguments(parser)
-    parser.add_argument("--heads", nargs="+", choices=HEAD_OUTPUTS, default=["sum"], metavar="HEAD",
-                        help="head outputs to score: sum (the prediction), pam, cam (the PAM-only and "
-                             "CAM-only classifiers: the paper's ablation); default sum")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"images per batch (default: the checkpoint's, else {EvalConfig.batch_size}; "
-                             ">1 needs images of one size)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"data loader processes (default: the checkpoint's, else {DataConfig.workers})")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="also write the metrics, class names, checkpoint and settings as JSON")
-    parser.add_argument("--confusion-matrix", default=None, metavar="PNG",
-                        help="also draw the row-normalised confusion matrix")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _eval_dataset(data: DataConfig, split: str, limit: int | None) -> Dataset:

@@ -54,8 +54,8 @@ from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
-from danet.config import DataConfig, EvalConfig, ModelConfig
-from danet.models import BACKBONES, HEAD_OUTPUTS
+from danet.config import DataConfig, EvalConfig
+from danet.models import HEAD_OUTPUTS
 
 __all__ = [
     "AMP_MODES",
@@ -66,8 +66,6 @@ __all__ = [
     "CommandSetup",
     "Stage",
     "Window",
-    "add_inference_arguments",
-    "add_model_arguments",
     "check_eval_config",
     "estimate_inference_cost",
     "inference_plan",
@@ -545,71 +543,9 @@ def estimate_inference_cost(model: nn.Module, height: int, width: int, num_class
 
 
 # --------------------------------------------------------------------------------------------
-# Command-line plumbing shared by `danet eval`, `danet predict` and `danet attention`.
-# Every option defaults to None so that "not given" can be told apart: the value then comes
-# from the checkpoint's stored config, else from the dataclasses in danet/config.py.
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --dataset and the model/device overrides."""
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="model weights: a danet training checkpoint, the original DANet release's "
-                             "checkpoint, or a plain state_dict")
-    parser.add_argument("--dataset", default=None, metavar="NAME",
-                        help="dataset the model was trained on (classes, palette); default: the "
-                             f"checkpoint's, else {DataConfig.dataset!r}")
-    group = parser.add_argument_group("model (default: the checkpoint's stored config, else "
-                                      "danet/config.py's ModelConfig)")
-    group.add_argument("--backbone", default=None,
-                       help=f"one of {', '.join(BACKBONES)} (default {ModelConfig.backbone!r})")
-    group.add_argument("--output-stride", type=int, choices=(8, 16), default=None)
-    group.add_argument("--attention", choices=("fused", "reference"), default=None)
-    group.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
-                       help="the checkpoint has the auxiliary FCN head")
-    group.add_argument("--multi-grid", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA when available (default)")
-
-
-def _scale_list(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text}")
-    return value
-
-
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """--protocol, --mode, --crop-size, --stride(-ratio), --scales, --base-size, --flip and the
-    speed options (defaults: EvalConfig)."""
-    group = parser.add_argument_group("inference (default: the checkpoint's eval config, else "
-                                      "danet/config.py's EvalConfig; docs/evaluation.md)")
-    group.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                       help=f"danet: ours; release: the DANet release's evaluator (base_size-relative "
-                            f"scales, padded windows, exp-summed scores, its metrics first); mmseg: "
-                            f"mmsegmentation's whole/slide and test-time augmentation "
-                            f"(default {EvalConfig.protocol!r})")
-    group.add_argument("--mode", choices=MODES, default=None, help=f"default {EvalConfig.mode!r}")
-    group.add_argument("--crop-size", type=int, default=None,
-                       help="sliding-window crop (default: the training crop size)")
-    group.add_argument("--stride-ratio", type=float, default=None,
-                       help=f"window stride / crop (default {EvalConfig.stride_ratio:.3g})")
-    group.add_argument("--stride", type=int, default=None,
-                       help="window stride in pixels, instead of --stride-ratio "
-                            "(mmsegmentation's 513 for 769 crops)")
-    group.add_argument("--scales", type=_scale_list, nargs="+", default=None, metavar="S",
-                       help=f"multi-scale factors (default {' '.join(map(str, EvalConfig.scales))})")
-    group.add_argument("--base-size", type=int, default=None,
-                       help="protocol release: the long side at scale 1 (default: the data config's "
-                            "base_size; the release tested Cityscapes with 2048)")
-    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"also predict the horizontally flipped image (default {EvalConfig.flip})")
-    group.add_argument("--window-memory-mb", type=int, default=None, metavar="MB",
-                       help=f"batch windows and flips up to this estimated tensor memory; 0: one window "
-                            f"at a time (default {EvalConfig.window_memory_mb})")
-    group.add_argument("--amp", choices=AMP_MODES, default=None,
-                       help=f"autocast: auto is bf16 on CUDA, none on the CPU (default {EvalConfig.amp!r})")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"channels_last memory format (default {EvalConfig.channels_last})")
+# Command-line plumbing shared by `danet eval`, `danet predict`, `danet attention` and `danet export`
+# (their options are defined in danet/cli.py). An option left at None means "not given": the
+# value then comes from the checkpoint's stored config, else from the dataclasses in danet/config.py.
 
 
 EVAL_FIELDS: tuple[str, ...] = ("protocol", "mode", "crop_size", "stride_ratio", "stride", "scales",
@@ -660,7 +596,7 @@ def setup_from_args(args: argparse.Namespace, device: torch.device | None = None
             if value is not None:
                 setattr(section, name, tuple(value) if isinstance(value, list) else value)
     eval_cfg = resolve_eval_config(eval_cfg, data)
-    dataset_class = get_dataset_class(data.dataset)
+    dataset_class = get_dataset_class(data.dataset, data.root)  # "folder": the classes of the root
     overrides = {"backbone": args.backbone, "output_stride": args.output_stride, "attention": args.attention,
                  "aux": args.aux, "multi_grid": args.multi_grid}
     model = build_from_checkpoint(checkpoint, dataset_class.NUM_CLASSES, overrides)

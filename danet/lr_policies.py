@@ -1,6 +1,7 @@
 """Learning-rate policies: Caffe's set, stepped per iteration, on torch.optim.lr_scheduler.
 
-Draw policies side by side: ``danet lr-plot --policies poly step inv sigmoid --iters 20000``.
+Draw policies side by side: ``danet lr-plot --preset cityscapes`` (the preset's run length and
+settings), ``danet lr-plot --policies poly step inv sigmoid --iters 20000 --log``.
 
 With ``base_lr`` the LR a parameter group starts with (the head group's is 10x the backbone's),
 ``it`` the optimiser iteration counted from 0 and ``max_iter`` the run's total, the policies are
@@ -31,7 +32,8 @@ from dataclasses import replace
 import torch
 from torch.optim import lr_scheduler
 
-from danet.config import ScheduleConfig, load_config
+from danet.config import Config, ScheduleConfig, load_config
+from danet.files import atomic_write
 
 POLICIES: tuple[str, ...] = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
@@ -132,21 +134,60 @@ def lr_curve(cfg: ScheduleConfig, total_iters: int, base_lr: float = 1.0) -> lis
 
 # ------------------------------------------------------------------------------ danet lr-plot
 
+# what each policy reads besides base_lr (ScheduleConfig's docstring), for the legend
+_POLICY_FIELDS: dict[str, tuple[str, ...]] = {
+    "fixed": (), "step": ("gamma", "step_size"), "exp": ("gamma",), "inv": ("gamma", "power"),
+    "multistep": ("gamma", "milestones"), "poly": ("power",), "sigmoid": ("gamma", "step_size"),
+}
+# one line style and marker per policy, so that policies whose curves coincide (fixed and a
+# multistep without milestones, say) stay visible on top of each other
+_STYLES: dict[str, tuple[str, str]] = {
+    "fixed": ("-", "o"), "step": ("--", "s"), "exp": (":", "v"), "inv": ("-.", "^"),
+    "multistep": ((0, (5, 3, 1, 3)), "D"), "poly": ("-", "x"), "sigmoid": ("--", "*"),
+}
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``danet lr-plot``."""
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES,
-                        metavar="POLICY", help=f"policies to draw (default: all of {', '.join(POLICIES)})")
-    parser.add_argument("--iters", type=int, default=10000, help="iterations of the run (default: 10000)")
-    parser.add_argument("--preset", default=None,
-                        help="take the schedule section and base LR from this preset (default: built-in)")
-    parser.add_argument("--config", default=None, help="YAML file overriding the preset")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        dest="overrides",
-                        help="overrides, e.g. schedule.gamma=0.5 schedule.warmup_iters=500")
-    parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--output", "-o", default="lr_policies.png",
-                        help="PNG to write (default: %(default)s)")
+
+def policy_label(cfg: ScheduleConfig, policy: str) -> str:
+    """``policy`` and the settings of ``cfg`` it reads, e.g. ``step (gamma 0.1, step_size 1000)``."""
+    parts = []
+    for name in _POLICY_FIELDS[policy]:
+        value = getattr(cfg, name)
+        if name == "milestones":
+            parts.append(f"milestones {list(value)}" if value else "no milestones: constant")
+        else:
+            parts.append(f"{name} {value:g}")
+    if cfg.warmup_iters:
+        parts.append(f"warm-up {cfg.warmup_iters}")
+    return f"{policy} ({', '.join(parts)})" if parts else policy
+
+
+def planned_iterations(cfg: Config) -> tuple[int, str]:
+    """The run length ``danet train`` would plan for ``cfg`` on one process, and how it was found.
+
+    Uses ``train.iters`` when set, else the epochs over the training split: the published size
+    of the dataset's "train" split (``TRAIN_IMAGES``) when the data is not at hand, the
+    generated count for "synthetic", else the images found under ``data.root``.
+    """
+    from danet.data import build_dataset, get_dataset_class
+    from danet.train import plan_batches
+
+    if cfg.train.iters is not None:
+        return cfg.train.iters, "train.iters"
+    dataset_class = get_dataset_class(cfg.data.dataset, cfg.data.root)
+    if cfg.data.dataset == "synthetic":
+        images = cfg.data.train_samples or dataset_class.DEFAULT_NUM_SAMPLES["train"]  # type: ignore[attr-defined]
+        source = "generated"
+    elif getattr(dataset_class, "TRAIN_IMAGES", None) is not None:
+        images = dataset_class.TRAIN_IMAGES  # type: ignore[attr-defined]
+        source = f"{cfg.data.dataset}'s published train split"
+    else:
+        images = len(build_dataset(cfg.data.dataset, cfg.data.root, "train"))  # type: ignore[arg-type]
+        source = f"found under {cfg.data.root}"
+    if cfg.data.train_samples is not None:
+        images = min(images, cfg.data.train_samples)
+    plan = plan_batches(cfg, images, world_size=1)
+    return plan.total_iters, (f"{plan.epochs} epochs x {plan.iters_per_epoch} iterations: {images} training "
+                              f"images ({source}), global batch {cfg.train.batch_size}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,24 +195,42 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    cfg = load_config(args.preset, args.config, args.overrides)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for policy in args.policies:
+    from danet.config import DEFAULT_PRESET
+    from danet.outputs import check_output_file
+
+    output = check_output_file(args.output, args.overwrite)
+    policies = args.policies or list(POLICIES)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown LR policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
+    if args.iters is not None:
+        if args.iters < 1:
+            raise ValueError(f"--iters must be >= 1, got {args.iters}")
+        iters, how = args.iters, "--iters"
+    else:
+        iters, how = planned_iterations(cfg)
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    for policy in policies:
         schedule = replace(cfg.schedule, policy=policy)
-        ax.plot(lr_curve(schedule, args.iters, cfg.optim.lr), label=policy)
+        curve = lr_curve(schedule, iters, cfg.optim.lr)
+        linestyle, marker = _STYLES[policy]
+        ax.plot(curve, label=policy_label(schedule, policy), linestyle=linestyle, marker=marker,
+                markevery=max(1, iters // 12), linewidth=1.6, alpha=0.9)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("learning rate (backbone group)")
+    ax.set_ylabel("learning rate (backbone group; the head's is "
+                  f"{cfg.optim.head_lr_mult:g}x)" + (", log scale" if args.log else ""))
     if args.log:
         ax.set_yscale("log")
-    ax.set_title(f"LR policies over {args.iters} iterations, base LR {cfg.optim.lr:g}")
-    ax.legend()
+    ax.set_title(f"{cfg.name}: LR policies over {iters} iterations ({how}), base LR {cfg.optim.lr:g}",
+                 fontsize="medium")
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    plt.close(fig)
-    print(f"wrote {args.output}")
+    atomic_write(output, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    print(f"{iters} iterations ({how}); wrote {output}")
     return 0
 
 
@@ -179,9 +238,10 @@ __all__: Sequence[str] = (
     "POLICIES",
     "InvDecay",
     "SigmoidDecay",
-    "add_arguments",
     "build_scheduler",
     "lr_curve",
+    "planned_iterations",
+    "policy_label",
     "run",
     "validate_schedule",
 )

@@ -1,57 +1,68 @@
-"""Segment your own images: colour-palette masks and overlays (PNG).
+"""Segment your own images: colour-palette masks and overlays with a class legend (PNG).
 
-Example::
+Examples::
 
-    danet predict photo1.jpg photo2.png --checkpoint runs/synthetic-<time>/checkpoint_best.pt --output pred/
+    danet predict photo1.jpg photo2.png --checkpoint runs/latest --output pred/
+    danet predict photos/ 'more/*.jpg' --checkpoint runs/latest --output pred/
 
-For each image ``NAME.ext`` it writes ``NAME_mask.png`` (a palette PNG whose pixel values are
-the class ids, coloured with the dataset's palette) and ``NAME_overlay.png`` (the mask blended
-over the image). Existing outputs are never replaced unless ``--overwrite`` is given.
+IMAGE arguments are files, directories (every image directly inside, by file suffix) or glob
+patterns (quoted, so that danet expands them, ``**`` included). For each image ``NAME.ext`` it
+writes ``NAME_mask.png``, a palette PNG whose pixel values are the class ids, coloured with
+the dataset's palette (its text metadata names the classes: a legend drawn into it would
+change the ids), and ``NAME_overlay.png``, the mask blended over the image with a legend of
+the classes present beside it. Every input and the checkpoint are checked before any output;
+existing outputs are never replaced unless ``--overwrite`` is given.
 
 ``--format cityscapes`` writes what the Cityscapes benchmark server takes instead: for each
 ``<city>_<seq>_<frame>_leftImg8bit.png`` a PNG of the same name whose pixels are Cityscapes
 *label ids* (the 19 train ids mapped back through the official table), in one flat directory
 (the server matches ``<city>_<seq>_<frame>*.png`` anywhere in the zip)::
 
-    danet predict data/cityscapes/leftImg8bit/test/*/*.png --format cityscapes --output results/ \
+    danet predict 'data/cityscapes/leftImg8bit/test/*/*.png' --format cityscapes --output results/ \
         --checkpoint city.pt --protocol release --base-size 2048 --crop-size 768 --mode sliding --flip
     cd results && zip ../submission.zip *.png
 
 An image above ``--max-whole-pixels`` in whole-image mode is predicted with sliding windows
 instead (the attention's cost grows with the square of the pixel count), with its estimated
 cost and a progress bar.
+
+A model knows only the classes of its training data: the demo checkpoint of ``danet train``
+knows the synthetic scenes, and gives meaningless masks on photographs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torchvision import tv_tensors
 
 from danet.config import EvalConfig
 from danet.data import eval_transforms
 from danet.data.cityscapes import LABEL_ID_TO_TRAIN_ID
+from danet.data.images import image_size, image_suffixes, load_rgb
 from danet.files import atomic_write
 from danet.inference import (
     CommandSetup,
-    add_inference_arguments,
-    add_model_arguments,
     estimate_inference_cost,
     inference_plan,
     run_inference,
     setup_from_args,
     window_stride,
 )
+from danet.outputs import check_name_length, check_output_dir
 
-__all__ = ["CITYSCAPES_NAME", "FORMATS", "MAX_WHOLE_PIXELS", "add_arguments", "cityscapes_label_ids",
-           "colourise", "image_inference", "load_image", "mask_image", "normalise_image", "overlay",
-           "predict_image", "run"]
+__all__ = ["CITYSCAPES_NAME", "FORMATS", "MAX_WHOLE_PIXELS", "cityscapes_label_ids", "colourise",
+           "expand_image_arguments", "image_inference", "legend_panel", "mask_image", "normalise_image",
+           "overlay", "predict_image", "run"]
 
 FORMATS: tuple[str, ...] = ("palette", "cityscapes")
 CITYSCAPES_NAME = re.compile(r"^[a-z_]+_\d{6}_\d{6}_leftImg8bit$")
@@ -63,23 +74,6 @@ for _label_id, _train_id in LABEL_ID_TO_TRAIN_ID.items():
     _TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
 _ESTIMATE_ABOVE_PIXELS = 1 << 20  # the cost is estimated (and printed) above this size or ...
 _ESTIMATE_ABOVE_FORWARDS = 16  # ... above this many forwards
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Read ``path`` as RGB uint8 (H, W, 3).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an image PIL can read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 def normalise_image(setup: CommandSetup, image: np.ndarray) -> torch.Tensor:
@@ -141,66 +135,124 @@ def overlay(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``danet predict``."""
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="images to segment (any PIL format)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="directory for the PNGs")
-    add_model_arguments(parser)
-    add_inference_arguments(parser)
-    parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
-    parser.add_argument("--format", choices=FORMATS, default="palette",
-                        help="palette: NAME_mask.png + NAME_overlay.png; cityscapes: label-id PNGs named "
-                             "as the Cityscapes benchmark server expects (default palette)")
-    parser.add_argument("--max-whole-pixels", type=int, default=MAX_WHOLE_PIXELS, metavar="N",
-                        help=f"predict larger images with sliding windows even in whole mode; 0: never "
-                             f"(default {MAX_WHOLE_PIXELS})")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar on long inference")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+def legend_panel(class_ids: Sequence[int], class_names: Sequence[str], palette: np.ndarray,
+                 height: int) -> np.ndarray:
+    """A white RGB uint8 panel (at least ``height`` rows) listing ``class_ids``: colour swatch and name."""
+    font_size = int(np.clip(height / 30, 11, 28))
+    font = ImageFont.load_default(size=font_size)
+    row, pad = font_size + font_size // 2, font_size // 2
+    labels = [f"{c} {class_names[c]}" for c in class_ids]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max((int(probe.textlength(label, font=font)) for label in labels), default=0)
+    width = pad + row + pad + text_width + pad
+    panel = Image.new("RGB", (width, max(height, pad + row * len(labels) + pad)), "white")
+    draw = ImageDraw.Draw(panel)
+    for i, (class_id, label) in enumerate(zip(class_ids, labels, strict=True)):
+        top = pad + i * row
+        swatch = (pad, top + 2, pad + row - 4, top + row - 2)
+        draw.rectangle(swatch, fill=tuple(int(v) for v in palette[class_id]), outline="black")
+        draw.text((pad + row + pad // 2, top + row // 2), label, fill="black", font=font, anchor="lm")
+    return np.asarray(panel)
 
 
-def _output_paths(images: list[str], output: Path, overwrite: bool, fmt: str) -> list[tuple[Path, ...]]:
+def _with_legend(blended: np.ndarray, prediction: torch.Tensor, class_names: Sequence[str],
+                 palette: np.ndarray) -> np.ndarray:
+    """``blended`` with the legend of the classes in ``prediction`` to its right (white below if taller)."""
+    panel = legend_panel(torch.unique(prediction).tolist(), class_names, palette, blended.shape[0])
+    height = max(blended.shape[0], panel.shape[0])
+    canvas = np.full((height, blended.shape[1] + panel.shape[1], 3), 255, dtype=np.uint8)
+    canvas[: blended.shape[0], : blended.shape[1]] = blended
+    canvas[: panel.shape[0], blended.shape[1]:] = panel
+    return canvas
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def expand_image_arguments(arguments: Sequence[str]) -> list[Path]:
+    """Files, directories (their images, sorted) and glob patterns -> image paths, in argument order.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, a pattern or a directory with no image.
+    """
+    suffixes = image_suffixes()
+    images: list[Path] = []
+    problems: list[str] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_file():
+            images.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                problems.append(f"{argument} (a directory without images)")
+            images.extend(found)
+        elif _is_pattern(argument):
+            found = sorted(Path(p) for p in glob.glob(argument, recursive=True)
+                           if Path(p).is_file() and Path(p).suffix.lower() in suffixes)
+            if not found:
+                problems.append(f"{argument} (a pattern that matches no image)")
+            images.extend(found)
+        else:
+            problems.append(argument)
+    if problems:
+        raise FileNotFoundError(f"image(s) not found: {', '.join(problems)}")
+    return list(dict.fromkeys(images))  # an image named twice (a file and its directory) runs once
+
+
+def _output_paths(images: list[Path], output: Path, overwrite: bool, fmt: str) -> list[tuple[Path, ...]]:
     """The output paths of each image; checked up front so that no run stops half-way."""
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image(s) not found: {', '.join(missing)}")
-    stems = [Path(p).stem for p in images]
+    stems = [p.stem for p in images]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
         raise ValueError(f"several input images are named {', '.join(duplicates)}: their outputs would "
                          f"collide; predict them into different --output directories")
     if fmt == "cityscapes":
-        unmatched = [p for p, stem in zip(images, stems, strict=True) if not CITYSCAPES_NAME.match(stem)]
+        unmatched = [str(p) for p, stem in zip(images, stems, strict=True) if not CITYSCAPES_NAME.match(stem)]
         if unmatched:
             raise ValueError(f"--format cityscapes needs Cityscapes image names "
                              f"(<city>_<seq>_<frame>_leftImg8bit.png), got {', '.join(unmatched)}")
         paths: list[tuple[Path, ...]] = [(output / f"{stem}.png",) for stem in stems]
     else:
         paths = [(output / f"{stem}_mask.png", output / f"{stem}_overlay.png") for stem in stems]
+    for group in paths:
+        for path in group:
+            check_name_length(path)
+            if path.is_dir():
+                raise ValueError(f"{path} is a directory where an output file would go")
     existing = [str(p) for group in paths for p in group if p.exists()]
     if existing and not overwrite:
         raise ValueError(f"output file(s) exist: {', '.join(existing)} (pass --overwrite to replace them)")
     return paths
 
 
+def _save_mask(path: Path, prediction: torch.Tensor, palette: np.ndarray, class_names: Sequence[str]) -> None:
+    info = PngImagePlugin.PngInfo()  # the legend of a mask: class id -> name, as PNG text
+    info.add_text("danet:classes", json.dumps(dict(enumerate(class_names))))
+    atomic_write(path, lambda tmp: mask_image(prediction, palette).save(tmp, format="PNG", pnginfo=info))
+
+
 def run(args: argparse.Namespace) -> int:
-    """``danet predict``: write a mask and an overlay per image, or Cityscapes label-id PNGs."""
+    """``danet predict``: a mask and an overlay per image, or Cityscapes label-id PNGs."""
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.max_whole_pixels < 0:
-        raise ValueError(f"--max-whole-pixels must be >= 0, got {args.max_whole_pixels}")
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} exists and is not a directory")
-    paths = _output_paths(args.images, output, args.overwrite, args.format)
+    max_whole_pixels = MAX_WHOLE_PIXELS if args.max_whole_pixels is None else args.max_whole_pixels
+    if max_whole_pixels < 0:
+        raise ValueError(f"--max-whole-pixels must be >= 0, got {max_whole_pixels}")
+    output = check_output_dir(args.output)
+    images = expand_image_arguments(args.images)  # inputs first: the images, then the checkpoint
+    for path in images:
+        image_size(path)  # an unreadable or oversized image stops the run before it starts
     setup = setup_from_args(args)
     if args.format == "cityscapes" and setup.data.dataset != "cityscapes":
         raise ValueError(f"--format cityscapes needs a Cityscapes model (--dataset cityscapes), "
                          f"got dataset {setup.data.dataset!r}")
-    palette = setup.dataset_class.PALETTE
-    for image_path, outputs in zip(args.images, paths, strict=True):
-        image = load_image(image_path)
-        cfg, notes = image_inference(setup, image.shape[0], image.shape[1], args.max_whole_pixels)
+    paths = _output_paths(images, output, args.overwrite, args.format)
+    palette, class_names = setup.dataset_class.PALETTE, setup.dataset_class.CLASS_NAMES
+    for image_path, outputs in zip(images, paths, strict=True):
+        image = load_rgb(image_path)
+        cfg, notes = image_inference(setup, image.shape[0], image.shape[1], max_whole_pixels)
         for note in notes:
             print(f"{image_path}: {note}")
         prediction = predict_image(setup, image, cfg, progress=args.progress)
@@ -209,8 +261,10 @@ def run(args: argparse.Namespace) -> int:
             atomic_write(outputs[0], lambda tmp, i=label_ids: i.save(tmp, format="PNG"))
         else:
             mask_path, overlay_path = outputs
-            atomic_write(mask_path, lambda tmp, p=prediction: mask_image(p, palette).save(tmp, format="PNG"))
+            _save_mask(mask_path, prediction, palette, class_names)
             blended = overlay(image, colourise(prediction, palette), args.alpha)
+            if args.legend:
+                blended = _with_legend(blended, prediction, class_names, palette)
             atomic_write(overlay_path, lambda tmp, b=blended: Image.fromarray(b).save(tmp, format="PNG"))
         print(f"{image_path} -> {', '.join(map(str, outputs))}")
     return 0

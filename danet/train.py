@@ -1,4 +1,4 @@
-"""Train DANet: one process on a CPU or GPU, or many through torchrun (DDP + SyncBatchNorm).
+r"""Train DANet: one process on a CPU or GPU, or many through torchrun (DDP + SyncBatchNorm).
 
 With no arguments, ``danet train`` runs the embedded default: the ``synthetic`` preset, a tiny
 backbone on generated scenes, on the CPU in a few minutes (1280 iterations, about 75 s of one
@@ -80,7 +80,6 @@ from danet.config import (
     DEFAULT_PRESET,
     Config,
     apply_dict,
-    available_presets,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -112,7 +111,9 @@ from danet.resume import (
     resolve_resume_path,
 )
 from danet.run_dir import METRICS, MetricsLog, check_run_dir, create_run_dir, default_run_dir
+from danet.runs import mark_latest
 from danet.stopping import StopFlag, StopSafeDataLoader
+from danet.threads import set_threads
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
@@ -203,7 +204,7 @@ def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, int]:
     val_set = build_dataset(d.dataset, d.root, "val", transform=val_tf, **extra["val"])
     if d.dataset != "synthetic":
         train_set, val_set = _limit(train_set, d.train_samples), _limit(val_set, d.val_samples)
-    return train_set, val_set, get_dataset_class(d.dataset).NUM_CLASSES  # type: ignore[attr-defined]
+    return train_set, val_set, get_dataset_class(d.dataset, d.root).NUM_CLASSES  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -637,6 +638,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
         danet.files.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
     check_data_source(cfg)
+    set_threads(cfg.train.threads)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
         resume_path = resolve_resume_path(resume) if resume is not None else None
@@ -658,6 +660,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
             trainer.load_pretrained(cfg.model.pretrained)
         if ctx.is_main:  # everything checked, built and loaded: now the run directory
             create_run_dir(run_dir, cfg)
+            mark_latest(run_dir)  # runs/latest -> this run (danet.runs)
             p = trainer.plan
             print(f"training {cfg.name}: {p.total_iters} iterations ({p.epochs} epochs of "
                   f"{p.iters_per_epoch}), global batch {cfg.train.batch_size} = {ctx.world_size} "
@@ -669,32 +672,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
 
 
 # ------------------------------------------------------------------------------ danet train
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``danet train``."""
-    parser.add_argument("--preset", default=None,
-                        help=f"recipe to start from: {', '.join(available_presets())} "
-                             f"(default: {DEFAULT_PRESET})")
-    parser.add_argument("--config", default=None, metavar="FILE", help="YAML file overriding the preset")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        dest="overrides",
-                        help="override any field, e.g. optim.lr=0.01 train.epochs=2 train.amp=bf16 "
-                             "data.root=/data/cityscapes (sections: model, data, eval, optim, schedule, "
-                             "loss, train, dist; see danet/config.py)")
-    parser.add_argument("--output", "-o", default=None, metavar="DIR",
-                        help="run directory (default: runs/<preset>-<UTC time>; on --resume the "
-                             "checkpoint's directory; same as --set train.output=DIR)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR|CHECKPOINT",
-                        help="continue a run from its last.pt (its stored config, plus any --set)")
-    parser.add_argument("--rebase-schedule", action="store_true",
-                        help="with --resume and changed optim.*/schedule.*/train.epochs|iters: recompute "
-                             "the LR schedule from the new settings as if the run had used them from the "
-                             "start, continuing at the checkpoint's iteration")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="allow writing into a run directory that holds another run's checkpoints")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,16 +27,16 @@ from matplotlib.patches import Patch
 from torch import nn
 from torch.nn import functional
 
+from danet.data.images import load_rgb
 from danet.files import atomic_write
-from danet.inference import add_model_arguments, setup_from_args
-from danet.predict import colourise, load_image, normalise_image, overlay
+from danet.inference import setup_from_args
+from danet.outputs import check_output_file
+from danet.predict import colourise, normalise_image, overlay
 
 __all__ = [
     "AttentionMaps",
-    "add_arguments",
     "attention_figure",
     "attention_maps",
-    "parse_point",
     "position_attention_rows",
     "run",
 ]
@@ -54,15 +53,6 @@ def position_attention_rows(pam: nn.Module, features: torch.Tensor, queries: tor
     dtype = torch.promote_types(q.dtype, torch.float32)  # half-precision energies would overflow
     energy = torch.bmm(q.transpose(1, 2).to(dtype), k.to(dtype))  # (B, P, N)
     return torch.softmax(energy, dim=-1)
-
-
-def parse_point(text: str) -> tuple[int, int]:
-    """``"x,y"`` -> (x, y) integers (pixel column, row)."""
-    try:
-        x, y = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a point is x,y in pixels (e.g. 120,45), got {text!r}") from None
-    return x, y
 
 
 def _feature_index(coord: int, size: int, feature_size: int) -> int:
@@ -144,21 +134,39 @@ def attention_maps(model: nn.Module, image: torch.Tensor, points: Sequence[tuple
                          channel=full_size(channel_maps), channels=list(channels), feature_size=(h, w))
 
 
+def _panel_slots(panels: int, columns: int) -> list[tuple[int, slice]]:
+    """(row, half-column slice) of each panel: full rows of ``columns``, the last row centred.
+
+    The grid has ``2 * columns`` half-columns and every panel spans two, so a short last row is
+    centred instead of leaving empty cells at its end.
+    """
+    slots = []
+    for index in range(panels):
+        row, position = divmod(index, columns)
+        in_row = min(columns, panels - row * columns)
+        start = (columns - in_row) + 2 * position
+        slots.append((row, slice(start, start + 2)))
+    return slots
+
+
 def attention_figure(image: np.ndarray, maps: AttentionMaps, points: Sequence[tuple[int, int]],
                      palette: np.ndarray, class_names: Sequence[str] | None = None,
                      columns: int = 4) -> Figure:
     """One figure: the image with the points, the prediction, one panel per point, one per channel.
 
-    With ``class_names``, the prediction panel gets a legend of the classes it shows.
+    Every attention panel has its own colourbar (each map has its own range: a softmax row sums
+    to 1 over N positions, a CAM channel is an activation). With ``class_names``, the prediction
+    panel gets a legend of the classes it shows. A short last row is centred (no empty cells).
     """
     panels = 2 + len(points) + len(maps.channels)
     columns = min(columns, panels)
     rows = math.ceil(panels / columns)
     height, width = image.shape[:2]
     panel_width = 4.0
-    fig = Figure(figsize=(panel_width * columns, panel_width * rows * height / width + 0.4 * rows),
+    fig = Figure(figsize=(panel_width * columns * 1.15, panel_width * rows * height / width + 0.5 * rows),
                  layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    grid = fig.add_gridspec(rows, 2 * columns)
+    axes = [fig.add_subplot(grid[row, cols]) for row, cols in _panel_slots(panels, columns)]
     for ax in axes:
         ax.set_axis_off()
     colours = [f"C{i % 10}" for i in range(len(points))]
@@ -176,39 +184,26 @@ def attention_figure(image: np.ndarray, maps: AttentionMaps, points: Sequence[tu
     for i, ((x, y), colour) in enumerate(zip(points, colours, strict=True)):
         ax = axes[2 + i]
         ax.imshow(image)
-        ax.imshow(maps.position[i].numpy(), cmap="jet", alpha=0.55)
+        shown_map = ax.imshow(maps.position[i].numpy(), cmap="jet", alpha=0.55)
         ax.plot(x, y, marker="+", markersize=14, markeredgewidth=2.5, color="white")
         ax.set_title(f"position attention of ({x}, {y})", color=colour)
+        fig.colorbar(shown_map, ax=ax, shrink=0.8, label="attention weight")
     for j, channel in enumerate(maps.channels):
         ax = axes[2 + len(points) + j]
-        ax.imshow(maps.channel[j].numpy(), cmap="viridis")
+        shown_map = ax.imshow(maps.channel[j].numpy(), cmap="viridis")
         ax.set_title(f"channel attention: channel {channel}")
+        fig.colorbar(shown_map, ax=ax, shrink=0.8, label="CAM output")
     fig.suptitle(f"DANet attention (feature map {maps.feature_size[0]}x{maps.feature_size[1]})")
     return fig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``danet attention``."""
-    parser.add_argument("image", metavar="IMAGE", help="the image to look at")
-    parser.add_argument("--points", type=parse_point, nargs="+", required=True, metavar="X,Y",
-                        help="query pixels (column,row) whose position-attention maps are shown")
-    parser.add_argument("--output", required=True, metavar="PNG", help="where to write the figure")
-    add_model_arguments(parser)
-    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
-                        help="CAM channels to show (default: the --num-channels most contrasted)")
-    parser.add_argument("--num-channels", type=int, default=4, help="channel maps to show (default 4)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-
-
 def run(args: argparse.Namespace) -> int:
     """``danet attention``: write the figure."""
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"{output} exists (pass --overwrite to replace it)")
     if args.num_channels < 0:
         raise ValueError(f"--num-channels must be >= 0, got {args.num_channels}")
-    image = load_image(args.image)
+    image = load_rgb(args.image)  # inputs first: the image, the checkpoint; then the output
     setup = setup_from_args(args)
+    output = check_output_file(args.output, args.overwrite)
     maps = attention_maps(setup.model, normalise_image(setup, image), args.points, args.channels,
                           args.num_channels)
     fig = attention_figure(image, maps, args.points, setup.dataset_class.PALETTE,

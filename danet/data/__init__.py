@@ -12,6 +12,7 @@ Registry names and on-disk layouts (see each class for details):
 * ``pcontext``: :class:`PascalContext` (60 classes incl. background, as the DANet paper)
 * ``pcontext59``: :class:`PascalContext59` (59 classes, background ignored)
 * ``cocostuff``: :class:`COCOStuff` (COCO-Stuff 164k, 171 classes)
+* ``folder``: :class:`FolderDataset` (your own: images/ + masks/ + classes.txt, see danet.data.folder)
 * ``synthetic``: :class:`SyntheticShapes` (generated; the default of the demo and the tests)
 """
 
@@ -26,6 +27,7 @@ from danet.data.ade20k import ADE20K
 from danet.data.base import IGNORE_INDEX, SegmentationDataset
 from danet.data.cityscapes import Cityscapes
 from danet.data.cocostuff import COCOStuff
+from danet.data.folder import FolderDataset
 from danet.data.pcontext import PascalContext, PascalContext59
 from danet.data.synthetic import SyntheticShapes
 from danet.data.transforms import eval_transforms, train_transforms
@@ -38,17 +40,25 @@ DATASETS: dict[str, type[Dataset]] = {
     "pcontext": PascalContext,
     "pcontext59": PascalContext59,
     "cocostuff": COCOStuff,
+    "folder": FolderDataset,
     "synthetic": SyntheticShapes,
 }
 """Registry: dataset name -> class (each with NUM_CLASSES, CLASS_NAMES, PALETTE)."""
 
 
-def get_dataset_class(name: str) -> type[Dataset]:
-    """The dataset class registered as ``name``; ValueError listing the known names otherwise."""
+def get_dataset_class(name: str, root: str | Path | None = None) -> type[Dataset]:
+    """The dataset class registered as ``name``; ValueError listing the known names otherwise.
+
+    ``root`` matters to the "folder" dataset only, whose classes are read from the data
+    (:meth:`FolderDataset.for_root`); the others' classes are fixed.
+    """
     try:
-        return DATASETS[name]
+        dataset_class = DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+    if dataset_class is FolderDataset:
+        return FolderDataset.for_root(root)
+    return dataset_class
 
 
 def build_dataset(
@@ -69,6 +79,7 @@ __all__ = [
     "IGNORE_INDEX",
     "COCOStuff",
     "Cityscapes",
+    "FolderDataset",
     "PascalContext",
     "PascalContext59",
     "SegmentationDataset",

@@ -74,6 +74,7 @@ class ADE20K(SegmentationDataset):
     """
 
     NUM_CLASSES: ClassVar[int] = 150
+    TRAIN_IMAGES: ClassVar[int] = 20210
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ADE20K_CLASS_NAMES
     PALETTE: ClassVar[np.ndarray] = ADE20K_PALETTE
     LAYOUT: ClassVar[str] = (

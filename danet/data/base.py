@@ -21,6 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from danet.data.images import load_rgb
+
 IGNORE_INDEX = 255
 """The label of pixels that carry no class (void, borders, unlabelled)."""
 
@@ -83,6 +85,8 @@ class SegmentationDataset(Dataset):
         PALETTE: ``(NUM_CLASSES, 3)`` uint8 colours, in training-id order.
         SPLITS: the accepted ``split`` names.
         LAYOUT: the expected directory tree, shown in every "not found" error.
+        TRAIN_IMAGES: the published size of the "train" split (None: unknown), to plan a run
+            without the data at hand (``danet lr-plot``).
     """
 
     NUM_CLASSES: ClassVar[int]
@@ -90,6 +94,7 @@ class SegmentationDataset(Dataset):
     PALETTE: ClassVar[np.ndarray]
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "val")
     LAYOUT: ClassVar[str] = ""
+    TRAIN_IMAGES: ClassVar[int | None] = None
 
     def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None):
         if split not in self.SPLITS:
@@ -125,8 +130,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image_path, mask_path = self.samples[index]
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = load_rgb(image_path)  # 8-bit RGB from any mode, EXIF orientation applied
         with Image.open(mask_path) as im:
             # Palette ("P") and grey ("L") PNGs both read as their stored indices.
             stored = np.asarray(im)

@@ -41,6 +41,7 @@ class Cityscapes(SegmentationDataset):
     """
 
     NUM_CLASSES: ClassVar[int] = 19
+    TRAIN_IMAGES: ClassVar[int] = 2975
     CLASS_NAMES: ClassVar[tuple[str, ...]] = (
         "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
         "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",

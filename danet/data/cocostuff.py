@@ -27,6 +27,7 @@ class COCOStuff(SegmentationDataset):
     """
 
     NUM_CLASSES: ClassVar[int] = 171
+    TRAIN_IMAGES: ClassVar[int] = 118287
     CLASS_NAMES: ClassVar[tuple[str, ...]] = (
         "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
         "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",

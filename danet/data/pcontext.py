@@ -50,6 +50,7 @@ class PascalContext(SegmentationDataset):
     """
 
     NUM_CLASSES: ClassVar[int] = 60
+    TRAIN_IMAGES: ClassVar[int] = 4998
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ("background", *_CONTEXT_CLASSES)
     PALETTE: ClassVar[np.ndarray] = palette_array(ADE20K_PALETTE[:60])
     LAYOUT: ClassVar[str] = (

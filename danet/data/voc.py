@@ -50,6 +50,7 @@ class VOCSegmentation(SegmentationDataset):
     """
 
     NUM_CLASSES: ClassVar[int] = 21
+    TRAIN_IMAGES: ClassVar[int] = 10582  # trainaug, what "train" means with SBD present
     CLASS_NAMES: ClassVar[tuple[str, ...]] = (
         "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
         "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

@@ -170,7 +170,7 @@ def test_eval_command(files: dict[str, Path], tmp_path: Path, capsys: pytest.Cap
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--checkpoint", "{missing}"], "weights file not found"),
+    (["--checkpoint", "{missing}"], "checkpoint not found"),
     (["--dataset", "kitti"], "unknown dataset 'kitti'"),
     (["--backbone", "resnet7"], "unknown backbone 'resnet7'"),
     (["--dataset", "voc"], "trained for 4 classes, the model has 21"),
@@ -217,6 +217,7 @@ def test_predict_writes_palette_masks_and_overlays(files: dict[str, Path], tmp_p
         palette = np.asarray(mask.getpalette()[: 3 * NUM_CLASSES], dtype=np.uint8).reshape(-1, 3)
         np.testing.assert_array_equal(palette, SyntheticShapes.PALETTE)
         ids = np.asarray(mask)
+        assert json.loads(mask.text["danet:classes"])["3"] == SyntheticShapes.CLASS_NAMES[3]
     # the mask is the model's whole-image prediction (the checkpoint's eval config: whole, no flip)
     model, _ = load_model(files["checkpoint"])
     chw = tv_tensors.Image(torch.from_numpy(image.copy()).permute(2, 0, 1))
@@ -224,9 +225,17 @@ def test_predict_writes_palette_masks_and_overlays(files: dict[str, Path], tmp_p
     np.testing.assert_array_equal(ids, model.eval()(x[None]).argmax(1)[0].numpy())
     with Image.open(out / "street_overlay.png") as overlay_png:
         assert overlay_png.mode == "RGB"
+        assert overlay_png.height == 45 and overlay_png.width > 61  # the legend is to the right
         blended = np.asarray(overlay_png).astype(np.float64)
     expected = 0.6 * image + 0.4 * SyntheticShapes.PALETTE[ids]
-    assert np.abs(blended - expected).max() <= 0.5 + 1e-6
+    assert np.abs(blended[:, :61] - expected).max() <= 0.5 + 1e-6
+    legend = blended[:, 61:]
+    for class_id in np.unique(ids):  # a swatch of every class present, and of no other
+        assert (legend == SyntheticShapes.PALETTE[class_id]).all(axis=-1).sum() > 20
+    for class_id in set(range(NUM_CLASSES)) - set(np.unique(ids).tolist()):
+        if SyntheticShapes.PALETTE[class_id].min() == SyntheticShapes.PALETTE[class_id].max():
+            continue  # black or white: the legend's text and background
+        assert not (legend == SyntheticShapes.PALETTE[class_id]).all(axis=-1).any()
     assert (out / "room_mask.png").is_file() and (out / "room_overlay.png").is_file()
 
     before = (out / "street_mask.png").read_bytes()

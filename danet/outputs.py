@@ -1,0 +1,59 @@
+"""Checks on the files a command is asked to write, made before any work starts.
+
+Each returns or raises with one clear line: an existing output without ``--overwrite``, a
+directory where a file is expected (or a file where a directory is), a name longer than the
+file system allows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["check_name_length", "check_output_dir", "check_output_file"]
+
+# danet.files.atomic_write writes through a temporary ".<name>.<8 random characters><suffix>"
+# next to the destination: the name must leave room for that
+_TEMPORARY_NAME_EXTRA = 10
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (bytes) on the file system of ``directory`` (or its first existing parent)."""
+    for candidate in (directory, *directory.absolute().parents):
+        if candidate.is_dir():
+            try:
+                return os.pathconf(candidate, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or not reported
+                return 255
+    return 255
+
+
+def check_name_length(path: str | Path) -> Path:
+    """``path``, if its name (and the atomic writer's temporary) fits the file system; else ValueError."""
+    path = Path(path)
+    limit = _name_max(path.parent)
+    length = len(os.fsencode(path.name)) + _TEMPORARY_NAME_EXTRA + len(os.fsencode(path.suffix))
+    if length > limit:
+        raise ValueError(f"output name too long for the file system ({len(os.fsencode(path.name))} bytes; "
+                         f"at most {limit - _TEMPORARY_NAME_EXTRA - len(os.fsencode(path.suffix))} here): "
+                         f"{path.name[:40]}...{path.suffix}; choose a shorter name")
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a file to (re)write: refuses a directory, an existing file without ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, and a file is written here: give a file path "
+                         f"(e.g. {path / ('output' + (path.suffix or '.png'))})")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists (pass --overwrite to replace it)")
+    return check_name_length(path)
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` as a directory to write into (it may not exist yet): refuses an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {path} exists and is not a directory")
+    return path

@@ -1,0 +1,35 @@
+"""How many CPU threads a danet command's own process computes with (``train.threads``, ``--threads``).
+
+The default is one thread (:attr:`danet.config.TrainConfig.threads`). torch's own default is one
+thread per core, and its parallel regions end in a barrier: on a machine whose cores are shared
+(other jobs, DataLoader workers, several torchrun processes) one descheduled thread stalls
+every region, and the small ops of a CPU run collapse. Measured on the 2-core development
+machine, the README's main job took 38 min with torch's default against 155 s with one thread
+while other work ran, and one thread was as fast as two when the machine was idle (README,
+"Threads"). torchrun sets OMP_NUM_THREADS=1 for the same reason. On a dedicated many-core CPU,
+raise it; ``0`` keeps torch's own choice (OMP_NUM_THREADS, else the number of cores).
+
+DataLoader worker processes are separate: torch gives each of them one thread already.
+Results depend on the thread count in the last bits (the reductions inside a convolution are
+split differently), so runs compare exactly only at the same count.
+"""
+
+from __future__ import annotations
+
+__all__ = ["set_threads"]
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` intra-op threads in this process (0: torch's default); returns the count in use.
+
+    Raises:
+        ValueError: a negative count.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"the thread count (train.threads / --threads) must be an integer >= 0 "
+                         f"(0: torch's default), got {threads!r}")
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
