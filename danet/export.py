@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
     height, width = args.size if args.size is not None else (setup.data.crop_size,) * 2
     if min(height, width) < MIN_SIDE:
         raise ValueError(f"--size must be at least {MIN_SIDE} pixels per side, got {height} {width}")
-    example = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(setup.device)
+    batch = 1 if args.fixed_size else 2  # an example batch of 1 would make torch specialise the batch to 1
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(batch, 3, height, width, generator=generator).to(setup.device)
     with torch.no_grad():
         expected = SegmentationLogits(setup.model)(example)
     writer(setup.model, example, output, args.fixed_size)

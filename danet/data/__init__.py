@@ -70,7 +70,7 @@ def build_dataset(
     ``num_samples``/``image_size``/``seed`` for "synthetic", ``augmented`` for "voc"). A
     missing root or split raises FileNotFoundError that shows the expected layout.
     """
-    return get_dataset_class(name)(root=root, split=split, transform=transform, **kwargs)
+    return get_dataset_class(name, root)(root=root, split=split, transform=transform, **kwargs)
 
 
 __all__ = [

@@ -18,16 +18,22 @@ from danet.config import (
 
 
 def test_presets_ship_and_load():
-    assert set(available_presets()) >= {"cityscapes", "ade20k", "voc", "pcontext", "synthetic"}
+    from danet.data import DATASETS
+
+    assert set(available_presets()) >= {"cityscapes", "ade20k", "voc", "pcontext", "cocostuff", "folder",
+                                        "synthetic"}
     for name in available_presets():
         cfg = load_config(name)
         assert cfg.name == name
-        assert cfg.data.dataset in {"cityscapes", "ade20k", "voc", "pcontext", "synthetic"}
+        assert cfg.data.dataset == name and name in DATASETS  # one preset per dataset, named after it
 
 
 def test_cityscapes_preset_is_the_published_recipe():
+    from danet.models.weights import PUBLISHED_MODEL_CONFIG
+
     cfg = load_config("cityscapes")
-    assert cfg.model.backbone.startswith("resnet101")
+    # the release's 7x7 stem (--no-deepstem), as the checkpoint it published
+    assert cfg.model.backbone == "resnet101" == PUBLISHED_MODEL_CONFIG.backbone
     assert (cfg.model.output_stride, cfg.model.multi_grid) == (8, True)
     assert (cfg.data.crop_size, cfg.data.base_size, cfg.data.scale_range) == (768, 1024, (0.5, 2.0))
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.sync_bn) == (8, 240, True)
