@@ -446,3 +446,83 @@ def test_predict_switches_large_images_to_sliding_windows(files: dict[str, Path]
     with Image.open(out / "street_mask.png") as mask:
         np.testing.assert_array_equal(np.asarray(mask), expected.numpy())
     assert main([*args, "--overwrite", "--max-whole-pixels", "-1"]) == 2
+
+
+def test_predict_takes_directories_and_globs(files: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    (photos / "nested").mkdir(parents=True)
+    for name in ("a.png", "b.jpg", "nested/c.png"):
+        (photos / name).write_bytes(files["image"].read_bytes() if name.endswith("png")
+                                    else files["image2"].read_bytes())
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(files["checkpoint"]), "--output", str(out), "--device", "cpu", "--no-legend"]
+    assert main(["predict", str(photos), *base]) == 0  # the directory's images, not its subfolders
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png"]
+    with Image.open(out / "a_overlay.png") as plain:
+        assert plain.size == (61, 45)  # --no-legend: the overlay is the image's size
+    assert main(["predict", str(photos / "**" / "*.png"), *base, "--output", str(tmp_path / "globbed")]) == 0
+    assert sorted(p.name for p in (tmp_path / "globbed").glob("*_mask.png")) == ["a_mask.png", "c_mask.png"]
+    capsys.readouterr()
+    assert main(["predict", str(photos / "*.gif"), *base]) == 2
+    assert "a pattern that matches no image" in capsys.readouterr().err
+
+
+def test_predict_checks_inputs_before_outputs(files: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "street_mask.png").write_bytes(b"old")
+    args = ["predict", str(files["image"]), "--output", str(out), "--device", "cpu"]
+    assert main([*args, "--checkpoint", str(files["image"])]) == 2  # a PNG is no checkpoint
+    assert "exist" not in capsys.readouterr().err  # the checkpoint is the problem, not the output
+    assert main([*args, "--checkpoint", str(files["checkpoint"])]) == 2
+    assert "output file(s) exist" in capsys.readouterr().err
+    long_image = tmp_path / ("x" * 240 + ".png")
+    long_image.write_bytes(files["image"].read_bytes())
+    assert main(["predict", str(long_image), "--output", str(out), "--checkpoint", str(files["checkpoint"]),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "output name too long for the file system" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_may_be_a_run_directory(files: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(files["checkpoint"].read_bytes())
+    assert main(["eval", "--checkpoint", str(run), "--device", "cpu", "--no-progress", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"using {run / 'last.pt'}" in printed and "weights file not found" not in printed
+
+
+def test_attention_refuses_a_directory_as_output(files: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "figure.png"
+    folder.mkdir()
+    args = ["attention", str(files["image"]), "--points", "3,4", "--checkpoint", str(files["checkpoint"]),
+            "--output", str(folder), "--device", "cpu"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is a directory, and a file is written here" in err and "--overwrite" not in err
+
+
+@pytest.mark.parametrize(("points", "channels"), [(1, 1), (2, 3), (3, 4)])
+def test_attention_figure_has_a_colourbar_per_map_and_no_empty_cell(points: int, channels: int) -> None:
+    from danet.visualize import attention_figure
+
+    model = _tiny_model().eval()
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    chw = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+    x = eval_transforms(DataConfig.mean, DataConfig.std)(chw)
+    chosen = [(5 * i, 3 * i) for i in range(points)]
+    maps = attention_maps(model, x[None], chosen, num_channels=channels)
+    fig = attention_figure(image, maps, chosen, SyntheticShapes.PALETTE, SyntheticShapes.CLASS_NAMES)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    colourbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(panels) == 2 + points + channels  # every axis holds a panel: none is empty
+    assert len(colourbars) == points + channels
+    assert all(ax.images for ax in panels)

@@ -122,3 +122,24 @@ def test_lr_plot_rejects_unknown_override(tmp_path, capsys):
     status = cli_main(["lr-plot", "--set", "schedule.gama=0.5", "-o", str(tmp_path / "x.png")])
     assert status == 2
     assert "unknown config key 'schedule.gama'" in capsys.readouterr().err
+
+
+def test_lr_plot_draws_the_presets_run(tmp_path, capsys):
+    """--preset cityscapes: the preset's 240 epochs of 2975 images at batch 8, every policy labelled."""
+    out = tmp_path / "city.png"
+    assert cli_main(["lr-plot", "--preset", "cityscapes", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "89040 iterations (240 epochs x 371 iterations: 2975 training images" in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli_main(["lr-plot", "--preset", "cityscapes", "-o", str(out)]) == 2  # never overwritten silently
+    assert "exists" in capsys.readouterr().err
+
+
+def test_every_policy_is_told_apart_on_the_default_plot():
+    from danet.config import ScheduleConfig
+    from danet.lr_policies import _STYLES, POLICIES, policy_label
+
+    assert len({_STYLES[p] for p in POLICIES}) == len(POLICIES)  # coinciding curves stay visible
+    assert policy_label(ScheduleConfig(), "multistep") == "multistep (gamma 0.1, no milestones: constant)"
+    assert policy_label(ScheduleConfig(), "exp") == "exp (gamma 0.1)"
+    assert policy_label(ScheduleConfig(warmup_iters=5), "fixed") == "fixed (warm-up 5)"
