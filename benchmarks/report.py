@@ -2,8 +2,13 @@
 
 Usage, from the repository root::
 
-    pytest benchmarks/ --benchmark-only --benchmark-json=results.json
-    python -m benchmarks.report results.json --out docs/benchmarks.md --plot docs/benchmarks.png
+    pytest benchmarks/ --benchmark-only --torch-threads 1 --benchmark-json=results.json
+    python -m benchmarks.report results.json --out results/benchmarks.md --plot results/benchmarks.png
+
+Without ``--out`` the markdown goes to standard output. A file that exists is replaced only
+with ``--overwrite`` (docs/benchmarks.md and .png are the committed results: regenerating them
+is a deliberate ``--out docs/benchmarks.md --plot docs/benchmarks.png --overwrite``); every file
+written is named on standard error.
 
 Several JSON files (e.g. the kernel and the training benchmarks run separately) may be
 given; their cases are merged. The report has one table per attention op, pass and dtype
@@ -41,7 +46,7 @@ PYTHONPATH=. python -m pytest benchmarks/test_position_attention.py benchmarks/t
 PYTHONPATH=. python -m pytest benchmarks/test_training_memory.py --benchmark-only \\
     --benchmark-json=training-gpu.json
 PYTHONPATH=. python -m benchmarks.report kernels-gpu.json training-gpu.json \\
-    --out docs/benchmarks.md --plot docs/benchmarks.png"""
+    --out docs/benchmarks.md --plot docs/benchmarks.png --overwrite"""
 
 
 @dataclass
@@ -365,9 +370,10 @@ def render_markdown(runs: Sequence[Run], plot_link: str | None = None) -> str:
     lines += _not_run_section(cases)
     lines += [CONVENTIONS, "## Reproducing", "",
               "On this machine (the CPU grid is chosen automatically where there is no GPU):", "", "```bash",
-              "PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --benchmark-json=results.json",
+              "PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --torch-threads 1 "
+              "--benchmark-json=results.json",
               "PYTHONPATH=. python -m benchmarks.report results.json --out docs/benchmarks.md "
-              "--plot docs/benchmarks.png", "```", "",
+              "--plot docs/benchmarks.png --overwrite", "```", "",
               "On a CUDA machine:", "", "```bash", GPU_COMMANDS, "```", ""]
     return "\n".join(lines)
 
@@ -469,7 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json output)")
     parser.add_argument("--out", help="write the markdown here (default: print it)")
     parser.add_argument("--plot", help="write a PNG plot of time and memory against N here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out / --plot files that exist (e.g. the committed docs/benchmarks.*)")
     args = parser.parse_args(argv)
+    existing = [path for path in (args.out, args.plot) if path and Path(path).exists()]
+    if existing and not args.overwrite:
+        print(f"benchmarks.report: error: {', '.join(existing)} exist(s); pass --overwrite to replace "
+              "(docs/benchmarks.* are the committed results)", file=sys.stderr)
+        return 2
     try:
         runs = load_cases(args.results)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
@@ -478,10 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_link = None
     if args.plot:
         render_plot(runs, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
         plot_link = os.path.relpath(args.plot, Path(args.out).parent if args.out else ".")
     markdown = render_markdown(runs, plot_link)
     if args.out:
         _write_atomically(Path(args.out), markdown)
+        print(f"wrote {args.out} ({sum(len(run.cases) for run in runs)} cases from {len(args.results)} "
+              "file(s))", file=sys.stderr)
     else:
         print(markdown)
     return 0

@@ -39,13 +39,13 @@ def run_quick_suite(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_benchmark_suite_runs_and_reports(tmp_path: Path) -> None:
+def test_benchmark_suite_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One test, not three sharing a fixture: under pytest-xdist a module fixture would run the
     suite once per worker."""
     quick_results = run_quick_suite(tmp_path / "results.json")
     check_every_benchmark_records_what_the_report_needs(quick_results)
     check_cases_that_cannot_run_are_listed_with_their_reason(quick_results)
-    check_report_renders_markdown_and_plot(tmp_path / "results.json", tmp_path / "docs")
+    check_report_renders_markdown_and_plot(tmp_path / "results.json", tmp_path / "docs", capsys)
 
 
 def check_every_benchmark_records_what_the_report_needs(quick_results: dict) -> None:
@@ -79,9 +79,16 @@ def check_cases_that_cannot_run_are_listed_with_their_reason(quick_results: dict
     assert all(e["extra_info"]["max_batch"] == 0 for e in too_small)
 
 
-def check_report_renders_markdown_and_plot(results: Path, docs: Path) -> None:
+def check_report_renders_markdown_and_plot(results: Path, docs: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     out, plot = docs / "benchmarks.md", docs / "benchmarks.png"
     assert main([str(results), "--out", str(out), "--plot", str(plot)]) == 0
+    said = capsys.readouterr().err
+    assert f"wrote {plot}" in said and f"wrote {out}" in said  # it says what it wrote
+    before = out.read_text()
+    assert main([str(results), "--out", str(out), "--plot", str(plot)]) == 2  # never overwritten silently
+    assert "pass --overwrite" in capsys.readouterr().err and out.read_text() == before
+    assert main([str(results), "--out", str(out), "--plot", str(plot), "--overwrite"]) == 0
     text = out.read_text()
     headings = ("## Position attention (PAM)", "## Channel attention (CAM)", "### Step time and peak memory",
                 "### Largest batch under a memory cap", "## Cases that did not run", "## Reproducing")
