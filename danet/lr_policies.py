@@ -214,18 +214,21 @@ def run(args: argparse.Namespace) -> int:
         iters, how = planned_iterations(cfg)
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
-    for policy in policies:
+    every = max(1, iters // 12)
+    for index, policy in enumerate(policies):
         schedule = replace(cfg.schedule, policy=policy)
         curve = lr_curve(schedule, iters, cfg.optim.lr)
         linestyle, marker = _STYLES[policy]
+        # markers staggered per policy, so that a curve under another still shows its own
+        offset = index * every // len(policies)
         ax.plot(curve, label=policy_label(schedule, policy), linestyle=linestyle, marker=marker,
-                markevery=max(1, iters // 12), linewidth=1.6, alpha=0.9)
+                markevery=(offset, every), linewidth=1.6, alpha=0.9)
     ax.set_xlabel("iteration")
     ax.set_ylabel("learning rate (backbone group; the head's is "
                   f"{cfg.optim.head_lr_mult:g}x)" + (", log scale" if args.log else ""))
     if args.log:
         ax.set_yscale("log")
-    ax.set_title(f"{cfg.name}: LR policies over {iters} iterations ({how}), base LR {cfg.optim.lr:g}",
+    ax.set_title(f"{cfg.name}: LR policies over {iters} iterations, base LR {cfg.optim.lr:g}\n({how})",
                  fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
