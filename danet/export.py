@@ -55,7 +55,8 @@ class SegmentationLogits(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        self.eval()  # the wrapper too: exporters warn about (and trace) a module in training mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a normalised batch ``images`` (B, 3, H, W)."""

@@ -276,7 +276,8 @@ def test_standard_palettes_spot_checks():
 
 
 def test_registry_and_build_dataset(tmp_path):
-    assert set(DATASETS) == {*REAL_DATASETS, "synthetic"}
+    # the folder dataset has its own tests (tests/danet/test_folder_dataset.py)
+    assert set(DATASETS) == {*REAL_DATASETS, "folder", "synthetic"}
     with pytest.raises(ValueError, match=r"unknown dataset 'kitti'.*cityscapes.*synthetic"):
         get_dataset_class("kitti")
     with pytest.raises(ValueError, match="unknown dataset"):

@@ -427,6 +427,7 @@ def test_torch_export_captures_plain_ops_that_run_with_grad():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q2, k2, v2))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_jit_trace_records_the_computation_not_a_constant():
     """The legacy tracer (torch.onnx.export(dynamo=False)) records plain ops, not an opaque Function.
 
