@@ -147,7 +147,7 @@ def _config_options(parser: argparse.ArgumentParser, what: str) -> None:
                         dest="overrides",
                         help="override any field, e.g. optim.lr=0.01 train.epochs=2 train.threads=2 "
                              "data.root=/data/cityscapes (sections: model, data, eval, optim, schedule, "
-                             "loss, train; see danet/config.py)")
+                             "loss, train, dist; see danet/config.py)")
 
 
 # ------------------------------------------------------------------------------ per command
@@ -156,10 +156,14 @@ def _config_options(parser: argparse.ArgumentParser, what: str) -> None:
 def _train_options(parser: argparse.ArgumentParser) -> None:
     _config_options(parser, "recipe to start from")
     parser.add_argument("--output", "-o", default=None, metavar="DIR",
-                        help="run directory (default: runs/<preset>-<UTC time>; "
-                             "same as --set train.output=DIR)")
+                        help="run directory (default: runs/<preset>-<UTC time>; on --resume the "
+                             "checkpoint's directory; same as --set train.output=DIR)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR|CHECKPOINT",
                         help="continue a run from its last.pt (its stored config, plus any --set)")
+    parser.add_argument("--rebase-schedule", action="store_true",
+                        help="with --resume and changed optim.*/schedule.*/train.epochs|iters: recompute "
+                             "the LR schedule from the new settings as if the run had used them from the "
+                             "start, continuing at the checkpoint's iteration")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a run directory that holds another run's checkpoints")
     parser.add_argument("--print-config", action="store_true",

@@ -372,7 +372,7 @@ def validate_config(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "accum_steps"):
         _at_least(f"train.{key}", getattr(t, key), 1)
     _at_least("train.iters", t.iters, 1, optional=True)
-    for key in ("val_interval", "checkpoint_interval", "log_interval"):
+    for key in ("val_interval", "checkpoint_interval", "log_interval", "threads"):
         _at_least(f"train.{key}", getattr(t, key), 0)
     if not cfg.dist.timeout_s > 0:
         raise ValueError(f"dist.timeout_s must be > 0 seconds, got {cfg.dist.timeout_s!r}")
