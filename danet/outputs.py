@@ -12,11 +12,6 @@ from pathlib import Path
 
 __all__ = ["check_name_length", "check_output_dir", "check_output_file"]
 
-# danet.files.atomic_write writes through a temporary ".<name>.<8 random characters><suffix>"
-# next to the destination: the name must leave room for that
-_TEMPORARY_NAME_EXTRA = 10
-
-
 def _name_max(directory: Path) -> int:
     """The longest file name (bytes) on the file system of ``directory`` (or its first existing parent)."""
     for candidate in (directory, *directory.absolute().parents):
@@ -29,14 +24,15 @@ def _name_max(directory: Path) -> int:
 
 
 def check_name_length(path: str | Path) -> Path:
-    """``path``, if its name (and the atomic writer's temporary) fits the file system; else ValueError."""
+    """``path``, if its file name fits the file system (checked before any work); else ValueError.
+
+    (danet.files.atomic_write shortens its temporary's name to fit, so the final name is the limit.)
+    """
     path = Path(path)
-    limit = _name_max(path.parent)
-    length = len(os.fsencode(path.name)) + _TEMPORARY_NAME_EXTRA + len(os.fsencode(path.suffix))
+    limit, length = _name_max(path.parent), len(os.fsencode(path.name))
     if length > limit:
-        raise ValueError(f"output name too long for the file system ({len(os.fsencode(path.name))} bytes; "
-                         f"at most {limit - _TEMPORARY_NAME_EXTRA - len(os.fsencode(path.suffix))} here): "
-                         f"{path.name[:40]}...{path.suffix}; choose a shorter name")
+        raise ValueError(f"output name too long for the file system ({length} bytes; at most {limit} "
+                         f"here): {path.name[:40]}...{path.suffix}; choose a shorter name")
     return path
 
 

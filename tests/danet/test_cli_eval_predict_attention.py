@@ -480,7 +480,7 @@ def test_predict_checks_inputs_before_outputs(files: dict[str, Path], tmp_path: 
     assert "exist" not in capsys.readouterr().err  # the checkpoint is the problem, not the output
     assert main([*args, "--checkpoint", str(files["checkpoint"])]) == 2
     assert "output file(s) exist" in capsys.readouterr().err
-    long_image = tmp_path / ("x" * 240 + ".png")
+    long_image = tmp_path / ("x" * 250 + ".png")  # its outputs, NAME_overlay.png, would exceed 255 bytes
     long_image.write_bytes(files["image"].read_bytes())
     assert main(["predict", str(long_image), "--output", str(out), "--checkpoint", str(files["checkpoint"]),
                  "--device", "cpu"]) == 2
