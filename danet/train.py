@@ -1,4 +1,4 @@
-r"""Train DANet: one process on a CPU or GPU, or many through torchrun (DDP + SyncBatchNorm).
+"""Train DANet: one process on a CPU or GPU, or many through torchrun (DDP + SyncBatchNorm).
 
 With no arguments, ``danet train`` runs the embedded default: the ``synthetic`` preset, a tiny
 backbone on generated scenes, on the CPU in a few minutes (1280 iterations, about 75 s of one
