@@ -25,7 +25,10 @@ any ONNX graph of DANet does. Which export paths work (torch 2.11 to 2.14):
 * ``torch.export`` / ``torch.onnx.export`` called directly on a DANet on the CPU (blockwise
   backend): capture the same plain ops (danet_kernels.blockwise, "Export").
 * ``torch.onnx.export(dynamo=False)`` (the legacy TorchScript tracer): traces the same plain
-  ops on the CPU; deprecated by torch, not tested here.
+  ops on the CPU, for the traced input size (deprecated by torch).
+* on CUDA, ``torch.export`` keeps the Triton kernels as the custom ops
+  ``danet_kernels::pam_forward`` / ``cam_forward``, which ONNX cannot express: export through
+  this command (or under ``danet_kernels.use_backend("reference")``).
 * ``torch.jit.script``: not supported (the model uses Python constructs TorchScript lacks).
 """
 

@@ -85,3 +85,25 @@ def test_fixed_size_export_and_bad_requests(checkpoint: Path, tmp_path: Path,
     (tmp_path / "adir.onnx").mkdir()
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "adir.onnx")]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
+                            "ignore::torch.jit.TracerWarning")
+def test_legacy_onnx_export_of_the_cpu_model_is_not_a_constant(checkpoint: Path, tmp_path: Path) -> None:
+    """torch.onnx.export(dynamo=False) on the CPU default (blockwise backend) used to export a graph
+    without inputs that returned a constant; it now traces the plain attention ops."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import danet_kernels
+
+    model, _ = load_model(checkpoint)
+    model.eval()
+    example = torch.randn(1, 3, 48, 48)
+    path = tmp_path / "legacy.onnx"
+    with danet_kernels.use_backend("torch"), torch.no_grad():
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    other = torch.randn(1, 3, 48, 48)  # the size it was traced at, other values
+    (logits,) = session.run(None, {"images": other.numpy()})
+    expected = _pytorch_logits(checkpoint, other).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
