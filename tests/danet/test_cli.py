@@ -69,13 +69,20 @@ def test_help_is_plain_text_and_keeps_line_continuations(capsys: pytest.CaptureF
     assert "--rdzv_endpoint=host0:29500 \\\n" in train
 
 
-def test_option_names_match_the_modules_that_use_them() -> None:
+def test_option_names_match_the_modules_that_use_them(capsys: pytest.CaptureFixture[str]) -> None:
     from danet.export import EXPORTERS
-    from danet.inference import MODES
+    from danet.inference import AMP_MODES, MODES, PROTOCOLS
+    from danet.models import HEAD_OUTPUTS
+    from danet.predict import FORMATS, MAX_WHOLE_PIXELS
 
-    assert cli.INFERENCE_MODES == MODES
+    assert cli.INFERENCE_MODES == MODES and cli.INFERENCE_PROTOCOLS == PROTOCOLS
+    assert cli.INFERENCE_AMP == AMP_MODES and cli.HEAD_OUTPUTS == HEAD_OUTPUTS
+    assert cli.PREDICT_FORMATS == FORMATS
     assert set(cli.EXPORT_FORMATS) == set(EXPORTERS)
     assert set(cli.COMMANDS) == set(cli._OPTIONS)
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert f"= {MAX_WHOLE_PIXELS})" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
 
 
 # ------------------------------------------------------------------------------ run directories
