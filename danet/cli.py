@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
             set_threads(args.threads)
         if hasattr(args, "checkpoint"):
-            from danet.runs import resolve_checkpoint
+            from danet.run_dir import resolve_checkpoint
 
             args.checkpoint = str(resolve_checkpoint(args.checkpoint))
         return int(module.run(args) or 0)

@@ -8,12 +8,19 @@ from a checkpoint inside it or ``--overwrite`` says so.
 ``metrics.jsonl`` is one JSON record per line (flushed at once, so a killed run keeps every
 line it logged). A resumed run first keeps only the records up to the checkpoint's iteration
 (those after it belong to steps that are now redone), so every iteration is logged once.
+
+Wherever a command takes ``--checkpoint`` it also accepts a run directory (its
+``checkpoint_best.pt``, else its ``last.pt``; the choice is printed) or ``latest``: the run
+directory ``runs/latest`` points to. ``danet train`` points that link at each run it starts
+under ``runs/`` (a relative symbolic link, replaced atomically; runs written elsewhere with
+``--output`` leave it alone).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from datetime import datetime, timezone
@@ -30,11 +37,16 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 _RUN_OUTPUTS = (LAST, BEST, LAST_GOOD, METRICS)
 
+RUNS_DIR = Path("runs")
+"""Where run directories go by default (relative to the working directory)."""
+LATEST = RUNS_DIR / "latest"
+"""The pointer to the last run started under :data:`RUNS_DIR`."""
+
 
 def default_run_dir(cfg: Config) -> Path:
     """``runs/<name>-<UTC time>``."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.name}-{stamp}"
+    return RUNS_DIR / f"{cfg.name}-{stamp}"
 
 
 def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> None:
@@ -148,3 +160,56 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def mark_latest(run_dir: str | Path) -> Path | None:
+    """Point ``runs/latest`` at ``run_dir`` when it lies directly in ``runs/``; returns the link or None.
+
+    Never fails a run: where links cannot be made (some file systems) or ``runs/latest`` is a real
+    file or directory, it warns and leaves things as they are.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.resolve().parent != RUNS_DIR.resolve() or run_dir.name == LATEST.name:
+        return None
+    if LATEST.exists() and not LATEST.is_symlink():
+        warnings.warn(f"{LATEST} exists and is not a link: not pointing it at {run_dir}", stacklevel=2)
+        return None
+    staging = RUNS_DIR / f".latest.{os.getpid()}"
+    try:
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(staging, LATEST)
+    except OSError as err:
+        staging.unlink(missing_ok=True)
+        warnings.warn(f"could not point {LATEST} at {run_dir}: {err}", stacklevel=2)
+        return None
+    return LATEST
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """The checkpoint file that ``--checkpoint spec`` means (see the module docstring).
+
+    A run directory (or ``latest``) prints which of its checkpoints is used.
+
+    Raises:
+        FileNotFoundError: nothing at ``spec``, a run directory without checkpoints, or ``latest``
+            with no run started under runs/.
+    """
+    path = Path(spec)
+    if str(spec) == "latest" and not path.exists():
+        if not LATEST.exists():
+            raise FileNotFoundError(f"--checkpoint latest: {LATEST} does not exist (no run has been "
+                                    f"started under {RUNS_DIR}/ from this directory)")
+        path = LATEST
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
+    for name in (BEST, LAST):
+        candidate = path / name
+        if candidate.is_file():
+            via = f" ({LATEST} -> {os.readlink(LATEST)})" if path == LATEST and LATEST.is_symlink() else ""
+            print(f"--checkpoint {spec}: using {candidate}{via}")
+            return candidate
+    raise FileNotFoundError(f"{path} is a directory without {BEST} or {LAST} (is it a run "
+                            "directory whose run has not written a checkpoint yet?)")

@@ -110,8 +110,7 @@ from danet.resume import (
     check_stored_config,
     resolve_resume_path,
 )
-from danet.run_dir import METRICS, MetricsLog, check_run_dir, create_run_dir, default_run_dir
-from danet.runs import mark_latest
+from danet.run_dir import METRICS, MetricsLog, check_run_dir, create_run_dir, default_run_dir, mark_latest
 from danet.stopping import StopFlag, StopSafeDataLoader
 from danet.threads import set_threads
 
@@ -660,7 +659,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
             trainer.load_pretrained(cfg.model.pretrained)
         if ctx.is_main:  # everything checked, built and loaded: now the run directory
             create_run_dir(run_dir, cfg)
-            mark_latest(run_dir)  # runs/latest -> this run (danet.runs)
+            mark_latest(run_dir)  # runs/latest -> this run
             p = trainer.plan
             print(f"training {cfg.name}: {p.total_iters} iterations ({p.epochs} epochs of "
                   f"{p.iters_per_epoch}), global batch {cfg.train.batch_size} = {ctx.world_size} "

@@ -15,7 +15,7 @@ from danet import __version__, cli
 from danet.cli import main
 from danet.config import TrainConfig
 from danet.outputs import check_name_length, check_output_file
-from danet.runs import LATEST, mark_latest, resolve_checkpoint
+from danet.run_dir import LATEST, mark_latest, resolve_checkpoint
 from danet.threads import set_threads
 
 REPO = Path(__file__).resolve().parents[2]
