@@ -7,27 +7,54 @@ import torch
 
 from danet_kernels._dispatch import triton_interpreting
 
-__all__ = ["dot_input_precision"]
+__all__ = ["DOT_PRECISIONS", "dot_input_precision"]
+
+# tl.dot's input_precision values the kernels use, from the most to the least exact. All three
+# are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def _legacy_matmul_precision() -> str | None:
+    """``torch.get_float32_matmul_precision()``, or None where torch refuses to answer: after the
+    new API set TF32 explicitly, the legacy getter raises ("mix of the legacy and new APIs")."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 def dot_input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input_precision: for fp32, torch's CUDA matmul setting; 16-bit types ignore it.
+    """``tl.dot``'s input_precision for operands of ``dtype``: "ieee", "tf32x3" or "tf32".
 
-    fp32 runs in IEEE fp32 (no tensor cores) by default, as exact as the reference's matmuls, and
-    in TF32 where torch allows it (``torch.backends.cuda.matmul.allow_tf32 = True`` or
-    ``torch.set_float32_matmul_precision("high")``). torch >= 2.9 keeps the setting in
-    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none" when unset), which
-    the legacy setters also update; older versions only have the legacy getter.
+    16-bit operands always run on the tensor cores (the value is ignored for them; "tf32").
+    fp32 follows torch's float32 matmul precision:
+
+    * "highest" (the default): "ieee", exact fp32 FMAs, as exact as the reference's matmuls;
+    * "high": "tf32x3", each operand split into a TF32 high part and a TF32 remainder, three
+      tensor-core products (the remainders' product dropped): near-fp32 accuracy at about a
+      third of TF32's tensor-core rate;
+    * "medium": "tf32", one TF32 product (10 mantissa bits per operand).
+
+    Which setter was used does not matter. ``torch.backends.cuda.matmul.fp32_precision`` (the
+    newer API, also set by ``torch.backends.fp32_precision``, by
+    ``torch.set_float32_matmul_precision`` and by ``allow_tf32``) says IEEE or TF32; it wins.
+    Where it says TF32, the legacy level refines it: "high" (what ``allow_tf32 = True`` and
+    ``set_float32_matmul_precision("high")`` give) means 3xTF32, "medium" plain TF32, and an
+    explicit ``fp32_precision = "tf32"`` of the new API (whose legacy getter then raises) plain
+    TF32, the datatype it names. "none" (unset, or a torch without the new API) leaves the
+    choice to the generic ``torch.backends.fp32_precision``, then to the legacy level.
     """
     if dtype != torch.float32:
         return "tf32"
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
-    if precision == "none":  # unset (or torch < 2.9): the process-wide setting decides
-        generic = getattr(torch.backends, "fp32_precision", "none")
-        if generic != "none":
-            return "tf32" if generic == "tf32" else "ieee"
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return "tf32" if precision == "tf32" else "ieee"
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision == "ieee":
+        return "ieee"
+    level = _legacy_matmul_precision()
+    if precision == "tf32":
+        return "tf32x3" if level == "high" else "tf32"
+    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(level, "ieee")
 
 
 def _fix_interpreter_scalar_index() -> None:

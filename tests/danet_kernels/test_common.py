@@ -1,32 +1,120 @@
-"""danet_kernels.kernels.common: the fp32 dot precision follows torch's setting."""
+"""danet_kernels.kernels.common: the fp32 dot precision rule, and the interpreter fix."""
 
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 import torch
 import triton
 import triton.language as tl
 
-from danet_kernels.kernels.common import dot_input_precision
+import danet_kernels
+from danet_kernels.kernels.common import DOT_PRECISIONS, dot_input_precision
+from danet_kernels.reference import channel_attention_reference, position_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_fp32_dot_precision_follows_torch() -> None:
-    """IEEE fp32 by default (as exact as the reference's matmuls), TF32 where torch allows it,
-    through either of torch's setters; 16-bit inputs always take the tensor-core path."""
-    assert dot_input_precision(torch.float32) == "ieee"
-    assert dot_input_precision(torch.bfloat16) == dot_input_precision(torch.float16) == "tf32"
-    previous_precision = torch.get_float32_matmul_precision()
-    previous_allow = torch.backends.cuda.matmul.allow_tf32
+@contextlib.contextmanager
+def float32_matmul_precision(level: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(level) inside, torch's unset default after."""
+    torch.set_float32_matmul_precision(level)
     try:
-        torch.set_float32_matmul_precision("high")
-        assert dot_input_precision(torch.float32) == "tf32"
-        torch.set_float32_matmul_precision("highest")
-        assert dot_input_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert dot_input_precision(torch.float32) == "tf32"
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous_allow
-        torch.set_float32_matmul_precision(previous_precision)
-    assert dot_input_precision(torch.float32) == "ieee"
+        _reset_matmul_precision()
+
+
+def _reset_matmul_precision() -> None:
+    """Back to the state of a fresh process: legacy level "highest", the new API unset ("none").
+
+    In this order: the legacy level survives a reset of the new API alone (a stale "medium"
+    would then make ``allow_tf32`` raise)."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.fp32_precision = "none"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+@pytest.fixture
+def clean_precision() -> Iterator[None]:
+    _reset_matmul_precision()
+    yield
+    _reset_matmul_precision()
+
+
+# (what a user runs, what the kernels must use). Each starts from a fresh process's state.
+SETTINGS = [
+    ("", "ieee"),
+    ('torch.set_float32_matmul_precision("highest")', "ieee"),
+    ('torch.set_float32_matmul_precision("high")', "tf32x3"),
+    ('torch.set_float32_matmul_precision("medium")', "tf32"),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32x3"),  # torch counts it as "high"
+    ("torch.backends.cuda.matmul.allow_tf32 = False", "ieee"),
+    ('torch.backends.cuda.matmul.fp32_precision = "tf32"', "tf32"),  # the new API names TF32
+    ('torch.backends.cuda.matmul.fp32_precision = "ieee"', "ieee"),
+    ('torch.backends.fp32_precision = "tf32"', "tf32"),
+    ('torch.backends.fp32_precision = "ieee"', "ieee"),
+    ('torch.set_float32_matmul_precision("high"); torch.backends.cuda.matmul.fp32_precision = "ieee"',
+     "ieee"),
+    ('torch.backends.fp32_precision = "ieee"; torch.backends.cuda.matmul.fp32_precision = "tf32"', "tf32"),
+    ('torch.backends.fp32_precision = "tf32"; torch.set_float32_matmul_precision("medium")', "tf32"),
+    ('torch.backends.fp32_precision = "tf32"; torch.set_float32_matmul_precision("high")', "tf32x3"),
+]
+
+
+@pytest.mark.parametrize("setting, expected", SETTINGS, ids=[s or "default" for s, _ in SETTINGS])
+def test_fp32_dot_precision_follows_torch(setting: str, expected: str, clean_precision) -> None:
+    """"highest" (the default) stays IEEE, "high" is 3xTF32, "medium" TF32, through every setter
+    of both torch APIs and their mixes; 16-bit operands always take the tensor cores."""
+    exec(setting, {"torch": torch})
+    assert dot_input_precision(torch.float32) == expected
+    assert dot_input_precision(torch.bfloat16) == dot_input_precision(torch.float16) == "tf32"
+    assert expected in DOT_PRECISIONS
+
+
+def test_fp32_dot_precision_default_in_a_fresh_process() -> None:
+    """The test process may have touched the settings; a fresh one is at the default."""
+    code = ("import torch\nfrom danet_kernels.kernels.common import dot_input_precision\n"
+            "print(dot_input_precision(torch.float32))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ieee"
+
+
+@pytest.mark.parametrize("level", ["highest", "high", "medium"])
+def test_both_ops_run_at_every_precision(level: str) -> None:
+    """PAM and CAM, forward and every gradient, at each fp32 precision: the kernels accept it
+    (under the interpreter, which computes dots in full fp32 whatever the precision, so all three
+    must match float64 to fp32 accuracy)."""
+    q, k = (torch.randn(2, 8, 70, device=DEVICE) * 0.5 for _ in range(2))
+    v, x = (torch.randn(2, 24, 70, device=DEVICE) for _ in range(2))
+    gamma = torch.full((1,), 0.6, device=DEVICE)
+    cases = {
+        "pam": (lambda q, k, v, gamma, residual: danet_kernels.position_attention(
+            q, k, v, gamma=gamma, residual=residual, backend="triton"),
+                lambda q, k, v, gamma, residual: gamma * position_attention_reference(q, k, v) + residual,
+                {"q": q, "k": k, "v": v, "gamma": gamma, "residual": x}),
+        "cam": (lambda x, gamma: danet_kernels.channel_attention(x, gamma=gamma, backend="triton"),
+                lambda x, gamma: gamma * channel_attention_reference(x) + x,
+                {"x": x * (2.0 / 70) ** 0.5, "gamma": gamma}),
+    }
+    with float32_matmul_precision(level):
+        for name, (fused, oracle, inputs) in cases.items():
+            results = []
+            for fn, dtype in ((fused, torch.float32), (oracle, torch.float64)):
+                leaves = {key: t.detach().to(dtype).requires_grad_() for key, t in inputs.items()}
+                out = fn(**leaves)
+                out.backward(torch.cos(torch.arange(out.numel(), device=DEVICE, dtype=dtype)).view_as(out))
+                results.append([out, *(t.grad for t in leaves.values())])
+            for got, want in zip(*results, strict=True):
+                err = ((got.double() - want).norm() / want.norm()).item()
+                assert err < 2e-5, f"{name} at {level!r}: relative error {err:.1e}"
 
 
 @triton.jit
