@@ -1,4 +1,4 @@
-"""danet_kernels.kernels.common: the fp32 dot precision rule, and the interpreter fix."""
+"""danet_kernels.kernels.common: the fp32 dot precision rule, and what each precision costs."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import triton.language as tl
 import danet_kernels
 from danet_kernels.kernels.common import DOT_PRECISIONS, dot_input_precision
 from danet_kernels.reference import channel_attention_reference, position_attention_reference
+from scripts.fp32_precision_errors import channel_attention_errors, position_attention_errors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -115,6 +116,21 @@ def test_both_ops_run_at_every_precision(level: str) -> None:
             for got, want in zip(*results, strict=True):
                 err = ((got.double() - want).norm() / want.norm()).item()
                 assert err < 2e-5, f"{name} at {level!r}: relative error {err:.1e}"
+
+
+def test_expected_gpu_errors_of_each_precision() -> None:
+    """The CPU emulation behind docs/performance.md's precision table (small shapes): 3xTF32
+    is as accurate as IEEE fp32, plain TF32 two to three orders of magnitude less, for both ops,
+    in the output and every gradient."""
+    emulated = {
+        "cam": {mode: channel_attention_errors(mode, 64, 1024) for mode in DOT_PRECISIONS},
+        "pam": {mode: position_attention_errors(mode, 16, 32, 512) for mode in DOT_PRECISIONS},
+    }
+    for op, errors in emulated.items():
+        for name, ieee in errors["ieee"].items():
+            assert ieee < 1e-4, (op, name, errors)
+            assert errors["tf32x3"][name] < 2 * ieee, (op, name, errors)
+            assert errors["tf32"][name] > 30 * ieee, (op, name, errors)
 
 
 @triton.jit
