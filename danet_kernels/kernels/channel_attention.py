@@ -17,13 +17,28 @@ and rowmax(E) is constant along each row. We compute it stably as
 exponent is <= 0 (no overflow) and the largest term is exactly exp(0) = 1 (the sum is >= 1, no
 division by zero). torch's softmax of ``rowmax - E`` subtracts the maximum of ``rowmax - E``,
 which is ``rowmax - m_i``, so it evaluates the same exponents: huge energies saturate to the same
-one-hot row (at the row minimum of E) and never give NaN.
+one-hot row (at the row minimum of E) and never give NaN. Non-finite energies give what the
+reference gives: a row of E holding any NaN or +-Inf is a NaN row of A (the reference subtracts
+inf from inf there); the row minimum would skip a +Inf, so +Inf energies count as NaN.
 
 Why fp32 energy: |E| grows with N (E[i, i] = |x_i|^2). Rounded to bf16 (8 mantissa bits) at
 N = 4096 an energy of ~4000 is off by ~16, and the softmax of such differences is garbage: the
 bf16 reference is at 0.5-0.7 relative error (../shared/baseline/h100_peers.md). Here E never
 leaves fp32, whatever the input dtype; only A (entries in [0, 1]) is rounded to the input dtype
 when it multiplies x on the tensor cores, a relative error of 2^-8 per entry that averages out.
+
+Aligned rows, every N. The GEMM kernels read rows of x (and, backward, of dY) in pipelined
+16-byte cp.async copies, which needs every row to start on 16 bytes and the row length to be
+known divisible by 16 (Triton specialises integer arguments that are multiples of 16). A row
+length like DANet's 97 x 97 = 9409 loses both: the kernels compile to synchronous scalar loads
+at 255 registers with spills. So an input whose rows are not unit-stride, 16-element aligned
+rows of a multiple of 16 is first copied into a (B, C, round_up(N, 16)) buffer with a zero
+tail (:func:`_aligned_rows`): zero columns change neither x x^T nor dY x^T, and the columns of
+A x past N are never stored. The copy costs one read of the tensor and one write of the
+buffer, O(C N) bytes (linear in N, against the kernels' O(C^2 N) FLOPs), and the buffer's
+memory until the op returns; the backward copies x again rather than keeping the buffer
+alive. A 97 x 97 map then compiles to the same pipelined code as a 128 x 128 one, apart from
+the final stores into the (B, C, N) result, which stay scalar.
 
 Forward, three kernels (x is the only N-sized input; it is read twice, the output written once):
 
@@ -70,16 +85,24 @@ N-sized tensors:
 4. ``_cam_apply_kernel`` again: dx = W [dY; x] (+ dY), the GEMM with K = 2C and the same tiling
    as the forward's step 3; x's gradient is written in x's dtype.
 
+When only gamma needs a gradient, steps 3 and 4 and the dE pass of step 2 are skipped: dgamma
+needs P and the row dots only (one pass over dY and x instead of two).
+
 The forward saves x, A (fp32, 4 C^2 bytes per image) and gamma; nothing N-sized is saved beyond
 the input itself, and out is not needed (dgamma comes from P and A).
 
-Precision: fp32 inputs multiply with ``input_precision`` following torch's own CUDA matmul
-setting (``torch.backends.cuda.matmul.fp32_precision``, which ``allow_tf32`` and
-``torch.set_float32_matmul_precision`` also set): TF32 allowed -> "tf32", otherwise "ieee" (the
-default, as exact as the reference); 16-bit inputs use the tensor cores with fp32 accumulation.
+Precision: fp32 inputs multiply with the ``input_precision`` that
+:func:`danet_kernels.kernels.common.dot_input_precision` reads from torch's float32 matmul
+precision: "highest" (the default) -> "ieee", exact fp32 on the FMA units, as exact as the
+reference; "high" -> "tf32x3" (near-fp32 on the tensor cores); "medium" -> "tf32". 16-bit
+inputs use the tensor cores with fp32 accumulation. Each (dtype, precision) has its own tile
+list (:data:`_GRAM_CONFIGS`, :data:`_APPLY_CONFIGS`): FMA dots hold both operands in registers
+and tf32x3 splits each operand in two, so each list is what compiles for sm_90 with no spills
+at that precision (``tests/danet_kernels/test_channel_attention.py`` checks it).
 
 Shapes: any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot needs dims >= 16), any
-B, arbitrary strides; offsets are computed in int64 so B * C * N may exceed 2^31.
+B, arbitrary strides. Offsets are int64 (:func:`_offsets_2d`): one image's C x N may pass 2^31
+elements, and so may B * C * N.
 """
 
 from __future__ import annotations
@@ -99,56 +122,75 @@ __all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
 
 # ----------------------------------------------------------------------------------------------
-# Tuning. Hopper (H100: 132 SMs, 228 KiB shared memory per SM, 50 MiB L2) configurations; each
-# list is pruned per call by the shared memory its stages need for the operands' dtype. Under
-# TRITON_INTERPRET=1 each kernel gets one small configuration: the interpreter runs every
+# Tuning. Hopper (H100/H200: 132 SMs, 227 KiB shared memory per CTA, 50 MiB L2), one tile list
+# per operand class, each config compiled for sm_90 with a real launch's specialisation (16-byte
+# divisible pointers, row strides and N) at 0 bytes of spill with triton 3.6 and 3.8, cp.async
+# present at N = 9409 (padded) as at N = 16384 (docs/cam_compile.md; CI compiles the first
+# config of each list, ``python -m tests.danet_kernels.test_channel_attention --all-configs`` all).
+# Under TRITON_INTERPRET=1 each kernel gets one small configuration: the interpreter runs every
 # program in Python, so autotuning would only multiply the CI time, and small tiles let small
 # test shapes still cover several tiles and splits.
 # ----------------------------------------------------------------------------------------------
 _INTERPRET = triton_interpreting()
-_SMEM_BUDGET = 200 * 1024  # of the 227 KiB a Hopper CTA may use; the rest is for layout shuffles
+_ROW_ALIGN = 16  # elements: row lengths and strides the compiler sees as multiples of 16
+
+_OPERAND_CLASSES = ("16-bit", "tf32", "tf32x3", "ieee")
+
+
+def _operand_class(dtype: torch.dtype, precision: str) -> str:
+    """Which tile list serves operands of ``dtype`` multiplied at ``precision``."""
+    return "16-bit" if dtype != torch.float32 else precision
+
+
+def _gram_configs(rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bc, bn, w, s in rows]
+
+
+def _apply_configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for br, bn, bk, w, s in rows]
+
 
 if _INTERPRET:
-    _GRAM_CONFIGS = [triton.Config({"BLOCK_C": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
-    _APPLY_CONFIGS = [
-        triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1)
-    ]
+    _GRAM_CONFIGS = dict.fromkeys(_OPERAND_CLASSES, _gram_configs([(16, 32, 1, 1)]))
+    _APPLY_CONFIGS = dict.fromkeys(_OPERAND_CLASSES, _apply_configs([(16, 32, 16, 1, 1)]))
     _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 16, 32, 1
     _WEIGHTS_BLOCK = 16
     _MIN_N_PER_SPLIT = 32  # small, so that test shapes exercise the split-N reduction
     _N_SPLIT_ALIGN = 32
 else:
-    # Gram tiles: 128 x 128 fp32 accumulators (64 KiB of registers over 8 warps) give the
-    # highest tensor-core intensity; 64 x 64 quarters the register need, for fp32 "ieee" dots,
-    # which run on the FMA units, and for small C. The N step is the K dimension of the dot: 64
-    # keeps 3 stages of two 128 x 64 operand tiles inside shared memory even in fp32; the
-    # shared-memory pruning below drops the deep-pipelined configs fp32 cannot hold.
-    _GRAM_CONFIGS = [
-        triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bc, bn, w, s in [
-            (128, 64, 8, 3),
-            (128, 64, 8, 4),
-            (128, 32, 8, 4),
-            (128, 128, 8, 3),
-            (64, 64, 4, 4),
-            (64, 128, 4, 3),
-        ]
-    ]
-    # out = W @ U tiles: BLOCK_R rows of the small C x C (or C x 2C) matrix against a BLOCK_R x
-    # BLOCK_N output tile. A larger BLOCK_R means fewer programs re-read each x column (from
-    # L2), a larger BLOCK_N fewer re-reads of W; 128 x 128 (fp32 accumulator 64 KiB over 8
-    # warps) is the usual Hopper sweet spot, 128 x 256 trades registers for W traffic.
-    _APPLY_CONFIGS = [
-        triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for br, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (128, 256, 32, 8, 3),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 256, 64, 8, 3),
-        ]
-    ]
+    # Gram tiles (BLOCK_C, BLOCK_N, warps, stages). 128 x 128 fp32 accumulators (64 KiB of
+    # registers over 8 warps) give the highest tensor-core intensity, 64 x 64 quarters the
+    # register need for small C. The N step is the K dimension of the dot; the stages of two
+    # BLOCK_C x BLOCK_N operand tiles must fit in shared memory, so fp32 (twice the bytes) gets
+    # shallower or narrower pipelines. tf32x3 splits both operand tiles into high and low parts
+    # in registers, and FMA dots ("ieee") hold both operands and the accumulator there: 128 x 128
+    # only with an N step of 16 or 32, and no 64 x 64 (the symmetric kernel's mirrored store
+    # spills 916 bytes on 4 warps with triton 3.6, 24 bytes on 8 warps with 3.8).
+    _GRAM_CONFIGS = {
+        "16-bit": _gram_configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (128, 128, 8, 3),
+                                 (64, 64, 4, 4), (64, 128, 4, 3)]),
+        "tf32": _gram_configs([(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3)]),
+        "tf32x3": _gram_configs([(128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]),
+        "ieee": _gram_configs([(128, 32, 8, 4), (128, 32, 8, 3), (128, 16, 8, 4), (64, 32, 8, 4)]),
+    }
+    # out = W @ U tiles (BLOCK_R, BLOCK_N, BLOCK_K, warps, stages): BLOCK_R rows of the small
+    # C x C (or C x 2C) matrix against a BLOCK_R x BLOCK_N output tile. A larger BLOCK_R means
+    # fewer programs re-read each x column (from L2), a larger BLOCK_N fewer re-reads of W;
+    # 128 x 128 (fp32 accumulator 64 KiB over 8 warps) is the usual Hopper sweet spot. The result
+    # (B, C, N) keeps the caller's unaligned rows (N = 9409): its scalar stores cost registers,
+    # and 128 x 256 spills there in every class; tf32x3 keeps high and low parts of both operand
+    # tiles in registers, so its K steps are short.
+    _APPLY_CONFIGS = {
+        "16-bit": _apply_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                                  (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+        "tf32": _apply_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                                (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]),
+        "tf32x3": _apply_configs([(128, 128, 16, 8, 4), (64, 128, 32, 4, 4), (64, 128, 16, 4, 4),
+                                  (64, 64, 64, 4, 4)]),
+        "ieee": _apply_configs([(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (64, 128, 16, 4, 4),
+                                (64, 256, 32, 8, 3)]),
+    }
     # Row kernels over C x C fp32 matrices: 8 rows x 128 columns per step, coalesced along rows.
     _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 8, 128, 4
     _WEIGHTS_BLOCK = 64
@@ -161,24 +203,19 @@ else:
 _MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
 
 
-def _prune_by_shared_memory(configs, named_args, **kwargs):
-    """Drop configurations whose pipelined operand tiles would not fit in shared memory."""
-    elem = named_args["L"].element_size() if "L" in named_args else named_args["U"].element_size()
-    kept = []
-    for config in configs:
-        meta = config.kwargs
-        if "BLOCK_C" in meta:
-            per_stage = 2 * meta["BLOCK_C"] * meta["BLOCK_N"] * elem
-        else:
-            per_stage = (meta["BLOCK_R"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * elem
-        if per_stage * max(config.num_stages, 1) <= _SMEM_BUDGET:
-            kept.append(config)
-    return kept or configs[-1:]
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _offsets_2d(rows, stride_rows, cols, stride_cols):
+    """Element offsets ``rows[:, None] * stride_rows + cols[None, :] * stride_cols`` in int64.
+
+    Every tensor offset inside an image goes through here: C * N of one image may pass 2^31
+    elements (int32 index arithmetic would wrap silently), and so may C * C or C * 2C.
+    """
+    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
+
+
 @triton.jit
 def _gram_tile_coords(pid_tile, num_tiles, SYMMETRIC: tl.constexpr):
     """Map a tile index to (row tile, column tile); SYMMETRIC enumerates the lower triangle."""
@@ -195,11 +232,6 @@ def _gram_tile_coords(pid_tile, num_tiles, SYMMETRIC: tl.constexpr):
     return tile_i, tile_j
 
 
-@triton.autotune(
-    configs=_GRAM_CONFIGS,
-    key=["C", "N_BUCKET", "SYMMETRIC", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_by_shared_memory},
-)
 @triton.jit
 def _cam_gram_kernel(
     L, stride_lb, stride_lc, stride_ln,
@@ -214,7 +246,8 @@ def _cam_gram_kernel(
 ):
     """Partial[b, s] = L[b, :, chunk s] @ R[b, :, chunk s]^T in fp32, for each N-chunk s.
 
-    Grid: (num_tile_pairs * num_splits * B,), tiles fastest, then splits, then batch.
+    N is the (padded) row length: columns past the true N are zeros. Grid:
+    (num_tile_pairs * num_splits * B,), tiles fastest, then splits, then batch.
     """
     num_tiles = tl.cdiv(C, BLOCK_C)
     if SYMMETRIC:
@@ -231,8 +264,8 @@ def _cam_gram_kernel(
     offs_j = tile_j * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_i = offs_i < C
     mask_j = offs_j < C
-    l_rows = L + pid_b * stride_lb + offs_i.to(tl.int64)[:, None] * stride_lc
-    r_rows = R + pid_b * stride_rb + offs_j.to(tl.int64)[:, None] * stride_rc
+    left_image = L + pid_b * stride_lb
+    right_image = R + pid_b * stride_rb
 
     n_start = pid_split * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
@@ -240,22 +273,37 @@ def _cam_gram_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        offs_n64 = offs_n.to(tl.int64)
-        left = tl.load(l_rows + offs_n64[None, :] * stride_ln, mask=mask_i[:, None] & mask_n[None, :],
-                       other=0.0)
-        right = tl.load(r_rows + offs_n64[None, :] * stride_rn, mask=mask_j[:, None] & mask_n[None, :],
-                        other=0.0)
+        left = tl.load(left_image + _offsets_2d(offs_i, stride_lc, offs_n, stride_ln),
+                       mask=mask_i[:, None] & mask_n[None, :], other=0.0)
+        right = tl.load(right_image + _offsets_2d(offs_j, stride_rc, offs_n, stride_rn),
+                        mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(left, tl.trans(right), acc, input_precision=PRECISION)
 
     tile_base = Partial + (pid_b * num_splits + pid_split) * C * C
-    offs_i64 = offs_i.to(tl.int64)
-    offs_j64 = offs_j.to(tl.int64)
     mask = mask_i[:, None] & mask_j[None, :]
-    tl.store(tile_base + offs_i64[:, None] * C + offs_j64[None, :], acc, mask=mask)
+    tl.store(tile_base + _offsets_2d(offs_i, C, offs_j, 1), acc, mask=mask)
     if SYMMETRIC:
         # The mirrored tile E[j, i] = E[i, j]^T, so the row kernels read whole rows. Diagonal
         # tiles are skipped: two threads writing one address would race.
-        tl.store(tile_base + offs_j64[None, :] * C + offs_i64[:, None], acc, mask=mask & (tile_i != tile_j))
+        tl.store(tile_base + _offsets_2d(offs_i, 1, offs_j, C), acc, mask=mask & (tile_i != tile_j))
+
+
+@triton.jit
+def _row_block(C, BLOCK_R: tl.constexpr):
+    """The row-kernel prologue: this program's image, rows and their offsets in a C x C matrix.
+
+    Grid (cdiv(C, BLOCK_R) * B,). Returns (pid_b, offs_r, mask_r, plane, row_offs): ``plane``
+    is C * C (one image's matrix, and the stride between split partials) and ``row_offs`` the
+    rows' int64 offsets as a (BLOCK_R, 1) column.
+    """
+    num_row_blocks = tl.cdiv(C, BLOCK_R)
+    pid = tl.program_id(0)
+    pid_b = (pid // num_row_blocks).to(tl.int64)
+    offs_r = (pid % num_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < C
+    plane = tl.cast(C, tl.int64) * C
+    row_offs = offs_r.to(tl.int64)[:, None] * C
+    return pid_b, offs_r, mask_r, plane, row_offs
 
 
 @triton.jit
@@ -281,24 +329,20 @@ def _cam_softmax_kernel(
     Grid: (cdiv(C, BLOCK_R) * B,). Pass 1 writes E into Attn while keeping the running row
     minimum m and l = sum_j exp(m - E[i, j]); pass 2 rewrites Attn in place with A.
     """
-    num_row_blocks = tl.cdiv(C, BLOCK_R)
-    pid = tl.program_id(0)
-    pid_b = (pid // num_row_blocks).to(tl.int64)
-    offs_r = (pid % num_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < C
-    matrix = pid_b * C * C
-    split_stride = tl.cast(C, tl.int64) * C
-    row_offs = offs_r.to(tl.int64)[:, None] * C
+    pid_b, _, mask_r, plane, row_offs = _row_block(C, BLOCK_R)
+    matrix = pid_b * plane
+    partials = Partial + pid_b * num_splits * plane
 
     row_min = tl.full((BLOCK_R,), float("inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_r[:, None] & (offs_k < C)[None, :]
-        offs = matrix + row_offs + offs_k[None, :]
-        energy = _sum_partials(Partial + pid_b * num_splits * split_stride, row_offs + offs_k[None, :], mask,
-                               num_splits, split_stride)
-        tl.store(Attn + offs, energy, mask=mask)
+        energy = _sum_partials(partials, row_offs + offs_k[None, :], mask, num_splits, plane)
+        tl.store(Attn + matrix + row_offs + offs_k[None, :], energy, mask=mask)
+        # The reference turns a row holding +inf into NaN (its rowmax is inf, inf - inf = NaN);
+        # the minimum would skip the +inf, so count it as NaN, which reaches the row sum.
+        energy = tl.where(energy == float("inf"), float("nan"), energy)
         # Padded columns get +inf: they neither lower the minimum nor add to the sum (exp(-inf) = 0).
         # Padded rows keep their finite zeros, so no inf - inf arises in rows never stored.
         energy = tl.where((offs_k < C)[None, :], energy, float("inf"))
@@ -324,24 +368,19 @@ def _cam_softmax_kernel(
 
 
 @triton.jit
-def _matmul_accumulate(acc, W, w_rows, mask_r, U, u_base, stride_uc, stride_un, offs_n64, mask_n, C,
+def _matmul_accumulate(acc, W, w_rows, mask_r, U, stride_uc, stride_un, offs_n, mask_n, C,
                        PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += W[rows, 0:C] @ U[0:C, cols] with a K-loop over C (masked tails)."""
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
         w = tl.load(W + w_rows + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        u = tl.load(U + u_base + offs_k.to(tl.int64)[:, None] * stride_uc + offs_n64[None, :] * stride_un,
+        u = tl.load(U + _offsets_2d(offs_k, stride_uc, offs_n, stride_un),
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(w.to(u.dtype), u, acc, input_precision=PRECISION)
     return acc
 
 
-@triton.autotune(
-    configs=_APPLY_CONFIGS,
-    key=["C", "N_BUCKET", "HAS_V", "HAS_SCALE", "HAS_RESIDUAL", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_by_shared_memory},
-)
 @triton.jit
 def _cam_apply_kernel(
     W, stride_wb, stride_wr,
@@ -350,7 +389,7 @@ def _cam_apply_kernel(
     Res, stride_resb, stride_resc, stride_resn,
     Scale,
     Y, stride_yb, stride_yc, stride_yn,
-    C, N,
+    C, N, N_PADDED,
     N_BUCKET,
     HAS_V: tl.constexpr,  # also add W[:, C:2C] @ V (the backward's K = 2C GEMM)
     HAS_SCALE: tl.constexpr,  # multiply the product by Scale[0] (gamma)
@@ -363,8 +402,10 @@ def _cam_apply_kernel(
     """Y = [Scale *] (W[:, :C] @ U [+ W[:, C:] @ V]) [+ Res], all (B, C, N) but W (B, C, C or 2C).
 
     Forward: W = A, U = Res = x, Scale = gamma. Backward: W = [gamma A^T | dE + dE^T], U = dY,
-    V = x, Res = dY. Grid: (cdiv(C, BLOCK_R) * cdiv(N, BLOCK_N) * B,), row blocks fastest so the
-    programs that read the same columns of U and V run together (L2 reuse).
+    V = x, Res = dY. U, V and Res have rows of N_PADDED columns, zero past N (loads are masked
+    on N_PADDED, a multiple of 16 the compiler can use); Y has N. Grid:
+    (cdiv(C, BLOCK_R) * cdiv(N, BLOCK_N) * B,), row blocks fastest so the programs that read
+    the same columns of U and V run together (L2 reuse).
     """
     num_row_blocks = tl.cdiv(C, BLOCK_R)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -376,27 +417,24 @@ def _cam_apply_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = offs_r < C
-    mask_n = offs_n < N
-    offs_r64 = offs_r.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
-    w_rows = pid_b * stride_wb + offs_r64[:, None] * stride_wr
+    mask_load = offs_n < N_PADDED
+    w_rows = pid_b * stride_wb + offs_r.to(tl.int64)[:, None] * stride_wr
 
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    acc = _matmul_accumulate(acc, W, w_rows, mask_r, U, pid_b * stride_ub, stride_uc, stride_un, offs_n64,
-                             mask_n, C, PRECISION, BLOCK_K)
+    acc = _matmul_accumulate(acc, W, w_rows, mask_r, U + pid_b * stride_ub, stride_uc, stride_un, offs_n,
+                             mask_load, C, PRECISION, BLOCK_K)
     if HAS_V:
-        acc = _matmul_accumulate(acc, W, w_rows + C, mask_r, V, pid_b * stride_vb, stride_vc, stride_vn,
-                                 offs_n64, mask_n, C, PRECISION, BLOCK_K)
+        acc = _matmul_accumulate(acc, W, w_rows + C, mask_r, V + pid_b * stride_vb, stride_vc, stride_vn,
+                                 offs_n, mask_load, C, PRECISION, BLOCK_K)
     if HAS_SCALE:
         acc = acc * tl.load(Scale).to(tl.float32)
-    mask = mask_r[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        res_ptrs = (Res + pid_b * stride_resb + offs_r64[:, None] * stride_resc
-                    + offs_n64[None, :] * stride_resn)
-        res = tl.load(res_ptrs, mask=mask, other=0.0)
+        res_offs = _offsets_2d(offs_r, stride_resc, offs_n, stride_resn)
+        res = tl.load(Res + pid_b * stride_resb + res_offs, mask=mask_r[:, None] & mask_load[None, :],
+                      other=0.0)
         acc += res.to(tl.float32)
-    y_ptrs = Y + pid_b * stride_yb + offs_r64[:, None] * stride_yc + offs_n64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+    y_ptrs = Y + pid_b * stride_yb + _offsets_2d(offs_r, stride_yc, offs_n, stride_yn)
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_r[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -405,6 +443,7 @@ def _cam_softmax_bwd_kernel(
     Attn, Scale, DE, RowDot,
     C,
     HAS_SCALE: tl.constexpr,
+    GRAD_ENERGY: tl.constexpr,  # also form dE (x needs a gradient); else the row dots only
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -413,37 +452,33 @@ def _cam_softmax_bwd_kernel(
     Grid: (cdiv(C, BLOCK_R) * B,). Pass 1 writes P into DE and the row dots rowsum(P * A) into
     RowDot (their total is dgamma); pass 2 rewrites DE in place.
     """
-    num_row_blocks = tl.cdiv(C, BLOCK_R)
-    pid = tl.program_id(0)
-    pid_b = (pid // num_row_blocks).to(tl.int64)
-    offs_r = (pid % num_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < C
-    matrix = pid_b * C * C
-    split_stride = tl.cast(C, tl.int64) * C
-    row_offs = offs_r.to(tl.int64)[:, None] * C
+    pid_b, offs_r, mask_r, plane, row_offs = _row_block(C, BLOCK_R)
+    matrix = pid_b * plane
+    partials = Partial + pid_b * num_splits * plane
 
     row_dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_r[:, None] & (offs_k < C)[None, :]
         offs = matrix + row_offs + offs_k[None, :]
-        p = _sum_partials(Partial + pid_b * num_splits * split_stride, row_offs + offs_k[None, :], mask,
-                          num_splits, split_stride)
-        tl.store(DE + offs, p, mask=mask)
+        p = _sum_partials(partials, row_offs + offs_k[None, :], mask, num_splits, plane)
+        if GRAD_ENERGY:
+            tl.store(DE + offs, p, mask=mask)
         row_dot += tl.sum(p * tl.load(Attn + offs, mask=mask, other=0.0), axis=1)
     tl.store(RowDot + pid_b * C + offs_r, row_dot, mask=mask_r)
 
-    tl.debug_barrier()
-    scale = -1.0
-    if HAS_SCALE:
-        scale = -tl.load(Scale).to(tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_r[:, None] & (offs_k < C)[None, :]
-        offs = matrix + row_offs + offs_k[None, :]
-        p = tl.load(DE + offs, mask=mask, other=0.0)
-        attn = tl.load(Attn + offs, mask=mask, other=0.0)
-        tl.store(DE + offs, scale * attn * (p - row_dot[:, None]), mask=mask)
+    if GRAD_ENERGY:
+        tl.debug_barrier()
+        scale = -1.0
+        if HAS_SCALE:
+            scale = -tl.load(Scale).to(tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_r[:, None] & (offs_k < C)[None, :]
+            offs = matrix + row_offs + offs_k[None, :]
+            p = tl.load(DE + offs, mask=mask, other=0.0)
+            attn = tl.load(Attn + offs, mask=mask, other=0.0)
+            tl.store(DE + offs, scale * attn * (p - row_dot[:, None]), mask=mask)
 
 
 @triton.jit
@@ -464,21 +499,30 @@ def _cam_bwd_weights_kernel(
     tile = pid % (num_tiles * num_tiles)
     offs_i = (tile // num_tiles) * BLOCK + tl.arange(0, BLOCK)
     offs_k = (tile % num_tiles) * BLOCK + tl.arange(0, BLOCK)
-    offs_i64 = offs_i.to(tl.int64)
-    offs_k64 = offs_k.to(tl.int64)
     mask_ik = (offs_i < C)[:, None] & (offs_k < C)[None, :]
     mask_ki = (offs_k < C)[:, None] & (offs_i < C)[None, :]
     matrix = pid_b * C * C
-    ik = matrix + offs_i64[:, None] * C + offs_k64[None, :]
-    ki = matrix + offs_k64[:, None] * C + offs_i64[None, :]
+    ik = matrix + _offsets_2d(offs_i, C, offs_k, 1)
+    ki = matrix + _offsets_2d(offs_k, C, offs_i, 1)
 
     attn_t = tl.trans(tl.load(Attn + ki, mask=mask_ki, other=0.0))
     if HAS_SCALE:
         attn_t = attn_t * tl.load(Scale).to(tl.float32)
     grad_sym = tl.load(DE + ik, mask=mask_ik, other=0.0) + tl.trans(tl.load(DE + ki, mask=mask_ki, other=0.0))
-    w_rows = Wgt + pid_b * 2 * C * C + offs_i64[:, None] * (2 * C)
-    tl.store(w_rows + offs_k64[None, :], attn_t.to(Wgt.dtype.element_ty), mask=mask_ik)
-    tl.store(w_rows + C + offs_k64[None, :], grad_sym.to(Wgt.dtype.element_ty), mask=mask_ik)
+    w_rows = Wgt + pid_b * 2 * C * C + _offsets_2d(offs_i, 2 * C, offs_k, 1)
+    tl.store(w_rows, attn_t.to(Wgt.dtype.element_ty), mask=mask_ik)
+    tl.store(w_rows + C, grad_sym.to(Wgt.dtype.element_ty), mask=mask_ik)
+
+
+def _autotuned(kernel, configs: dict[str, list[triton.Config]], key: list[str]) -> dict:
+    """One autotuner per operand class around the same kernel (each class its own tile list)."""
+    return {name: triton.autotune(configs=class_configs, key=key)(kernel)
+            for name, class_configs in configs.items()}
+
+
+_GRAM_KERNELS = _autotuned(_cam_gram_kernel, _GRAM_CONFIGS, key=["C", "N_BUCKET", "SYMMETRIC"])
+_APPLY_KERNELS = _autotuned(_cam_apply_kernel, _APPLY_CONFIGS,
+                            key=["C", "N_BUCKET", "HAS_V", "HAS_SCALE", "HAS_RESIDUAL"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,15 +541,17 @@ def _programs_per_wave(device: torch.device) -> int:
     return 8
 
 
-def _split_plan(batch: int, C: int, N: int, symmetric: bool, device: torch.device) -> tuple[int, int]:
+def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: int) -> tuple[int, int]:
     """Number of N-splits of the Gram reduction and the positions each covers.
 
-    Enough splits that (tiles x splits x batch) is about one wave of programs, counting tiles
-    of the largest BLOCK_C; no split shorter than _MIN_N_PER_SPLIT; at most _MAX_SPLITS.
+    Enough splits that (tiles x splits x batch) is about ``programs_per_wave`` programs,
+    counting tiles of the largest BLOCK_C; no split shorter than _MIN_N_PER_SPLIT; at most
+    _MAX_SPLITS.
     """
-    tiles = triton.cdiv(C, max(cfg.kwargs["BLOCK_C"] for cfg in _GRAM_CONFIGS))
+    widest = max(cfg.kwargs["BLOCK_C"] for configs in _GRAM_CONFIGS.values() for cfg in configs)
+    tiles = triton.cdiv(C, widest)
     pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
-    wanted = triton.cdiv(_programs_per_wave(device), batch * pairs)
+    wanted = triton.cdiv(programs_per_wave, batch * pairs)
     splits = max(1, min(wanted, triton.cdiv(N, _MIN_N_PER_SPLIT), _MAX_SPLITS))
     n_per_split = triton.cdiv(triton.cdiv(N, splits), _N_SPLIT_ALIGN) * _N_SPLIT_ALIGN
     return triton.cdiv(N, n_per_split), n_per_split
@@ -518,50 +564,82 @@ def _size_bucket(n: int) -> int:
     return triton.next_power_of_2(n) if isinstance(n, int) else n
 
 
+def _padded_length(n: int) -> int:
+    return triton.cdiv(n, _ROW_ALIGN) * _ROW_ALIGN
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are what the pipelined loads need, else a zero-tailed copy.
+
+    Needed: unit stride along N, and N, the channel and batch strides and the storage offset
+    all multiples of 16 elements (so each row starts on 16 bytes and Triton specialises the
+    row length as divisible by 16; CUDA allocations start 256-byte aligned). Otherwise the
+    copy has shape (B, C, round_up(N, 16)), t in its first N columns and zeros after them: one
+    read of t and one write of the copy.
+    """
+    B, C, N = t.shape
+    multiples = (N, t.stride(1), t.stride(0), t.storage_offset())
+    if t.stride(2) == 1 and all(s % _ROW_ALIGN == 0 for s in multiples):
+        return t
+    padded = t.new_empty((B, C, _padded_length(N)))
+    padded[:, :, N:].zero_()
+    padded[:, :, :N].copy_(t)
+    return padded
+
+
 def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, int]:
-    """Split-N partial products left @ right^T in fp32: returns the (B, S, C, C) workspace and S."""
+    """Split-N partial products left @ right^T in fp32: returns the (B, S, C, C) workspace and S.
+
+    ``left`` and ``right`` have aligned rows of the same (padded) length, zero past the true N.
+    """
     B, C, N = left.shape
-    num_splits, n_per_split = _split_plan(B, C, N, symmetric, left.device)
+    num_splits, n_per_split = _split_plan(B, C, N, symmetric, _programs_per_wave(left.device))
     partial = torch.empty((B, num_splits, C, C), dtype=torch.float32, device=left.device)
+    precision = dot_input_precision(left.dtype)
 
     def grid(meta):
         tiles = triton.cdiv(C, meta["BLOCK_C"])
         pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
         return (pairs * num_splits * B,)
 
-    wrap_triton(_cam_gram_kernel)[grid](
+    wrap_triton(_GRAM_KERNELS[_operand_class(left.dtype, precision)])[grid](
         left, *left.stride(),
         right, *right.stride(),
         partial,
         C, N, n_per_split, num_splits, _size_bucket(N),
-        SYMMETRIC=symmetric, PRECISION=dot_input_precision(left.dtype),
+        SYMMETRIC=symmetric, PRECISION=precision,
     )
     return partial, num_splits
 
 
 def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
            residual: torch.Tensor | None, scale: torch.Tensor | None,
-           out_dtype: torch.dtype) -> torch.Tensor:
-    """Launch ``_cam_apply_kernel``: [scale *] (W[:, :C] @ u [+ W[:, C:] @ v]) [+ residual]."""
-    B, C, N = u.shape
-    y = torch.empty((B, C, N), dtype=out_dtype, device=u.device)
+           out_dtype: torch.dtype, n: int) -> torch.Tensor:
+    """Launch ``_cam_apply_kernel``: [scale *] (W[:, :C] @ u [+ W[:, C:] @ v]) [+ residual].
+
+    u, v and residual have aligned rows of one padded length, zero past ``n``; the result is a
+    contiguous (B, C, n) tensor.
+    """
+    B, C, n_padded = u.shape
+    y = torch.empty((B, C, n), dtype=out_dtype, device=u.device)
     dummy = u  # stands in for absent operands; the constexpr flags keep them unread
+    precision = dot_input_precision(u.dtype)
 
     def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_R"]) * triton.cdiv(N, meta["BLOCK_N"]) * B,)
+        return (triton.cdiv(C, meta["BLOCK_R"]) * triton.cdiv(n, meta["BLOCK_N"]) * B,)
 
     v_ = dummy if v is None else v
     res = dummy if residual is None else residual
-    wrap_triton(_cam_apply_kernel)[grid](
+    wrap_triton(_APPLY_KERNELS[_operand_class(u.dtype, precision)])[grid](
         weights, weights.stride(0), weights.stride(1),
         u, *u.stride(),
         v_, *v_.stride(),
         res, *res.stride(),
         dummy if scale is None else scale,
         y, *y.stride(),
-        C, N, _size_bucket(N),
+        C, n, n_padded, _size_bucket(n),
         HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
-        PRECISION=dot_input_precision(u.dtype),
+        PRECISION=precision,
     )
     return y
 
@@ -569,8 +647,9 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
 def channel_attention_forward(x: torch.Tensor, gamma: torch.Tensor | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernels; returns (y, A) with A = softmax(-x x^T) in fp32, shape (B, C, C)."""
-    B, C, _ = x.shape
-    partial, num_splits = _gram_partials(x, x, symmetric=True)
+    B, C, N = x.shape
+    rows = _aligned_rows(x)
+    partial, num_splits = _gram_partials(rows, rows, symmetric=True)
     attention = torch.empty((B, C, C), dtype=torch.float32, device=x.device)
     write_low = x.dtype != torch.float32
     attention_low = torch.empty((B, C, C), dtype=x.dtype, device=x.device) if write_low else attention
@@ -578,32 +657,39 @@ def channel_attention_forward(x: torch.Tensor, gamma: torch.Tensor | None
         partial, num_splits, attention, attention_low, C,
         WRITE_LOW=write_low, BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K, num_warps=_SOFTMAX_WARPS,
     )
-    y = _apply(attention_low, x, None, x if gamma is not None else None, gamma, x.dtype)
+    y = _apply(attention_low, rows, None, rows if gamma is not None else None, gamma, x.dtype, N)
     return y, attention
 
 
 def channel_attention_backward(
     grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor,
-    gamma: torch.Tensor | None,
+    gamma: torch.Tensor | None, needs_grad_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the backward kernels; returns (dx in x's dtype, dgamma as an fp32 scalar tensor)."""
-    B, C, _ = x.shape
-    grad_y = grad_y.to(x.dtype)
-    partial, num_splits = _gram_partials(grad_y, x, symmetric=False)
-    grad_energy = torch.empty((B, C, C), dtype=torch.float32, device=x.device)
+    """Run the backward kernels; returns (dx in x's dtype, dgamma as an fp32 scalar tensor).
+
+    Without ``needs_grad_x`` only dgamma is computed (P and the row dots) and dx is an empty
+    tensor.
+    """
+    B, C, N = x.shape
+    grad_rows = _aligned_rows(grad_y.to(x.dtype))
+    rows = _aligned_rows(x)
+    partial, num_splits = _gram_partials(grad_rows, rows, symmetric=False)
+    grad_energy = torch.empty((B, C, C) if needs_grad_x else (0,), dtype=torch.float32, device=x.device)
     row_dot = torch.empty((B, C), dtype=torch.float32, device=x.device)
     scale = attention if gamma is None else gamma
     wrap_triton(_cam_softmax_bwd_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
         partial, num_splits, attention, scale, grad_energy, row_dot, C,
-        HAS_SCALE=gamma is not None, BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K,
-        num_warps=_SOFTMAX_WARPS,
+        HAS_SCALE=gamma is not None, GRAD_ENERGY=needs_grad_x,
+        BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K, num_warps=_SOFTMAX_WARPS,
     )
+    if not needs_grad_x:
+        return x.new_empty((0,)), row_dot.sum()
     weights = torch.empty((B, C, 2 * C), dtype=x.dtype, device=x.device)
     wrap_triton(_cam_bwd_weights_kernel)[(triton.cdiv(C, _WEIGHTS_BLOCK) ** 2 * B,)](
         attention, grad_energy, scale, weights, C,
         HAS_SCALE=gamma is not None, BLOCK=_WEIGHTS_BLOCK,
     )
-    grad_x = _apply(weights, grad_y, x, grad_y if gamma is not None else None, None, x.dtype)
+    grad_x = _apply(weights, grad_rows, rows, grad_rows if gamma is not None else None, None, x.dtype, N)
     return grad_x, row_dot.sum()
 
 
@@ -636,9 +722,10 @@ def _cam_forward_fake(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torc
 
 
 def _cam_backward_fake(
-    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None
+    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None,
+    needs_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape), x.new_empty((), dtype=torch.float32)
+    return x.new_empty(x.shape if needs_grad_x else (0,)), x.new_empty((), dtype=torch.float32)
 
 
 @_custom_op("danet_kernels::cam_forward", _cam_forward_fake)
@@ -648,9 +735,10 @@ def _cam_forward_op(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.
 
 @_custom_op("danet_kernels::cam_backward", _cam_backward_fake)
 def _cam_backward_op(
-    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None
+    grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None,
+    needs_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return channel_attention_backward(grad_y, x, attention, gamma)
+    return channel_attention_backward(grad_y, x, attention, gamma, needs_grad_x)
 
 
 class ChannelAttentionFunction(torch.autograd.Function):
@@ -681,15 +769,15 @@ class ChannelAttentionFunction(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor, *unused_grads: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Gradients of x (x's dtype) and gamma (gamma's dtype and shape)."""
+        """Gradients of x (x's dtype) and gamma (gamma's dtype and shape); dx only if needed."""
         x, attention, gamma = ctx.saved_tensors
         needs_x, needs_gamma = ctx.needs_input_grad
+        needs_gamma = needs_gamma and gamma is not None
         if not (needs_x or needs_gamma):
             return None, None
-        grad_x, grad_gamma = _cam_backward_op(grad_y, x, attention, gamma)
-        if gamma is None or not needs_gamma:
-            return grad_x if needs_x else None, None
-        return grad_x if needs_x else None, grad_gamma.to(gamma.dtype).reshape(gamma.shape)
+        grad_x, grad_gamma = _cam_backward_op(grad_y, x, attention, gamma, needs_x)
+        return (grad_x if needs_x else None,
+                grad_gamma.to(gamma.dtype).reshape(gamma.shape) if needs_gamma else None)
 
 
 _cam_forward_op.register_autograd(
