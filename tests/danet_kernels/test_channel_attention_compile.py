@@ -35,7 +35,9 @@ def test_opcheck_backward() -> None:
     x, gamma = make_inputs(requires_grad=False)
     _, attention = torch.ops.danet_kernels.cam_forward(x, gamma)
     grad_y = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.danet_kernels.cam_backward.default, (grad_y, x, attention, gamma))
+    for needs_grad_x in (True, False):  # False: dgamma only, an empty dx
+        torch.library.opcheck(torch.ops.danet_kernels.cam_backward.default,
+                              (grad_y, x, attention, gamma, needs_grad_x))
 
 
 def compile_and_compare(backend: str) -> None:
