@@ -181,15 +181,19 @@ def _is_autotuner(obj: object) -> bool:
 
 
 def find_autotuners() -> dict[str, Any]:
-    """Every Triton autotuner held by a module of ``danet_kernels.kernels``, by ``module.attribute``."""
+    """Every Triton autotuner held by a module of ``danet_kernels.kernels``, by ``module.attribute``
+    (or ``module.attribute[key]`` for a dict of them, as CAM keeps one per operand class)."""
     import danet_kernels.kernels as package
 
     found: dict[int, tuple[str, Any]] = {}
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, obj in sorted(vars(module).items()):
-            if _is_autotuner(obj):
-                found.setdefault(id(obj), (f"{info.name}.{name}", obj))
+            members = obj.items() if isinstance(obj, dict) else [(None, obj)]
+            for key, member in members:
+                if _is_autotuner(member):
+                    label = f"{info.name}.{name}" if key is None else f"{info.name}.{name}[{key}]"
+                    found.setdefault(id(member), (label, member))
     return dict(found.values())
 
 
