@@ -116,6 +116,7 @@ from torch.library import triton_op, wrap_triton
 
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import dot_input_precision
+from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
 
@@ -132,6 +133,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is
 # test shapes still cover several tiles and splits.
 # ----------------------------------------------------------------------------------------------
 _INTERPRET = triton_interpreting()
+if _INTERPRET:
+    squeeze_scalar_index()  # loop bounds under Triton 3.6's interpreter with numpy >= 2.4
 _ROW_ALIGN = 16  # elements: row lengths and strides the compiler sees as multiples of 16
 
 _OPERAND_CLASSES = ("16-bit", "tf32", "tf32x3", "ieee")
