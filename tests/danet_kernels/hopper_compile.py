@@ -52,7 +52,7 @@ class Launch:
     """One kernel launch as a launcher made it: the JITFunction, its grid, arguments, options."""
 
     kernel: Any
-    grid: tuple[int, ...]
+    grid: tuple[int, ...] | Any  # or a function of the config, as an autotuned launch passes it
     args: tuple
     kwargs: dict[str, Any]
 
@@ -88,7 +88,8 @@ def recorded_launches() -> Iterator[list[Launch]]:
 
         def __getitem__(self, grid: tuple[int, ...]) -> Any:
             def record(*args: Any, **kwargs: Any) -> None:
-                launches.append(Launch(self.kernel, tuple(grid), args, kwargs))
+                # A grid may be a function of the config (an autotuned kernel's): kept as given.
+                launches.append(Launch(self.kernel, grid if callable(grid) else tuple(grid), args, kwargs))
             return record
 
     original = torch.library.wrap_triton
@@ -106,7 +107,8 @@ def compile_launch(launch: Launch) -> dict[str, Any]:
 
     Returns registers, spill bytes, ex2 instructions (one S tile's worth per thread, i.e. no
     replication, when equal to ``BLOCK_M * BLOCK_N / threads``), wgmma / mma.sync counts and the
-    loads inside the main loop: asynchronous copies (software-pipelined) and plain loads.
+    loads inside the main loop: asynchronous copies (software-pipelined) and plain loads, and the
+    shared memory the kernel needs (a Hopper CTA may use 227 KiB).
     """
     import torch
     import triton
@@ -146,6 +148,7 @@ def compile_launch(launch: Launch) -> dict[str, Any]:
         "loop_async_loads": len(re.findall(r"ttg\.async_copy_global_to_local", loop)),
         "loop_plain_loads": len(re.findall(r"= tt\.load ", loop)),
         "threads": 32 * options["num_warps"],
+        "shared": compiled.metadata.shared,
     }
 
 

@@ -393,144 +393,114 @@ def test_cam_module_uses_the_kernels() -> None:
 # sm_90 compiles as a real launch specialises them (CPU only: Triton's own ptxas, no GPU)
 # ----------------------------------------------------------------------------------------------
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes one Hopper CTA may use
-COMPILE_BATCH, COMPILE_CHANNELS, H200_SMS = 2, 512, 132
-# Per operand class: the pointer dtype and the precision its GEMMs compile with.
-OPERAND_TYPES = {"16-bit": ("bf16", "tf32"), "tf32": ("fp32", "tf32"), "tf32x3": ("fp32", "tf32x3"),
-                 "ieee": ("fp32", "ieee")}
-GEMM_FLAGS = {
-    "gram sym": {"SYMMETRIC": True}, "gram dYx": {"SYMMETRIC": False},
-    "apply fwd": {"HAS_V": False, "HAS_SCALE": True, "HAS_RESIDUAL": True},
-    "apply bwd": {"HAS_V": True, "HAS_SCALE": False, "HAS_RESIDUAL": True},
-}
+H200_SMS = 132
+# Per operand class: the input dtype and the float32 matmul precision that selects it.
+OPERAND_CLASSES = {"16-bit": (torch.bfloat16, "highest"), "tf32": (torch.float32, "medium"),
+                   "tf32x3": (torch.float32, "high"), "ieee": (torch.float32, "highest")}
+GEMM_KERNELS = ("_cam_gram_kernel", "_cam_apply_kernel")
 
 
-def launch_integers(kernel: str, n: int) -> dict[str, int]:
-    """The integer arguments of a GEMM launch at x of shape (2, 512, n) on an H200, derived
-    from the launchers' own layout: the rows :func:`cam._aligned_rows` reads (padded when n is
-    not a multiple of 16), the split plan, the (B, C, n) result. Triton specialises each on
-    being 1 or a multiple of 16, and so does :func:`compile_sm90`."""
-    batch, channels = COMPILE_BATCH, COMPILE_CHANNELS
-    rows = cam._aligned_rows(torch.empty(batch, channels, n, dtype=torch.float16))
-    n_rows = rows.shape[2]
-    row_strides = dict(zip("bcn", rows.stride(), strict=True))
-    if kernel.startswith("gram"):
-        splits, per_split = cam._split_plan(batch, channels, n_rows, kernel == "gram sym", H200_SMS)
-        values = {"C": channels, "N": n_rows, "n_per_split": per_split, "num_splits": splits,
-                  "N_BUCKET": cam._size_bucket(n_rows)}
-        return values | {f"stride_{t}{axis}": stride for t in "lr" for axis, stride in row_strides.items()}
-    width = 2 * channels if kernel == "apply bwd" else channels
-    result = torch.empty(batch, channels, n, dtype=torch.float16)
-    values = {"stride_wb": channels * width, "stride_wr": width, "C": channels, "N": n, "N_PADDED": n_rows,
-              "N_BUCKET": cam._size_bucket(n)}
-    values |= {f"stride_{t}{axis}": stride for t in ("u", "v", "res") for axis, stride in row_strides.items()}
-    return values | {f"stride_y{axis}": stride for axis, stride in zip("bcn", result.stride(), strict=True)}
+def recorded_cam_launches(operand_class: str, n: int, channels: int = 512, batch: int = 2) -> list:
+    """The launches of one forward and one backward at x of shape (batch, channels, n) on an H200,
+    recorded (not run) on meta tensors through the launchers themselves: padded rows, split plan,
+    the (B, C, n) results, the operand class's autotuner."""
+    from unittest import mock
+
+    from tests.danet_kernels.hopper_compile import recorded_launches
+
+    dtype, level = OPERAND_CLASSES[operand_class]
+    x = torch.empty(batch, channels, n, dtype=dtype, device="meta")
+    gamma = torch.empty(1, device="meta")
+    torch.set_float32_matmul_precision(level)
+    try:
+        wave = mock.patch.object(cam, "_programs_per_wave", lambda device: H200_SMS)
+        with recorded_launches() as launches, wave:
+            _, attention = cam.channel_attention_forward(x, gamma)
+            cam.channel_attention_backward(torch.empty_like(x), x, attention, gamma)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    return launches
 
 
-def compile_sm90(kernel, pointer_type: str, constexprs: dict, integers: dict[str, int], config=None) -> dict:
-    """Compile ``kernel`` for sm_90 as a launch with these integer arguments specialises it
-    (16-byte divisible pointers; integers equal to 1 become constants, multiples of 16 are marked
-    divisible by 16) and return its registers, spill bytes, shared memory and cp.async count.
-    Run without TRITON_INTERPRET; always compiled afresh (a cached kernel prints no ptxas log)."""
-    import contextlib
-    import io
-    import re
+def launches_per_config(launches: list, all_configs: bool) -> list:
+    """An autotuned launch becomes one launch per config of its list (the first only, unless
+    ``all_configs``); a plain launch gets Triton's default warps and stages where it sets none."""
+    from tests.danet_kernels.hopper_compile import Launch
 
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fp32_pointers = {"Partial", "Attn", "Scale", "DE", "RowDot"}
-    io_pointers = {"L", "R", "W", "U", "V", "Res", "Y", "AttnLow", "Wgt"}
-    constexprs = {**constexprs, **(config.kwargs if config else {})}
-    constexprs |= {name: 1 for name, value in integers.items() if value == 1}
-    signature, constants, attrs = {}, {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            constants[(index,)] = constexprs[name]
-        elif name in fp32_pointers | io_pointers:
-            signature[name] = "*fp32" if name in fp32_pointers else "*" + pointer_type
-            attrs[(index,)] = [["tt.divisibility", 16]]
+    expanded = []
+    for launch in launches:
+        if isinstance(launch.kernel, triton.runtime.Autotuner):
+            configs = launch.kernel.configs if all_configs else launch.kernel.configs[:1]
+            expanded += [Launch(launch.kernel.fn, launch.grid, launch.args,
+                                {**launch.kwargs, **config.kwargs, "num_warps": config.num_warps,
+                                 "num_stages": config.num_stages}) for config in configs]
         else:
-            signature[name] = "i32"
-            if integers.get(name, 0) % 16 == 0 and name in integers:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
-    knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    text = log.getvalue()
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    registers = re.search(r"Used (\d+) registers", text)
-    assert spills and registers, f"no ptxas log (a cached compile?): {text[-500:]}"
-    return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
-            "shared": compiled.metadata.shared,
-            "cp_async": len(re.findall(r"cp\.async\.c[ag]", compiled.asm["ptx"]))}
+            expanded.append(Launch(launch.kernel, launch.grid, launch.args,
+                                   {"num_warps": 4, "num_stages": 3, **launch.kwargs}))
+    return expanded
+
+
+def specialisation(launch) -> tuple:
+    """What Triton specialises a launch on: constexprs, dtypes, integers equal to 1 or divisible by 16."""
+    return (launch.name, str(sorted(launch.kwargs.items())), str([
+        (value % 16 == 0, value == 1) if isinstance(value, int) else value.dtype for value in launch.args]))
 
 
 def cam_compile_rows(all_configs: bool = False) -> list[dict]:
-    """Compile CAM's kernels for sm_90 at C = 512: the GEMM kernels for every operand class at
-    N = 9409 (97 x 97, through the padded rows) and N = 16384 (128 x 128), each kernel's first
-    config (every config with ``all_configs``), and the row kernels once per dtype."""
-    rows = []
-    for operand_class, (pointer_type, precision) in OPERAND_TYPES.items():
-        for name, flags in GEMM_FLAGS.items():
-            kernel = cam._cam_gram_kernel if name.startswith("gram") else cam._cam_apply_kernel
-            configs = (cam._GRAM_CONFIGS if name.startswith("gram") else cam._APPLY_CONFIGS)[operand_class]
-            for n in (9409, 16384):
-                integers = launch_integers(name, n)
-                if name.startswith("gram") and n == 16384:
-                    # The padded 97 x 97 launch has the very specialisation of the aligned one: same binary.
-                    assert _specialisation(integers) == _specialisation(launch_integers(name, 9409))
-                    continue
-                for config in configs if all_configs else configs[:1]:
-                    constexprs = {**flags, "PRECISION": precision}
-                    found = compile_sm90(kernel, pointer_type, constexprs, integers, config)
-                    rows.append({"kernel": name, "class": operand_class, "N": n,
-                                 "config": _config_name(config), **found})
-    row_kernels = {"softmax": (cam._cam_softmax_kernel, {"WRITE_LOW": True}),
-                   "softmax bwd": (cam._cam_softmax_bwd_kernel, {"HAS_SCALE": True, "GRAD_ENERGY": True}),
-                   "weights": (cam._cam_bwd_weights_kernel, {"HAS_SCALE": True, "BLOCK": cam._WEIGHTS_BLOCK})}
-    for name, (kernel, flags) in row_kernels.items():
-        if "BLOCK" not in flags:
-            flags = {**flags, "BLOCK_R": cam._SOFTMAX_BLOCK_R, "BLOCK_K": cam._SOFTMAX_BLOCK_K}
-        found = compile_sm90(kernel, "bf16", flags, {"C": COMPILE_CHANNELS, "num_splits": 7})
-        rows.append({"kernel": name, "class": "bf16", "N": None, "config": "", **found})
-        if name == "softmax":  # C = 1 and one split: Triton turns integers equal to 1 into constants
-            found = compile_sm90(kernel, "bf16", flags, {"C": 1, "num_splits": 1})
-            rows.append({"kernel": "softmax C=1", "class": "bf16", "N": None, "config": "", **found})
+    """Compile CAM's launches for sm_90 at C = 512, for every operand class, at N = 9409 (97 x 97,
+    through the padded rows) and N = 16384 (128 x 128); each GEMM with its list's first config
+    (every config with ``all_configs``). A launch whose specialisation was already compiled is
+    not compiled again: it is the same binary (the Gram kernels of both N, the row kernels)."""
+    from tests.danet_kernels.hopper_compile import compile_launch
+
+    rows, compiled = [], {}
+    cases = [(name, n) for name in OPERAND_CLASSES for n in (9409, 16384)] + [("16-bit", 7)]
+    for operand_class, n in cases:
+        channels = 1 if n == 7 else 512  # C = 1, one split: integers equal to 1 become constants
+        for launch in launches_per_config(recorded_cam_launches(operand_class, n, channels), all_configs):
+            key = specialisation(launch)
+            if key in compiled:
+                rows.append({**compiled[key], "N": n, "same binary as": compiled[key]["N"]})
+                continue
+            blocks = ("BLOCK_C", "BLOCK_R", "BLOCK_N", "BLOCK_K", "BLOCK")
+            config = "x".join(str(launch.kwargs[b]) for b in blocks if b in launch.kwargs)
+            found = compile_launch(launch) | {"class": operand_class, "N": n, "C": channels,
+                                              "flags": _flags(launch),
+                                              "config": f"{config} w{launch.kwargs['num_warps']} "
+                                                        f"s{launch.kwargs['num_stages']}"}
+            compiled[key] = found
+            rows.append(found)
     return rows
 
 
-def _specialisation(integers: dict[str, int]) -> tuple:
-    return tuple(sorted((name, value == 1, value % 16 == 0) for name, value in integers.items()))
-
-
-def _config_name(config) -> str:
-    return "x".join(map(str, config.kwargs.values())) + f" w{config.num_warps} s{config.num_stages}"
+def _flags(launch) -> str:
+    names = {"SYMMETRIC": "x x^T", "HAS_V": "K = 2C", "WRITE_LOW": "16-bit A", "GRAD_ENERGY": "dE"}
+    return ", ".join(label for flag, label in names.items() if launch.kwargs.get(flag))
 
 
 def check_cam_compiles(all_configs: bool = False, markdown: bool = False) -> None:
-    """Print one JSON line (or markdown table row) per compile; fail on a spill, a GEMM without
-    cp.async, or shared memory past the Hopper limit. Every kept config, as docs/performance.md
-    shows them: ``python -m tests.danet_kernels.test_channel_attention --all-configs --markdown``
-    from the repository root."""
+    """Print one JSON line (or markdown table row) per compile; fail on a spill, a GEMM whose main
+    loop is not pipelined (no asynchronous copies), or shared memory past the Hopper limit.
+    Every kept config, as docs/cam_compile.md shows them: ``python -m
+    tests.danet_kernels.test_channel_attention --all-configs --markdown`` from the repository root."""
     rows = cam_compile_rows(all_configs)
     if markdown:
-        print("| kernel | operands | N | config | registers | spill bytes | shared KiB | cp.async |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| kernel | operands | N | flags | config | registers | spill bytes | shared KiB "
+              "| async copies |\n|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        if markdown:
-            n = "9409 = 16384" if row["kernel"].startswith("gram") else row["N"] or ""
-            print(f"| {row['kernel']} | {row['class']} | {n} | {row['config']} | {row['registers']} | "
-                  f"{row['spill_bytes']} | {row['shared'] / 1024:.0f} | {row['cp_async']} |")
-        else:
+        if markdown and "same binary as" not in row:
+            print(f"| {row['kernel']} | {row['class']} | {row['N']} | {row['flags']} | {row['config']} | "
+                  f"{row['registers']} | {row['spill_bytes']} | {row['shared'] / 1024:.0f} | "
+                  f"{row['loop_async_loads']} |")
+        elif not markdown:
             print(json.dumps(row))
+    # At C = 1 the GEMMs' K loop has one step and is unrolled: nothing to pipeline there.
     bad = [row for row in rows if row["spill_bytes"] or row["shared"] > SHARED_MEMORY_LIMIT
-           or (row["kernel"].startswith(("gram", "apply")) and not row["cp_async"])]
-    assert not bad, f"spills, no cp.async or too much shared memory: {bad}"
+           or (row["kernel"] in GEMM_KERNELS and row["C"] > 1 and not row["loop_async_loads"])]
+    assert not bad, f"spills, no pipelined loads or too much shared memory: {bad}"
+    gram_16384 = [row for row in rows if row["kernel"] == "_cam_gram_kernel" and row["N"] == 16384]
+    assert gram_16384 and all(row.get("same binary as") == 9409 for row in gram_16384), \
+        "the padded 97 x 97 Gram launch must specialise exactly as the 128 x 128 one"
     print("compiled")
 
 
@@ -543,7 +513,7 @@ def test_kernels_compile_for_hopper_without_spills() -> None:
     """The interpreter forgives what the compiler rejects (a plain global read in a kernel, a
     tile that does not fit): compile every kernel for sm_90 in a fresh process without
     TRITON_INTERPRET, as a real launch at C = 512 specialises it, and require no spills, shared
-    memory within the limit and pipelined (cp.async) loads in the GEMMs at N = 9409 (97 x 97)
+    memory within the limit and pipelined (asynchronous-copy) loads in the GEMMs at N = 9409 (97 x 97)
     as at 16384: the first config of every operand class here, all of them in the docs' table."""
     check_compiles(CAM_COMPILE_SCRIPT)
 
