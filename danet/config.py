@@ -129,6 +129,10 @@ class TrainConfig:
     batch_size: int = 8  # GLOBAL batch per optimiser step (all processes x accumulation steps)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
     amp: str = "none"  # AMP_MODES: "none", "bf16" (autocast) or "fp16" (autocast + GradScaler)
+    # torch.set_float32_matmul_precision for fp32 work: "highest" (exact, torch's default), "high"
+    # (the attention kernels run 3xTF32 on tensor cores at fp32's error; torch's matmuls TF32),
+    # "medium" (plain TF32). See README, "Training".
+    matmul_precision: str = "highest"
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute backbone stages in backward to save memory
@@ -171,6 +175,7 @@ class Config:
 AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 ATTENTIONS = ("fused", "reference")
 OUTPUT_STRIDES = (8, 16)
 # a run directory is runs/<name>-YYYYmmdd-HHMMSS: one path component of at most 255 bytes
@@ -368,6 +373,7 @@ def validate_config(cfg: Config) -> None:
     _choice("schedule.policy", s.policy, POLICIES)
     _at_least("schedule.warmup_iters", s.warmup_iters, 0)
     _choice("train.amp", t.amp, AMP_MODES)
+    _choice("train.matmul_precision", t.matmul_precision, MATMUL_PRECISIONS)
     _choice("train.device", t.device, DEVICES)
     for key in ("epochs", "batch_size", "accum_steps"):
         _at_least(f"train.{key}", getattr(t, key), 1)

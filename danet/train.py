@@ -638,6 +638,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
     """
     check_data_source(cfg)
     set_threads(cfg.train.threads)
+    torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
         resume_path = resolve_resume_path(resume) if resume is not None else None

@@ -135,6 +135,7 @@ def test_a_malformed_config_file_is_one_clear_error(tmp_path):
         ("eval.amp=fp8", "eval.amp must be one of auto, none, bf16, fp16"),
         ("eval.stride=0", "eval.stride must be >= 1, got 0"),
         ("eval.window_memory_mb=-1", "eval.window_memory_mb must be >= 0, got -1"),
+        ("train.matmul_precision=tf32", "train.matmul_precision must be one of highest, high, medium"),
         ("train.device=tpu", "train.device must be one of auto, cpu, cuda"),
         ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
         ("data.scale_range=[2.0, 0.5]", "data.scale_range must satisfy 0 < low <= high"),

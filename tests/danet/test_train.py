@@ -192,6 +192,14 @@ def test_memory_and_precision_knobs_train(tmp_path, knobs):
     assert 0.0 <= result.metrics["mIoU"] <= 1.0
 
 
+def test_matmul_precision_is_set_for_the_run(tmp_path, monkeypatch):
+    """train.matmul_precision reaches torch (which the kernels' fp32 dot precision follows)."""
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    train(tiny_config(tmp_path, "train.iters=1", "train.matmul_precision=high"))
+    assert calls == ["high"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
