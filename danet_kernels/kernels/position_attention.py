@@ -20,24 +20,41 @@ Algorithm and memory traffic
 ----------------------------
 Forward (``_pam_fwd_kernel``), after FlashAttention and Triton's fused-attention tutorial: a
 program keeps a BLOCK_M block of queries and an fp32 (BLOCK_M, BLOCK_C) accumulator on chip,
-streams BLOCK_N blocks of k and v, and keeps a running row max and row sum (online softmax).
-The softmax works in base 2: ``exp2(S * log2(e) - m)`` with log2(e) folded into the subtraction
-(one FMA per element) and m, the running max, kept in log2 units. It writes Y (and O when the
-backward will need it) and the per-row log-sum-exp ``lse = m + log2(l)``, never S or P: device
-memory holds O(B * (C + d) * N), not O(B * N^2).
+streams BLOCK_N blocks of k and v (cp.async, num_stages deep), and keeps a running row max and
+row sum (online softmax). The softmax works in base 2: ``exp2(S * log2(e) - m)`` with log2(e)
+folded into the subtraction (one FMA per element) and m, the running max, kept in log2 units. It
+writes Y (and O when the backward will need it) and the per-row log-sum-exp
+``lse = m + log2(l)``, never S or P: device memory holds O(B * (C + d) * N), not O(B * N^2).
+Key blocks wholly inside N run unmasked; the last one masks its scores to -inf past N.
 
-The value dim. DANet's d is 64 but C is 512, and C is meant to reach 2048: an fp32
-(BLOCK_M, C) accumulator (256 KiB at BLOCK_M = 128, C = 512) does not fit a Hopper SM's
-registers. We SPLIT C ACROSS PROGRAMS (grid axis 1 runs over C blocks of BLOCK_C) rather than
-looping over it inside a program. Both options must recompute S = q^T k once per C block (the
-accumulator for all of C never exists at once), so their FLOPs are equal:
-``2 N^2 (d * ceil(C / BLOCK_C) + C)`` plus ``N^2 * ceil(C / BLOCK_C)`` exp2s; at d = 64,
-C = 512, BLOCK_C = 128 that is 1536 N^2 against the minimal 1152 N^2 (+33%; +11% with
-BLOCK_C = 256, which the autotuner weighs against register pressure). The split wins on
-occupancy: at B = 1, N = 4096, BLOCK_M = 128 a loop would launch 32 programs on 132 SMs, the
-split launches 32 * 4. Programs of one (batch, C block) are adjacent on grid axis 0, so they
-stream the same k and v blocks through L2 together. Every C block computes the same lse; the
-first one stores it.
+The value dim: why C is split across programs. DANet's d is 64 but C is 512 (meant to reach
+2048), and an fp32 (BLOCK_M, C) accumulator does not fit an SM's registers beside S (256 KiB at
+BLOCK_M = 128). Grid axis 1 runs over C blocks of BLOCK_C, each recomputing S = q^T k:
+``2 N^2 (d * ceil(C / BLOCK_C) + C)`` FLOPs and ``N^2 * ceil(C / BLOCK_C)`` exp2. The tile
+that wins, by the compile report (docs/compile_report.md, sm_90, bf16, d = 64, C = 512), is
+128 x 64 x 256 on 8 warps: 1280 N^2 FLOPs and 2 N^2 exp2 against the minimal 1152 N^2 and N^2
+(+11%), 0 spills at 239-249 registers, each warpgroup owning 64 rows of S (no replicated
+work), 10 operand bytes per N^2 streamed from L2. The full-width layout FlashAttention-3 uses
+for this head-dim pair (one program owning all 512 channels, S computed once) was measured too
+(benchmarks/compile_specs/pam_forward_full_width.py): Triton's closest form, keys on the rows
+of a 64 x 32 S^T tile on one warpgroup and a 512 x 32 O^T accumulator, executes the minimal
+1152 N^2 but spills 144 B at 32 queries (0 only at 16 queries, whose m64n16 wgmmas are too
+narrow to feed), computes 1.5x the exp2 per thread (the per-query rescale runs on every thread
+holding the query), and streams 36 N^2 operand bytes (72 at 16 queries) against 10: 3.6x (7.2x)
+the split layout's time by the perf model below, which makes it L2-bound. Programs of one
+(batch, C block) are adjacent on grid axis 0, so they stream the same k and v blocks through
+L2 together. Every C block computes the same lse; the first one stores it.
+
+Any N on the fast path. The pipelined, vectorised loads need every row of q, k and v to start
+16-byte aligned, which a contiguous (B, *, N) map with N % 16 != 0 does not give (DANet's
+97 x 97 = 9409): compiled as such, the forward had no cp.async, 255 registers and up to 3 KiB
+of spills. The launcher then copies q, k, v and the residual into contiguous buffers with N
+rounded up to a multiple of 16 and zero tails (``_kernel_operands``; extra traffic one read
+and one write of each, (2 d + 2 C) N elements, against the kernel's O(N^2) work), the kernel
+masks the padded keys' scores to -inf and never stores past the 16-rounded length, and Y and
+O are (B, C, N) views of buffers whose rows are 16-aligned too. Aligned operands (N % 16 == 0,
+or channels_last maps, whose N axis has stride C) are read in place. A 97 x 97 map compiles to
+the same code as a 128 x 256 one.
 
 Backward recomputes P blockwise from q, k and lse (never N x N). Every (query, key) pair needs
 dP = dO^T v summed over ALL of C (2 C FLOPs, the dominant term at C = 512) before its dS, and
@@ -124,17 +141,21 @@ as in the reference; a row whose energies are all -inf so far gets its max guard
 ``-inf - -inf`` never manufactures a NaN the reference does not have.
 
 Indexing. Every tensor comes with its per-axis strides (non-contiguous inputs such as
-flattened channels_last maps are read in place), every load and store on N, C and d is masked
-(any N, C, d >= 1; d is padded to BLOCK_D >= 16 for tl.dot), and batch and block offsets are
-int64 so that B * C * N beyond 2^31 cannot overflow; the backward computes every offset inside
-an image in int64 too (``_pam_offsets``), as C * N passes 2^31 in one image at C = 512, N > 4.2M.
+flattened channels_last maps are read in place where aligned), every load and store on N, C
+and d is masked where it can run past the data (any N, C, d >= 1; d is padded to
+BLOCK_D >= 16 for tl.dot), and batch and block offsets are int64 so that B * C * N beyond 2^31
+cannot overflow; the backward computes every offset inside an image in int64 too
+(``_pam_offsets``), as C * N passes 2^31 in one image at C = 512, N > 4.2M. The backward reads
+the caller's q, k, v and the forward's O (a view of a 16-aligned buffer) and lse.
 
-Tuning (Hopper). The forward is autotuned (``_FWD_CONFIGS`` with a ``_keep`` filter and a
-problem-aware prune, keyed on N, d, C and the dot precision); its register and shared-memory
-budgets were calibrated by compiling every config for sm_90 with ``ptxas -v`` (no GPU was
-available to time them). fp32 in "ieee" precision has no tensor cores: its FMA dots hold both
-operands in registers, so it gets its own small tiles (``_FWD_CONFIGS_FMA``). Under
-TRITON_INTERPRET=1 a single small configuration is used and nothing is tuned.
+Tuning (Hopper). The forward is autotuned per size bucket: the key holds N and B rounded up to
+powers of two (and d, C, the precision, the dtypes), so a new image size reuses its bucket's
+config; the prune caps the tiles at the bucket and a perf model (tensor-core, exp2 and L2
+time of a program, in waves over the SMs) keeps the best ``_FWD_TOP_K`` = 4 for the first call
+of a bucket to benchmark; Triton's ``cache_results`` keeps the choice across processes. The
+tile lists per operand class (``_FWD_TILES``: 16-bit, tf32, tf32x3, fp32 "ieee" on FMA) are
+each spill-free in the compile report. Under TRITON_INTERPRET=1 a single small configuration
+is used and nothing is tuned.
 
 torch.compile. ``danet_kernels::pam_forward`` and ``danet_kernels::pam_backward`` are
 ``torch.library.triton_op`` custom ops on a GPU (their kernels launched through ``wrap_triton``,
@@ -170,22 +191,47 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking only the axes that can run past the data (zeros there)."""
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif MASK_COLS:
+        return tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _tile_mask(rows_ok, cols_ok, MASK_COLS: tl.constexpr):
+    """A 2-D mask from a row mask, and from a column mask only where columns can run past the data."""
+    if MASK_COLS:
+        return rows_ok[:, None] & cols_ok[None, :]
+    else:
+        return rows_ok[:, None]
+
+
+@triton.jit
 def _pam_fwd_inner(
     acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
-    offs_d, offs_c, mask_d, mask_c, start_n, end_n, N,
-    MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    offs_d, offs_c, mask_d, mask_c, start_n, end_n, N, N_LOADED,
+    TAIL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online-softmax sweep over key blocks [start_n, end_n); MASK_N only for the ragged tail."""
+    """Online-softmax sweep over key blocks [start_n, end_n).
+
+    Full blocks (TAIL False) lie inside the N real keys: no mask at all. The TAIL block masks
+    its loads at N_LOADED (the buffers' length, a multiple of 16 when the launcher padded them,
+    so the mask stays vector-aligned) and its scores at N (keys past N get -inf)."""
     for block_start in range(start_n, end_n, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        kT = tl.load(
-            K_block + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-            mask=mask_d[:, None] & mask_n[None, :], other=0.0,
-        )
+        loaded = offs_n < N_LOADED
+        kT = _load_tile(K_block + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                        mask_d, loaded, not EVEN_D, TAIL)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION)
-        if MASK_N:
-            s = tl.where(mask_n[None, :], s, float("-inf"))
+        if TAIL:
+            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E)
         # A row whose energies are all -inf so far would compute -inf - -inf = NaN; shift by 0
         # instead, which leaves p = 0 and alpha = 0 (the reference is NaN only if all are -inf,
@@ -194,15 +240,49 @@ def _pam_fwd_inner(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s * LOG2E - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_block + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vc,
-            mask=mask_n[:, None] & mask_c[None, :], other=0.0,
-        )
+        v = _load_tile(V_block + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vc,
+                       loaded, mask_c, TAIL, not EVEN_C)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
+@triton.jit
+def _pam_fwd_store(
+    out, Gamma, Residual, Result, Out,
+    stride_rc, stride_rn, stride_yc, stride_yn, stride_oc, stride_on,
+    offs_m, offs_c, mask_c, N, N_LOADED,
+    HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    """Write a (BLOCK_M, width) tile of O's channels offs_c: Result = gamma * O + residual (or O),
+    and O itself when STORE_OUT (pointers already at the batch element and the C block).
+
+    Result and Out are views of buffers whose N axis is rounded up to a multiple of 16: rows up
+    to that length may be written (the padded rows are never seen), and a row mask constant over
+    16-row groups keeps the stores vectorised. The residual holds N_LOADED rows (zero-padded
+    when the launcher padded the operands). O is stored before the residual is loaded: the
+    other order keeps both tiles live, and 128 x 64 x 256 fp16 tiles then spill.
+    """
+    n_stored = tl.cdiv(N, 16) * 16
+    mask_store = _tile_mask(offs_m < n_stored, mask_c, not EVEN_C)
+    if HAS_RESIDUAL:
+        if STORE_OUT:
+            tl.store(Out + offs_m[:, None] * stride_on + offs_c[None, :] * stride_oc,
+                     out.to(Out.dtype.element_ty), mask=mask_store)
+        gamma = tl.load(Gamma).to(tl.float32)
+        residual = tl.load(Residual + offs_m[:, None] * stride_rn + offs_c[None, :] * stride_rc,
+                           mask=_tile_mask(offs_m < N_LOADED, mask_c, not EVEN_C), other=0.0)
+        result = gamma * out + residual.to(tl.float32)
+    else:
+        result = out
+    tl.store(Result + offs_m[:, None] * stride_yn + offs_c[None, :] * stride_yc,
+             result.to(Result.dtype.element_ty), mask=mask_store)
+
+
+# C % BLOCK_C == 0 lets every load and store drop its channel mask (whose predicates would cost
+# the 128 x 64 x 256 tile its last registers). A heuristic, evaluated on the config the
+# autotuner (or torch.compile's copy of it) runs.
+@triton.heuristics({"EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0})
 @triton.jit
 def _pam_fwd_kernel(
     Q, K, V, Gamma, Residual, Result, Out, Lse,
@@ -212,13 +292,16 @@ def _pam_fwd_kernel(
     stride_rb, stride_rc, stride_rn,
     stride_yb, stride_yc, stride_yn,
     stride_ob, stride_oc, stride_on,
-    N, D, C,
+    N, N_LOADED, D, C,
+    N_BUCKET, B_BUCKET,  # the autotuning key (N's and B's power-of-two buckets); never read
     HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """One program: BLOCK_M queries x BLOCK_C value channels of one batch element.
 
+    q, k, v hold N_LOADED positions (N real ones, zeros after); Result, Out and Lse hold N.
     Writes Result (gamma * O + residual, or O), O itself when STORE_OUT, and lse (log2 units)
     from the first C block.
     """
@@ -229,14 +312,11 @@ def _pam_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
     start_c = pid_c.to(tl.int64) * BLOCK_C
-    mask_m = offs_m < N
     mask_d = offs_d < D
     mask_c = (start_c + offs_c) < C
 
-    q = tl.load(
-        Q + pid_b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-    )
+    q = _load_tile(Q + pid_b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                   offs_m < N_LOADED, mask_d, True, not EVEN_D)
     K_block = K + pid_b * stride_kb
     V_block = V + pid_b * stride_vb + start_c * stride_vc
 
@@ -246,41 +326,25 @@ def _pam_fwd_kernel(
     n_full = (N // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _pam_fwd_inner(
         acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
-        offs_d, offs_c, mask_d, mask_c, 0, n_full, N,
-        False, INPUT_PRECISION, BLOCK_N,
+        offs_d, offs_c, mask_d, mask_c, 0, n_full, N, N_LOADED,
+        False, EVEN_D, EVEN_C, INPUT_PRECISION, BLOCK_N,
     )
     if n_full < N:
         acc, l_i, m_i = _pam_fwd_inner(
             acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
-            offs_d, offs_c, mask_d, mask_c, n_full, N, N,
-            True, INPUT_PRECISION, BLOCK_N,
+            offs_d, offs_c, mask_d, mask_c, n_full, N, N, N_LOADED,
+            True, EVEN_D, EVEN_C, INPUT_PRECISION, BLOCK_N,
         )
 
     out = acc / l_i[:, None]
-    mask_mc = mask_m[:, None] & mask_c[None, :]
     if pid_c == 0:
-        tl.store(Lse + pid_b * N + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
-    if HAS_RESIDUAL:
-        gamma = tl.load(Gamma).to(tl.float32)
-        residual = tl.load(
-            Residual + pid_b * stride_rb + start_c * stride_rc
-            + offs_m[:, None] * stride_rn + offs_c[None, :] * stride_rc,
-            mask=mask_mc, other=0.0,
-        )
-        result = gamma * out + residual.to(tl.float32)
-        if STORE_OUT:
-            tl.store(
-                Out + pid_b * stride_ob + start_c * stride_oc
-                + offs_m[:, None] * stride_on + offs_c[None, :] * stride_oc,
-                out.to(Out.dtype.element_ty), mask=mask_mc,
-            )
-    else:
-        result = out
-    tl.store(
-        Result + pid_b * stride_yb + start_c * stride_yc
-        + offs_m[:, None] * stride_yn + offs_c[None, :] * stride_yc,
-        result.to(Result.dtype.element_ty), mask=mask_mc,
-    )
+        tl.store(Lse + pid_b * N + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N)
+    Residual_block = Residual + pid_b * stride_rb + start_c * stride_rc
+    Result_block = Result + pid_b * stride_yb + start_c * stride_yc
+    Out_block = Out + pid_b * stride_ob + start_c * stride_oc
+    _pam_fwd_store(out, Gamma, Residual_block, Result_block, Out_block,
+                   stride_rc, stride_rn, stride_yc, stride_yn, stride_oc, stride_on,
+                   offs_m, offs_c, mask_c, N, N_LOADED, HAS_RESIDUAL, STORE_OUT, EVEN_C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,47 +597,53 @@ def _pam_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Tuning
 # ----------------------------------------------------------------------------------------------
-# Hopper (H100/H200) forward search space. Reasoning behind the ranges:
-# * BLOCK_M 64 or 128 rows: wgmma works on 64-row slices per warpgroup (4 warps). 8 warps on 64
-#   rows split the C columns between two warpgroups, which halves the per-thread accumulator and
-#   makes BLOCK_C = 256 fit (fewer recomputations of q^T k); 128 rows need 8 warps (see _keep).
-# * BLOCK_C: 64..256. Larger tiles recompute S = q^T k fewer times (ceil(C / BLOCK_C) per query
-#   block) but hold an fp32 BLOCK_M x BLOCK_C accumulator in registers.
-# * BLOCK_N: 64 or 128, the key block streamed per step: it is the N of the q^T k wgmma and the
-#   K of the P v one, and each step pays one accumulator rescale, so narrower blocks only add
-#   overhead. num_stages 2-3 software-pipelines the k/v loads.
-# The prune below keeps what fits: a register estimate calibrated against `ptxas -v` for sm_90
-# (bf16, d = 64; 37 tile configurations compiled without a GPU: estimates up to 144 compiled
-# without spills, several at 160 spilled), and shared memory q + stages * (k + v tiles), exact
-# against the compiler's figure, under 200 KiB of the H100's 227 KiB per block.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-    for bm in (64, 128)
-    for bn in (64, 128)
-    for bc in (64, 128, 256)
-    for w in (4, 8)
-    for s in (2, 3)
-]
+# Hopper (H100/H200) forward tiles per operand class, (BLOCK_M, BLOCK_N, BLOCK_C, num_warps,
+# num_stages). Each compiles without spills for sm_90 at d = 64, C = 512 and N = 32768 and 9409,
+# residual epilogue included, as docs/compile_report.md shows (`python -m
+# benchmarks.compile_report --ops pam_forward` measures them; its CI test keeps them true). The
+# prune below only caps them at the problem and checks shared memory. Why these:
+# * 128 query rows take 8 warps, each warpgroup owning 64 rows of S, of the softmax and of O.
+#   64 rows take 4 warps: on 8, Triton lays the q^T k dot (whose result feeds another dot) with
+#   all warps along M, warpsPerCTA [8, 1] over 64 rows, and both warpgroups would compute the
+#   same scores and exponentials (twice the ex2 per thread: the old 8-warp 64-row configs).
+# * BLOCK_C: S = q^T k is recomputed once per C block. For 16-bit operands 128 x 64 x 256
+#   (1280 N^2 FLOPs, 2 N^2 exp2 at d = 64, C = 512; a 128-register accumulator, 255 registers
+#   in all) is the largest tile that fits; 128 x 128 x 256 spills. BLOCK_C = 128 (1536 N^2,
+#   4 N^2) and 64-row tiles give more programs to small maps and small batches.
+# * fp32 operands (tf32) double the register and shared memory of P and of the k, v tiles:
+#   BLOCK_C <= 128 (1536 N^2); tf32x3 splits each operand in two and needs one tile step less.
+# * fp32 "ieee" has no tensor cores: tl.dot becomes FMA loops with both operands in registers,
+#   and only small tiles compile.
+_FWD_TILES = {
+    "16-bit": ((128, 64, 256, 8, 2), (128, 64, 256, 8, 3), (128, 128, 128, 8, 2), (128, 128, 128, 8, 3),
+               (128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (64, 64, 64, 4, 3)),
+    "tf32": ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (128, 32, 128, 8, 3), (128, 64, 64, 8, 3),
+             (64, 32, 128, 4, 3), (64, 64, 64, 4, 3)),
+    "tf32x3": ((128, 32, 128, 8, 2), (128, 32, 128, 8, 3), (128, 64, 64, 8, 3), (128, 32, 64, 8, 3),
+               (64, 32, 64, 4, 3)),
+    "ieee": ((32, 32, 64, 4, 2), (64, 32, 64, 8, 2), (64, 16, 64, 4, 2), (64, 32, 128, 8, 2)),
+}
 # The interpreter runs programs one by one in numpy: tuning would only multiply its run time,
 # and 32-wide tiles keep the CI shapes multi-block (ragged tails, several C blocks).
-_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_C": 32}
+_INTERPRETER_TILES = (32, 32, 32, 4, 1)
+_MAX_SHARED_BYTES = 227 * 1024  # what an sm_90 block may use
+# A first call in a new (N, B) bucket benchmarks at most this many configs: the perf model's best.
+_FWD_TOP_K = 4
+# What the perf model weighs work by, per SM and clock (H100 SXM, dense): tensor-core or FMA
+# FLOPs per operand class, MUFU exp2, and about L2's bandwidth into one SM (an assumption: it
+# only ranks configs against each other).
+_FLOPS_PER_CLOCK = {"16-bit": 4096, "tf32": 2048, "tf32x3": 2048 / 3, "ieee": 256}
+_EXP2_PER_CLOCK = 16
+_L2_BYTES_PER_CLOCK = 32
+_H100_SMS = 132
 
-_MAX_REGS_PER_THREAD = 144
-_MAX_SHARED_BYTES = 200 * 1024
 
-
-def _keep(config: triton.Config) -> bool:
-    """Static filter: 128 query rows take 8 warps. On one warpgroup the row statistics and the
-    exp2 of the whole 128 x BLOCK_N tile (MUFU throughput is the forward's second limit after
-    the tensor cores) would run on half the threads."""
-    return not (config.kwargs["BLOCK_M"] == 128 and config.num_warps == 4)
-
-
-def _registers_per_thread(block_m: int, block_n: int, block_c: int, element_size: int, num_warps: int) -> int:
-    """Forward register estimate per thread: the fp32 accumulator and S tiles plus the v tile in
-    flight (calibrated with ptxas, see above; the compiled count is about 1.6x this figure)."""
-    words = block_m * block_c + block_m * block_n + block_n * block_c * element_size // 4
-    return words // (32 * num_warps)
+def _operand_class(dtype: torch.dtype, input_precision: str) -> str:
+    """Which tile list a forward launch uses: 16-bit operands, or fp32 by its dot precision
+    (any precision other than "ieee" runs on the tensor cores)."""
+    if dtype != torch.float32:
+        return "16-bit"
+    return input_precision if input_precision in _FWD_TILES else "tf32"
 
 
 def _pow2_cap(n: int) -> int:
@@ -581,53 +651,88 @@ def _pow2_cap(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _size_bucket(n: int) -> int:
+    """An autotuning key: the next power of two, so a new image size (or batch) reuses the config
+    tuned for its bucket. A symbolic size (torch.compile with dynamic shapes) passes unchanged."""
+    return triton.next_power_of_2(n) if isinstance(n, int) else n
+
+
+def _fwd_configs(tiles: tuple[tuple[int, ...], ...]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+            for bm, bn, bc, w, s in tiles]
+
+
 def _prune_fwd_configs(
     configs: list[triton.Config], named_args: dict, **kwargs: object
 ) -> list[triton.Config]:
-    """Drop forward configs that cannot fit this problem: tiles capped at the problem size
-    (duplicates removed), register and shared-memory budgets computed for the input dtype."""
-    n, c, block_d = named_args["N"], named_args["C"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    """The configs that fit this problem: tiles capped at the problem's bucket (duplicates
+    removed), the shared memory of q plus num_stages k and v tiles (exact against the compiler's
+    figure) within an sm_90 block's. Depends on N only through its bucket, so every N of a
+    bucket tunes over the same configs."""
+    n, c = named_args["N_BUCKET"], named_args["C"]
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     element_size = named_args["V"].element_size()
     kept: dict[tuple, triton.Config] = {}
     for config in configs:
         bm = min(config.kwargs["BLOCK_M"], _pow2_cap(n))
         bn = min(config.kwargs["BLOCK_N"], _pow2_cap(n))
         bc = min(config.kwargs["BLOCK_C"], _pow2_cap(c))
-        registers = _registers_per_thread(bm, bn, bc, element_size, config.num_warps)
+        # A tile capped below the rows its warps' MMA slices cover runs on one warpgroup (see above).
+        capped = bm < config.kwargs["BLOCK_M"] and bm < 16 * config.num_warps
+        warps = 4 if capped else config.num_warps
         shared = element_size * (bm * block_d + config.num_stages * bn * (block_d + bc))
-        if registers > _MAX_REGS_PER_THREAD or shared > _MAX_SHARED_BYTES:
+        if shared > _MAX_SHARED_BYTES:
             continue
-        key = (bm, bn, bc, config.num_warps, config.num_stages)
-        kept.setdefault(key, triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc},
-                                           num_warps=config.num_warps, num_stages=config.num_stages))
+        key = (bm, bn, bc, warps, config.num_stages)
+        # Other kwargs (torch.compile applies the EVEN_C heuristic to the configs before the
+        # prune) are kept: a flag that held for the uncapped BLOCK_C holds for the capped one.
+        tiles = {**config.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}
+        kept.setdefault(key, triton.Config(tiles, num_warps=warps, num_stages=config.num_stages))
     # Huge d (256) with fp32 can exclude everything: fall back to the smallest tile.
-    return list(kept.values()) or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_C": 64},
+    return list(kept.values()) or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_C": 16},
                                                  num_warps=4, num_stages=1)]
 
 
-# fp32 with input_precision="ieee" (torch's default, "highest"): no tensor cores, tl.dot becomes
-# FMA loops with both operands in registers, and ptxas spills kilobytes on every tensor-core tile
-# above. This path gets its own small tiles, each compiled spill-free for sm_90.
-_FWD_CONFIGS_FMA = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=2)
-    for bm, bn, bc, w in ((32, 32, 64, 4), (64, 32, 64, 8), (64, 16, 64, 4))
-]
+def _fwd_work(n: int, batch: int, channels: int, block_d: int, bm: int, bn: int, bc: int) -> tuple[int, ...]:
+    """(programs, FLOPs, exp2, operand bytes / element size) of one program of a forward pass:
+    every program sweeps all key blocks, computing its S tile and its share of P v."""
+    programs = triton.cdiv(n, bm) * triton.cdiv(channels, bc) * batch
+    blocks = triton.cdiv(n, bn)
+    return programs, blocks * 2 * bm * bn * (block_d + bc), blocks * bm * bn, blocks * bn * (block_d + bc)
+
+
+def _fwd_time_estimate(**args: object) -> float:
+    """The forward perf model (clocks), for the autotuner's top-k: a program takes the longest of
+    its tensor-core (or FMA) work, its exp2 and its operand traffic at one SM's rates; programs run
+    in waves of SMs x resident programs, and programs resident together share their SM. Evaluated
+    at the bucket's N and B, like the prune."""
+    v = args["V"]
+    n, batch, channels = args["N_BUCKET"], args["B_BUCKET"], args["C"]
+    bm, bn, bc, warps = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"], args["num_warps"]
+    programs, flops, exp2, elements = _fwd_work(n, batch, channels, args["BLOCK_D"], bm, bn, bc)
+    rate = _FLOPS_PER_CLOCK[_operand_class(v.dtype, args["INPUT_PRECISION"])]
+    program = max(flops / rate, exp2 / _EXP2_PER_CLOCK, elements * v.element_size() / _L2_BYTES_PER_CLOCK)
+    sms = torch.cuda.get_device_properties(v.device).multi_processor_count if v.is_cuda else _H100_SMS
+    resident = 2 if warps == 4 else 1  # 8-warp tiles hold about 255 registers per thread
+    return triton.cdiv(programs, sms * resident) * resident * program
+
+
+def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
+    """The forward kernel autotuned over ``tiles``, per (N, B) bucket, d, C, precision and dtype;
+    the choice persists across processes in Triton's cache (``cache_results``)."""
+    return triton.autotune(
+        _fwd_configs(tiles),
+        key=["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_fwd_configs, "perf_model": _fwd_time_estimate,
+                          "top_k": _FWD_TOP_K},
+        cache_results=True,
+    )(_pam_fwd_kernel)
+
 
 if _INTERPRETING:
-    _interpreter_tuner = triton.autotune([triton.Config(_INTERPRETER_CONFIG, num_warps=4, num_stages=1)],
-                                         key=["N", "BLOCK_D", "C"])
-    _pam_fwd_kernel_tensor_cores = _pam_fwd_kernel_fma = _interpreter_tuner(_pam_fwd_kernel)
+    _FWD_KERNELS = dict.fromkeys(_FWD_TILES, _fwd_tuner((_INTERPRETER_TILES,)))
 else:
-    _pam_fwd_kernel_tensor_cores = triton.autotune(
-        list(filter(_keep, _FWD_CONFIGS)),
-        key=["N", "BLOCK_D", "C", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    )(_pam_fwd_kernel)
-    _pam_fwd_kernel_fma = triton.autotune(
-        _FWD_CONFIGS_FMA,
-        key=["N", "BLOCK_D", "C"],
-        prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    )(_pam_fwd_kernel)
+    _FWD_KERNELS = {name: _fwd_tuner(tiles) for name, tiles in _FWD_TILES.items()}
 
 
 # Backward tiles, (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) per kernel and operand class,
@@ -733,6 +838,32 @@ def _batch_chunks(batch: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------
 
 
+# Triton's launcher marks an integer argument divisible by 16 (and a pointer 16-byte aligned)
+# when it is; the pipelined, vectorised loads and stores need every row of a (B, *, N) tensor
+# to start on such a boundary.
+_ALIGN = 16
+
+
+def _padded_length(n: int) -> int:
+    """The N axis as the kernels read and write it: rounded up to a multiple of 16 elements."""
+    return triton.cdiv(n, _ALIGN) * _ALIGN
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    """Whether a launch specialises ``t`` for the fast path: its first element 16-byte aligned
+    (torch's allocators align storages to at least 64 bytes) and every stride of an axis longer
+    than 1 either 1 or a multiple of 16 elements."""
+    strides = (stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1)
+    return (t.storage_offset() * t.element_size()) % _ALIGN == 0 and all(
+        stride == 1 or stride % _ALIGN == 0 for stride in strides)
+
+
+def _padded_empty(batch: int, rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (batch, rows, n) view of a buffer whose N axis is a multiple of 16."""
+    buffer = torch.empty((batch, rows, _padded_length(n)), device=like.device, dtype=like.dtype)
+    return buffer[..., :n]
+
+
 def _forward_outputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -741,10 +872,14 @@ def _forward_outputs(
     residual: torch.Tensor | None,
     store_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward's (result, out, lse), allocated and not yet written (see :func:`pam_forward`)."""
+    """The forward's (result, out, lse), allocated and not yet written (see :func:`pam_forward`).
+
+    result and O live in buffers whose N axis is rounded up to a multiple of 16 (so that every
+    row the kernel stores starts 16-byte aligned) and are returned as (B, C, N) views of them.
+    """
     batch, _, n = q.shape
-    result = torch.empty((batch, v.shape[1], n), device=v.device, dtype=v.dtype)
-    out = torch.empty_like(result) if (gamma is not None and store_out) else result.new_empty(0)
+    result = _padded_empty(batch, v.shape[1], n, v)
+    out = _padded_empty(batch, v.shape[1], n, v) if (gamma is not None and store_out) else v.new_empty(0)
     lse = torch.empty((batch, n), device=v.device, dtype=torch.float32)
     return result, out, lse
 
@@ -753,9 +888,9 @@ def _backward_buffers(
     q: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised (dq, dk, dv, delta_raw) as the backward kernels write them: their N axis is
-    N_PAD long (:func:`_bwd_padded_length`), so every row starts 16-byte aligned."""
+    N_PAD long (:func:`_padded_length`), so every row starts 16-byte aligned."""
     batch, head_dim, n = q.shape
-    n_pad = _bwd_padded_length(n)
+    n_pad = _padded_length(n)
     dq = torch.empty((batch, head_dim, n_pad), device=q.device, dtype=q.dtype)
     dv = torch.empty((batch, v.shape[1], n_pad), device=v.device, dtype=v.dtype)
     delta_raw = torch.empty((batch, n_pad), device=v.device, dtype=torch.float32)
@@ -774,6 +909,33 @@ def _backward_outputs(
     """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see
     :func:`pam_backward`): N-long views of :func:`_backward_buffers`."""
     return tuple(t[..., : q.shape[-1]] for t in _backward_buffers(q, v))
+
+
+def _kernel_operands(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """q, k, v and the residual as the forward kernel reads them, and the length of q, k, v's N axis.
+
+    When any operand's rows are misaligned (contiguous maps with N % 16 != 0, such as DANet's
+    97 x 97), all of them are copied into contiguous buffers with N rounded up to a multiple of
+    16 and zero tails: one extra read and write of each, O((2 d + 2 C) N) bytes against the
+    kernel's O(N^2) work. The kernel masks the padded keys' scores to -inf and never stores the
+    padded queries. Aligned operands (N % 16 == 0, or channels_last maps, whose N axis has
+    stride C) are read in place.
+    """
+    n = q.shape[-1]
+    n_padded = _padded_length(n)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, n_padded - n))
+
+    operands = (q, k, v) if residual is None else (q, k, v, residual)
+    if all(_is_aligned(t) for t in operands):
+        return q, k, v, residual, n
+    q, k, v = pad(q), pad(k), pad(v)
+    residual = None if residual is None else pad(residual)
+    n_loaded = n_padded
+    return q, k, v, residual, n_loaded
 
 
 def pam_forward(
@@ -797,14 +959,17 @@ def pam_forward(
     result, out, lse = _forward_outputs(q, k, v, gamma, residual, store_out)
     # Placeholders for pointer arguments a constexpr branch never reads.
     gamma_arg = gamma if has_residual else lse
-    residual_arg = residual if has_residual else v
     out_arg = out if store_out else result
+    q_in, k_in, v_in, residual_in, n_loaded = _kernel_operands(q, k, v, residual)
+    residual_arg = residual_in if has_residual else v_in
     precision = dot_input_precision(v.dtype)
-    kernel = _pam_fwd_kernel_fma if precision == "ieee" else _pam_fwd_kernel_tensor_cores
+    kernel = _FWD_KERNELS[_operand_class(v.dtype, precision)]
+    block_d = _pow2_cap(head_dim)
     meta = {
         "HAS_RESIDUAL": has_residual,
         "STORE_OUT": store_out,
-        "BLOCK_D": _pow2_cap(head_dim),
+        "BLOCK_D": block_d,
+        "EVEN_D": head_dim == block_d,
         "INPUT_PRECISION": precision,
     }
     for b0, b1 in _batch_chunks(batch):
@@ -814,19 +979,14 @@ def pam_forward(
             return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]), chunk)
 
         torch.library.wrap_triton(kernel)[grid](
-            q[b0:b1], k[b0:b1], v[b0:b1], gamma_arg, residual_arg[b0:b1],
+            q_in[b0:b1], k_in[b0:b1], v_in[b0:b1], gamma_arg, residual_arg[b0:b1],
             result[b0:b1], out_arg[b0:b1], lse[b0:b1],
-            *q.stride(), *k.stride(), *v.stride(), *residual_arg.stride(),
+            *q_in.stride(), *k_in.stride(), *v_in.stride(), *residual_arg.stride(),
             *result.stride(), *out_arg.stride(),
-            n, head_dim, channels,
+            n, n_loaded, head_dim, channels, _size_bucket(n), _size_bucket(chunk),
             **meta,
         )
     return result, out, lse
-
-
-def _bwd_padded_length(n: int) -> int:
-    """The N axis as the backward kernels see it: rounded up to a multiple of 16 elements."""
-    return triton.cdiv(n, 16) * 16
 
 
 def _bwd_operand(t: torch.Tensor, n_pad: int, fill: float = 0.0) -> torch.Tensor:
@@ -877,7 +1037,7 @@ def pam_backward(
     channels = v.shape[1]
     has_gamma = gamma is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    n_pad = _bwd_padded_length(n)
+    n_pad = _padded_length(n)
     q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
     lse_in = _bwd_operand(lse, n_pad, fill=float("inf"))
     dq_out, dk_out, dv_out, delta_out = _backward_buffers(q, v)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -544,63 +548,125 @@ def test_backward_compiles_for_hopper_without_spills_or_replication() -> None:
             assert result["wgmma"] > 0, f"{what}: not on tensor cores"
 
 
-def test_forward_config_prune_keeps_problem_sized_tiles() -> None:
-    """The Hopper prune caps tiles at the problem size and respects the register budget."""
-    configs = list(filter(pam._keep, pam._FWD_CONFIGS))
-    v = torch.empty(1, 512, 1, dtype=torch.bfloat16)
-    kept = pam._prune_fwd_configs(configs, {"N": 4096, "C": 512, "V": v}, BLOCK_D=64)
-    assert kept and len(kept) < len(configs)
-    for config in kept:
-        tiles = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_C"))
-        registers = pam._registers_per_thread(*tiles, 2, config.num_warps)
-        assert registers <= pam._MAX_REGS_PER_THREAD
-    assert {c.kwargs["BLOCK_C"] for c in kept} == {64, 128, 256}
-    small = pam._prune_fwd_configs(configs, {"N": 7, "C": 20, "V": v}, BLOCK_D=16)
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"]) for c in small} == {(16, 16, 32)}
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("n", [63, 64])
+def test_operands_padded_only_when_misaligned(layout: str, n: int) -> None:
+    """Contiguous maps with N % 16 != 0 are copied into zero-tailed buffers of N rounded up to 16;
+    aligned ones (N % 16 == 0, or channels_last with C and d multiples of 16) are read in place.
+    result and O are views of buffers whose rows start 16-aligned."""
+    batch, head_dim, channels = 2, 16, 48
+    height, width = {63: (7, 9), 64: (8, 8)}[n]
+    if layout == "contiguous":
+        make = lambda rows: torch.randn(batch, rows, n, device=DEVICE)
+    else:  # a channels_last map flattened: stride 1 on the rows, stride `rows` on N
+        make = lambda rows: torch.randn(batch, rows, height, width, device=DEVICE).to(
+            memory_format=torch.channels_last).flatten(2)
+    q, k, v, residual = make(head_dim), make(head_dim), make(channels), make(channels)
+    q_in, k_in, v_in, residual_in, n_loaded = pam._kernel_operands(q, k, v, residual)
+    padded = layout == "contiguous" and n % 16 != 0
+    assert n_loaded == (64 if padded else n)
+    for original, given in ((q, q_in), (k, k_in), (v, v_in), (residual, residual_in)):
+        assert (given.data_ptr() != original.data_ptr()) == padded
+        assert given.shape[-1] == n_loaded and pam._is_aligned(given)
+        assert torch.equal(given[..., :n], original) and not given[..., n:].any()
+    result, out, lse = pam._forward_outputs(q, k, v, torch.ones(1), residual, True)
+    for view in (result, out):
+        assert view.shape == (batch, channels, n) and view.stride() == (channels * 64, 64, 1)
+    assert lse.shape == (batch, n) and lse.is_contiguous()
 
 
-HOPPER_COMPILE_SCRIPT = r"""
-import torch
-import triton
-from triton.runtime.autotuner import Autotuner
-
-import danet_kernels.kernels.position_attention as pam
-from tests.danet_kernels.hopper_compile import compile_for_hopper as compile_with_types
-
-def compile_for_hopper(kernel, dtype, constexprs, config):
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    # As a launch on contiguous (B, *, N) tensors specialises them: N-axis strides are 1.
-    unit_strides = {name: 1 for name in fn.arg_names if name.startswith("stride_") and name.endswith("n")}
-    fp32 = ("Gamma", "Lse", "DeltaRaw")
-    sizes = ("N", "C", "D")
-    pointers = {name: "*fp32" if name in fp32 else "*" + dtype
-                for name in fn.arg_names if name[0].isupper() and name not in sizes}
-    compile_with_types(kernel, pointers, {**constexprs, **unit_strides}, config)
-
-for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")):
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    if precision == "ieee":
-        forward_configs = pam._FWD_CONFIGS_FMA[1:2]
-    else:  # the largest tiles the prune keeps for DANet's shape: the likeliest to fail
-        problem = {"N": 4096, "C": 512, "V": torch.empty(1, dtype=torch_dtype)}
-        kept = pam._prune_fwd_configs(list(filter(pam._keep, pam._FWD_CONFIGS)), problem, BLOCK_D=64)
-        forward_configs = [max(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"] * c.num_stages)]
-    for config in forward_configs:
-        flags = {"HAS_RESIDUAL": True, "STORE_OUT": True, "BLOCK_D": 64, "INPUT_PRECISION": precision}
-        compile_for_hopper(pam._pam_fwd_kernel, dtype, flags, config)
-# No gamma, odd d padded to 16, N = 1 (Triton turns integer arguments equal to 1 into constants).
-flags = {"HAS_RESIDUAL": False, "STORE_OUT": False, "BLOCK_D": 16, "INPUT_PRECISION": "tf32", "N": 1}
-compile_for_hopper(pam._pam_fwd_kernel, "fp16", flags, pam._FWD_CONFIGS_FMA[0])
-print("compiled")
-"""
+def test_aligned_channels_last_inputs_read_in_place_match_float64() -> None:
+    """channels_last maps with d, C multiples of 16 and N = 63: no copy, masks at N itself."""
+    batch, head_dim, channels, height, width = 2, 16, 48, 7, 9
+    make = lambda rows, scale=1.0: (torch.randn(batch, rows, height, width, device=DEVICE) * scale).to(
+        memory_format=torch.channels_last).view(batch, rows, height * width)
+    inputs = {"q": make(head_dim, 0.5), "k": make(head_dim, 0.5), "v": make(channels),
+              "gamma": torch.full((1,), 0.6, device=DEVICE), "residual": make(channels)}
+    assert pam._kernel_operands(inputs["q"], inputs["k"], inputs["v"], inputs["residual"])[-1] == 63
+    check_against_float64(inputs)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel")
-def test_kernels_compile_for_hopper() -> None:
-    """The interpreter forgives what the compiler rejects: compile the kernels for sm_90 in a fresh
-    process without TRITON_INTERPRET (largest forward tiles, bf16, tf32 and fp32 "ieee"; the
-    backward has its own test above). Needs no GPU, only the ptxas that ships with Triton."""
-    check_compiles(HOPPER_COMPILE_SCRIPT)
+def test_operand_classes() -> None:
+    """Any fp32 precision but "ieee" runs on the tensor cores; 16-bit operands ignore precision."""
+    assert pam._operand_class(torch.bfloat16, "tf32") == pam._operand_class(torch.float16, "ieee") == "16-bit"
+    assert pam._operand_class(torch.float32, "ieee") == "ieee"
+    assert pam._operand_class(torch.float32, "tf32x3") == "tf32x3"
+    assert pam._operand_class(torch.float32, "bf16x3") == pam._operand_class(torch.float32, "tf32") == "tf32"
+
+
+def _named_args(n: int, c: int = 512, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+    v = torch.empty(batch, 1, 1, dtype=dtype)
+    return {"N_BUCKET": pam._size_bucket(n), "B_BUCKET": pam._size_bucket(batch), "C": c, "V": v}
+
+
+def _tiles(configs: list) -> list[tuple]:
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages)
+            for c in configs]
+
+
+def test_forward_prune_caps_tiles_at_the_bucket() -> None:
+    """Tiles are capped at N's bucket and C, duplicates dropped; a 128-row tile capped to 64 rows
+    runs on one warpgroup (8 warps would replicate S); big d and fp32 drop what does not fit."""
+    configs = pam._fwd_configs(pam._FWD_TILES["16-bit"])
+    kept = pam._prune_fwd_configs(configs, _named_args(32768), BLOCK_D=64)
+    assert _tiles(kept) == list(pam._FWD_TILES["16-bit"])
+    small = _tiles(pam._prune_fwd_configs(configs, _named_args(40, c=20), BLOCK_D=16))
+    assert set(small) == {(64, 64, 32, 4, 2), (64, 64, 32, 4, 3)}
+    for config in pam._prune_fwd_configs(configs, _named_args(7, c=5), BLOCK_D=16):
+        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_C"]) == (16, 16, 16)
+    fp32 = pam._fwd_configs(pam._FWD_TILES["tf32"])
+    big_d = pam._prune_fwd_configs(fp32, _named_args(32768, dtype=torch.float32), BLOCK_D=256)
+    for bm, bn, bc, _, stages in _tiles(big_d):
+        assert 4 * (bm * 256 + stages * bn * (256 + bc)) <= pam._MAX_SHARED_BYTES
+    assert 0 < len(big_d) < len(fp32)
+    # Flags torch.compile puts into the configs before the prune survive it.
+    flagged = [triton.Config({**c.kwargs, "EVEN_C": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in configs]
+    assert all(c.kwargs["EVEN_C"] for c in pam._prune_fwd_configs(flagged, _named_args(4096), BLOCK_D=64))
+
+
+@pytest.mark.parametrize("operands", list(pam._FWD_TILES))
+def test_forward_tuning_depends_on_the_bucket_only(operands: str) -> None:
+    """Every N (and B) of a bucket prunes to the same configs and ranks them the same, so a new
+    size reuses its bucket's tuned config (in memory and in Triton's on-disk cache, whose key
+    holds the configs); the next bucket may differ."""
+    dtype = torch.bfloat16 if operands == "16-bit" else torch.float32
+    precision = "tf32" if operands == "16-bit" else operands
+    configs = pam._fwd_configs(pam._FWD_TILES[operands])
+
+    def ranked(n: int, batch: int) -> list[tuple]:
+        named = _named_args(n, batch=batch, dtype=dtype)
+        kept = pam._prune_fwd_configs(configs, named, BLOCK_D=64)
+        times = {c: pam._fwd_time_estimate(**named, BLOCK_D=64, INPUT_PRECISION=precision, **c.all_kwargs())
+                 for c in kept}
+        return _tiles(sorted(kept, key=times.__getitem__))
+
+    assert ranked(5000, 3) == ranked(8192, 4) == ranked(4097, 4)
+    assert ranked(9409, 1) == ranked(16384, 1)
+    assert ranked(9409, 1)[0][2] == (256 if operands == "16-bit" else 128)
+    assert pam._size_bucket(9409) == 16384 and pam._size_bucket(16384) == 16384 and pam._size_bucket(1) == 1
+
+
+def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
+    for tuner in pam._FWD_KERNELS.values():
+        assert tuner.keys == ["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION"]
+        assert tuner.early_config_prune is pam._prune_fwd_configs
+        assert tuner.perf_model is pam._fwd_time_estimate and tuner.configs_top_k == pam._FWD_TOP_K <= 4
+    # The GPU's tuners (built without TRITON_INTERPRET) keep their choice across processes.
+    check_script = (
+        "import danet_kernels.kernels.position_attention as pam\n"
+        "assert not pam._INTERPRETING\n"
+        "assert all(t.cache_results for t in pam._FWD_KERNELS.values())\n"
+        "tiles = lambda t: [(c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.kwargs['BLOCK_C'], c.num_warps,"
+        " c.num_stages) for c in t.configs]\n"
+        "assert {k: tiles(t) for k, t in pam._FWD_KERNELS.items()} == {\n"
+        "    k: list(v) for k, v in pam._FWD_TILES.items()}\n"
+        "print('checked')\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", check_script], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert "checked" in result.stdout, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
