@@ -1,20 +1,28 @@
-"""Compile Triton kernels for Hopper (sm_90) on a machine without a GPU.
+"""Compile the kernels for Hopper (sm_90) from the tests, with the compile report's instrument.
 
-Triton's interpreter forgives what its compiler rejects (a plain global read inside a kernel,
-a type mismatch, a register-hungry tile that fails to allocate), so the kernel tests also
-compile every kernel for sm_90 with the ptxas that ships with Triton. That must happen in a
-fresh process without TRITON_INTERPRET: :func:`check_compiles` runs a script there, and the
-script calls :func:`compile_for_hopper` for each kernel and configuration.
+Triton's interpreter forgives what its compiler rejects (a plain global read inside a kernel, a
+type mismatch, a register-hungry tile), so the tests also compile the kernels for sm_90 with
+the ptxas that ships with Triton, specialised as a real launch specialises them. There is one
+compile helper, benchmarks/compile_report.py (see its docstring: Triton's own binder derives
+the specialisation from the launchers' real arguments); this module runs it from the tests:
+
+* :func:`compile_report_rows` runs ``python -m benchmarks.compile_report`` in a fresh process
+  without TRITON_INTERPRET (the interpreter's configs are not the GPU's) and returns its rows;
+* :func:`recorded_launches` records the launches a launcher makes through
+  ``torch.library.wrap_triton`` (on "meta" tensors: nothing is allocated) for tests that check
+  grids and tiles, and :func:`compile_launch` compiles one with the report's compiler, inside a
+  script that :func:`check_compiles` runs in such a fresh process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +30,25 @@ from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def compile_for_hopper(kernel: Any, pointer_types: dict[str, str], constexprs: dict[str, Any],
-                       config: Any = None) -> None:
-    """Compile ``kernel`` (a JITFunction or an Autotuner around one) for sm_90.
 
-    Args:
-        pointer_types: Triton type of each pointer argument (e.g. ``"*bf16"``); every other
-            argument that is not a constexpr is an ``i32``.
-        constexprs: values of the constexpr arguments (and of arguments to specialise).
-        config: a ``triton.Config`` giving tile constexprs, num_warps and num_stages.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constexprs = {**constexprs, **(config.kwargs if config else {})}
-    signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "i32")
-                 for name in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {}
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+def compile_report_rows(*args: str) -> list[dict[str, Any]]:
+    """Run ``python -m benchmarks.compile_report *args`` and return its rows (dicts of
+    :class:`benchmarks.compile_report.Row` fields)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as scratch:
+        rows_path = Path(scratch) / "rows.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.compile_report", *args, "--out", os.devnull,
+             "--json", str(rows_path)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        )
+        if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+            pytest.skip("Triton's ptxas is not available")
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads(rows_path.read_text())
 
 
 @dataclass
@@ -101,54 +105,33 @@ def recorded_launches() -> Iterator[list[Launch]]:
 
 
 def compile_launch(launch: Launch) -> dict[str, Any]:
-    """Compile a recorded launch for sm_90 as Triton's launcher would specialise it: pointers
-    16-byte aligned (as torch allocates), integer arguments that are multiples of 16 marked
-    divisible by 16, arguments equal to 1 turned into constants.
+    """Compile a recorded launch for sm_90 with the compile report's compiler (Triton's binder
+    specialises its arguments as a real launch: pointers 16-byte aligned, as torch allocates,
+    integers divisible by 16 marked so, integers equal to 1 turned into constants).
 
     Returns registers, spill bytes, ex2 instructions (one S tile's worth per thread, i.e. no
     replication, when equal to ``BLOCK_M * BLOCK_N / threads``), wgmma / mma.sync counts and the
     loads inside the main loop: asynchronous copies (software-pipelined) and plain loads, and the
     shared memory the kernel needs (a Hopper CTA may use 227 KiB).
     """
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from benchmarks import compile_report
 
-    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-    options = {key: launch.kwargs[key] for key in ("num_warps", "num_stages")}
-    signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(launch.kernel.arg_names):
-        value = launch.arg(name)
-        if name in launch.kwargs or (isinstance(value, int) and value == 1):
-            signature[name], constexprs[(index,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name], attrs[(index,)] = types[value.dtype], [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32" if abs(value) < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True  # ptxas prints its log only when it runs
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    registers = re.search(r"Used (\d+) registers", log.getvalue())
-    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
-    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-    loop = ttgir[ttgir.find("scf.for"):]
+    compiled = compile_report.compile_launch(
+        compile_report.Launch(launch.kernel, launch.args, launch.kwargs, launch.grid))
+    assert compiled.error is None, f"{launch.name}: {compiled.error}"
+    counts = compile_report.ptx_counts(compiled.ptx)
+    loop = compiled.ttgir[compiled.ttgir.find("scf.for"):]
     return {
         "kernel": launch.name,
-        "registers": int(registers.group(1)) if registers else None,
-        "spill_bytes": int(spills.group(1)) if spills else None,
-        "ex2": len(re.findall(r"ex2\.approx", ptx)),
-        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
-        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        "registers": compiled.registers,
+        "spill_bytes": compiled.spill_stores,
+        "ex2": counts["ex2"],
+        "wgmma": counts["wgmma"],
+        "mma_sync": counts["mma_sync"],
         "loop_async_loads": len(re.findall(r"ttg\.async_copy_global_to_local", loop)),
         "loop_plain_loads": len(re.findall(r"= tt\.load ", loop)),
-        "threads": 32 * options["num_warps"],
-        "shared": compiled.metadata.shared,
+        "threads": 32 * compiled.num_warps,
+        "shared": compiled.shared,
     }
 
 

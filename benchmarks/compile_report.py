@@ -1,0 +1,788 @@
+"""The compile report: what a Hopper GPU will execute, measured on a machine without one.
+
+Usage, from the repository root (no GPU, no TRITON_INTERPRET)::
+
+    python -m benchmarks.compile_report                         # everything -> docs/compile_report.md
+    python -m benchmarks.compile_report --ops pam_forward --sizes 9409 --precisions bf16 --out -
+    python -m benchmarks.compile_report --configs preferred --json report.json
+
+How it measures. Each op's launcher (the code a user's call runs, unchanged) is called on real
+CPU tensors of DANet's shapes with Triton's launch replaced by a recorder
+(:func:`recorded_launches`). A launch of an autotuned kernel is expanded into every config its
+prune keeps, each run through the autotuner's own chain (heuristics included) down to the
+``JITFunction`` launch it would make. Every such launch is then specialised exactly as Triton's
+launcher specialises a real one: Triton's own binder reads the recorded arguments, so a pointer
+or an integer divisible by 16 gets the divisibility hint, an integer equal to 1 (a stride-1 axis)
+becomes a constant, and N = 9409 loses the hints a real launch loses (:func:`specialise`). It is
+compiled for sm_90a with the ptxas that ships with Triton (:func:`compile_launch`).
+
+What it reports, per kernel, config and problem (:class:`Row`):
+
+* from ptxas: registers per thread, spill bytes, and from Triton's metadata the shared memory;
+* from the PTX: the MMA kind (wgmma, mma.sync or none: FMA), and counts of wgmma, mma.sync,
+  fp32 FMA, cp.async and TMA (cp.async.bulk.tensor) instructions; the ex2 per thread in one
+  iteration of the main loop (the loop with the most MMA instructions), beside the tile's
+  share, i.e. the exp2 tile's elements (the kernel's :class:`KernelSpec` says how many) over
+  the threads;
+* from the TTGIR: the replication of the exp2 tile's layout, the factor by which the warps
+  cover more than the tile (2 means two warpgroups compute the same scores);
+* from the grid and the tiles (the kernel's work model): the executed FLOPs, exp2 and operand
+  bytes streamed into the SMs for a whole pass, in units of the op (N^2 for PAM, C^2 N for
+  CAM), the score part multiplied by the replication; the op's totals against its minimal.
+
+Each op is described by an :class:`OpSpec` in ``benchmarks/compile_specs/<op>.py``: how to call
+its launcher for a :class:`Problem`, and per kernel a :class:`KernelSpec` (work model, exp2
+tile). A kernel without a spec still gets its compile figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PRECISIONS",
+    "SIZES",
+    "Compiled",
+    "KernelSpec",
+    "Launch",
+    "OpSpec",
+    "Problem",
+    "Row",
+    "Work",
+    "all_specs",
+    "compile_launch",
+    "layout_replication",
+    "main",
+    "measure",
+    "ptx_loops",
+    "recorded_launches",
+    "render_markdown",
+    "specialise",
+]
+
+# DANet's shapes: q, k of 64 channels, v of 512; N of a 128 x 256 map and of a 97 x 97 one (a
+# 769 x 769 crop at output stride 8), which is not a multiple of 16.
+SIZES = (32768, 9409)
+HEAD_DIM = 64
+CHANNELS = 512
+# Names the report uses for (dtype, fp32 dot precision); 16-bit inputs ignore the precision.
+PRECISIONS = {
+    "bf16": ("bfloat16", "tf32"),
+    "fp16": ("float16", "tf32"),
+    "fp32-tf32": ("float32", "tf32"),
+    "fp32-tf32x3": ("float32", "tf32x3"),
+    "fp32-ieee": ("float32", "ieee"),
+}
+H100_SMS = 132  # for launchers that size a grid from the device (none on this machine)
+MAX_SHARED_BYTES = 227 * 1024  # what one sm_90 block may use
+
+
+# ----------------------------------------------------------------------------------------------
+# What an op and its kernels are
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call of an op: B, d, C, N and the precision name (a key of :data:`PRECISIONS`)."""
+
+    n: int
+    precision: str
+    batch: int = 1
+    head_dim: int = HEAD_DIM
+    channels: int = CHANNELS
+
+    @property
+    def dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, PRECISIONS[self.precision][0])
+
+    @property
+    def dot_precision(self) -> str:
+        return PRECISIONS[self.precision][1]
+
+    @property
+    def label(self) -> str:
+        shape = "" if (self.batch, self.head_dim, self.channels) == (1, HEAD_DIM, CHANNELS) else (
+            f" (B={self.batch}, d={self.head_dim}, C={self.channels})")
+        return f"N={self.n} {self.precision}{shape}"
+
+
+@dataclass(frozen=True)
+class Work:
+    """Executed work of a launch: FLOPs (tensor-core or FMA), exp2 evaluations, operand bytes
+    streamed from L2 into the SMs."""
+
+    flops: float = 0.0
+    exp2: float = 0.0
+    bytes: float = 0.0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.flops + other.flops, self.exp2 + other.exp2, self.bytes + other.bytes)
+
+    def __mul__(self, factor: float) -> Work:
+        return Work(self.flops * factor, self.exp2 * factor, self.bytes * factor)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What the report knows about one kernel beyond its compile.
+
+    Args:
+        name: the ``@triton.jit`` function's name.
+        work: ``(meta, programs) -> (score, rest)``, the work of the whole launch; ``meta`` holds
+            every argument by name (tensors, sizes, strides, constexprs, the config's
+            ``num_warps`` and ``num_stages``) and ``programs`` the grid's size. ``score`` is the
+            part computed on the exp2 tile (its dot and its exp2), which a replicated layout
+            executes that many times over; ``rest`` the remainder.
+        exp2_tile: ``meta -> elements`` whose exp2 one iteration of the main loop computes (the
+            tile's share is that over the threads); None for kernels without such a tile.
+    """
+
+    name: str
+    work: Callable[[dict[str, Any], int], tuple[Work, Work]]
+    exp2_tile: Callable[[dict[str, Any]], int] | None = None
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the report: its launcher and its kernels.
+
+    Args:
+        name: the report's key (``--ops``).
+        title: the heading.
+        launch: calls the op's launcher for a problem (inside :func:`recorded_launches`).
+        kernels: the specs of the kernels it launches.
+        minimal: the op's minimal work for a problem (FLOPs and exp2; bytes are left 0).
+        unit: ``(name, problem -> value)``, what the work is divided by, e.g. ``("N^2", ...)``.
+        sizes, precisions: the problems the full report runs (defaults: DANet's).
+    """
+
+    name: str
+    title: str
+    launch: Callable[[Problem], None]
+    kernels: tuple[KernelSpec, ...]
+    minimal: Callable[[Problem], Work]
+    unit: tuple[str, Callable[[Problem], float]]
+    sizes: tuple[int, ...] = SIZES
+    precisions: tuple[str, ...] = tuple(PRECISIONS)
+
+    def kernel(self, name: str) -> KernelSpec | None:
+        return next((k for k in self.kernels if k.name == name), None)
+
+
+def all_specs() -> dict[str, OpSpec]:
+    """Every op the report knows, by name (one module per op under ``benchmarks/compile_specs``)."""
+    from benchmarks import compile_specs
+
+    return {spec.name: spec for spec in compile_specs.SPECS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording launches
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """A kernel launch the launcher made: the kernel object (an ``Autotuner`` or a
+    ``JITFunction``), its arguments and its grid."""
+
+    kernel: Any
+    args: tuple
+    kwargs: dict[str, Any]
+    grid: Any
+
+    @property
+    def jit_function(self) -> Any:
+        from triton.runtime.jit import JITFunction
+
+        fn = self.kernel
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        return fn
+
+    def named(self) -> dict[str, Any]:
+        return {**dict(zip(self.jit_function.arg_names, self.args, strict=False)), **self.kwargs}
+
+    def programs(self) -> int:
+        grid = self.grid(self.named()) if callable(self.grid) else self.grid
+        return math.prod(int(g) for g in grid)
+
+
+_recording: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Within the block, a Triton launch (``kernel[grid](...)``) is recorded instead of run.
+
+    Launches go through the launchers unchanged, as the eager ``torch.library`` op dispatch
+    makes them (``wrap_triton`` passes straight to the kernel), and end at the outermost
+    kernel object: an autotuner is recorded before it tunes.
+    """
+    global _recording
+    import triton
+    from torch._library.triton import set_wrap_triton_enabled
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def record(self: Any, *args: Any, grid: Any = None, warmup: bool = False, **kwargs: Any) -> None:
+        assert _recording is not None
+        _recording.append(Launch(self, args, kwargs, grid))
+
+    saved = {cls: cls.run for cls in (JITFunction, Autotuner)}
+    previous, _recording = _recording, []
+    try:
+        for cls in saved:
+            cls.run = record
+        with set_wrap_triton_enabled(False):
+            yield _recording
+    finally:
+        for cls, run in saved.items():
+            cls.run = run
+        _recording = previous
+    del triton
+
+
+def expand(launch: Launch) -> list[tuple[Any, Launch]]:
+    """``(config, JIT launch)`` for every config a launch may run: each one the prune of an
+    autotuned kernel keeps, run through the autotuner's chain (heuristics included) to the
+    ``JITFunction`` launch it would make; a plain launch is its own (``config`` None)."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(launch.kernel, Autotuner):
+        return [(None, launch)]
+    expanded = []
+    for config in kept_configs(launch):
+        with recorded_launches() as inner:
+            launch.kernel.fn.run(*launch.args, grid=launch.grid, warmup=False,
+                                 **launch.kwargs, **config.all_kwargs())
+        expanded.append((config, inner[-1]))
+    return expanded
+
+
+def kept_configs(launch: Launch) -> list[Any]:
+    """The configs an autotuner's early prune keeps for this launch (all, without a prune)."""
+    tuner = launch.kernel
+    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
+    try:
+        if tuner.early_config_prune:
+            return list(tuner.early_config_prune(tuner.configs, tuner.nargs, **launch.kwargs))
+        return list(tuner.configs)
+    finally:
+        tuner.nargs = None
+
+
+def tuned_configs(launch: Launch) -> tuple[list[Any], Any]:
+    """The configs the autotuner would benchmark (after its perf model's top-k) and the one its
+    perf model ranks first (None without a perf model)."""
+    tuner = launch.kernel
+    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
+    try:
+        benchmarked = list(tuner.prune_configs(launch.kwargs))
+        if not tuner.perf_model:
+            return benchmarked, benchmarked[0] if len(benchmarked) == 1 else None
+        timing = {c: tuner.perf_model(**tuner.nargs, **launch.kwargs, **c.all_kwargs()) for c in benchmarked}
+        return benchmarked, min(benchmarked, key=timing.__getitem__)
+    finally:
+        tuner.nargs = None
+
+
+@contextlib.contextmanager
+def dot_precision(precision: str) -> Iterator[None]:
+    """Make every kernel module's ``dot_input_precision`` answer ``precision`` for fp32 (the
+    launchers read torch's matmul setting through it; this machine's setting is irrelevant)."""
+    import torch
+
+    modules = [module for name, module in sys.modules.items()
+               if name.startswith("danet_kernels.kernels.") and hasattr(module, "dot_input_precision")]
+    saved = {module: module.dot_input_precision for module in modules}
+    try:
+        for module in modules:
+            module.dot_input_precision = lambda dtype: precision if dtype == torch.float32 else "tf32"
+        yield
+    finally:
+        for module, function in saved.items():
+            module.dot_input_precision = function
+
+
+# ----------------------------------------------------------------------------------------------
+# Specialising and compiling as a real launch
+# ----------------------------------------------------------------------------------------------
+
+
+def _target() -> Any:
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
+def specialise(launch: Launch) -> tuple[Any, dict[str, Any]]:
+    """The ``ASTSource`` and compile options of a JIT launch, derived as Triton's launcher
+    derives them (``JITFunction.run``: its binder over the real arguments, then ``_pack_args``)."""
+    from triton import knobs
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.jit_function
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    backend = make_backend(_target())
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound_args, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__
+
+
+@dataclass
+class Compiled:
+    """A kernel compiled for sm_90a: ptxas's figures and the PTX/TTGIR text (or the error)."""
+
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int | None = None
+    num_warps: int | None = None
+    ptx: str = ""
+    ttgir: str = ""
+    error: str | None = None
+
+
+def compile_launch(launch: Launch) -> Compiled:
+    """Compile a JIT launch for sm_90a as a real launch would specialise it (see :func:`specialise`)."""
+    import triton
+    from triton import knobs
+
+    source, options = specialise(launch)
+    log = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    try:
+        # ptxas prints its resource usage only when it runs: never take a cached kernel.
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(source, target=_target(), options=options)
+    except Exception as error:  # a config that does not compile is a finding, not a crash
+        return Compiled(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    text = log.getvalue()
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return Compiled(
+        registers=int(registers.group(1)) if registers else None,
+        spill_stores=int(spills.group(1)) if spills else None,
+        spill_loads=int(spills.group(2)) if spills else None,
+        shared=kernel.metadata.shared,
+        num_warps=kernel.metadata.num_warps,
+        ptx=kernel.asm["ptx"],
+        ttgir=kernel.asm["ttgir"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading PTX and TTGIR
+# ----------------------------------------------------------------------------------------------
+
+_PTX_PATTERNS = {
+    "wgmma": r"\bwgmma\.mma_async",
+    "mma_sync": r"\bmma\.sync",
+    "fma": r"\bfma\.rn(?:\.ftz)?\.f32\b",
+    "cp_async": r"\bcp\.async\.c[ag]\b",
+    "tma": r"\bcp\.async\.bulk\.tensor",
+    "ex2": r"\bex2\.approx",
+}
+
+
+def ptx_counts(ptx: str) -> dict[str, int]:
+    """Static counts of the instructions the report names, in the whole kernel."""
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in _PTX_PATTERNS.items()}
+
+
+def ptx_loops(ptx: str) -> list[dict[str, int]]:
+    """The loops of a kernel, as the instruction counts of each: a loop is the text from a label
+    to a later branch back to it (Triton emits structured loops), nested loops included."""
+    lines = ptx.splitlines()
+    labels: dict[str, int] = {}
+    loops = []
+    for number, line in enumerate(lines):
+        label = re.match(r"^\s*(\$L__BB\d+_\d+):", line)
+        if label:
+            labels[label.group(1)] = number
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and labels.get(branch.group(1), number) < number:
+            loops.append(ptx_counts("\n".join(lines[labels[branch.group(1)]: number + 1])))
+    return loops
+
+
+def main_loop(ptx: str) -> dict[str, int] | None:
+    """The loop with the most MMA instructions (wgmma, mma.sync, then FMA): the kernel's hot loop."""
+    loops = ptx_loops(ptx)
+    if not loops:
+        return None
+    return max(loops, key=lambda counts: (counts["wgmma"] + counts["mma_sync"], counts["fma"]))
+
+
+def _layouts(ttgir: str) -> dict[str, dict[str, Any]]:
+    """TTGIR layout aliases (``#mma``, ``#blocked1``, ...) with their integer-list parameters."""
+    layouts = {}
+    for alias, kind, body in re.findall(r"^(#\w+) = #ttg\.(\w+)<\{(.*)\}>", ttgir, flags=re.MULTILINE):
+        params: dict[str, Any] = {key: [int(x) for x in re.findall(r"\d+", value)]
+                                  for key, value in re.findall(r"(\w+) = \[([\d, ]*)\]", body)}
+        params.update((key, int(value)) for key, value in re.findall(r"(\w+) = (\d+)\b(?!\])", body))
+        params["kind"] = kind
+        layouts[alias] = params
+    return layouts
+
+
+def layout_replication(shape: Sequence[int], layout: dict[str, Any]) -> float | None:
+    """By how much a layout's warps cover more than a tensor: 1 for an exact or tiled cover, 2
+    when, e.g., 8 warps of 16-row MMA slices lie over 64 rows (two warpgroups hold the same
+    elements). None for layouts it does not model."""
+    warps = layout.get("warpsPerCTA")
+    if layout["kind"] == "blocked":
+        cover = [s * t * w for s, t, w in zip(layout["sizePerThread"], layout["threadsPerWarp"], warps,
+                                                         strict=True)]
+    elif layout["kind"] == "nvidia_mma" and len(shape) == 2:
+        version = layout["versionMajor"]
+        instr = layout.get("instrShape", [16, 8])
+        cover = [16 * warps[0], (instr[1] if version == 3 else 8) * warps[1]]
+    else:
+        return None
+    return math.prod(max(1.0, c / s) for c, s in zip(cover, shape, strict=True))
+
+
+def exp2_replication(ttgir: str) -> float | None:
+    """The largest layout replication of a 2-D ``math.exp2`` in the kernel (the score tile's)."""
+    layouts = _layouts(ttgir)
+    worst = None
+    for dims, alias in re.findall(r"math\.exp2 .*: tensor<(\d+x\d+)xf32, (#\w+)>", ttgir):
+        if alias in layouts:
+            factor = layout_replication([int(d) for d in dims.split("x")], layouts[alias])
+            if factor is not None:
+                worst = factor if worst is None else max(worst, factor)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One kernel, config and problem of the report."""
+
+    op: str
+    problem: str  # its label
+    n: int
+    precision: str
+    batch: int
+    head_dim: int
+    channels: int
+    kernel: str
+    launch: str  # the launch's flags (non-tile constexprs), to tell launches of one kernel apart
+    config: str
+    tuned: bool = True  # among the configs the autotuner benchmarks
+    preferred: bool = False  # the launch's choice here: see ``choice``
+    choice: str = ""  # why preferred: "fixed" (a plain launch), "perf model" (ranked first), or
+    # "first tuned" (no perf model: the first config the autotuner benchmarks stands in)
+    launch_index: int = 0  # which launch of the op's call
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared: int | None = None
+    mma: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    loop_ex2: int | None = None  # per thread, one iteration of the main loop
+    ex2_share: float | None = None  # the exp2 tile's elements over the threads
+    replication: float | None = None
+    programs: int | None = None
+    flops: float | None = None  # per op unit (e.g. N^2), the whole launch
+    exp2: float | None = None
+    bytes: float | None = None
+    error: str | None = None
+
+
+def _describe_config(config: Any, meta: dict[str, Any]) -> str:
+    if config is None:
+        tiles = {k: v for k, v in meta.items() if k.startswith("BLOCK") and isinstance(v, int)}
+        warps, stages = meta.get("num_warps", 4), meta.get("num_stages", 3)
+    else:
+        tiles, warps, stages = config.kwargs, config.num_warps, config.num_stages
+    shown = "x".join(str(v) for k, v in tiles.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_R",
+                                                               "BLOCK_K", "BLOCK"))
+    return f"{shown} w{warps} s{stages}"
+
+
+def _describe_launch(meta: dict[str, Any], fn: Any) -> str:
+    flags = [f"{name}={meta[name]}" for name in fn.arg_names
+             if name in meta and name.isupper() and not name.startswith(("BLOCK", "EVEN"))
+             and isinstance(meta[name], (bool, str))]
+    return " ".join(flags)
+
+
+def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = "kept", index: int = 0
+                   ) -> list[Row]:
+    """Rows for one recorded launch: every kept config (``configs="kept"``) or only the
+    preferred / the first benchmarked one (``"preferred"``)."""
+    from triton.runtime.autotuner import Autotuner
+
+    scale = op.unit[1](problem)
+    spec = op.kernel(launch.jit_function.__name__)
+    tuned, preferred = tuned_configs(launch) if isinstance(launch.kernel, Autotuner) else ([None], None)
+    choice = "fixed" if tuned == [None] else "perf model" if preferred is not None else "first tuned"
+    stand_in = preferred if preferred is not None else tuned[0]
+    rows = []
+    for config, jit_launch in expand(launch):
+        is_preferred = config is None or config == stand_in
+        if configs == "preferred" and not is_preferred:
+            continue
+        meta = {**jit_launch.named(), **({} if config is None else config.all_kwargs())}
+        meta.setdefault("num_warps", 4)
+        meta.setdefault("num_stages", 3)
+        row = Row(op=op.name, problem=problem.label, n=problem.n, precision=problem.precision,
+                  batch=problem.batch, head_dim=problem.head_dim, channels=problem.channels,
+                  kernel=launch.jit_function.__name__,
+                  launch=_describe_launch(meta, launch.jit_function), config=_describe_config(config, meta),
+                  tuned=config is None or config in tuned, preferred=is_preferred,
+                  choice=choice if is_preferred else "", launch_index=index)
+        compiled = compile_launch(jit_launch)
+        row.error = compiled.error
+        if compiled.error is None:
+            counts = ptx_counts(compiled.ptx)
+            loop = main_loop(compiled.ptx)
+            row.registers = compiled.registers
+            row.spill_bytes = (compiled.spill_stores or 0) + (compiled.spill_loads or 0)
+            row.shared = compiled.shared
+            row.counts = counts
+            row.mma = "wgmma" if counts["wgmma"] else "mma.sync" if counts["mma_sync"] else "FMA"
+            row.loop_ex2 = loop["ex2"] if loop else None
+            row.replication = exp2_replication(compiled.ttgir)
+            threads = 32 * (compiled.num_warps or meta["num_warps"])
+            if spec is not None and spec.exp2_tile is not None:
+                row.ex2_share = spec.exp2_tile(meta) / threads
+        row.programs = jit_launch.programs()
+        if spec is not None:
+            score, rest = spec.work(meta, row.programs)
+            executed = score * (row.replication or 1.0) + rest
+            row.flops, row.exp2, row.bytes = (executed.flops / scale, executed.exp2 / scale,
+                                              executed.bytes / scale)
+        rows.append(row)
+    return rows
+
+
+def measure(ops: Sequence[str] | None = None, sizes: Sequence[int] | None = None,
+            precisions: Sequence[str] | None = None, configs: str = "kept",
+            problems: Sequence[Problem] | None = None, progress: Callable[[str], None] | None = None,
+            ) -> list[Row]:
+    """Compile and measure the ops' kernels; ``problems`` (if given) replaces sizes x precisions."""
+    specs = all_specs()
+    rows = []
+    for name in ops or list(specs):
+        op = specs[name]
+        chosen = problems or [Problem(n, precision) for precision in (precisions or op.precisions)
+                              for n in (sizes or op.sizes)]
+        for problem in chosen:
+            if progress:
+                progress(f"{op.name} {problem.label}")
+            with dot_precision(problem.dot_precision), recorded_launches() as launches:
+                op.launch(problem)
+            for index, launch in enumerate(launches):
+                rows.extend(measure_launch(op, problem, launch, configs, index))
+    return rows
+
+
+def minimal_work(op: OpSpec, problem: Problem) -> Work:
+    return op.minimal(problem) * (1.0 / op.unit[1](problem))
+
+
+# ----------------------------------------------------------------------------------------------
+# The markdown report
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    """Four significant digits (1297, 2.031, 0.0213), or a dash."""
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _choice(row: Row) -> str:
+    marks = {"fixed": "", "perf model": "", "first tuned": " (first tuned; no perf model)"}
+    return f"{row.kernel} {row.config}{marks[row.choice]}"
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import triton
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        release = re.search(r"release ([\d.]+)", get_ptxas_version(90))
+        versions["ptxas"] = release.group(1) if release else "?"
+    except Exception:  # the version line is informative only
+        versions["ptxas"] = "?"
+    return versions
+
+
+def _op_summary(op: OpSpec, rows: list[Row], problems: list[Problem]) -> list[str]:
+    unit = op.unit[0]
+    lines = [f"| problem | preferred config (per kernel) | registers | spill B | cp.async | replicated | "
+             f"FLOPs / {unit} | exp2 / {unit} | bytes / {unit} | minimal FLOPs / {unit} | "
+             f"minimal exp2 / {unit} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for problem in problems:
+        chosen = [r for r in rows if r.problem == problem.label and r.preferred]
+        if not chosen:
+            continue
+        total = Work()
+        known = all(r.flops is not None for r in chosen)
+        for r in chosen:
+            total = total + Work(r.flops or 0, r.exp2 or 0, r.bytes or 0)
+        minimal = minimal_work(op, problem)
+        lines.append(
+            f"| {problem.label} | {'; '.join(_choice(r) for r in chosen)} | "
+            f"{max((r.registers or 0) for r in chosen)} | {sum((r.spill_bytes or 0) for r in chosen)} | "
+            f"{sum(r.counts.get('cp_async', 0) for r in chosen)} | "
+            f"{'yes' if any((r.replication or 1) > 1 for r in chosen) else 'no'} | "
+            f"{_fmt(total.flops) if known else '—'} | {_fmt(total.exp2) if known else '—'} | "
+            f"{_fmt(total.bytes) if known else '—'} | {_fmt(minimal.flops)} | {_fmt(minimal.exp2)} |")
+    return lines
+
+
+_COLUMNS = ("problem", "kernel", "launch", "config", "tuned", "pref", "regs", "spill B", "smem B", "MMA",
+            "wgmma", "mma", "fma", "cp.async", "TMA", "ex2/it (share)", "repl", "programs", "FLOPs", "exp2",
+            "bytes")
+
+
+def _cells(values: Sequence[object]) -> str:
+    return "| " + " | ".join(str(v) for v in values) + " |"
+
+
+def _row_cells(r: Row) -> list[object]:
+    head = [r.problem, r.kernel, r.launch, r.config, "✓" if r.tuned else "", "✓" if r.preferred else ""]
+    if r.error:
+        return [*head, f"compile error: {r.error}", *[""] * (len(_COLUMNS) - len(head) - 1)]
+    c = r.counts
+    share = "—" if r.ex2_share is None else f"{r.ex2_share:g}"
+    shared = r.shared if (r.shared or 0) <= MAX_SHARED_BYTES else f"{r.shared} (too much to launch)"
+    return [*head, r.registers, r.spill_bytes, shared, r.mma, c["wgmma"], c["mma_sync"], c["fma"],
+            c["cp_async"], c["tma"], f"{_fmt(r.loop_ex2)} ({share})", _fmt(r.replication), r.programs,
+            _fmt(r.flops), _fmt(r.exp2), _fmt(r.bytes)]
+
+
+def render_markdown(rows: list[Row], command: str, versions: dict[str, str] | None = None) -> str:
+    """docs/compile_report.md from the measured rows."""
+    versions = versions or _versions()
+    specs = all_specs()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Compile report: the kernels as a Hopper GPU will run them",
+        "",
+        f"Generated {when} by `{command}` (triton {versions['triton']}, ptxas {versions['ptxas']}, "
+        f"torch {versions['torch']}, python {versions['python']}), for sm_90a on a machine without a GPU. "
+        "Do not edit: rerun the command (see benchmarks/compile_report.py for how it measures).",
+        "",
+        "Every launch is the one the op's own launcher makes for the problem, specialised as Triton's "
+        "launcher specialises a real one (16-byte divisibility of pointers, sizes and strides where "
+        "they have it, stride-1 axes as constants). Columns:",
+        "",
+        "- Rows: every config the prune keeps. *tuned*: among the configs the autotuner benchmarks (its "
+        "perf model's top-k); *pref*: ranked first by the perf model (a plain launch is both; without a "
+        "perf model the first tuned config stands in, and the GPU's autotuner decides).",
+        "- *regs*, *spill B* (stores + loads), *smem B*: from ptxas and Triton's metadata.",
+        "- *MMA*: wgmma, mma.sync or FMA (no tensor cores); *wgmma / mma / fma / cp.async / TMA*: static "
+        "instruction counts in the PTX.",
+        "- *ex2/it (share)*: ex2 per thread in one iteration of the main loop, beside the exp2 tile's "
+        "elements over the threads; *repl*: by how much the warps of the exp2 tile's layout cover more "
+        "than the tile (2: two warpgroups compute the same scores and exponentials).",
+        "- *FLOPs*, *exp2*, *bytes*: executed by the whole launch (grid x tiles, the score part times the "
+        "replication), per the op's unit; bytes are the operand tiles streamed from L2 into the SMs.",
+        "",
+    ]
+    for name, op in specs.items():
+        op_rows = [r for r in rows if r.op == name]
+        if not op_rows:
+            continue
+        problems = _problems_of(op_rows)
+        out += [f"## {op.title}", "", "Preferred configs, all kernels of one call summed:", ""]
+        out += _op_summary(op, op_rows, problems)
+        unit = op.unit[0]
+        out += ["", f"All configs (FLOPs, exp2, bytes per {unit}):", "", _cells(_COLUMNS),
+                "|" + "---|" * len(_COLUMNS)]
+        out += [_cells(_row_cells(r)) for r in op_rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def _problems_of(rows: list[Row]) -> list[Problem]:
+    """The problems of some rows, in order of appearance."""
+    problems: dict[str, Problem] = {}
+    for r in rows:
+        problems.setdefault(r.problem, Problem(r.n, r.precision, r.batch, r.head_dim, r.channels))
+    return list(problems.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the report (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", help=f"ops to compile (default: all: {', '.join(all_specs())})")
+    parser.add_argument("--sizes", nargs="+", type=int, help=f"N values (default: {SIZES})")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default: all")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="d of q and k")
+    parser.add_argument("--channels", type=int, default=CHANNELS, help="C of v (PAM) and of x (CAM)")
+    parser.add_argument("--configs", choices=("kept", "preferred"), default="kept",
+                        help="every config the prune keeps, or the preferred one per launch")
+    parser.add_argument("--out", default="docs/compile_report.md", help="markdown file ('-': stdout)")
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the report compiles the kernels the GPU would run")
+    problems = None
+    if (args.batch, args.head_dim, args.channels) != (1, HEAD_DIM, CHANNELS):
+        problems = [Problem(n, precision, args.batch, args.head_dim, args.channels)
+                    for precision in (args.precisions or PRECISIONS) for n in (args.sizes or SIZES)]
+    rows = measure(args.ops, args.sizes, args.precisions, args.configs, problems,
+                   progress=lambda what: print(f"compiling {what}", file=sys.stderr))
+    command = "python -m benchmarks.compile_report" + "".join(
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    text = render_markdown(rows, command)
+    if args.out == "-":
+        print(text)
+    else:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    importlib.import_module("benchmarks.compile_specs")  # fail early if a spec does not import
+    sys.exit(main())

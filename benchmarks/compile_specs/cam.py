@@ -1,0 +1,113 @@
+"""Compile-report entries of CAM, forward and backward (danet_kernels/kernels/channel_attention.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from benchmarks.compile_report import H100_SMS, KernelSpec, OpSpec, Problem, Work
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@contextlib.contextmanager
+def _h100_waves() -> Iterator[Any]:
+    """The launcher sizes its split-N plan by the device's SMs; on the CPU, an H100's."""
+    from danet_kernels.kernels import channel_attention as cam
+
+    saved = cam._programs_per_wave
+    cam._programs_per_wave = lambda device: H100_SMS
+    try:
+        yield cam
+    finally:
+        cam._programs_per_wave = saved
+
+
+def launch_forward(problem: Problem) -> None:
+    import torch
+
+    with _h100_waves() as cam:
+        x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
+        cam.channel_attention_forward(x, torch.empty(1))
+
+
+def launch_backward(problem: Problem) -> None:
+    import torch
+
+    with _h100_waves() as cam:
+        b, c, n = problem.batch, problem.channels, problem.n
+        x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
+        cam.channel_attention_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))
+
+
+def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
+    """Each (tile pair, split) program accumulates BLOCK_C x BLOCK_C over its split of N."""
+    bc, bn, n, n_per_split, splits = meta["BLOCK_C"], meta["BLOCK_N"], meta["N"], meta["n_per_split"], meta[
+        "num_splits"]
+    blocks_per_split = [_cdiv(min(n_per_split, n - s * n_per_split), bn) for s in range(splits)]
+    per_split_programs = programs // splits
+    blocks = per_split_programs * sum(blocks_per_split)
+    element = meta["L"].element_size()
+    return Work(), Work(flops=blocks * 2 * bc * bc * bn, bytes=blocks * 2 * bc * bn * element)
+
+
+def softmax_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
+    """BLOCK_R rows: pass 1 sums the split partials, pass 2 rewrites A; an exp2 per element each."""
+    rows, c, splits = meta["BLOCK_R"], meta["C"], meta["num_splits"]
+    elements = programs * rows * _cdiv(c, meta["BLOCK_K"]) * meta["BLOCK_K"]
+    return Work(exp2=2 * elements), Work(bytes=elements * 4 * (splits + 2))
+
+
+def apply_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
+    """Y tile BLOCK_R x BLOCK_N with a K-loop over C (twice with HAS_V: K = 2C)."""
+    br, bn, bk, c = meta["BLOCK_R"], meta["BLOCK_N"], meta["BLOCK_K"], meta["C"]
+    steps = programs * _cdiv(c, bk) * (2 if meta["HAS_V"] else 1)
+    element = meta["U"].element_size()
+    return Work(), Work(flops=steps * 2 * br * bn * bk, bytes=steps * (br + bn) * bk * element)
+
+
+def rows_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
+    """Row kernels over C x C fp32 matrices: traffic only."""
+    rows, c = meta.get("BLOCK_R", meta.get("BLOCK", 1)), meta["C"]
+    return Work(), Work(bytes=programs * rows * c * 4 * 3)
+
+
+FORWARD_KERNELS = (
+    KernelSpec("_cam_gram_kernel", gram_work),
+    KernelSpec("_cam_softmax_kernel", softmax_work,
+               exp2_tile=lambda meta: meta["BLOCK_R"] * meta["BLOCK_K"]),
+    KernelSpec("_cam_apply_kernel", apply_work),
+)
+BACKWARD_KERNELS = (
+    KernelSpec("_cam_gram_kernel", gram_work),
+    KernelSpec("_cam_softmax_bwd_kernel", rows_work),
+    KernelSpec("_cam_bwd_weights_kernel", rows_work),
+    KernelSpec("_cam_apply_kernel", apply_work),
+)
+
+
+def _per_c2n(p: Problem) -> float:
+    return p.batch * p.channels**2 * p.n
+
+
+FORWARD = OpSpec(
+    name="cam_forward",
+    title="CAM forward",
+    launch=launch_forward,
+    kernels=FORWARD_KERNELS,
+    # The symmetric Gram x x^T (half of 2 C^2 N) and out = A x (2 C^2 N); an exp2 per energy.
+    minimal=lambda p: Work(flops=3 * _per_c2n(p), exp2=p.batch * p.channels**2),
+    unit=("C^2 N", _per_c2n),
+)
+BACKWARD = OpSpec(
+    name="cam_backward",
+    title="CAM backward",
+    launch=launch_backward,
+    kernels=BACKWARD_KERNELS,
+    # P = dY x^T (2 C^2 N) and dx = W [dY; x] with K = 2 C (4 C^2 N).
+    minimal=lambda p: Work(flops=6 * _per_c2n(p)),
+    unit=("C^2 N", _per_c2n),
+)
