@@ -5,7 +5,10 @@ The compiles themselves run in tests/danet_kernels/test_hopper_compile.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from benchmarks import compile_report as report
 
@@ -81,8 +84,6 @@ def test_work_and_problem() -> None:
     assert (total.flops, total.exp2, total.bytes) == (12, 4, 7)
     assert report.Problem(9409, "bf16").label == "N=9409 bf16"
     assert report.Problem(1, "fp16", head_dim=5, channels=1).label == "N=1 fp16 (B=1, d=5, C=1)"
-    import torch
-
     assert report.Problem(1, "fp32-tf32x3").dtype == torch.float32
     assert report.Problem(1, "fp32-tf32x3").dot_precision == "tf32x3"
 
@@ -94,3 +95,21 @@ def test_every_op_has_a_spec_for_each_kernel_it_names() -> None:
     for spec in specs.values():
         names = [kernel.name for kernel in spec.kernels]
         assert len(names) == len(set(names)), spec.name
+
+
+def test_full_width_variant_computes_the_attention() -> None:
+    """The variant the report measures against the library's layout is a correct PAM forward
+    (interpreter, one small config; ragged N padded to 16, C below its 64-wide tile)."""
+    from benchmarks.compile_specs.pam_forward_full_width import full_width_forward
+    from danet_kernels.reference import position_attention_reference
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 37) * 0.5, torch.randn(2, 5, 37) * 0.5
+    v, residual, gamma = torch.randn(2, 40, 37), torch.randn(2, 40, 37), torch.full((1,), 0.7)
+    result, out, lse = full_width_forward(q, k, v, gamma, residual, BLOCK_M=16, BLOCK_N=16, num_warps=4,
+                                          num_stages=1)
+    expected = position_attention_reference(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(result.double(), 0.7 * expected + residual.double(), atol=2e-5, rtol=2e-5)
+    log2_sum = torch.logsumexp(torch.einsum("bdi,bdj->bij", q.double(), k.double()), -1) / math.log(2)
+    torch.testing.assert_close(lse.double(), log2_sum, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,9 @@ problem, and per kernel its work model (executed FLOPs, exp2 and operand bytes f
 and the tiles) and its exp2 tile. Adding or changing a kernel is an edit of its op's module:
 a :class:`~benchmarks.compile_report.KernelSpec` in that module's ``KERNELS``.
 
-The modules import the kernels inside their functions, never at import: the report must
-import them without TRITON_INTERPRET (the interpreter's configs are not the GPU's).
+The report runs without TRITON_INTERPRET (its command refuses it): under the interpreter the
+kernel modules build the interpreter's configs, not the GPU's. The op modules import the
+kernel modules inside their functions where they can.
 """
 
 from benchmarks.compile_specs import cam, pam_backward, pam_forward, pam_forward_full_width
