@@ -12,4 +12,5 @@ kernel modules inside their functions where they can.
 
 from benchmarks.compile_specs import cam, pam_backward, pam_forward, pam_forward_full_width
 
-SPECS = (pam_forward.SPEC, pam_forward_full_width.SPEC, pam_backward.SPEC, cam.FORWARD, cam.BACKWARD)
+SPECS = (pam_forward.SPEC, pam_forward_full_width.SPEC, pam_backward.SPEC, pam_backward.DETERMINISTIC,
+         cam.FORWARD, cam.BACKWARD)

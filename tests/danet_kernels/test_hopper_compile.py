@@ -50,12 +50,12 @@ def test_pam_forward_compiles_to_the_fast_path_at_danet_shapes() -> None:
 def test_every_kernel_compiles_for_hopper() -> None:
     """PAM backward and CAM at DANet's shapes (one config per launch), and every op at N = 1,
     d = 5, C = 1 (Triton turns arguments equal to 1 into constants; d pads to 16)."""
-    ops = ("pam_backward", "cam_forward", "cam_backward")
+    ops = ("pam_backward", "pam_backward_deterministic", "cam_forward", "cam_backward")
     rows = compile_report_rows("--ops", *ops, "--sizes", "9409", "--precisions", "bf16", "fp32-ieee",
                                "--configs", "preferred")
     rows += compile_report_rows("--ops", "pam_forward", *ops, "--sizes", "1", "--precisions", "fp16",
                                 "--head-dim", "5", "--channels", "1", "--configs", "preferred")
-    expected = {"_pam_bwd_preprocess", "_pam_bwd_dv_kernel", "_pam_bwd_dk_kernel", "_pam_bwd_dq_kernel",
+    expected = {"_pam_bwd_preprocess", "_pam_bwd_dv_kernel", "_pam_bwd_dkdq_kernel", "_pam_bwd_dq_kernel",
                 "_pam_fwd_kernel", "_cam_gram_kernel", "_cam_softmax_kernel", "_cam_apply_kernel",
                 "_cam_softmax_bwd_kernel", "_cam_bwd_weights_kernel"}
     assert {r["kernel"] for r in rows} == expected
