@@ -772,8 +772,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for precision in (args.precisions or PRECISIONS) for n in (args.sizes or SIZES)]
     rows = measure(args.ops, args.sizes, args.precisions, args.configs, problems,
                    progress=lambda what: print(f"compiling {what}", file=sys.stderr))
-    command = "python -m benchmarks.compile_report" + "".join(
-        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    # What made the numbers: the arguments less the output-only ones (--out, --json).
+    given = list(argv if argv is not None else sys.argv[1:])
+    output = ("--out", "--json")
+    shown = [a for i, a in enumerate(given) if a not in output and not a.startswith(("--out=", "--json="))
+             and (i == 0 or given[i - 1] not in output)]
+    command = "python -m benchmarks.compile_report" + "".join(f" {shlex.quote(a)}" for a in shown)
     text = render_markdown(rows, command)
     if args.out == "-":
         print(text)
