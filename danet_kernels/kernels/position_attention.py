@@ -136,7 +136,8 @@ Numerics. fp32, fp16 and bf16 inputs; S, the softmax statistics and all accumula
 P and dS are rounded to the input dtype before their matmuls for fp16/bf16 (tensor-core
 inputs), kept fp32 for fp32. For fp32 inputs ``tl.dot``'s input_precision follows torch
 (:func:`danet_kernels.kernels.common.dot_input_precision`: ``"ieee"`` by default, so the
-kernel is as exact as the reference; ``"tf32"`` where torch allows TF32). NaN/Inf propagate
+kernel is as exact as the reference; ``"tf32x3"`` at "high", ``"tf32"`` at "medium"; the
+forward's tile lists follow the precision, any but "ieee" on the tensor cores). NaN/Inf propagate
 as in the reference; a row whose energies are all -inf so far gets its max guarded to 0 so that
 ``-inf - -inf`` never manufactures a NaN the reference does not have.
 
