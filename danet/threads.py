@@ -6,8 +6,9 @@ thread per core, and its parallel regions end in a barrier: on a machine whose c
 every region, and the small ops of a CPU run collapse. Measured on the 2-core development
 machine, the README's main job took 38 min with torch's default against 155 s with one thread
 while other work ran; idle, two threads were 17% faster than one (31 s against 38 s; README,
-"Threads"). One thread gives up that 17% to never collapse. torchrun sets OMP_NUM_THREADS=1 for the same reason. On a dedicated many-core CPU,
-raise it; ``0`` keeps torch's own choice (OMP_NUM_THREADS, else the number of cores).
+"Threads"). One thread gives up that 17% to never collapse. torchrun sets OMP_NUM_THREADS=1
+for the same reason. On a dedicated many-core CPU, raise it; ``0`` keeps torch's own choice
+(OMP_NUM_THREADS, else the number of cores).
 
 DataLoader worker processes are separate: torch gives each of them one thread already.
 Results depend on the thread count in the last bits (the reductions inside a convolution are
