@@ -23,8 +23,8 @@ existing outputs are never replaced unless ``--overwrite`` is given.
     cd results && zip ../submission.zip *.png
 
 An image above ``--max-whole-pixels`` in whole-image mode is predicted with sliding windows
-instead (the attention's cost grows with the square of the pixel count), with its estimated
-cost and a progress bar.
+instead (the attention's cost grows with the square of the pixel count). Above a megapixel
+or 16 forwards the estimated cost is printed first and a progress bar shown.
 
 A model knows only the classes of its training data: the demo checkpoint of ``danet train``
 knows the synthetic scenes, and gives meaningless masks on photographs.
@@ -89,11 +89,12 @@ def predict_image(setup: CommandSetup, image: np.ndarray, cfg: EvalConfig | None
 
 
 def image_inference(setup: CommandSetup, height: int, width: int,
-                    max_whole_pixels: int) -> tuple[EvalConfig, list[str]]:
-    """The inference settings for one image and what to tell the user about them.
+                    max_whole_pixels: int) -> tuple[EvalConfig, list[str], bool]:
+    """The inference settings for one image, what to tell the user about them, and whether it is long.
 
     Whole-image inference of an image above ``max_whole_pixels`` (0: no limit) becomes sliding
-    windows of the setup's crop; above a megapixel or 16 forwards the cost is estimated first.
+    windows of the setup's crop; above a megapixel or 16 forwards the inference counts as long:
+    its cost is estimated first and a progress bar shown.
     """
     cfg, notes = setup.eval, []
     if cfg.mode == "whole" and cfg.protocol != "release" and 0 < max_whole_pixels < height * width:
@@ -102,12 +103,13 @@ def image_inference(setup: CommandSetup, height: int, width: int,
                      f"{max_whole_pixels}: sliding {cfg.crop_size}x{cfg.crop_size} windows, stride "
                      f"{window_stride(cfg)}, instead of the whole image (--max-whole-pixels 0 forces it)")
     forwards = sum(stage.forwards for stage in inference_plan(height, width, cfg))
-    if height * width > _ESTIMATE_ABOVE_PIXELS or forwards > _ESTIMATE_ABOVE_FORWARDS:
+    long = height * width > _ESTIMATE_ABOVE_PIXELS or forwards > _ESTIMATE_ABOVE_FORWARDS
+    if long:
         cost = estimate_inference_cost(setup.model, height, width, setup.dataset_class.NUM_CLASSES, cfg,
                                        device=setup.device)
         estimate = f", estimated {cost.describe()}" if cost is not None else ""
         notes.append(f"{width}x{height}: {forwards} forward(s){estimate}")
-    return cfg, notes
+    return cfg, notes, long
 
 
 def cityscapes_label_ids(prediction: torch.Tensor) -> Image.Image:
@@ -252,10 +254,10 @@ def run(args: argparse.Namespace) -> int:
     palette, class_names = setup.dataset_class.PALETTE, setup.dataset_class.CLASS_NAMES
     for image_path, outputs in zip(images, paths, strict=True):
         image = load_rgb(image_path)
-        cfg, notes = image_inference(setup, image.shape[0], image.shape[1], max_whole_pixels)
+        cfg, notes, long = image_inference(setup, image.shape[0], image.shape[1], max_whole_pixels)
         for note in notes:
             print(f"{image_path}: {note}")
-        prediction = predict_image(setup, image, cfg, progress=args.progress)
+        prediction = predict_image(setup, image, cfg, progress=args.progress and long)
         if args.format == "cityscapes":
             label_ids = cityscapes_label_ids(prediction)
             atomic_write(outputs[0], lambda tmp, i=label_ids: i.save(tmp, format="PNG"))

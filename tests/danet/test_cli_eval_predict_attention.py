@@ -448,6 +448,22 @@ def test_predict_switches_large_images_to_sliding_windows(files: dict[str, Path]
     assert main([*args, "--overwrite", "--max-whole-pixels", "-1"]) == 2
 
 
+def test_predict_shows_progress_only_for_long_inference(files: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-window image gets no progress bar; a long one (here: above 1 forward) its estimate and a bar."""
+    args = ["predict", str(files["image"]), "--checkpoint", str(files["checkpoint"]), "--device", "cpu",
+            "--max-whole-pixels", "1000"]
+    assert main([*args, "--output", str(tmp_path / "short"), "--mode", "whole",
+                 "--max-whole-pixels", "0"]) == 0
+    short = capsys.readouterr()
+    assert "inference" not in short.err and "forward(s)" not in short.out
+    monkeypatch.setattr("danet.predict._ESTIMATE_ABOVE_FORWARDS", 1)
+    assert main([*args, "--output", str(tmp_path / "long")]) == 0
+    long = capsys.readouterr()
+    assert "6 forward(s)" in long.out and "inference" in long.err
+
+
 def test_predict_takes_directories_and_globs(files: dict[str, Path], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     photos = tmp_path / "photos"
