@@ -18,6 +18,14 @@ import sys
 from pathlib import Path
 
 from danet import __version__
+from danet.choices import (
+    EXPORT_FORMATS,
+    HEAD_OUTPUTS,
+    INFERENCE_AMP,
+    INFERENCE_MODES,
+    INFERENCE_PROTOCOLS,
+    PREDICT_FORMATS,
+)
 from danet.config import DEFAULT_PRESET, DataConfig, EvalConfig, ModelConfig, TrainConfig, available_presets
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text"]
@@ -31,15 +39,6 @@ COMMANDS: dict[str, str] = {
     "lr-plot": "danet.lr_policies",
     "export": "danet.export",
 }
-# choices that modules importing torch define (a test keeps them equal): danet.inference's
-# MODES, PROTOCOLS and AMP_MODES, danet.models.HEAD_OUTPUTS, danet.predict.FORMATS and
-# danet.export.EXPORTERS
-INFERENCE_MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
-INFERENCE_PROTOCOLS: tuple[str, ...] = ("danet", "release", "mmseg")
-INFERENCE_AMP: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
-HEAD_OUTPUTS: tuple[str, ...] = ("sum", "pam", "cam")
-PREDICT_FORMATS: tuple[str, ...] = ("palette", "cityscapes")
-EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torch-export")
 
 
 def plain_text(docstring: str) -> str:

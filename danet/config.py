@@ -24,6 +24,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from danet.choices import INFERENCE_AMP, INFERENCE_MODES, INFERENCE_PROTOCOLS
+
 
 @dataclass
 class ModelConfig:
@@ -338,8 +340,6 @@ def validate_config(cfg: Config) -> None:
         ValueError: naming the first bad field, its value and what it may be.
     """
     from danet.data import DATASETS
-    from danet.inference import AMP_MODES as EVAL_AMP_MODES
-    from danet.inference import MODES, PROTOCOLS
     from danet.lr_policies import POLICIES
     from danet.models.backbone import BACKBONES
 
@@ -360,9 +360,9 @@ def validate_config(cfg: Config) -> None:
     low, high = d.scale_range
     if not 0 < low <= high:
         raise ValueError(f"data.scale_range must satisfy 0 < low <= high, got {list(d.scale_range)}")
-    _choice("eval.protocol", e.protocol, PROTOCOLS)
-    _choice("eval.mode", e.mode, MODES)
-    _choice("eval.amp", e.amp, EVAL_AMP_MODES)
+    _choice("eval.protocol", e.protocol, INFERENCE_PROTOCOLS)
+    _choice("eval.mode", e.mode, INFERENCE_MODES)
+    _choice("eval.amp", e.amp, INFERENCE_AMP)
     _at_least("eval.batch_size", e.batch_size, 1)
     for key in ("crop_size", "stride", "base_size"):
         _at_least(f"eval.{key}", getattr(e, key), 1, optional=True)

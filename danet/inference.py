@@ -54,8 +54,8 @@ from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
+from danet.choices import HEAD_OUTPUTS, INFERENCE_AMP, INFERENCE_MODES, INFERENCE_PROTOCOLS
 from danet.config import DataConfig, EvalConfig
-from danet.models import HEAD_OUTPUTS
 
 __all__ = [
     "AMP_MODES",
@@ -79,9 +79,9 @@ __all__ = [
     "window_stride",
 ]
 
-PROTOCOLS: tuple[str, ...] = ("danet", "release", "mmseg")
-MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
-AMP_MODES: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
+PROTOCOLS = INFERENCE_PROTOCOLS
+MODES = INFERENCE_MODES
+AMP_MODES = INFERENCE_AMP
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -45,6 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torchvision import tv_tensors
 
+from danet.choices import PREDICT_FORMATS
 from danet.config import EvalConfig
 from danet.data import eval_transforms
 from danet.data.cityscapes import LABEL_ID_TO_TRAIN_ID
@@ -64,7 +65,7 @@ __all__ = ["CITYSCAPES_NAME", "FORMATS", "MAX_WHOLE_PIXELS", "cityscapes_label_i
            "expand_image_arguments", "image_inference", "legend_panel", "mask_image", "normalise_image",
            "overlay", "predict_image", "run"]
 
-FORMATS: tuple[str, ...] = ("palette", "cityscapes")
+FORMATS = PREDICT_FORMATS
 CITYSCAPES_NAME = re.compile(r"^[a-z_]+_\d{6}_\d{6}_leftImg8bit$")
 """The stem of a Cityscapes image: ``<city>_<seq>_<frame>_leftImg8bit`` (cityscapesScripts' naming)."""
 MAX_WHOLE_PIXELS = 2048 * 2048

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from danet.choices import HEAD_OUTPUTS
 from danet.config import ModelConfig
 from danet.models.backbone import create_backbone
 from danet.models.head import DANetHead, FCNHead
@@ -34,7 +35,6 @@ from danet.models.weights import (
 __all__ = ["HEAD_OUTPUTS", "DANet", "build_from_checkpoint", "build_model", "create_model", "list_models",
            "load_model", "register_model"]
 
-HEAD_OUTPUTS: tuple[str, ...] = ("sum", "pam", "cam")
 """The head's outputs, in the order ``forward(x, head_outputs=True)`` returns them."""
 
 
