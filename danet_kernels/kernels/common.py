@@ -1,10 +1,15 @@
-"""What the Triton kernels of both ops share: the fp32 dot precision that follows torch."""
+"""What the Triton kernels of both ops share: the fp32 dot precision that follows torch, and
+the model of a Hopper SM that their autotuners' perf models (and the compile report) weigh
+work by."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["DOT_PRECISIONS", "dot_input_precision"]
+__all__ = ["DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
+           "L2_BYTES_PER_CLOCK", "device_sms", "dot_input_precision", "launch_clocks", "program_clocks"]
 
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
@@ -52,3 +57,37 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     if precision == "tf32":
         return "tf32x3" if level == "high" else "tf32"
     return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(level, "ieee")
+
+
+# ----------------------------------------------------------------------------------------------
+# A first-principles model of one Hopper SM (H100 SXM, dense), per clock. It ranks configs
+# against each other (the autotuners keep its best few to benchmark) and explains the compile
+# report; nothing asserts a time from it.
+# ----------------------------------------------------------------------------------------------
+# Tensor-core (or, for "ieee", FMA) FLOPs per operand class: 16-bit operands, fp32 at "tf32",
+# at "tf32x3" (three TF32 products per dot) and at "ieee" (128 fp32 FMAs).
+FLOPS_PER_CLOCK = {"16-bit": 4096, "tf32": 2048, "tf32x3": 2048 / 3, "ieee": 256}
+EXP2_PER_CLOCK = 16  # MUFU ex2
+L2_BYTES_PER_CLOCK = 32  # about L2's bandwidth into one SM (an assumption: it only ranks configs)
+H100_SMS = 132
+H100_CLOCK_HZ = 1.83e9  # 989 TFLOP/s of dense bf16 over 132 SMs x 4096 FLOPs per clock
+
+
+def program_clocks(flops: float, exp2: float, operand_bytes: float, operand_class: str) -> float:
+    """Clocks one program takes on an SM of its own: the longest of its tensor-core (or FMA)
+    work, its exp2 and its operand traffic from L2, which overlap."""
+    return max(flops / FLOPS_PER_CLOCK[operand_class], exp2 / EXP2_PER_CLOCK,
+               operand_bytes / L2_BYTES_PER_CLOCK)
+
+
+def launch_clocks(programs: int, per_program: float, resident: int, sms: int = H100_SMS) -> float:
+    """Clocks a launch of ``programs`` programs takes: waves of ``sms * resident`` programs, the
+    ``resident`` programs of one SM sharing it (each takes that many times longer)."""
+    return math.ceil(programs / (sms * resident)) * resident * per_program
+
+
+def device_sms(tensor: torch.Tensor) -> int:
+    """The SMs of the tensor's GPU; an H100's off the GPU (the compile report's launches)."""
+    if tensor.is_cuda:
+        return torch.cuda.get_device_properties(tensor.device).multi_processor_count
+    return H100_SMS

@@ -173,7 +173,7 @@ import triton
 import triton.language as tl
 
 from danet_kernels._dispatch import triton_interpreting
-from danet_kernels.kernels.common import dot_input_precision
+from danet_kernels.kernels.common import device_sms, dot_input_precision, launch_clocks, program_clocks
 from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["PositionAttentionFunction", "pam_backward", "pam_forward", "position_attention_triton"]
@@ -630,13 +630,6 @@ _INTERPRETER_TILES = (32, 32, 32, 4, 1)
 _MAX_SHARED_BYTES = 227 * 1024  # what an sm_90 block may use
 # A first call in a new (N, B) bucket benchmarks at most this many configs: the perf model's best.
 _FWD_TOP_K = 4
-# What the perf model weighs work by, per SM and clock (H100 SXM, dense): tensor-core or FMA
-# FLOPs per operand class, MUFU exp2, and about L2's bandwidth into one SM (an assumption: it
-# only ranks configs against each other).
-_FLOPS_PER_CLOCK = {"16-bit": 4096, "tf32": 2048, "tf32x3": 2048 / 3, "ieee": 256}
-_EXP2_PER_CLOCK = 16
-_L2_BYTES_PER_CLOCK = 32
-_H100_SMS = 132
 
 
 def _operand_class(dtype: torch.dtype, input_precision: str) -> str:
@@ -704,18 +697,18 @@ def _fwd_work(n: int, batch: int, channels: int, block_d: int, bm: int, bn: int,
 
 def _fwd_time_estimate(**args: object) -> float:
     """The forward perf model (clocks), for the autotuner's top-k: a program takes the longest of
-    its tensor-core (or FMA) work, its exp2 and its operand traffic at one SM's rates; programs run
-    in waves of SMs x resident programs, and programs resident together share their SM. Evaluated
-    at the bucket's N and B, like the prune."""
+    its tensor-core (or FMA) work, its exp2 and its operand traffic at one SM's rates
+    (:mod:`danet_kernels.kernels.common`); programs run in waves of SMs x resident programs,
+    and programs resident together share their SM. Evaluated at the bucket's N and B, like the
+    prune."""
     v = args["V"]
     n, batch, channels = args["N_BUCKET"], args["B_BUCKET"], args["C"]
     bm, bn, bc, warps = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"], args["num_warps"]
     programs, flops, exp2, elements = _fwd_work(n, batch, channels, args["BLOCK_D"], bm, bn, bc)
-    rate = _FLOPS_PER_CLOCK[_operand_class(v.dtype, args["INPUT_PRECISION"])]
-    program = max(flops / rate, exp2 / _EXP2_PER_CLOCK, elements * v.element_size() / _L2_BYTES_PER_CLOCK)
-    sms = torch.cuda.get_device_properties(v.device).multi_processor_count if v.is_cuda else _H100_SMS
+    program = program_clocks(flops, exp2, elements * v.element_size(),
+                             _operand_class(v.dtype, args["INPUT_PRECISION"]))
     resident = 2 if warps == 4 else 1  # 8-warp tiles hold about 255 registers per thread
-    return triton.cdiv(programs, sms * resident) * resident * program
+    return launch_clocks(programs, program, resident, device_sms(v))
 
 
 def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
