@@ -192,6 +192,29 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _pam_offsets(rows, stride_rows, cols, stride_cols):
+    """Element offsets of a (rows x cols) tile inside one image, in int64.
+
+    A (C, N) image passes 2^31 elements at C * N >= 2^31 (C = 512 at N = 4.2M, or any N with
+    C = 2048 and a channels_last stride of C on the N axis), and a row index times its stride
+    overflows int32 long before the pointer does: every in-image offset of the backward goes
+    through here, and the forward's where the launcher finds that one may overflow.
+    """
+    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
+
+
+@triton.jit
+def _pam_fwd_offsets(rows, stride_rows, cols, stride_cols, INT64_OFFSETS: tl.constexpr):
+    """The forward's in-image tile offsets: int64 (:func:`_pam_offsets`) where the launcher
+    found an image whose offsets may pass 2^31 (``_needs_int64_offsets``), else int32, the
+    cheaper address arithmetic of the hot loop (the same binary as before the switch existed)."""
+    if INT64_OFFSETS:
+        return _pam_offsets(rows, stride_rows, cols, stride_cols)
+    else:
+        return rows[:, None] * stride_rows + cols[None, :] * stride_cols
+
+
+@triton.jit
 def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Load a 2-D tile, masking only the axes that can run past the data (zeros there)."""
     if MASK_ROWS and MASK_COLS:
@@ -218,7 +241,7 @@ def _pam_fwd_inner(
     acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
     offs_d, offs_c, mask_d, mask_c, start_n, end_n, N, N_LOADED,
     TAIL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax sweep over key blocks [start_n, end_n).
 
@@ -228,7 +251,7 @@ def _pam_fwd_inner(
     for block_start in range(start_n, end_n, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
         loaded = offs_n < N_LOADED
-        kT = _load_tile(K_block + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+        kT = _load_tile(K_block + _pam_fwd_offsets(offs_d, stride_kd, offs_n, stride_kn, INT64_OFFSETS),
                         mask_d, loaded, not EVEN_D, TAIL)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION)
         if TAIL:
@@ -241,7 +264,7 @@ def _pam_fwd_inner(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(s * LOG2E - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V_block + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vc,
+        v = _load_tile(V_block + _pam_fwd_offsets(offs_n, stride_vn, offs_c, stride_vc, INT64_OFFSETS),
                        loaded, mask_c, TAIL, not EVEN_C)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -253,7 +276,7 @@ def _pam_fwd_store(
     out, Gamma, Residual, Result, Out,
     stride_rc, stride_rn, stride_yc, stride_yn, stride_oc, stride_on,
     offs_m, offs_c, mask_c, N, N_LOADED,
-    HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr, EVEN_C: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr, EVEN_C: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
     """Write a (BLOCK_M, width) tile of O's channels offs_c: Result = gamma * O + residual (or O),
     and O itself when STORE_OUT (pointers already at the batch element and the C block).
@@ -268,15 +291,15 @@ def _pam_fwd_store(
     mask_store = _tile_mask(offs_m < n_stored, mask_c, not EVEN_C)
     if HAS_RESIDUAL:
         if STORE_OUT:
-            tl.store(Out + offs_m[:, None] * stride_on + offs_c[None, :] * stride_oc,
+            tl.store(Out + _pam_fwd_offsets(offs_m, stride_on, offs_c, stride_oc, INT64_OFFSETS),
                      out.to(Out.dtype.element_ty), mask=mask_store)
         gamma = tl.load(Gamma).to(tl.float32)
-        residual = tl.load(Residual + offs_m[:, None] * stride_rn + offs_c[None, :] * stride_rc,
+        residual = tl.load(Residual + _pam_fwd_offsets(offs_m, stride_rn, offs_c, stride_rc, INT64_OFFSETS),
                            mask=_tile_mask(offs_m < N_LOADED, mask_c, not EVEN_C), other=0.0)
         result = gamma * out + residual.to(tl.float32)
     else:
         result = out
-    tl.store(Result + offs_m[:, None] * stride_yn + offs_c[None, :] * stride_yc,
+    tl.store(Result + _pam_fwd_offsets(offs_m, stride_yn, offs_c, stride_yc, INT64_OFFSETS),
              result.to(Result.dtype.element_ty), mask=mask_store)
 
 
@@ -296,7 +319,7 @@ def _pam_fwd_kernel(
     N, N_LOADED, D, C,
     N_BUCKET, B_BUCKET,  # the autotuning key (N's and B's power-of-two buckets); never read
     HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
 ):
@@ -316,8 +339,8 @@ def _pam_fwd_kernel(
     mask_d = offs_d < D
     mask_c = (start_c + offs_c) < C
 
-    q = _load_tile(Q + pid_b * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                   offs_m < N_LOADED, mask_d, True, not EVEN_D)
+    q_offsets = _pam_fwd_offsets(offs_m, stride_qn, offs_d, stride_qd, INT64_OFFSETS)
+    q = _load_tile(Q + pid_b * stride_qb + q_offsets, offs_m < N_LOADED, mask_d, True, not EVEN_D)
     K_block = K + pid_b * stride_kb
     V_block = V + pid_b * stride_vb + start_c * stride_vc
 
@@ -328,13 +351,13 @@ def _pam_fwd_kernel(
     acc, l_i, m_i = _pam_fwd_inner(
         acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
         offs_d, offs_c, mask_d, mask_c, 0, n_full, N, N_LOADED,
-        False, EVEN_D, EVEN_C, INPUT_PRECISION, BLOCK_N,
+        False, EVEN_D, EVEN_C, INPUT_PRECISION, INT64_OFFSETS, BLOCK_N,
     )
     if n_full < N:
         acc, l_i, m_i = _pam_fwd_inner(
             acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
             offs_d, offs_c, mask_d, mask_c, n_full, N, N, N_LOADED,
-            True, EVEN_D, EVEN_C, INPUT_PRECISION, BLOCK_N,
+            True, EVEN_D, EVEN_C, INPUT_PRECISION, INT64_OFFSETS, BLOCK_N,
         )
 
     out = acc / l_i[:, None]
@@ -345,23 +368,12 @@ def _pam_fwd_kernel(
     Out_block = Out + pid_b * stride_ob + start_c * stride_oc
     _pam_fwd_store(out, Gamma, Residual_block, Result_block, Out_block,
                    stride_rc, stride_rn, stride_yc, stride_yn, stride_oc, stride_on,
-                   offs_m, offs_c, mask_c, N, N_LOADED, HAS_RESIDUAL, STORE_OUT, EVEN_C)
+                   offs_m, offs_c, mask_c, N, N_LOADED, HAS_RESIDUAL, STORE_OUT, EVEN_C, INT64_OFFSETS)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _pam_offsets(rows, stride_rows, cols, stride_cols):
-    """Element offsets of a (rows x cols) tile inside one image, in int64.
-
-    A (C, N) image passes 2^31 elements at C * N >= 2^31 (C = 512 at N = 4.2M, or any N with
-    C = 2048 and a channels_last stride of C on the N axis), and a row index times its stride
-    overflows int32 long before the pointer does: every in-image offset goes through here.
-    """
-    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
 
 
 @triton.jit
@@ -719,7 +731,7 @@ def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
     the choice persists across processes in Triton's cache (``cache_results``)."""
     return triton.autotune(
         _fwd_configs(tiles),
-        key=["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION"],
+        key=["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"],
         prune_configs_by={"early_config_prune": _prune_fwd_configs, "perf_model": _fwd_time_estimate,
                           "top_k": _FWD_TOP_K},
         cache_results=True,
@@ -935,6 +947,23 @@ def _kernel_operands(
     return q, k, v, residual, n_loaded
 
 
+# Offsets of masked lanes reach past an axis' end by less than the widest tile (256).
+_WIDEST_TILE = 256
+
+
+def _needs_int64_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether an offset the forward forms inside one image can pass int32 (2^31 - 1): for each
+    (B, rows, N) tensor, the offset of its last element with both axes rounded up to the widest
+    tile (masked lanes form offsets too). True from C * N ~ 2^31 on, contiguous or channels_last
+    (C = 512: N > 4.2M); the batch offset is int64 either way."""
+    for t in tensors:
+        reach = sum((triton.cdiv(size, _WIDEST_TILE) * _WIDEST_TILE - 1) * abs(stride)
+                    for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+        if reach >= 2**31:
+            return True
+    return False
+
+
 def pam_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -968,6 +997,7 @@ def pam_forward(
         "BLOCK_D": block_d,
         "EVEN_D": head_dim == block_d,
         "INPUT_PRECISION": precision,
+        "INT64_OFFSETS": _needs_int64_offsets(q_in, k_in, v_in, residual_arg, result, out_arg),
     }
     for b0, b1 in _batch_chunks(batch):
         chunk = b1 - b0

@@ -415,28 +415,88 @@ def test_deterministic_backward_is_bitwise_repeatable(monkeypatch: pytest.Monkey
 
 @triton.jit
 def _offsets_probe(
-    Out, row_start, stride_rows, col_start, stride_cols, ROWS: tl.constexpr, COLS: tl.constexpr
+    Out, row_start, stride_rows, col_start, stride_cols, ROWS: tl.constexpr, COLS: tl.constexpr,
+    FORWARD: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
-    offsets = pam._pam_offsets(row_start + tl.arange(0, ROWS), stride_rows,
-                               col_start + tl.arange(0, COLS), stride_cols)
+    """The in-image offsets of a ROWS x COLS tile as the backward (``_pam_offsets``) or the
+    forward (``_pam_fwd_offsets``, int32 or int64 by its switch) forms them."""
+    rows, cols = row_start + tl.arange(0, ROWS), col_start + tl.arange(0, COLS)
+    if FORWARD:
+        offsets = pam._pam_fwd_offsets(rows, stride_rows, cols, stride_cols, INT64_OFFSETS)
+    else:
+        offsets = pam._pam_offsets(rows, stride_rows, cols, stride_cols)
     tl.store(Out + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], offsets)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_in_image_offsets_are_int64(layout: str) -> None:
-    """The backward's in-image offset arithmetic at an image of C * N > 2^31 elements, run by the
-    interpreter on the index arithmetic alone (no such tensor is allocated): channels near
-    C = 2^19 of an N = 2^13 map, i.e. offsets near 2^32 that int32 would wrap."""
-    channels, n = 2**19, 2**13
+def probe_offsets(channels: int, n: int, layout: str, forward: bool, int64: bool) -> tuple[torch.Tensor, ...]:
+    """The kernels' offsets of the last 16 channels x 8 positions of a (channels, n) image, and
+    the exact ones."""
     row_start, col_start = channels - 16, n - 8
     stride_rows, stride_cols = (n, 1) if layout == "contiguous" else (1, channels)
     out = torch.empty(16, 8, dtype=torch.int64)
-    _offsets_probe[(1,)](out, row_start, stride_rows, col_start, stride_cols, ROWS=16, COLS=8)
+    _offsets_probe[(1,)](out, row_start, stride_rows, col_start, stride_cols, ROWS=16, COLS=8,
+                         FORWARD=forward, INT64_OFFSETS=int64)
     rows = torch.arange(row_start, row_start + 16, dtype=torch.int64)[:, None]
     cols = torch.arange(col_start, col_start + 8, dtype=torch.int64)[None, :]
-    expected = rows * stride_rows + cols * stride_cols
+    return out, rows * stride_rows + cols * stride_cols
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kernels", ["backward", "forward, int64 switch on"])
+def test_in_image_offsets_are_int64(layout: str, kernels: str) -> None:
+    """The in-image offset arithmetic at an image of C * N > 2^31 elements, run by the
+    interpreter on the index arithmetic alone (no such tensor is allocated): channels near
+    C = 2^19 of an N = 2^13 map, i.e. offsets near 2^32 that int32 would wrap."""
+    out, expected = probe_offsets(2**19, 2**13, layout, forward=kernels != "backward", int64=True)
     assert expected.max() > 2**31
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_int32_offsets_exact_below_the_switch(layout: str) -> None:
+    """Where the switch is off the forward's int32 offsets are exact, up to the largest image the
+    launcher leaves on them (C * N = 2^31 - 2^22: C = 512, N = 2^22 - 2^13)."""
+    channels, n = 512, 2**22 - 2**13
+    out, expected = probe_offsets(channels, n, layout, forward=True, int64=False)
+    assert expected.max() < 2**31 and torch.equal(out, expected)
+    v = torch.empty(1, channels, n, device="meta")
+    assert not pam._needs_int64_offsets(v if layout == "contiguous" else v.transpose(1, 2).contiguous().mT)
+
+
+def test_forward_switches_to_int64_offsets_where_an_image_passes_int32() -> None:
+    """The launcher's switch, on the tensors it is given (meta tensors: nothing allocated): on
+    from C * N ~ 2^31 in either layout (masked lanes rounded up to the widest tile), off below;
+    the batch axis never counts (its offset is int64 in the kernel)."""
+    def image(channels: int, n: int, layout: str, batch: int = 1) -> torch.Tensor:
+        t = torch.empty(batch, n, channels, device="meta").mT if layout == "channels_last" else torch.empty(
+            batch, channels, n, device="meta")
+        return t
+
+    for layout in ("contiguous", "channels_last"):
+        assert not pam._needs_int64_offsets(image(512, 2**22 - 256, layout))
+        assert pam._needs_int64_offsets(image(512, 2**22 + 16, layout))
+        assert pam._needs_int64_offsets(image(2**21 + 64, 1024, layout))
+        assert not pam._needs_int64_offsets(image(64, 2**16, layout, batch=2**16))  # B C N = 2^38
+    assert pam._needs_int64_offsets(image(16, 1024, "contiguous"), image(2**21 + 64, 1024, "channels_last"))
+
+
+@pytest.mark.parametrize("channels, n, expected", [(40, 50, False), (2**21 + 64, 1024, True)])
+def test_forward_launch_takes_the_switch(channels: int, n: int, expected: bool) -> None:
+    """pam_forward passes the switch to its kernel (recorded on meta tensors, channels_last v)."""
+    q = torch.empty(1, 16, n, device="meta")
+    v = torch.empty(1, n, channels, device="meta").mT
+    with recorded_launches() as launches:
+        pam.pam_forward(q, torch.empty_like(q), v, torch.empty(1, device="meta"), v, False)
+    assert [launch.kwargs["INT64_OFFSETS"] for launch in launches] == [expected]
+
+
+def test_forward_kernel_forms_every_in_image_offset_through_the_switch() -> None:
+    """Every ``index * stride`` product of the forward kernel goes through ``_pam_fwd_offsets``
+    or has an int64 left side (the batch index, the C block's start)."""
+    for function in (pam._pam_fwd_kernel.fn, pam._pam_fwd_inner, pam._pam_fwd_store):
+        source = inspect.getsource(getattr(function, "fn", function))
+        for left in re.findall(r"(\S+) \* stride_", source):
+            assert left in ("pid_b", "start_c"), f"{left} * stride in {source.splitlines()[1]}"
 
 
 def test_backward_kernels_compute_every_offset_in_int64() -> None:
@@ -649,7 +709,7 @@ def test_forward_tuning_depends_on_the_bucket_only(operands: str) -> None:
 
 def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
     for tuner in pam._FWD_KERNELS.values():
-        assert tuner.keys == ["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION"]
+        assert tuner.keys == ["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"]
         assert tuner.early_config_prune is pam._prune_fwd_configs
         assert tuner.perf_model is pam._fwd_time_estimate and tuner.configs_top_k == pam._FWD_TOP_K <= 4
     # The GPU's tuners (built without TRITON_INTERPRET) keep their choice across processes.
@@ -720,6 +780,30 @@ def test_gpu_offsets_beyond_int32() -> None:
         one = slice(b, b + 1)
         expected = position_attention_reference(q[one].double(), k[one].double(), v[one].double())
         assert_close(y[b : b + 1], expected, 2e-2, 2e-2, f"batch element {b}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_gpu_forward_offsets_beyond_int32_inside_one_image() -> None:
+    """ONE image whose in-image offsets pass 2^31: v and the residual channels_last (read in
+    place, stride C on the N axis), C = 2^21 + 4096 channels of N = 1024 positions (4.3 GB in
+    fp16), so that the last keys' offsets (N - 1) * C pass 2^31 even within one C block; the
+    launcher switches the forward to int64 offsets. The first and last channels of the result
+    against an fp32 reference."""
+    head_dim, channels, n, gamma = 16, 2**21 + 4096, 1024, 0.5
+    q = torch.randn(1, head_dim, n, device="cuda", dtype=torch.float16) * 0.5
+    k = torch.randn(1, head_dim, n, device="cuda", dtype=torch.float16) * 0.5
+    v = torch.randn(1, n, channels, device="cuda", dtype=torch.float16).mT  # channels_last, flattened
+    assert v.stride() == (n * channels, 1, channels) and (n - 1) * channels > 2**31
+    assert pam._needs_int64_offsets(v)
+    with torch.no_grad():
+        y = danet_kernels.position_attention(q, k, v, gamma=torch.full((1,), gamma, device="cuda"),
+                                             residual=v, backend="triton")
+    p = (q[0].float().T @ k[0].float()).softmax(-1)
+    for c in (0, channels - 4096):  # the first channels and those whose offsets pass 2^31
+        rows = v[0, c : c + 4096].float()
+        assert_close(y[0, c : c + 4096], gamma * rows @ p.T + rows, 2e-2, 2e-2, f"y from channel {c}")
 
 
 @pytest.mark.gpu
