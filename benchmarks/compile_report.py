@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import io
 import json
@@ -100,13 +101,32 @@ MAX_SHARED_BYTES = 227 * 1024  # what one sm_90 block may use
 
 @dataclass(frozen=True)
 class Problem:
-    """One call of an op: B, d, C, N and the precision name (a key of :data:`PRECISIONS`)."""
+    """One call of an op: B, d, C, N, the precision name (a key of :data:`PRECISIONS`) and a
+    variant, a tag the op's launch reads (e.g. ``"int64 offsets"``: the forward's switch forced
+    on, to measure it at an ordinary size); ops run only the variants they name."""
 
     n: int
     precision: str
     batch: int = 1
     head_dim: int = HEAD_DIM
     channels: int = CHANNELS
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Problem:
+        """``N:PRECISION[:B=..][:d=..][:C=..][:VARIANT]``, e.g. ``1024:bf16:d=256:C=2048``."""
+        n, precision, *rest = text.split(":")
+        sizes = {"B": "batch", "d": "head_dim", "C": "channels"}
+        fields: dict[str, Any] = {}
+        for part in rest:
+            key, _, value = part.partition("=")
+            if key in sizes and value.isdigit():
+                fields[sizes[key]] = int(value)
+            else:
+                fields["variant"] = part
+        if precision not in PRECISIONS:
+            raise ValueError(f"{text!r}: unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+        return cls(int(n), precision, **fields)
 
     @property
     def dtype(self) -> Any:
@@ -122,7 +142,8 @@ class Problem:
     def label(self) -> str:
         shape = "" if (self.batch, self.head_dim, self.channels) == (1, HEAD_DIM, CHANNELS) else (
             f" (B={self.batch}, d={self.head_dim}, C={self.channels})")
-        return f"N={self.n} {self.precision}{shape}"
+        variant = f" [{self.variant}]" if self.variant else ""
+        return f"N={self.n} {self.precision}{shape}{variant}"
 
 
 @dataclass(frozen=True)
@@ -173,6 +194,11 @@ class OpSpec:
         minimal: the op's minimal work for a problem (FLOPs and exp2; bytes are left 0).
         unit: ``(name, problem -> value)``, what the work is divided by, e.g. ``("N^2", ...)``.
         sizes, precisions: the problems the full report runs (defaults: DANet's).
+        extra_problems: more problems of the full report (other shapes, variants).
+        variants: the problem variants ``launch`` understands (others are not run).
+        targets: what must hold for the op's kernels (benchmarks/compile_targets.py), checked
+            on the rows of every run and asserted in CI on a small set.
+        notes: lines of markdown the report prints under the op's heading.
     """
 
     name: str
@@ -183,6 +209,15 @@ class OpSpec:
     unit: tuple[str, Callable[[Problem], float]]
     sizes: tuple[int, ...] = SIZES
     precisions: tuple[str, ...] = tuple(PRECISIONS)
+    extra_problems: tuple[Problem, ...] = ()
+    variants: tuple[str, ...] = ()
+    targets: tuple[Any, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def problems(self) -> list[Problem]:
+        """The problems of the full report: sizes x precisions, then the extra ones."""
+        return [Problem(n, precision) for precision in self.precisions for n in self.sizes] + list(
+            self.extra_problems)
 
     def kernel(self, name: str) -> KernelSpec | None:
         return next((k for k in self.kernels if k.name == name), None)
@@ -365,14 +400,35 @@ class Compiled:
     ptx: str = ""
     ttgir: str = ""
     error: str | None = None
+    specialisation: str = ""  # what the binary depends on, hashed (see specialisation_key)
+
+
+def specialisation_key(source: Any) -> str:
+    """A short hash of what Triton compiles a kernel for: the function, its argument types,
+    constexprs (integers equal to 1 included) and per-argument attributes (16-byte divisibility).
+    Two launches with one key run the same binary (their options equal)."""
+    text = repr((source.fn.__name__, sorted(source.signature.items()),
+                 sorted(source.constants.items(), key=repr), sorted(source.attrs.items(), key=repr)))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+_compiled: dict[tuple, Compiled] = {}  # one compile per binary: launches of one key share it
 
 
 def compile_launch(launch: Launch) -> Compiled:
-    """Compile a JIT launch for sm_90a as a real launch would specialise it (see :func:`specialise`)."""
+    """Compile a JIT launch for sm_90a as a real launch would specialise it (see :func:`specialise`);
+    a launch whose binary this process compiled already gets that compile's figures."""
+    source, options = specialise(launch)
+    key = (id(source.fn), specialisation_key(source), repr(sorted(options.items())))
+    if key not in _compiled:
+        _compiled[key] = dataclasses.replace(_compile(source, options), specialisation=key[1])
+    return _compiled[key]
+
+
+def _compile(source: Any, options: dict[str, Any]) -> Compiled:
     import triton
     from triton import knobs
 
-    source, options = specialise(launch)
     log = io.StringIO()
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     try:
@@ -498,6 +554,7 @@ class Row:
     batch: int
     head_dim: int
     channels: int
+    variant: str
     kernel: str
     launch: str  # the launch's flags (non-tile constexprs), to tell launches of one kernel apart
     config: str
@@ -509,15 +566,21 @@ class Row:
     registers: int | None = None
     spill_bytes: int | None = None
     shared: int | None = None
+    num_warps: int | None = None
     mma: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     loop_ex2: int | None = None  # per thread, one iteration of the main loop
+    loop_cp_async: int | None = None  # cp.async in the main loop: its loads software-pipelined
     ex2_share: float | None = None  # the exp2 tile's elements over the threads
     replication: float | None = None
+    specialisation: str = ""  # the binary's key (specialisation_key): equal keys, one binary
     programs: int | None = None
+    resident: int | None = None  # programs one SM holds at a time (registers, shared memory)
+    waves: float | None = None  # programs over (SMs x resident) of an H100
     flops: float | None = None  # per op unit (e.g. N^2), the whole launch
     exp2: float | None = None
     bytes: float | None = None
+    model_us: float | None = None  # the perf model's time of the launch on an H100 (see model_time)
     error: str | None = None
 
 
@@ -560,7 +623,7 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
         meta.setdefault("num_stages", 3)
         row = Row(op=op.name, problem=problem.label, n=problem.n, precision=problem.precision,
                   batch=problem.batch, head_dim=problem.head_dim, channels=problem.channels,
-                  kernel=launch.jit_function.__name__,
+                  variant=problem.variant, kernel=launch.jit_function.__name__,
                   launch=_describe_launch(meta, launch.jit_function), config=_describe_config(config, meta),
                   tuned=config is None or config in tuned, preferred=is_preferred,
                   choice=choice if is_preferred else "", launch_index=index)
@@ -572,35 +635,81 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
             row.registers = compiled.registers
             row.spill_bytes = (compiled.spill_stores or 0) + (compiled.spill_loads or 0)
             row.shared = compiled.shared
+            row.num_warps = compiled.num_warps or meta["num_warps"]
             row.counts = counts
             row.mma = "wgmma" if counts["wgmma"] else "mma.sync" if counts["mma_sync"] else "FMA"
             row.loop_ex2 = loop["ex2"] if loop else None
+            row.loop_cp_async = loop["cp_async"] if loop else 0
             row.replication = exp2_replication(compiled.ttgir)
-            threads = 32 * (compiled.num_warps or meta["num_warps"])
+            row.specialisation = compiled.specialisation
             if spec is not None and spec.exp2_tile is not None:
-                row.ex2_share = spec.exp2_tile(meta) / threads
+                row.ex2_share = spec.exp2_tile(meta) / (32 * row.num_warps)
+            row.resident = resident_programs(row.registers, row.num_warps, row.shared)
         row.programs = jit_launch.programs()
         if spec is not None:
             score, rest = spec.work(meta, row.programs)
             executed = score * (row.replication or 1.0) + rest
             row.flops, row.exp2, row.bytes = (executed.flops / scale, executed.exp2 / scale,
                                               executed.bytes / scale)
+            if row.resident:
+                row.waves = row.programs / (H100_SMS * row.resident)
+                row.model_us = model_time(executed, row.programs, row.resident, _model_class(row))
         rows.append(row)
     return rows
+
+
+# An sm_90 SM: 64K 32-bit registers (allocated per warp in units of 256), 64 resident warps,
+# 32 resident blocks, 228 KiB of shared memory (1 KiB of it reserved per block).
+_SM_REGISTERS, _SM_WARPS, _SM_BLOCKS, _SM_SHARED, _BLOCK_RESERVED_SHARED = 65536, 64, 32, 228 * 1024, 1024
+
+
+def resident_programs(registers: int | None, num_warps: int, shared: int | None) -> int | None:
+    """How many programs of a kernel one H100 SM holds at a time (None: none fits)."""
+    per_warp = -(-(registers or 1) * 32 // 256) * 256
+    fits = min(_SM_REGISTERS // (per_warp * num_warps), _SM_WARPS // num_warps, _SM_BLOCKS,
+               _SM_SHARED // ((shared or 0) + _BLOCK_RESERVED_SHARED))
+    return fits or None
+
+
+def _model_class(row: Row) -> str:
+    """The operand class whose rate the row's matmuls run at (FMA kernels: the "ieee" rate)."""
+    if row.mma == "FMA" or row.precision == "fp32-ieee":
+        return "ieee"
+    return {"fp32-tf32": "tf32", "fp32-tf32x3": "tf32x3"}.get(row.precision, "16-bit")
+
+
+def model_time(work: Work, programs: int, resident: int, operand_class: str) -> float:
+    """The perf model's time of a launch on an H100, in microseconds: each program takes the
+    longest of its matmul, exp2 and operand-traffic time at one SM's rates, programs run in
+    waves of SMs x resident programs (danet_kernels.kernels.common, the autotuners' model too).
+    A ranking and a scale, not a measurement: L2 bandwidth is an assumption, DRAM, latency,
+    launch overhead and the softmax's other instructions are left out."""
+    from danet_kernels.kernels.common import H100_CLOCK_HZ, launch_clocks, program_clocks
+
+    per_program = program_clocks(work.flops / programs, work.exp2 / programs, work.bytes / programs,
+                                 operand_class)
+    return launch_clocks(programs, per_program, resident, H100_SMS) / H100_CLOCK_HZ * 1e6
 
 
 def measure(ops: Sequence[str] | None = None, sizes: Sequence[int] | None = None,
             precisions: Sequence[str] | None = None, configs: str = "kept",
             problems: Sequence[Problem] | None = None, progress: Callable[[str], None] | None = None,
             ) -> list[Row]:
-    """Compile and measure the ops' kernels; ``problems`` (if given) replaces sizes x precisions."""
+    """Compile and measure the ops' kernels: each op's full set of problems (:meth:`OpSpec.problems`),
+    or sizes x precisions where either is given, or ``problems``; an op skips the variants it
+    does not name."""
     specs = all_specs()
     rows = []
     for name in ops or list(specs):
         op = specs[name]
-        chosen = problems or [Problem(n, precision) for precision in (precisions or op.precisions)
-                              for n in (sizes or op.sizes)]
-        for problem in chosen:
+        if problems:
+            chosen = list(problems)
+        elif sizes or precisions:
+            chosen = [Problem(n, precision) for precision in (precisions or op.precisions)
+                      for n in (sizes or op.sizes)]
+        else:
+            chosen = op.problems()
+        for problem in (p for p in chosen if not p.variant or p.variant in op.variants):
             if progress:
                 progress(f"{op.name} {problem.label}")
             with dot_precision(problem.dot_precision), recorded_launches() as launches:
@@ -648,8 +757,8 @@ def _op_summary(op: OpSpec, rows: list[Row], problems: list[Problem]) -> list[st
     unit = op.unit[0]
     lines = [f"| problem | preferred config (per kernel) | registers | spill B | cp.async | replicated | "
              f"FLOPs / {unit} | exp2 / {unit} | bytes / {unit} | minimal FLOPs / {unit} | "
-             f"minimal exp2 / {unit} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"minimal exp2 / {unit} | model µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for problem in problems:
         chosen = [r for r in rows if r.problem == problem.label and r.preferred]
         if not chosen:
@@ -665,13 +774,28 @@ def _op_summary(op: OpSpec, rows: list[Row], problems: list[Problem]) -> list[st
             f"{sum(r.counts.get('cp_async', 0) for r in chosen)} | "
             f"{'yes' if any((r.replication or 1) > 1 for r in chosen) else 'no'} | "
             f"{_fmt(total.flops) if known else '—'} | {_fmt(total.exp2) if known else '—'} | "
-            f"{_fmt(total.bytes) if known else '—'} | {_fmt(minimal.flops)} | {_fmt(minimal.exp2)} |")
+            f"{_fmt(total.bytes) if known else '—'} | {_fmt(minimal.flops)} | {_fmt(minimal.exp2)} | "
+            f"{_fmt(sum(r.model_us for r in chosen)) if all(r.model_us for r in chosen) else '—'} |")
+    return lines
+
+
+def _targets_section(results: list[Any]) -> list[str]:
+    """The op's targets, each met, not met (with what breaks it) or not evaluated by this run."""
+    lines = ["Targets (benchmarks/compile_targets.py; CI asserts them on a small set of problems):", ""]
+    for result in results:
+        if not result.evaluated:
+            lines.append(f"- not evaluated here (no row it applies to): {result.target}")
+        elif result.met:
+            lines.append(f"- met: {result.target}")
+        else:
+            shown = "; ".join(result.failures[:6]) + ("; ..." if len(result.failures) > 6 else "")
+            lines.append(f"- **NOT MET**: {result.target}: {shown}")
     return lines
 
 
 _COLUMNS = ("problem", "kernel", "launch", "config", "tuned", "pref", "regs", "spill B", "smem B", "MMA",
-            "wgmma", "mma", "fma", "cp.async", "TMA", "ex2/it (share)", "repl", "programs", "FLOPs", "exp2",
-            "bytes")
+            "wgmma", "mma", "fma", "cp.async (loop)", "TMA", "ex2/it (share)", "repl", "programs", "waves",
+            "FLOPs", "exp2", "bytes", "model µs")
 
 
 def _cells(values: Sequence[object]) -> str:
@@ -686,13 +810,22 @@ def _row_cells(r: Row) -> list[object]:
     share = "—" if r.ex2_share is None else f"{r.ex2_share:g}"
     shared = r.shared if (r.shared or 0) <= MAX_SHARED_BYTES else f"{r.shared} (too much to launch)"
     return [*head, r.registers, r.spill_bytes, shared, r.mma, c["wgmma"], c["mma_sync"], c["fma"],
-            c["cp_async"], c["tma"], f"{_fmt(r.loop_ex2)} ({share})", _fmt(r.replication), r.programs,
-            _fmt(r.flops), _fmt(r.exp2), _fmt(r.bytes)]
+            f"{c['cp_async']} ({r.loop_cp_async})", c["tma"], f"{_fmt(r.loop_ex2)} ({share})",
+            _fmt(r.replication), r.programs, _fmt(r.waves), _fmt(r.flops), _fmt(r.exp2), _fmt(r.bytes),
+            _fmt(r.model_us)]
+
+
+def check_targets(rows: Sequence[Row]) -> list[Any]:
+    """Every target of every op that has rows, checked on them (compile_targets.TargetResult)."""
+    from benchmarks import compile_targets
+
+    return compile_targets.evaluate({name: op.targets for name, op in all_specs().items()}, rows)
 
 
 def render_markdown(rows: list[Row], command: str, versions: dict[str, str] | None = None) -> str:
     """docs/compile_report.md from the measured rows."""
     versions = versions or _versions()
+    results = check_targets(rows)
     specs = all_specs()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
@@ -711,7 +844,8 @@ def render_markdown(rows: list[Row], command: str, versions: dict[str, str] | No
         "perf model the first tuned config stands in, and the GPU's autotuner decides).",
         "- *regs*, *spill B* (stores + loads), *smem B*: from ptxas and Triton's metadata.",
         "- *MMA*: wgmma, mma.sync or FMA (no tensor cores); *wgmma / mma / fma / cp.async / TMA*: static "
-        "instruction counts in the PTX.",
+        "instruction counts in the PTX, cp.async also in the main loop (the loop with the most MMA "
+        "instructions: its loads software-pipelined).",
         "- *ex2/it (share)*: ex2 per thread in one iteration of the main loop, beside the exp2 tile's "
         "elements over the threads; *repl*: by how much the warps of the exp2 tile's layout cover more "
         "than the tile (2: two warpgroups compute the same scores and exponentials).",
@@ -720,6 +854,10 @@ def render_markdown(rows: list[Row], command: str, versions: dict[str, str] | No
         "covers 9472 positions (+1.3% of N^2). exp2 counts one per score; the per-row rescale of the "
         "online softmax (one per row and key block) shows only in *ex2/it*. Bytes are the operand tiles "
         "streamed from L2 into the SMs.",
+        "- *waves*: programs over an H100's 132 SMs times the programs one SM holds (registers, shared "
+        "memory); *model µs*: the perf model's time on an H100 (each program the longest of its matmul, "
+        "exp2 and L2 time at one SM's rates, in waves; `model_time`): a ranking and a scale, not a "
+        "measurement.",
         "",
     ]
     for name, op in specs.items():
@@ -727,7 +865,11 @@ def render_markdown(rows: list[Row], command: str, versions: dict[str, str] | No
         if not op_rows:
             continue
         problems = _problems_of(op_rows)
-        out += [f"## {op.title}", "", "Preferred configs, all kernels of one call summed:", ""]
+        out += [f"## {op.title}", ""]
+        if op.notes:
+            out += [*op.notes, ""]
+        out += [*_targets_section([t for t in results if t.op == name]), ""]
+        out += ["Preferred configs, all kernels of one call summed:", ""]
         out += _op_summary(op, op_rows, problems)
         unit = op.unit[0]
         out += ["", f"All configs (FLOPs, exp2, bytes per {unit}):", "", _cells(_COLUMNS),
@@ -741,7 +883,7 @@ def _problems_of(rows: list[Row]) -> list[Problem]:
     """The problems of some rows, in order of appearance."""
     problems: dict[str, Problem] = {}
     for r in rows:
-        problems.setdefault(r.problem, Problem(r.n, r.precision, r.batch, r.head_dim, r.channels))
+        problems.setdefault(r.problem, Problem(r.n, r.precision, r.batch, r.head_dim, r.channels, r.variant))
     return list(problems.values())
 
 
@@ -754,38 +896,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the report (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", help=f"ops to compile (default: all: {', '.join(all_specs())})")
-    parser.add_argument("--sizes", nargs="+", type=int, help=f"N values (default: {SIZES})")
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default: all")
+    parser.add_argument("--sizes", nargs="+", type=int, help=f"N values (default: each op's, {SIZES} "
+                        "and its extra problems)")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default: each op's")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="d of q and k")
     parser.add_argument("--channels", type=int, default=CHANNELS, help="C of v (PAM) and of x (CAM)")
+    parser.add_argument("--problems", nargs="+", type=Problem.parse,
+                        metavar="N:PRECISION[:d=..][:C=..][:B=..][:VARIANT]",
+                        help="run exactly these problems (instead of sizes x precisions)")
     parser.add_argument("--configs", choices=("kept", "preferred"), default="kept",
                         help="every config the prune keeps, or the preferred one per launch")
     parser.add_argument("--out", default="docs/compile_report.md", help="markdown file ('-': stdout)")
-    parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--json", help="also write the rows and the targets' results as JSON here")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when a target of the run is not met")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles the kernels the GPU would run")
-    problems = None
-    if (args.batch, args.head_dim, args.channels) != (1, HEAD_DIM, CHANNELS):
+    problems = args.problems
+    if problems is None and (args.batch, args.head_dim, args.channels) != (1, HEAD_DIM, CHANNELS):
         problems = [Problem(n, precision, args.batch, args.head_dim, args.channels)
                     for precision in (args.precisions or PRECISIONS) for n in (args.sizes or SIZES)]
     rows = measure(args.ops, args.sizes, args.precisions, args.configs, problems,
                    progress=lambda what: print(f"compiling {what}", file=sys.stderr))
-    # What made the numbers: the arguments less the output-only ones (--out, --json).
+    # What made the numbers: the arguments less the output-only ones (--out, --json, --check).
     given = list(argv if argv is not None else sys.argv[1:])
     output = ("--out", "--json")
-    shown = [a for i, a in enumerate(given) if a not in output and not a.startswith(("--out=", "--json="))
-             and (i == 0 or given[i - 1] not in output)]
+    shown = [a for i, a in enumerate(given) if a not in (*output, "--check")
+             and not a.startswith(("--out=", "--json=")) and (i == 0 or given[i - 1] not in output)]
     command = "python -m benchmarks.compile_report" + "".join(f" {shlex.quote(a)}" for a in shown)
     text = render_markdown(rows, command)
     if args.out == "-":
         print(text)
     else:
         Path(args.out).write_text(text + "\n")
+    results = check_targets(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    return 0
+        found = {"rows": [dataclasses.asdict(r) for r in rows],
+                 "targets": [dataclasses.asdict(t) for t in results]}
+        Path(args.json).write_text(json.dumps(found, indent=1))
+    missed = [t for t in results if t.evaluated and not t.met]
+    for target in missed:
+        print(f"target not met ({target.op}): {target.target}: {'; '.join(target.failures)}", file=sys.stderr)
+    return 1 if args.check and missed else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from benchmarks import compile_targets as targets
 from benchmarks.compile_report import H100_SMS, KernelSpec, OpSpec, Problem, Work
 
 
@@ -93,6 +94,23 @@ def _per_c2n(p: Problem) -> float:
     return p.batch * p.channels**2 * p.n
 
 
+GEMM_KERNELS = ("_cam_gram_kernel", "_cam_apply_kernel")
+# What every config of CAM's tile lists must keep, forward and backward (each list is what
+# compiles clean for its operand class; the launcher copies unaligned rows into 16-aligned ones).
+TARGETS = (
+    targets.compiles(),
+    targets.no_spills(text="no kept config spills registers"),
+    targets.fits_shared_memory(),
+    # At C = 1 the K loop has one step and is unrolled: nothing to pipeline there.
+    targets.pipelined(GEMM_KERNELS, applies=lambda r: r.channels > 1,
+                      text="the GEMMs' main loops stream both operands by cp.async (software-pipelined), at "
+                           "N = 9409 as at aligned N"),
+    targets.tensor_cores(GEMM_KERNELS),
+    targets.same_binary_when_padded(("_cam_gram_kernel", "_cam_softmax_kernel", "_cam_softmax_bwd_kernel",
+                                     "_cam_bwd_weights_kernel")),
+)
+
+
 FORWARD = OpSpec(
     name="cam_forward",
     title="CAM forward",
@@ -101,6 +119,7 @@ FORWARD = OpSpec(
     # The symmetric Gram x x^T (half of 2 C^2 N) and out = A x (2 C^2 N); an exp2 per energy.
     minimal=lambda p: Work(flops=3 * _per_c2n(p), exp2=p.batch * p.channels**2),
     unit=("C^2 N", _per_c2n),
+    targets=TARGETS,
 )
 BACKWARD = OpSpec(
     name="cam_backward",
@@ -110,4 +129,5 @@ BACKWARD = OpSpec(
     # P = dY x^T (2 C^2 N) and dx = W [dY; x] with K = 2 C (4 C^2 N).
     minimal=lambda p: Work(flops=6 * _per_c2n(p)),
     unit=("C^2 N", _per_c2n),
+    targets=TARGETS,
 )

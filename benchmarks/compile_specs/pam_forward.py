@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
+from benchmarks import compile_targets as targets
+from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+
+INT64_OFFSETS = "int64 offsets"  # the variant with the launcher's int64 switch forced on
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@contextlib.contextmanager
+def _offsets(problem: Problem) -> Iterator[Any]:
+    """The launcher's in-image offset switch, forced on for the int64 variant: its cost measured
+    at DANet's sizes (a real launch takes it from C * N ~ 2^31 on, N > 4.2M at C = 512)."""
+    from danet_kernels.kernels import position_attention as pam
+
+    saved = pam._needs_int64_offsets
+    if problem.variant == INT64_OFFSETS:
+        pam._needs_int64_offsets = lambda *tensors: True
+    try:
+        yield pam
+    finally:
+        pam._needs_int64_offsets = saved
+
+
 def launch(problem: Problem) -> None:
     """A training call: gamma, the residual epilogue and O stored for the backward."""
     import torch
 
-    from danet_kernels.kernels import position_attention as pam
-
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
-    v, residual = torch.empty(b, c, n, dtype=dtype), torch.empty(b, c, n, dtype=dtype)
-    pam.pam_forward(q, k, v, torch.empty(1), residual, True)
+    with _offsets(problem) as pam:
+        q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
+        v, residual = torch.empty(b, c, n, dtype=dtype), torch.empty(b, c, n, dtype=dtype)
+        pam.pam_forward(q, k, v, torch.empty(1), residual, True)
 
 
 def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
@@ -37,6 +56,23 @@ def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
 KERNELS = (
     KernelSpec("_pam_fwd_kernel", forward_work, exp2_tile=lambda meta: meta["BLOCK_M"] * meta["BLOCK_N"]),
 )
+_KERNEL = ("_pam_fwd_kernel",)
+
+# What the issue's targets and the forward's design ask of every config the prune keeps, and of
+# the preferred one (docs/compile_report.md shows each against every row).
+TARGETS = (
+    targets.compiles(),
+    targets.no_spills(text="no kept config spills registers (int64 offsets included)"),
+    targets.exp2_once(_KERNEL),
+    targets.tensor_cores(_KERNEL),
+    targets.pipelined(_KERNEL, text="k and v tiles by cp.async in the main loop (software-pipelined), at "
+                                    "N = 9409 as at 32768"),
+    targets.same_configs((32768, 9409)),
+    targets.same_configs((32768, 9409), preferred_only=True),
+    targets.preferred_total("preferred config at d = 64, C = 512, N = 32768, 16-bit: <= 1280 N^2 FLOPs and "
+                            "<= 2 N^2 exp2 (minimal 1152 and 1)", ("bf16", "fp16"), 32768,
+                            flops=1280, exp2=2),
+)
 
 SPEC = OpSpec(
     name="pam_forward",
@@ -45,4 +81,10 @@ SPEC = OpSpec(
     kernels=KERNELS,
     minimal=lambda p: Work(flops=2 * p.batch * p.n**2 * (p.head_dim + p.channels), exp2=p.batch * p.n**2),
     unit=("N^2", lambda p: p.batch * p.n**2),
+    extra_problems=tuple(Problem(32768, precision, variant=INT64_OFFSETS) for precision in PRECISIONS),
+    variants=(INT64_OFFSETS,),
+    targets=TARGETS,
+    notes=(f"*[{INT64_OFFSETS}]*: the launcher's switch to int64 in-image offsets forced on (a real "
+           "launch takes it where an image's offsets can pass 2^31: C * N ~ 2^31, N > 4.2M at C = 512), "
+           "to show its cost at an ordinary size.",),
 )

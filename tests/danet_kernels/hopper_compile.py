@@ -1,17 +1,20 @@
-"""Compile the kernels for Hopper (sm_90) from the tests, with the compile report's instrument.
+"""Compile the kernels for Hopper (sm_90) from the tests, with the compile report's instrument,
+and record the launches a launcher makes.
 
 Triton's interpreter forgives what its compiler rejects (a plain global read inside a kernel, a
 type mismatch, a register-hungry tile), so the tests also compile the kernels for sm_90 with
 the ptxas that ships with Triton, specialised as a real launch specialises them. There is one
-compile helper, benchmarks/compile_report.py (see its docstring: Triton's own binder derives
-the specialisation from the launchers' real arguments); this module runs it from the tests:
+compile instrument, benchmarks/compile_report.py (Triton's own binder derives the
+specialisation from the launchers' real arguments), and one definition of what its figures must
+meet, the targets of each op's spec (benchmarks/compile_targets.py); this module runs them from
+the tests:
 
-* :func:`compile_report_rows` runs ``python -m benchmarks.compile_report`` in a fresh process
-  without TRITON_INTERPRET (the interpreter's configs are not the GPU's) and returns its rows;
+* :func:`compile_report_results` runs the report on a few sets of problems in one fresh
+  process without TRITON_INTERPRET (the interpreter's configs are not the GPU's) and returns
+  its rows and every target checked on them;
 * :func:`recorded_launches` records the launches a launcher makes through
-  ``torch.library.wrap_triton`` (on "meta" tensors: nothing is allocated) for tests that check
-  grids and tiles, and :func:`compile_launch` compiles one with the report's compiler, inside a
-  script that :func:`check_compiles` runs in such a fresh process.
+  ``torch.library.wrap_triton`` (on "meta" tensors: nothing is allocated), for tests of grids,
+  tiles and work that need no compile.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,23 +34,40 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+_REPORT_SCRIPT = """
+import dataclasses, json, sys
+from benchmarks import compile_report as report
 
-def compile_report_rows(*args: str) -> list[dict[str, Any]]:
-    """Run ``python -m benchmarks.compile_report *args`` and return its rows (dicts of
-    :class:`benchmarks.compile_report.Row` fields)."""
+runs = json.loads(sys.argv[1])
+rows = []
+for ops, configs, problems in runs:
+    rows += report.measure(ops, configs=configs, problems=[report.Problem.parse(p) for p in problems])
+results = report.check_targets(rows)
+with open(sys.argv[2], "w") as out:
+    json.dump({"rows": [dataclasses.asdict(r) for r in rows],
+               "targets": [dataclasses.asdict(t) for t in results]}, out)
+"""
+
+
+def compile_report_results(runs: Sequence[tuple[Sequence[str], str, Sequence[str]]]) -> dict[str, list]:
+    """Measure ``runs``, each ``(ops, configs, problems)`` as the report's ``--ops``,
+    ``--configs`` and ``--problems`` take them, in one fresh process (a binary two runs share is
+    compiled once). Returns ``{"rows": [...], "targets": [...]}``: dicts of
+    :class:`benchmarks.compile_report.Row` and of :class:`benchmarks.compile_targets.TargetResult`,
+    the targets checked on all rows together."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as scratch:
-        rows_path = Path(scratch) / "rows.json"
+        out = Path(scratch) / "report.json"
+        given = json.dumps([[list(ops), configs, list(problems)] for ops, configs, problems in runs])
         result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.compile_report", *args, "--out", os.devnull,
-             "--json", str(rows_path)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+            [sys.executable, "-c", _REPORT_SCRIPT, given, str(out)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
         )
         if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
             pytest.skip("Triton's ptxas is not available")
         assert result.returncode == 0, result.stderr[-4000:]
-        return json.loads(rows_path.read_text())
+        return json.loads(out.read_text())
 
 
 @dataclass
@@ -77,6 +96,10 @@ class Launch:
             return self.kwargs[name]
         return self.args[self.kernel.arg_names.index(name)]
 
+    def named(self) -> dict[str, Any]:
+        """Every argument by name (what the compile report's work models read)."""
+        return {**dict(zip(self.kernel.arg_names, self.args, strict=False)), **self.kwargs}
+
 
 @contextlib.contextmanager
 def recorded_launches() -> Iterator[list[Launch]]:
@@ -102,49 +125,3 @@ def recorded_launches() -> Iterator[list[Launch]]:
         yield launches
     finally:
         torch.library.wrap_triton = original
-
-
-def compile_launch(launch: Launch) -> dict[str, Any]:
-    """Compile a recorded launch for sm_90 with the compile report's compiler (Triton's binder
-    specialises its arguments as a real launch: pointers 16-byte aligned, as torch allocates,
-    integers divisible by 16 marked so, integers equal to 1 turned into constants).
-
-    Returns registers, spill bytes, ex2 instructions (one S tile's worth per thread, i.e. no
-    replication, when equal to ``BLOCK_M * BLOCK_N / threads``), wgmma / mma.sync counts and the
-    loads inside the main loop: asynchronous copies (software-pipelined) and plain loads, and the
-    shared memory the kernel needs (a Hopper CTA may use 227 KiB).
-    """
-    from benchmarks import compile_report
-
-    compiled = compile_report.compile_launch(
-        compile_report.Launch(launch.kernel, launch.args, launch.kwargs, launch.grid))
-    assert compiled.error is None, f"{launch.name}: {compiled.error}"
-    counts = compile_report.ptx_counts(compiled.ptx)
-    loop = compiled.ttgir[compiled.ttgir.find("scf.for"):]
-    return {
-        "kernel": launch.name,
-        "registers": compiled.registers,
-        "spill_bytes": compiled.spill_stores,
-        "ex2": counts["ex2"],
-        "wgmma": counts["wgmma"],
-        "mma_sync": counts["mma_sync"],
-        "loop_async_loads": len(re.findall(r"ttg\.async_copy_global_to_local", loop)),
-        "loop_plain_loads": len(re.findall(r"= tt\.load ", loop)),
-        "threads": 32 * compiled.num_warps,
-        "shared": compiled.shared,
-    }
-
-
-def check_compiles(script: str) -> str:
-    """Run ``script`` in a fresh process without TRITON_INTERPRET; it must print ``compiled``.
-
-    Returns the script's standard output."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
-    return result.stdout

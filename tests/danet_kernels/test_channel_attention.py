@@ -13,8 +13,6 @@ through the kernels' numerics written in torch.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import triton
@@ -25,7 +23,6 @@ from danet_kernels.kernels import channel_attention as cam
 from danet_kernels.kernels import common
 from danet_kernels.kernels.channel_attention import _offsets_2d
 from danet_kernels.reference import channel_attention_reference
-from tests.danet_kernels.hopper_compile import check_compiles
 from tests.danet_kernels.test_common import float32_matmul_precision
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -390,135 +387,6 @@ def test_cam_module_uses_the_kernels() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# sm_90 compiles as a real launch specialises them (CPU only: Triton's own ptxas, no GPU)
-# ----------------------------------------------------------------------------------------------
-SHARED_MEMORY_LIMIT = 227 * 1024  # bytes one Hopper CTA may use
-H200_SMS = 132
-# Per operand class: the input dtype and the float32 matmul precision that selects it.
-OPERAND_CLASSES = {"16-bit": (torch.bfloat16, "highest"), "tf32": (torch.float32, "medium"),
-                   "tf32x3": (torch.float32, "high"), "ieee": (torch.float32, "highest")}
-GEMM_KERNELS = ("_cam_gram_kernel", "_cam_apply_kernel")
-
-
-def recorded_cam_launches(operand_class: str, n: int, channels: int = 512, batch: int = 2) -> list:
-    """The launches of one forward and one backward at x of shape (batch, channels, n) on an H200,
-    recorded (not run) on meta tensors through the launchers themselves: padded rows, split plan,
-    the (B, C, n) results, the operand class's autotuner."""
-    from unittest import mock
-
-    from tests.danet_kernels.hopper_compile import recorded_launches
-
-    dtype, level = OPERAND_CLASSES[operand_class]
-    x = torch.empty(batch, channels, n, dtype=dtype, device="meta")
-    gamma = torch.empty(1, device="meta")
-    torch.set_float32_matmul_precision(level)
-    try:
-        wave = mock.patch.object(cam, "_programs_per_wave", lambda device: H200_SMS)
-        with recorded_launches() as launches, wave:
-            _, attention = cam.channel_attention_forward(x, gamma)
-            cam.channel_attention_backward(torch.empty_like(x), x, attention, gamma)
-    finally:
-        torch.set_float32_matmul_precision("highest")
-    return launches
-
-
-def launches_per_config(launches: list, all_configs: bool) -> list:
-    """An autotuned launch becomes one launch per config of its list (the first only, unless
-    ``all_configs``); a plain launch gets Triton's default warps and stages where it sets none."""
-    from tests.danet_kernels.hopper_compile import Launch
-
-    expanded = []
-    for launch in launches:
-        if isinstance(launch.kernel, triton.runtime.Autotuner):
-            configs = launch.kernel.configs if all_configs else launch.kernel.configs[:1]
-            expanded += [Launch(launch.kernel.fn, launch.grid, launch.args,
-                                {**launch.kwargs, **config.kwargs, "num_warps": config.num_warps,
-                                 "num_stages": config.num_stages}) for config in configs]
-        else:
-            expanded.append(Launch(launch.kernel, launch.grid, launch.args,
-                                   {"num_warps": 4, "num_stages": 3, **launch.kwargs}))
-    return expanded
-
-
-def specialisation(launch) -> tuple:
-    """What Triton specialises a launch on: constexprs, dtypes, integers equal to 1 or divisible by 16."""
-    return (launch.name, str(sorted(launch.kwargs.items())), str([
-        (value % 16 == 0, value == 1) if isinstance(value, int) else value.dtype for value in launch.args]))
-
-
-def cam_compile_rows(all_configs: bool = False) -> list[dict]:
-    """Compile CAM's launches for sm_90 at C = 512, for every operand class, at N = 9409 (97 x 97,
-    through the padded rows) and N = 16384 (128 x 128); each GEMM with its list's first config
-    (every config with ``all_configs``). A launch whose specialisation was already compiled is
-    not compiled again: it is the same binary (the Gram kernels of both N, the row kernels)."""
-    from tests.danet_kernels.hopper_compile import compile_launch
-
-    rows, compiled = [], {}
-    cases = [(name, n) for name in OPERAND_CLASSES for n in (9409, 16384)] + [("16-bit", 7)]
-    for operand_class, n in cases:
-        channels = 1 if n == 7 else 512  # C = 1, one split: integers equal to 1 become constants
-        for launch in launches_per_config(recorded_cam_launches(operand_class, n, channels), all_configs):
-            key = specialisation(launch)
-            if key in compiled:
-                rows.append({**compiled[key], "N": n, "same binary as": compiled[key]["N"]})
-                continue
-            blocks = ("BLOCK_C", "BLOCK_R", "BLOCK_N", "BLOCK_K", "BLOCK")
-            config = "x".join(str(launch.kwargs[b]) for b in blocks if b in launch.kwargs)
-            found = compile_launch(launch) | {"class": operand_class, "N": n, "C": channels,
-                                              "flags": _flags(launch),
-                                              "config": f"{config} w{launch.kwargs['num_warps']} "
-                                                        f"s{launch.kwargs['num_stages']}"}
-            compiled[key] = found
-            rows.append(found)
-    return rows
-
-
-def _flags(launch) -> str:
-    names = {"SYMMETRIC": "x x^T", "HAS_V": "K = 2C", "WRITE_LOW": "16-bit A", "GRAD_ENERGY": "dE"}
-    return ", ".join(label for flag, label in names.items() if launch.kwargs.get(flag))
-
-
-def check_cam_compiles(all_configs: bool = False, markdown: bool = False) -> None:
-    """Print one JSON line (or markdown table row) per compile; fail on a spill, a GEMM whose main
-    loop is not pipelined (no asynchronous copies), or shared memory past the Hopper limit.
-    Every kept config, as docs/cam_compile.md shows them: ``python -m
-    tests.danet_kernels.test_channel_attention --all-configs --markdown`` from the repository root."""
-    rows = cam_compile_rows(all_configs)
-    if markdown:
-        print("| kernel | operands | N | flags | config | registers | spill bytes | shared KiB "
-              "| async copies |\n|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        if markdown and "same binary as" not in row:
-            print(f"| {row['kernel']} | {row['class']} | {row['N']} | {row['flags']} | {row['config']} | "
-                  f"{row['registers']} | {row['spill_bytes']} | {row['shared'] / 1024:.0f} | "
-                  f"{row['loop_async_loads']} |")
-        elif not markdown:
-            print(json.dumps(row))
-    # At C = 1 the GEMMs' K loop has one step and is unrolled: nothing to pipeline there.
-    bad = [row for row in rows if row["spill_bytes"] or row["shared"] > SHARED_MEMORY_LIMIT
-           or (row["kernel"] in GEMM_KERNELS and row["C"] > 1 and not row["loop_async_loads"])]
-    assert not bad, f"spills, no pipelined loads or too much shared memory: {bad}"
-    gram_16384 = [row for row in rows if row["kernel"] == "_cam_gram_kernel" and row["N"] == 16384]
-    assert gram_16384 and all(row.get("same binary as") == 9409 for row in gram_16384), \
-        "the padded 97 x 97 Gram launch must specialise exactly as the 128 x 128 one"
-    print("compiled")
-
-
-CAM_COMPILE_SCRIPT = ("from tests.danet_kernels.test_channel_attention import check_cam_compiles\n"
-                      "check_cam_compiles()\n")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel")
-def test_kernels_compile_for_hopper_without_spills() -> None:
-    """The interpreter forgives what the compiler rejects (a plain global read in a kernel, a
-    tile that does not fit): compile every kernel for sm_90 in a fresh process without
-    TRITON_INTERPRET, as a real launch at C = 512 specialises it, and require no spills, shared
-    memory within the limit and pipelined (asynchronous-copy) loads in the GEMMs at N = 9409 (97 x 97)
-    as at 16384: the first config of every operand class here, all of them in the docs' table."""
-    check_compiles(CAM_COMPILE_SCRIPT)
-
-
-# ----------------------------------------------------------------------------------------------
 # GPU only: bf16 through the kernels, the DANet shape, offsets beyond int32
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
@@ -590,9 +458,3 @@ def test_gpu_offsets_beyond_int32_inside_one_image() -> None:
         assert rel_err(y[0, :, cols], expected_y) < TOLERANCE[torch.float16]
         assert rel_err(x.grad[0, :, cols], expected_dx) < TOLERANCE[torch.float16]
     assert rel_err(gamma.grad, row_dot.sum()) < TOLERANCE[torch.float16]
-
-
-if __name__ == "__main__":  # the compile table of every kept config (no GPU, no interpreter)
-    import sys
-
-    check_cam_compiles(all_configs="--all-configs" in sys.argv, markdown="--markdown" in sys.argv)

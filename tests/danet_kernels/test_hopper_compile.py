@@ -1,10 +1,15 @@
-"""The kernels compiled for sm_90 as real launches compile them (the compile report's instrument).
+"""The kernels compiled for sm_90 as real launches compile them: the compile report's targets, in CI.
 
-What must hold for the PAM forward at DANet's shapes (d = 64, C = 512; N = 32768 and 97 x 97 =
-9409, not a multiple of 16): no config the prune keeps spills or replicates S, the N = 9409 path
-pipelines its loads (cp.async) like N = 32768, and the preferred config executes at most
-1280 N^2 FLOPs and 2 N^2 exp2. Every other kernel must compile (their figures are in
-docs/compile_report.md). Each compile takes about a second; these tests run a small subset.
+What must hold is written once, as the targets of each op's spec (benchmarks/compile_specs/<op>.py,
+built from benchmarks/compile_targets.py): PAM forward (no spills, no replicated S, tensor cores,
+cp.async in the main loop at N = 9409 as at 32768, the same configs at both, <= 1280 N^2 FLOPs and
+<= 2 N^2 exp2 in bf16), PAM backward on both paths (no spills at any N or head the report covers,
+no replicated S, pipelined main loops, tensor cores, <= 3000 N^2 FLOPs by default and the
+deterministic split's 3840) and CAM (no spills, shared memory within a block's, cp.async in the
+GEMMs' main loops, the padded 97 x 97 Gram compiled to the 128 x 128 binary, tensor cores). The
+report (``python -m benchmarks.compile_report``, docs/compile_report.md) checks them on every kept
+config of every problem; here it runs on a small set chosen so that every target of every op is
+evaluated at least once, each compile once (about a second each, ~45 binaries), and all must be met.
 """
 
 from __future__ import annotations
@@ -12,52 +17,53 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.danet_kernels.hopper_compile import compile_report_rows
+from tests.danet_kernels.hopper_compile import compile_report_results
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel"),
 ]
 
-
-def _where(row: dict) -> str:
-    return f"{row['problem']} {row['kernel']} {row['config']}"
-
-
-def test_pam_forward_compiles_to_the_fast_path_at_danet_shapes() -> None:
-    rows = compile_report_rows("--ops", "pam_forward", "--sizes", "32768", "9409",
-                               "--precisions", "bf16", "fp32-tf32")
-    assert {r["n"] for r in rows} == {32768, 9409} and {r["precision"] for r in rows} == {"bf16", "fp32-tf32"}
-    for row in rows:
-        assert row["error"] is None, f"{_where(row)}: {row['error']}"
-        assert row["spill_bytes"] == 0, f"{_where(row)} spills {row['spill_bytes']} B"
-        assert row["replication"] == 1, f"{_where(row)} replicates S {row['replication']}x"
-        assert row["loop_ex2"] <= 1.1 * row["ex2_share"] + 2, _where(row)
-        assert row["mma"] == "wgmma", _where(row)
-        assert row["counts"]["cp_async"] > 0, f"{_where(row)}: no cp.async, the loads are not pipelined"
-    for precision in ("bf16", "fp32-tf32"):
-        configs = {n: [r["config"] for r in rows if r["n"] == n and r["precision"] == precision]
-                   for n in (32768, 9409)}
-        assert configs[32768] == configs[9409], f"{precision}: N = 9409 keeps other configs than 32768"
-    preferred = {r["n"]: r for r in rows if r["preferred"] and r["precision"] == "bf16"}
-    assert preferred[32768]["flops"] <= 1280 and preferred[32768]["exp2"] <= 2
-    # At 9409 the same tiles cover 9472 rows and keys (74 x 128, 148 x 64): the same work per
-    # covered N^2, plus the tiles' 0.7% per axis.
-    assert preferred[9409]["config"] == preferred[32768]["config"]
-    assert preferred[9409]["flops"] <= 1280 * (9472 / 9409) ** 2 + 1e-6
+OPS = ("pam_forward", "pam_backward", "pam_backward_deterministic", "cam_forward", "cam_backward")
+# (ops, configs, problems): every kept forward config at the two DANet sizes (the bf16 list is the
+# largest, its 128 x 64 x 256 tile the fullest); the forward's int64-offset variant and 3xTF32;
+# the backward's preferred launches at N = 32768 (the FLOPs bounds), 9409 for every fp32 class
+# (3xTF32 spilled 100 B there) and the wide head; CAM at the padded 97 x 97 and at 128 x 128, the
+# tensor-core extremes and the FMA class.
+CI_RUNS = (
+    (("pam_forward",), "kept", ("32768:bf16", "9409:bf16")),
+    (("pam_forward",), "preferred", ("9409:fp32-tf32x3", "32768:bf16:int64 offsets")),
+    (("pam_backward", "pam_backward_deterministic"), "preferred",
+     ("32768:bf16", "9409:bf16", "9409:fp32-tf32", "9409:fp32-tf32x3", "9409:fp32-ieee", "4096:bf16",
+      "1024:bf16:d=256:C=2048")),
+    (("cam_forward", "cam_backward"), "preferred", ("9409:bf16", "16384:bf16", "9409:fp32-tf32x3",
+                                                    "9409:fp32-ieee")),
+)
 
 
-def test_every_kernel_compiles_for_hopper() -> None:
-    """PAM backward and CAM at DANet's shapes (one config per launch), and every op at N = 1,
-    d = 5, C = 1 (Triton turns arguments equal to 1 into constants; d pads to 16)."""
-    ops = ("pam_backward", "pam_backward_deterministic", "cam_forward", "cam_backward")
-    rows = compile_report_rows("--ops", *ops, "--sizes", "9409", "--precisions", "bf16", "fp32-ieee",
-                               "--configs", "preferred")
-    rows += compile_report_rows("--ops", "pam_forward", *ops, "--sizes", "1", "--precisions", "fp16",
-                                "--head-dim", "5", "--channels", "1", "--configs", "preferred")
+def _failures(results: dict) -> list[str]:
+    return [f"{t['op']}: {t['target']}: {'; '.join(t['failures'])}" for t in results["targets"]
+            if t["evaluated"] and t["failures"]]
+
+
+def test_ci_set_meets_every_target_of_every_op() -> None:
+    results = compile_report_results(CI_RUNS)
+    assert not _failures(results), "\n".join(_failures(results))
+    missed = [f"{t['op']}: {t['target']}" for t in results["targets"] if not t["evaluated"]]
+    assert not missed, f"targets the CI set does not evaluate: {missed}"
+    assert {t["op"] for t in results["targets"]} == set(OPS)
+    kept = {r["config"] for r in results["rows"]
+            if r["op"] == "pam_forward" and r["problem"] == "N=32768 bf16"}
+    assert len(kept) > 1, "the forward's kept configs were not expanded"
+
+
+def test_every_kernel_compiles_at_degenerate_shapes() -> None:
+    """N = 1, d = 5, C = 1 (Triton turns arguments equal to 1 into constants; d pads to 16): every
+    kernel of every op compiles."""
+    results = compile_report_results([(OPS, "preferred", ("1:fp16:d=5:C=1",))])
     expected = {"_pam_bwd_preprocess", "_pam_bwd_dv_kernel", "_pam_bwd_dkdq_kernel", "_pam_bwd_dq_kernel",
                 "_pam_fwd_kernel", "_cam_gram_kernel", "_cam_softmax_kernel", "_cam_apply_kernel",
                 "_cam_softmax_bwd_kernel", "_cam_bwd_weights_kernel"}
-    assert {r["kernel"] for r in rows} == expected
-    for row in rows:
-        assert row["error"] is None, f"{_where(row)}: {row['error']}"
+    assert {r["kernel"] for r in results["rows"]} == expected
+    errors = [f"{r['problem']} {r['kernel']}: {r['error']}" for r in results["rows"] if r["error"]]
+    assert not errors, errors

@@ -10,7 +10,6 @@ an element the kernels fail to write shows up as a mismatch.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ import triton.language as tl
 import danet_kernels
 from danet_kernels.kernels import position_attention as pam
 from danet_kernels.reference import position_attention_reference
-from tests.danet_kernels.hopper_compile import Launch, check_compiles, recorded_launches
+from tests.danet_kernels.hopper_compile import Launch, recorded_launches
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -345,23 +344,19 @@ def hopper_backward_launches(
 
 
 def executed_flops_per_pair(launches: list[Launch], n: int) -> float:
-    """Matmul FLOPs that the recorded backward launches execute, per (query, key) pair: from each
-    grid and tile, padded blocks and the padded head dim included, as the GPU runs them."""
-    total = 0
+    """Matmul FLOPs that the recorded backward launches execute, per (query, key) pair, by the
+    compile report's work model of each kernel (benchmarks/compile_specs/pam_backward.py: grid
+    x tiles, padded blocks and the padded head dim included, as the GPU runs them); the
+    preprocess' row sum is no matmul."""
+    from benchmarks.compile_specs import pam_backward as spec
+
+    total = 0.0
     for launch in launches:
-        tile = {name: launch.kwargs.get(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_D")}
-        pair_block = tile["BLOCK_M"] * tile["BLOCK_N"] if tile["BLOCK_N"] else 0
-        blocks = launch.arg("blocks_per_split") if pair_block else 0
-        if launch.name == "_pam_bwd_dv_kernel":  # S^T and dV^T per query block
-            per_program = blocks * 2 * pair_block * (tile["BLOCK_D"] + tile["BLOCK_C"])
-        elif launch.name in ("_pam_bwd_dkdq_kernel", "_pam_bwd_dq_kernel"):
-            # dP per (block, C chunk); S, the dK / dQ products (and the atomic dQ) per block
-            products = 3 if launch.kwargs.get("ATOMIC_DQ") else 2
-            per_step = launch.arg("num_c_blocks") * tile["BLOCK_C"] + products * tile["BLOCK_D"]
-            per_program = blocks * 2 * pair_block * per_step
-        else:  # the preprocess: a row sum, no matmul
-            per_program = 0
-        total += launch.programs * per_program
+        if launch.name == "_pam_bwd_preprocess":
+            continue
+        kernel = next(k for k in spec.KERNELS if k.name == launch.name)
+        score, rest = kernel.work(launch.named(), launch.programs)
+        total += score.flops + rest.flops
     return total / n**2
 
 
@@ -544,68 +539,6 @@ def test_backward_executed_flops(
         assert executed_flops_per_pair(launches, n) == pytest.approx(expected)
     if precision == "tf32" or operands != torch.float32:
         assert default <= 3000
-
-
-BACKWARD_COMPILE_SCRIPT = r"""
-import itertools
-import json
-import torch
-
-import danet_kernels.kernels.position_attention as pam
-from tests.danet_kernels.hopper_compile import compile_launch, recorded_launches
-from tests.danet_kernels.test_position_attention import meta_backward_operands
-
-CLASSES = ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "tf32x3"),
-           (torch.float32, "ieee"))
-# DANet's d = 64, C = 512 at N = 32768, at N = 4096 (split loops) and at N = 9409 (97 x 97, padded
-# to 9424); a wide head, d = 256, where only the tensor-core classes without 3xTF32 compile clean
-# (see _BWD_TILES_WIDE_HEAD).
-CASES = [(shape, operands) for shape in ((64, 512, 32768), (64, 512, 4096)) for operands in CLASSES]
-CASES += [(shape, operands) for shape in ((64, 512, 9409), (256, 2048, 1024)) for operands in CLASSES[:2]]
-
-pam._sm_count = lambda device: 132
-results, seen = [], set()
-for ((head_dim, channels, n), (dtype, precision)), deterministic in itertools.product(CASES, (False, True)):
-    pam.dot_input_precision = lambda dtype, precision=precision: precision
-    torch.use_deterministic_algorithms(deterministic)
-    with recorded_launches() as launches:
-        pam.pam_backward(*meta_backward_operands(1, head_dim, channels, n, dtype))
-    for launch in launches:
-        # What Triton specialises on: constexprs, dtypes, integers divisible by 16 or equal to 1.
-        key = (launch.name, str(sorted(launch.kwargs.items())), str([
-            (value % 16 == 0, value == 1) if isinstance(value, int) else value.dtype
-            for value in launch.args]))
-        if key not in seen:
-            seen.add(key)
-            tiles = {name: launch.kwargs.get(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_C")}
-            results.append(compile_launch(launch) | {"dtype": str(dtype), "precision": precision,
-                                                     "deterministic": deterministic, "tiles": tiles})
-print(json.dumps(results))
-print("compiled")
-"""
-
-
-@pytest.mark.slow  # about 40 compiles: 30 s to a minute
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests compile and run every kernel")
-def test_backward_compiles_for_hopper_without_spills_or_replication() -> None:
-    """Every backward launch at d = 64, C = 512 (N = 32768 and the split N = 4096: bf16, tf32,
-    3xTF32 and "ieee"; N = 9409: bf16, tf32; both paths) and at d = 256 (bf16, tf32), compiled
-    for sm_90 as the launch specialises it (the CI assertion of the backward's compile targets):
-    no register spills; one S tile's share of ex2 per thread (an S computed on every warpgroup
-    would double it); the main loop's operand tiles loaded by software-pipelined asynchronous
-    copies; tensor cores wherever the precision allows them."""
-    results = json.loads(check_compiles(BACKWARD_COMPILE_SCRIPT).splitlines()[-2])
-    for result in results:
-        what = f"{result['kernel']} {result['dtype']} {result['precision']} det={result['deterministic']}"
-        assert result["spill_bytes"] == 0, f"{what}: {result['spill_bytes']} bytes of spills"
-        if result["kernel"] == "_pam_bwd_preprocess":
-            continue
-        tiles = result["tiles"]
-        share = tiles["BLOCK_M"] * tiles["BLOCK_N"] // result["threads"]
-        assert result["ex2"] == share, f"{what}: {result['ex2']} ex2 per thread, a tile's share is {share}"
-        assert result["loop_async_loads"] >= 2, f"{what}: main loop not pipelined"
-        if result["precision"] != "ieee":
-            assert result["wgmma"] > 0, f"{what}: not on tensor cores"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
