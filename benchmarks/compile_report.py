@@ -653,7 +653,7 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
                                               executed.bytes / scale)
             if row.resident:
                 row.waves = row.programs / (H100_SMS * row.resident)
-                row.model_us = model_time(executed, row.programs, row.resident, _model_class(row))
+                row.model_us = model_time(executed, row.programs, _model_class(row))
         rows.append(row)
     return rows
 
@@ -678,17 +678,17 @@ def _model_class(row: Row) -> str:
     return {"fp32-tf32": "tf32", "fp32-tf32x3": "tf32x3"}.get(row.precision, "16-bit")
 
 
-def model_time(work: Work, programs: int, resident: int, operand_class: str) -> float:
+def model_time(work: Work, programs: int, operand_class: str) -> float:
     """The perf model's time of a launch on an H100, in microseconds: each program takes the
-    longest of its matmul, exp2 and operand-traffic time at one SM's rates, programs run in
-    waves of SMs x resident programs (danet_kernels.kernels.common, the autotuners' model too).
+    longest of its matmul, exp2 and operand-traffic time at one SM's rates, the busiest SM runs
+    ceil(programs / SMs) of them (danet_kernels.kernels.common, the autotuners' model too).
     A ranking and a scale, not a measurement: L2 bandwidth is an assumption, DRAM, latency,
     launch overhead and the softmax's other instructions are left out."""
     from danet_kernels.kernels.common import H100_CLOCK_HZ, launch_clocks, program_clocks
 
     per_program = program_clocks(work.flops / programs, work.exp2 / programs, work.bytes / programs,
                                  operand_class)
-    return launch_clocks(programs, per_program, resident, H100_SMS) / H100_CLOCK_HZ * 1e6
+    return launch_clocks(programs, per_program, H100_SMS) / H100_CLOCK_HZ * 1e6
 
 
 def measure(ops: Sequence[str] | None = None, sizes: Sequence[int] | None = None,

@@ -80,10 +80,11 @@ def program_clocks(flops: float, exp2: float, operand_bytes: float, operand_clas
                operand_bytes / L2_BYTES_PER_CLOCK)
 
 
-def launch_clocks(programs: int, per_program: float, resident: int, sms: int = H100_SMS) -> float:
-    """Clocks a launch of ``programs`` programs takes: waves of ``sms * resident`` programs, the
-    ``resident`` programs of one SM sharing it (each takes that many times longer)."""
-    return math.ceil(programs / (sms * resident)) * resident * per_program
+def launch_clocks(programs: int, per_program: float, sms: int = H100_SMS) -> float:
+    """Clocks a launch of ``programs`` equal programs takes on ``sms`` SMs: the busiest SM runs
+    ``ceil(programs / sms)`` of them. Programs resident together on one SM share its rates, so
+    residency changes no time here (it hides latency, which the model leaves out)."""
+    return math.ceil(programs / sms) * per_program
 
 
 def device_sms(tensor: torch.Tensor) -> int:

@@ -712,18 +712,16 @@ def _fwd_work(n: int, batch: int, channels: int, block_d: int, bm: int, bn: int,
 
 def _fwd_time_estimate(**args: object) -> float:
     """The forward perf model (clocks), for the autotuner's top-k: a program takes the longest of
-    its tensor-core (or FMA) work, its exp2 and its operand traffic at one SM's rates
-    (:mod:`danet_kernels.kernels.common`); programs run in waves of SMs x resident programs,
-    and programs resident together share their SM. Evaluated at the bucket's N and B, like the
-    prune."""
+    its tensor-core (or FMA) work, its exp2 and its operand traffic at one SM's rates, and the
+    busiest SM runs ceil(programs / SMs) of them (:mod:`danet_kernels.kernels.common`).
+    Evaluated at the bucket's N and B, like the prune."""
     v = args["V"]
     n, batch, channels = args["N_BUCKET"], args["B_BUCKET"], args["C"]
-    bm, bn, bc, warps = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"], args["num_warps"]
+    bm, bn, bc = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"]
     programs, flops, exp2, elements = _fwd_work(n, batch, channels, args["BLOCK_D"], bm, bn, bc)
     program = program_clocks(flops, exp2, elements * v.element_size(),
                              _operand_class(v.dtype, args["INPUT_PRECISION"]))
-    resident = 2 if warps == 4 else 1  # 8-warp tiles hold about 255 registers per thread
-    return launch_clocks(programs, program, resident, device_sms(v))
+    return launch_clocks(programs, program, device_sms(v))
 
 
 def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
