@@ -98,7 +98,14 @@ reference; "high" -> "tf32x3" (near-fp32 on the tensor cores); "medium" -> "tf32
 inputs use the tensor cores with fp32 accumulation. Each (dtype, precision) has its own tile
 list (:data:`_GRAM_CONFIGS`, :data:`_APPLY_CONFIGS`): FMA dots hold both operands in registers
 and tf32x3 splits each operand in two, so each list is what compiles for sm_90 with no spills
-at that precision (``tests/danet_kernels/test_channel_attention.py`` checks it).
+at that precision (the compile report's CAM targets, docs/compile_report.md).
+
+Tuning: the Gram and apply kernels are autotuned per operand class on C and the power-of-two
+buckets of N and B (a new image size reuses its bucket's choice), with a perf model (programs
+from the tiles and the split plan, each the longest of its tensor-core or FMA time and its
+operand bytes from L2, in waves over the SMs: the SM model of kernels/common.py) that keeps the
+best three of a list for a first call in a new bucket to benchmark; Triton's ``cache_results``
+keeps the choice across processes.
 
 Shapes: any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot needs dims >= 16), any
 B, arbitrary strides. Offsets are int64 (:func:`_offsets_2d`): one image's C x N may pass 2^31
@@ -115,7 +122,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from danet_kernels._dispatch import triton_interpreting
-from danet_kernels.kernels.common import dot_input_precision
+from danet_kernels.kernels.common import device_sms, dot_input_precision, launch_clocks, program_clocks
 from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
@@ -126,8 +133,11 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is
 # Tuning. Hopper (H100/H200: 132 SMs, 227 KiB shared memory per CTA, 50 MiB L2), one tile list
 # per operand class, each config compiled for sm_90 with a real launch's specialisation (16-byte
 # divisible pointers, row strides and N) at 0 bytes of spill with triton 3.6 and 3.8, cp.async
-# present at N = 9409 (padded) as at N = 16384 (docs/cam_compile.md; CI compiles the first
-# config of each list, ``python -m tests.danet_kernels.test_channel_attention --all-configs`` all).
+# in the GEMMs' main loops at N = 9409 (padded) as at aligned N: docs/compile_report.md shows
+# every config against the targets of benchmarks/compile_specs/cam.py (`python -m
+# benchmarks.compile_report --ops cam_forward cam_backward`), and CI asserts them on a subset
+# (tests/danet_kernels/test_hopper_compile.py). A perf model ranks each list (below, before the
+# autotuners) so that a first call benchmarks only a few.
 # Under TRITON_INTERPRET=1 each kernel gets one small configuration: the interpreter runs every
 # program in Python, so autotuning would only multiply the CI time, and small tiles let small
 # test shapes still cover several tiles and splits.
@@ -241,7 +251,7 @@ def _cam_gram_kernel(
     R, stride_rb, stride_rc, stride_rn,
     Partial,
     C, N, n_per_split, num_splits,
-    N_BUCKET,  # next power of two of N: the autotuning key, so each N does not retune
+    N_BUCKET, B_BUCKET,  # N's and B's next powers of two: the autotuning key (never read)
     SYMMETRIC: tl.constexpr,  # L is R (E = x x^T): lower triangle of tiles, mirrored stores
     PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -393,7 +403,7 @@ def _cam_apply_kernel(
     Scale,
     Y, stride_yb, stride_yc, stride_yn,
     C, N, N_PADDED,
-    N_BUCKET,
+    N_BUCKET, B_BUCKET,  # the autotuning key (never read)
     HAS_V: tl.constexpr,  # also add W[:, C:2C] @ V (the backward's K = 2C GEMM)
     HAS_SCALE: tl.constexpr,  # multiply the product by Scale[0] (gamma)
     HAS_RESIDUAL: tl.constexpr,  # add Res in the epilogue
@@ -517,15 +527,61 @@ def _cam_bwd_weights_kernel(
     tl.store(w_rows + C, grad_sym.to(Wgt.dtype.element_ty), mask=mask_ik)
 
 
-def _autotuned(kernel, configs: dict[str, list[triton.Config]], key: list[str]) -> dict:
+# ----------------------------------------------------------------------------------------------
+# Autotuning: per operand class, keyed on C and the (N, B) buckets; a perf model from the tiles,
+# the waves and the bytes (the Hopper SM model of kernels/common.py) ranks a class's configs and
+# a first call in a new bucket benchmarks only its best _TOP_K; Triton's cache_results keeps the
+# choice across processes. The models depend on N and B only through their buckets, so every
+# size of a bucket tunes alike.
+# ----------------------------------------------------------------------------------------------
+_TOP_K = 3
+
+
+def _gram_time_estimate(**args: object) -> float:
+    """Clocks of a Gram launch at the bucket's N and B: the split plan's programs (tile pairs x
+    splits x B), each streaming two BLOCK_C x BLOCK_N tiles per step of its N chunk and storing
+    its fp32 partial tile (twice when mirrored)."""
+    left, c, symmetric = args["L"], args["C"], args["SYMMETRIC"]
+    bc, bn = args["BLOCK_C"], args["BLOCK_N"]
+    splits, n_per_split = _split_plan(args["B_BUCKET"], c, args["N_BUCKET"], symmetric, device_sms(left))
+    tiles = triton.cdiv(c, bc)
+    programs = (tiles * (tiles + 1) // 2 if symmetric else tiles * tiles) * splits * args["B_BUCKET"]
+    steps = triton.cdiv(n_per_split, bn)
+    element = left.element_size()
+    operand_bytes = steps * 2 * bc * bn * element + bc * bc * 4 * (2 if symmetric else 1)
+    program = program_clocks(steps * 2 * bc * bc * bn, 0, operand_bytes,
+                             _operand_class(left.dtype, args["PRECISION"]))
+    return launch_clocks(programs, program, device_sms(left))
+
+
+def _apply_time_estimate(**args: object) -> float:
+    """Clocks of an apply launch at the bucket's N and B: BLOCK_R x BLOCK_N output tiles, each a
+    K loop over C (2 C with HAS_V) streaming a W and a U tile per step, then the epilogue's
+    residual read and Y write."""
+    weights, u, c = args["W"], args["U"], args["C"]
+    br, bn, bk = args["BLOCK_R"], args["BLOCK_N"], args["BLOCK_K"]
+    programs = triton.cdiv(c, br) * triton.cdiv(args["N_BUCKET"], bn) * args["B_BUCKET"]
+    steps = triton.cdiv(c, bk) * (2 if args["HAS_V"] else 1)
+    tile_bytes = (br * weights.element_size() + bn * u.element_size()) * bk
+    epilogue = br * bn * u.element_size() * (2 if args["HAS_RESIDUAL"] else 1)
+    program = program_clocks(steps * 2 * br * bn * bk, 0, steps * tile_bytes + epilogue,
+                             _operand_class(u.dtype, args["PRECISION"]))
+    return launch_clocks(programs, program, device_sms(u))
+
+
+def _autotuned(kernel, configs: dict[str, list[triton.Config]], key: list[str], perf_model) -> dict:
     """One autotuner per operand class around the same kernel (each class its own tile list)."""
-    return {name: triton.autotune(configs=class_configs, key=key)(kernel)
+    return {name: triton.autotune(configs=class_configs, key=key,
+                                  prune_configs_by={"perf_model": perf_model, "top_k": _TOP_K},
+                                  cache_results=True)(kernel)
             for name, class_configs in configs.items()}
 
 
-_GRAM_KERNELS = _autotuned(_cam_gram_kernel, _GRAM_CONFIGS, key=["C", "N_BUCKET", "SYMMETRIC"])
+_GRAM_KERNELS = _autotuned(_cam_gram_kernel, _GRAM_CONFIGS, ["C", "N_BUCKET", "B_BUCKET", "SYMMETRIC"],
+                           _gram_time_estimate)
 _APPLY_KERNELS = _autotuned(_cam_apply_kernel, _APPLY_CONFIGS,
-                            key=["C", "N_BUCKET", "HAS_V", "HAS_SCALE", "HAS_RESIDUAL"])
+                            ["C", "N_BUCKET", "B_BUCKET", "HAS_V", "HAS_SCALE", "HAS_RESIDUAL"],
+                            _apply_time_estimate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +665,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         left, *left.stride(),
         right, *right.stride(),
         partial,
-        C, N, n_per_split, num_splits, _size_bucket(N),
+        C, N, n_per_split, num_splits, _size_bucket(N), _size_bucket(B),
         SYMMETRIC=symmetric, PRECISION=precision,
     )
     return partial, num_splits
@@ -640,7 +696,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
         res, *res.stride(),
         dummy if scale is None else scale,
         y, *y.stride(),
-        C, n, n_padded, _size_bucket(n),
+        C, n, n_padded, _size_bucket(n), _size_bucket(B),
         HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
         PRECISION=precision,
     )

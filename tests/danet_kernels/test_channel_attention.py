@@ -365,6 +365,63 @@ def test_autograd_function_apply_matches_the_op() -> None:
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+CAM_TUNING_CHECK = """
+import torch
+import triton
+import danet_kernels.kernels.channel_attention as cam
+
+assert not cam._INTERPRET
+tuners = {**{("gram", k): t for k, t in cam._GRAM_KERNELS.items()},
+          **{("apply", k): t for k, t in cam._APPLY_KERNELS.items()}}
+for (kernel, operands), tuner in tuners.items():
+    assert tuner.cache_results, (kernel, operands)
+    assert tuner.configs_top_k == cam._TOP_K <= 4 and cam._TOP_K < len(tuner.configs), (kernel, operands)
+    assert tuner.perf_model is (cam._gram_time_estimate if kernel == "gram" else cam._apply_time_estimate)
+    assert "N_BUCKET" in tuner.keys and "B_BUCKET" in tuner.keys and "N" not in tuner.keys
+
+
+def ranked(kernel, operands, n, batch, **flags):
+    dtype = torch.bfloat16 if operands == "16-bit" else torch.float32
+    x = torch.empty(1, 1, 1, dtype=dtype)
+    precision = "tf32" if operands == "16-bit" else operands
+    named = {"C": 512, "N_BUCKET": cam._size_bucket(n), "B_BUCKET": cam._size_bucket(batch),
+             "PRECISION": precision, **({"L": x, "SYMMETRIC": flags["symmetric"]} if kernel == "gram" else
+                {"W": x, "U": x, "HAS_V": flags["has_v"], "HAS_RESIDUAL": True})}
+    model = cam._gram_time_estimate if kernel == "gram" else cam._apply_time_estimate
+    configs = tuners[kernel, operands].configs
+    times = [model(**named, **c.all_kwargs()) for c in configs]
+    return [str(configs[i]) for i in sorted(range(len(configs)), key=times.__getitem__)]
+
+
+reordered = 0
+for operands in cam._OPERAND_CLASSES:
+    for kernel, flags in (("gram", {"symmetric": True}), ("gram", {"symmetric": False}),
+                          ("apply", {"has_v": False}), ("apply", {"has_v": True})):
+        assert ranked(kernel, operands, 5000, 3, **flags) == ranked(kernel, operands, 8192, 4, **flags)
+        assert ranked(kernel, operands, 9409, 1, **flags) == ranked(kernel, operands, 16384, 1, **flags)
+        first = ranked(kernel, operands, 32768, 1, **flags)
+        reordered += first != [str(c) for c in tuners[kernel, operands].configs]
+assert reordered, "the perf model ranks every list in its own order"
+print("checked")
+"""
+
+
+def test_cam_autotuners_rank_by_bucket_and_bench_a_handful() -> None:
+    """The GPU's CAM autotuners (built without TRITON_INTERPRET, in a fresh process): keyed on C
+    and the (N, B) buckets, a perf model from tiles, waves and bytes that ranks every size of a
+    bucket alike and keeps the best _TOP_K for a first call to benchmark, the choice kept across
+    processes (cache_results)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", CAM_TUNING_CHECK], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert "checked" in result.stdout, result.stderr[-3000:]
+
+
 def test_the_gpu_check_finds_every_cam_autotuner() -> None:
     """The GPU check reports what each autotuner chose; CAM keeps one per operand class."""
     from scripts.gpu_check.measure_kernels import find_autotuners
