@@ -113,3 +113,29 @@ def test_full_width_variant_computes_the_attention() -> None:
     torch.testing.assert_close(result.double(), 0.7 * expected + residual.double(), atol=2e-5, rtol=2e-5)
     log2_sum = torch.logsumexp(torch.einsum("bdi,bdj->bij", q.double(), k.double()), -1) / math.log(2)
     torch.testing.assert_close(lse.double(), log2_sum, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_dv_variant_computes_the_gradients() -> None:
+    """The deterministic variant with dV of one C block fused into the key-side kernel is a
+    correct backward (interpreter: 32-wide tiles, so C = 48 is a fused block of 32 channels and
+    16 for the dV kernel; N = 37 padded to 48, two query splits), against float64 autograd."""
+    from benchmarks.compile_specs.pam_backward_fused_dv import fused_dv_backward
+    from danet_kernels.kernels import position_attention as pam
+    from danet_kernels.reference import position_attention_reference
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 37) * 0.5, torch.randn(2, 5, 37) * 0.5
+    v, dy, gamma = torch.randn(2, 48, 37), torch.randn(2, 48, 37), torch.full((1,), 0.7)
+    _, out, lse = pam.pam_forward(q, k, v, gamma, v, True)
+    saved = pam._sm_count
+    pam._sm_count = lambda device: 8  # splits the key-side loop in two (partials summed in order)
+    try:
+        dq, dk, dv, delta = fused_dv_backward(dy, q, k, v, gamma, out, lse)
+    finally:
+        pam._sm_count = saved
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    expected_out = position_attention_reference(*leaves)
+    (0.7 * expected_out).backward(dy.double())
+    for got, leaf, name in zip((dq, dk, dv), leaves, "qkv", strict=True):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=2e-5, rtol=2e-5, msg=f"d{name}")
+    torch.testing.assert_close(delta.double(), (dy.double() * expected_out).sum(1), atol=2e-5, rtol=2e-5)

@@ -10,7 +10,13 @@ kernel modules build the interpreter's configs, not the GPU's. The op modules im
 kernel modules inside their functions where they can.
 """
 
-from benchmarks.compile_specs import cam, pam_backward, pam_forward, pam_forward_full_width
+from benchmarks.compile_specs import (
+    cam,
+    pam_backward,
+    pam_backward_fused_dv,
+    pam_forward,
+    pam_forward_full_width,
+)
 
 SPECS = (pam_forward.SPEC, pam_forward_full_width.SPEC, pam_backward.SPEC, pam_backward.DETERMINISTIC,
-         cam.FORWARD, cam.BACKWARD)
+         pam_backward_fused_dv.SPEC, cam.FORWARD, cam.BACKWARD)
