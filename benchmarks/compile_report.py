@@ -5,6 +5,8 @@ Usage, from the repository root (no GPU, no TRITON_INTERPRET)::
     python -m benchmarks.compile_report                         # everything -> docs/compile_report.md
     python -m benchmarks.compile_report --ops pam_forward --sizes 9409 --precisions bf16 --out -
     python -m benchmarks.compile_report --configs preferred --json report.json
+    python -m benchmarks.compile_report --ops pam_backward --problems 9409:fp32-tf32x3 \
+        1024:bf16:d=256:C=2048 --check --out -                 # exit status 1 on a target not met
 
 How it measures. Each op's launcher (the code a user's call runs, unchanged) is called on real
 CPU tensors of DANet's shapes with Triton's launch replaced by a recorder
@@ -14,7 +16,8 @@ prune keeps, each run through the autotuner's own chain (heuristics included) do
 launcher specialises a real one: Triton's own binder reads the recorded arguments, so a pointer
 or an integer divisible by 16 gets the divisibility hint, an integer equal to 1 (a stride-1 axis)
 becomes a constant, and N = 9409 loses the hints a real launch loses (:func:`specialise`). It is
-compiled for sm_90a with the ptxas that ships with Triton (:func:`compile_launch`).
+compiled for sm_90a with the ptxas that ships with Triton (:func:`compile_launch`), once per
+binary: launches that specialise alike (:func:`specialisation_key`) share one compile.
 
 What it reports, per kernel, config and problem (:class:`Row`):
 
@@ -28,11 +31,17 @@ What it reports, per kernel, config and problem (:class:`Row`):
   cover more than the tile (2 means two warpgroups compute the same scores);
 * from the grid and the tiles (the kernel's work model): the executed FLOPs, exp2 and operand
   bytes streamed into the SMs for a whole pass, in units of the op (N^2 for PAM, C^2 N for
-  CAM), the score part multiplied by the replication; the op's totals against its minimal.
+  CAM), the score part multiplied by the replication; the op's totals against its minimal;
+* the programs one SM holds (registers, shared memory) and the waves of an H100, and the perf
+  model's time of the launch (:func:`model_time`: the SM model of kernels/common.py that the
+  autotuners rank configs by), a ranking and a scale, not a measurement.
 
 Each op is described by an :class:`OpSpec` in ``benchmarks/compile_specs/<op>.py``: how to call
-its launcher for a :class:`Problem`, and per kernel a :class:`KernelSpec` (work model, exp2
-tile). A kernel without a spec still gets its compile figures.
+its launcher for a :class:`Problem`, per kernel a :class:`KernelSpec` (work model, exp2 tile),
+the problems of the full report, and the op's targets (benchmarks/compile_targets.py), which
+every run checks on its rows: the report prints each one met or not, ``--check`` exits with
+status 1 on one not met, and tests/danet_kernels/test_hopper_compile.py asserts them in CI on a
+small set. A kernel without a spec still gets its compile figures.
 """
 
 from __future__ import annotations

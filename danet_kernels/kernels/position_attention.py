@@ -33,7 +33,7 @@ BLOCK_M = 128). Grid axis 1 runs over C blocks of BLOCK_C, each recomputing S = 
 ``2 N^2 (d * ceil(C / BLOCK_C) + C)`` FLOPs and ``N^2 * ceil(C / BLOCK_C)`` exp2. The tile
 that wins, by the compile report (docs/compile_report.md, sm_90, bf16, d = 64, C = 512), is
 128 x 64 x 256 on 8 warps: 1280 N^2 FLOPs and 2 N^2 exp2 against the minimal 1152 N^2 and N^2
-(+11%), 0 spills at 239-249 registers, each warpgroup owning 64 rows of S (no replicated
+(+11%), 0 spills at 237-248 registers, each warpgroup owning 64 rows of S (no replicated
 work), 10 operand bytes per N^2 streamed from L2. The full-width layout FlashAttention-3 uses
 for this head-dim pair (one program owning all 512 channels, S computed once) was measured too
 (benchmarks/compile_specs/pam_forward_full_width.py): Triton's closest form, keys on the rows
@@ -63,7 +63,9 @@ BLOCK_N x C tile: 128 KiB at BLOCK_N = 64, half the register file) is what would
 product happen once, and it does not fit sm_90: S^T-first it needs 128 key rows on 8 warps, 256
 registers per thread for dV alone; with C as the MMA's M and 32 keys per program it compiles
 with 68 to 1080 bytes of spills. Fusing dV for half of C (256 channels) into the key-side
-kernel compiles clean at 32 x 128 x 256 but computes dS twice: 2816 N^2 against the 2688 here.
+kernel compiles spill-free only at 32 queries per step, even without the atomic dQ product,
+and its re-reads of v^T then cost more than the S^T it saves (measured for the deterministic
+path: "The deterministic floor" below).
 So dV gets its own kernel, split over C like the forward, and everything that needs dP over all
 of C happens once, in the key-side kernel:
 
@@ -96,7 +98,8 @@ Unaligned N. Where N is not a multiple of 16 (DANet's 97 x 97 = 9409) no row of 
 tensor starts 16-byte aligned, and the compiled kernels lose their vectorised asynchronous
 loads (and spill: 788 bytes in dV, bf16). The launcher then copies q, k, v, dY and O into
 buffers with N rounded up to a multiple of 16 and zero tails (lse with +inf tails: padded
-queries get P = 0; padded keys get P = 0 by a mask on the true N), and the kernels write the
+queries get P = 0; padded keys get P = 0 by a -inf bias on their scores past the true N), and
+the kernels write the
 gradients into buffers of that length, returned as (B, *, N) views: (2 d + 3 C) N extra
 elements, 31 MB at 97 x 97, C = 512 in bf16, against the kernels' O(N^2) work.
 
@@ -112,10 +115,24 @@ fp32, ieee     1280, BLOCK_C = 256                       2688      3840
 =============  =======================================  ========  =============
 
 The key-side kernel is 2 (C + 3 d) = 1408 with atomic dQ, 2 (C + 2 d) = 1280 without; the
-dQ kernel 1280. exp2: 3 N^2 by default (1 N^2 more per extra dV C block), 4 deterministic. The
-deterministic split computes dP twice, so no tiling takes it below 3584 + 128 ceil(C /
-BLOCK_C) of dV, 3712 at best (3600 is out of its reach); the previous split (dV, dK and dQ
-kernels, S on both warpgroups of its 64-row tiles) executed 6272.
+dQ kernel 1280. exp2: 3 N^2 by default (1 N^2 more per extra dV C block), 4 deterministic; the
+previous split (dV, dK and dQ kernels, S on both warpgroups of its 64-row tiles) executed 6272.
+
+The deterministic floor. Without atomics, dK (a sum over queries) and dQ (a sum over keys) are
+reduced by different programs; without ordering between programs (a spin-wait on a counter,
+which the interpreter cannot validate and which can hang) and without N^2 memory (stored dS or
+per-key-block dQ partials: N^2 d / BLOCK_N), each of them recomputes dS, so S and dP = dO^T v
+over all of C happen twice per pair: the key side S, dP, dK (2 C + 4 d) and dV (2 C, its P^T at
+hand), the query side S, dP, dQ (2 C + 4 d), together 6 C + 8 d = 3584 N^2 at d = 64, C = 512.
+That needs dV for all of C in the key-side kernel, an fp32 BLOCK_N x C tile sm_90's registers do
+not hold at C = 512; every C block whose dV is left to a kernel of its own adds its S^T, 2 d
+= 128 N^2: 3584 + 128 ceil(C / BLOCK_C) when the dV kernel does it all (3840 here), 3712 with
+one 256-channel block fused into the key-side kernel. The issue's 3600 is below what sm_90
+reaches this way. That fused variant was measured (benchmarks/compile_specs/pam_backward_fused_dv.py,
+docs/performance.md): spill-free only with 32 queries per step (254-255 registers; 64 spill
+628 B), whose re-reads of the key block's v^T make its key-side kernel stream 41 B per pair
+against 25, which the perf model (L2-bound) puts 21% slower than this split at N = 32768 and at
+N = 4096, so the deterministic path keeps the split: 3840.
 
 Memory traffic (operand reads from L2 per pair, bf16): the dV kernel re-reads q and its dY
 chunk per key block, 2 (d ceil(C / BLOCK_C) + C) / BLOCK_N = 10 B; the key-side kernel re-reads
@@ -145,14 +162,21 @@ Indexing. Every tensor comes with its per-axis strides (non-contiguous inputs su
 flattened channels_last maps are read in place where aligned), every load and store on N, C
 and d is masked where it can run past the data (any N, C, d >= 1; d is padded to
 BLOCK_D >= 16 for tl.dot), and batch and block offsets are int64 so that B * C * N beyond 2^31
-cannot overflow; the backward computes every offset inside an image in int64 too
-(``_pam_offsets``), as C * N passes 2^31 in one image at C = 512, N > 4.2M. The backward reads
-the caller's q, k, v and the forward's O (a view of a 16-aligned buffer) and lse.
+cannot overflow. Inside one image C * N passes 2^31 at C = 512, N > 4.2M (channels_last maps
+read in place have stride C on N): the backward computes every in-image offset in int64
+(``_pam_offsets``); the forward, whose hot loop recomputes k and v offsets every key block,
+does so only where the launcher finds that an image's offsets can pass 2^31
+(``_needs_int64_offsets``, the ``INT64_OFFSETS`` constexpr, part of the tuning key) and keeps
+int32 arithmetic, the same binary as without the switch, otherwise. The int64 form costs the
+preferred tiles 3 to 16 more registers (bf16 238 -> 250, fp32 "ieee" 209 -> 225) and no spills
+in any kept config of any precision (the compile report's "int64 offsets" rows). The backward
+reads the caller's q, k, v and the forward's O (a view of a 16-aligned buffer) and lse.
 
 Tuning (Hopper). The forward is autotuned per size bucket: the key holds N and B rounded up to
 powers of two (and d, C, the precision, the dtypes), so a new image size reuses its bucket's
 config; the prune caps the tiles at the bucket and a perf model (tensor-core, exp2 and L2
-time of a program, in waves over the SMs) keeps the best ``_FWD_TOP_K`` = 4 for the first call
+time of a program, in waves over the SMs: kernels/common.py's SM model, which CAM's autotuners
+and the compile report use too) keeps the best ``_FWD_TOP_K`` = 4 for the first call
 of a bucket to benchmark; Triton's ``cache_results`` keeps the choice across processes. The
 tile lists per operand class (``_FWD_TILES``: 16-bit, tf32, tf32x3, fp32 "ieee" on FMA) are
 each spill-free in the compile report. Under TRITON_INTERPRET=1 a single small configuration
