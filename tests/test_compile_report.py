@@ -79,6 +79,80 @@ def test_exp2_replication_is_the_worst_2d_exp2() -> None:
     assert report.exp2_replication("module {}") is None
 
 
+def test_problem_parse() -> None:
+    assert report.Problem.parse("9409:bf16") == report.Problem(9409, "bf16")
+    wide = report.Problem.parse("1024:fp32-tf32:d=256:C=2048:B=2")
+    assert (wide.n, wide.head_dim, wide.channels, wide.batch, wide.variant) == (1024, 256, 2048, 2, "")
+    variant = report.Problem.parse("32768:bf16:int64 offsets")
+    assert variant.variant == "int64 offsets" and variant.label == "N=32768 bf16 [int64 offsets]"
+    with pytest.raises(ValueError, match="unknown precision"):
+        report.Problem.parse("9409:bf32")
+
+
+def _row(**fields: object) -> report.Row:
+    base = {"op": "op", "problem": "N=32768 bf16", "n": 32768, "precision": "bf16", "batch": 1,
+            "head_dim": 64, "channels": 512, "variant": "", "kernel": "_k", "launch": "",
+            "config": "64 w4 s2",
+            "registers": 100, "spill_bytes": 0, "shared": 1024, "mma": "wgmma", "loop_ex2": 32,
+            "loop_cp_async": 4, "ex2_share": 32, "replication": 1.0, "specialisation": "a", "flops": 1000.0,
+            "exp2": 1.0, "preferred": True,
+            "counts": {"wgmma": 8, "mma_sync": 0, "fma": 0, "cp_async": 8, "tma": 0, "ex2": 32}}
+    return report.Row(**{**base, **fields})
+
+
+def test_targets_find_what_breaks_them() -> None:
+    """Each kind of target: met on good rows, a failure naming the row on a bad one, None where
+    no row applies."""
+    from benchmarks import compile_targets as targets
+
+    good = _row()
+    assert targets.no_spills().check([good]) == []
+    assert "100 B of spills" in targets.no_spills().check([good, _row(spill_bytes=100)])[0]
+    assert targets.compiles().check([_row(error="ptxas: boom")]) == ["N=32768 bf16 _k 64 w4 s2: ptxas: boom"]
+    # A row that did not compile counts against compiles(), not against the others.
+    assert targets.no_spills().check([_row(error="x", spill_bytes=None)]) is None
+    exp2 = targets.exp2_once(["_k"])
+    assert exp2.check([good, _row(loop_ex2=34)]) == []  # the row rescale
+    assert len(exp2.check([_row(loop_ex2=64), _row(replication=2.0)])) == 2
+    assert exp2.check([_row(kernel="_other")]) is None
+    assert targets.pipelined(["_k"]).check([_row(loop_cp_async=0)]) != []
+    assert targets.tensor_cores(["_k"]).check([_row(precision="fp32-ieee", mma="FMA")]) is None
+    assert targets.tensor_cores(["_k"]).check([_row(mma="FMA")]) != []
+    small = _row(n=9409, problem="N=9409 bf16")
+    assert targets.same_configs((32768, 9409)).check([good, small]) == []
+    assert targets.same_configs((32768, 9409)).check([good, _row(n=9409, config="32 w4 s2")]) != []
+    assert targets.same_configs((32768, 9409)).check([good]) is None
+    padded = targets.same_binary_when_padded(["_k"])
+    assert padded.check([_row(n=16384), small]) == []
+    assert padded.check([_row(n=16384), _row(n=9409, specialisation="b")]) != []
+    assert padded.check([good]) is None
+    bound = targets.preferred_total("bound", ("bf16",), 32768, flops=1500)
+    assert bound.check([good, _row(kernel="_j", flops=400.0)]) == []
+    assert bound.check([good, _row(kernel="_j", flops=600.0)]) == ["N=32768 bf16: 1600 FLOPs per unit"]
+    assert bound.check([small]) is None
+
+
+def test_evaluate_reports_every_target_of_each_op_with_rows() -> None:
+    from benchmarks import compile_targets as targets
+
+    results = targets.evaluate({"op": [targets.no_spills(), targets.same_configs((1, 2))], "other": [
+        targets.compiles()]}, [_row(spill_bytes=8)])
+    assert [(r.op, r.evaluated, r.met) for r in results] == [("op", True, False), ("op", False, False)]
+    assert results[0].failures == ("N=32768 bf16 _k 64 w4 s2: 8 B of spills",)
+
+
+def test_every_spec_states_targets_and_the_markdown_shows_them() -> None:
+    """The library's ops carry targets; the report prints each, met or not, under its op."""
+    specs = report.all_specs()
+    for name in ("pam_forward", "pam_backward", "pam_backward_deterministic", "cam_forward", "cam_backward"):
+        assert specs[name].targets, name
+    rows = [_row(op="pam_forward", kernel="_pam_fwd_kernel", spill_bytes=24, choice="fixed")]
+    text = report.render_markdown(rows, "python -m benchmarks.compile_report", versions={
+        "triton": "t", "ptxas": "p", "torch": "x", "python": "y"})
+    assert "**NOT MET**: no kept config spills registers" in text and "- met: every launch compiles" in text
+    assert "- not evaluated here" in text
+
+
 def test_work_and_problem() -> None:
     total = report.Work(10, 2, 5) + report.Work(1, 1, 1) * 2
     assert (total.flops, total.exp2, total.bytes) == (12, 4, 7)
