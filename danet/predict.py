@@ -48,6 +48,7 @@ from torchvision import tv_tensors
 from danet.choices import PREDICT_FORMATS
 from danet.config import EvalConfig
 from danet.data import eval_transforms
+from danet.data.base import repeated_names
 from danet.data.cityscapes import LABEL_ID_TO_TRAIN_ID
 from danet.data.images import image_size, image_suffixes, load_rgb
 from danet.files import atomic_write
@@ -207,7 +208,7 @@ def expand_image_arguments(arguments: Sequence[str]) -> list[Path]:
 def _output_paths(images: list[Path], output: Path, overwrite: bool, fmt: str) -> list[tuple[Path, ...]]:
     """The output paths of each image; checked up front so that no run stops half-way."""
     stems = [p.stem for p in images]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    duplicates = repeated_names(stems)
     if duplicates:
         raise ValueError(f"several input images are named {', '.join(duplicates)}: their outputs would "
                          f"collide; predict them into different --output directories")

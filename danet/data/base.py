@@ -11,7 +11,8 @@ optional ``transform(image, mask)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,6 +66,11 @@ def require_file(path: Path, layout: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}\nexpected layout:\n{layout}")
     return path
+
+
+def repeated_names(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once in ``names``, sorted (one pass: any number of names)."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
 
 
 def read_id_list(path: Path, layout: str) -> list[str]:

@@ -25,7 +25,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from danet.data.base import SegmentationDataset, Transform, palette_array, require_dir, require_file
+from danet.data.base import (
+    SegmentationDataset,
+    Transform,
+    palette_array,
+    repeated_names,
+    require_dir,
+    require_file,
+)
 from danet.data.images import image_suffixes
 from danet.data.voc import voc_palette
 
@@ -55,7 +62,7 @@ def read_class_list(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
         raise ValueError(f"{path} names no class (one name per line, line k for mask value k)")
     if len(names) > 255:
         raise ValueError(f"{path} names {len(names)} classes; at most 255 fit in 8-bit masks (255 = ignore)")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = repeated_names(names)
     if repeated:
         raise ValueError(f"{path} names {', '.join(repeated)} more than once")
     defaults = voc_palette(len(names))
@@ -101,8 +108,7 @@ class FolderDataset(SegmentationDataset):
         mask_dir = require_dir(self.root / "masks" / self.split, self.LAYOUT)
         suffixes = image_suffixes()
         images = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
-        stems = [p.stem for p in images]
-        repeated = sorted({s for s in stems if stems.count(s) > 1})
+        repeated = repeated_names(p.stem for p in images)
         if repeated:
             raise ValueError(f"{image_dir}: several images named {', '.join(repeated)} (one mask each is "
                              "expected: rename them)")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from danet.cli import main
 from danet.data import build_dataset, get_dataset_class
+from danet.data.base import repeated_names
 from danet.data.folder import FolderDataset, read_class_list
 from danet.data.voc import voc_palette
 
@@ -63,6 +64,11 @@ def test_bad_folders_are_clear_errors(tmp_path: Path, damage, message: str) -> N
     damage(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         FolderDataset(tmp_path, "train")[0]
+
+
+def test_repeated_names_lists_each_repeated_name_once_sorted() -> None:
+    assert repeated_names(["b", "a", "b", "c", "a", "b"]) == ["a", "b"]
+    assert repeated_names(iter(["x", "y"])) == []
 
 
 def test_no_root_is_a_clear_error() -> None:
