@@ -174,7 +174,7 @@ def confusion_figure(matrix: ConfusionMatrix, names: Sequence[str], title: str) 
     from matplotlib.figure import Figure
 
     k = matrix.num_classes
-    counts = matrix.mat.double().cpu() if matrix.mat is not None else torch.zeros((k, k), dtype=torch.float64)
+    counts = matrix.counts()
     rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
     side = max(4.0, 0.35 * k + 2.5)
     fig = Figure(figsize=(side + 1.0, side))

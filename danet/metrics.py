@@ -109,7 +109,8 @@ class ConfusionMatrix:
             self.mat = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64, device=device)
         dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
 
-    def _counts(self) -> torch.Tensor:
+    def counts(self) -> torch.Tensor:
+        """The counts so far as a float64 CPU ``(K, K)`` tensor (zeros before any update)."""
         k = self.num_classes
         return self.mat.double().cpu() if self.mat is not None else torch.zeros((k, k), dtype=torch.float64)
 
@@ -119,7 +120,7 @@ class ConfusionMatrix:
         Returns ``{"aAcc", "mIoU", "mAcc": float, "IoU", "Acc": [float] * K, "pixAcc": float}``
         (``pixAcc`` is ``aAcc`` under the release's name). With no counted pixel every value is NaN.
         """
-        mat = self._counts()
+        mat = self.counts()
         true_positives = mat.diag()
         labelled = mat.sum(1)
         union = mat.sum(0) + labelled - true_positives
@@ -134,7 +135,7 @@ class ConfusionMatrix:
     def compute_release(self) -> dict[str, float | list[float]]:
         """The DANet release's ``{"pixAcc", "mIoU": float, "IoU": [float] * K}`` (module docstring):
         absent classes count as IoU 0 in the mean; never NaN."""
-        mat = self._counts()
+        mat = self.counts()
         true_positives = mat.diag()
         union = mat.sum(0) + mat.sum(1) - true_positives
         iou = true_positives / (_RELEASE_EPS + union)

@@ -89,6 +89,7 @@ def test_matches_reference_over_several_updates(k):
 
 def test_reset_and_empty():
     cm = ConfusionMatrix(3)
+    assert torch.equal(cm.counts(), torch.zeros((3, 3), dtype=torch.float64))  # before any update
     empty = cm.compute()
     assert math.isnan(empty["pixAcc"]) and math.isnan(empty["mIoU"]) and all(map(math.isnan, empty["IoU"]))
     cm.update(torch.tensor([1]), torch.tensor([1]))
@@ -96,6 +97,8 @@ def test_reset_and_empty():
     assert cm.mat.sum() == 0
     cm.update(torch.tensor([2, 2]), torch.tensor([2, 0]))
     assert cm.compute()["pixAcc"] == 0.5
+    counts = cm.counts()
+    assert counts.dtype == torch.float64 and counts.tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 1]]
 
 
 def test_updates_under_inference_mode_leave_a_normal_matrix():
