@@ -40,6 +40,7 @@ from danet.inference import (
     window_stride,
 )
 from danet.metrics import ConfusionMatrix
+from danet.outputs import check_output_file
 
 __all__ = ["CONVENTIONS", "confusion_figure", "confusion_matrices", "evaluate", "metrics_of",
            "run"]
@@ -197,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     heads = list(dict.fromkeys(args.heads))
-    for flag, path in (("--json", args.json), ("--confusion-matrix", args.confusion_matrix)):
-        if path is not None and Path(path).is_dir():
-            raise ValueError(f"{flag} {path} is a directory; give a file name")
+    for path in (args.json, args.confusion_matrix):
+        if path is not None:  # checked before the evaluation; eval replaces its outputs
+            check_output_file(path, overwrite=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     ctx = setup_distributed(args.device) if distributed else None
     try:

@@ -38,13 +38,13 @@ def check_name_length(path: str | Path) -> Path:
 
 def check_output_file(path: str | Path, overwrite: bool) -> Path:
     """``path`` as a file to (re)write: refuses a directory, an existing file without ``overwrite``."""
-    path = Path(path)
+    path = check_name_length(path)  # first: is_dir() on a name too long raises ENAMETOOLONG
     if path.is_dir():
         raise ValueError(f"{path} is a directory, and a file is written here: give a file path "
                          f"(e.g. {path / ('output' + (path.suffix or '.png'))})")
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists (pass --overwrite to replace it)")
-    return check_name_length(path)
+    return path
 
 
 def check_output_dir(path: str | Path) -> Path:

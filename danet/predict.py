@@ -60,7 +60,7 @@ from danet.inference import (
     setup_from_args,
     window_stride,
 )
-from danet.outputs import check_name_length, check_output_dir
+from danet.outputs import check_output_dir, check_output_file
 
 __all__ = ["CITYSCAPES_NAME", "FORMATS", "MAX_WHOLE_PIXELS", "cityscapes_label_ids", "colourise",
            "expand_image_arguments", "image_inference", "legend_panel", "mask_image", "normalise_image",
@@ -220,12 +220,10 @@ def _output_paths(images: list[Path], output: Path, overwrite: bool, fmt: str) -
         paths: list[tuple[Path, ...]] = [(output / f"{stem}.png",) for stem in stems]
     else:
         paths = [(output / f"{stem}_mask.png", output / f"{stem}_overlay.png") for stem in stems]
-    for group in paths:
-        for path in group:
-            check_name_length(path)
-            if path.is_dir():
-                raise ValueError(f"{path} is a directory where an output file would go")
-    existing = [str(p) for group in paths for p in group if p.exists()]
+    files = [path for group in paths for path in group]
+    for path in files:
+        check_output_file(path, overwrite=True)  # existing files: one message for all, below
+    existing = [str(p) for p in files if p.exists()]
     if existing and not overwrite:
         raise ValueError(f"output file(s) exist: {', '.join(existing)} (pass --overwrite to replace them)")
     return paths

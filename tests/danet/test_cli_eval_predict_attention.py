@@ -355,6 +355,24 @@ def test_eval_json_confusion_matrix_and_heads(files: dict[str, Path], tmp_path: 
     assert report["heads"]["cam"]["mIoU"] == pytest.approx(expected["mIoU"])
 
 
+@pytest.mark.parametrize("flag", ["--json", "--confusion-matrix"])
+def test_eval_checks_its_output_files_before_evaluating(flag: str, files: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--workers", "0",
+            "--no-progress", flag]
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main([*args, str(folder)]) == 2
+    captured = capsys.readouterr()
+    assert "is a directory, and a file is written here" in captured.err and "evaluating" not in captured.out
+    assert main([*args, str(tmp_path / ("n" * 256 + ".json"))]) == 2  # atomic_write would fail at the end
+    captured = capsys.readouterr()
+    assert "output name too long for the file system" in captured.err and "evaluating" not in captured.out
+    (tmp_path / "old.json").write_text("old")
+    assert main([*args, str(tmp_path / "old.json")]) == 0  # eval replaces its outputs
+    assert (tmp_path / "old.json").read_bytes() != b"old"
+
+
 def test_eval_release_protocol_prints_its_numbers_last(files: dict[str, Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "--checkpoint", str(files["checkpoint"]), "--device", "cpu", "--workers", "0",
