@@ -58,11 +58,7 @@ from danet.choices import HEAD_OUTPUTS, INFERENCE_AMP, INFERENCE_MODES, INFERENC
 from danet.config import DataConfig, EvalConfig
 
 __all__ = [
-    "AMP_MODES",
     "EVAL_FIELDS",
-    "HEAD_OUTPUTS",
-    "MODES",
-    "PROTOCOLS",
     "CommandSetup",
     "Stage",
     "Window",

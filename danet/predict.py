@@ -45,7 +45,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torchvision import tv_tensors
 
-from danet.choices import PREDICT_FORMATS
 from danet.config import EvalConfig
 from danet.data import eval_transforms
 from danet.data.base import repeated_names
@@ -62,11 +61,10 @@ from danet.inference import (
 )
 from danet.outputs import check_output_dir, check_output_file
 
-__all__ = ["CITYSCAPES_NAME", "FORMATS", "MAX_WHOLE_PIXELS", "cityscapes_label_ids", "colourise",
+__all__ = ["CITYSCAPES_NAME", "MAX_WHOLE_PIXELS", "cityscapes_label_ids", "colourise",
            "expand_image_arguments", "image_inference", "legend_panel", "mask_image", "normalise_image",
            "overlay", "predict_image", "run"]
 
-FORMATS = PREDICT_FORMATS
 CITYSCAPES_NAME = re.compile(r"^[a-z_]+_\d{6}_\d{6}_leftImg8bit$")
 """The stem of a Cityscapes image: ``<city>_<seq>_<frame>_leftImg8bit`` (cityscapesScripts' naming)."""
 MAX_WHOLE_PIXELS = 2048 * 2048

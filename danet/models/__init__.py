@@ -8,7 +8,6 @@
 
 from danet.models.backbone import BACKBONES, create_backbone
 from danet.models.danet import (
-    HEAD_OUTPUTS,
     DANet,
     build_from_checkpoint,
     build_model,
@@ -28,7 +27,6 @@ from danet.models.weights import (
 
 __all__ = [
     "BACKBONES",
-    "HEAD_OUTPUTS",
     "ORIGINAL_KEY_MAP",
     "Checkpoint",
     "DANet",

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from danet.choices import HEAD_OUTPUTS
 from danet.config import ModelConfig
 from danet.models.backbone import create_backbone
 from danet.models.head import DANetHead, FCNHead
@@ -32,10 +31,8 @@ from danet.models.weights import (
     read_checkpoint,
 )
 
-__all__ = ["HEAD_OUTPUTS", "DANet", "build_from_checkpoint", "build_model", "create_model", "list_models",
-           "load_model", "register_model"]
-
-"""The head's outputs, in the order ``forward(x, head_outputs=True)`` returns them."""
+__all__ = ["DANet", "build_from_checkpoint", "build_model", "create_model", "list_models", "load_model",
+           "register_model"]
 
 
 def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
