@@ -261,45 +261,39 @@ def resolve_eval_config(cfg: EvalConfig, data: DataConfig | None = None) -> Eval
 # The engine: batched forwards over windows.
 
 
-def _accumulation_dtype(images: torch.Tensor) -> torch.dtype:
-    """float32 (half-precision logits are summed in float32), float64 for float64 inputs."""
-    return torch.promote_types(images.dtype, torch.float32)
-
-
 # the fitted per-sample cost of a model, per inference settings (dtype, device, autocast, layout, heads)
 _COST_MODELS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 
 class _ModelRunner:
-    """Calls the model on batches of windows and returns the requested heads' logits, stacked
-    along the channel dimension ((n, len(heads) * K, h, w), in the accumulation dtype)."""
+    """Calls the model on batches of windows of ``image_dtype`` images on ``device`` and returns the
+    requested heads' logits, stacked along the channel dimension ((n, len(heads) * K, h, w), in the
+    accumulation dtype: float32, as half-precision logits are summed in float32, or float64 for
+    float64 images)."""
 
     def __init__(self, model: nn.Module, num_classes: int, heads: Sequence[str], cfg: EvalConfig,
-                 images: torch.Tensor, bar: tqdm | None) -> None:
+                 image_dtype: torch.dtype, device: torch.device, bar: tqdm | None) -> None:
         self.model, self.num_classes, self.heads = model, num_classes, tuple(heads)
         self.cfg, self.bar = cfg, bar
-        self.dtype = _accumulation_dtype(images)
-        self.device = images.device
+        self.dtype = torch.promote_types(image_dtype, torch.float32)
+        self.device = device
         amp = cfg.amp
         if amp == "auto":  # bf16 on CUDA, unless the caller runs under an autocast of its own
-            own = images.device.type == "cuda" and not torch.is_autocast_enabled(images.device.type)
+            own = device.type == "cuda" and not torch.is_autocast_enabled(device.type)
             amp = "bf16" if own else "none"
         self.autocast_dtype = _AMP_DTYPES.get(amp)
         self.call = {} if self.heads == ("sum",) else {"head_outputs": True}
-        self.max_batch = 1
 
-    def plan_batches(self, window_shape: tuple[int, int], images: int, samples: int) -> None:
-        """Set the forward batch for windows of ``window_shape``: as many of the ``samples`` as fit
-        in the memory budget, and never fewer than the ``images`` of one window (the caller's
-        batch). A model in training mode gets exactly that: its BatchNorm statistics would mix
-        windows."""
+    def batch_size(self, window_shape: tuple[int, int], images: int, samples: int) -> int:
+        """The forward batch for windows of ``window_shape``: as many of the ``samples`` as fit in
+        the memory budget, and never fewer than the ``images`` of one window (the caller's batch).
+        A model in training mode gets exactly that: its BatchNorm statistics would mix windows."""
         budget = self.cfg.window_memory_mb * 2 ** 20
         if budget == 0 or samples <= images or self.model.training:
-            self.max_batch = images
-            return
+            return images
         per_sample = self.sample_cost(window_shape)
         fits = images if per_sample is None else int(budget // max(per_sample.peak_bytes, 1.0))
-        self.max_batch = max(images, min(samples, fits))
+        return max(images, min(samples, fits))
 
     def sample_cost(self, window_shape: tuple[int, int]) -> Any:
         """The estimated :class:`danet.cost.ForwardCost` of one sample (the cost model is fitted once
@@ -320,12 +314,13 @@ class _ModelRunner:
         cost_model = per_model[key]
         return None if cost_model is None else cost_model.estimate(1, *window_shape)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The stacked logits of the samples ``x``, run ``batch_size`` at a time."""
         outputs = []
         autocast = (contextlib.nullcontext() if self.autocast_dtype is None
                     else torch.autocast(x.device.type, dtype=self.autocast_dtype))
-        for start in range(0, x.shape[0], self.max_batch):
-            batch = x[start:start + self.max_batch]
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start:start + batch_size]
             if self.cfg.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -373,8 +368,8 @@ def _window_averages(run: _ModelRunner, image: torch.Tensor, stage: Stage, pad_v
     sources = [_pad(image.flip(-1) if flipped else image, stage.padded, pad_values)
                for flipped in stage.image_flips]
     mirrors = 2 if stage.window_flip else 1
-    run.plan_batches(stage.window_shape, b, b * stage.forwards)
-    per_forward = max(1, run.max_batch // (b * mirrors))
+    batch_size = run.batch_size(stage.window_shape, b, b * stage.forwards)
+    per_forward = max(1, batch_size // (b * mirrors))
     channels = len(run.heads) * run.num_classes
     sums = [image.new_zeros((b, channels, *stage.padded), dtype=run.dtype) for _ in sources]
     count = image.new_zeros((1, 1, *stage.padded), dtype=run.dtype)
@@ -387,7 +382,7 @@ def _window_averages(run: _ModelRunner, image: torch.Tensor, stage: Stage, pad_v
         x = crops[0] if len(crops) == 1 else torch.cat(crops)
         if stage.window_flip:
             x = torch.cat([x, x.flip(-1)])
-        out = run(x)
+        out = run(x, batch_size)
         if stage.window_flip:
             half = out.shape[0] // 2
             out = out[:half] + out[half:].flip(-1)
@@ -482,7 +477,7 @@ def predict_scores(model: nn.Module, images: torch.Tensor, num_classes: int, cfg
         stack.enter_context(torch.inference_mode())
         bar = stack.enter_context(tqdm(total=total, desc="inference", unit="window", leave=False)) \
             if progress else None
-        run = _ModelRunner(model, num_classes, heads, cfg, images, bar)
+        run = _ModelRunner(model, num_classes, heads, cfg, images.dtype, images.device, bar)
         if cfg.protocol == "release":
             pad_values = [-m / s for m, s in zip(mean, std, strict=True)]
             scores = _release_scores(run, images, stages, pad_values)
@@ -523,18 +518,18 @@ def estimate_inference_cost(model: nn.Module, height: int, width: int, num_class
     from danet.cost import ForwardCost
 
     check_eval_config(cfg)
-    run = _ModelRunner(model, num_classes, heads, cfg, torch.empty(0, device=device), None)
+    run = _ModelRunner(model, num_classes, heads, cfg, torch.float32, torch.device(device), None)
     flops, peak = 0.0, 0.0
     for stage in inference_plan(height, width, cfg):
         per_sample = run.sample_cost(stage.window_shape)
         if per_sample is None:
             return None
-        run.plan_batches(stage.window_shape, 1, stage.forwards)
+        batch_size = run.batch_size(stage.window_shape, 1, stage.forwards)
         flops += stage.forwards * per_sample.flops
         # window sums (one per image pass), the count, the merged scores, the resized image: 4 bytes a value
         buffers = 4 * (len(heads) * num_classes * (len(stage.image_flips) + 1) + 1 + 3) * stage.padded[0] \
             * stage.padded[1]
-        peak = max(peak, run.max_batch * per_sample.peak_bytes + buffers)
+        peak = max(peak, batch_size * per_sample.peak_bytes + buffers)
     return ForwardCost(flops, peak, extrapolated=True)
 
 
