@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -19,32 +18,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import tv_tensors
 
 from danet.cli import main
-from danet.config import DataConfig, EvalConfig, ModelConfig
+from danet.config import DataConfig, EvalConfig
 from danet.data import SyntheticShapes, eval_transforms
 from danet.evaluate import evaluate
 from danet.inference import predict_logits
-from danet.models import DANet, load_model
+from danet.models import load_model
 from danet.visualize import attention_maps, position_attention_rows
 from danet_kernels.reference import position_attention_reference
+from tests.danet.training_helpers import save_checkpoint, tiny_model
 
 NUM_CLASSES = SyntheticShapes.NUM_CLASSES
-
-
-def _tiny_model(nclass: int = NUM_CLASSES, **kwargs: object) -> DANet:
-    model = DANet(nclass, backbone="resnet_tiny", **kwargs)
-    with torch.no_grad():  # make the attention paths count
-        model.head.sa.gamma.fill_(1.0)
-        model.head.sc.gamma.fill_(0.5)
-    return model
-
-
-def _save_checkpoint(path: Path, model: DANet, dataset: str = "synthetic", **model_cfg: object) -> Path:
-    config = {"model": dataclasses.asdict(ModelConfig(backbone="resnet_tiny", **model_cfg)),
-              "data": dataclasses.asdict(DataConfig(dataset=dataset, crop_size=32, image_size=48,
-                                                    val_samples=2)),
-              "eval": dataclasses.asdict(EvalConfig(mode="whole", flip=False))}
-    torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +36,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     paths = {
-        "checkpoint": _save_checkpoint(root / "tiny.pt", _tiny_model()),
-        "cityscapes": _save_checkpoint(root / "city.pt", _tiny_model(19), dataset="cityscapes"),
+        "checkpoint": save_checkpoint(root / "tiny.pt", tiny_model()),
+        "cityscapes": save_checkpoint(root / "city.pt", tiny_model(19), dataset="cityscapes"),
         "image": root / "street.png",
         "image2": root / "other" / "room.jpg",
         "not_an_image": root / "notes.png",
@@ -135,7 +118,7 @@ def test_evaluate_reduces_across_processes(tmp_path: Path) -> None:
 
 
 def test_evaluate_on_the_tiny_danet_matches_predict_logits() -> None:
-    model = _tiny_model().eval()
+    model = tiny_model().eval()
     dataset = SyntheticShapes("val", eval_transforms(DataConfig.mean, DataConfig.std), num_samples=2,
                               image_size=40)
     cfg = EvalConfig(mode="sliding", crop_size=32, flip=False)
@@ -268,7 +251,7 @@ def test_predict_errors(files: dict[str, Path], tmp_path: Path, capsys: pytest.C
 
 
 def test_position_attention_rows_are_rows_of_the_reference_softmax() -> None:
-    pam = _tiny_model().double().head.sa
+    pam = tiny_model().double().head.sa
     features = torch.randn(2, 32, 5, 7, dtype=torch.float64)
     queries = torch.tensor([0, 13, 34])
     rows = position_attention_rows(pam, features, queries)
@@ -282,7 +265,7 @@ def test_position_attention_rows_are_rows_of_the_reference_softmax() -> None:
 
 
 def test_attention_maps_hook_the_right_tensors() -> None:
-    model = _tiny_model().double().eval()
+    model = tiny_model().double().eval()
     x = torch.randn(1, 3, 41, 57, dtype=torch.float64)
     points = [(0, 0), (56, 40), (20, 10)]
     maps = attention_maps(model, x, points, num_channels=3)
@@ -548,7 +531,7 @@ def test_attention_refuses_a_directory_as_output(files: dict[str, Path], tmp_pat
 def test_attention_figure_has_a_colourbar_per_map_and_no_empty_cell(points: int, channels: int) -> None:
     from danet.visualize import attention_figure
 
-    model = _tiny_model().eval()
+    model = tiny_model().eval()
     image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     chw = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
     x = eval_transforms(DataConfig.mean, DataConfig.std)(chw)

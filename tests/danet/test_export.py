@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,23 +9,14 @@ import pytest
 import torch
 
 from danet.cli import main
-from danet.config import DataConfig, EvalConfig, ModelConfig
-from danet.models import DANet, load_model
+from danet.models import load_model
+from tests.danet.training_helpers import save_checkpoint, tiny_model
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = DANet(4, backbone="resnet_tiny")
-    with torch.no_grad():  # make both attention paths count
-        model.head.sa.gamma.fill_(1.0)
-        model.head.sc.gamma.fill_(0.5)
-    config = {"model": dataclasses.asdict(ModelConfig(backbone="resnet_tiny")),
-              "data": dataclasses.asdict(DataConfig(dataset="synthetic", crop_size=48)),
-              "eval": dataclasses.asdict(EvalConfig(mode="whole", flip=False))}
-    path = tmp_path_factory.mktemp("export") / "tiny.pt"
-    torch.save({"model": model.state_dict(), "config": config}, path)
-    return path
+    return save_checkpoint(tmp_path_factory.mktemp("export") / "tiny.pt", tiny_model(), crop_size=48)
 
 
 def _pytorch_logits(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
