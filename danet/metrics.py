@@ -31,6 +31,11 @@ import torch.distributed as dist
 _RELEASE_EPS = 2.220446049250313e-16  # np.spacing(1), the release's guard against empty denominators
 
 
+def _nanmean(values: torch.Tensor) -> float:
+    present = ~torch.isnan(values)
+    return float(values[present].mean()) if present.any() else math.nan
+
+
 class ConfusionMatrix:
     """A ``(num_classes, num_classes)`` int64 count matrix: rows are targets, columns predictions.
 
@@ -124,8 +129,8 @@ class ConfusionMatrix:
         acc = torch.where(labelled > 0, true_positives / labelled.clamp(min=1), nan)
         total = mat.sum()
         a_acc = float(true_positives.sum() / total) if total > 0 else math.nan
-        return {"aAcc": a_acc, "mIoU": float(iou.nanmean()), "mAcc": float(acc.nanmean()),
-                "IoU": iou.tolist(), "Acc": acc.tolist(), "pixAcc": a_acc}
+        return {"aAcc": a_acc, "mIoU": _nanmean(iou), "mAcc": _nanmean(acc), "IoU": iou.tolist(),
+                "Acc": acc.tolist(), "pixAcc": a_acc}
 
     def compute_release(self) -> dict[str, float | list[float]]:
         """The DANet release's ``{"pixAcc", "mIoU": float, "IoU": [float] * K}`` (module docstring):
