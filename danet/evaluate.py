@@ -198,9 +198,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     heads = list(dict.fromkeys(args.heads))
-    for path in (args.json, args.confusion_matrix):
+    for flag, path in (("--json", args.json), ("--confusion-matrix", args.confusion_matrix)):
         if path is not None:  # checked before the evaluation; eval replaces its outputs
-            check_output_file(path, overwrite=True)
+            try:
+                check_output_file(path, overwrite=True)
+            except ValueError as error:
+                raise ValueError(f"{flag}: {error}") from None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     ctx = setup_distributed(args.device) if distributed else None
     try:

@@ -347,10 +347,12 @@ def test_eval_checks_its_output_files_before_evaluating(flag: str, files: dict[s
     folder.mkdir()
     assert main([*args, str(folder)]) == 2
     captured = capsys.readouterr()
-    assert "is a directory, and a file is written here" in captured.err and "evaluating" not in captured.out
+    assert f"{flag}: {folder} is a directory, and a file is written here" in captured.err
+    assert "evaluating" not in captured.out
     assert main([*args, str(tmp_path / ("n" * 256 + ".json"))]) == 2  # atomic_write would fail at the end
     captured = capsys.readouterr()
-    assert "output name too long for the file system" in captured.err and "evaluating" not in captured.out
+    assert f"{flag}: output name too long for the file system" in captured.err
+    assert "evaluating" not in captured.out
     (tmp_path / "old.json").write_text("old")
     assert main([*args, str(tmp_path / "old.json")]) == 0  # eval replaces its outputs
     assert (tmp_path / "old.json").read_bytes() != b"old"
