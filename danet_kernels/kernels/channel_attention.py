@@ -122,7 +122,14 @@ import triton.language as tl
 from torch.library import triton_op
 
 from danet_kernels._dispatch import triton_interpreting
-from danet_kernels.kernels.common import device_sms, dot_input_precision, launch_clocks, program_clocks
+from danet_kernels.kernels.common import (
+    OPERAND_CLASSES,
+    device_sms,
+    dot_input_precision,
+    launch_clocks,
+    operand_class,
+    program_clocks,
+)
 from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
@@ -147,13 +154,6 @@ if _INTERPRET:
     squeeze_scalar_index()  # loop bounds under Triton 3.6's interpreter with numpy >= 2.4
 _ROW_ALIGN = 16  # elements: row lengths and strides the compiler sees as multiples of 16
 
-_OPERAND_CLASSES = ("16-bit", "tf32", "tf32x3", "ieee")
-
-
-def _operand_class(dtype: torch.dtype, precision: str) -> str:
-    """Which tile list serves operands of ``dtype`` multiplied at ``precision``."""
-    return "16-bit" if dtype != torch.float32 else precision
-
 
 def _gram_configs(rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bc, bn, w, s in rows]
@@ -165,8 +165,8 @@ def _apply_configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Co
 
 
 if _INTERPRET:
-    _GRAM_CONFIGS = dict.fromkeys(_OPERAND_CLASSES, _gram_configs([(16, 32, 1, 1)]))
-    _APPLY_CONFIGS = dict.fromkeys(_OPERAND_CLASSES, _apply_configs([(16, 32, 16, 1, 1)]))
+    _GRAM_CONFIGS = dict.fromkeys(OPERAND_CLASSES, _gram_configs([(16, 32, 1, 1)]))
+    _APPLY_CONFIGS = dict.fromkeys(OPERAND_CLASSES, _apply_configs([(16, 32, 16, 1, 1)]))
     _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 16, 32, 1
     _WEIGHTS_BLOCK = 16
     _MIN_N_PER_SPLIT = 32  # small, so that test shapes exercise the split-N reduction
@@ -550,7 +550,7 @@ def _gram_time_estimate(**args: object) -> float:
     element = left.element_size()
     operand_bytes = steps * 2 * bc * bn * element + bc * bc * 4 * (2 if symmetric else 1)
     program = program_clocks(steps * 2 * bc * bc * bn, 0, operand_bytes,
-                             _operand_class(left.dtype, args["PRECISION"]))
+                             operand_class(left.dtype, args["PRECISION"]))
     return launch_clocks(programs, program, device_sms(left))
 
 
@@ -565,7 +565,7 @@ def _apply_time_estimate(**args: object) -> float:
     tile_bytes = (br * weights.element_size() + bn * u.element_size()) * bk
     epilogue = br * bn * u.element_size() * (2 if args["HAS_RESIDUAL"] else 1)
     program = program_clocks(steps * 2 * br * bn * bk, 0, steps * tile_bytes + epilogue,
-                             _operand_class(u.dtype, args["PRECISION"]))
+                             operand_class(u.dtype, args["PRECISION"]))
     return launch_clocks(programs, program, device_sms(u))
 
 
@@ -661,7 +661,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
         return (pairs * num_splits * B,)
 
-    torch.library.wrap_triton(_GRAM_KERNELS[_operand_class(left.dtype, precision)])[grid](
+    torch.library.wrap_triton(_GRAM_KERNELS[operand_class(left.dtype, precision)])[grid](
         left, *left.stride(),
         right, *right.stride(),
         partial,
@@ -689,7 +689,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
 
     v_ = dummy if v is None else v
     res = dummy if residual is None else residual
-    torch.library.wrap_triton(_APPLY_KERNELS[_operand_class(u.dtype, precision)])[grid](
+    torch.library.wrap_triton(_APPLY_KERNELS[operand_class(u.dtype, precision)])[grid](
         weights, weights.stride(0), weights.stride(1),
         u, *u.stride(),
         v_, *v_.stride(),

@@ -1,6 +1,6 @@
-"""What the Triton kernels of both ops share: the fp32 dot precision that follows torch, and
-the model of a Hopper SM that their autotuners' perf models (and the compile report) weigh
-work by."""
+"""What the Triton kernels of both ops share: the fp32 dot precision that follows torch, the
+operand classes their tile lists are chosen by, and the model of a Hopper SM that their
+autotuners' perf models (and the compile report) weigh work by."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import math
 import torch
 
 __all__ = ["DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
-           "L2_BYTES_PER_CLOCK", "device_sms", "dot_input_precision", "launch_clocks", "program_clocks"]
+           "L2_BYTES_PER_CLOCK", "OPERAND_CLASSES", "device_sms", "dot_input_precision", "launch_clocks",
+           "operand_class", "program_clocks"]
 
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
@@ -59,6 +60,14 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(level, "ieee")
 
 
+def operand_class(dtype: torch.dtype, precision: str) -> str:
+    """Which tile list (and which rate of :data:`FLOPS_PER_CLOCK`) serves a dot of ``dtype``
+    operands at ``precision`` (:func:`dot_input_precision`'s): "16-bit" for fp16 and bf16,
+    whatever the precision, else the fp32 precision itself: "tf32", "tf32x3" (both on the
+    tensor cores) or "ieee" (FMA)."""
+    return "16-bit" if dtype != torch.float32 else precision
+
+
 # ----------------------------------------------------------------------------------------------
 # A first-principles model of one Hopper SM (H100 SXM, dense), per clock. It ranks configs
 # against each other (the autotuners keep its best few to benchmark) and explains the compile
@@ -67,6 +76,7 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 # Tensor-core (or, for "ieee", FMA) FLOPs per operand class: 16-bit operands, fp32 at "tf32",
 # at "tf32x3" (three TF32 products per dot) and at "ieee" (128 fp32 FMAs).
 FLOPS_PER_CLOCK = {"16-bit": 4096, "tf32": 2048, "tf32x3": 2048 / 3, "ieee": 256}
+OPERAND_CLASSES = tuple(FLOPS_PER_CLOCK)  # what operand_class returns, each with a tile list per kernel
 EXP2_PER_CLOCK = 16  # MUFU ex2
 L2_BYTES_PER_CLOCK = 32  # about L2's bandwidth into one SM (an assumption: it only ranks configs)
 H100_SMS = 132

@@ -197,7 +197,13 @@ import triton
 import triton.language as tl
 
 from danet_kernels._dispatch import triton_interpreting
-from danet_kernels.kernels.common import device_sms, dot_input_precision, launch_clocks, program_clocks
+from danet_kernels.kernels.common import (
+    device_sms,
+    dot_input_precision,
+    launch_clocks,
+    operand_class,
+    program_clocks,
+)
 from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["PositionAttentionFunction", "pam_backward", "pam_forward", "position_attention_triton"]
@@ -671,14 +677,6 @@ _MAX_SHARED_BYTES = 227 * 1024  # what an sm_90 block may use
 _FWD_TOP_K = 4
 
 
-def _operand_class(dtype: torch.dtype, input_precision: str) -> str:
-    """Which tile list a forward launch uses: 16-bit operands, or fp32 by its dot precision
-    (any precision other than "ieee" runs on the tensor cores)."""
-    if dtype != torch.float32:
-        return "16-bit"
-    return input_precision if input_precision in _FWD_TILES else "tf32"
-
-
 def _pow2_cap(n: int) -> int:
     """Smallest tile (a power of two >= 16, tl.dot's minimum) that covers n."""
     return max(16, triton.next_power_of_2(n))
@@ -744,7 +742,7 @@ def _fwd_time_estimate(**args: object) -> float:
     bm, bn, bc = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"]
     programs, flops, exp2, elements = _fwd_work(n, batch, channels, args["BLOCK_D"], bm, bn, bc)
     program = program_clocks(flops, exp2, elements * v.element_size(),
-                             _operand_class(v.dtype, args["INPUT_PRECISION"]))
+                             operand_class(v.dtype, args["INPUT_PRECISION"]))
     return launch_clocks(programs, program, device_sms(v))
 
 
@@ -804,11 +802,8 @@ _BWD_PREPROCESS = {"BLOCK_M": 128, "BLOCK_C": 32, "num_warps": 4, "num_stages": 
 
 
 def _bwd_operand_class(dtype: torch.dtype, input_precision: str) -> str:
-    if _INTERPRETING:
-        return "interpreter"
-    if dtype != torch.float32:
-        return "16-bit"
-    return input_precision
+    """The row of the backward's tile tables: the operand class, or the interpreter's tiles."""
+    return "interpreter" if _INTERPRETING else operand_class(dtype, input_precision)
 
 
 def _bwd_config(
@@ -1011,7 +1006,7 @@ def pam_forward(
     q_in, k_in, v_in, residual_in, n_loaded = _kernel_operands(q, k, v, residual)
     residual_arg = residual_in if has_residual else v_in
     precision = dot_input_precision(v.dtype)
-    kernel = _FWD_KERNELS[_operand_class(v.dtype, precision)]
+    kernel = _FWD_KERNELS[operand_class(v.dtype, precision)]
     block_d = _pow2_cap(head_dim)
     meta = {
         "HAS_RESIDUAL": has_residual,

@@ -369,6 +369,7 @@ CAM_TUNING_CHECK = """
 import torch
 import triton
 import danet_kernels.kernels.channel_attention as cam
+from danet_kernels.kernels.common import OPERAND_CLASSES
 
 assert not cam._INTERPRET
 tuners = {**{("gram", k): t for k, t in cam._GRAM_KERNELS.items()},
@@ -394,7 +395,7 @@ def ranked(kernel, operands, n, batch, **flags):
 
 
 reordered = 0
-for operands in cam._OPERAND_CLASSES:
+for operands in OPERAND_CLASSES:
     for kernel, flags in (("gram", {"symmetric": True}), ("gram", {"symmetric": False}),
                           ("apply", {"has_v": False}), ("apply", {"has_v": True})):
         assert ranked(kernel, operands, 5000, 3, **flags) == ranked(kernel, operands, 8192, 4, **flags)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import danet_kernels
-from danet_kernels.kernels.common import DOT_PRECISIONS, dot_input_precision
+from danet_kernels.kernels.common import DOT_PRECISIONS, OPERAND_CLASSES, dot_input_precision, operand_class
 from danet_kernels.reference import channel_attention_reference, position_attention_reference
 from scripts.fp32_precision_errors import channel_attention_errors, position_attention_errors
 
@@ -74,6 +74,19 @@ def test_fp32_dot_precision_follows_torch(setting: str, expected: str, clean_pre
     assert dot_input_precision(torch.float32) == expected
     assert dot_input_precision(torch.bfloat16) == dot_input_precision(torch.float16) == "tf32"
     assert expected in DOT_PRECISIONS
+
+
+def test_operand_classes() -> None:
+    """16-bit operands ignore the precision; fp32 is classed by it (any but "ieee" on the tensor
+    cores); every precision the kernels can be given has a class, and PAM's tile lists cover them."""
+    from danet_kernels.kernels import position_attention as pam
+
+    assert operand_class(torch.bfloat16, "tf32") == operand_class(torch.float16, "ieee") == "16-bit"
+    assert operand_class(torch.float32, "ieee") == "ieee"
+    assert operand_class(torch.float32, "tf32x3") == "tf32x3"
+    assert operand_class(torch.float32, "tf32") == "tf32"
+    assert {operand_class(torch.float32, p) for p in DOT_PRECISIONS} | {"16-bit"} == set(OPERAND_CLASSES)
+    assert set(pam._FWD_TILES) == set(OPERAND_CLASSES)
 
 
 def test_fp32_dot_precision_default_in_a_fresh_process() -> None:

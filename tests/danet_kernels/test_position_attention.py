@@ -579,14 +579,6 @@ def test_aligned_channels_last_inputs_read_in_place_match_float64() -> None:
     check_against_float64(inputs)
 
 
-def test_operand_classes() -> None:
-    """Any fp32 precision but "ieee" runs on the tensor cores; 16-bit operands ignore precision."""
-    assert pam._operand_class(torch.bfloat16, "tf32") == pam._operand_class(torch.float16, "ieee") == "16-bit"
-    assert pam._operand_class(torch.float32, "ieee") == "ieee"
-    assert pam._operand_class(torch.float32, "tf32x3") == "tf32x3"
-    assert pam._operand_class(torch.float32, "bf16x3") == pam._operand_class(torch.float32, "tf32") == "tf32"
-
-
 def _named_args(n: int, c: int = 512, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
     v = torch.empty(batch, 1, 1, dtype=dtype)
     return {"N_BUCKET": pam._size_bucket(n), "B_BUCKET": pam._size_bucket(batch), "C": c, "V": v}
