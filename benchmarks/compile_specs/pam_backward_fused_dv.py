@@ -26,7 +26,8 @@ import triton.language as tl
 
 from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
 from benchmarks.compile_specs import pam_backward as library
-from danet_kernels.kernels.position_attention import LOG2E, _pam_load_gamma, _pam_offsets
+from danet_kernels.kernels.common import offsets_2d
+from danet_kernels.kernels.position_attention import LOG2E, _pam_load_gamma
 
 # The fused key-side kernel's tiles (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) per operand
 # class; BLOCK_C is also the block of channels whose dV it accumulates.
@@ -59,7 +60,7 @@ def _pam_bwd_dkdv_kernel(
     mask_d = offs_d < D
     gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
 
-    kT = tl.load(K + pid_b * stride_kb + _pam_offsets(offs_n, stride_kn, offs_d, stride_kd),
+    kT = tl.load(K + pid_b * stride_kb + offsets_2d(offs_n, stride_kn, offs_d, stride_kd),
                  mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     Q_block = Q + pid_b * stride_qb
     V_block = V + pid_b * stride_vb
@@ -82,15 +83,15 @@ def _pam_bwd_dkdv_kernel(
         mask_m = offs_m < N
         mask_c = offs_c < C
         if chunk == 0:
-            q = tl.load(Q_block + _pam_offsets(offs_d, stride_qd, offs_m, stride_qn),
+            q = tl.load(Q_block + offsets_2d(offs_d, stride_qd, offs_m, stride_qn),
                         mask=mask_d[:, None] & mask_m[None, :], other=0.0)
             lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
             delta = tl.load(Delta_block + offs_m, mask=mask_m, other=0.0)
             s_t = tl.dot(kT, q, input_precision=INPUT_PRECISION)
             p_t = tl.math.exp2(s_t * LOG2E - lse[None, :] + key_bias[:, None])
-        vT = tl.load(V_block + _pam_offsets(offs_n, stride_vn, offs_c, stride_vc),
+        vT = tl.load(V_block + offsets_2d(offs_n, stride_vn, offs_c, stride_vc),
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        dy = tl.load(DY_block + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
+        dy = tl.load(DY_block + offsets_2d(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask_c[:, None] & mask_m[None, :], other=0.0)
         dp_t = tl.dot(vT, dy, tl.where(chunk == 0, 0.0, dp_t), input_precision=INPUT_PRECISION)
         if chunk == 0:
@@ -99,11 +100,11 @@ def _pam_bwd_dkdv_kernel(
             ds_t = (p_t * (dp_t - delta[None, :]) * gamma).to(Q.dtype.element_ty)
             dk = tl.dot(ds_t, tl.trans(q), dk, input_precision=INPUT_PRECISION)
     DK_tile = DK + pid_s.to(tl.int64) * stride_dks + pid_b * stride_dkb
-    tl.store(DK_tile + _pam_offsets(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty),
+    tl.store(DK_tile + offsets_2d(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty),
              mask=mask_n[:, None] & mask_d[None, :])
     offs_c = tl.arange(0, BLOCK_C)
     DV_tile = DV + pid_s.to(tl.int64) * stride_dvs + pid_b * stride_dvb
-    tl.store(DV_tile + _pam_offsets(offs_n, stride_dvn, offs_c, stride_dvc),
+    tl.store(DV_tile + offsets_2d(offs_n, stride_dvn, offs_c, stride_dvc),
              (dv * gamma).to(DV.dtype.element_ty), mask=mask_n[:, None] & (offs_c < C)[None, :])
 
 

@@ -108,8 +108,8 @@ best three of a list for a first call in a new bucket to benchmark; Triton's ``c
 keeps the choice across processes.
 
 Shapes: any C >= 1 and N >= 1 (tiles are padded with masks, as tl.dot needs dims >= 16), any
-B, arbitrary strides. Offsets are int64 (:func:`_offsets_2d`): one image's C x N may pass 2^31
-elements, and so may B * C * N.
+B, arbitrary strides. Offsets are int64 (kernels/common.py's :func:`offsets_2d`): one image's
+C x N may pass 2^31 elements, and so may B * C * N.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ from danet_kernels.kernels.common import (
     device_sms,
     dot_input_precision,
     launch_clocks,
+    offsets_2d,
     operand_class,
     program_clocks,
 )
@@ -220,16 +221,6 @@ _MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _offsets_2d(rows, stride_rows, cols, stride_cols):
-    """Element offsets ``rows[:, None] * stride_rows + cols[None, :] * stride_cols`` in int64.
-
-    Every tensor offset inside an image goes through here: C * N of one image may pass 2^31
-    elements (int32 index arithmetic would wrap silently), and so may C * C or C * 2C.
-    """
-    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
-
-
-@triton.jit
 def _gram_tile_coords(pid_tile, num_tiles, SYMMETRIC: tl.constexpr):
     """Map a tile index to (row tile, column tile); SYMMETRIC enumerates the lower triangle."""
     if SYMMETRIC:
@@ -286,19 +277,19 @@ def _cam_gram_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        left = tl.load(left_image + _offsets_2d(offs_i, stride_lc, offs_n, stride_ln),
+        left = tl.load(left_image + offsets_2d(offs_i, stride_lc, offs_n, stride_ln),
                        mask=mask_i[:, None] & mask_n[None, :], other=0.0)
-        right = tl.load(right_image + _offsets_2d(offs_j, stride_rc, offs_n, stride_rn),
+        right = tl.load(right_image + offsets_2d(offs_j, stride_rc, offs_n, stride_rn),
                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(left, tl.trans(right), acc, input_precision=PRECISION)
 
     tile_base = Partial + (pid_b * num_splits + pid_split) * C * C
     mask = mask_i[:, None] & mask_j[None, :]
-    tl.store(tile_base + _offsets_2d(offs_i, C, offs_j, 1), acc, mask=mask)
+    tl.store(tile_base + offsets_2d(offs_i, C, offs_j, 1), acc, mask=mask)
     if SYMMETRIC:
         # The mirrored tile E[j, i] = E[i, j]^T, so the row kernels read whole rows. Diagonal
         # tiles are skipped: two threads writing one address would race.
-        tl.store(tile_base + _offsets_2d(offs_i, 1, offs_j, C), acc, mask=mask & (tile_i != tile_j))
+        tl.store(tile_base + offsets_2d(offs_i, 1, offs_j, C), acc, mask=mask & (tile_i != tile_j))
 
 
 @triton.jit
@@ -388,7 +379,7 @@ def _matmul_accumulate(acc, W, w_rows, mask_r, U, stride_uc, stride_un, offs_n, 
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
         w = tl.load(W + w_rows + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        u = tl.load(U + _offsets_2d(offs_k, stride_uc, offs_n, stride_un),
+        u = tl.load(U + offsets_2d(offs_k, stride_uc, offs_n, stride_un),
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(w.to(u.dtype), u, acc, input_precision=PRECISION)
     return acc
@@ -442,11 +433,11 @@ def _cam_apply_kernel(
     if HAS_SCALE:
         acc = acc * tl.load(Scale).to(tl.float32)
     if HAS_RESIDUAL:
-        res_offs = _offsets_2d(offs_r, stride_resc, offs_n, stride_resn)
+        res_offs = offsets_2d(offs_r, stride_resc, offs_n, stride_resn)
         res = tl.load(Res + pid_b * stride_resb + res_offs, mask=mask_r[:, None] & mask_load[None, :],
                       other=0.0)
         acc += res.to(tl.float32)
-    y_ptrs = Y + pid_b * stride_yb + _offsets_2d(offs_r, stride_yc, offs_n, stride_yn)
+    y_ptrs = Y + pid_b * stride_yb + offsets_2d(offs_r, stride_yc, offs_n, stride_yn)
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_r[:, None] & (offs_n < N)[None, :])
 
 
@@ -515,14 +506,14 @@ def _cam_bwd_weights_kernel(
     mask_ik = (offs_i < C)[:, None] & (offs_k < C)[None, :]
     mask_ki = (offs_k < C)[:, None] & (offs_i < C)[None, :]
     matrix = pid_b * C * C
-    ik = matrix + _offsets_2d(offs_i, C, offs_k, 1)
-    ki = matrix + _offsets_2d(offs_k, C, offs_i, 1)
+    ik = matrix + offsets_2d(offs_i, C, offs_k, 1)
+    ki = matrix + offsets_2d(offs_k, C, offs_i, 1)
 
     attn_t = tl.trans(tl.load(Attn + ki, mask=mask_ki, other=0.0))
     if HAS_SCALE:
         attn_t = attn_t * tl.load(Scale).to(tl.float32)
     grad_sym = tl.load(DE + ik, mask=mask_ik, other=0.0) + tl.trans(tl.load(DE + ki, mask=mask_ki, other=0.0))
-    w_rows = Wgt + pid_b * 2 * C * C + _offsets_2d(offs_i, 2 * C, offs_k, 1)
+    w_rows = Wgt + pid_b * 2 * C * C + offsets_2d(offs_i, 2 * C, offs_k, 1)
     tl.store(w_rows, attn_t.to(Wgt.dtype.element_ty), mask=mask_ik)
     tl.store(w_rows + C, grad_sym.to(Wgt.dtype.element_ty), mask=mask_ik)
 

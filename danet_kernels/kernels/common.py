@@ -1,16 +1,18 @@
 """What the Triton kernels of both ops share: the fp32 dot precision that follows torch, the
-operand classes their tile lists are chosen by, and the model of a Hopper SM that their
-autotuners' perf models (and the compile report) weigh work by."""
+operand classes their tile lists are chosen by, their in-image int64 offsets, and the model of
+a Hopper SM that their autotuners' perf models (and the compile report) weigh work by."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 __all__ = ["DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
            "L2_BYTES_PER_CLOCK", "OPERAND_CLASSES", "device_sms", "dot_input_precision", "launch_clocks",
-           "operand_class", "program_clocks"]
+           "offsets_2d", "operand_class", "program_clocks"]
 
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
@@ -66,6 +68,20 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     whatever the precision, else the fp32 precision itself: "tf32", "tf32x3" (both on the
     tensor cores) or "ieee" (FMA)."""
     return "16-bit" if dtype != torch.float32 else precision
+
+
+@triton.jit
+def offsets_2d(rows, stride_rows, cols, stride_cols):
+    """Element offsets ``rows[:, None] * stride_rows + cols[None, :] * stride_cols`` of a tile
+    inside one image, in int64.
+
+    An image passes 2^31 elements long before a pointer does: CAM's C x N (and C x C, C x 2C)
+    matrices, PAM's (C, N) maps at C * N >= 2^31 (C = 512 at N = 4.2M, or any N with C = 2048
+    and a channels_last stride of C on the N axis). A row index times its stride would wrap
+    silently in int32, so every in-image offset of CAM and of PAM's backward goes through
+    here, and PAM's forward's where its launcher finds that one may pass 2^31.
+    """
+    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
 
 
 # ----------------------------------------------------------------------------------------------

@@ -164,8 +164,8 @@ and d is masked where it can run past the data (any N, C, d >= 1; d is padded to
 BLOCK_D >= 16 for tl.dot), and batch and block offsets are int64 so that B * C * N beyond 2^31
 cannot overflow. Inside one image C * N passes 2^31 at C = 512, N > 4.2M (channels_last maps
 read in place have stride C on N): the backward computes every in-image offset in int64
-(``_pam_offsets``); the forward, whose hot loop recomputes k and v offsets every key block,
-does so only where the launcher finds that an image's offsets can pass 2^31
+(kernels/common.py's ``offsets_2d``); the forward, whose hot loop recomputes k and v offsets
+every key block, does so only where the launcher finds that an image's offsets can pass 2^31
 (``_needs_int64_offsets``, the ``INT64_OFFSETS`` constexpr, part of the tuning key) and keeps
 int32 arithmetic, the same binary as without the switch, otherwise. The int64 form costs the
 preferred tiles 3 to 16 more registers (bf16 238 -> 250, fp32 "ieee" 209 -> 225) and no spills
@@ -201,6 +201,7 @@ from danet_kernels.kernels.common import (
     device_sms,
     dot_input_precision,
     launch_clocks,
+    offsets_2d,
     operand_class,
     program_clocks,
 )
@@ -222,24 +223,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _pam_offsets(rows, stride_rows, cols, stride_cols):
-    """Element offsets of a (rows x cols) tile inside one image, in int64.
-
-    A (C, N) image passes 2^31 elements at C * N >= 2^31 (C = 512 at N = 4.2M, or any N with
-    C = 2048 and a channels_last stride of C on the N axis), and a row index times its stride
-    overflows int32 long before the pointer does: every in-image offset of the backward goes
-    through here, and the forward's where the launcher finds that one may overflow.
-    """
-    return rows.to(tl.int64)[:, None] * stride_rows + cols.to(tl.int64)[None, :] * stride_cols
-
-
-@triton.jit
 def _pam_fwd_offsets(rows, stride_rows, cols, stride_cols, INT64_OFFSETS: tl.constexpr):
-    """The forward's in-image tile offsets: int64 (:func:`_pam_offsets`) where the launcher
+    """The forward's in-image tile offsets: int64 (:func:`offsets_2d`) where the launcher
     found an image whose offsets may pass 2^31 (``_needs_int64_offsets``), else int32, the
     cheaper address arithmetic of the hot loop (the same binary as before the switch existed)."""
     if INT64_OFFSETS:
-        return _pam_offsets(rows, stride_rows, cols, stride_cols)
+        return offsets_2d(rows, stride_rows, cols, stride_cols)
     else:
         return rows[:, None] * stride_rows + cols[None, :] * stride_cols
 
@@ -423,9 +412,9 @@ def _pam_bwd_preprocess(
     for start_c in range(0, C, BLOCK_C):
         offs_c = start_c + tl.arange(0, BLOCK_C)
         mask = (offs_c < C)[:, None] & mask_m[None, :]
-        o = tl.load(Out + pid_b * stride_ob + _pam_offsets(offs_c, stride_oc, offs_m, stride_on),
+        o = tl.load(Out + pid_b * stride_ob + offsets_2d(offs_c, stride_oc, offs_m, stride_on),
                     mask=mask, other=0.0)
-        dy = tl.load(DY + pid_b * stride_gb + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
+        dy = tl.load(DY + pid_b * stride_gb + offsets_2d(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask, other=0.0)
         total += tl.sum(o.to(tl.float32) * dy.to(tl.float32), 0)
     tl.store(DeltaRaw + pid_b * N + offs_m, total, mask=mask_m)
@@ -468,7 +457,7 @@ def _pam_bwd_dv_kernel(
     mask_d = offs_d < D
     mask_c = offs_c < C
 
-    kT = tl.load(K + pid_b * stride_kb + _pam_offsets(offs_n, stride_kn, offs_d, stride_kd),
+    kT = tl.load(K + pid_b * stride_kb + offsets_2d(offs_n, stride_kn, offs_d, stride_kd),
                  mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     Q_block = Q + pid_b * stride_qb
     DY_block = DY + pid_b * stride_gb
@@ -478,17 +467,17 @@ def _pam_bwd_dv_kernel(
     for step in range(0, blocks_per_split):
         offs_m = first_m + step * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = tl.load(Q_block + _pam_offsets(offs_d, stride_qd, offs_m, stride_qn),
+        q = tl.load(Q_block + offsets_2d(offs_d, stride_qd, offs_m, stride_qn),
                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
         # lse = +inf on padded query rows makes their P exactly 0.
         lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
         p_t = tl.math.exp2(tl.dot(kT, q, input_precision=INPUT_PRECISION) * LOG2E - lse[None, :])
-        dy = tl.load(DY_block + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
+        dy = tl.load(DY_block + offsets_2d(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask_c[:, None] & mask_m[None, :], other=0.0)
         dv = tl.dot(p_t.to(dy.dtype), tl.trans(dy), dv, input_precision=INPUT_PRECISION)
     dv = dv * _pam_load_gamma(Gamma, HAS_GAMMA)
     DV_tile = DV + pid_s.to(tl.int64) * stride_dvs + pid_b * stride_dvb
-    tl.store(DV_tile + _pam_offsets(offs_n, stride_dvn, offs_c, stride_dvc), dv.to(DV.dtype.element_ty),
+    tl.store(DV_tile + offsets_2d(offs_n, stride_dvn, offs_c, stride_dvc), dv.to(DV.dtype.element_ty),
              mask=mask_n[:, None] & mask_c[None, :])
 
 
@@ -524,7 +513,7 @@ def _pam_bwd_dkdq_kernel(
     mask_d = offs_d < D
     gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
 
-    kT = tl.load(K + pid_b * stride_kb + _pam_offsets(offs_n, stride_kn, offs_d, stride_kd),
+    kT = tl.load(K + pid_b * stride_kb + offsets_2d(offs_n, stride_kn, offs_d, stride_kd),
                  mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     Q_block = Q + pid_b * stride_qb
     V_block = V + pid_b * stride_vb
@@ -551,14 +540,14 @@ def _pam_bwd_dkdq_kernel(
         mask_m = offs_m < N
         mask_c = offs_c < C
         if chunk == 0:
-            q = tl.load(Q_block + _pam_offsets(offs_d, stride_qd, offs_m, stride_qn),
+            q = tl.load(Q_block + offsets_2d(offs_d, stride_qd, offs_m, stride_qn),
                         mask=mask_d[:, None] & mask_m[None, :], other=0.0)
             # lse = +inf on padded query rows makes their P exactly 0.
             lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
             delta = tl.load(Delta_block + offs_m, mask=mask_m, other=0.0)
-        vT = tl.load(V_block + _pam_offsets(offs_n, stride_vn, offs_c, stride_vc),
+        vT = tl.load(V_block + offsets_2d(offs_n, stride_vn, offs_c, stride_vc),
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        dy = tl.load(DY_block + _pam_offsets(offs_c, stride_gc, offs_m, stride_gn),
+        dy = tl.load(DY_block + offsets_2d(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask_c[:, None] & mask_m[None, :], other=0.0)
         # where(chunk == 0, 0, acc) becomes the MMA's "ignore the accumulator" flag.
         dp_t = tl.dot(vT, dy, tl.where(chunk == 0, 0.0, dp_t), input_precision=INPUT_PRECISION)
@@ -570,10 +559,10 @@ def _pam_bwd_dkdq_kernel(
             dk = tl.dot(ds_t, tl.trans(q), dk, input_precision=INPUT_PRECISION)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(ds_t), kT, input_precision=INPUT_PRECISION)
-                tl.atomic_add(DQ + pid_b * stride_dqb + _pam_offsets(offs_m, stride_dqn, offs_d, stride_dqd),
+                tl.atomic_add(DQ + pid_b * stride_dqb + offsets_2d(offs_m, stride_dqn, offs_d, stride_dqd),
                               dq, mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
     DK_tile = DK + pid_s.to(tl.int64) * stride_dks + pid_b * stride_dkb
-    tl.store(DK_tile + _pam_offsets(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty),
+    tl.store(DK_tile + offsets_2d(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty),
              mask=mask_n[:, None] & mask_d[None, :])
 
 
@@ -604,7 +593,7 @@ def _pam_bwd_dq_kernel(
     mask_d = offs_d < D
     gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
 
-    qT = tl.load(Q + pid_b * stride_qb + _pam_offsets(offs_m, stride_qn, offs_d, stride_qd),
+    qT = tl.load(Q + pid_b * stride_qb + offsets_2d(offs_m, stride_qn, offs_d, stride_qd),
                  mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     lse = tl.load(Lse + pid_b * N + offs_m, mask=mask_m, other=float("inf"))
     delta = tl.load(DeltaRaw + pid_b * N + offs_m, mask=mask_m, other=0.0)
@@ -623,11 +612,11 @@ def _pam_bwd_dq_kernel(
         mask_n = offs_n < N
         mask_c = offs_c < C
         if chunk == 0:
-            k = tl.load(K_block + _pam_offsets(offs_d, stride_kd, offs_n, stride_kn),
+            k = tl.load(K_block + offsets_2d(offs_d, stride_kd, offs_n, stride_kn),
                         mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        dyT = tl.load(DY_block + _pam_offsets(offs_m, stride_gn, offs_c, stride_gc),
+        dyT = tl.load(DY_block + offsets_2d(offs_m, stride_gn, offs_c, stride_gc),
                       mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        v = tl.load(V_block + _pam_offsets(offs_c, stride_vc, offs_n, stride_vn),
+        v = tl.load(V_block + offsets_2d(offs_c, stride_vc, offs_n, stride_vn),
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         dp = tl.dot(dyT, v, tl.where(chunk == 0, 0.0, dp), input_precision=INPUT_PRECISION)
         if chunk == num_c_blocks - 1:
@@ -636,7 +625,7 @@ def _pam_bwd_dq_kernel(
             ds = (p * (dp - delta[:, None]) * gamma).to(K.dtype.element_ty)
             dq = tl.dot(ds, tl.trans(k), dq, input_precision=INPUT_PRECISION)
     DQ_tile = DQ + pid_s.to(tl.int64) * stride_dqs + pid_b * stride_dqb
-    tl.store(DQ_tile + _pam_offsets(offs_m, stride_dqn, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty),
+    tl.store(DQ_tile + offsets_2d(offs_m, stride_dqn, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
 
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import danet_kernels
 from danet_kernels.kernels import channel_attention as cam
 from danet_kernels.kernels import common
-from danet_kernels.kernels.channel_attention import _offsets_2d
 from danet_kernels.reference import channel_attention_reference
 from tests.danet_kernels.test_common import float32_matmul_precision
 
@@ -300,35 +297,6 @@ def test_backward_op_without_dx_returns_an_empty_dx() -> None:
     dx, dgamma = torch.ops.danet_kernels.cam_backward(dy, x, attention, gamma, False)
     assert dx.numel() == 0 and dx_full.shape == x.shape
     torch.testing.assert_close(dgamma, dgamma_full, atol=0, rtol=0)
-
-
-@triton.jit
-def _offsets_probe(Out, row0, stride_rows, col0, stride_cols, BLOCK: tl.constexpr):
-    """Out[0] = the kernels' offsets of a BLOCK x BLOCK tile, Out[1] = the same in plain int32."""
-    rows = row0 + tl.arange(0, BLOCK)
-    cols = col0 + tl.arange(0, BLOCK)
-    index = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    tl.store(Out + index, _offsets_2d(rows, stride_rows, cols, stride_cols))
-    int32_offsets = rows[:, None] * stride_rows + cols[None, :] * stride_cols
-    tl.store(Out + BLOCK * BLOCK + index, int32_offsets.to(tl.int64))
-
-
-def test_offsets_inside_one_image_pass_int32() -> None:
-    """The last tile of an image with C * N > 2^31 (C = 512, N = 2^22 + 9: 4 GiB in fp16), as
-    the apply kernel addresses it (rows of C, stride N) and as the Gram kernel's mirrored store
-    addresses a C x C tile: int64 offsets are exact where int32 arithmetic wraps (the second
-    half shows the interpreter wraps like the GPU, so the check can fail)."""
-    block = 16
-    for row0, stride_rows, col0, stride_cols in [(512 - block, 2**22 + 9, 2**22 + 9 - block, 1),
-                                                 (2**16 - block, 1, 2**16 - block, 2**16)]:
-        out = torch.empty(2, block, block, dtype=torch.int64, device=DEVICE)
-        _offsets_probe[(1,)](out, row0, stride_rows, col0, stride_cols, BLOCK=block)
-        rows = torch.arange(row0, row0 + block, dtype=torch.int64)[:, None]
-        cols = torch.arange(col0, col0 + block, dtype=torch.int64)[None, :]
-        expected = rows * stride_rows + cols * stride_cols
-        assert expected.max() > 2**31
-        assert torch.equal(out[0].cpu(), expected)
-        assert not torch.equal(out[1].cpu(), expected), "int32 did not wrap: the check above proves nothing"
 
 
 def test_deterministic() -> None:

@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import danet_kernels
-from danet_kernels.kernels.common import DOT_PRECISIONS, OPERAND_CLASSES, dot_input_precision, operand_class
+from danet_kernels.kernels.common import (
+    DOT_PRECISIONS,
+    OPERAND_CLASSES,
+    dot_input_precision,
+    offsets_2d,
+    operand_class,
+)
 from danet_kernels.reference import channel_attention_reference, position_attention_reference
 from scripts.fp32_precision_errors import channel_attention_errors, position_attention_errors
 
@@ -127,6 +135,36 @@ def test_both_ops_run_at_every_precision(level: str) -> None:
             for got, want in zip(*results, strict=True):
                 err = ((got.double() - want).norm() / want.norm()).item()
                 assert err < 2e-5, f"{name} at {level!r}: relative error {err:.1e}"
+
+
+@triton.jit
+def _offsets_probe(Out, row0, stride_rows, col0, stride_cols, BLOCK: tl.constexpr):
+    """Out[0] = the kernels' offsets of a BLOCK x BLOCK tile, Out[1] = the same in plain int32."""
+    rows = row0 + tl.arange(0, BLOCK)
+    cols = col0 + tl.arange(0, BLOCK)
+    index = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(Out + index, offsets_2d(rows, stride_rows, cols, stride_cols))
+    int32_offsets = rows[:, None] * stride_rows + cols[None, :] * stride_cols
+    tl.store(Out + BLOCK * BLOCK + index, int32_offsets.to(tl.int64))
+
+
+def test_offsets_inside_one_image_pass_int32() -> None:
+    """The last tile of an image with C * N > 2^31 (C = 512, N = 2^22 + 9: 4 GiB in fp16), as
+    CAM's apply kernel and PAM's backward address a contiguous (C, N) map (rows of C, stride N),
+    and with stride 1 on the rows, as CAM's Gram kernel's mirrored store addresses a C x C tile
+    and PAM's a channels_last map: int64 offsets are exact where int32 arithmetic wraps (the
+    second half shows the interpreter wraps like the GPU, so the check can fail)."""
+    block = 16
+    for row0, stride_rows, col0, stride_cols in [(512 - block, 2**22 + 9, 2**22 + 9 - block, 1),
+                                                 (2**16 - block, 1, 2**16 - block, 2**16)]:
+        out = torch.empty(2, block, block, dtype=torch.int64, device=DEVICE)
+        _offsets_probe[(1,)](out, row0, stride_rows, col0, stride_cols, BLOCK=block)
+        rows = torch.arange(row0, row0 + block, dtype=torch.int64)[:, None]
+        cols = torch.arange(col0, col0 + block, dtype=torch.int64)[None, :]
+        expected = rows * stride_rows + cols * stride_cols
+        assert expected.max() > 2**31
+        assert torch.equal(out[0].cpu(), expected)
+        assert not torch.equal(out[1].cpu(), expected), "int32 did not wrap: the check above proves nothing"
 
 
 def test_expected_gpu_errors_of_each_precision() -> None:

@@ -411,38 +411,35 @@ def test_deterministic_backward_is_bitwise_repeatable(monkeypatch: pytest.Monkey
 @triton.jit
 def _offsets_probe(
     Out, row_start, stride_rows, col_start, stride_cols, ROWS: tl.constexpr, COLS: tl.constexpr,
-    FORWARD: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
-    """The in-image offsets of a ROWS x COLS tile as the backward (``_pam_offsets``) or the
-    forward (``_pam_fwd_offsets``, int32 or int64 by its switch) forms them."""
+    """The in-image offsets of a ROWS x COLS tile as the forward (``_pam_fwd_offsets``, int32 or
+    int64 by its switch) forms them (the backward's, kernels/common.py's ``offsets_2d``, have
+    their probe in test_common.py)."""
     rows, cols = row_start + tl.arange(0, ROWS), col_start + tl.arange(0, COLS)
-    if FORWARD:
-        offsets = pam._pam_fwd_offsets(rows, stride_rows, cols, stride_cols, INT64_OFFSETS)
-    else:
-        offsets = pam._pam_offsets(rows, stride_rows, cols, stride_cols)
+    offsets = pam._pam_fwd_offsets(rows, stride_rows, cols, stride_cols, INT64_OFFSETS)
     tl.store(Out + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], offsets)
 
 
-def probe_offsets(channels: int, n: int, layout: str, forward: bool, int64: bool) -> tuple[torch.Tensor, ...]:
-    """The kernels' offsets of the last 16 channels x 8 positions of a (channels, n) image, and
+def probe_offsets(channels: int, n: int, layout: str, int64: bool) -> tuple[torch.Tensor, ...]:
+    """The forward's offsets of the last 16 channels x 8 positions of a (channels, n) image, and
     the exact ones."""
     row_start, col_start = channels - 16, n - 8
     stride_rows, stride_cols = (n, 1) if layout == "contiguous" else (1, channels)
     out = torch.empty(16, 8, dtype=torch.int64)
     _offsets_probe[(1,)](out, row_start, stride_rows, col_start, stride_cols, ROWS=16, COLS=8,
-                         FORWARD=forward, INT64_OFFSETS=int64)
+                         INT64_OFFSETS=int64)
     rows = torch.arange(row_start, row_start + 16, dtype=torch.int64)[:, None]
     cols = torch.arange(col_start, col_start + 8, dtype=torch.int64)[None, :]
     return out, rows * stride_rows + cols * stride_cols
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("kernels", ["backward", "forward, int64 switch on"])
-def test_in_image_offsets_are_int64(layout: str, kernels: str) -> None:
-    """The in-image offset arithmetic at an image of C * N > 2^31 elements, run by the
+def test_forward_in_image_offsets_are_int64_with_the_switch_on(layout: str) -> None:
+    """The forward's in-image offset arithmetic at an image of C * N > 2^31 elements, run by the
     interpreter on the index arithmetic alone (no such tensor is allocated): channels near
     C = 2^19 of an N = 2^13 map, i.e. offsets near 2^32 that int32 would wrap."""
-    out, expected = probe_offsets(2**19, 2**13, layout, forward=kernels != "backward", int64=True)
+    out, expected = probe_offsets(2**19, 2**13, layout, int64=True)
     assert expected.max() > 2**31
     assert torch.equal(out, expected)
 
@@ -452,7 +449,7 @@ def test_forward_int32_offsets_exact_below_the_switch(layout: str) -> None:
     """Where the switch is off the forward's int32 offsets are exact, up to the largest image the
     launcher leaves on them (C * N = 2^31 - 2^22: C = 512, N = 2^22 - 2^13)."""
     channels, n = 512, 2**22 - 2**13
-    out, expected = probe_offsets(channels, n, layout, forward=True, int64=False)
+    out, expected = probe_offsets(channels, n, layout, int64=False)
     assert expected.max() < 2**31 and torch.equal(out, expected)
     v = torch.empty(1, channels, n, device="meta")
     assert not pam._needs_int64_offsets(v if layout == "contiguous" else v.transpose(1, 2).contiguous().mT)
@@ -495,7 +492,7 @@ def test_forward_kernel_forms_every_in_image_offset_through_the_switch() -> None
 
 
 def test_backward_kernels_compute_every_offset_in_int64() -> None:
-    """Every ``index * stride`` product of a backward kernel goes through ``_pam_offsets`` or has
+    """Every ``index * stride`` product of a backward kernel goes through ``offsets_2d`` or has
     an int64 left side (the batch index), so no offset inside an image is formed in int32."""
     for kernel in (pam._pam_bwd_preprocess, pam._pam_bwd_dv_kernel, pam._pam_bwd_dkdq_kernel,
                    pam._pam_bwd_dq_kernel):
