@@ -26,7 +26,7 @@ import triton.language as tl
 
 from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
 from benchmarks.compile_specs import pam_backward as library
-from danet_kernels.kernels.common import offsets_2d
+from danet_kernels.kernels.common import offsets_2d, padded_length
 from danet_kernels.kernels.position_attention import LOG2E, _pam_load_gamma
 
 # The fused key-side kernel's tiles (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) per operand
@@ -120,7 +120,7 @@ def fused_dv_backward(
     batch, head_dim, n = q.shape
     channels = v.shape[1]
     assert batch <= pam._MAX_GRID_BATCH
-    n_pad = pam._padded_length(n)
+    n_pad = padded_length(n)
     q_in, k_in, v_in, dy_in, out_in = (pam._bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
     lse_in = pam._bwd_operand(lse, n_pad, fill=float("inf"))
     dq_out, dk_out, dv_out, delta_out = pam._backward_buffers(q, v)

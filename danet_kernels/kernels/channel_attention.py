@@ -123,13 +123,16 @@ from torch.library import triton_op
 
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
+    ALIGN,
     OPERAND_CLASSES,
     device_sms,
     dot_input_precision,
     launch_clocks,
     offsets_2d,
     operand_class,
+    padded_length,
     program_clocks,
+    size_bucket,
 )
 from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
@@ -153,7 +156,6 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is
 _INTERPRET = triton_interpreting()
 if _INTERPRET:
     squeeze_scalar_index()  # loop bounds under Triton 3.6's interpreter with numpy >= 2.4
-_ROW_ALIGN = 16  # elements: row lengths and strides the compiler sees as multiples of 16
 
 
 def _gram_configs(rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -607,17 +609,6 @@ def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: 
     return triton.cdiv(N, n_per_split), n_per_split
 
 
-def _size_bucket(n: int) -> int:
-    """The autotuning key for N: its next power of two, so that every image size does not
-    retune. A symbolic N (torch.compile with dynamic shapes) is passed through unchanged: bit
-    tricks do not apply to SymInts, and Inductor tunes user kernels at compile time anyway."""
-    return triton.next_power_of_2(n) if isinstance(n, int) else n
-
-
-def _padded_length(n: int) -> int:
-    return triton.cdiv(n, _ROW_ALIGN) * _ROW_ALIGN
-
-
 def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its rows are what the pipelined loads need, else a zero-tailed copy.
 
@@ -629,9 +620,9 @@ def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """
     B, C, N = t.shape
     multiples = (N, t.stride(1), t.stride(0), t.storage_offset())
-    if t.stride(2) == 1 and all(s % _ROW_ALIGN == 0 for s in multiples):
+    if t.stride(2) == 1 and all(s % ALIGN == 0 for s in multiples):
         return t
-    padded = t.new_empty((B, C, _padded_length(N)))
+    padded = t.new_empty((B, C, padded_length(N)))
     padded[:, :, N:].zero_()
     padded[:, :, :N].copy_(t)
     return padded
@@ -656,7 +647,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         left, *left.stride(),
         right, *right.stride(),
         partial,
-        C, N, n_per_split, num_splits, _size_bucket(N), _size_bucket(B),
+        C, N, n_per_split, num_splits, size_bucket(N), size_bucket(B),
         SYMMETRIC=symmetric, PRECISION=precision,
     )
     return partial, num_splits
@@ -687,7 +678,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
         res, *res.stride(),
         dummy if scale is None else scale,
         y, *y.stride(),
-        C, n, n_padded, _size_bucket(n), _size_bucket(B),
+        C, n, n_padded, size_bucket(n), size_bucket(B),
         HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
         PRECISION=precision,
     )

@@ -1,6 +1,7 @@
 """What the Triton kernels of both ops share: the fp32 dot precision that follows torch, the
-operand classes their tile lists are chosen by, their in-image int64 offsets, and the model of
-a Hopper SM that their autotuners' perf models (and the compile report) weigh work by."""
+operand classes their tile lists are chosen by, the row alignment and size buckets of their
+launchers, their in-image int64 offsets, and the model of a Hopper SM that their autotuners'
+perf models (and the compile report) weigh work by."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
+__all__ = ["ALIGN", "DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
            "L2_BYTES_PER_CLOCK", "OPERAND_CLASSES", "device_sms", "dot_input_precision", "launch_clocks",
-           "offsets_2d", "operand_class", "program_clocks"]
+           "offsets_2d", "operand_class", "padded_length", "program_clocks", "size_bucket"]
 
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
@@ -68,6 +69,26 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     whatever the precision, else the fp32 precision itself: "tf32", "tf32x3" (both on the
     tensor cores) or "ieee" (FMA)."""
     return "16-bit" if dtype != torch.float32 else precision
+
+
+# Triton's launcher marks a pointer that is 16-byte aligned and an integer divisible by 16 (the
+# divisibility hint); the pipelined, vectorised loads and stores need every row of a (B, *, N)
+# tensor to start on such a boundary and its length known to be a multiple of 16. The launchers
+# read rows in place where they are, else copy them into buffers of padded_length(N).
+ALIGN = 16
+
+
+def padded_length(n: int) -> int:
+    """The N axis as the kernels read (and PAM's write) it: rounded up to a multiple of ALIGN."""
+    return triton.cdiv(n, ALIGN) * ALIGN
+
+
+def size_bucket(n: int) -> int:
+    """An autotuning key for a size (N, or the batch): its next power of two, so that a new image
+    size reuses the config tuned for its bucket instead of retuning. A symbolic size
+    (torch.compile with dynamic shapes) passes unchanged: bit tricks do not apply to SymInts,
+    and Inductor tunes user kernels at compile time anyway."""
+    return triton.next_power_of_2(n) if isinstance(n, int) else n
 
 
 @triton.jit

@@ -198,12 +198,15 @@ import triton.language as tl
 
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
+    ALIGN,
     device_sms,
     dot_input_precision,
     launch_clocks,
     offsets_2d,
     operand_class,
+    padded_length,
     program_clocks,
+    size_bucket,
 )
 from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
@@ -671,12 +674,6 @@ def _pow2_cap(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _size_bucket(n: int) -> int:
-    """An autotuning key: the next power of two, so a new image size (or batch) reuses the config
-    tuned for its bucket. A symbolic size (torch.compile with dynamic shapes) passes unchanged."""
-    return triton.next_power_of_2(n) if isinstance(n, int) else n
-
-
 def _fwd_configs(tiles: tuple[tuple[int, ...], ...]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
             for bm, bn, bc, w, s in tiles]
@@ -853,29 +850,18 @@ def _batch_chunks(batch: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------
 
 
-# Triton's launcher marks an integer argument divisible by 16 (and a pointer 16-byte aligned)
-# when it is; the pipelined, vectorised loads and stores need every row of a (B, *, N) tensor
-# to start on such a boundary.
-_ALIGN = 16
-
-
-def _padded_length(n: int) -> int:
-    """The N axis as the kernels read and write it: rounded up to a multiple of 16 elements."""
-    return triton.cdiv(n, _ALIGN) * _ALIGN
-
-
 def _is_aligned(t: torch.Tensor) -> bool:
     """Whether a launch specialises ``t`` for the fast path: its first element 16-byte aligned
     (torch's allocators align storages to at least 64 bytes) and every stride of an axis longer
     than 1 either 1 or a multiple of 16 elements."""
     strides = (stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1)
-    return (t.storage_offset() * t.element_size()) % _ALIGN == 0 and all(
-        stride == 1 or stride % _ALIGN == 0 for stride in strides)
+    return (t.storage_offset() * t.element_size()) % ALIGN == 0 and all(
+        stride == 1 or stride % ALIGN == 0 for stride in strides)
 
 
 def _padded_empty(batch: int, rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised (batch, rows, n) view of a buffer whose N axis is a multiple of 16."""
-    buffer = torch.empty((batch, rows, _padded_length(n)), device=like.device, dtype=like.dtype)
+    buffer = torch.empty((batch, rows, padded_length(n)), device=like.device, dtype=like.dtype)
     return buffer[..., :n]
 
 
@@ -903,9 +889,9 @@ def _backward_buffers(
     q: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised (dq, dk, dv, delta_raw) as the backward kernels write them: their N axis is
-    N_PAD long (:func:`_padded_length`), so every row starts 16-byte aligned."""
+    N_PAD long (:func:`padded_length`), so every row starts 16-byte aligned."""
     batch, head_dim, n = q.shape
-    n_pad = _padded_length(n)
+    n_pad = padded_length(n)
     dq = torch.empty((batch, head_dim, n_pad), device=q.device, dtype=q.dtype)
     dv = torch.empty((batch, v.shape[1], n_pad), device=v.device, dtype=v.dtype)
     delta_raw = torch.empty((batch, n_pad), device=v.device, dtype=torch.float32)
@@ -939,7 +925,7 @@ def _kernel_operands(
     stride C) are read in place.
     """
     n = q.shape[-1]
-    n_padded = _padded_length(n)
+    n_padded = padded_length(n)
 
     def pad(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, n_padded - n))
@@ -1016,7 +1002,7 @@ def pam_forward(
             result[b0:b1], out_arg[b0:b1], lse[b0:b1],
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *residual_arg.stride(),
             *result.stride(), *out_arg.stride(),
-            n, n_loaded, head_dim, channels, _size_bucket(n), _size_bucket(chunk),
+            n, n_loaded, head_dim, channels, size_bucket(n), size_bucket(chunk),
             **meta,
         )
     return result, out, lse
@@ -1070,7 +1056,7 @@ def pam_backward(
     channels = v.shape[1]
     has_gamma = gamma is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    n_pad = _padded_length(n)
+    n_pad = padded_length(n)
     q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
     lse_in = _bwd_operand(lse, n_pad, fill=float("inf"))
     dq_out, dk_out, dv_out, delta_out = _backward_buffers(q, v)

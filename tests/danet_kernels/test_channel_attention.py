@@ -337,7 +337,7 @@ CAM_TUNING_CHECK = """
 import torch
 import triton
 import danet_kernels.kernels.channel_attention as cam
-from danet_kernels.kernels.common import OPERAND_CLASSES
+from danet_kernels.kernels.common import OPERAND_CLASSES, size_bucket
 
 assert not cam._INTERPRET
 tuners = {**{("gram", k): t for k, t in cam._GRAM_KERNELS.items()},
@@ -353,7 +353,7 @@ def ranked(kernel, operands, n, batch, **flags):
     dtype = torch.bfloat16 if operands == "16-bit" else torch.float32
     x = torch.empty(1, 1, 1, dtype=dtype)
     precision = "tf32" if operands == "16-bit" else operands
-    named = {"C": 512, "N_BUCKET": cam._size_bucket(n), "B_BUCKET": cam._size_bucket(batch),
+    named = {"C": 512, "N_BUCKET": size_bucket(n), "B_BUCKET": size_bucket(batch),
              "PRECISION": precision, **({"L": x, "SYMMETRIC": flags["symmetric"]} if kernel == "gram" else
                 {"W": x, "U": x, "HAS_V": flags["has_v"], "HAS_RESIDUAL": True})}
     model = cam._gram_time_estimate if kernel == "gram" else cam._apply_time_estimate

@@ -24,6 +24,7 @@ import triton.language as tl
 
 import danet_kernels
 from danet_kernels.kernels import position_attention as pam
+from danet_kernels.kernels.common import size_bucket
 from danet_kernels.reference import position_attention_reference
 from tests.danet_kernels.hopper_compile import Launch, recorded_launches
 
@@ -578,7 +579,7 @@ def test_aligned_channels_last_inputs_read_in_place_match_float64() -> None:
 
 def _named_args(n: int, c: int = 512, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
     v = torch.empty(batch, 1, 1, dtype=dtype)
-    return {"N_BUCKET": pam._size_bucket(n), "B_BUCKET": pam._size_bucket(batch), "C": c, "V": v}
+    return {"N_BUCKET": size_bucket(n), "B_BUCKET": size_bucket(batch), "C": c, "V": v}
 
 
 def _tiles(configs: list) -> list[tuple]:
@@ -626,7 +627,7 @@ def test_forward_tuning_depends_on_the_bucket_only(operands: str) -> None:
     assert ranked(5000, 3) == ranked(8192, 4) == ranked(4097, 4)
     assert ranked(9409, 1) == ranked(16384, 1)
     assert ranked(9409, 1)[0][2] == (256 if operands == "16-bit" else 128)
-    assert pam._size_bucket(9409) == 16384 and pam._size_bucket(16384) == 16384 and pam._size_bucket(1) == 1
+    assert size_bucket(9409) == 16384 and size_bucket(16384) == 16384 and size_bucket(1) == 1
 
 
 def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
