@@ -217,6 +217,7 @@ else:
     _MIN_N_PER_SPLIT = 512
     _N_SPLIT_ALIGN = 256
 _MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
+_WIDEST_BLOCK_C = max(cfg.kwargs["BLOCK_C"] for configs in _GRAM_CONFIGS.values() for cfg in configs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,11 +598,10 @@ def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: 
     """Number of N-splits of the Gram reduction and the positions each covers.
 
     Enough splits that (tiles x splits x batch) is about ``programs_per_wave`` programs,
-    counting tiles of the largest BLOCK_C; no split shorter than _MIN_N_PER_SPLIT; at most
-    _MAX_SPLITS.
+    counting tiles of the largest BLOCK_C (``_WIDEST_BLOCK_C``); no split shorter than
+    _MIN_N_PER_SPLIT; at most _MAX_SPLITS.
     """
-    widest = max(cfg.kwargs["BLOCK_C"] for configs in _GRAM_CONFIGS.values() for cfg in configs)
-    tiles = triton.cdiv(C, widest)
+    tiles = triton.cdiv(C, _WIDEST_BLOCK_C)
     pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
     wanted = triton.cdiv(programs_per_wave, batch * pairs)
     splits = max(1, min(wanted, triton.cdiv(N, _MIN_N_PER_SPLIT), _MAX_SPLITS))

@@ -939,8 +939,9 @@ def _kernel_operands(
     return q, k, v, residual, n_loaded
 
 
-# Offsets of masked lanes reach past an axis' end by less than the widest tile (256).
-_WIDEST_TILE = 256
+# Offsets of masked lanes reach past an axis' end by less than the widest tile of the forward
+# (the only kernel with the switch): 256, the 16-bit tiles' BLOCK_C.
+_WIDEST_TILE = max(max(tile[:3]) for tiles in _FWD_TILES.values() for tile in tiles)
 
 
 def _needs_int64_offsets(*tensors: torch.Tensor) -> bool:
