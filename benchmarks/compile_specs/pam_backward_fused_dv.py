@@ -135,9 +135,7 @@ def fused_dv_backward(
              "BLOCK_C": block_c, "num_warps": warps, "num_stages": stages}
     sm_count = pam._sm_count(q.device)
     common = {"HAS_GAMMA": gamma is not None, "BLOCK_D": block_d, "INPUT_PRECISION": precision}
-    pre = config["pre"]
-    torch.library.wrap_triton(pam._pam_bwd_preprocess)[(triton.cdiv(n_pad, pre["BLOCK_M"]), batch)](
-        out_in, dy_in, delta_out, *out_in.stride(), *dy_in.stride(), n_pad, channels, **pre)
+    pam._launch_bwd_preprocess(out_in, dy_in, delta_out, config["pre"])
 
     rest = channels - block_c  # channels past the fused block: the library's dV kernel
     if rest > 0:
@@ -169,16 +167,8 @@ def fused_dv_backward(
     pam._sum_partials(dk_out, dk_partials)
     pam._sum_partials(dv_fused, dv_partials)
 
-    dq_cfg = config["dq"]
-    query_blocks = triton.cdiv(n_pad, dq_cfg["BLOCK_M"])
-    c_blocks = triton.cdiv(channels, dq_cfg["BLOCK_C"])
-    per_split, splits = pam._split(query_blocks * batch, triton.cdiv(n_pad, dq_cfg["BLOCK_N"]), sm_count)
-    dq_partials = pam._partials(dq_out, splits)
-    torch.library.wrap_triton(pam._pam_bwd_dq_kernel)[(query_blocks, splits, batch)](
-        q_in, k_in, v_in, dy_in, gamma_arg, lse_in, delta_out, dq_partials,
-        *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dq_partials.stride(),
-        n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks, **common, **dq_cfg)
-    pam._sum_partials(dq_out, dq_partials)
+    pam._launch_bwd_dq(q_in, k_in, v_in, dy_in, gamma_arg, lse_in, delta_out, dq_out, n, config["dq"], common,
+                       sm_count)
     return tuple(t[..., :n] for t in (dq_out, dk_out, dv_out, delta_out))
 
 

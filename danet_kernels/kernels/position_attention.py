@@ -1034,6 +1034,39 @@ def _sum_partials(out: torch.Tensor, partials: torch.Tensor) -> None:
         out.copy_(partials.sum(0))
 
 
+def _launch_bwd_preprocess(out: torch.Tensor, dy: torch.Tensor, delta: torch.Tensor, config: dict) -> None:
+    """``delta[b, i] = sum_c dy[b, c, i] out[b, c, i]`` in fp32 for (B, C, N_PAD) operands, B at
+    most a grid's batch (``_pam_bwd_preprocess``; also launched by the compile report's variant)."""
+    batch, channels, n_pad = out.shape
+    torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n_pad, config["BLOCK_M"]), batch)](
+        out, dy, delta, *out.stride(), *dy.stride(), n_pad, channels, **config,
+    )
+
+
+def _launch_bwd_dq(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor, gamma: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, n: int, config: dict, common: dict,
+    sm_count: int,
+) -> None:
+    """dQ into ``dq`` (B, d, N_PAD) by the atomics-free query-side kernel (``_pam_bwd_dq_kernel``),
+    its key loop split into fp32 partials where the grid is small; operands as
+    :func:`pam_backward` passes them, B at most a grid's batch (also launched by the compile
+    report's variant)."""
+    batch, head_dim, n_pad = q.shape
+    channels = v.shape[1]
+    query_blocks = triton.cdiv(n_pad, config["BLOCK_M"])
+    c_blocks = triton.cdiv(channels, config["BLOCK_C"])
+    per_split, splits = _split(query_blocks * batch, triton.cdiv(n_pad, config["BLOCK_N"]), sm_count)
+    partials = _partials(dq, splits)
+    torch.library.wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, batch)](
+        q, k, v, dy, gamma, lse, delta, partials,
+        *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *partials.stride(),
+        n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+        **common, **config,
+    )
+    _sum_partials(dq, partials)
+
+
 def pam_backward(
     dy: torch.Tensor,
     q: torch.Tensor,
@@ -1074,9 +1107,7 @@ def pam_backward(
         chunk = b1 - b0
         q_, k_, v_, dy_, lse_ = q_in[b0:b1], k_in[b0:b1], v_in[b0:b1], dy_in[b0:b1], lse_in[b0:b1]
         delta_ = delta_out[b0:b1]
-        torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n_pad, pre["BLOCK_M"]), chunk)](
-            out_in[b0:b1], dy_, delta_, *out_in.stride(), *dy_in.stride(), n_pad, channels, **pre,
-        )
+        _launch_bwd_preprocess(out_in[b0:b1], dy_, delta_, pre)
 
         key_blocks = triton.cdiv(n_pad, dv_cfg["BLOCK_N"])
         c_blocks = triton.cdiv(channels, dv_cfg["BLOCK_C"])
@@ -1112,19 +1143,8 @@ def pam_backward(
             if dq_out.dtype != torch.float32:
                 dq_out[b0:b1].copy_(dq_accumulator)
             continue
-
-        dq_cfg = config["dq"]
-        query_blocks = triton.cdiv(n_pad, dq_cfg["BLOCK_M"])
-        c_blocks = triton.cdiv(channels, dq_cfg["BLOCK_C"])
-        per_split, splits = _split(query_blocks * chunk, triton.cdiv(n_pad, dq_cfg["BLOCK_N"]), sm_count)
-        dq_partials = _partials(dq_out[b0:b1], splits)
-        torch.library.wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, chunk)](
-            q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq_partials,
-            *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dq_partials.stride(),
-            n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
-            **common, **dq_cfg,
-        )
-        _sum_partials(dq_out[b0:b1], dq_partials)
+        _launch_bwd_dq(q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq_out[b0:b1], n, config["dq"], common,
+                       sm_count)
     return tuple(t[..., :n] for t in (dq_out, dk_out, dv_out, delta_out))
 
 
