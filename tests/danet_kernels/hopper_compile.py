@@ -12,6 +12,8 @@ the tests:
 * :func:`compile_report_results` runs the report on a few sets of problems in one fresh
   process without TRITON_INTERPRET (the interpreter's configs are not the GPU's) and returns
   its rows and every target checked on them;
+* :func:`run_without_interpreter` runs code in such a process (the report, and the tests of the
+  GPU's autotuners);
 * :func:`recorded_launches` records the launches a launcher makes through
   ``torch.library.wrap_triton`` (on "meta" tensors: nothing is allocated), for tests of grids,
   tiles and work that need no compile.
@@ -55,19 +57,25 @@ def compile_report_results(runs: Sequence[tuple[Sequence[str], str, Sequence[str
     compiled once). Returns ``{"rows": [...], "targets": [...]}``: dicts of
     :class:`benchmarks.compile_report.Row` and of :class:`benchmarks.compile_targets.TargetResult`,
     the targets checked on all rows together."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "report.json"
         given = json.dumps([[list(ops), configs, list(problems)] for ops, configs, problems in runs])
-        result = subprocess.run(
-            [sys.executable, "-c", _REPORT_SCRIPT, given, str(out)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-        )
-        if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
-            pytest.skip("Triton's ptxas is not available")
+        result = run_without_interpreter(_REPORT_SCRIPT, given, str(out), timeout=1800)
         assert result.returncode == 0, result.stderr[-4000:]
         return json.loads(out.read_text())
+
+
+def run_without_interpreter(code: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``python -c code *args`` in a fresh process from the repository root, without
+    TRITON_INTERPRET (the kernel modules then build the GPU's configs and tuners, and Triton
+    compiles), its output captured; the calling test is skipped where Triton's ptxas is missing."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("Triton's ptxas is not available")
+    return result
 
 
 @dataclass

@@ -20,6 +20,7 @@ import danet_kernels
 from danet_kernels.kernels import channel_attention as cam
 from danet_kernels.kernels import common
 from danet_kernels.reference import channel_attention_reference
+from tests.danet_kernels.hopper_compile import run_without_interpreter
 from tests.danet_kernels.test_common import float32_matmul_precision
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -380,14 +381,7 @@ def test_cam_autotuners_rank_by_bucket_and_bench_a_handful() -> None:
     and the (N, B) buckets, a perf model from tiles, waves and bytes that ranks every size of a
     bucket alike and keeps the best _TOP_K for a first call to benchmark, the choice kept across
     processes (cache_results)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", CAM_TUNING_CHECK], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2], timeout=300)
+    result = run_without_interpreter(CAM_TUNING_CHECK, timeout=300)
     assert "checked" in result.stdout, result.stderr[-3000:]
 
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +22,7 @@ import danet_kernels
 from danet_kernels.kernels import position_attention as pam
 from danet_kernels.kernels.common import size_bucket
 from danet_kernels.reference import position_attention_reference
-from tests.danet_kernels.hopper_compile import Launch, recorded_launches
+from tests.danet_kernels.hopper_compile import Launch, recorded_launches, run_without_interpreter
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -646,9 +642,7 @@ def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
         "    k: list(v) for k, v in pam._FWD_TILES.items()}\n"
         "print('checked')\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", check_script], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2], timeout=300)
+    result = run_without_interpreter(check_script, timeout=300)
     assert "checked" in result.stdout, result.stderr[-3000:]
 
 
