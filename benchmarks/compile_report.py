@@ -247,7 +247,8 @@ def all_specs() -> dict[str, OpSpec]:
 @dataclass
 class Launch:
     """A kernel launch the launcher made: the kernel object (an ``Autotuner`` or a
-    ``JITFunction``), its arguments and its grid."""
+    ``JITFunction``, or under TRITON_INTERPRET=1 an ``InterpretedFunction``), its arguments and
+    its grid."""
 
     kernel: Any
     args: tuple
@@ -256,10 +257,12 @@ class Launch:
 
     @property
     def jit_function(self) -> Any:
+        """The ``JITFunction`` (``InterpretedFunction``) under any autotuner and heuristics."""
+        from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
         fn = self.kernel
-        while not isinstance(fn, JITFunction):
+        while not isinstance(fn, (JITFunction, InterpretedFunction)):
             fn = fn.fn
         return fn
 
@@ -280,18 +283,21 @@ def recorded_launches() -> Iterator[list[Launch]]:
 
     Launches go through the launchers unchanged, as the eager ``torch.library`` op dispatch
     makes them (``wrap_triton`` passes straight to the kernel), and end at the outermost
-    kernel object: an autotuner is recorded before it tunes.
+    kernel object: an autotuner is recorded before it tunes. Under TRITON_INTERPRET=1 (the
+    tests) the launches of interpreted kernels are recorded alike, and nothing runs: the
+    launchers can be called on "meta" tensors.
     """
     global _recording
     from torch._library.triton import set_wrap_triton_enabled
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     def record(self: Any, *args: Any, grid: Any = None, warmup: bool = False, **kwargs: Any) -> None:
         assert _recording is not None
         _recording.append(Launch(self, args, kwargs, grid))
 
-    saved = {cls: cls.run for cls in (JITFunction, Autotuner)}
+    saved = {cls: cls.run for cls in (JITFunction, InterpretedFunction, Autotuner)}
     previous, _recording = _recording, []
     try:
         for cls in saved:

@@ -119,7 +119,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
@@ -643,7 +643,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         pairs = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
         return (pairs * num_splits * B,)
 
-    torch.library.wrap_triton(_GRAM_KERNELS[operand_class(left.dtype, precision)])[grid](
+    wrap_triton(_GRAM_KERNELS[operand_class(left.dtype, precision)])[grid](
         left, *left.stride(),
         right, *right.stride(),
         partial,
@@ -671,7 +671,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
 
     v_ = dummy if v is None else v
     res = dummy if residual is None else residual
-    torch.library.wrap_triton(_APPLY_KERNELS[operand_class(u.dtype, precision)])[grid](
+    wrap_triton(_APPLY_KERNELS[operand_class(u.dtype, precision)])[grid](
         weights, weights.stride(0), weights.stride(1),
         u, *u.stride(),
         v_, *v_.stride(),
@@ -694,7 +694,7 @@ def channel_attention_forward(x: torch.Tensor, gamma: torch.Tensor | None
     attention = torch.empty((B, C, C), dtype=torch.float32, device=x.device)
     write_low = x.dtype != torch.float32
     attention_low = torch.empty((B, C, C), dtype=x.dtype, device=x.device) if write_low else attention
-    torch.library.wrap_triton(_cam_softmax_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
+    wrap_triton(_cam_softmax_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
         partial, num_splits, attention, attention_low, C,
         WRITE_LOW=write_low, BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K, num_warps=_SOFTMAX_WARPS,
     )
@@ -718,7 +718,7 @@ def channel_attention_backward(
     grad_energy = torch.empty((B, C, C) if needs_grad_x else (0,), dtype=torch.float32, device=x.device)
     row_dot = torch.empty((B, C), dtype=torch.float32, device=x.device)
     scale = attention if gamma is None else gamma
-    torch.library.wrap_triton(_cam_softmax_bwd_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
+    wrap_triton(_cam_softmax_bwd_kernel)[(triton.cdiv(C, _SOFTMAX_BLOCK_R) * B,)](
         partial, num_splits, attention, scale, grad_energy, row_dot, C,
         HAS_SCALE=gamma is not None, GRAD_ENERGY=needs_grad_x,
         BLOCK_R=_SOFTMAX_BLOCK_R, BLOCK_K=_SOFTMAX_BLOCK_K, num_warps=_SOFTMAX_WARPS,
@@ -726,7 +726,7 @@ def channel_attention_backward(
     if not needs_grad_x:
         return x.new_empty((0,)), row_dot.sum()
     weights = torch.empty((B, C, 2 * C), dtype=x.dtype, device=x.device)
-    torch.library.wrap_triton(_cam_bwd_weights_kernel)[(triton.cdiv(C, _WEIGHTS_BLOCK) ** 2 * B,)](
+    wrap_triton(_cam_bwd_weights_kernel)[(triton.cdiv(C, _WEIGHTS_BLOCK) ** 2 * B,)](
         attention, grad_energy, scale, weights, C,
         HAS_SCALE=gamma is not None, BLOCK=_WEIGHTS_BLOCK,
     )
@@ -741,8 +741,7 @@ def _custom_op(name: str, fake_impl):
     """Define a ``danet_kernels::`` op whose implementation launches our Triton kernels.
 
     On a GPU it is a ``triton_op``: torch.compile traces through it and sees the kernels (the
-    function doubles as the fake implementation, its launches captured by ``wrap_triton``, looked
-    up at each launch so that the compile tests can record them).
+    function doubles as the fake implementation, its launches captured by ``wrap_triton``).
     Under TRITON_INTERPRET=1 the kernels are plain Python functions that read real memory, so
     they can neither be traced nor run on fake tensors: there the op is an opaque
     ``custom_op`` with an explicit fake implementation, which torch.compile keeps as one node.

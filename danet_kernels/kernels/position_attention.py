@@ -195,6 +195,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
@@ -998,7 +999,7 @@ def pam_forward(
         def grid(meta: dict, chunk: int = chunk) -> tuple[int, int, int]:
             return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_C"]), chunk)
 
-        torch.library.wrap_triton(kernel)[grid](
+        wrap_triton(kernel)[grid](
             q_in[b0:b1], k_in[b0:b1], v_in[b0:b1], gamma_arg, residual_arg[b0:b1],
             result[b0:b1], out_arg[b0:b1], lse[b0:b1],
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *residual_arg.stride(),
@@ -1038,7 +1039,7 @@ def _launch_bwd_preprocess(out: torch.Tensor, dy: torch.Tensor, delta: torch.Ten
     """``delta[b, i] = sum_c dy[b, c, i] out[b, c, i]`` in fp32 for (B, C, N_PAD) operands, B at
     most a grid's batch (``_pam_bwd_preprocess``; also launched by the compile report's variant)."""
     batch, channels, n_pad = out.shape
-    torch.library.wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n_pad, config["BLOCK_M"]), batch)](
+    wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n_pad, config["BLOCK_M"]), batch)](
         out, dy, delta, *out.stride(), *dy.stride(), n_pad, channels, **config,
     )
 
@@ -1058,7 +1059,7 @@ def _launch_bwd_dq(
     c_blocks = triton.cdiv(channels, config["BLOCK_C"])
     per_split, splits = _split(query_blocks * batch, triton.cdiv(n_pad, config["BLOCK_N"]), sm_count)
     partials = _partials(dq, splits)
-    torch.library.wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, batch)](
+    wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, batch)](
         q, k, v, dy, gamma, lse, delta, partials,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *partials.stride(),
         n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
@@ -1114,7 +1115,7 @@ def pam_backward(
         query_blocks = triton.cdiv(n_pad, dv_cfg["BLOCK_M"])
         per_split, splits = _split(key_blocks * c_blocks * chunk, query_blocks, sm_count)
         dv_partials = _partials(dv_out[b0:b1], splits)
-        torch.library.wrap_triton(_pam_bwd_dv_kernel)[(key_blocks * c_blocks, splits, chunk)](
+        wrap_triton(_pam_bwd_dv_kernel)[(key_blocks * c_blocks, splits, chunk)](
             q_, k_, dy_, gamma_arg, lse_, dv_partials,
             *q_in.stride(), *k_in.stride(), *dy_in.stride(), *dv_partials.stride(),
             n_pad, head_dim, channels, key_blocks, per_split, **common, **dv_cfg,
@@ -1131,7 +1132,7 @@ def pam_backward(
             dq_accumulator = dq_out[b0:b1].zero_()
         else:
             dq_accumulator = torch.zeros(dq_out[b0:b1].shape, device=dq_out.device, dtype=torch.float32)
-        torch.library.wrap_triton(_pam_bwd_dkdq_kernel)[(key_blocks, splits, chunk)](
+        wrap_triton(_pam_bwd_dkdq_kernel)[(key_blocks, splits, chunk)](
             q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk_partials, dq_accumulator,
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dk_partials.stride(),
             *dq_accumulator.stride(),

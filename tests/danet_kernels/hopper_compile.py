@@ -1,5 +1,4 @@
-"""Compile the kernels for Hopper (sm_90) from the tests, with the compile report's instrument,
-and record the launches a launcher makes.
+"""Compile the kernels for Hopper (sm_90) from the tests, with the compile report's instrument.
 
 Triton's interpreter forgives what its compiler rejects (a plain global read inside a kernel, a
 type mismatch, a register-hungry tile), so the tests also compile the kernels for sm_90 with
@@ -13,24 +12,22 @@ the tests:
   process without TRITON_INTERPRET (the interpreter's configs are not the GPU's) and returns
   its rows and every target checked on them;
 * :func:`run_without_interpreter` runs code in such a process (the report, and the tests of the
-  GPU's autotuners);
-* :func:`recorded_launches` records the launches a launcher makes through
-  ``torch.library.wrap_triton`` (on "meta" tensors: nothing is allocated), for tests of grids,
-  tiles and work that need no compile.
+  GPU's autotuners).
+
+Tests of grids, tiles and work that need no compile record a launcher's launches with the
+report's own recorder, :func:`benchmarks.compile_report.recorded_launches`, which works under
+the interpreter too (on "meta" tensors: nothing is allocated, nothing runs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -76,60 +73,3 @@ def run_without_interpreter(code: str, *args: str, timeout: float) -> subprocess
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     return result
-
-
-@dataclass
-class Launch:
-    """One kernel launch as a launcher made it: the JITFunction, its grid, arguments, options."""
-
-    kernel: Any
-    grid: tuple[int, ...] | Any  # or a function of the config, as an autotuned launch passes it
-    args: tuple
-    kwargs: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
-
-    @property
-    def programs(self) -> int:
-        total = 1
-        for size in self.grid:
-            total *= size
-        return total
-
-    def arg(self, name: str) -> Any:
-        """An argument by name, positional or keyword."""
-        if name in self.kwargs:
-            return self.kwargs[name]
-        return self.args[self.kernel.arg_names.index(name)]
-
-    def named(self) -> dict[str, Any]:
-        """Every argument by name (what the compile report's work models read)."""
-        return {**dict(zip(self.kernel.arg_names, self.args, strict=False)), **self.kwargs}
-
-
-@contextlib.contextmanager
-def recorded_launches() -> Iterator[list[Launch]]:
-    """Record, instead of running, the launches made through ``torch.library.wrap_triton``
-    (how the kernel modules launch everything); the launchers can then run on "meta" tensors."""
-    import torch
-
-    launches: list[Launch] = []
-
-    class Recorder:
-        def __init__(self, kernel: Any) -> None:
-            self.kernel = kernel
-
-        def __getitem__(self, grid: tuple[int, ...]) -> Any:
-            def record(*args: Any, **kwargs: Any) -> None:
-                # A grid may be a function of the config (an autotuned kernel's): kept as given.
-                launches.append(Launch(self.kernel, grid if callable(grid) else tuple(grid), args, kwargs))
-            return record
-
-    original = torch.library.wrap_triton
-    torch.library.wrap_triton = Recorder
-    try:
-        yield launches
-    finally:
-        torch.library.wrap_triton = original

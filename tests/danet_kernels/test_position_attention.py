@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 
 import danet_kernels
+from benchmarks.compile_report import Launch, recorded_launches
 from danet_kernels.kernels import position_attention as pam
 from danet_kernels.kernels.common import size_bucket
 from danet_kernels.reference import position_attention_reference
-from tests.danet_kernels.hopper_compile import Launch, recorded_launches, run_without_interpreter
+from tests.danet_kernels.hopper_compile import run_without_interpreter
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -349,10 +350,11 @@ def executed_flops_per_pair(launches: list[Launch], n: int) -> float:
 
     total = 0.0
     for launch in launches:
-        if launch.name == "_pam_bwd_preprocess":
+        name = launch.jit_function.__name__
+        if name == "_pam_bwd_preprocess":
             continue
-        kernel = next(k for k in spec.KERNELS if k.name == launch.name)
-        score, rest = kernel.work(launch.named(), launch.programs)
+        kernel = next(k for k in spec.KERNELS if k.name == name)
+        score, rest = kernel.work(launch.named(), launch.programs())
         total += score.flops + rest.flops
     return total / n**2
 
@@ -383,7 +385,7 @@ def test_backward_path_follows_torch_switch(monkeypatch: pytest.MonkeyPatch, det
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     with recorded_launches() as launches:
         pam.pam_backward(*meta_backward_operands(2, 8, 40, 50, torch.float32))
-    names = [launch.name for launch in launches]
+    names = [launch.jit_function.__name__ for launch in launches]
     key_side = launches[names.index("_pam_bwd_dkdq_kernel")]
     assert key_side.kwargs["ATOMIC_DQ"] is not deterministic
     assert ("_pam_bwd_dq_kernel" in names) is deterministic
@@ -509,10 +511,11 @@ def test_small_maps_fill_the_gpu(
     time a perfectly balanced grid would take (one program per SM at a time)."""
     sms = 132
     for launch in hopper_backward_launches(monkeypatch, operands, precision, deterministic, n=4096):
-        if launch.name == "_pam_bwd_preprocess":
+        name, programs = launch.jit_function.__name__, launch.programs()
+        if name == "_pam_bwd_preprocess":
             continue  # a row sum over C: bandwidth-bound, microseconds
-        waves = math.ceil(launch.programs / sms)
-        assert launch.programs / (waves * sms) >= 0.9, (launch.name, launch.grid)
+        waves = math.ceil(programs / sms)
+        assert programs / (waves * sms) >= 0.9, (name, launch.grid)
 
 
 @pytest.mark.parametrize("operands, precision, default, deterministic", [
