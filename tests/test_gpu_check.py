@@ -431,3 +431,38 @@ def test_autotune_section_probes_in_fresh_processes(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" and r["first_forward_s"] > 0 for r in records)
     assert all(isinstance(r["tuned"], list) for r in records)
     assert events[-1]["event"] == "section_end" and events[-1]["status"] == "done"
+
+
+class _FakeProbe:
+    """Stands in for the autotune probe process: writes the records a probe's CaseRunner would
+    (one case measured, one failed, the rest skipped for time) and exits."""
+
+    def __init__(self, argv: list[str], **kwargs) -> None:
+        cases = json.loads(argv[argv.index("--probe") + 1])
+        cache = argv[argv.index("--probe-cache") + 1]
+        events = EventWriter(Path(argv[argv.index("--out") + 1]) / "events.jsonl")
+        outcomes = {"cold": ("ok", "error"), "warm": ("ok",)}[cache]
+        for case, status in zip(cases, outcomes, strict=False):
+            events.emit("record", section="autotune", data={**case, "cache": cache, "status": status})
+        for case in cases[len(outcomes):]:
+            events.emit("record", section="autotune",
+                        data={**case, "cache": cache, "status": "skipped", "reason": "section deadline"})
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def test_autotune_counts_the_probes_skipped_and_failed_cases(tmp_path: Path, monkeypatch) -> None:
+    from scripts.gpu_check import measure_kernels
+    from scripts.gpu_check.worker import run_sections
+
+    monkeypatch.setattr(measure_kernels.subprocess, "Popen", _FakeProbe)
+    sizing = dataclasses.replace(TINY, autotune_ns=(33, 65))  # pam 33, pam 65, cam 33, cam 65
+    plan = make_plan(["autotune"], total_s=600.0, quick=True, start=time.time())
+    run_sections(["autotune"], plan, sizing, tmp_path, EventWriter(tmp_path / "events.jsonl"))
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    end = events[-1]
+    assert end["event"] == "section_end" and end["status"] == "partial"
+    skipped = [(c["op"], c["N"], c["cache"]) for c in end["skipped"]]
+    assert skipped == [("cam", 33, "cold"), ("cam", 65, "cold")]
+    assert "1 case(s) failed" in end["note"]

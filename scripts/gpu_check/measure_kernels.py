@@ -297,7 +297,8 @@ def autotune(ctx: Any) -> None:
 
 def _run_probe(ctx: Any, cases: list[dict[str, Any]], deadline: float, label: str,
                caches: dict[str, str]) -> set[tuple]:
-    """One probe process; returns the (op, N, variant) it measured. Its records go to the events."""
+    """One probe process; returns the (op, N, variant) it measured. Its records go to the events,
+    and its cases skipped for time or failed count as the section's (``ctx.runner``)."""
     from scripts.gpu_check.supervisor import repo_env
 
     argv = [sys.executable, "-m", "scripts.gpu_check", "--out", str(ctx.out), "--probe", json.dumps(cases),
@@ -320,7 +321,10 @@ def _run_probe(ctx: Any, cases: list[dict[str, Any]], deadline: float, label: st
         except ValueError:  # a line cut by the kill
             continue
         data = event.get("data", {})
-        if event.get("section") == "autotune" and data.get("cache") == label and data.get("status") == "ok":
+        if event.get("section") != "autotune" or data.get("cache") != label:
+            continue
+        ctx.runner.adopt(data)
+        if data.get("status") == "ok":
             finished.add((data["op"], data["N"], data["variant"]))
     return finished
 

@@ -57,6 +57,8 @@ QUICK_TOTAL_S = 240.0
 RESERVE_S = 20.0
 # A section may use up to this multiple of its budget from time earlier sections left unused.
 STRETCH = 2.0
+# Statuses of a case that could not be measured but is a result, not a failure of the check.
+RESULT_STATUSES = ("oom", "refused")
 
 
 def parse_sections(text: str | None, *, skip: str | None = None) -> list[str]:
@@ -192,9 +194,18 @@ class CaseRunner:
         self.emit(record)
         return record
 
+    def adopt(self, record: Mapping[str, Any]) -> None:
+        """Count a record that another runner emitted (the autotune probe's, in its own process)
+        as one of this runner's: a case skipped for time joins ``skipped``, a failure ``failed``."""
+        status = record.get("status")
+        if status == "skipped":
+            self.skipped.append(dict(record))
+        elif status not in ("ok", *RESULT_STATUSES):
+            self.failed += 1
+
     def _failed(self, record: dict[str, Any], exc: BaseException) -> None:
         status = self.classify(exc)
-        self.failed += status not in ("oom", "refused")
+        self.failed += status not in RESULT_STATUSES
         record.update(status=status, error=_short_error(exc, with_traceback=status == "error"))
 
 
