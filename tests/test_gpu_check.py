@@ -241,7 +241,7 @@ def test_worker_skips_every_case_past_its_deadline(tmp_path: Path) -> None:
                "--sections", ",".join(sections), "--plan", json.dumps(plan.to_json())]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = _read_events(tmp_path / "events.jsonl")
     assert [e["event"] for e in events[:2]] == ["worker_start", "env"] and events[-1]["event"] == "worker_end"
     assert events[1]["data"]["torch"] and events[1]["data"]["cuda"] is None
     ends = [e for e in events if e["event"] == "section_end"]
@@ -268,12 +268,17 @@ def test_a_cuda_fault_stops_the_worker_so_that_a_fresh_one_runs_the_rest(tmp_pat
     events_file = EventWriter(tmp_path / "events.jsonl")
     assert not worker.run_sections(["pam", "cam"], plan, TINY, tmp_path, events_file)
     assert ran == []
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = _read_events(tmp_path / "events.jsonl")
     records = [e["data"] for e in events if e["event"] == "record"]
     assert [(r["case"], r["status"]) for r in records] == [("fine", "ok"), ("faults", "cuda fault")]
     end = events[-1]
     assert end["event"] == "section_end" and end["section"] == "pam" and end["status"] == "failed"
     assert "fresh worker" in end["note"]
+
+
+def _read_events(path: Path) -> list[dict]:
+    """Every line of an events file, parsed strictly (a malformed line fails the test)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _raise(exc: BaseException):
@@ -380,7 +385,7 @@ def _run_tiny(tmp_path: Path, sections: list[str]) -> list[dict]:
     events_path = tmp_path / "events.jsonl"
     with danet_kernels.use_backend("torch"):  # the models' attention: the blockwise backend on the CPU
         run_sections(sections, plan, TINY, tmp_path, EventWriter(events_path))
-    return [json.loads(line) for line in events_path.read_text().splitlines()]
+    return _read_events(events_path)
 
 
 def test_sections_run_on_tiny_cpu_shapes(tmp_path: Path) -> None:
@@ -460,7 +465,7 @@ def test_autotune_counts_the_probes_skipped_and_failed_cases(tmp_path: Path, mon
     sizing = dataclasses.replace(TINY, autotune_ns=(33, 65))  # pam 33, pam 65, cam 33, cam 65
     plan = make_plan(["autotune"], total_s=600.0, quick=True, start=time.time())
     run_sections(["autotune"], plan, sizing, tmp_path, EventWriter(tmp_path / "events.jsonl"))
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = _read_events(tmp_path / "events.jsonl")
     end = events[-1]
     assert end["event"] == "section_end" and end["status"] == "partial"
     skipped = [(c["op"], c["N"], c["cache"]) for c in end["skipped"]]

@@ -44,7 +44,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from benchmarks import harness
 from benchmarks.harness import AttentionShape
 from danet_kernels import channel_attention, position_attention
-from scripts.gpu_check.events import EVENTS_NAME, WORKER_LOG
+from scripts.gpu_check.events import EVENTS_NAME, WORKER_LOG, EventReader
 
 __all__ = ["VARIANTS", "Variant", "accuracy", "autotune", "autotune_probe", "find_autotuners", "timing"]
 
@@ -315,13 +315,9 @@ def _run_probe(ctx: Any, cases: list[dict[str, Any]], deadline: float, label: st
             ctx.runner.skipped.append({"op": "autotune", "cache": label, "status": "skipped",
                                        "reason": "the probe process overran its deadline and was stopped"})
     finished = set()
-    for line in (ctx.out / EVENTS_NAME).read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:  # a line cut by the kill
-            continue
+    for event in EventReader(ctx.out / EVENTS_NAME).read_new():  # a line cut by a kill is left out
         data = event.get("data", {})
-        if event.get("section") != "autotune" or data.get("cache") != label:
+        if event["event"] != "record" or event.get("section") != "autotune" or data.get("cache") != label:
             continue
         ctx.runner.adopt(data)
         if data.get("status") == "ok":
