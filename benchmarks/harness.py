@@ -51,7 +51,10 @@ __all__ = [
     "dtype_name",
     "error_vs_float64",
     "free_memory",
+    "from_sdpa_layout",
+    "identity",
     "is_oom",
+    "is_sdpa_refusal",
     "largest_batch",
     "make_step",
     "max_rel_err",
@@ -65,6 +68,7 @@ __all__ = [
     "run_benchmark",
     "skip_case",
     "synchronize",
+    "to_sdpa_layout",
 ]
 
 ON_CUDA = torch.cuda.is_available()
@@ -148,6 +152,21 @@ def pam_inputs(
     return q, k, v, grad_out
 
 
+def identity(t: torch.Tensor) -> torch.Tensor:
+    """The layout of an implementation that takes DANet's (B, channels, N) operands as they are."""
+    return t
+
+
+def to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
+    """(B, channels, N) -> contiguous (B, 1, N, channels): one head, the positions as the sequence."""
+    return t.transpose(1, 2).unsqueeze(1).contiguous()
+
+
+def from_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N, channels) -> (B, channels, N): the inverse of :func:`to_sdpa_layout`."""
+    return t.squeeze(1).transpose(1, 2)
+
+
 def pam_flops(shape: AttentionShape, pass_: str) -> float:
     """FLOPs of PAM: forward ``2*B*N*N*(d + C)`` (QK^T and PV), forward+backward 3.5x that."""
     forward = 2.0 * shape.batch * shape.n * shape.n * (shape.qk_dim + shape.channels)
@@ -171,6 +190,15 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+# What SDPA raises when no allowed backend takes the operands (PyTorch's words).
+_SDPA_REFUSALS = ("No available kernel", "No viable backend")
+
+
+def is_sdpa_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is SDPA saying that none of the allowed backends takes the operands."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _SDPA_REFUSALS)
 
 
 def free_memory() -> None:

@@ -38,11 +38,15 @@ from benchmarks.harness import (
     attention_shapes,
     dtype_name,
     error_vs_float64,
+    from_sdpa_layout,
+    identity,
+    is_sdpa_refusal,
     make_step,
     pam_flops,
     pam_inputs,
     run_benchmark,
     skip_case,
+    to_sdpa_layout,
 )
 from danet_kernels import position_attention
 from danet_kernels.reference import position_attention_reference
@@ -52,20 +56,6 @@ from danet_kernels.reference import position_attention_reference
 REFERENCE_CHECK_MAX_N = 16384
 # Fused SDPA backends only: the math backend is the reference's algorithm again.
 SDPA_FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
-    """(B, channels, N) -> contiguous (B, 1, N, channels): one head, positions as the sequence."""
-    return t.transpose(1, 2).unsqueeze(1).contiguous()
-
-
-def _from_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
-    """(B, 1, N, channels) -> (B, channels, N)."""
-    return t.squeeze(1).transpose(1, 2)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -79,15 +69,15 @@ class PamImpl:
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    to_native: Callable[[torch.Tensor], torch.Tensor] = _identity
-    to_canonical: Callable[[torch.Tensor], torch.Tensor] = _identity
+    to_native: Callable[[torch.Tensor], torch.Tensor] = identity
+    to_canonical: Callable[[torch.Tensor], torch.Tensor] = identity
 
 
 IMPLS = [
     PamImpl("reference", position_attention_reference),
     *([PamImpl("triton", lambda q, k, v: position_attention(q, k, v, backend="triton"))] if ON_CUDA else []),
     PamImpl("blockwise", lambda q, k, v: position_attention(q, k, v, backend="torch")),
-    PamImpl("sdpa", _sdpa, _to_sdpa_layout, _from_sdpa_layout),
+    PamImpl("sdpa", _sdpa, to_sdpa_layout, from_sdpa_layout),
 ]
 
 
@@ -99,7 +89,7 @@ def _sdpa_refusal(inputs: list[torch.Tensor]) -> str | None:
             with torch.no_grad():
                 _sdpa(*inputs)
         except RuntimeError as exc:
-            if "No available kernel" not in str(exc) and "No viable backend" not in str(exc):
+            if not is_sdpa_refusal(exc):
                 raise
             # PyTorch explains the refusal in warnings; keep the ones that say something.
             messages = (str(w.message).split(" (Triggered")[0] for w in caught)

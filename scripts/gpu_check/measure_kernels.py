@@ -330,15 +330,6 @@ def _run_probe(ctx: Any, cases: list[dict[str, Any]], deadline: float, label: st
 # ---------------------------------------------------------------------------------------------
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
-    """(B, channels, N) -> contiguous (B, 1, N, channels): one head, the positions as the sequence."""
-    return t.transpose(1, 2).unsqueeze(1).contiguous()
-
-
 def _sdpa_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         return scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -350,13 +341,13 @@ class Impl:
 
     name: str
     fn: Callable[..., torch.Tensor]
-    to_native: Callable[[torch.Tensor], torch.Tensor] = _identity
+    to_native: Callable[[torch.Tensor], torch.Tensor] = harness.identity
 
 
 IMPLS = {
     "pam": (Impl("fused", lambda q, k, v: position_attention(q, k, v, backend="triton")),
             Impl("reference", lambda q, k, v: position_attention(q, k, v, backend="reference")),
-            Impl("sdpa_efficient", _sdpa_efficient, _to_sdpa_layout)),
+            Impl("sdpa_efficient", _sdpa_efficient, harness.to_sdpa_layout)),
     "cam": (Impl("fused", lambda x: channel_attention(x, backend="triton")),
             Impl("reference", lambda x: channel_attention(x, backend="reference"))),
 }

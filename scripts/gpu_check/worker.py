@@ -65,10 +65,9 @@ def classify_error(exc: BaseException) -> str:
     (the context is broken) or "error"."""
     if harness.is_oom(exc):
         return "oom"
-    message = str(exc)
-    if any(fault in message for fault in _CUDA_FAULTS):
+    if any(fault in str(exc) for fault in _CUDA_FAULTS):
         return CUDA_FAULT
-    if isinstance(exc, RuntimeError) and ("No available kernel" in message or "No viable backend" in message):
+    if harness.is_sdpa_refusal(exc):
         return "refused"
     return "error"
 
