@@ -68,6 +68,7 @@ __all__ = [
     "run_benchmark",
     "skip_case",
     "synchronize",
+    "timed",
     "to_sdpa_layout",
 ]
 
@@ -217,6 +218,16 @@ def synchronize() -> None:
     """Wait for queued GPU work (no-op on the CPU)."""
     if ON_CUDA:
         torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``'s result and its wall seconds, the queued GPU work before and after it waited for
+    (a first call: autotuning, compilation; too coarse for a kernel, see :func:`median_ms`)."""
+    synchronize()
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    return result, time.perf_counter() - start
 
 
 def _cpu_peak_from_profiler(prof: torch.profiler.profile) -> int | None:

@@ -213,14 +213,6 @@ def _tuned_since(tuners: dict[str, Any], before: dict[str, set]) -> list[dict[st
     return tuned
 
 
-def _synchronized_seconds(fn: Callable[[], Any]) -> tuple[Any, float]:
-    harness.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    harness.synchronize()
-    return result, time.perf_counter() - start
-
-
 def _probe_case(op: str, n: int, variant: Variant, channels: int) -> dict[str, Any]:
     """First and second call of one op at one N in this process, and what the autotuners chose."""
     torch.manual_seed(0)
@@ -240,11 +232,11 @@ def _probe_case(op: str, n: int, variant: Variant, channels: int) -> dict[str, A
         return torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
     with matmul_precision(variant.precision):
-        outputs, forward_s = _synchronized_seconds(lambda: fn(*leaves))
+        outputs, forward_s = harness.timed(lambda: fn(*leaves))
         backward = functools.partial(torch.autograd.grad, outputs, leaves, grad_out)
-        _, backward_s = _synchronized_seconds(backward)
+        _, backward_s = harness.timed(backward)
         del outputs
-        _, second_s = _synchronized_seconds(forward_backward)
+        _, second_s = harness.timed(forward_backward)
     return {"first_forward_s": round(forward_s, 3), "first_backward_s": round(backward_s, 3),
             "second_fwd_bwd_ms": round(1000 * second_s, 3), "autotuners_found": len(tuners),
             "tuned": _tuned_since(tuners, before)}
@@ -359,7 +351,7 @@ def _time_case(op: str, impl: Impl, pass_: str, shape: AttentionShape, variant: 
     native = [impl.to_native(t).detach().requires_grad_(backward) for t in tensors]
     step = harness.make_step(impl.fn, native, pass_, impl.to_native(grad_out))
     with matmul_precision(variant.precision):
-        _, first_s = _synchronized_seconds(step)  # autotuning, compilation, cuBLAS handles
+        _, first_s = harness.timed(step)  # autotuning, compilation, cuBLAS handles
         peak, _ = harness.peak_memory_bytes(step)
         ms = harness.median_ms(step, warmup_ms=sizing.bench_warmup_ms, rep_ms=sizing.bench_rep_ms)
     flops = (harness.pam_flops if op == "pam" else harness.cam_flops)(shape, pass_)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import time
 from typing import Any
 
 import torch
@@ -60,21 +59,13 @@ def _train_case(attention: str, precision: str, sizing: Any) -> dict[str, Any]:
 
     trainer = Trainer(attention, amp=precision == "bf16")
     images, target = trainer.batch(sizing.train_batch, *sizing.train_size)
-    _, first_s = _timed(lambda: trainer.step(images, target))
+    _, first_s = harness.timed(lambda: trainer.step(images, target))
     total = trainer.step_total_bytes(images, target)
     ms = harness.median_step_ms(lambda: trainer.step(images, target), warmup=0, repeats=sizing.train_repeats)
     state = trainer.state_bytes()
     return {"median_ms": round(ms, 2), "first_step_s": round(first_s, 2), "steps": sizing.train_repeats,
             "state_bytes": state, "total_bytes": total,
             "step_peak_bytes": None if total is None else total - state}
-
-
-def _timed(fn: Any) -> tuple[Any, float]:
-    harness.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    harness.synchronize()
-    return result, time.perf_counter() - start
 
 
 def train_step(ctx: Any) -> None:
@@ -107,7 +98,7 @@ def _eval_case(model: torch.nn.Module, crop: int, precision: str, sizing: Any) -
                               stride_ratio=EvalConfig.stride_ratio)
 
     with torch.inference_mode(), _autocast(precision):
-        _, first_s = _timed(frame)
+        _, first_s = harness.timed(frame)
         peak, _ = harness.peak_memory_bytes(frame)
         ms = harness.median_step_ms(frame, warmup=0, repeats=sizing.eval_frames)
     return {"windows": len(rows) * len(columns), "stride": stride, "frames": sizing.eval_frames,
