@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import shlex
@@ -67,18 +66,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def device_description() -> dict[str, Any]:
     """The facts a reader needs to place the numbers: device, versions, threads."""
     info: dict[str, Any] = {
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": harness.package_version("triton"),
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),

@@ -28,6 +28,7 @@ before the round, the target after its work), so a round's wall time is the GPU 
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import math
 import os
 import statistics
@@ -60,6 +61,7 @@ __all__ = [
     "max_rel_err",
     "median_ms",
     "median_step_ms",
+    "package_version",
     "pam_flops",
     "pam_inputs",
     "peak_memory_bytes",
@@ -130,6 +132,14 @@ def attention_shapes() -> list[AttentionShape]:
     if quick_mode():
         sizes, batches = sizes[:1], batches[:1]
     return [AttentionShape(b, h, w) for (h, w) in sizes for b in batches]
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, or None where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

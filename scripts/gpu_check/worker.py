@@ -9,7 +9,6 @@ its cases through a :class:`CaseRunner` (which skips what no longer fits) and en
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -72,13 +71,6 @@ def classify_error(exc: BaseException) -> str:
     return "error"
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _nvidia_smi() -> dict[str, str]:
     """Driver, clocks, power limit, temperature and load as nvidia-smi reads them (read only)."""
     fields = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem",
@@ -95,8 +87,9 @@ def _nvidia_smi() -> dict[str, str]:
 def environment() -> dict[str, Any]:
     """The device and the software the numbers belong to."""
     info: dict[str, Any] = {
-        "torch": torch.__version__, "triton": _version("triton"), "timm": _version("timm"),
-        "numpy": _version("numpy"), "python": platform.python_version(), "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        **{package: harness.package_version(package) for package in ("triton", "timm", "numpy")},
+        "python": platform.python_version(), "cuda": torch.version.cuda,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
     }
