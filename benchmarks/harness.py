@@ -1,8 +1,10 @@
 """Shared machinery of the benchmark suite: the case grid, inputs, timing, peak memory, OOM handling.
 
 The one-call GPU check (``scripts/gpu_check``) measures with the same helpers: the inputs
-(:func:`pam_inputs`), :func:`peak_memory_bytes`, :func:`median_ms` (``triton.testing.do_bench``)
-and :func:`median_step_ms` (CUDA events over a fixed number of long steps), :func:`is_oom`.
+(:func:`pam_inputs`, :func:`cam_inputs`), the SDPA layout (:func:`to_sdpa_layout`) and its
+refusal (:func:`is_sdpa_refusal`), :func:`peak_memory_bytes`, :func:`median_ms`
+(``triton.testing.do_bench``), :func:`median_step_ms` (CUDA events over a fixed number of long
+steps), :func:`timed` (a first call), :func:`is_oom` and :func:`package_version`.
 
 Every benchmark test builds its inputs, hands a step (one forward, or one forward+backward)
 to :func:`run_benchmark`, and gets back timing from pytest-benchmark plus the facts the
@@ -49,6 +51,7 @@ __all__ = [
     "AttentionShape",
     "attention_shapes",
     "cam_flops",
+    "cam_inputs",
     "dtype_name",
     "error_vs_float64",
     "free_memory",
@@ -161,6 +164,15 @@ def pam_inputs(
     v = torch.randn(b, shape.channels, n, device=device).to(dtype)
     grad_out = torch.randn(b, shape.channels, n, device=device).to(dtype)
     return q, k, v, grad_out
+
+
+def cam_inputs(
+    shape: AttentionShape, dtype: torch.dtype, device: torch.device = DEVICE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAM operands: x and an output gradient (B, C, N), random normal (drawn in fp32, then cast)."""
+    x = torch.randn(shape.batch, shape.channels, shape.n, device=device).to(dtype)
+    grad_out = torch.randn(shape.batch, shape.channels, shape.n, device=device).to(dtype)
+    return x, grad_out
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:

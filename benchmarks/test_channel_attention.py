@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from benchmarks.harness import (
-    DEVICE,
     DTYPES,
     ON_CUDA,
     PASSES,
     AttentionShape,
     attention_shapes,
     cam_flops,
+    cam_inputs,
     dtype_name,
     error_vs_float64,
     make_step,
@@ -61,8 +61,7 @@ def test_cam(
         H=shape.height, W=shape.width, N=shape.n, flops=cam_flops(shape, pass_),
     )
     torch.manual_seed(0)
-    x = torch.randn(shape.batch, shape.channels, shape.n, device=DEVICE).to(dtype)
-    grad_out = torch.randn_like(x)
+    x, grad_out = cam_inputs(shape, dtype)
     inputs = [x.requires_grad_(pass_ != "forward")]
     fn = IMPLS[impl]
 

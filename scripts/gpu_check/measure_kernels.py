@@ -18,7 +18,8 @@ defensively (whatever Triton ``Autotuner`` objects the kernel modules hold, thei
   before each call) and peak memory above the inputs (``max_memory_allocated``) of the forward
   and the forward+backward of the fused kernels, the bmm reference and (PAM) SDPA's
   memory-efficient backend on (B, 1, N, d) tensors with scale = 1.0, as in the peer baseline.
-  Inputs: the peer baseline's (``harness.pam_inputs``). Out of memory is a result ("oom").
+  Inputs: the peer baseline's (``harness.pam_inputs``, ``harness.cam_inputs``). Out of memory
+  is a result ("oom").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import itertools
 import json
 import pkgutil
 import subprocess
@@ -96,6 +98,15 @@ def _shape_fields(shape: AttentionShape) -> dict[str, Any]:
             "d": shape.qk_dim}
 
 
+def _inputs(op: str, shape: AttentionShape, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The peer baseline's operands of ``op`` (``harness.pam_inputs``, ``cam_inputs``), an output gradient."""
+    if op == "pam":
+        q, k, v, grad_out = harness.pam_inputs(shape, dtype)
+        return [q, k, v], grad_out
+    x, grad_out = harness.cam_inputs(shape, dtype)
+    return [x], grad_out
+
+
 # ---------------------------------------------------------------------------------------------
 # accuracy
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +121,8 @@ def _op_inputs(
         q, k, v, grad_out = harness.pam_inputs(shape, dtype, qk_scale=ACCURACY_QK_SCALE)
         residual = torch.randn_like(v, dtype=torch.float32).to(dtype)
         return {"q": q, "k": k, "v": v, "gamma": gamma, "residual": residual}, grad_out
-    x = torch.randn(shape.batch, shape.channels, shape.n, device=harness.DEVICE).to(dtype)
-    return {"x": x, "gamma": gamma}, torch.randn_like(x, dtype=torch.float32).to(dtype)
+    x, grad_out = harness.cam_inputs(shape, dtype)
+    return {"x": x, "gamma": gamma}, grad_out
 
 
 def _call(op: str, tensors: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
@@ -217,13 +228,10 @@ def _probe_case(op: str, n: int, variant: Variant, channels: int) -> dict[str, A
     """First and second call of one op at one N in this process, and what the autotuners chose."""
     torch.manual_seed(0)
     shape = AttentionShape(1, 1, n, channels=channels, qk_dim=channels // 8)
+    inputs, grad_out = _inputs(op, shape, variant.dtype)
     if op == "pam":
-        q, k, v, grad_out = harness.pam_inputs(shape, variant.dtype)
-        inputs = [q, k, v]
         fn = lambda *t: position_attention(*t, backend="triton")
     else:
-        inputs = [torch.randn(1, channels, n, device=harness.DEVICE).to(variant.dtype)]
-        grad_out = torch.randn_like(inputs[0])
         fn = lambda *t: channel_attention(*t, backend="triton")
     leaves = [t.requires_grad_() for t in inputs]
     tuners = find_autotuners()
@@ -365,25 +373,19 @@ def timing(ctx: Any, op: str) -> None:
     for batch in sizing.timing_batches:
         for height, width in sizing.timing_sizes:
             shape = _shape(sizing, batch, height, width)
-            by_dtype: dict[torch.dtype, tuple] = {}
-            for name in sizing.timing_variants:
-                variant = VARIANTS[name]
-                if variant.dtype not in by_dtype:
-                    by_dtype.clear()
-                    harness.free_memory()
-                    torch.manual_seed(0)
-                    if op == "pam":
-                        q, k, v, grad_out = harness.pam_inputs(shape, variant.dtype)
-                        by_dtype[variant.dtype] = ((q, k, v), grad_out)
-                    else:
-                        x = torch.randn(batch, shape.channels, shape.n, device=harness.DEVICE)
-                        grad_out = torch.randn_like(x).to(variant.dtype)
-                        by_dtype[variant.dtype] = ((x.to(variant.dtype),), grad_out)
-                tensors, grad_out = by_dtype[variant.dtype]
-                for impl in IMPLS[op]:
-                    for pass_ in harness.PASSES:
-                        case = {"op": op, "impl": impl.name, "pass": pass_, **_shape_fields(shape),
-                                **_variant_fields(variant)}
-                        measure = functools.partial(_time_case, op, impl, pass_, shape, variant, tensors,
-                                                    grad_out, sizing)
-                        ctx.runner.run(case, measure, group=shape.id)
+            # The variants of one dtype (fp32 at each precision) share its inputs.
+            for _, names in itertools.groupby(sizing.timing_variants, key=lambda v: VARIANTS[v].dtype):
+                _time_variants(ctx, op, shape, [VARIANTS[name] for name in names])
+
+
+def _time_variants(ctx: Any, op: str, shape: AttentionShape, variants: Sequence[Variant]) -> None:
+    """Every implementation and pass of ``op`` at ``variants`` (one dtype), on one set of inputs."""
+    harness.free_memory()  # the previous dtype's inputs, released when its call returned
+    torch.manual_seed(0)
+    tensors, grad_out = _inputs(op, shape, variants[0].dtype)
+    for variant, impl, pass_ in itertools.product(variants, IMPLS[op], harness.PASSES):
+        case = {"op": op, "impl": impl.name, "pass": pass_, **_shape_fields(shape),
+                **_variant_fields(variant)}
+        measure = functools.partial(_time_case, op, impl, pass_, shape, variant, tensors, grad_out,
+                                    ctx.sizing)
+        ctx.runner.run(case, measure, group=shape.id)
