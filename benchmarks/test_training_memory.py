@@ -112,6 +112,8 @@ def _quick(grid: TrainingGrid) -> TrainingGrid:
 GRID = CUDA_GRID if ON_CUDA else CPU_GRID
 if quick_mode():
     GRID = _quick(GRID)
+# The network as the reports name it (also the GPU check's training and evaluation sections').
+NETWORK = GRID.model.backbone + (" multi-grid" if GRID.model.multi_grid else "")
 
 
 def _size_id(size: tuple[int, int]) -> str:
@@ -186,9 +188,8 @@ def _describe(benchmark, attention: str, size: tuple[int, int], amp: bool) -> No
     if attention == "fused":
         resolved = resolve_backend("auto", torch.empty(0, device=DEVICE))
         backend = {"torch": "blockwise"}.get(resolved, resolved)
-    network = GRID.model.backbone + (" multi-grid" if GRID.model.multi_grid else "")
     benchmark.extra_info.update(
-        impl=attention, backbone=network, H=height, W=width, N=feature_h * feature_w,
+        impl=attention, backbone=NETWORK, H=height, W=width, N=feature_h * feature_w,
         precision="bf16-autocast" if amp else "fp32", attention_backend=backend,
     )
 

@@ -372,7 +372,7 @@ def test_report_of_a_run_that_has_just_started() -> None:
 TINY = dataclasses.replace(
     QUICK_SIZING, channels=32, accuracy_sizes=((5, 7),), accuracy_variants=("fp32-highest", "fp32-high"),
     autotune_ns=(33,), autotune_variants=("fp32-highest",), timing_sizes=((4, 4),), timing_batches=(1,),
-    timing_variants=("fp32-highest",), bench_warmup_ms=1.0, bench_rep_ms=2.0, model="tiny", num_classes=3,
+    timing_variants=("fp32-highest",), bench_warmup_ms=1.0, bench_rep_ms=2.0, num_classes=3,
     train_size=(64, 64), train_precisions=("fp32",), train_repeats=1, eval_size=(64, 96), eval_crops=(48,),
     eval_precisions=("fp32",), eval_frames=1,
 )

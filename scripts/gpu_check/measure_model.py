@@ -7,10 +7,12 @@
   backward, SGD with momentum); its first call, its median time over a few steps (CUDA
   events) and the memory it needs in all (parameters, momentum, batch, and the step's peak
   above them). Out of memory is a result.
-* ``eval``: images per second on 1024 x 2048 frames through ``danet.inference.predict_logits``
-  in sliding mode (crops 769 and 768, the default 2/3 stride, single scale, no flip) under
-  ``torch.inference_mode``, in bf16 autocast and fp32, fused against reference attention; the
-  first frame (autotuning at the window's N) is timed apart.
+* ``eval``: images per second of the same model (``benchmarks/test_training_memory.GRID``: the
+  published one on CUDA, the tiny backbone on the CPU) on 1024 x 2048 frames through
+  ``danet.inference.predict_logits`` in sliding mode (crops 769 and 768, the default 2/3
+  stride, single scale, no flip) under ``torch.inference_mode``, in bf16 autocast and fp32,
+  fused against reference attention; the first frame (autotuning at the window's N) is timed
+  apart.
 """
 
 from __future__ import annotations
@@ -23,20 +25,13 @@ from typing import Any
 import torch
 
 from benchmarks import harness
-from danet.config import EvalConfig, ModelConfig
+from danet.config import EvalConfig
 from danet.inference import predict_logits, sliding_window_starts
 from danet.models import build_model
-from danet.models.weights import PUBLISHED_MODEL_CONFIG
 
-__all__ = ["ATTENTIONS", "eval_throughput", "model_config", "train_step"]
+__all__ = ["ATTENTIONS", "eval_throughput", "train_step"]
 
 ATTENTIONS = ("fused", "reference")
-_TINY_MODEL = ModelConfig(backbone="resnet_tiny", output_stride=8)  # the CPU tests' model
-
-
-def model_config(name: str) -> ModelConfig:
-    """The sizing's model: "published" (DANet-ResNet101, output stride 8, multi-grid) or "tiny"."""
-    return {"published": PUBLISHED_MODEL_CONFIG, "tiny": _TINY_MODEL}[name]
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -70,15 +65,14 @@ def _train_case(attention: str, precision: str, sizing: Any) -> dict[str, Any]:
 
 def train_step(ctx: Any) -> None:
     """Fused and reference attention, fp32 then bf16 autocast (see the module docstring)."""
-    from benchmarks.test_training_memory import GRID  # the suite's model: the published one on CUDA
+    from benchmarks.test_training_memory import GRID, NETWORK  # the published model on CUDA, tiny on the CPU
 
     sizing = ctx.sizing
     height, width = sizing.train_size
-    backbone = GRID.model.backbone + (" multi-grid" if GRID.model.multi_grid else "")
     for precision in sizing.train_precisions:
         for attention in ATTENTIONS:
             case = {"attention": attention, **_precision_fields(precision), "H": height, "W": width,
-                    "B": sizing.train_batch, "backbone": backbone, "output_stride": GRID.model.output_stride}
+                    "B": sizing.train_batch, "backbone": NETWORK, "output_stride": GRID.model.output_stride}
             ctx.runner.run(case, functools.partial(_train_case, attention, precision, sizing), group="train")
 
 
@@ -108,12 +102,14 @@ def _eval_case(model: torch.nn.Module, crop: int, precision: str, sizing: Any) -
 
 def eval_throughput(ctx: Any) -> None:
     """Sliding-window evaluation, fused against reference attention (see the module docstring)."""
+    from benchmarks.test_training_memory import GRID, NETWORK  # the training section's model
+
     sizing = ctx.sizing
     models: dict[str, torch.nn.Module] = {}
 
     def model_for(attention: str) -> torch.nn.Module:
         if attention not in models:
-            config = dataclasses.replace(model_config(sizing.model), attention=attention)
+            config = dataclasses.replace(GRID.model, attention=attention)
             models[attention] = build_model(config, sizing.num_classes).to(harness.DEVICE).eval()
         return models[attention]
 
@@ -121,10 +117,8 @@ def eval_throughput(ctx: Any) -> None:
     for precision in sizing.eval_precisions:
         for crop in sizing.eval_crops:
             for attention in ATTENTIONS:
-                config = model_config(sizing.model)
                 case = {"attention": attention, **_precision_fields(precision), "H": height, "W": width,
-                        "crop": crop, "mode": "sliding", "scales": [1.0], "flip": False,
-                        "backbone": config.backbone + (" multi-grid" if config.multi_grid else "")}
+                        "crop": crop, "mode": "sliding", "scales": [1.0], "flip": False, "backbone": NETWORK}
 
                 def measure(attention: str = attention, crop: int = crop, precision: str = precision) -> dict:
                     return _eval_case(model_for(attention), crop, precision, sizing)

@@ -240,7 +240,6 @@ class Sizing:
     timing_variants: tuple[str, ...] = ("bf16", "fp32-highest", "fp32-high")
     bench_warmup_ms: float = 25.0  # triton.testing.do_bench's defaults
     bench_rep_ms: float = 100.0
-    model: str = "published"  # "published": DANet-ResNet101 (danet.models.weights); "tiny": CPU tests
     num_classes: int = 19  # Cityscapes
     train_size: tuple[int, int] = (1024, 2048)
     train_batch: int = 1
