@@ -9,7 +9,7 @@
   above them). Out of memory is a result.
 * ``eval``: images per second of the same model (``benchmarks/test_training_memory.GRID``: the
   published one on CUDA, the tiny backbone on the CPU) on 1024 x 2048 frames through
-  ``danet.inference.predict_logits`` in sliding mode (crops 769 and 768, the default 2/3
+  ``danet.inference.predict_scores`` in sliding mode (crops 769 and 768, the default 2/3
   stride, single scale, no flip) under ``torch.inference_mode``, in bf16 autocast and fp32,
   fused against reference attention; the first frame (autotuning at the window's N) is timed
   apart.
@@ -26,7 +26,7 @@ import torch
 
 from benchmarks import harness
 from danet.config import EvalConfig
-from danet.inference import predict_logits, sliding_window_starts
+from danet.inference import inference_plan, predict_scores, window_stride
 from danet.models import build_model
 
 __all__ = ["ATTENTIONS", "eval_throughput", "train_step"]
@@ -83,19 +83,19 @@ def train_step(ctx: Any) -> None:
 
 def _eval_case(model: torch.nn.Module, crop: int, precision: str, sizing: Any) -> dict[str, Any]:
     height, width = sizing.eval_size
-    stride = max(1, int(crop * EvalConfig.stride_ratio))
-    rows, columns = sliding_window_starts(height, crop, stride), sliding_window_starts(width, crop, stride)
+    # predict_logits's settings: amp "none", so that _autocast alone sets the precision.
+    cfg = EvalConfig(mode="sliding", crop_size=crop, scales=(1.0,), flip=False, amp="none")
+    windows = sum(len(stage.windows) for stage in inference_plan(height, width, cfg))
     image = torch.randn(1, 3, height, width, device=harness.DEVICE)
 
     def frame() -> torch.Tensor:
-        return predict_logits(model, image, sizing.num_classes, mode="sliding", crop_size=crop,
-                              stride_ratio=EvalConfig.stride_ratio)
+        return predict_scores(model, image, sizing.num_classes, cfg)["sum"]
 
     with torch.inference_mode(), _autocast(precision):
         _, first_s = harness.timed(frame)
         peak, _ = harness.peak_memory_bytes(frame)
         ms = harness.median_step_ms(frame, warmup=0, repeats=sizing.eval_frames)
-    return {"windows": len(rows) * len(columns), "stride": stride, "frames": sizing.eval_frames,
+    return {"windows": windows, "stride": window_stride(cfg), "frames": sizing.eval_frames,
             "first_frame_s": round(first_s, 2), "ms_per_frame": round(ms, 1),
             "images_per_s": round(1000 / ms, 3), "peak_bytes": peak}
 
