@@ -30,7 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Case", "Run", "format_bytes", "format_ms", "load_cases", "main", "render_markdown", "render_plot"]
+__all__ = [
+    "PASS_ORDER",
+    "Case",
+    "Run",
+    "format_bytes",
+    "format_ms",
+    "format_number",
+    "format_ratio",
+    "load_cases",
+    "main",
+    "markdown_table",
+    "render_markdown",
+    "render_plot",
+]
 
 IMPL_ORDER = ("reference", "triton", "blockwise", "sdpa", "fused")
 PASS_ORDER = ("forward", "forward+backward")
@@ -147,15 +160,20 @@ def format_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+def format_number(value: float | None) -> str:
+    """3 significant digits below 1000, whole and comma-grouped above (``1,234``); None -> an em dash."""
+    if value is None:
+        return "—"
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
 def format_ms(seconds: float | None) -> str:
     """Seconds as milliseconds with 3 significant digits."""
-    if seconds is None:
-        return "—"
-    ms = seconds * 1e3
-    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+    return format_number(None if seconds is None else seconds * 1e3)
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> str:
+def format_ratio(numerator: float | None, denominator: float | None) -> str:
+    """``numerator / denominator`` as ``"2.50x"``; an em dash where either is missing or the denominator 0."""
     if numerator is None or denominator is None or denominator == 0:
         return "—"
     return f"{numerator / denominator:.2f}x"
@@ -170,9 +188,10 @@ def _reference_of(cases: Iterable[Case]) -> dict[str, Case]:
     return {c.group: c for c in cases if c.impl == "reference" and c.median_s is not None}
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table (cells written with ``str``)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
 
 
@@ -200,16 +219,17 @@ def _kernel_section(op: str, cases: list[Case]) -> list[str]:
                 c.impl,
                 format_ms(c.median_s) if measured else _not_run_cell(c),
                 format_ms(c.min_s) if measured else "—",
-                _ratio(ref.median_s, c.median_s) if measured and ref else "—",
+                format_ratio(ref.median_s, c.median_s) if measured and ref else "—",
                 format_bytes(c.peak),
-                _ratio(c.peak, ref.peak) if measured and ref else "—",
+                format_ratio(c.peak, ref.peak) if measured and ref else "—",
                 f"{tflops:.3g}" if tflops is not None else "—",
                 f"{err:.1e}" if err is not None else "—",
                 str(c.rounds or "—"),
             ])
         lines += [f"### {pass_}, {dtype}", ""]
-        lines += _table(["B", "HxW", "N", "impl", "median ms", "min ms", "speed-up vs reference",
-                         "peak memory", "memory vs reference", "TFLOP/s", "max rel. err", "rounds"], rows)
+        lines += markdown_table(["B", "HxW", "N", "impl", "median ms", "min ms", "speed-up vs reference",
+                                 "peak memory", "memory vs reference", "TFLOP/s", "max rel. err", "rounds"],
+                                rows)
         lines.append("")
     return lines
 
@@ -237,12 +257,12 @@ def _training_sections(cases: list[Case]) -> list[str]:
                 format_ms(c.median_s) if measured else _not_run_cell(c),
                 f"{batch / c.median_s:.3g}" if measured and batch else "—",
                 format_bytes(c.peak),
-                _ratio(c.peak, ref.peak) if measured and ref else "—",
+                format_ratio(c.peak, ref.peak) if measured and ref else "—",
                 str(c.rounds or "—"),
             ])
         lines += ["### Step time and peak memory", ""]
-        lines += _table(["input HxW", "N (feature map)", "batch", "attention", "step ms", "images/s",
-                         "peak memory", "memory vs reference", "rounds"], rows)
+        lines += markdown_table(["input HxW", "N (feature map)", "batch", "attention", "step ms",
+                                 "images/s", "peak memory", "memory vs reference", "rounds"], rows)
         lines.append("")
     if searches:
         lines += _max_batch_section(searches)
@@ -284,8 +304,8 @@ def _max_batch_section(searches: list[Case]) -> list[str]:
            "compared with the measured peak of each batch (the CPU allocator cannot be capped)")
     lines = ["### Largest batch under a memory cap", "", f"Caps {how}; a search over batch sizes "
              "(doubling, then bisecting; `>=` marks the search's upper limit).", ""]
-    lines += _table(["input HxW", "cap", "reference: max batch", "fused: max batch",
-                     "fused step ms at its max batch", "fused peak at its max batch"], rows)
+    lines += markdown_table(["input HxW", "cap", "reference: max batch", "fused: max batch",
+                             "fused step ms at its max batch", "fused peak at its max batch"], rows)
     lines.append("")
     if claims:
         lines += ["Where the fused model fits a batch the reference cannot: " + "; ".join(claims) + ".", ""]
@@ -357,7 +377,7 @@ def render_markdown(runs: Sequence[Run], plot_link: str | None = None) -> str:
              str(run.versions.get("python")),
              run.date[:19].replace("T", " "), run.commit, f"`{Path(run.path).name}`"] for run in runs]
     header = ["measured on", "torch", "triton", "CUDA", "python", "date (UTC)", "commit", "file"]
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     lines.append("")
     for run in runs:
         if run.command:

@@ -47,6 +47,7 @@ from benchmarks import harness
 from benchmarks.harness import AttentionShape
 from danet_kernels import channel_attention, position_attention
 from scripts.gpu_check.events import EVENTS_NAME, WORKER_LOG, EventReader
+from scripts.gpu_check.plan import VARIANT_SETTINGS
 
 __all__ = ["VARIANTS", "Variant", "accuracy", "autotune", "autotune_probe", "find_autotuners", "timing"]
 
@@ -64,13 +65,8 @@ class Variant:
     precision: str  # torch.set_float32_matmul_precision: "highest" (IEEE fp32), "high", "medium"
 
 
-VARIANTS = {v.name: v for v in (
-    Variant("bf16", torch.bfloat16, "highest"),
-    Variant("fp16", torch.float16, "highest"),
-    Variant("fp32-highest", torch.float32, "highest"),
-    Variant("fp32-high", torch.float32, "high"),
-    Variant("fp32-medium", torch.float32, "medium"),
-)}
+VARIANTS = {name: Variant(name, getattr(torch, dtype), precision)
+            for name, (dtype, precision) in VARIANT_SETTINGS.items()}
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ __all__ = [
     "QUICK_BUDGETS",
     "QUICK_SIZING",
     "SECTIONS",
+    "VARIANT_SETTINGS",
     "CaseRunner",
     "Deadline",
     "Plan",
@@ -37,6 +38,16 @@ __all__ = [
     "parse_sections",
     "section_deadline",
 ]
+
+# The variants the kernel sections measure, in report order: name -> (dtype, the fp32 matmul
+# precision, torch.set_float32_matmul_precision: "highest" is IEEE fp32; 16-bit dtypes ignore it).
+VARIANT_SETTINGS: Mapping[str, tuple[str, str]] = {
+    "bf16": ("bfloat16", "highest"),
+    "fp16": ("float16", "highest"),
+    "fp32-highest": ("float32", "highest"),
+    "fp32-high": ("float32", "high"),
+    "fp32-medium": ("float32", "medium"),
+}
 
 # Run order. "tests" runs the GPU tests in a pytest subprocess; the others run in one worker.
 SECTIONS: tuple[str, ...] = ("tests", "accuracy", "autotune", "pam", "cam", "train", "eval")

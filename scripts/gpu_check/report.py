@@ -11,34 +11,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import format_bytes
+from benchmarks.report import PASS_ORDER, format_bytes, format_number, format_ratio, markdown_table
+from scripts.gpu_check.plan import VARIANT_SETTINGS
 
 __all__ = ["TARGETS", "main", "render_markdown"]
 
-VARIANT_ORDER = ("bf16", "fp16", "fp32-highest", "fp32-high", "fp32-medium")
-PASS_ORDER = ("forward", "forward+backward")
+VARIANT_ORDER = tuple(VARIANT_SETTINGS)
 Record = Mapping[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
 # small formatters
 # ---------------------------------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> str:
-    if numerator is None or denominator is None or denominator == 0:
-        return "—"
-    return f"{numerator / denominator:.2f}x"
 
 
 def _fraction(numerator: float | None, denominator: float | None) -> str:
@@ -56,12 +44,6 @@ def _time(epoch: float | None) -> str:
     if epoch is None:
         return "—"
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
 
 
 def _ok(record: Record | None) -> bool:
@@ -119,7 +101,8 @@ def _speedup_target(results: Mapping[str, Any], op: str, pass_: str, fused: str,
     ref = _value(_timing(results, op, "reference", pass_, reference, n), "median_ms")
     if ours is None or ref is None:
         return "not measured", None
-    return f"{ref / ours:.2f}x ({_ms(ours)} ms against {_ms(ref)} ms)", ref / ours >= at_least
+    measured = f"{ref / ours:.2f}x ({format_number(ours)} ms against {format_number(ref)} ms)"
+    return measured, ref / ours >= at_least
 
 
 def _memory_target(results: Mapping[str, Any], op: str, pass_: str, fused: str, reference: str,
@@ -165,7 +148,8 @@ def _targets_section(results: Mapping[str, Any]) -> list[str]:
     for what, source, check in TARGETS:
         measured, met = check(results)
         rows.append((what, source, measured, {True: "met", False: "**not met**", None: "—"}[met]))
-    return ["## Targets (N = 32768, B = 1, C = 512)", "", *_table(("target", "from", "measured", ""), rows)]
+    return ["## Targets (N = 32768, B = 1, C = 512)", "",
+            *markdown_table(("target", "from", "measured", ""), rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +197,7 @@ def _sections_table(results: Mapping[str, Any]) -> list[str]:
             note = (note + " " if note else "") + "error: " + state["error"].strip().splitlines()[-1]
         rows.append((name, state.get("status", "—"), "—" if seconds is None else f"{seconds:g}",
                      f"{state.get('budget_s', 0):g}", note.replace("|", "/")))
-    return ["## Sections", "", *_table(("section", "status", "seconds", "budget s", "note"), rows)]
+    return ["## Sections", "", *markdown_table(("section", "status", "seconds", "budget s", "note"), rows)]
 
 
 def _tests_section(results: Mapping[str, Any]) -> list[str]:
@@ -255,7 +239,7 @@ def _accuracy_section(results: Mapping[str, Any]) -> list[str]:
             cells = [f"{_err(fused.get(n))} / {_err(ref.get(n))}" for n in names]
             rows.append((size, r.get("dtype"), r.get("precision"), *cells, _err(max(fused.values())),
                          _err(max(ref.values()))))
-        lines += ["", f"### {op.upper()}", "", *_table(header, rows)]
+        lines += ["", f"### {op.upper()}", "", *markdown_table(header, rows)]
     return lines
 
 
@@ -280,13 +264,13 @@ def _autotune_section(results: Mapping[str, Any]) -> list[str]:
         if not chosen:
             chosen = "no autotuner found" if r.get("autotuners_found") == 0 else "none tuned"
         rows.append((r["op"].upper(), r.get("N"), r.get("variant"), r.get("cache"),
-                     _cell(r, "first_forward_s", _ms), _cell(r, "first_backward_s", _ms),
-                     _cell(r, "second_fwd_bwd_ms", _ms), chosen))
+                     _cell(r, "first_forward_s", format_number), _cell(r, "first_backward_s", format_number),
+                     _cell(r, "second_fwd_bwd_ms", format_number), chosen))
     return ["## Autotuning", "",
             "First call in a fresh process: 'cold' with empty Triton and user caches (compilation and "
             "tuning included), 'warm' over the caches the cold process left. B = 1, C = 512.", "",
-            *_table(("op", "N", "variant", "caches", "first forward s", "first backward s",
-                     "second fwd+bwd ms", "configs chosen"), rows)]
+            *markdown_table(("op", "N", "variant", "caches", "first forward s", "first backward s",
+                             "second fwd+bwd ms", "configs chosen"), rows)]
 
 
 def _timing_section(results: Mapping[str, Any], op: str) -> list[str]:
@@ -312,10 +296,11 @@ def _timing_section(results: Mapping[str, Any], op: str) -> list[str]:
         cases = by_key[key]
         fused, ref = cases.get("fused"), cases.get("reference")
         row = [pass_, dtype, precision, batch, f"{h}x{w} ({n})",
-               *(_cell(cases.get(i), "median_ms", _ms) for i in impls),
-               _ratio(_value(ref, "median_ms"), _value(fused, "median_ms"))]
+               *(_cell(cases.get(i), "median_ms", format_number) for i in impls),
+               format_ratio(_value(ref, "median_ms"), _value(fused, "median_ms"))]
         if op == "pam":
-            row.append(_ratio(_value(cases.get("sdpa_efficient"), "median_ms"), _value(fused, "median_ms")))
+            sdpa = cases.get("sdpa_efficient")
+            row.append(format_ratio(_value(sdpa, "median_ms"), _value(fused, "median_ms")))
         row += [*(_cell(cases.get(i), "peak_bytes", format_bytes) for i in impls),
                 _fraction(_value(fused, "peak_bytes"), _value(ref, "peak_bytes")),
                 _cell(fused, "tflops", "{:g}".format)]
@@ -327,7 +312,7 @@ def _timing_section(results: Mapping[str, Any], op: str) -> list[str]:
             "fraction = fused peak / reference peak. Inputs as the peer baseline: "
             + ("q, k random normal / 8, v random normal. SDPA: the memory-efficient backend on (B, 1, N, d) "
                "tensors, scale = 1.0." if op == "pam" else "x random normal."),
-            "", *_table(header, rows)]
+            "", *markdown_table(header, rows)]
 
 
 def _pairs(records: Sequence[Record], key: Any) -> list[tuple[tuple, Record | None, Record | None]]:
@@ -345,19 +330,19 @@ def _train_section(results: Mapping[str, Any]) -> list[str]:
     rows = []
     for (precision, h, w, batch, backbone), fused, ref in _pairs(
             records, lambda r: (r.get("precision"), r.get("H"), r.get("W"), r.get("B"), r.get("backbone"))):
-        rows.append((backbone, f"{h}x{w}", batch, precision, _cell(fused, "median_ms", _ms),
-                     _cell(ref, "median_ms", _ms),
-                     _ratio(_value(ref, "median_ms"), _value(fused, "median_ms")),
+        rows.append((backbone, f"{h}x{w}", batch, precision, _cell(fused, "median_ms", format_number),
+                     _cell(ref, "median_ms", format_number),
+                     format_ratio(_value(ref, "median_ms"), _value(fused, "median_ms")),
                      _cell(fused, "total_bytes", format_bytes), _cell(ref, "total_bytes", format_bytes),
                      _fraction(_value(fused, "total_bytes"), _value(ref, "total_bytes")),
-                     f"{_cell(fused, 'first_step_s', _ms)} / {_cell(ref, 'first_step_s', _ms)}"))
+                     " / ".join(_cell(r, "first_step_s", format_number) for r in (fused, ref))))
     return ["## Training step", "",
             "One step (forward, DANet's loss, backward, SGD with momentum), random weights; median ms over a "
             "few steps (CUDA events). Memory: everything the step needs (parameters, momentum, batch and the "
             "step's peak above them).", "",
-            *_table(("model", "input", "B", "precision", "fused ms", "reference ms", "speed-up",
-                     "fused memory", "reference memory", "memory fraction", "first step s (fused / ref)"),
-                    rows)]
+            *markdown_table(("model", "input", "B", "precision", "fused ms", "reference ms", "speed-up",
+                             "fused memory", "reference memory", "memory fraction",
+                             "first step s (fused / ref)"), rows)]
 
 
 def _eval_section(results: Mapping[str, Any]) -> list[str]:
@@ -371,7 +356,7 @@ def _eval_section(results: Mapping[str, Any]) -> list[str]:
         windows = some.get("windows", "—") if _ok(some) else "—"
         rows.append((f"{h}x{w}", precision, crop, windows, _cell(fused, "images_per_s", "{:.2f}".format),
                      _cell(ref, "images_per_s", "{:.2f}".format),
-                     _ratio(_value(fused, "images_per_s"), _value(ref, "images_per_s")),
+                     format_ratio(_value(fused, "images_per_s"), _value(ref, "images_per_s")),
                      _cell(fused, "peak_bytes", format_bytes), _cell(ref, "peak_bytes", format_bytes),
                      _fraction(_value(fused, "peak_bytes"), _value(ref, "peak_bytes"))))
     model = records[0].get("backbone", "")
@@ -379,8 +364,8 @@ def _eval_section(results: Mapping[str, Any]) -> list[str]:
             f"Images/s of sliding-window inference (single scale, no flip, stride 2/3 of the crop), {model}, "
             "random weights, under torch.inference_mode; the first frame (autotuning) is left out. Peak: one "
             "frame above the model and the image.", "",
-            *_table(("frame", "precision", "crop", "windows", "fused img/s", "reference img/s", "speed-up",
-                     "fused peak", "reference peak", "memory fraction"), rows)]
+            *markdown_table(("frame", "precision", "crop", "windows", "fused img/s", "reference img/s",
+                             "speed-up", "fused peak", "reference peak", "memory fraction"), rows)]
 
 
 def _left_out_section(results: Mapping[str, Any]) -> list[str]:
