@@ -11,6 +11,11 @@ them into the results with :func:`apply_event`. Events:
 * ``{"event": "worker_start" | "worker_end", ...}``: bookkeeping.
 
 Every event carries ``"t"`` (``time.time()``). Pure Python: no torch.
+
+Section statuses. Set by the worker: done, partial (cases skipped for time), errors (cases
+failed with an error, OOM excluded), failed (the section raised). Set by the supervisor:
+pending, running, killed (overran its deadline: the worker was stopped), crashed (the worker
+died in it), not run (no time left, or no worker could start).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from typing import Any
 
 __all__ = [
     "EVENTS_NAME",
-    "FINAL_STATUSES",
     "JSON_NAME",
     "MARKDOWN_NAME",
     "PYTEST_LOG",
@@ -41,11 +45,6 @@ SCHEMA = 1
 # The files of a run in its output folder.
 JSON_NAME, MARKDOWN_NAME, EVENTS_NAME = "gpu_check.json", "gpu_check.md", "events.jsonl"
 WORKER_LOG, PYTEST_LOG = "worker.log", "pytest.log"
-# Section statuses. Set by the worker: done, partial (cases skipped for time), errors (cases
-# failed with an error, OOM excluded), failed (the section raised). Set by the supervisor:
-# pending, running, killed (overran its deadline: the worker was stopped), crashed (the
-# worker died in it), not run (no time left, or no worker could start).
-FINAL_STATUSES = ("done", "partial", "errors", "failed", "killed", "crashed", "not run")
 
 
 class EventWriter:
@@ -72,7 +71,6 @@ class EventReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.offset = 0
-        self.bad_lines = 0
 
     def read_new(self) -> list[dict[str, Any]]:
         """The events of the lines completed since the last call (a half-written line waits)."""
@@ -88,8 +86,7 @@ class EventReader:
         for line in data[:end].splitlines():
             try:
                 event = json.loads(line)
-            except ValueError:
-                self.bad_lines += 1
+            except ValueError:  # a line cut by a killed writer
                 continue
             if isinstance(event, dict) and "event" in event:
                 events.append(event)

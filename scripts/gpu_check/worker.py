@@ -38,13 +38,11 @@ __all__ = ["CudaFaultError", "SectionContext", "classify_error", "environment", 
 
 @dataclass
 class SectionContext:
-    """What a section function receives: its case runner, the grid, the output folder, the events."""
+    """What a section function receives: its case runner, the grid and the output folder."""
 
     runner: CaseRunner
     sizing: Sizing
     out: Path
-    events: EventWriter
-    section: str
 
 
 # Errors after which the process's CUDA context is unusable: every later call fails too.
@@ -134,7 +132,7 @@ def run_sections(sections: list[str], plan: Plan, sizing: Sizing, out: Path, eve
                 raise CudaFaultError(record.get("error", ""))
 
         runner = CaseRunner(Deadline(deadline), emit, classify=classify_error, cleanup=harness.free_memory)
-        ctx = SectionContext(runner, sizing, out, events, section)
+        ctx = SectionContext(runner, sizing, out)
         error, notes, faulted = None, [], False
         try:
             functions[section](ctx)
