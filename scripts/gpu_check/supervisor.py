@@ -200,7 +200,8 @@ class Supervisor:
             self.child = subprocess.Popen(argv, cwd=REPO, env=repo_env(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
             while True:
-                for event in self.reader.read_new():
+                events = self.reader.read_new()
+                for event in events:
                     apply_event(self.results, event)
                     if event.get("event") == "section_start" and event.get("section") in sections:
                         current = event["section"]
@@ -208,8 +209,8 @@ class Supervisor:
                         started.append(current)
                     elif event.get("event") == "section_end" and event.get("section") == current:
                         current = None
-                    self.write(force=event.get("event") != "record")
-                self.write()
+                # Records are rewritten at most once a second; a section's start or end at once.
+                self.write(force=any(event.get("event") != "record" for event in events))
                 returncode = self.child.poll()
                 if returncode is not None:
                     break
