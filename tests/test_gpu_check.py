@@ -213,7 +213,7 @@ def test_supervisor_kills_an_overrunning_worker_survives_a_crash_and_runs_the_re
     plan = Plan(order, {s: 0.5 for s in order}, hard_end=start + RESERVE_S + 60.0)
     results = new_results(sections=order, budgets=plan.budgets, total_s=60.0, quick=True, command="test",
                           started_at=start, checkout={"commit": "abc"})
-    supervisor = Supervisor(out, results, plan, quick=True, test_workers=0, tests_marker="gpu", grace_s=0.5,
+    supervisor = Supervisor(out, results, plan, quick=True, test_workers=0, grace_s=0.5,
                             worker_argv=[sys.executable, str(worker)], poll_s=0.05)
     assert supervisor.run() == 1  # not every section done
     elapsed = time.time() - start

@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and check the arguments; ``args.sections`` is the list of sections to run, in order."""
+def parse_args(argv: Sequence[str] | None = None, start: float | None = None) -> argparse.Namespace:
+    """Parse and check the arguments: ``args.sections`` is the list of sections to run, in order,
+    and ``args.plan`` their :class:`Plan` from ``start`` (default now)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
@@ -102,7 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.test_workers < 0:
         parser.error(f"--test-workers must be >= 0, got {args.test_workers}")
     try:
-        make_plan(args.sections, total_s=args.budget, quick=args.quick, start=0.0)
+        args.plan = make_plan(args.sections, total_s=args.budget, quick=args.quick,
+                              start=time.time() if start is None else start)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -135,7 +137,6 @@ def checkout_info(repo: Path) -> dict[str, Any]:
 
 def _run_supervisor(args: argparse.Namespace, start: float, argv: Sequence[str] | None) -> int:
     from scripts.gpu_check.events import new_results
-    from scripts.gpu_check.plan import FULL_SIZING, QUICK_SIZING
     from scripts.gpu_check.supervisor import REPO, Supervisor
 
     out: Path = args.out
@@ -147,13 +148,11 @@ def _run_supervisor(args: argparse.Namespace, start: float, argv: Sequence[str] 
     out.mkdir(parents=True, exist_ok=True)
     for name in earlier:
         (out / name).unlink()
-    plan = make_plan(args.sections, total_s=args.budget, quick=args.quick, start=start)
     command = shlex.join(["python", "-m", "scripts.gpu_check", *(sys.argv[1:] if argv is None else argv)])
-    results = new_results(sections=plan.order, budgets=plan.budgets, total_s=args.budget, quick=args.quick,
-                          command=command, started_at=start, checkout=checkout_info(REPO))
-    sizing = QUICK_SIZING if args.quick else FULL_SIZING
-    supervisor = Supervisor(out, results, plan, quick=args.quick, test_workers=args.test_workers,
-                            tests_marker=sizing.tests_marker, grace_s=args.grace)
+    results = new_results(sections=args.plan.order, budgets=args.plan.budgets, total_s=args.budget,
+                          quick=args.quick, command=command, started_at=start, checkout=checkout_info(REPO))
+    supervisor = Supervisor(out, results, args.plan, quick=args.quick, test_workers=args.test_workers,
+                            grace_s=args.grace)
     code = supervisor.run()
     print((out / MARKDOWN_NAME).read_text())
     print(f"gpu_check: {'all sections done' if code == 0 else 'see the report: not everything passed'}; "
@@ -174,7 +173,7 @@ def _run_probe(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the supervisor, or the worker / probe role the hidden options select."""
     start = time.time()
-    args = parse_args(argv)
+    args = parse_args(argv, start)
     if args.worker:
         from scripts.gpu_check.worker import run_worker
 

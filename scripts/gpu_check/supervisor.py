@@ -38,7 +38,7 @@ from scripts.gpu_check.events import (
     apply_event,
     end_section,
 )
-from scripts.gpu_check.plan import Plan, section_deadline
+from scripts.gpu_check.plan import FULL_SIZING, QUICK_SIZING, Plan, section_deadline
 from scripts.gpu_check.report import render_markdown
 
 __all__ = ["REPO", "Supervisor", "parse_pytest_summary", "repo_env"]
@@ -80,14 +80,13 @@ class Supervisor:
     """
 
     def __init__(self, out: Path, results: dict[str, Any], plan: Plan, *, quick: bool, test_workers: int,
-                 tests_marker: str, grace_s: float, worker_argv: Sequence[str] | None = None,
+                 grace_s: float, worker_argv: Sequence[str] | None = None,
                  clock: Callable[[], float] = time.time, poll_s: float = 0.25) -> None:
         self.out = out
         self.results = results
         self.plan = plan
         self.quick = quick
         self.test_workers = test_workers
-        self.tests_marker = tests_marker
         self.grace_s = grace_s
         self.worker_argv = list(worker_argv or [sys.executable, "-m", "scripts.gpu_check"])
         self.clock = clock
@@ -134,7 +133,8 @@ class Supervisor:
         apply_event(self.results, {"event": "section_start", "section": "tests", "t": start,
                                    "deadline": deadline})
         self.write(force=True)
-        command = [sys.executable, "-m", "pytest", "-m", self.tests_marker, "-x", "-q",
+        marker = (QUICK_SIZING if self.quick else FULL_SIZING).tests_marker
+        command = [sys.executable, "-m", "pytest", "-m", marker, "-x", "-q",
                    "-p", "no:cacheprovider"]
         if self.test_workers > 0:
             command += ["-n", str(self.test_workers)]
