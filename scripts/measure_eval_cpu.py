@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from danet.config import EvalConfig
+from danet.choices import INFERENCE_PROTOCOLS
+from danet.config import ATTENTIONS, EvalConfig
 from danet.inference import inference_plan, predict_scores, resolve_eval_config
 from danet.models import DANet
 
@@ -35,12 +36,12 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--crop", type=int, default=192)
-    parser.add_argument("--protocol", default="release")
+    parser.add_argument("--protocol", choices=INFERENCE_PROTOCOLS, default="release")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--attention", choices=("fused", "reference"), default="fused")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="fused")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

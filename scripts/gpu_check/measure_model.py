@@ -25,13 +25,11 @@ from typing import Any
 import torch
 
 from benchmarks import harness
-from danet.config import EvalConfig
+from danet.config import ATTENTIONS, EvalConfig
 from danet.inference import inference_plan, predict_scores, window_stride
 from danet.models import build_model
 
-__all__ = ["ATTENTIONS", "eval_throughput", "train_step"]
-
-ATTENTIONS = ("fused", "reference")
+__all__ = ["eval_throughput", "train_step"]
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
