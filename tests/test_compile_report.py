@@ -189,7 +189,7 @@ def test_full_width_variant_computes_the_attention() -> None:
     torch.testing.assert_close(lse.double(), log2_sum, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_dv_variant_computes_the_gradients() -> None:
+def test_fused_dv_variant_computes_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """The deterministic variant with dV of one C block fused into the key-side kernel is a
     correct backward (interpreter: 32-wide tiles, so C = 48 is a fused block of 32 channels and
     16 for the dV kernel; N = 37 padded to 48, two query splits), against float64 autograd."""
@@ -201,12 +201,9 @@ def test_fused_dv_variant_computes_the_gradients() -> None:
     q, k = torch.randn(2, 5, 37) * 0.5, torch.randn(2, 5, 37) * 0.5
     v, dy, gamma = torch.randn(2, 48, 37), torch.randn(2, 48, 37), torch.full((1,), 0.7)
     _, out, lse = pam.pam_forward(q, k, v, gamma, v, True)
-    saved = pam._sm_count
-    pam._sm_count = lambda device: 8  # splits the key-side loop in two (partials summed in order)
-    try:
-        dq, dk, dv, delta = fused_dv_backward(dy, q, k, v, gamma, out, lse)
-    finally:
-        pam._sm_count = saved
+    # 8 SMs split the key-side loop in two (partials summed in order).
+    monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: 8)
+    dq, dk, dv, delta = fused_dv_backward(dy, q, k, v, gamma, out, lse)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     expected_out = position_attention_reference(*leaves)
     (0.7 * expected_out).backward(dy.double())

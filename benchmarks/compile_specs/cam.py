@@ -2,46 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_report import H100_SMS, KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@contextlib.contextmanager
-def _h100_waves() -> Iterator[Any]:
-    """The launcher sizes its split-N plan by the device's SMs; on the CPU, an H100's."""
-    from danet_kernels.kernels import channel_attention as cam
-
-    saved = cam._programs_per_wave
-    cam._programs_per_wave = lambda device: H100_SMS
-    try:
-        yield cam
-    finally:
-        cam._programs_per_wave = saved
-
-
 def launch_forward(problem: Problem) -> None:
     import torch
 
-    with _h100_waves() as cam:
-        x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
-        cam.channel_attention_forward(x, torch.empty(1))
+    from danet_kernels.kernels import channel_attention as cam
+
+    x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
+    cam.channel_attention_forward(x, torch.empty(1))
 
 
 def launch_backward(problem: Problem) -> None:
     import torch
 
-    with _h100_waves() as cam:
-        b, c, n = problem.batch, problem.channels, problem.n
-        x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
-        cam.channel_attention_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))
+    from danet_kernels.kernels import channel_attention as cam
+
+    b, c, n = problem.batch, problem.channels, problem.n
+    x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
+    cam.channel_attention_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))
 
 
 def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:

@@ -8,39 +8,25 @@ included).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_report import H100_SMS, PRECISIONS, KernelSpec, OpSpec, Problem, Work
-
-
-@contextlib.contextmanager
-def _h100() -> Iterator[Any]:
-    """The launcher splits small grids by the device's SMs; on the CPU, an H100's."""
-    from danet_kernels.kernels import position_attention as pam
-
-    saved = pam._sm_count
-    pam._sm_count = lambda device: H100_SMS
-    try:
-        yield pam
-    finally:
-        pam._sm_count = saved
+from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, Work
 
 
 def launch(problem: Problem, deterministic: bool = False) -> None:
     """The backward of a training call with gamma (dq, dk, dv and dgamma)."""
     import torch
 
+    from danet_kernels.kernels import position_attention as pam
+
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        with _h100() as pam:
-            q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
-            v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-            pam.pam_backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
+        q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
+        v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
+        pam.pam_backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 

@@ -133,7 +133,7 @@ def fused_dv_backward(
     block_c = min(block_c, pam._pow2_cap(channels))
     fused = {"BLOCK_M": min(block_m, pam._pow2_cap(n_pad)), "BLOCK_N": min(block_n, pam._pow2_cap(n_pad)),
              "BLOCK_C": block_c, "num_warps": warps, "num_stages": stages}
-    sm_count = pam._sm_count(q.device)
+    sm_count = pam.device_sms(q.device, pam._INTERPRETER_SMS)
     common = {"HAS_GAMMA": gamma is not None, "BLOCK_D": block_d, "INPUT_PRECISION": precision}
     pam._launch_bwd_preprocess(out_in, dy_in, delta_out, config["pre"])
 
@@ -175,10 +175,9 @@ def fused_dv_backward(
 def launch(problem: Problem) -> None:
     """The backward of a training call with gamma, as the library's spec launches it."""
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    with library._h100():
-        q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
-        v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-        fused_dv_backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
+    q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
+    v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
+    fused_dv_backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
 
 
 def fused_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:

@@ -114,8 +114,6 @@ C x N may pass 2^31 elements, and so may B * C * N.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -537,7 +535,8 @@ def _gram_time_estimate(**args: object) -> float:
     its fp32 partial tile (twice when mirrored)."""
     left, c, symmetric = args["L"], args["C"], args["SYMMETRIC"]
     bc, bn = args["BLOCK_C"], args["BLOCK_N"]
-    splits, n_per_split = _split_plan(args["B_BUCKET"], c, args["N_BUCKET"], symmetric, device_sms(left))
+    sms = device_sms(left.device)
+    splits, n_per_split = _split_plan(args["B_BUCKET"], c, args["N_BUCKET"], symmetric, sms)
     tiles = triton.cdiv(c, bc)
     programs = (tiles * (tiles + 1) // 2 if symmetric else tiles * tiles) * splits * args["B_BUCKET"]
     steps = triton.cdiv(n_per_split, bn)
@@ -545,7 +544,7 @@ def _gram_time_estimate(**args: object) -> float:
     operand_bytes = steps * 2 * bc * bn * element + bc * bc * 4 * (2 if symmetric else 1)
     program = program_clocks(steps * 2 * bc * bc * bn, 0, operand_bytes,
                              operand_class(left.dtype, args["PRECISION"]))
-    return launch_clocks(programs, program, device_sms(left))
+    return launch_clocks(programs, program, sms)
 
 
 def _apply_time_estimate(**args: object) -> float:
@@ -560,7 +559,7 @@ def _apply_time_estimate(**args: object) -> float:
     epilogue = br * bn * u.element_size() * (2 if args["HAS_RESIDUAL"] else 1)
     program = program_clocks(steps * 2 * br * bn * bk, 0, steps * tile_bytes + epilogue,
                              operand_class(u.dtype, args["PRECISION"]))
-    return launch_clocks(programs, program, device_sms(u))
+    return launch_clocks(programs, program, device_sms(u.device))
 
 
 def _autotuned(kernel, configs: dict[str, list[triton.Config]], key: list[str], perf_model) -> dict:
@@ -581,17 +580,9 @@ _APPLY_KERNELS = _autotuned(_cam_apply_kernel, _APPLY_CONFIGS,
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_per_wave(device: torch.device) -> int:
-    """How many Gram programs fill the device once (the interpreter has no SMs; 8 makes the
-    small test shapes split N)."""
-    if device.type == "cuda":
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 8
+# The Gram programs that fill the device once, under the interpreter (it has no SMs): 8 makes
+# the small test shapes split N.
+_INTERPRETER_SMS = 8
 
 
 def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: int) -> tuple[int, int]:
@@ -634,7 +625,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
     ``left`` and ``right`` have aligned rows of the same (padded) length, zero past the true N.
     """
     B, C, N = left.shape
-    num_splits, n_per_split = _split_plan(B, C, N, symmetric, _programs_per_wave(left.device))
+    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, _INTERPRETER_SMS))
     partial = torch.empty((B, num_splits, C, C), dtype=torch.float32, device=left.device)
     precision = dot_input_precision(left.dtype)
 

@@ -5,11 +5,14 @@ perf models (and the compile report) weigh work by."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from danet_kernels._dispatch import triton_interpreting
 
 __all__ = ["ALIGN", "DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
            "L2_BYTES_PER_CLOCK", "OPERAND_CLASSES", "device_sms", "dot_input_precision", "launch_clocks",
@@ -18,6 +21,8 @@ __all__ = ["ALIGN", "DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# Read once at import, like Triton itself: TRITON_INTERPRET must be set before triton is imported.
+_INTERPRETING = triton_interpreting()
 
 
 def _legacy_matmul_precision() -> str | None:
@@ -134,8 +139,15 @@ def launch_clocks(programs: int, per_program: float, sms: int = H100_SMS) -> flo
     return math.ceil(programs / sms) * per_program
 
 
-def device_sms(tensor: torch.Tensor) -> int:
-    """The SMs of the tensor's GPU; an H100's off the GPU (the compile report's launches)."""
-    if tensor.is_cuda:
-        return torch.cuda.get_device_properties(tensor.device).multi_processor_count
-    return H100_SMS
+def device_sms(device: torch.device, interpreter_sms: int = H100_SMS) -> int:
+    """The SMs a launch on ``device`` fills: the GPU's own count on CUDA; ``interpreter_sms``
+    under the Triton interpreter (which has no SMs: the launchers pass what their small test
+    shapes need); an H100's otherwise (the compile report's launches on the CPU)."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return interpreter_sms if _INTERPRETING else H100_SMS
+
+
+@functools.cache
+def _cuda_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -730,7 +730,7 @@ def _fwd_time_estimate(**args: object) -> float:
     programs, flops, exp2, elements = _fwd_work(n, batch, channels, args["BLOCK_D"], bm, bn, bc)
     program = program_clocks(flops, exp2, elements * v.element_size(),
                              operand_class(v.dtype, args["INPUT_PRECISION"]))
-    return launch_clocks(programs, program, device_sms(v))
+    return launch_clocks(programs, program, device_sms(v.device))
 
 
 def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
@@ -809,11 +809,8 @@ def _bwd_config(
     return config
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors to fill; 1 off the GPU (the interpreter runs programs one by one)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+# The SMs the backward's splits fill under the interpreter, which runs programs one by one.
+_INTERPRETER_SMS = 1
 
 
 # Splits of a backward kernel's sequential loop: each one more costs an fp32 partial of the
@@ -1099,7 +1096,7 @@ def pam_backward(
     precision = dot_input_precision(v.dtype)
     block_d = _pow2_cap(head_dim)
     config = _bwd_config(v.dtype, precision, block_d, n_pad, channels)
-    sm_count = _sm_count(q.device)
+    sm_count = device_sms(q.device, _INTERPRETER_SMS)
     common = {"HAS_GAMMA": has_gamma, "BLOCK_D": block_d, "INPUT_PRECISION": precision}
     atomic_dq = not deterministic and "dkdq" in config
     pre, dv_cfg = config["pre"], config["dv"]

@@ -333,7 +333,7 @@ def hopper_backward_launches(
     """The launches pam_backward makes on a Hopper GPU with ``sm_count`` SMs (the compiled
     tiles, not the interpreter's), recorded on meta tensors."""
     monkeypatch.setattr(pam, "_INTERPRETING", False)
-    monkeypatch.setattr(pam, "_sm_count", lambda device: sm_count)
+    monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: sm_count)
     monkeypatch.setattr(pam, "dot_input_precision", lambda dtype: precision)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     with recorded_launches() as launches:
@@ -361,7 +361,7 @@ def executed_flops_per_pair(launches: list[Launch], n: int) -> float:
 
 def test_backward_splits_small_grids(monkeypatch: pytest.MonkeyPatch, backward_path: str) -> None:
     """With more SMs than programs the loops split into partials (reduced in a fixed order)."""
-    monkeypatch.setattr(pam, "_sm_count", lambda device: 64)
+    monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: 64)
     # At the interpreter's 32-wide tiles, N = 91 has 3 key (and query) blocks: 3 splits.
     assert pam._split(2 * 3, 3, 64) == (1, 3)
     check_against_float64(make_inputs(2, 5, 48, 91, scale=3.0))
@@ -397,7 +397,7 @@ def test_deterministic_backward_is_bitwise_repeatable(monkeypatch: pytest.Monkey
     The interpreter runs programs one at a time, so atomics would repeat here too; what this
     checks on the CPU is that the deterministic launches are reproducible end to end (the GPU
     test below repeats it where atomics would not)."""
-    monkeypatch.setattr(pam, "_sm_count", lambda device: 64)
+    monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: 64)
     assert torch.are_deterministic_algorithms_enabled()
     inputs = make_inputs(2, 5, 48, 91, scale=3.0)
     dy = torch.randn_like(inputs["v"])
