@@ -65,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from danet_kernels.kernels.common import H100_SMS, MAX_SHARED_BYTES
+
 __all__ = [
     "PRECISIONS",
     "SIZES",
@@ -99,8 +101,6 @@ PRECISIONS = {
     "fp32-tf32x3": ("float32", "tf32x3"),
     "fp32-ieee": ("float32", "ieee"),
 }
-H100_SMS = 132  # for launchers that size a grid from the device (none on this machine)
-MAX_SHARED_BYTES = 227 * 1024  # what one sm_90 block may use
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from danet_kernels.kernels.common import MAX_SHARED_BYTES
+
 if TYPE_CHECKING:
     from benchmarks.compile_report import Row
 
@@ -110,8 +112,6 @@ def no_spills(applies: Callable[[Row], bool] | None = None, text: str = "no conf
 
 
 def fits_shared_memory() -> Target:
-    from benchmarks.compile_report import MAX_SHARED_BYTES
-
     return each_row(f"shared memory within an sm_90 block's {MAX_SHARED_BYTES // 1024} KiB",
                     lambda r: (r.shared or 0) <= MAX_SHARED_BYTES, lambda r: f"{r.shared} B of shared memory",
                     _compiled(None))

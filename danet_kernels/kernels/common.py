@@ -15,8 +15,8 @@ import triton.language as tl
 from danet_kernels._dispatch import triton_interpreting
 
 __all__ = ["ALIGN", "DOT_PRECISIONS", "EXP2_PER_CLOCK", "FLOPS_PER_CLOCK", "H100_CLOCK_HZ", "H100_SMS",
-           "L2_BYTES_PER_CLOCK", "OPERAND_CLASSES", "device_sms", "dot_input_precision", "launch_clocks",
-           "offsets_2d", "operand_class", "padded_length", "program_clocks", "size_bucket"]
+           "L2_BYTES_PER_CLOCK", "MAX_SHARED_BYTES", "OPERAND_CLASSES", "device_sms", "dot_input_precision",
+           "launch_clocks", "offsets_2d", "operand_class", "padded_length", "program_clocks", "size_bucket"]
 
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
@@ -123,6 +123,7 @@ EXP2_PER_CLOCK = 16  # MUFU ex2
 L2_BYTES_PER_CLOCK = 32  # about L2's bandwidth into one SM (an assumption: it only ranks configs)
 H100_SMS = 132
 H100_CLOCK_HZ = 1.83e9  # 989 TFLOP/s of dense bf16 over 132 SMs x 4096 FLOPs per clock
+MAX_SHARED_BYTES = 227 * 1024  # what one sm_90 block may use
 
 
 def program_clocks(flops: float, exp2: float, operand_bytes: float, operand_class: str) -> float:

@@ -200,6 +200,7 @@ from torch.library import wrap_triton
 from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
     ALIGN,
+    MAX_SHARED_BYTES,
     device_sms,
     dot_input_precision,
     launch_clocks,
@@ -665,7 +666,6 @@ _FWD_TILES = {
 # The interpreter runs programs one by one in numpy: tuning would only multiply its run time,
 # and 32-wide tiles keep the CI shapes multi-block (ragged tails, several C blocks).
 _INTERPRETER_TILES = (32, 32, 32, 4, 1)
-_MAX_SHARED_BYTES = 227 * 1024  # what an sm_90 block may use
 # A first call in a new (N, B) bucket benchmarks at most this many configs: the perf model's best.
 _FWD_TOP_K = 4
 
@@ -699,7 +699,7 @@ def _prune_fwd_configs(
         capped = bm < config.kwargs["BLOCK_M"] and bm < 16 * config.num_warps
         warps = 4 if capped else config.num_warps
         shared = element_size * (bm * block_d + config.num_stages * bn * (block_d + bc))
-        if shared > _MAX_SHARED_BYTES:
+        if shared > MAX_SHARED_BYTES:
             continue
         key = (bm, bn, bc, warps, config.num_stages)
         # Other kwargs (torch.compile applies the EVEN_C heuristic to the configs before the

@@ -599,7 +599,7 @@ def test_forward_prune_caps_tiles_at_the_bucket() -> None:
     fp32 = pam._fwd_configs(pam._FWD_TILES["tf32"])
     big_d = pam._prune_fwd_configs(fp32, _named_args(32768, dtype=torch.float32), BLOCK_D=256)
     for bm, bn, bc, _, stages in _tiles(big_d):
-        assert 4 * (bm * 256 + stages * bn * (256 + bc)) <= pam._MAX_SHARED_BYTES
+        assert 4 * (bm * 256 + stages * bn * (256 + bc)) <= pam.MAX_SHARED_BYTES
     assert 0 < len(big_d) < len(fp32)
     # Flags torch.compile puts into the configs before the prune survive it.
     flagged = [triton.Config({**c.kwargs, "EVEN_C": True}, num_warps=c.num_warps, num_stages=c.num_stages)
