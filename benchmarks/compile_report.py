@@ -223,10 +223,22 @@ class OpSpec:
     targets: tuple[Any, ...] = ()
     notes: tuple[str, ...] = ()
 
-    def problems(self) -> list[Problem]:
-        """The problems of the full report: sizes x precisions, then the extra ones."""
-        return [Problem(n, precision) for precision in self.precisions for n in self.sizes] + list(
-            self.extra_problems)
+    def problems(self, sizes: Sequence[int] | None = None, precisions: Sequence[str] | None = None,
+                 batch: int = 1, head_dim: int = HEAD_DIM, channels: int = CHANNELS) -> list[Problem]:
+        """The problems of the full report (the op's sizes x precisions, then the extra ones), or,
+        where sizes, precisions or a shape other than DANet's is given, those sizes x precisions
+        (each defaulting to the op's) at that shape; only those the op runs (:meth:`runs`)."""
+        shape = (batch, head_dim, channels)
+        chosen = [Problem(n, precision, *shape) for precision in (precisions or self.precisions)
+                  for n in (sizes or self.sizes)]
+        if not (sizes or precisions) and shape == (1, HEAD_DIM, CHANNELS):
+            chosen += self.extra_problems
+        return [problem for problem in chosen if self.runs(problem)]
+
+    def runs(self, problem: Problem) -> bool:
+        """Whether the op runs a problem: one of its precisions (its launch may have tiles for no
+        other) and no variant or one it names."""
+        return problem.precision in self.precisions and problem.variant in ("", *self.variants)
 
     def kernel(self, name: str) -> KernelSpec | None:
         return next((k for k in self.kernels if k.name == name), None)
@@ -709,22 +721,18 @@ def model_time(work: Work, programs: int, operand_class: str) -> float:
 def measure(ops: Sequence[str] | None = None, sizes: Sequence[int] | None = None,
             precisions: Sequence[str] | None = None, configs: str = "kept",
             problems: Sequence[Problem] | None = None, progress: Callable[[str], None] | None = None,
-            ) -> list[Row]:
-    """Compile and measure the ops' kernels: each op's full set of problems (:meth:`OpSpec.problems`),
-    or sizes x precisions where either is given, or ``problems``; an op skips the variants it
-    does not name."""
+            batch: int = 1, head_dim: int = HEAD_DIM, channels: int = CHANNELS) -> list[Row]:
+    """Compile and measure the ops' kernels: each op's problems for the sizes, precisions and
+    shape given (:meth:`OpSpec.problems`; without any, its full set), or ``problems``; an op
+    skips those it does not run (:meth:`OpSpec.runs`: other precisions, variants it does not
+    name)."""
     specs = all_specs()
     rows = []
     for name in ops or list(specs):
         op = specs[name]
-        if problems:
-            chosen = list(problems)
-        elif sizes or precisions:
-            chosen = [Problem(n, precision) for precision in (precisions or op.precisions)
-                      for n in (sizes or op.sizes)]
-        else:
-            chosen = op.problems()
-        for problem in (p for p in chosen if not p.variant or p.variant in op.variants):
+        chosen = ([p for p in problems if op.runs(p)] if problems
+                  else op.problems(sizes, precisions, batch, head_dim, channels))
+        for problem in chosen:
             if progress:
                 progress(f"{op.name} {problem.label}")
             with dot_precision(problem.dot_precision), recorded_launches() as launches:
@@ -929,12 +937,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles the kernels the GPU would run")
-    problems = args.problems
-    if problems is None and (args.batch, args.head_dim, args.channels) != (1, HEAD_DIM, CHANNELS):
-        problems = [Problem(n, precision, args.batch, args.head_dim, args.channels)
-                    for precision in (args.precisions or PRECISIONS) for n in (args.sizes or SIZES)]
-    rows = measure(args.ops, args.sizes, args.precisions, args.configs, problems,
-                   progress=lambda what: print(f"compiling {what}", file=sys.stderr))
+    rows = measure(args.ops, args.sizes, args.precisions, args.configs, args.problems,
+                   progress=lambda what: print(f"compiling {what}", file=sys.stderr),
+                   batch=args.batch, head_dim=args.head_dim, channels=args.channels)
     # What made the numbers: the arguments less the output-only ones (--out, --json, --check).
     given = list(argv if argv is not None else sys.argv[1:])
     output = ("--out", "--json")

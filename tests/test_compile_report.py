@@ -5,7 +5,9 @@ The compiles themselves run in tests/danet_kernels/test_hopper_compile.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +89,32 @@ def test_problem_parse() -> None:
     assert variant.variant == "int64 offsets" and variant.label == "N=32768 bf16 [int64 offsets]"
     with pytest.raises(ValueError, match="unknown precision"):
         report.Problem.parse("9409:bf32")
+
+
+def test_each_op_gets_only_the_problems_it_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--batch, --precisions and --problems reach each op as problems of its own precisions (the
+    fused-dV variant has tiles for bf16 and tf32 only: an fp32-ieee launch would fail), --batch at
+    each op's sizes and precisions (launches recorded, nothing compiled)."""
+    launched: list[tuple[str, report.Problem]] = []
+    specs = {name: dataclasses.replace(spec, launch=lambda p, name=name: launched.append((name, p)))
+             for name, spec in report.all_specs().items()}
+    monkeypatch.setattr(report, "all_specs", lambda: specs)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def run(*argv: str) -> set[tuple[str, report.Problem]]:
+        launched.clear()
+        assert report.main([*argv, "--out", str(tmp_path / "report.md")]) == 0
+        return set(launched)
+
+    assert run("--batch", "2") == {(name, report.Problem(n, precision, batch=2))
+                                   for name, spec in specs.items() for precision in spec.precisions
+                                   for n in spec.sizes}
+    every = {name for name, spec in specs.items() if set(spec.precisions) == set(report.PRECISIONS)}
+    assert "pam_backward_fused_dv" not in every and "pam_forward" in every
+    assert run("--precisions", "fp32-ieee") == {(name, report.Problem(n, "fp32-ieee")) for name in every
+                                                for n in specs[name].sizes}
+    assert run("--problems", "9409:fp32-tf32x3") == {(name, report.Problem(9409, "fp32-tf32x3"))
+                                                     for name in every}
 
 
 def _row(**fields: object) -> report.Row:
