@@ -366,22 +366,26 @@ def tuned_configs(launch: Launch) -> tuple[list[Any], Any]:
         tuner.nargs = None
 
 
+# The torch float32 matmul level that kernels/common.py's dot_input_precision reads as each
+# fp32 dot precision.
+_MATMUL_LEVELS = {"ieee": "highest", "tf32x3": "high", "tf32": "medium"}
+
+
 @contextlib.contextmanager
 def dot_precision(precision: str) -> Iterator[None]:
-    """Make every kernel module's ``dot_input_precision`` answer ``precision`` for fp32 (the
-    launchers read torch's matmul setting through it; this machine's setting is irrelevant)."""
+    """Within the block, the launchers pick ``precision`` for fp32 dots: torch's float32 matmul
+    precision, which they read (through ``dot_input_precision``), is set to its level (this
+    machine's setting is irrelevant), then restored, both of torch's settings."""
     import torch
 
-    modules = [module for name, module in sys.modules.items()
-               if name.startswith("danet_kernels.kernels.") and hasattr(module, "dot_input_precision")]
-    saved = {module: module.dot_input_precision for module in modules}
+    matmul = torch.backends.cuda.matmul
+    saved = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    torch.set_float32_matmul_precision(_MATMUL_LEVELS[precision])
     try:
-        for module in modules:
-            module.dot_input_precision = lambda dtype: precision if dtype == torch.float32 else "tf32"
         yield
     finally:
-        for module, function in saved.items():
-            module.dot_input_precision = function
+        torch.set_float32_matmul_precision(saved[0])
+        matmul.fp32_precision = saved[1]
 
 
 # ----------------------------------------------------------------------------------------------

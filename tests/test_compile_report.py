@@ -117,6 +117,24 @@ def test_each_op_gets_only_the_problems_it_runs(monkeypatch: pytest.MonkeyPatch,
                                                      for name in every}
 
 
+def test_dot_precision_sets_what_the_launchers_read() -> None:
+    """Within the block every kernel module (imported before or inside it) picks the precision
+    for fp32 dots; afterwards torch's setting is as it was."""
+    import importlib
+
+    from danet_kernels.kernels import common
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    for precision in common.DOT_PRECISIONS:
+        with report.dot_precision(precision):
+            cam = importlib.import_module("danet_kernels.kernels.channel_attention")
+            assert common.dot_input_precision(torch.float32) == precision
+            assert cam.dot_input_precision(torch.float32) == precision
+            assert common.dot_input_precision(torch.bfloat16) == "tf32"
+        assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision) == before
+    assert cam.dot_input_precision is common.dot_input_precision
+
+
 def _row(**fields: object) -> report.Row:
     base = {"op": "op", "problem": "N=32768 bf16", "n": 32768, "precision": "bf16", "batch": 1,
             "head_dim": 64, "channels": 512, "variant": "", "kernel": "_k", "launch": "",
