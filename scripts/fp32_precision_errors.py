@@ -29,9 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
+from danet_kernels.kernels.common import DOT_PRECISIONS
 from danet_kernels.reference import channel_attention_reference, position_attention_reference
-
-MODES = ("ieee", "tf32x3", "tf32")
 
 
 def round_to_tf32(a: torch.Tensor) -> torch.Tensor:
@@ -50,7 +49,7 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor
     if mode == "tf32x3":
         a_lo, b_lo = round_to_tf32(a - a_hi), round_to_tf32(b - b_hi)
         return (a_hi @ b_lo + a_lo @ b_hi) + a_hi @ b_hi
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    raise ValueError(f"unknown mode {mode!r}; expected one of {DOT_PRECISIONS}")
 
 
 class _EmulatedMatmul(torch.autograd.Function):
@@ -89,34 +88,41 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
-def _errors(fn, inputs: dict[str, torch.Tensor], mode: str) -> dict[str, float]:
-    """Relative errors (Frobenius) of the output and of every input's gradient against float64."""
-    results = {}
-    for dtype in (torch.float32, torch.float64):
-        leaves = {name: t.detach().to(dtype).requires_grad_() for name, t in inputs.items()}
+def _results(fn, inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The output and every input's gradient of ``fn`` on ``inputs`` cast to ``dtype``."""
+    leaves = {name: t.detach().to(dtype).requires_grad_() for name, t in inputs.items()}
+    out = fn(**leaves)
+    out.backward(torch.ones_like(out) + torch.sin(torch.arange(out.numel(), dtype=dtype)).view_as(out))
+    return {"out": out.detach(), **{f"d{name}": t.grad for name, t in leaves.items()}}
+
+
+def _errors(fn, inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per fp32 dot precision, the relative errors (Frobenius) of the output and of every input's
+    gradient against float64 (computed once: float64 matmuls are exact in every mode)."""
+    exact = _results(fn, inputs, torch.float64)
+    errors = {}
+    for mode in DOT_PRECISIONS:
         with emulated_bmm(mode):
-            out = fn(**leaves)
-            grad = torch.ones_like(out) + torch.sin(torch.arange(out.numel(), dtype=dtype)).view_as(out)
-            out.backward(grad)
-        results[dtype] = {"out": out.detach(), **{f"d{name}": t.grad for name, t in leaves.items()}}
-    return {name: _relative(results[torch.float32][name], results[torch.float64][name])
-            for name in results[torch.float64]}
+            found = _results(fn, inputs, torch.float32)
+        errors[mode] = {name: _relative(found[name], expected) for name, expected in exact.items()}
+    return errors
 
 
-def channel_attention_errors(mode: str, channels: int, n: int, seed: int = 0) -> dict[str, float]:
-    """CAM (no gamma) on unit-variance features (as after DANet's conv5c + BN + ReLU)."""
+def channel_attention_errors(channels: int, n: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """CAM (no gamma) on unit-variance features (as after DANet's conv5c + BN + ReLU), per mode."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, channels, n, generator=generator).relu()
-    return _errors(channel_attention_reference, {"x": x}, mode)
+    return _errors(channel_attention_reference, {"x": x})
 
 
-def position_attention_errors(mode: str, head_dim: int, channels: int, n: int, seed: int = 0
-                              ) -> dict[str, float]:
-    """PAM (no gamma): q and k of ``head_dim`` channels scaled so the scores have unit spread."""
+def position_attention_errors(head_dim: int, channels: int, n: int, seed: int = 0
+                              ) -> dict[str, dict[str, float]]:
+    """PAM (no gamma): q and k of ``head_dim`` channels scaled so the scores have unit spread,
+    per mode."""
     generator = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(1, head_dim, n, generator=generator) * head_dim**-0.25 for _ in range(2))
     v = torch.randn(1, channels, n, generator=generator)
-    return _errors(position_attention_reference, {"q": q, "k": k, "v": v}, mode)
+    return _errors(position_attention_reference, {"q": q, "k": k, "v": v})
 
 
 def main() -> None:
@@ -130,10 +136,9 @@ def main() -> None:
           f"N = {pam_shape[2]}; relative error (Frobenius) against float64, emulated matmuls\n")
     print("| op | precision | out | input gradients |")
     print("|---|---|---|---|")
-    for op, errors in (("CAM", lambda m: channel_attention_errors(m, *cam_shape)),
-                       ("PAM", lambda m: position_attention_errors(m, *pam_shape))):
-        for mode in MODES:
-            found = errors(mode)
+    for op, errors in (("CAM", channel_attention_errors(*cam_shape)),
+                       ("PAM", position_attention_errors(*pam_shape))):
+        for mode, found in errors.items():
             grads = ", ".join(f"{name} {value:.1e}" for name, value in found.items() if name != "out")
             print(f"| {op} | {mode} | {found['out']:.1e} | {grads} |")
 
