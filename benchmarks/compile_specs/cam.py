@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import triton
+
 from benchmarks import compile_targets as targets
 from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def launch_forward(problem: Problem) -> None:
@@ -35,7 +33,7 @@ def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Each (tile pair, split) program accumulates BLOCK_C x BLOCK_C over its split of N."""
     bc, bn, n, n_per_split, splits = meta["BLOCK_C"], meta["BLOCK_N"], meta["N"], meta["n_per_split"], meta[
         "num_splits"]
-    blocks_per_split = [_cdiv(min(n_per_split, n - s * n_per_split), bn) for s in range(splits)]
+    blocks_per_split = [triton.cdiv(min(n_per_split, n - s * n_per_split), bn) for s in range(splits)]
     per_split_programs = programs // splits
     blocks = per_split_programs * sum(blocks_per_split)
     element = meta["L"].element_size()
@@ -45,14 +43,14 @@ def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
 def softmax_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """BLOCK_R rows: pass 1 sums the split partials, pass 2 rewrites A; an exp2 per element each."""
     rows, c, splits = meta["BLOCK_R"], meta["C"], meta["num_splits"]
-    elements = programs * rows * _cdiv(c, meta["BLOCK_K"]) * meta["BLOCK_K"]
+    elements = programs * rows * triton.cdiv(c, meta["BLOCK_K"]) * meta["BLOCK_K"]
     return Work(exp2=2 * elements), Work(bytes=elements * 4 * (splits + 2))
 
 
 def apply_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Y tile BLOCK_R x BLOCK_N with a K-loop over C (twice with HAS_V: K = 2C)."""
     br, bn, bk, c = meta["BLOCK_R"], meta["BLOCK_N"], meta["BLOCK_K"], meta["C"]
-    steps = programs * _cdiv(c, bk) * (2 if meta["HAS_V"] else 1)
+    steps = programs * triton.cdiv(c, bk) * (2 if meta["HAS_V"] else 1)
     element = meta["U"].element_size()
     return Work(), Work(flops=steps * 2 * br * bn * bk, bytes=steps * (br + bn) * bk * element)
 

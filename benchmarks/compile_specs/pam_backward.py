@@ -8,14 +8,18 @@ included).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks import compile_targets as targets
 from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_specs.pam_forward import score_tile
 
 
-def launch(problem: Problem, deterministic: bool = False) -> None:
-    """The backward of a training call with gamma (dq, dk, dv and dgamma)."""
+def launch(problem: Problem, deterministic: bool = False, backward: Callable[..., Any] | None = None
+           ) -> None:
+    """The backward of a training call with gamma (dq, dk, dv and dgamma), through the library's
+    ``pam_backward`` or ``backward(dy, q, k, v, gamma, out, lse)`` (a variant's)."""
     import torch
 
     from danet_kernels.kernels import position_attention as pam
@@ -26,7 +30,7 @@ def launch(problem: Problem, deterministic: bool = False) -> None:
     try:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-        pam.pam_backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
+        (backward or pam.pam_backward)(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
@@ -64,15 +68,11 @@ def dsdk_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     return score, rest
 
 
-def _exp2_tile(meta: dict[str, Any]) -> int:
-    return meta["BLOCK_M"] * meta["BLOCK_N"]
-
-
 KERNELS = (
     KernelSpec("_pam_bwd_preprocess", preprocess_work),
-    KernelSpec("_pam_bwd_dv_kernel", dv_work, exp2_tile=_exp2_tile),
-    KernelSpec("_pam_bwd_dkdq_kernel", dsdk_work, exp2_tile=_exp2_tile),
-    KernelSpec("_pam_bwd_dq_kernel", dsdk_work, exp2_tile=_exp2_tile),
+    KernelSpec("_pam_bwd_dv_kernel", dv_work, exp2_tile=score_tile),
+    KernelSpec("_pam_bwd_dkdq_kernel", dsdk_work, exp2_tile=score_tile),
+    KernelSpec("_pam_bwd_dq_kernel", dsdk_work, exp2_tile=score_tile),
 )
 
 

@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_report import KernelSpec, OpSpec, Work
 from benchmarks.compile_specs import pam_backward as library
+from benchmarks.compile_specs.pam_forward import score_tile
 from danet_kernels.kernels.common import offsets_2d, padded_length
 from danet_kernels.kernels.position_attention import LOG2E, _pam_load_gamma
 
@@ -172,14 +173,6 @@ def fused_dv_backward(
     return tuple(t[..., :n] for t in (dq_out, dk_out, dv_out, delta_out))
 
 
-def launch(problem: Problem) -> None:
-    """The backward of a training call with gamma, as the library's spec launches it."""
-    b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
-    v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-    fused_dv_backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
-
-
 def fused_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """The library's key-side work (dP over all of C, S, dS, dK) plus dV for BLOCK_C channels."""
     score, rest = library.dsdk_work(meta, programs)
@@ -191,9 +184,9 @@ SPEC = OpSpec(
     name="pam_backward_fused_dv",
     title="PAM backward, deterministic, dV of one C block fused into the key-side kernel "
           "(measured, not used)",
-    launch=launch,
-    kernels=(*library.KERNELS, KernelSpec("_pam_bwd_dkdv_kernel", fused_work,
-                                          exp2_tile=lambda meta: meta["BLOCK_M"] * meta["BLOCK_N"])),
+    # As the library's spec launches the backward (the variant has one path: no switch to set).
+    launch=lambda problem: library.launch(problem, backward=fused_dv_backward),
+    kernels=(*library.KERNELS, KernelSpec("_pam_bwd_dkdv_kernel", fused_work, exp2_tile=score_tile)),
     minimal=library.DETERMINISTIC.minimal,
     unit=library.DETERMINISTIC.unit,
     sizes=(32768, 9409, 4096),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
+from unittest import mock
+
+import triton
 
 from benchmarks import compile_targets as targets
 from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, Work
@@ -12,41 +15,35 @@ from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, W
 INT64_OFFSETS = "int64 offsets"  # the variant with the launcher's int64 switch forced on
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@contextlib.contextmanager
-def _offsets(problem: Problem) -> Iterator[Any]:
-    """The launcher's in-image offset switch, forced on for the int64 variant: its cost measured
-    at DANet's sizes (a real launch takes it from C * N ~ 2^31 on, N > 4.2M at C = 512)."""
-    from danet_kernels.kernels import position_attention as pam
-
-    saved = pam._needs_int64_offsets
-    if problem.variant == INT64_OFFSETS:
-        pam._needs_int64_offsets = lambda *tensors: True
-    try:
-        yield pam
-    finally:
-        pam._needs_int64_offsets = saved
-
-
-def launch(problem: Problem) -> None:
-    """A training call: gamma, the residual epilogue and O stored for the backward."""
+def launch(problem: Problem, forward: Callable[..., Any] | None = None) -> None:
+    """A training call: gamma, the residual epilogue and O stored for the backward, through the
+    library's ``pam_forward`` or ``forward(q, k, v, gamma, residual)`` (a variant's). For the
+    int64 variant the launcher's in-image offset switch is forced on: its cost measured at
+    DANet's sizes (a real launch takes it from C * N ~ 2^31 on, N > 4.2M at C = 512)."""
     import torch
 
+    from danet_kernels.kernels import position_attention as pam
+
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    with _offsets(problem) as pam:
+    forward = forward or (lambda *operands: pam.pam_forward(*operands, True))
+    offsets = (mock.patch.object(pam, "_needs_int64_offsets", lambda *tensors: True)
+               if problem.variant == INT64_OFFSETS else contextlib.nullcontext())
+    with offsets:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, residual = torch.empty(b, c, n, dtype=dtype), torch.empty(b, c, n, dtype=dtype)
-        pam.pam_forward(q, k, v, torch.empty(1), residual, True)
+        forward(q, k, v, torch.empty(1), residual)
+
+
+def score_tile(meta: dict[str, Any]) -> int:
+    """The exp2 tile of the PAM kernels (forward and backward): BLOCK_M queries x BLOCK_N keys."""
+    return meta["BLOCK_M"] * meta["BLOCK_N"]
 
 
 def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Every program sweeps all cdiv(N, BLOCK_N) key blocks: S = q^T k on its BLOCK_M x BLOCK_N
     tile (the score part) and its BLOCK_C channels of P v, streaming a k and a v tile per block."""
     bm, bn, bc, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_C"], meta["BLOCK_D"]
-    blocks = programs * _cdiv(meta["N"], bn)
+    blocks = programs * triton.cdiv(meta["N"], bn)
     element = meta["V"].element_size()
     score = Work(flops=blocks * 2 * bm * bn * bd, exp2=blocks * bm * bn)
     rest = Work(flops=blocks * 2 * bm * bn * bc, bytes=blocks * bn * (bd + bc) * element)
@@ -54,7 +51,7 @@ def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
 
 
 KERNELS = (
-    KernelSpec("_pam_fwd_kernel", forward_work, exp2_tile=lambda meta: meta["BLOCK_M"] * meta["BLOCK_N"]),
+    KernelSpec("_pam_fwd_kernel", forward_work, exp2_tile=score_tile),
 )
 _KERNEL = ("_pam_fwd_kernel",)
 

@@ -22,8 +22,8 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
-from benchmarks.compile_specs.pam_forward import SPEC as SPLIT
+from benchmarks.compile_report import KernelSpec, OpSpec
+from benchmarks.compile_specs import pam_forward as split
 from danet_kernels.kernels.position_attention import LOG2E, _load_tile, _tile_mask
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages); BLOCK_C covers all of C.
@@ -133,31 +133,14 @@ def full_width_forward(q: Any, k: Any, v: Any, gamma: Any, residual: Any, **conf
     return result, out, lse
 
 
-def launch(problem: Problem) -> None:
-    import torch
-
-    b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
-    v, residual = torch.empty(b, c, n, dtype=dtype), torch.empty(b, c, n, dtype=dtype)
-    full_width_forward(q, k, v, torch.empty(1), residual)
-
-
-def full_width_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
-    """Every program sweeps all key blocks: its S^T tile once (score), all C channels of O^T."""
-    bm, bn, bc, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_C"], meta["BLOCK_D"]
-    blocks = programs * -(-meta["N"] // bn)
-    score = Work(flops=blocks * 2 * bm * bn * bd, exp2=blocks * bm * bn)
-    rest = Work(flops=blocks * 2 * bm * bn * bc, bytes=blocks * bn * (bd + bc) * meta["V"].element_size())
-    return score, rest
-
-
 SPEC = OpSpec(
     name="pam_forward_full_width",
     title="PAM forward, full-width variant (measured, not used by the library)",
-    launch=launch,
-    kernels=(KernelSpec("_pam_fwd_full_width_kernel", full_width_work,
-                        exp2_tile=lambda meta: meta["BLOCK_M"] * meta["BLOCK_N"]),),
-    minimal=SPLIT.minimal,
-    unit=SPLIT.unit,
+    launch=lambda problem: split.launch(problem, forward=full_width_forward),
+    # The split layout's work model holds: every program sweeps all key blocks, its S^T tile once
+    # (score), its BLOCK_C channels (here all of C) of O^T.
+    kernels=(KernelSpec("_pam_fwd_full_width_kernel", split.forward_work, exp2_tile=split.score_tile),),
+    minimal=split.SPEC.minimal,
+    unit=split.SPEC.unit,
     precisions=("bf16", "fp32-tf32"),
 )
