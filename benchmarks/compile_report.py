@@ -421,15 +421,17 @@ def specialise(launch: Launch) -> tuple[Any, dict[str, Any]]:
 
 @dataclass
 class Compiled:
-    """A kernel compiled for sm_90a: ptxas's figures and the PTX/TTGIR text (or the error)."""
+    """A kernel compiled for sm_90a: ptxas's figures and what the report reads from its PTX and
+    TTGIR (or the error)."""
 
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
     shared: int | None = None
     num_warps: int | None = None
-    ptx: str = ""
-    ttgir: str = ""
+    counts: dict[str, int] = field(default_factory=dict)  # ptx_counts of the whole kernel
+    loop: dict[str, int] | None = None  # ptx_counts of the main loop (main_loop), None without loops
+    replication: float | None = None  # exp2_replication of the TTGIR
     error: str | None = None
     specialisation: str = ""  # what the binary depends on, hashed (see specialisation_key)
 
@@ -443,7 +445,7 @@ def specialisation_key(source: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-_compiled: dict[tuple, Compiled] = {}  # one compile per binary: launches of one key share it
+_compiled: dict[tuple, Compiled] = {}  # one compile (and reading) per binary: launches of one key share it
 
 
 def compile_launch(launch: Launch) -> Compiled:
@@ -480,8 +482,9 @@ def _compile(source: Any, options: dict[str, Any]) -> Compiled:
         spill_loads=int(spills.group(2)) if spills else None,
         shared=kernel.metadata.shared,
         num_warps=kernel.metadata.num_warps,
-        ptx=kernel.asm["ptx"],
-        ttgir=kernel.asm["ttgir"],
+        counts=ptx_counts(kernel.asm["ptx"]),
+        loop=main_loop(kernel.asm["ptx"]),
+        replication=exp2_replication(kernel.asm["ttgir"]),
     )
 
 
@@ -661,8 +664,7 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
         compiled = compile_launch(jit_launch)
         row.error = compiled.error
         if compiled.error is None:
-            counts = ptx_counts(compiled.ptx)
-            loop = main_loop(compiled.ptx)
+            counts, loop = compiled.counts, compiled.loop
             row.registers = compiled.registers
             row.spill_bytes = (compiled.spill_stores or 0) + (compiled.spill_loads or 0)
             row.shared = compiled.shared
@@ -671,7 +673,7 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
             row.mma = "wgmma" if counts["wgmma"] else "mma.sync" if counts["mma_sync"] else "FMA"
             row.loop_ex2 = loop["ex2"] if loop else None
             row.loop_cp_async = loop["cp_async"] if loop else 0
-            row.replication = exp2_replication(compiled.ttgir)
+            row.replication = compiled.replication
             row.specialisation = compiled.specialisation
             if spec is not None and spec.exp2_tile is not None:
                 row.ex2_share = spec.exp2_tile(meta) / (32 * row.num_warps)
