@@ -51,7 +51,6 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -851,10 +850,11 @@ def check_targets(rows: Sequence[Row]) -> list[Any]:
     return compile_targets.evaluate({name: op.targets for name, op in all_specs().items()}, rows)
 
 
-def render_markdown(rows: list[Row], command: str, versions: dict[str, str] | None = None) -> str:
-    """docs/compile_report.md from the measured rows."""
+def render_markdown(rows: list[Row], results: list[Any], command: str, versions: dict[str, str] | None = None
+                    ) -> str:
+    """docs/compile_report.md from the measured rows and the targets checked on them
+    (:func:`check_targets`)."""
     versions = versions or _versions()
-    results = check_targets(rows)
     specs = all_specs()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
@@ -952,12 +952,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = [a for i, a in enumerate(given) if a not in (*output, "--check")
              and not a.startswith(("--out=", "--json=")) and (i == 0 or given[i - 1] not in output)]
     command = "python -m benchmarks.compile_report" + "".join(f" {shlex.quote(a)}" for a in shown)
-    text = render_markdown(rows, command)
+    results = check_targets(rows)
+    text = render_markdown(rows, results, command)
     if args.out == "-":
         print(text)
     else:
         Path(args.out).write_text(text + "\n")
-    results = check_targets(rows)
     if args.json:
         found = {"rows": [dataclasses.asdict(r) for r in rows],
                  "targets": [dataclasses.asdict(t) for t in results]}
@@ -969,5 +969,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    importlib.import_module("benchmarks.compile_specs")  # fail early if a spec does not import
     sys.exit(main())

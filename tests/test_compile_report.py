@@ -193,8 +193,8 @@ def test_every_spec_states_targets_and_the_markdown_shows_them() -> None:
     for name in ("pam_forward", "pam_backward", "pam_backward_deterministic", "cam_forward", "cam_backward"):
         assert specs[name].targets, name
     rows = [_row(op="pam_forward", kernel="_pam_fwd_kernel", spill_bytes=24, choice="fixed")]
-    text = report.render_markdown(rows, "python -m benchmarks.compile_report", versions={
-        "triton": "t", "ptxas": "p", "torch": "x", "python": "y"})
+    text = report.render_markdown(rows, report.check_targets(rows), "python -m benchmarks.compile_report",
+                                  versions={"triton": "t", "ptxas": "p", "torch": "x", "python": "y"})
     assert "**NOT MET**: no kept config spills registers" in text and "- met: every launch compiles" in text
     assert "- not evaluated here" in text
 
