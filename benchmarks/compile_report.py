@@ -321,48 +321,36 @@ def recorded_launches() -> Iterator[list[Launch]]:
         _recording = previous
 
 
-def expand(launch: Launch) -> list[tuple[Any, Launch]]:
-    """``(config, JIT launch)`` for every config a launch may run: each one the prune of an
-    autotuned kernel keeps, run through the autotuner's chain (heuristics included) to the
-    ``JITFunction`` launch it would make; a plain launch is its own (``config`` None)."""
-    from triton.runtime.autotuner import Autotuner
+def tuning(launch: Launch) -> tuple[list[Any], list[Any], Any]:
+    """An autotuned launch's configs: those its early prune keeps (all, without a prune), those
+    the autotuner would benchmark (its own ``prune_configs``: that prune, then the perf model's
+    top-k) and the one its perf model ranks first among them (None without a perf model, unless
+    one alone is benchmarked)."""
+    tuner = launch.kernel
+    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
+    try:
+        prune = tuner.early_config_prune
+        kept = list(prune(tuner.configs, tuner.nargs, **launch.kwargs) if prune else tuner.configs)
+        benchmarked = list(tuner.prune_configs(launch.kwargs))
+        if not tuner.perf_model:
+            return kept, benchmarked, benchmarked[0] if len(benchmarked) == 1 else None
+        timing = {c: tuner.perf_model(**tuner.nargs, **launch.kwargs, **c.all_kwargs()) for c in benchmarked}
+        return kept, benchmarked, min(benchmarked, key=timing.__getitem__)
+    finally:
+        tuner.nargs = None
 
-    if not isinstance(launch.kernel, Autotuner):
-        return [(None, launch)]
+
+def expand(launch: Launch, configs: Sequence[Any]) -> list[tuple[Any, Launch]]:
+    """``(config, JIT launch)`` for each config of an autotuned launch (e.g. every one its prune
+    keeps, :func:`tuning`), run through the autotuner's chain (heuristics included) to the
+    ``JITFunction`` launch it would make."""
     expanded = []
-    for config in kept_configs(launch):
+    for config in configs:
         with recorded_launches() as inner:
             launch.kernel.fn.run(*launch.args, grid=launch.grid, warmup=False,
                                  **launch.kwargs, **config.all_kwargs())
         expanded.append((config, inner[-1]))
     return expanded
-
-
-def kept_configs(launch: Launch) -> list[Any]:
-    """The configs an autotuner's early prune keeps for this launch (all, without a prune)."""
-    tuner = launch.kernel
-    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
-    try:
-        if tuner.early_config_prune:
-            return list(tuner.early_config_prune(tuner.configs, tuner.nargs, **launch.kwargs))
-        return list(tuner.configs)
-    finally:
-        tuner.nargs = None
-
-
-def tuned_configs(launch: Launch) -> tuple[list[Any], Any]:
-    """The configs the autotuner would benchmark (after its perf model's top-k) and the one its
-    perf model ranks first (None without a perf model)."""
-    tuner = launch.kernel
-    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
-    try:
-        benchmarked = list(tuner.prune_configs(launch.kwargs))
-        if not tuner.perf_model:
-            return benchmarked, benchmarked[0] if len(benchmarked) == 1 else None
-        timing = {c: tuner.perf_model(**tuner.nargs, **launch.kwargs, **c.all_kwargs()) for c in benchmarked}
-        return benchmarked, min(benchmarked, key=timing.__getitem__)
-    finally:
-        tuner.nargs = None
 
 
 # The torch float32 matmul level that kernels/common.py's dot_input_precision reads as each
@@ -643,11 +631,15 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
 
     scale = op.unit[1](problem)
     spec = op.kernel(launch.jit_function.__name__)
-    tuned, preferred = tuned_configs(launch) if isinstance(launch.kernel, Autotuner) else ([None], None)
+    if isinstance(launch.kernel, Autotuner):
+        kept, tuned, preferred = tuning(launch)
+        expanded = expand(launch, kept)
+    else:  # a plain launch: its own config (None), fixed
+        tuned, preferred, expanded = [None], None, [(None, launch)]
     choice = "fixed" if tuned == [None] else "perf model" if preferred is not None else "first tuned"
     stand_in = preferred if preferred is not None else tuned[0]
     rows = []
-    for config, jit_launch in expand(launch):
+    for config, jit_launch in expanded:
         is_preferred = config is None or config == stand_in
         if configs == "preferred" and not is_preferred:
             continue

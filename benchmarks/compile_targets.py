@@ -105,10 +105,9 @@ def compiles() -> Target:
                     lambda r: str(r.error), lambda r: True)
 
 
-def no_spills(applies: Callable[[Row], bool] | None = None, text: str = "no config spills registers"
-              ) -> Target:
+def no_spills(text: str = "no config spills registers") -> Target:
     return each_row(text, lambda r: r.spill_bytes == 0, lambda r: f"{r.spill_bytes} B of spills",
-                    _compiled(None, applies))
+                    _compiled(None))
 
 
 def fits_shared_memory() -> Target:
