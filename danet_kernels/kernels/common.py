@@ -1,7 +1,7 @@
 """What the Triton kernels of both ops share: the fp32 dot precision that follows torch, the
 operand classes their tile lists are chosen by, the row alignment and size buckets of their
-launchers, their in-image int64 offsets, and the model of a Hopper SM that their autotuners'
-perf models (and the compile report) weigh work by."""
+launchers, their in-image int64 offsets, the SMs a launch fills (:func:`device_sms`), and the
+model of a Hopper SM that their autotuners' perf models (and the compile report) weigh work by."""
 
 from __future__ import annotations
 
