@@ -247,18 +247,23 @@ class RunCheckpoints:
         self.last_window_healthy: bool | None = None  # the loss before it was healthy
         self.awaiting_confirmation = False  # last.pt waits for the loss of the step after it
         self.good: int | None = None  # the iteration last_good.pt holds (written by this process)
-        self.resumed_here = False
+        self.resumed_here: Path | None = None  # the file of this directory the run resumed from
 
-    def restore(self, ckpt: Mapping[str, Any], *, resumed_here: bool) -> None:
-        """Continue the evidence of a resumed checkpoint (whose next loss judges it, in its own dir)."""
+    def restore(self, ckpt: Mapping[str, Any], *, resumed_here: Path | None) -> None:
+        """Continue the evidence of a resumed checkpoint.
+
+        ``resumed_here``: the checkpoint's file when it is in this run's directory (its next loss
+        judges it, and :meth:`adopt` makes it last.pt); None when the run continues elsewhere.
+        """
         self.health = LossHealth(ckpt.get("loss_windows", ()))
         self.last_saved, self.last_window_healthy = ckpt["iteration"], ckpt.get("window_healthy")
-        self.awaiting_confirmation = self.resumed_here = resumed_here
+        self.resumed_here = resumed_here
+        self.awaiting_confirmation = resumed_here is not None
 
-    def adopt(self, path: Path) -> None:
+    def adopt(self) -> None:
         """A run resumed from another file of its directory (e.g. last_good.pt): it becomes last.pt."""
-        if self.writer and path.name != LAST:
-            keep_as(path, LAST)
+        if self.writer and self.resumed_here is not None and self.resumed_here.name != LAST:
+            keep_as(self.resumed_here, LAST)
 
     def record(self, loss: float) -> None:
         """Count one step's loss; the first after a save judges that save (healthy: last_good.pt)."""
@@ -293,7 +298,8 @@ class RunCheckpoints:
         if first_loss_after_save is None:
             first_loss_after_save = self.awaiting_confirmation
         good, good_path = self.good, self.run_dir / LAST_GOOD
-        if good is None and self.resumed_here and good_path.is_file():  # written before this resume
+        # a last_good.pt written before this resume
+        if good is None and self.resumed_here is not None and good_path.is_file():
             good = int(load_checkpoint(good_path)["iteration"])
         remedies = "optim.grad_clip, a warm-up (schedule.warmup_iters), or train.amp=bf16 instead of fp16"
         if good is None:

@@ -344,9 +344,10 @@ class Trainer:
 
     # -------------------------------------------------------------- how the run starts
 
-    def resume_from(self, path: Path, *, rebase_schedule: bool = False) -> None:
+    def resume_from(self, path: Path, *, resumed_here: bool, rebase_schedule: bool = False) -> None:
         """Load the full training state of ``path`` (every rank reads it); see danet.resume.
 
+        ``resumed_here``: ``path`` is in this run's directory (the run continues in place).
         ``rebase_schedule``: recompute the LR schedule (and the optimiser's hyperparameters) from
         this run's settings, continuing at the checkpoint's iteration, instead of the stored one.
         """
@@ -371,7 +372,7 @@ class Trainer:
         self.state = TrainState(iteration, ckpt["epoch"], ckpt["iteration_in_epoch"],
                                 ckpt.get("best_miou", float("-inf")), ckpt.get("metrics", {}))
         self.resumed_from = path
-        self.checkpoints.restore(ckpt, resumed_here=self._resuming_here())
+        self.checkpoints.restore(ckpt, resumed_here=path if resumed_here else None)
         rng = ckpt["rng"]
         if len(rng) == self.ctx.world_size:
             restore_rng_state(rng[self.ctx.rank])
@@ -405,9 +406,6 @@ class Trainer:
         if self.ctx.is_main:
             print(f"model initialised from {path}")
 
-    def _resuming_here(self) -> bool:
-        return self.resumed_from is not None and self.resumed_from.parent.resolve() == self.run_dir.resolve()
-
     # -------------------------------------------------------------- the run
 
     def fit(self) -> TrainResult:
@@ -416,8 +414,7 @@ class Trainer:
         The signal handlers stay installed until the final checkpoint of a stop is written.
         """
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        if self.resumed_from is not None and self._resuming_here():
-            self.checkpoints.adopt(self.resumed_from)  # e.g. last_good.pt: now the run's last.pt
+        self.checkpoints.adopt()  # resumed in place from e.g. last_good.pt: it becomes the run's last.pt
         previous_log = self.resumed_from.parent / METRICS if self.resumed_from is not None else None
         log = MetricsLog(self.run_dir, ctx.is_main, tensorboard=cfg.train.tensorboard,
                          resume_iteration=state.iteration if self.resumed_from is not None else None,
@@ -655,7 +652,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
             check_run_dir(run_dir, resuming_here=resuming_here, overwrite=overwrite)
         trainer = Trainer(cfg, ctx, run_dir, on_step=on_step, stop=stop)
         if resume_path is not None:
-            trainer.resume_from(resume_path, rebase_schedule=rebase_schedule)
+            trainer.resume_from(resume_path, resumed_here=resuming_here, rebase_schedule=rebase_schedule)
         elif cfg.model.pretrained is not None:
             trainer.load_pretrained(cfg.model.pretrained)
         if ctx.is_main:  # everything checked, built and loaded: now the run directory
