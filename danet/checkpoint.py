@@ -10,8 +10,9 @@ A training checkpoint is a dict with
 * ``rng``: python, numpy, torch CPU and CUDA generator states of every process (:func:`capture_rng_state`);
 * ``config``: ``danet.config.config_to_dict`` of the run's Config;
 * ``best_miou`` and ``metrics`` (the last validation);
-* ``loss_windows``: ``[iteration, mean training loss since the previous save]`` of every save,
-  the loss history that tells a healthy checkpoint from one written while training diverged.
+* ``loss_windows``: ``[iteration, mean training loss since the previous save, healthy]`` of
+  every save (danet.resume.LossHealth), the loss history that tells a healthy checkpoint from
+  one written while training diverged.
 
 Writing: :func:`atomic_save` writes through :func:`danet.files.atomic_write` (a temporary file,
 fsynced and renamed: a crash or a full disk mid-write leaves the previous checkpoint whole) and

@@ -212,15 +212,13 @@ class LossHealth:
         """Count one iteration's loss into the current window."""
         self.current.append(loss)
 
-    def close_window(self, iteration: int) -> bool | None:
-        """End the current window at a save; whether it was healthy (None: no iteration in it)."""
+    def close_window(self, iteration: int) -> None:
+        """End the current window at a save (nothing to end without an iteration in it)."""
         if not self.current:
-            return None
+            return
         mean = math.fsum(self.current) / len(self.current)
-        healthy = self.is_healthy(mean)
-        self.windows.append([iteration, mean if math.isfinite(mean) else None, healthy])
+        self.windows.append([iteration, mean if math.isfinite(mean) else None, self.is_healthy(mean)])
         self.current = []
-        return healthy
 
 
 # ------------------------------------------------------------------------------ the run's checkpoints
@@ -244,7 +242,6 @@ class RunCheckpoints:
         self.run_dir, self.writer = run_dir, writer
         self.health = LossHealth()
         self.last_saved: int | None = None  # the iteration last.pt holds
-        self.last_window_healthy: bool | None = None  # the loss before it was healthy
         self.awaiting_confirmation = False  # last.pt waits for the loss of the step after it
         self.good: int | None = None  # the iteration last_good.pt holds (written by this process)
         self.resumed_here: Path | None = None  # the file of this directory the run resumed from
@@ -256,9 +253,14 @@ class RunCheckpoints:
         judges it, and :meth:`adopt` makes it last.pt); None when the run continues elsewhere.
         """
         self.health = LossHealth(ckpt.get("loss_windows", ()))
-        self.last_saved, self.last_window_healthy = ckpt["iteration"], ckpt.get("window_healthy")
+        self.last_saved = ckpt["iteration"]
         self.resumed_here = resumed_here
         self.awaiting_confirmation = resumed_here is not None
+
+    @property
+    def last_window_healthy(self) -> bool | None:
+        """Whether the loss of the newest window (up to the save in last.pt) was healthy; None: no window."""
+        return self.health.windows[-1][2] if self.health.windows else None
 
     def adopt(self) -> None:
         """A run resumed from another file of its directory (e.g. last_good.pt): it becomes last.pt."""
@@ -278,15 +280,12 @@ class RunCheckpoints:
 
     def save(self, checkpoint: dict[str, Any], iteration: int, *, best: bool) -> None:
         """Write ``checkpoint`` (plus the loss evidence) as last.pt, and as the best when ``best``."""
-        window_healthy = self.health.close_window(iteration)
-        if window_healthy is None:  # no step since the last save: the same state
-            window_healthy = self.last_window_healthy
+        self.health.close_window(iteration)  # none without a step since the last save: the same state
         if self.writer:
-            checkpoint = {**checkpoint, "loss_windows": self.health.windows, "window_healthy": window_healthy}
-            path = atomic_save(checkpoint, self.run_dir / LAST)
+            path = atomic_save({**checkpoint, "loss_windows": self.health.windows}, self.run_dir / LAST)
             if best:
                 keep_as(path, BEST)
-        self.last_saved, self.last_window_healthy = iteration, window_healthy
+        self.last_saved = iteration
         self.awaiting_confirmation = True
 
     def divergence_report(self, what: str, lr: float, *, first_loss_after_save: bool | None = None) -> str:
