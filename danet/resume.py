@@ -56,6 +56,22 @@ def resolve_resume_path(resume: str | Path) -> Path:
     return path
 
 
+class LoadedCheckpoint:
+    """A checkpoint read once: ``danet train --resume`` reads its config, the trainer its state.
+
+    :meth:`take` hands the state over once and drops this reference to it, so that the CPU copy
+    of the weights and the optimiser state is not kept through the run.
+    """
+
+    def __init__(self, path: Path, state: dict[str, Any]) -> None:
+        self.path, self._state = path, state
+
+    def take(self) -> dict[str, Any] | None:
+        """The state read (None once it was taken: then the file is read again)."""
+        state, self._state = self._state, None
+        return state
+
+
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
 

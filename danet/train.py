@@ -104,6 +104,7 @@ from danet.files import FileWriteError
 from danet.losses import DANetLoss
 from danet.lr_policies import build_scheduler
 from danet.resume import (
+    LoadedCheckpoint,
     RunCheckpoints,
     check_lr_alive,
     check_resume,
@@ -344,15 +345,17 @@ class Trainer:
 
     # -------------------------------------------------------------- how the run starts
 
-    def resume_from(self, path: Path, *, resumed_here: bool, rebase_schedule: bool = False) -> None:
+    def resume_from(self, path: Path, *, resumed_here: bool, rebase_schedule: bool = False,
+                    state: dict[str, Any] | None = None) -> None:
         """Load the full training state of ``path`` (every rank reads it); see danet.resume.
 
         ``resumed_here``: ``path`` is in this run's directory (the run continues in place).
+        ``state``: ``path``'s training state, when the caller has read it already (on the CPU).
         ``rebase_schedule``: recompute the LR schedule (and the optimiser's hyperparameters) from
         this run's settings, continuing at the checkpoint's iteration, instead of the stored one.
         """
         # on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device
-        ckpt = load_training_state(path, map_location="cpu")
+        ckpt = state if state is not None else load_training_state(path, map_location="cpu")
         check_resume(ckpt, self.cfg, total_iters=self.plan.total_iters,
                      iters_per_epoch=self.plan.iters_per_epoch, rebase=rebase_schedule, path=path)
         try:
@@ -613,7 +616,7 @@ class Trainer:
 # ------------------------------------------------------------------------------ train()
 
 
-def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = False,
+def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, overwrite: bool = False,
           rebase_schedule: bool = False, on_step: Callable[[int, nn.Module], bool | None] | None = None,
           stop: StopFlag | None = None) -> TrainResult:
     """Run training for ``cfg`` (a torchrun process group is joined when the environment has one).
@@ -621,7 +624,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
     Args:
         cfg: the full configuration; ``cfg.train.output`` is the run dir (default: the resumed
             checkpoint's directory, else runs/<name>-<time>).
-        resume: a checkpoint file or a run directory (its last.pt) to continue from.
+        resume: a checkpoint file or a run directory (its last.pt) to continue from, or the
+            checkpoint :func:`resolve_config` read already.
         overwrite: allow reusing a run directory that already holds another run's outputs.
         rebase_schedule: on resume, recompute the LR schedule from ``cfg`` (danet.resume).
         on_step: called after every optimiser step with (iteration, unwrapped model); returning
@@ -638,7 +642,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
     torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
     try:
-        resume_path = resolve_resume_path(resume) if resume is not None else None
+        if isinstance(resume, LoadedCheckpoint):
+            resume_path: Path | None = resume.path
+        else:
+            resume_path = resolve_resume_path(resume) if resume is not None else None
         if cfg.train.output is not None:
             run_dir = Path(cfg.train.output)
         elif resume_path is not None:
@@ -652,7 +659,9 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
             check_run_dir(run_dir, resuming_here=resuming_here, overwrite=overwrite)
         trainer = Trainer(cfg, ctx, run_dir, on_step=on_step, stop=stop)
         if resume_path is not None:
-            trainer.resume_from(resume_path, resumed_here=resuming_here, rebase_schedule=rebase_schedule)
+            # the state is handed over, not bound here: nothing keeps its CPU copy through the run
+            trainer.resume_from(resume_path, resumed_here=resuming_here, rebase_schedule=rebase_schedule,
+                                state=resume.take() if isinstance(resume, LoadedCheckpoint) else None)
         elif cfg.model.pretrained is not None:
             trainer.load_pretrained(cfg.model.pretrained)
         if ctx.is_main:  # everything checked, built and loaded: now the run directory
@@ -671,42 +680,46 @@ def train(cfg: Config, *, resume: str | Path | None = None, overwrite: bool = Fa
 # ------------------------------------------------------------------------------ danet train
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """The Config the command line asks for (on --resume: the checkpoint's, plus --set).
+def resolve_config(args: argparse.Namespace) -> tuple[Config, LoadedCheckpoint | None]:
+    """The Config the command line asks for (on --resume: the checkpoint's, plus --set), and
+    on --resume the checkpoint, read once (for :func:`train`).
 
     On --resume the stored ``train.output`` is dropped: the run continues where the checkpoint
     is, or in ``--output``.
     """
+    loaded = None
     if args.resume is not None:
         if args.preset is not None or args.config is not None:
             raise ValueError("--resume continues with the checkpoint's stored config; "
                              "only --set overrides can be added")
         path = resolve_resume_path(args.resume)
-        stored = load_training_state(path)["config"]
+        state = load_training_state(path)
+        stored = state["config"]
         overrides = parse_overrides(args.overrides)
         check_stored_config(stored, overrides, path)
         stored = {**stored, "train": {**stored["train"], "output": None}}
         cfg = apply_dict(config_from_dict(stored), overrides)
         validate_config(cfg)
+        loaded = LoadedCheckpoint(path, state)
     else:
         if args.rebase_schedule:
             raise ValueError("--rebase-schedule applies to --resume only")
         cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
     if args.output is not None:
         cfg.train.output = args.output
-    return cfg
+    return cfg, loaded
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``danet train``: status 0, 1 (a failure named on stderr), 130/143 (stopped)."""
     stop = StopFlag()
     with stop.handle_signals(ignore_after_stop=True):  # from the start: a SIGTERM at any time stops
-        cfg = resolve_config(args)
+        cfg, loaded = resolve_config(args)
         if args.print_config:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         try:
-            result = train(cfg, resume=args.resume, overwrite=args.overwrite,
+            result = train(cfg, resume=loaded, overwrite=args.overwrite,
                            rebase_schedule=args.rebase_schedule, stop=stop)
         except (NonFiniteLossError, DistributedTimeoutError, FileWriteError) as err:
             print(f"danet train: error: {err}", file=sys.stderr)

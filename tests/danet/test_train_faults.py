@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from danet.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, load_checkpoint
+from danet.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, load_checkpoint, read_file
 from danet.cli import main as cli_main
 from danet.train import NonFiniteLossError, train
 from tests.danet.training_helpers import REPO, TINY, records, subprocess_env, tiny_config
@@ -57,6 +57,21 @@ def test_resume_writes_where_the_checkpoint_is_not_where_its_config_says(tmp_pat
     # ... but not into a directory holding another run
     assert cli_main(["train", "--resume", str(a), "--output", str(b)]) == 2
     assert load_checkpoint(b / LAST)["iteration"] == 3
+
+
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """danet train --resume reads last.pt (hash, unpickle, finite check) once: config and state."""
+    train(tiny_config(tmp_path, "train.iters=2"), on_step=_stop_at(1))
+    reads = []
+
+    def counted_read(path, *args, **kwargs):
+        reads.append(Path(path))
+        return read_file(path, *args, **kwargs)
+
+    monkeypatch.setattr("danet.checkpoint.read_file", counted_read)
+    assert cli_main(["train", "--resume", str(tmp_path)]) == 0
+    assert reads.count(tmp_path / LAST) == 1
+    assert load_checkpoint(tmp_path / LAST)["iteration"] == 2
 
 
 def test_metrics_log_is_truncated_to_the_resumed_iteration(tmp_path):
