@@ -86,16 +86,6 @@ def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _merged(stored: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    merged = {key: dict(value) if isinstance(value, Mapping) else value for key, value in stored.items()}
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def check_stored_config(stored: Any, overrides: Mapping[str, Any], path: Path) -> None:
     """Refuse a stored config that lacks what decides the schedule and the run's length.
 
@@ -108,7 +98,8 @@ def check_stored_config(stored: Any, overrides: Mapping[str, Any], path: Path) -
     if not isinstance(stored, Mapping):
         raise ValueError(f"{path} has no stored config (a {type(stored).__name__}); it was not written "
                          f"by danet train. Start a new run from its weights: --set model.pretrained={path}")
-    missing = missing_keys(_merged(stored, overrides))
+    not_overridden = set(missing_keys(overrides))
+    missing = [key for key in missing_keys(stored) if key in not_overridden]
     required = [key for key in missing if _matches(key, REQUIRED_KEYS)]
     if required:
         shown = ", ".join(_summarised(required, missing_keys({})))

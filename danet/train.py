@@ -80,7 +80,6 @@ from danet.config import (
     DEFAULT_PRESET,
     Config,
     apply_dict,
-    config_from_dict,
     config_to_dict,
     load_config,
     parse_overrides,
@@ -697,9 +696,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, LoadedCheckpoint |
         stored = state["config"]
         overrides = parse_overrides(args.overrides)
         check_stored_config(stored, overrides, path)
-        stored = {**stored, "train": {**stored["train"], "output": None}}
-        cfg = apply_dict(config_from_dict(stored), overrides)
-        validate_config(cfg)
+        cfg = apply_dict(Config(), stored)
+        cfg.train.output = None  # the stored one; --set train.output may still name one
+        apply_dict(cfg, overrides)
+        validate_config(cfg)  # once, the stored config as --set amends it
         loaded = LoadedCheckpoint(path, state)
     else:
         if args.rebase_schedule:

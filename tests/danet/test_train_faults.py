@@ -16,6 +16,8 @@ import yaml
 
 from danet.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, load_checkpoint, read_file
 from danet.cli import main as cli_main
+from danet.config import Config, config_to_dict
+from danet.resume import check_stored_config
 from danet.train import NonFiniteLossError, train
 from tests.danet.training_helpers import REPO, TINY, records, subprocess_env, tiny_config
 
@@ -186,6 +188,16 @@ def test_a_partial_stored_config_is_refused(tmp_path, capsys):
     assert cli_main(["train", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "stored config has no optim.*, schedule.*, train.epochs, train.iters, train.batch_size" in err
+
+
+def test_a_stored_config_completed_by_set_is_accepted():
+    """A key missing from the stored config counts as missing only when --set does not give it."""
+    stored = config_to_dict(Config())
+    schedule = stored.pop("schedule")
+    check_stored_config(stored, {"schedule": schedule}, Path("last.pt"))
+    del schedule["gamma"]
+    with pytest.raises(ValueError, match=r"last.pt's stored config has no schedule.gamma: "):
+        check_stored_config(stored, {"schedule": schedule}, Path("last.pt"))
 
 
 # ---------------------------------------------------------------- divergence
