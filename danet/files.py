@@ -6,9 +6,11 @@ destination, which is fsynced and renamed over it. A crash, a full disk or a Ctr
 middle leaves the previous file whole.
 
 A ``kill -9`` in the middle cannot run any clean-up: it leaves the temporary behind. Our
-temporaries are named ``.<name>.partial-<pid>-<host>-<random>``, so the next write into the
-same directory removes those of this machine whose process no longer exists (a live writer's,
-or another machine's on a shared file system, are left alone).
+temporaries are named ``.<name>.partial-<pid>-<host>-<random>``, so the first write of a
+process into the same directory removes those of this machine whose process no longer exists
+(a live writer's, or another machine's on a shared file system, are left alone). Once per
+process and directory, not at every write (``danet predict`` writes thousands of files into
+one directory): a temporary that another process leaves later waits for the next process.
 
 The new file gets the mode a plain ``open(path, "w")`` would give: the existing file's mode when
 it replaces one, else ``0o666`` minus the umask (``tempfile.mkstemp`` would make it 0600, so that
@@ -21,6 +23,7 @@ Operating-system errors (read-only directory, full disk, a name too long) come o
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -65,6 +68,7 @@ def describe_os_error(err: OSError, path: str | Path, action: str = "write") -> 
     return f"cannot {action} {path}: {cause}"
 
 
+@functools.cache
 def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
@@ -115,6 +119,17 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
+_swept: set[str] = set()  # the directories this process removed stale temporaries from
+
+
+def _sweep_once(directory: Path) -> None:
+    """:func:`remove_stale_temporaries` at this process's first write into ``directory``."""
+    key = os.path.abspath(directory)
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_temporaries(directory)
+
+
 def _umask() -> int:
     """The process's umask; read from /proc where it can be (setting it to read it back is not
     thread safe: another thread's file created meanwhile would get mode 0666)."""
@@ -144,7 +159,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     The temporary exists (empty) when ``write`` is called, which may reopen it by name. It is
     fsynced before the rename and the directory after it, so the new file is durable once this
     returns; on any failure (exceptions and KeyboardInterrupt alike) the temporary is removed
-    and ``path`` keeps what it held. Stale temporaries of dead writers are removed first.
+    and ``path`` keeps what it held. Stale temporaries of dead writers are removed first (at
+    this process's first write into the directory).
 
     Raises:
         FileWriteError: an operating-system error (full disk, read-only or missing permission,
@@ -155,7 +171,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FileWriteError(err.errno, describe_os_error(err, path.parent, "create the directory")) from err
-    remove_stale_temporaries(path.parent)
+    _sweep_once(path.parent)
     if len(path.name.encode()) > _NAME_MAX:
         too_long = OSError(errno.ENAMETOOLONG, "name too long")
         raise FileWriteError(errno.ENAMETOOLONG, describe_os_error(too_long, path)
@@ -194,7 +210,7 @@ def atomic_link(source: str | Path, path: str | Path) -> Path:
     source, path = Path(source), Path(path)
     if source.resolve() == path.resolve():
         return path
-    remove_stale_temporaries(path.parent)
+    _sweep_once(path.parent)
     tmp = path.parent / _temporary_name(path.name)
     try:
         os.link(source, tmp)

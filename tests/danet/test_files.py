@@ -82,6 +82,17 @@ def test_stale_temporaries_of_dead_writers_are_removed_at_the_next_write(tmp_pat
     assert remove_stale_temporaries(tmp_path) == []
 
 
+def test_a_directory_is_swept_once_per_process(tmp_path, monkeypatch):
+    """Not at every write: predict writes thousands of files into one directory."""
+    sweeps = []
+    monkeypatch.setattr("danet.files.remove_stale_temporaries", sweeps.append)
+    for name in ("a.png", "b.png", "a.png"):
+        atomic_write(tmp_path / name, lambda tmp: tmp.write_bytes(b"png"))
+    atomic_link(tmp_path / "a.png", tmp_path / "c.png")
+    atomic_write(tmp_path / "sub" / "d.png", lambda tmp: tmp.write_bytes(b"png"))
+    assert sweeps == [tmp_path, tmp_path / "sub"]
+
+
 def test_kill_9_mid_write_leaves_a_temporary_that_the_next_write_removes(tmp_path):
     """The real thing: a writer killed with SIGKILL while its temporary is half written."""
     script = (
