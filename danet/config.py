@@ -17,7 +17,7 @@ Every Config that :func:`load_config` or :func:`config_from_dict` builds is chec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -360,13 +360,7 @@ def validate_config(cfg: Config) -> None:
     low, high = d.scale_range
     if not 0 < low <= high:
         raise ValueError(f"data.scale_range must satisfy 0 < low <= high, got {list(d.scale_range)}")
-    _choice("eval.protocol", e.protocol, INFERENCE_PROTOCOLS)
-    _choice("eval.mode", e.mode, INFERENCE_MODES)
-    _choice("eval.amp", e.amp, INFERENCE_AMP)
-    _at_least("eval.batch_size", e.batch_size, 1)
-    for key in ("crop_size", "stride", "base_size"):
-        _at_least(f"eval.{key}", getattr(e, key), 1, optional=True)
-    _at_least("eval.window_memory_mb", e.window_memory_mb, 0)
+    resolve_eval_config(e, d, prefix="eval.")  # as validation and danet eval will run it
     _choice("optim.name", o.name, OPTIMIZERS)
     _at_least("optim.lr", o.lr, 0.0)
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
@@ -382,6 +376,48 @@ def validate_config(cfg: Config) -> None:
         _at_least(f"train.{key}", getattr(t, key), 0)
     if not cfg.dist.timeout_s > 0:
         raise ValueError(f"dist.timeout_s must be > 0 seconds, got {cfg.dist.timeout_s!r}")
+
+
+def check_eval_config(cfg: EvalConfig, *, prefix: str = "") -> None:
+    """Raise ValueError naming the first bad field of a resolved EvalConfig (:func:`resolve_eval_config`).
+
+    ``prefix`` (``"eval."`` in :func:`validate_config`) names the fields as keys of a Config.
+    """
+    for what, name, value, allowed in (("evaluation protocol", "protocol", cfg.protocol, INFERENCE_PROTOCOLS),
+                                       ("inference mode", "mode", cfg.mode, INFERENCE_MODES),
+                                       ("amp", "amp", cfg.amp, INFERENCE_AMP)):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}: {prefix}{name} must be one of {', '.join(allowed)}")
+    needs_crop = cfg.mode != "whole" or cfg.protocol == "release"
+    if needs_crop and (cfg.crop_size is None or cfg.crop_size < 1):
+        raise ValueError(f"mode {cfg.mode!r} (protocol {cfg.protocol!r}) needs a {prefix}crop_size >= 1, "
+                         f"got {cfg.crop_size}")
+    _at_least(f"{prefix}crop_size", cfg.crop_size, 1, optional=True)
+    if not 0 < cfg.stride_ratio <= 1:
+        raise ValueError(f"{prefix}stride_ratio must be in (0, 1], got {cfg.stride_ratio}")
+    _at_least(f"{prefix}stride", cfg.stride, 1, optional=True)
+    if cfg.stride is not None and cfg.crop_size is not None and cfg.stride > cfg.crop_size:
+        raise ValueError(f"{prefix}stride must be between 1 and the crop size {cfg.crop_size}, "
+                         f"got {cfg.stride}")
+    if cfg.mode == "multiscale" and (not cfg.scales or any(s <= 0 for s in cfg.scales)):
+        raise ValueError(f"{prefix}scales must be a non-empty list of positive numbers, "
+                         f"got {list(cfg.scales)}")
+    if cfg.protocol == "release" and (cfg.base_size is None or cfg.base_size < 1):
+        raise ValueError(f"protocol 'release' needs a {prefix}base_size >= 1, got {cfg.base_size}")
+    _at_least(f"{prefix}base_size", cfg.base_size, 1, optional=True)
+    _at_least(f"{prefix}batch_size", cfg.batch_size, 1)
+    _at_least(f"{prefix}window_memory_mb", cfg.window_memory_mb, 0)
+
+
+def resolve_eval_config(cfg: EvalConfig, data: DataConfig | None = None, *, prefix: str = "") -> EvalConfig:
+    """A checked copy of ``cfg`` with ``crop_size`` and ``base_size`` filled from ``data`` when None
+    (``prefix``: see :func:`check_eval_config`)."""
+    data = data or DataConfig()
+    resolved = replace(cfg, crop_size=cfg.crop_size if cfg.crop_size is not None else data.crop_size,
+                       base_size=cfg.base_size if cfg.base_size is not None else data.base_size,
+                       scales=tuple(cfg.scales))
+    check_eval_config(resolved, prefix=prefix)
+    return resolved
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

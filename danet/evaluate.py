@@ -195,8 +195,6 @@ def run(args: argparse.Namespace) -> int:
     """``danet eval``: print the per-class table and the metrics; rank 0 writes the outputs."""
     from danet.distributed import ShardSampler, cleanup_distributed, setup_distributed
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     heads = list(dict.fromkeys(args.heads))
     for flag, path in (("--json", args.json), ("--confusion-matrix", args.confusion_matrix)):
         if path is not None:  # checked before the evaluation; eval replaces its outputs

@@ -55,7 +55,7 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from danet.choices import HEAD_OUTPUTS, INFERENCE_AMP, INFERENCE_MODES, INFERENCE_PROTOCOLS
-from danet.config import DataConfig, EvalConfig
+from danet.config import DataConfig, EvalConfig, check_eval_config, resolve_eval_config
 
 __all__ = [
     "EVAL_FIELDS",
@@ -215,46 +215,6 @@ def inference_plan(height: int, width: int, cfg: EvalConfig) -> list[Stage]:
         else:
             stages.append(Stage(scale, size, size, windows, None, (False,), cfg.flip))
     return stages
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration checks.
-
-
-def check_eval_config(cfg: EvalConfig) -> None:
-    """Raise ValueError naming the first bad field of a resolved EvalConfig."""
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {cfg.protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown inference mode {cfg.mode!r}; choose from {', '.join(MODES)}")
-    if cfg.amp not in AMP_MODES:
-        raise ValueError(f"unknown amp {cfg.amp!r}; choose from {', '.join(AMP_MODES)}")
-    needs_crop = cfg.mode != "whole" or cfg.protocol == "release"
-    if needs_crop and (cfg.crop_size is None or cfg.crop_size < 1):
-        raise ValueError(f"mode {cfg.mode!r} (protocol {cfg.protocol!r}) needs a crop_size >= 1, "
-                         f"got {cfg.crop_size}")
-    if not 0 < cfg.stride_ratio <= 1:
-        raise ValueError(f"stride_ratio must be in (0, 1], got {cfg.stride_ratio}")
-    too_long = cfg.stride is not None and cfg.crop_size is not None and cfg.stride > cfg.crop_size
-    if cfg.stride is not None and (cfg.stride < 1 or too_long):
-        raise ValueError(f"stride must be between 1 and the crop size {cfg.crop_size}, got {cfg.stride}")
-    if cfg.mode == "multiscale" and (not cfg.scales or any(s <= 0 for s in cfg.scales)):
-        raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(cfg.scales)}")
-    if cfg.protocol == "release" and (cfg.base_size is None or cfg.base_size < 1):
-        raise ValueError(f"protocol 'release' needs a base_size >= 1, got {cfg.base_size}")
-    if cfg.window_memory_mb < 0:
-        raise ValueError(f"window_memory_mb must be >= 0, got {cfg.window_memory_mb}")
-
-
-def resolve_eval_config(cfg: EvalConfig, data: DataConfig | None = None) -> EvalConfig:
-    """A checked copy of ``cfg`` with ``crop_size`` and ``base_size`` filled from ``data`` when None."""
-    data = data or DataConfig()
-    resolved = dataclasses.replace(
-        cfg, crop_size=cfg.crop_size if cfg.crop_size is not None else data.crop_size,
-        base_size=cfg.base_size if cfg.base_size is not None else data.base_size,
-        scales=tuple(cfg.scales))
-    check_eval_config(resolved)
-    return resolved
 
 
 # --------------------------------------------------------------------------------------------

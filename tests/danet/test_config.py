@@ -135,6 +135,8 @@ def test_a_malformed_config_file_is_one_clear_error(tmp_path):
         ("eval.amp=fp8", "eval.amp must be one of auto, none, bf16, fp16"),
         ("eval.stride=0", "eval.stride must be >= 1, got 0"),
         ("eval.window_memory_mb=-1", "eval.window_memory_mb must be >= 0, got -1"),
+        ("eval.stride_ratio=1.5", "eval.stride_ratio must be in (0, 1], got 1.5"),
+        ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
         ("train.matmul_precision=tf32", "train.matmul_precision must be one of highest, high, medium"),
         ("train.device=tpu", "train.device must be one of auto, cpu, cuda"),
         ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),

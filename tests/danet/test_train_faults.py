@@ -123,6 +123,16 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_bad_eval_settings_are_refused_before_training(tmp_path, capsys):
+    """Not after an epoch, at the first validation: the same checks as danet eval's."""
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", "--output", str(run_dir), "--set", *TINY, "eval.stride_ratio=1.5"]) == 2
+    assert "eval.stride_ratio must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert cli_main(["train", "--print-config", "--set", "eval.mode=multiscale", "eval.scales=[]"]) == 2
+    assert "eval.scales must be a non-empty list of positive numbers" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_print_config_validates_the_whole_config(capsys):
     assert cli_main(["train", "--print-config", "--set", "train.amp=fp8"]) == 2
     assert "train.amp must be one of none, bf16, fp16" in capsys.readouterr().err
