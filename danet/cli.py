@@ -19,11 +19,15 @@ from pathlib import Path
 
 from danet import __version__
 from danet.choices import (
+    ATTENTIONS,
+    DEVICES,
     EXPORT_FORMATS,
     HEAD_OUTPUTS,
     INFERENCE_AMP,
     INFERENCE_MODES,
     INFERENCE_PROTOCOLS,
+    LR_POLICIES,
+    OUTPUT_STRIDES,
     PREDICT_FORMATS,
 )
 from danet.config import DEFAULT_PRESET, DataConfig, EvalConfig, ModelConfig, TrainConfig, available_presets
@@ -91,12 +95,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                                       "danet/config.py's ModelConfig)")
     group.add_argument("--backbone", default=None,
                        help=f"a name of danet.models.BACKBONES (default {ModelConfig.backbone!r})")
-    group.add_argument("--output-stride", type=int, choices=(8, 16), default=None)
-    group.add_argument("--attention", choices=("fused", "reference"), default=None)
+    group.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES, default=None)
+    group.add_argument("--attention", choices=ATTENTIONS, default=None)
     group.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
                        help="the checkpoint has the auxiliary FCN head")
     group.add_argument("--multi-grid", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available (default)")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, metavar="N",
                         help="CPU threads of this process (default %(default)s, as train.threads; "
@@ -226,8 +230,8 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _lr_plot_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policies", nargs="+", default=None, metavar="POLICY",
-                        help="policies to draw: fixed step exp inv multistep poly sigmoid (default: all)")
+    parser.add_argument("--policies", nargs="+", choices=LR_POLICIES, default=None, metavar="POLICY",
+                        help=f"policies to draw: {' '.join(LR_POLICIES)} (default: all)")
     parser.add_argument("--iters", type=int, default=None,
                         help="iterations of the run (default: the preset's run length, as "
                              "`danet train` would plan it)")

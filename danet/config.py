@@ -24,7 +24,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from danet.choices import INFERENCE_AMP, INFERENCE_MODES, INFERENCE_PROTOCOLS
+from danet.choices import (
+    ATTENTIONS,
+    DEVICES,
+    INFERENCE_AMP,
+    INFERENCE_MODES,
+    INFERENCE_PROTOCOLS,
+    LR_POLICIES,
+    OUTPUT_STRIDES,
+)
 
 
 @dataclass
@@ -176,10 +184,7 @@ class Config:
 
 AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
-DEVICES = ("auto", "cpu", "cuda")
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
-ATTENTIONS = ("fused", "reference")
-OUTPUT_STRIDES = (8, 16)
 # a run directory is runs/<name>-YYYYmmdd-HHMMSS: one path component of at most 255 bytes
 _MAX_NAME_BYTES = 255 - len("-20260101-120000")
 
@@ -340,7 +345,6 @@ def validate_config(cfg: Config) -> None:
         ValueError: naming the first bad field, its value and what it may be.
     """
     from danet.data import DATASETS
-    from danet.lr_policies import POLICIES
     from danet.models.backbone import BACKBONES
 
     m, d, e, o, s, t = cfg.model, cfg.data, cfg.eval, cfg.optim, cfg.schedule, cfg.train
@@ -364,7 +368,7 @@ def validate_config(cfg: Config) -> None:
     _choice("optim.name", o.name, OPTIMIZERS)
     _at_least("optim.lr", o.lr, 0.0)
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
-    _choice("schedule.policy", s.policy, POLICIES)
+    _choice("schedule.policy", s.policy, LR_POLICIES)
     _at_least("schedule.warmup_iters", s.warmup_iters, 0)
     _choice("train.amp", t.amp, AMP_MODES)
     _choice("train.matmul_precision", t.matmul_precision, MATMUL_PRECISIONS)

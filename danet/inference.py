@@ -54,10 +54,11 @@ from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
-from danet.choices import HEAD_OUTPUTS, INFERENCE_AMP, INFERENCE_MODES, INFERENCE_PROTOCOLS
+from danet.choices import HEAD_OUTPUTS
 from danet.config import DataConfig, EvalConfig, check_eval_config, resolve_eval_config
 
 __all__ = [
+    "AMP_DTYPES",
     "EVAL_FIELDS",
     "CommandSetup",
     "Stage",
@@ -75,10 +76,8 @@ __all__ = [
     "window_stride",
 ]
 
-PROTOCOLS = INFERENCE_PROTOCOLS
-MODES = INFERENCE_MODES
-AMP_MODES = INFERENCE_AMP
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# autocast dtype of each amp setting once "auto" is resolved (train.amp's settings too)
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +240,7 @@ class _ModelRunner:
         if amp == "auto":  # bf16 on CUDA, unless the caller runs under an autocast of its own
             own = device.type == "cuda" and not torch.is_autocast_enabled(device.type)
             amp = "bf16" if own else "none"
-        self.autocast_dtype = _AMP_DTYPES.get(amp)
+        self.autocast_dtype = AMP_DTYPES[amp]
         self.call = {} if self.heads == ("sum",) else {"head_outputs": True}
 
     def batch_size(self, window_shape: tuple[int, int], images: int, samples: int) -> int:

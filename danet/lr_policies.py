@@ -32,10 +32,9 @@ from dataclasses import replace
 import torch
 from torch.optim import lr_scheduler
 
+from danet.choices import LR_POLICIES as POLICIES
 from danet.config import Config, ScheduleConfig, load_config
 from danet.files import atomic_write
-
-POLICIES: tuple[str, ...] = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
 
 class InvDecay:
@@ -201,10 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from danet.outputs import check_output_file
 
     output = check_output_file(args.output, args.overwrite)
-    policies = args.policies or list(POLICIES)
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown LR policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    policies = args.policies or list(POLICIES)  # argparse checked the names (choices=POLICIES)
     cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
     if args.iters is not None:
         if args.iters < 1:

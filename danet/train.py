@@ -100,6 +100,7 @@ from danet.distributed import (
     wrap_ddp,
 )
 from danet.files import FileWriteError
+from danet.inference import AMP_DTYPES
 from danet.losses import DANetLoss
 from danet.lr_policies import build_scheduler
 from danet.resume import (
@@ -114,7 +115,6 @@ from danet.run_dir import METRICS, MetricsLog, check_run_dir, create_run_dir, de
 from danet.stopping import StopFlag, StopSafeDataLoader
 from danet.threads import set_threads
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
 
 __all__ = ["MetricsLog", "NonFiniteLossError", "TrainResult", "Trainer", "plan_batches", "run", "train"]
