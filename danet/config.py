@@ -368,8 +368,7 @@ def validate_config(cfg: Config) -> None:
     _choice("optim.name", o.name, OPTIMIZERS)
     _at_least("optim.lr", o.lr, 0.0)
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
-    _choice("schedule.policy", s.policy, LR_POLICIES)
-    _at_least("schedule.warmup_iters", s.warmup_iters, 0)
+    check_schedule(s)
     _choice("train.amp", t.amp, AMP_MODES)
     _choice("train.matmul_precision", t.matmul_precision, MATMUL_PRECISIONS)
     _choice("train.device", t.device, DEVICES)
@@ -380,6 +379,23 @@ def validate_config(cfg: Config) -> None:
         _at_least(f"train.{key}", getattr(t, key), 0)
     if not cfg.dist.timeout_s > 0:
         raise ValueError(f"dist.timeout_s must be > 0 seconds, got {cfg.dist.timeout_s!r}")
+
+
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Raise ValueError naming the first bad setting of the LR schedule that needs no run length
+    (danet.lr_policies.validate_schedule adds those that do)."""
+    if cfg.policy not in LR_POLICIES:
+        raise ValueError(f"unknown LR policy {cfg.policy!r}: schedule.policy must be one of "
+                         f"{', '.join(LR_POLICIES)}")
+    _at_least("schedule.warmup_iters", cfg.warmup_iters, 0)
+    if cfg.warmup_iters > 0 and not 0.0 < cfg.warmup_start_factor <= 1.0:
+        raise ValueError(f"schedule.warmup_start_factor must be in (0, 1], got {cfg.warmup_start_factor}")
+    if cfg.policy == "step" and cfg.step_size < 1:
+        raise ValueError(f"schedule.step_size must be >= 1 for the step policy, got {cfg.step_size}")
+    if cfg.policy == "multistep" and list(cfg.milestones) != sorted(set(cfg.milestones)):
+        raise ValueError(f"schedule.milestones must be strictly increasing, got {list(cfg.milestones)}")
+    if cfg.policy == "inv" and cfg.gamma < 0:
+        raise ValueError(f"schedule.gamma must be >= 0 for the inv policy, got {cfg.gamma}")
 
 
 def check_eval_config(cfg: EvalConfig, *, prefix: str = "") -> None:

@@ -33,7 +33,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from danet.choices import LR_POLICIES as POLICIES
-from danet.config import Config, ScheduleConfig, load_config
+from danet.config import Config, ScheduleConfig, check_schedule, load_config
 from danet.files import atomic_write
 
 
@@ -78,25 +78,18 @@ def _policy(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, horizon: int)
 
 
 def validate_schedule(cfg: ScheduleConfig, total_iters: int) -> None:
-    """Raise ValueError naming the first setting of ``cfg`` that cannot drive ``total_iters`` iterations."""
-    if cfg.policy not in POLICIES:
-        raise ValueError(f"unknown LR policy {cfg.policy!r}; choose one of {', '.join(POLICIES)}")
+    """Raise ValueError naming the first setting of ``cfg`` that cannot drive ``total_iters`` iterations.
+
+    The settings alone are checked by danet.config.check_schedule (validate_config runs it for
+    every Config; here it is run again for a ScheduleConfig built by hand); this adds the run length.
+    """
+    check_schedule(cfg)
     if total_iters < 1:
         raise ValueError(f"the run has {total_iters} iterations; it needs at least 1")
-    if cfg.warmup_iters < 0:
-        raise ValueError(f"schedule.warmup_iters must be >= 0, got {cfg.warmup_iters}")
-    if cfg.warmup_iters > 0 and not 0.0 < cfg.warmup_start_factor <= 1.0:
-        raise ValueError(f"schedule.warmup_start_factor must be in (0, 1], got {cfg.warmup_start_factor}")
     if cfg.policy == "poly" and cfg.warmup_iters >= total_iters:
         raise ValueError(
             f"schedule.warmup_iters ({cfg.warmup_iters}) leaves no iterations of the {total_iters} for poly"
         )
-    if cfg.policy == "step" and cfg.step_size < 1:
-        raise ValueError(f"schedule.step_size must be >= 1 for the step policy, got {cfg.step_size}")
-    if cfg.policy == "multistep" and list(cfg.milestones) != sorted(set(cfg.milestones)):
-        raise ValueError(f"schedule.milestones must be strictly increasing, got {list(cfg.milestones)}")
-    if cfg.policy == "inv" and cfg.gamma < 0:
-        raise ValueError(f"schedule.gamma must be >= 0 for the inv policy, got {cfg.gamma}")
 
 
 def build_scheduler(

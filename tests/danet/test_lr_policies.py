@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 import warnings
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from danet.cli import main as cli_main
-from danet.config import ScheduleConfig
+from danet.config import ScheduleConfig, load_config
 from danet.lr_policies import POLICIES, build_scheduler, lr_curve
 
 BASE_LR, HEAD_MULT, TOTAL = 0.003, 10.0, 120
@@ -108,6 +109,23 @@ def test_bad_schedule_is_a_clear_error(changes, message):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=message):
         build_scheduler(optimizer, replace(ScheduleConfig(), **changes), 100)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["schedule.policy=step", "schedule.step_size=0"], "schedule.step_size must be >= 1 for the step"),
+        (["schedule.policy=multistep", "schedule.milestones=[5, 3]"],
+         "schedule.milestones must be strictly increasing"),
+        (["schedule.warmup_iters=3", "schedule.warmup_start_factor=0"],
+         "schedule.warmup_start_factor must be in (0, 1]"),
+        (["schedule.policy=inv", "schedule.gamma=-1"], "schedule.gamma must be >= 0 for the inv policy"),
+    ],
+)
+def test_bad_schedule_settings_are_refused_with_the_config(overrides, message):
+    """--print-config refuses what training refuses: the settings need no run length."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(overrides=overrides)
 
 
 def test_lr_plot_writes_png(tmp_path, capsys):
