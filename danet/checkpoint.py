@@ -297,7 +297,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     if not isinstance(state, dict):
         raise ValueError(f"{path} cannot be resumed: it holds a {type(state).__name__}, not a training state")
     missing = [key for key in TRAINING_STATE_KEYS if key not in state]
-    if missing and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+    if missing and _tensors_only(state):
         raise ValueError(f"{path} cannot be resumed: it holds a plain state_dict ({len(state)} tensors), "
                          "no training state (optimizer, scheduler, iteration, rng); "
                          f"{_what_it_is(state, path)}")
@@ -310,11 +310,15 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     return state
 
 
+def _tensors_only(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` is a plain state_dict: tensors and nothing else."""
+    return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
 def _what_it_is(state: Mapping[str, Any], path: str | Path) -> str:
     """What a dict that is not a full training state seems to be, and what to do with it."""
-    tensors_only = bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
     release = isinstance(state.get("state_dict"), Mapping)  # the original release's layout
-    if tensors_only or release or isinstance(state.get("model"), Mapping):
+    if _tensors_only(state) or release or isinstance(state.get("model"), Mapping):
         kind = ("the original release's layout" if release else
                 "a danet checkpoint's weights without their training state" if "model" in state
                 else "a state_dict")
