@@ -117,7 +117,7 @@ from danet.threads import set_threads
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
 
-__all__ = ["MetricsLog", "NonFiniteLossError", "TrainResult", "Trainer", "plan_batches", "run", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "plan_batches", "run", "train"]
 
 
 class NonFiniteLossError(RuntimeError):

@@ -18,6 +18,7 @@ from danet.distributed import (
     setup_distributed,
     wrap_ddp,
 )
+from tests.danet.training_helpers import TINY
 
 
 def _free_port() -> int:
@@ -38,11 +39,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
     danet_kernels.set_backend("torch")  # the CPU attention backend (as tests/danet/conftest.py)
     cfg = load_config("synthetic", overrides=[
-        "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=32",
-        "data.val_samples=6", "eval.batch_size=2", "train.batch_size=8", "train.accum_steps=2",
-        "train.iters=8",
-        "train.progress=false", "train.val_interval=0", "train.log_interval=1", "train.device=cpu",
-        f"train.output={out_dir}/run",
+        *TINY, "data.train_samples=32", "data.val_samples=6", "eval.batch_size=2", "train.batch_size=8",
+        "train.accum_steps=2", "train.iters=8", "train.val_interval=0", f"train.output={out_dir}/run",
     ])
     result = train(cfg)
     torch.save({"state": result.model.state_dict(), "losses": result.losses, "metrics": result.metrics},
@@ -143,10 +141,8 @@ def _freezing_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
 
     danet_kernels.set_backend("torch")
     cfg = load_config("synthetic", overrides=[
-        "data.image_size=32", "data.base_size=32", "data.crop_size=32", "data.train_samples=32",
-        "data.val_samples=4", "eval.batch_size=2", "train.batch_size=4", "train.iters=8",
-        "train.progress=false", "train.val_interval=0", "train.device=cpu", "dist.timeout_s=4",
-        f"train.output={out_dir}/run",
+        *TINY, "data.train_samples=32", "eval.batch_size=2", "train.iters=8", "train.val_interval=0",
+        "dist.timeout_s=4", f"train.output={out_dir}/run",
     ])
 
     def freeze(iteration, model):

@@ -18,16 +18,6 @@ from tests.danet.training_helpers import REPO, TINY, subprocess_env, tiny_config
 from tests.danet.training_helpers import records as _records
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: CI runs two test processes on two cores, and oversubscribed OpenMP
-    threads spin against each other (a 10x slowdown here); results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _majority_class_miou(cfg) -> float:
     """mIoU of always predicting the most frequent class of the validation split: the 'chance' bar."""
     from danet.data import build_dataset
@@ -266,7 +256,7 @@ def test_cuda_training_knobs(tmp_path, knobs):
 
 
 def test_metrics_log_writes_json_lines_and_tensorboard_is_optional(tmp_path):
-    from danet.train import MetricsLog
+    from danet.run_dir import MetricsLog
 
     try:
         import tensorboard  # noqa: F401

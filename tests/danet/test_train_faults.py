@@ -22,14 +22,6 @@ from danet.train import NonFiniteLossError, train
 from tests.danet.training_helpers import REPO, TINY, records, subprocess_env, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train_iterations(run_dir: Path) -> list[int]:
     return [r["iteration"] for r in records(run_dir) if r["type"] == "train"]
 
