@@ -246,7 +246,7 @@ def test_fused_dv_variant_computes_the_gradients(monkeypatch: pytest.MonkeyPatch
     torch.manual_seed(0)
     q, k = torch.randn(2, 5, 37) * 0.5, torch.randn(2, 5, 37) * 0.5
     v, dy, gamma = torch.randn(2, 48, 37), torch.randn(2, 48, 37), torch.full((1,), 0.7)
-    _, out, lse = pam.pam_forward(q, k, v, gamma, v, True)
+    _, out, lse = pam.pam_forward(q, k, v, gamma, v, 1.0, True)
     # 8 SMs split the key-side loop in two (partials summed in order).
     monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: 8)
     dq, dk, dv, delta = fused_dv_backward(dy, q, k, v, gamma, out, lse)

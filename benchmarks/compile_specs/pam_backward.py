@@ -30,7 +30,10 @@ def launch(problem: Problem, deterministic: bool = False, backward: Callable[...
     try:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-        (backward or pam.pam_backward)(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
+        if backward is None:
+            pam.pam_backward(dy, q, k, v, torch.empty(1), 1.0, out, torch.empty(b, n))
+        else:
+            backward(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 

@@ -122,13 +122,13 @@ def fused_dv_backward(
     channels = v.shape[1]
     assert batch <= pam._MAX_GRID_BATCH
     n_pad = padded_length(n)
-    q_in, k_in, v_in, dy_in, out_in = (pam._bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
-    lse_in = pam._bwd_operand(lse, n_pad, fill=float("inf"))
-    dq_out, dk_out, dv_out, delta_out = pam._backward_buffers(q, v)
+    q_in, k_in, v_in, dy_in, out_in = (pam._bwd_operand(t) for t in (q, k, v, dy, out))
+    lse_in = pam._bwd_operand(lse, fill=float("inf"))
+    dq_out, dk_out, dv_out, delta_out = pam._backward_buffers(q, k, v)
     gamma_arg = gamma if gamma is not None else lse_in
     precision = pam.dot_input_precision(v.dtype)
     block_d = pam._pow2_cap(head_dim)
-    config = pam._bwd_config(v.dtype, precision, block_d, n_pad, channels)
+    config = pam._bwd_config(v.dtype, precision, block_d, n_pad, n_pad, channels)
     operands = pam._bwd_operand_class(v.dtype, precision)
     block_m, block_n, block_c, warps, stages = TILES[operands]
     block_c = min(block_c, pam._pow2_cap(channels))
@@ -151,7 +151,7 @@ def fused_dv_backward(
         torch.library.wrap_triton(pam._pam_bwd_dv_kernel)[(key_blocks * c_blocks, splits, batch)](
             q_in, k_in, dy_rest, gamma_arg, lse_in, dv_partials,
             *q_in.stride(), *k_in.stride(), *dy_rest.stride(), *dv_partials.stride(),
-            n_pad, head_dim, rest, key_blocks, per_split, **common, **dv_cfg)
+            n_pad, n_pad, n, head_dim, rest, key_blocks, per_split, SCALE=1.0, **common, **dv_cfg)
         pam._sum_partials(dv_rest, dv_partials)
 
     key_blocks = triton.cdiv(n_pad, fused["BLOCK_N"])
@@ -168,8 +168,8 @@ def fused_dv_backward(
     pam._sum_partials(dk_out, dk_partials)
     pam._sum_partials(dv_fused, dv_partials)
 
-    pam._launch_bwd_dq(q_in, k_in, v_in, dy_in, gamma_arg, lse_in, delta_out, dq_out, n, config["dq"], common,
-                       sm_count)
+    pam._launch_bwd_dq(q_in, k_in, v_in, dy_in, gamma_arg, 1.0, lse_in, delta_out, dq_out, n, config["dq"],
+                       common, sm_count)
     return tuple(t[..., :n] for t in (dq_out, dk_out, dv_out, delta_out))
 
 

@@ -25,7 +25,7 @@ def launch(problem: Problem, forward: Callable[..., Any] | None = None) -> None:
     from danet_kernels.kernels import position_attention as pam
 
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    forward = forward or (lambda *operands: pam.pam_forward(*operands, True))
+    forward = forward or (lambda *operands: pam.pam_forward(*operands, 1.0, True))
     offsets = (mock.patch.object(pam, "_needs_int64_offsets", lambda *tensors: True)
                if problem.variant == INT64_OFFSETS else contextlib.nullcontext())
     with offsets:
@@ -43,7 +43,7 @@ def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Every program sweeps all cdiv(N, BLOCK_N) key blocks: S = q^T k on its BLOCK_M x BLOCK_N
     tile (the score part) and its BLOCK_C channels of P v, streaming a k and a v tile per block."""
     bm, bn, bc, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_C"], meta["BLOCK_D"]
-    blocks = programs * triton.cdiv(meta["N"], bn)
+    blocks = programs * triton.cdiv(meta["M"], bn)
     element = meta["V"].element_size()
     score = Work(flops=blocks * 2 * bm * bn * bd, exp2=blocks * bm * bn)
     rest = Work(flops=blocks * 2 * bm * bn * bc, bytes=blocks * bn * (bd + bc) * element)

@@ -119,8 +119,8 @@ def full_width_forward(q: Any, k: Any, v: Any, gamma: Any, residual: Any, **conf
     from danet_kernels.kernels import position_attention as pam
 
     (b, d, n), c = q.shape, v.shape[1]
-    result, out, lse = pam._forward_outputs(q, k, v, gamma, residual, True)
-    q, k, v, residual, n_loaded = pam._kernel_operands(q, k, v, residual)
+    result, out, lse = pam._forward_outputs(q, k, v, gamma, residual, 1.0, True)
+    q, k, v, residual, n_loaded, _ = pam._kernel_operands(q, k, v, residual)
     block_d, block_c = pam._pow2_cap(d), pam._pow2_cap(c)
     kernel = _pam_fwd_full_width_kernel if config else _full_width_tuner
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1, b)](
