@@ -39,7 +39,7 @@ that wins, by the compile report (docs/compile_report.md, sm_90, bf16, d = 64, C
 (+11%), 0 spills at 237-248 registers, each warpgroup owning 64 rows of S (no replicated
 work), 10 operand bytes per N^2 streamed from L2. The full-width layout FlashAttention-3 uses
 for this head-dim pair (one program owning all 512 channels, S computed once) was measured too
-(benchmarks/compile_specs/pam_forward_full_width.py): Triton's closest form, keys on the rows
+(docs/performance.md, "Tried and not kept"): Triton's closest form, keys on the rows
 of a 64 x 32 S^T tile on one warpgroup and a 512 x 32 O^T accumulator, executes the minimal
 1152 N^2 but spills 144 B at 32 queries (0 only at 16 queries, whose m64n16 wgmmas are too
 narrow to feed), computes 1.5x the exp2 per thread (the per-query rescale runs on every thread
@@ -131,8 +131,8 @@ That needs dV for all of C in the key-side kernel, an fp32 BLOCK_N x C tile sm_9
 not hold at C = 512; every C block whose dV is left to a kernel of its own adds its S^T, 2 d
 = 128 N^2: 3584 + 128 ceil(C / BLOCK_C) when the dV kernel does it all (3840 here), 3712 with
 one 256-channel block fused into the key-side kernel. The issue's 3600 is below what sm_90
-reaches this way. That fused variant was measured (benchmarks/compile_specs/pam_backward_fused_dv.py,
-docs/performance.md): spill-free only with 32 queries per step (254-255 registers; 64 spill
+reaches this way. That fused variant was measured (docs/performance.md, "The deterministic
+path"): spill-free only with 32 queries per step (254-255 registers; 64 spill
 628 B), whose re-reads of the key block's v^T make its key-side kernel stream 41 B per pair
 against 25, which the perf model (L2-bound) puts 21% slower than this split at N = 32768 and at
 N = 4096, so the deterministic path keeps the split: 3840.
