@@ -276,9 +276,10 @@ def test_calibration_fit_finds_the_constants_that_explain_the_figures() -> None:
     known = dataclasses.replace(report.CALIBRATION, mma_efficiency=0.6, clocks_per_instruction=1.4)
     points = []
     for figure in calibration.PUBLISHED[:6]:
-        rows = [_row(programs=4096, resident=resident, num_warps=4, num_stages=3, iterations=figure.seqlen / 64,
-                     loop_flops=2 * 128 * 64 * 64 * 2, loop_instructions=400 + 100 * resident, loop_ex2=64,
-                     loop_bytes=16384, problem=figure.problem.label) for resident in (1, 2)]
+        rows = [_row(programs=4096, resident=resident, num_warps=4, num_stages=3,
+                     iterations=figure.seqlen / 64, loop_flops=2 * 128 * 64 * 64 * 2,
+                     loop_instructions=400 + 100 * resident, loop_ex2=64, loop_bytes=16384,
+                     problem=figure.problem.label) for resident in (1, 2)]
         tflops = calibration.modelled(figure, rows, known, report.model_us)
         points.append((dataclasses.replace(figure, tflops=tflops), rows))
     found = calibration.fit(points, report.model_us, start=report.CALIBRATION)
