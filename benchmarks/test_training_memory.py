@@ -14,7 +14,7 @@ decay, 10x head LR). Two tests:
 and the batch, plus the peak the step allocates on top (activations, gradients, workspace;
 the harness's probe). Gradients are released after each step, as ``zero_grad`` does.
 
-On CUDA: the published model (``PUBLISHED_MODEL_CONFIG``: ResNet-101, output stride 8,
+On CUDA: the published model (ModelConfig's defaults: ResNet-101, output stride 8,
 multi-grid) at 512x512, 769x769, 1024x1024
 and a full 1024x2048 Cityscapes frame, batches 1 to 8, and caps of 16, 24, 40 and 80 GiB
 enforced with ``torch.cuda.set_per_process_memory_fraction`` (a cap above the device's memory
@@ -51,9 +51,8 @@ from benchmarks.harness import (
     synchronize,
 )
 from danet.config import ModelConfig, OptimConfig
-from danet.losses import DANetLoss
 from danet.models import build_model
-from danet.models.weights import PUBLISHED_MODEL_CONFIG
+from danet.training.losses import DANetLoss
 from danet_kernels._dispatch import resolve_backend
 
 NCLASS = 19  # Cityscapes
@@ -79,7 +78,7 @@ class TrainingGrid:
 
 
 CUDA_GRID = TrainingGrid(
-    model=PUBLISHED_MODEL_CONFIG,
+    model=ModelConfig(),  # the published model
     sizes=((512, 512), (769, 769), (1024, 1024), (1024, 2048)),
     batches=(1, 2, 4, 8),
     cap_sizes=((512, 512), (769, 769), (1024, 1024), (1024, 2048)),
@@ -89,7 +88,7 @@ CUDA_GRID = TrainingGrid(
     cap_enforced=True,
 )
 CPU_GRID = TrainingGrid(
-    model=ModelConfig(backbone="resnet_tiny", output_stride=8),
+    model=ModelConfig(backbone="resnet_tiny", multi_grid=False),
     sizes=((256, 256), (512, 512)),
     batches=(1, 2),
     cap_sizes=((512, 512),),

@@ -2,9 +2,10 @@
 
 Every option of every subcommand is defined here with the standard library alone, so that
 ``danet --help`` and ``danet <command> --help`` answer at once: torch, the model and the
-datasets are imported only for the subcommand that runs, from the module that does its work
-(:data:`COMMANDS`; each provides ``run(args) -> int``). A subcommand's help text is its
-module's docstring, read from the source file without importing it.
+datasets are imported only for the subcommand that runs, from its module in danet/commands/
+(:data:`COMMANDS`, named after the command; each provides ``run(args) -> int``). A
+subcommand's help text is its module's docstring, read from the source file without
+importing it. ``python -m danet`` runs this too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import sys
 from pathlib import Path
 
 from danet import __version__
-from danet.choices import (
+from danet.config import (
     ATTENTIONS,
+    DEFAULT_PRESET,
     DEVICES,
     EXPORT_FORMATS,
     HEAD_OUTPUTS,
@@ -29,20 +31,18 @@ from danet.choices import (
     LR_POLICIES,
     OUTPUT_STRIDES,
     PREDICT_FORMATS,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    available_presets,
 )
-from danet.config import DEFAULT_PRESET, DataConfig, EvalConfig, ModelConfig, TrainConfig, available_presets
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text"]
 
 # name -> module providing run(args)
-COMMANDS: dict[str, str] = {
-    "train": "danet.train",
-    "eval": "danet.evaluate",
-    "predict": "danet.predict",
-    "attention": "danet.visualize",
-    "lr-plot": "danet.lr_policies",
-    "export": "danet.export",
-}
+COMMANDS: dict[str, str] = {name: "danet.commands." + name.replace("-", "_")
+                            for name in ("train", "eval", "predict", "attention", "lr-plot", "export")}
 
 
 def plain_text(docstring: str) -> str:
@@ -284,11 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[args.command])
         if hasattr(args, "threads"):
-            from danet.threads import set_threads
+            from danet.runtime import set_threads  # lazy: start-up time (imports torch)
 
             set_threads(args.threads)
         if hasattr(args, "checkpoint"):
-            from danet.run_dir import resolve_checkpoint
+            from danet.training.run_dir import resolve_checkpoint  # lazy: start-up time (imports torch)
 
             args.checkpoint = str(resolve_checkpoint(args.checkpoint))
         return int(module.run(args) or 0)

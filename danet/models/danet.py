@@ -1,8 +1,8 @@
 """DANet: a dilated ResNet with the dual attention head (Fu et al., CVPR 2019).
 
-Layout follows timm: the :class:`DANet` module, a private builder, tiny registered entry points
-(``danet_resnet101``, ...) and :func:`create_model`, which rejects unknown names. The
-dataclass route is :func:`build_model` (``ModelConfig`` -> model), used by every command;
+:func:`build_model` turns a ``ModelConfig`` into the model (every command goes through it);
+:data:`MODELS` names a few configurations (``danet_resnet101`` is the published model,
+ModelConfig's defaults) for :func:`create_model` and the hub entry points;
 :func:`build_from_checkpoint` and :func:`load_model` build the model a checkpoint describes.
 Reading and renaming weights is :mod:`danet.models.weights`' job; it never imports this module.
 """
@@ -10,7 +10,7 @@ Reading and renaming weights is :mod:`danet.models.weights`' job; it never impor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from danet.config import ModelConfig
 from danet.models.backbone import create_backbone
 from danet.models.head import DANetHead, FCNHead
 from danet.models.weights import (
-    PUBLISHED_MODEL_CONFIG,
     Checkpoint,
     load_backbone_weights,
     load_checkpoint_into,
@@ -31,8 +30,8 @@ from danet.models.weights import (
     read_checkpoint,
 )
 
-__all__ = ["DANet", "build_from_checkpoint", "build_model", "create_model", "list_models", "load_model",
-           "register_model"]
+__all__ = ["MODELS", "DANet", "build_from_checkpoint", "build_model", "create_model", "list_models",
+           "load_model"]
 
 
 def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -61,8 +60,9 @@ class DANet(nn.Module):
     PAM-only and CAM-only predictions are the paper's ablation.
     """
 
-    def __init__(self, nclass: int, backbone: str = "resnet101", output_stride: int = 8,
-                 attention: str = "fused", aux: bool = False, multi_grid: bool = False,
+    def __init__(self, nclass: int, backbone: str = ModelConfig.backbone,
+                 output_stride: int = ModelConfig.output_stride, attention: str = ModelConfig.attention,
+                 aux: bool = ModelConfig.aux, multi_grid: bool = ModelConfig.multi_grid,
                  pretrained_backbone: str | None = None) -> None:
         super().__init__()
         if nclass < 1:
@@ -95,65 +95,34 @@ class DANet(nn.Module):
         return list(self.backbone.parameters()), head
 
 
-_MODEL_ENTRYPOINTS: dict[str, Callable[..., DANet]] = {}
-
-
-def register_model(fn: Callable[..., DANet]) -> Callable[..., DANet]:
-    """Register ``fn`` under its function name for :func:`create_model` (timm style)."""
-    if fn.__name__ in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _MODEL_ENTRYPOINTS[fn.__name__] = fn
-    return fn
+MODELS: dict[str, ModelConfig] = {
+    "danet_resnet101": ModelConfig(),  # the published model
+    "danet_resnet101s": ModelConfig(backbone="resnet101s"),  # Encoding's deep stem (ADE20K, VOC, ...)
+    "danet_resnet50": ModelConfig(backbone="resnet50"),
+    "danet_resnet152": ModelConfig(backbone="resnet152"),
+    "danet_resnet_tiny": ModelConfig(backbone="resnet_tiny", multi_grid=False),  # the CPU demo's
+}
+"""Named models: the published DANet-101 (ModelConfig's defaults) and its variants, timm style."""
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
-    return sorted(_MODEL_ENTRYPOINTS)
+    return sorted(MODELS)
 
 
-def create_model(name: str, nclass: int, **kwargs: object) -> DANet:
-    """Build the registered model ``name``; ``None`` keyword values fall back to the defaults.
+def create_model(name: str, nclass: int, **overrides: object) -> DANet:
+    """Build the named model of :data:`MODELS`; ``overrides`` are ModelConfig fields (None: keep).
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the registered ones).
+        ValueError: unknown ``name`` (the message lists the known ones) or field.
     """
-    if name not in _MODEL_ENTRYPOINTS:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-    return _MODEL_ENTRYPOINTS[name](nclass, **{k: v for k, v in kwargs.items() if v is not None})
-
-
-def _create_danet(backbone: str, nclass: int, **kwargs: object) -> DANet:
-    return DANet(nclass, backbone=backbone, **kwargs)
-
-
-@register_model
-def danet_resnet_tiny(nclass: int, **kwargs: object) -> DANet:
-    """DANet on the tiny CPU backbone."""
-    return _create_danet("resnet_tiny", nclass, **kwargs)
-
-
-@register_model
-def danet_resnet50(nclass: int, **kwargs: object) -> DANet:
-    """DANet on ResNet-50 (timm's standard stem)."""
-    return _create_danet("resnet50", nclass, **kwargs)
-
-
-@register_model
-def danet_resnet101(nclass: int, **kwargs: object) -> DANet:
-    """The released DANet-101: ResNet-101 (standard stem), multi-grid (4, 8, 16) at output stride 8."""
-    return _create_danet("resnet101", nclass, **{"multi_grid": True, **kwargs})
-
-
-@register_model
-def danet_resnet101s(nclass: int, **kwargs: object) -> DANet:
-    """DANet on ResNet-101 with Encoding's 64-64-128 deep stem, multi-grid at output stride 8."""
-    return _create_danet("resnet101s", nclass, **{"multi_grid": True, **kwargs})
-
-
-@register_model
-def danet_resnet152(nclass: int, **kwargs: object) -> DANet:
-    """DANet on ResNet-152 (timm's standard stem)."""
-    return _create_danet("resnet152", nclass, **kwargs)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(unknown)}")
+    cfg = dataclasses.replace(MODELS[name], **{k: v for k, v in overrides.items() if v is not None})
+    return build_model(cfg, nclass)
 
 
 def build_model(cfg: ModelConfig, nclass: int) -> DANet:
@@ -167,16 +136,15 @@ def build_from_checkpoint(checkpoint: Checkpoint, nclass: int | None = None,
     """Build the DANet ``checkpoint`` describes and load its weights.
 
     The architecture is, field by field: ``overrides`` (non-None values, e.g. command-line
-    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults; a
-    checkpoint in the original release's naming carries no config and gets the published
-    architecture (:data:`PUBLISHED_MODEL_CONFIG`). The number of classes comes from ``nclass``
+    flags), else the checkpoint's stored ModelConfig, else the ModelConfig defaults, the
+    published architecture (which a checkpoint in the original release's naming, carrying no
+    config, has). The number of classes comes from ``nclass``
     when given (a mismatch with the checkpoint is an error), else from its classifier.
 
     Raises:
         ValueError: unknown backbone or option, or a checkpoint that does not fit.
     """
-    cfg = model_config_from(checkpoint.config) or (
-        dataclasses.replace(PUBLISHED_MODEL_CONFIG) if checkpoint.original_naming else ModelConfig())
+    cfg = model_config_from(checkpoint.config) or ModelConfig()
     cfg.pretrained_backbone = None
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -30,9 +30,9 @@ only the training loss uses) and its stage-3 auxiliary DANetHead (``auxlayer.con
 the former keep their initialisation, the latter is skipped when the model has no such head
 (both with a warning).
 
-The released DANet-101 checkpoint loads into ``DANet(nclass, "resnet101", multi_grid=True)``
-(:data:`PUBLISHED_MODEL_CONFIG`): the release's README tests it with ``--no-deepstem
---multi-grid --multi-dilation 4 8 16 --os 8``.
+The released DANet-101 checkpoint loads into the published model, ModelConfig's defaults
+(``DANet(nclass, "resnet101", multi_grid=True)``): the release's README tests it with
+``--no-deepstem --multi-grid --multi-dilation 4 8 16 --os 8``.
 """
 
 from __future__ import annotations
@@ -46,12 +46,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from danet.checkpoint import check_finite, read_file, strip_prefixes
 from danet.config import ModelConfig
+from danet.io.checkpoint import check_finite, read_file, strip_prefixes
 
 __all__ = [
     "ORIGINAL_KEY_MAP",
-    "PUBLISHED_MODEL_CONFIG",
     "Checkpoint",
     "from_original_naming",
     "load_backbone_weights",
@@ -71,9 +70,6 @@ ORIGINAL_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("head.", "head."),
     ("auxlayer.", "auxlayer."),
 )
-# the architecture of the original release's DANet-101 checkpoint: ResNet-101 with the standard
-# stem (its README runs it with --no-deepstem), multi-grid (4, 8, 16) at output stride 8
-PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101", output_stride=8, multi_grid=True)
 # the PAM-only and CAM-only classifiers: used by the training loss only, absent from the
 # release's inference-only head
 _TRAINING_ONLY_CLASSIFIERS = ("head.conv6.", "head.conv7.")

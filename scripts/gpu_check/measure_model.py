@@ -9,7 +9,7 @@
   above them). Out of memory is a result.
 * ``eval``: images per second of the same model (``benchmarks/test_training_memory.GRID``: the
   published one on CUDA, the tiny backbone on the CPU) on 1024 x 2048 frames through
-  ``danet.inference.predict_scores`` in sliding mode (crops 769 and 768, the default 2/3
+  ``danet.evaluation.engine.predict_scores`` in sliding mode (crops 769 and 768, the default 2/3
   stride, single scale, no flip) under ``torch.inference_mode``, in bf16 autocast and fp32,
   fused against reference attention; the first frame (autotuning at the window's N) is timed
   apart.
@@ -26,7 +26,8 @@ import torch
 
 from benchmarks import harness
 from danet.config import ATTENTIONS, EvalConfig
-from danet.inference import inference_plan, predict_scores, window_stride
+from danet.evaluation.engine import predict_scores
+from danet.evaluation.protocols import inference_plan, window_stride
 from danet.models import build_model
 
 __all__ = ["eval_throughput", "train_step"]

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from danet.files import atomic_write
+from danet.io.atomic import atomic_write
 from scripts.gpu_check.events import (
     EVENTS_NAME,
     JSON_NAME,

@@ -25,94 +25,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
+from danet.commands.model_setup import EVAL_FIELDS, setup_from_args
 from danet.config import DataConfig, EvalConfig
-from danet.files import atomic_write
-from danet.inference import (
-    EVAL_FIELDS,
-    predict_scores,
-    resolve_eval_config,
-    setup_from_args,
-    window_stride,
-)
-from danet.metrics import ConfusionMatrix
-from danet.outputs import check_output_file
+from danet.data import build_dataset, eval_transforms
+from danet.distributed import ShardSampler, cleanup_distributed, setup_distributed
+from danet.evaluation.evaluate import CONVENTIONS, confusion_matrices, head_metrics
+from danet.evaluation.protocols import window_stride
+from danet.io.atomic import atomic_write
+from danet.io.output_paths import check_output_file
+from danet.visualization.plots import confusion_figure
 
-__all__ = ["CONVENTIONS", "confusion_figure", "confusion_matrices", "evaluate", "metrics_of",
-           "run"]
-
-CONVENTIONS: dict[str, str] = {
-    "aAcc": "sum of true positives / labelled pixels (= pixAcc), mmsegmentation's name",
-    "mIoU": "mean IoU over the classes with a non-empty union (present in the targets or predicted): "
-            "absent classes left out, as mmsegmentation",
-    "mAcc": "mean per-class accuracy over the classes present in the targets, as mmsegmentation",
-    "release": "the DANet release's pixAcc and mIoU: mean over all classes, an absent class counts as 0",
-}
-"""What each reported number means (written into the eval JSON)."""
-
-
-def confusion_matrices(model: nn.Module, loader: DataLoader, num_classes: int, eval_cfg: EvalConfig,
-                       device: torch.device | str, *, ignore_index: int = 255, data: DataConfig | None = None,
-                       heads: Sequence[str] = ("sum",), progress: bool = True) -> dict[str, ConfusionMatrix]:
-    """One confusion matrix per head output over ``loader``, summed over processes.
-
-    The loader yields (images (B, 3, H, W) normalised, masks (B, H, W) int64). Inference follows
-    ``eval_cfg`` (:func:`danet.inference.predict_scores`), with ``crop_size``/``base_size`` of
-    None and the release's padding value taken from ``data``. Under torch.distributed every
-    process must call this; the model is left in the mode it came in.
-    """
-    data = data or DataConfig()
-    cfg = resolve_eval_config(eval_cfg, data)
-    matrices = {head: ConfusionMatrix(num_classes, ignore_index=ignore_index) for head in heads}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, masks in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-                images = images.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True).as_subclass(torch.Tensor)
-                scores = predict_scores(model, images, num_classes, cfg, mean=data.mean, std=data.std,
-                                        heads=heads)
-                for head, matrix in matrices.items():
-                    matrix.update(scores[head].argmax(1), masks)
-    finally:
-        model.train(was_training)
-    for matrix in matrices.values():
-        matrix.reduce_from_all_processes()
-    return matrices
-
-
-def metrics_of(matrix: ConfusionMatrix) -> dict[str, Any]:
-    """mmsegmentation's metrics (``aAcc``, ``mIoU``, ``mAcc``, ``IoU``, ``Acc``, ``pixAcc``) and the
-    release's under ``"release"`` (see danet.metrics)."""
-    return {**matrix.compute(), "release": matrix.compute_release()}
-
-
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, eval_cfg: EvalConfig,
-             device: torch.device | str, ignore_index: int = 255, progress: bool = True, *,
-             data: DataConfig | None = None, heads: Sequence[str] = ("sum",)) -> dict[str, Any]:
-    """:func:`metrics_of` the first head's confusion matrix; with several ``heads`` every head's
-    metrics too, under ``"heads"``. Arguments as :func:`confusion_matrices`."""
-    matrices = confusion_matrices(model, loader, num_classes, eval_cfg, device, ignore_index=ignore_index,
-                                  data=data, heads=heads, progress=progress)
-    return _head_metrics(matrices)
-
-
-def _head_metrics(matrices: dict[str, ConfusionMatrix]) -> dict[str, Any]:
-    first, *others = matrices
-    metrics = metrics_of(matrices[first])
-    if others:
-        metrics["heads"] = {head: metrics_of(matrix) for head, matrix in matrices.items()}
-    return metrics
+__all__ = ["run"]
 
 
 def _eval_dataset(data: DataConfig, split: str, limit: int | None) -> Dataset:
-    from danet.data import build_dataset, eval_transforms
-
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     extra: dict[str, Any] = {}
@@ -170,31 +98,8 @@ def _print_report(metrics: dict[str, Any], names: Sequence[str], protocol: str) 
               f"mAcc {_percent(scores['mAcc'])}  release mIoU {_percent(scores['release']['mIoU'])}")
 
 
-def confusion_figure(matrix: ConfusionMatrix, names: Sequence[str], title: str) -> Any:
-    """A matplotlib Figure of the confusion matrix, each row (target class) normalised to 1."""
-    from matplotlib.figure import Figure
-
-    k = matrix.num_classes
-    counts = matrix.counts()
-    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    side = max(4.0, 0.35 * k + 2.5)
-    fig = Figure(figsize=(side + 1.0, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(rows.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(k), names, rotation=90, fontsize=8)
-    ax.set_yticks(range(k), names, fontsize=8)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("target class")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="share of the target class's pixels")
-    fig.tight_layout()
-    return fig
-
-
 def run(args: argparse.Namespace) -> int:
     """``danet eval``: print the per-class table and the metrics; rank 0 writes the outputs."""
-    from danet.distributed import ShardSampler, cleanup_distributed, setup_distributed
-
     heads = list(dict.fromkeys(args.heads))
     for flag, path in (("--json", args.json), ("--confusion-matrix", args.confusion_matrix)):
         if path is not None:  # checked before the evaluation; eval replaces its outputs
@@ -223,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                                       progress=args.progress and main)
         if not main:
             return 0
-        metrics = _head_metrics(matrices)
+        metrics = head_metrics(matrices)
         names = list(setup.dataset_class.CLASS_NAMES)
         _print_report(metrics, names, cfg.protocol)
         if args.json:

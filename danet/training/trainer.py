@@ -1,57 +1,16 @@
-"""Train DANet: one process on a CPU or GPU, or many through torchrun (DDP + SyncBatchNorm).
+"""The trainer: one training run, on one process or many (torchrun, DDP + SyncBatchNorm).
 
-With no arguments, ``danet train`` runs the embedded default: the ``synthetic`` preset, a tiny
-backbone on generated scenes, on the CPU in a few minutes (1280 iterations, about 75 s of one
-core's time), ending with a validation mIoU of about 0.75 (always predicting the background
-scores 0.21).
-
-    danet train                                            # CPU demo -> runs/synthetic-<time>/
-    danet train --preset cityscapes --set data.root=/data/cityscapes
-    danet train --preset ade20k --config my.yaml --set optim.lr=0.01 train.epochs=120 train.amp=bf16
-    danet train --resume runs/cityscapes-20260101-120000   # continue: same LR, same data order
-    danet train --resume runs/city-20260101-120000 --set train.epochs=480 --rebase-schedule
-    torchrun --standalone --nproc_per_node=4 -m danet.cli train --preset cityscapes --set data.root=...
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 \\
-        --rdzv_id=city -m danet.cli train --preset cityscapes --set data.root=...   # on every node
-
-Configuration: dataclass defaults (danet/config.py), then ``--preset`` (danet/configs/*.yaml,
-default "synthetic"), then ``--config FILE``, then ``--set section.key=value ...`` (values in
-YAML syntax); unknown keys and bad values are errors before anything runs. Multi-node
-commands: see danet.distributed.
-
-A run directory (danet.run_dir; created once every setting is checked, the data found and the
-model built) holds ``config.yaml``, ``metrics.jsonl`` (training loss and LR every
-``train.log_interval`` iterations, every validation), ``last.pt`` (the full state, rewritten
-atomically at every epoch end, every ``train.checkpoint_interval`` iterations, on SIGTERM or
-Ctrl-C and at the end), ``checkpoint_best.pt`` (the best validation mIoU) and ``last_good.pt``
-(the newest checkpoint that training continued from with a healthy loss).
-
-Fitting a memory budget: ``train.batch_size`` is the global batch, split over processes and
-``train.accum_steps`` (gradient accumulation; DDP syncs only on the last micro-step);
-``train.amp=bf16`` (autocast) or ``fp16`` (autocast + GradScaler); ``train.channels_last``;
-``train.activation_checkpointing`` (recompute backbone stages in backward); ``train.compile``.
-
-Failures (docs/training.md says what is guaranteed): SIGTERM (preemption) or a first Ctrl-C
-finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C), also
-when the whole process group is signalled (DataLoader workers ignore the signals) and when a
-second signal arrives during that save. A NaN/Inf loss stops the run before the update (status 1)
-and names the checkpoint to resume from. ``--resume`` continues in the checkpoint's own
-directory with the stored config; settings that shape the LR schedule change only with
-``--rebase-schedule`` (danet.resume).
-
-Exact resumption: the data order is a function of (seed, epoch) (DistributedSampler), each
-sample's augmentation a function of (seed, epoch, index), and the other random state (dropout)
-is restored from the checkpoint, which records the iteration within the epoch; a resumed run
-skips the batches already done and continues bit for bit as an uninterrupted one on the CPU
-(on GPUs, up to the nondeterminism of the CUDA kernels themselves).
+:func:`train` is the function to call (``danet train`` is danet.commands.train). It joins a
+torchrun process group when the environment has one, checks the run directory, builds the
+data, model and optimiser, resumes or loads pretrained weights, creates the run directory
+only once all that succeeded, and runs :class:`Trainer.fit`. What each file of a run
+directory holds and what a failure leaves behind: danet.commands.train's docstring and
+docs/training.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
-import os
 import random
 import signal
 import sys
@@ -64,30 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
-from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from danet.checkpoint import (
-    LAST,
-    capture_rng_state,
-    load_training_state,
-    non_finite_tensors,
-    restore_rng_state,
-)
-from danet.config import (
-    DEFAULT_PRESET,
-    Config,
-    apply_dict,
-    config_to_dict,
-    load_config,
-    parse_overrides,
-    validate_config,
-)
+from danet.config import Config, config_to_dict
 from danet.distributed import (
     DistributedContext,
-    DistributedTimeoutError,
     Progress,
     ResumableDistributedSampler,
     ShardSampler,
@@ -99,25 +40,40 @@ from danet.distributed import (
     stalled_ranks_named,
     wrap_ddp,
 )
-from danet.files import FileWriteError
-from danet.inference import AMP_DTYPES
-from danet.losses import DANetLoss
-from danet.lr_policies import build_scheduler
-from danet.resume import (
+from danet.evaluation.evaluate import evaluate
+from danet.io.checkpoint import (
+    LAST,
+    capture_rng_state,
+    load_training_state,
+    non_finite_tensors,
+    restore_rng_state,
+)
+from danet.models import build_model, load_weights
+from danet.runtime import AMP_DTYPES, set_threads
+from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
+from danet.training.losses import DANetLoss
+from danet.training.optimizer import build_optimizer, group_settings
+from danet.training.resume import (
     LoadedCheckpoint,
     RunCheckpoints,
     check_lr_alive,
     check_resume,
-    check_stored_config,
     resolve_resume_path,
 )
-from danet.run_dir import METRICS, MetricsLog, check_run_dir, create_run_dir, default_run_dir, mark_latest
-from danet.stopping import StopFlag, StopSafeDataLoader
-from danet.threads import set_threads
+from danet.training.run_dir import (
+    METRICS,
+    MetricsLog,
+    check_run_dir,
+    create_run_dir,
+    default_run_dir,
+    mark_latest,
+)
+from danet.training.schedules import build_scheduler
+from danet.training.stopping import StopFlag, StopSafeDataLoader
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "plan_batches", "run", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "enable_activation_checkpointing", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,105 +95,6 @@ class TrainResult:
     signal_received: int | None = None  # SIGTERM or SIGINT when one stopped the run
 
 
-# ------------------------------------------------------------------------------ data
-
-
-class SeededAugmentation(Dataset):
-    """Wrap a dataset so each item's random transform is a pure function of (seed, epoch, index).
-
-    The transforms draw from torch's global generator; each item runs under a forked generator
-    seeded from (seed, epoch, index), so neither worker count nor process rank nor a resume
-    changes the augmentation, and the caller's random stream (dropout) is left untouched.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's augmentations (call before creating the epoch's iterator)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        item_seed = int(np.random.SeedSequence((self.seed, self.epoch, index)).generate_state(1)[0])
-        python_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(item_seed)  # the CPU one: CUDA streams stay untouched
-                random.seed(item_seed)
-                return self.dataset[index]
-        finally:
-            random.setstate(python_state)
-
-
-def _limit(dataset: Dataset, count: int | None) -> Dataset:
-    if count is None or count >= len(dataset):  # type: ignore[arg-type]
-        return dataset
-    return Subset(dataset, range(count))
-
-
-def check_data_source(cfg: Config) -> None:
-    """A dataset read from disk needs ``data.root``: say how to give it, before anything is built."""
-    from danet.data import SegmentationDataset, get_dataset_class
-
-    if cfg.data.root is None and issubclass(get_dataset_class(cfg.data.dataset), SegmentationDataset):
-        raise ValueError(f"the {cfg.data.dataset} dataset is read from disk: pass its directory with "
-                         f"--set data.root=/path/to/{cfg.data.dataset}")
-
-
-def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, int]:
-    """(train dataset with the training transform, val dataset with the eval transform, classes)."""
-    from danet.data import build_dataset, eval_transforms, get_dataset_class, train_transforms
-
-    d = cfg.data
-    extra: dict[str, dict[str, Any]] = {"train": {}, "val": {}}
-    if d.dataset == "synthetic":  # generated: the sample counts and size are constructor arguments
-        extra = {split: {"num_samples": n, "image_size": d.image_size}
-                 for split, n in (("train", d.train_samples), ("val", d.val_samples))}
-    train_tf = train_transforms(d.base_size, d.crop_size, d.mean, d.std, ignore_index=d.ignore_index,
-                                scale_range=d.scale_range)
-    train_set = build_dataset(d.dataset, d.root, "train", transform=train_tf, **extra["train"])
-    val_tf = eval_transforms(d.mean, d.std)
-    val_set = build_dataset(d.dataset, d.root, "val", transform=val_tf, **extra["val"])
-    if d.dataset != "synthetic":
-        train_set, val_set = _limit(train_set, d.train_samples), _limit(val_set, d.val_samples)
-    return train_set, val_set, get_dataset_class(d.dataset, d.root).NUM_CLASSES  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the global batch splits: micro-batch per process x processes x accumulation steps."""
-
-    micro_batch: int
-    accum_steps: int
-    iters_per_epoch: int
-    total_iters: int
-    epochs: int
-
-
-def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
-    """Check the batch arithmetic and derive the run length in optimiser iterations."""
-    t = cfg.train
-    if t.batch_size % (world_size * t.accum_steps):
-        raise ValueError(f"train.batch_size={t.batch_size} (global) is not divisible by {world_size} "
-                         f"processes x {t.accum_steps} accumulation steps")
-    micro = t.batch_size // (world_size * t.accum_steps)
-    per_rank = math.ceil(num_train / world_size)  # DistributedSampler pads to equal shares
-    iters_per_epoch = per_rank // (micro * t.accum_steps)
-    if iters_per_epoch < 1:
-        raise ValueError(f"{num_train} training samples do not fill one global batch of {t.batch_size}")
-    if t.iters is not None:
-        total, epochs = t.iters, math.ceil(t.iters / iters_per_epoch)
-    else:
-        total, epochs = t.epochs * iters_per_epoch, t.epochs
-    return BatchPlan(micro, t.accum_steps, iters_per_epoch, total, epochs)
-
-
-# ------------------------------------------------------------------------------ model and optimiser
-
-
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute the backbone's stages in backward instead of storing their activations.
 
@@ -249,25 +106,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         raise ValueError("train.activation_checkpointing needs a timm backbone (set_grad_checkpointing)")
     backbone.set_grad_checkpointing(True)
 
-
-def group_settings(cfg: Config) -> list[dict[str, Any]]:
-    """The optimiser's two parameter groups' settings: the backbone at ``optim.lr``, the head at
-    ``head_lr_mult`` x (the published recipe trains the randomly initialised head faster)."""
-    o = cfg.optim
-    common: dict[str, Any] = {"weight_decay": o.weight_decay}
-    if o.name == "sgd":
-        common.update(momentum=o.momentum, nesterov=o.nesterov)
-    return [{"lr": o.lr, **common}, {"lr": o.lr * o.head_lr_mult, **common}]
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD or AdamW over two groups (:func:`group_settings`)."""
-    backbone_params, head_params = model.parameter_groups()  # type: ignore[operator]
-    backbone, head = group_settings(cfg)
-    groups = [{"params": backbone_params, **backbone}, {"params": head_params, **head}]
-    if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
 # ------------------------------------------------------------------------------ the trainer
@@ -290,7 +128,8 @@ class Trainer:
     Reads top to bottom: building the run, starting it (resume or pretrained weights), the loop
     (:meth:`fit` > :meth:`_run_epoch` > :meth:`_step`), validation, the checkpoint. Which
     checkpoint files exist and which is safe to continue from is ``self.checkpoints``
-    (danet.resume.RunCheckpoints); signals are ``self.stop`` (danet.stopping.StopFlag).
+    (danet.training.resume.RunCheckpoints); signals are ``self.stop``
+    (danet.training.stopping.StopFlag).
     """
 
     def __init__(self, cfg: Config, ctx: DistributedContext, run_dir: Path,
@@ -318,8 +157,6 @@ class Trainer:
                                              sampler=ShardSampler(len(val_set), ctx.world_size, ctx.rank),  # type: ignore[arg-type]
                                              generator=torch.Generator().manual_seed(t.seed), **loader_kw)
 
-        from danet.models import build_model
-
         self.model = build_model(cfg.model, self.num_classes).to(ctx.device)  # unwrapped: what we save
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -346,7 +183,7 @@ class Trainer:
 
     def resume_from(self, path: Path, *, resumed_here: bool, rebase_schedule: bool = False,
                     state: dict[str, Any] | None = None) -> None:
-        """Load the full training state of ``path`` (every rank reads it); see danet.resume.
+        """Load the full training state of ``path`` (every rank reads it); see danet.training.resume.
 
         ``resumed_here``: ``path`` is in this run's directory (the run continues in place).
         ``state``: ``path``'s training state, when the caller has read it already (on the CPU).
@@ -402,8 +239,6 @@ class Trainer:
 
     def load_pretrained(self, path: str | Path) -> None:
         """Start a new run from the weights of ``path`` (``model.pretrained``): the model only."""
-        from danet.models import load_weights
-
         load_weights(self.model, path)
         if self.ctx.is_main:
             print(f"model initialised from {path}")
@@ -557,8 +392,6 @@ class Trainer:
 
     def validate(self, log: MetricsLog) -> dict[str, Any]:
         """Evaluate the unwrapped model on the validation split (metrics reduced over ranks)."""
-        from danet.evaluate import evaluate
-
         self.progress.mark(f"validation after iteration {self.state.iteration}")
         metrics = evaluate(self.model, self.val_loader, self.num_classes, self.cfg.eval, self.ctx.device,
                            ignore_index=self.cfg.data.ignore_index, data=self.cfg.data,
@@ -626,7 +459,7 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
         resume: a checkpoint file or a run directory (its last.pt) to continue from, or the
             checkpoint :func:`resolve_config` read already.
         overwrite: allow reusing a run directory that already holds another run's outputs.
-        rebase_schedule: on resume, recompute the LR schedule from ``cfg`` (danet.resume).
+        rebase_schedule: on resume, recompute the LR schedule from ``cfg`` (danet.training.resume).
         on_step: called after every optimiser step with (iteration, unwrapped model); returning
             True stops the run as SIGTERM does (a checkpoint is written).
         stop: a StopFlag whose signal handlers the caller installed (the command line's).
@@ -634,7 +467,7 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (the message names the checkpoint to resume from).
         DistributedTimeoutError: another process stopped answering (the message names it).
-        danet.files.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
+        danet.io.atomic.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
     check_data_source(cfg)
     set_threads(cfg.train.threads)
@@ -675,62 +508,3 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
     finally:
         cleanup_distributed()
 
-
-# ------------------------------------------------------------------------------ danet train
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[Config, LoadedCheckpoint | None]:
-    """The Config the command line asks for (on --resume: the checkpoint's, plus --set), and
-    on --resume the checkpoint, read once (for :func:`train`).
-
-    On --resume the stored ``train.output`` is dropped: the run continues where the checkpoint
-    is, or in ``--output``.
-    """
-    loaded = None
-    if args.resume is not None:
-        if args.preset is not None or args.config is not None:
-            raise ValueError("--resume continues with the checkpoint's stored config; "
-                             "only --set overrides can be added")
-        path = resolve_resume_path(args.resume)
-        state = load_training_state(path)
-        stored = state["config"]
-        overrides = parse_overrides(args.overrides)
-        check_stored_config(stored, overrides, path)
-        cfg = apply_dict(Config(), stored)
-        cfg.train.output = None  # the stored one; --set train.output may still name one
-        apply_dict(cfg, overrides)
-        validate_config(cfg)  # once, the stored config as --set amends it
-        loaded = LoadedCheckpoint(path, state)
-    else:
-        if args.rebase_schedule:
-            raise ValueError("--rebase-schedule applies to --resume only")
-        cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
-    if args.output is not None:
-        cfg.train.output = args.output
-    return cfg, loaded
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``danet train``: status 0, 1 (a failure named on stderr), 130/143 (stopped)."""
-    stop = StopFlag()
-    with stop.handle_signals(ignore_after_stop=True):  # from the start: a SIGTERM at any time stops
-        cfg, loaded = resolve_config(args)
-        if args.print_config:
-            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-            return 0
-        try:
-            result = train(cfg, resume=loaded, overwrite=args.overwrite,
-                           rebase_schedule=args.rebase_schedule, stop=stop)
-        except (NonFiniteLossError, DistributedTimeoutError, FileWriteError) as err:
-            print(f"danet train: error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:  # a second Ctrl-C before the stop's checkpoint
-            print("danet train: interrupted; the newest checkpoint is the run's last.pt", file=sys.stderr)
-            return 130
-    if result.stopped_early:  # the shell's status for "terminated by SIGTERM/SIGINT": 143/130
-        return 128 + (result.signal_received or signal.SIGTERM)
-    if result.metrics and result.run_dir and int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result.iteration} iterations; final mIoU {float(result.metrics['mIoU']):.4f}, "
-              f"pixAcc {float(result.metrics['pixAcc']):.4f}, best mIoU {result.best_miou:.4f}; "
-              f"outputs in {result.run_dir}")
-    return 0

@@ -1,52 +1,20 @@
-"""Inference: three evaluation protocols over one batched window engine.
-
-Every protocol cuts the (resized) image into windows, runs the model on them and merges the
-predictions; they differ in the grid, the padding, the resizing and how passes are merged
-(docs/evaluation.md compares them):
-
-* ``danet`` (ours, the default). Modes ``whole`` (one pass over the image), ``sliding``
-  (``crop_size`` windows ``stride`` apart, the last one of a row or column aligned to the
-  border, a side shorter than the crop taken whole: windows never leave the image and no
-  padding value reaches the model) and ``multiscale`` (the image resized by each scale, relative
-  to its own size, bilinear with align_corners=True, then sliding). Logits are averaged over
-  the windows covering a pixel, over flips and over scales, so the result stays on a single
-  pass's scale.
-* ``release``: the evaluator of the original DANet release (PyTorch-Encoding's
-  ``MultiEvalModule``, 2020 code). Scales are relative to ``base_size``: the long side becomes
-  ``ceil(base_size * scale)``, the short side ``int(short * long / long_side + 0.5)``; bilinear
-  resizing with align_corners=True; the scaled image is padded at the bottom and right to
-  ``crop_size`` with the value of a black pixel after normalisation (``-mean / std``); windows
-  start every ``int(crop * stride_ratio)`` pixels (``ceil((side - crop) / stride) + 1`` of them),
-  end at ``min(start + crop, side)`` and are padded back to the crop (not shifted); each window
-  gives ``exp(logits + flipped logits)``, averaged where windows overlap, cropped back, resized
-  to the image and **summed** over scales. ``mode`` only chooses single scale (``whole``,
-  ``sliding``) or ``scales`` (``multiscale``); whether windows are used follows the release's
-  rule (a scaled image whose long side fits in the crop is one padded window).
-* ``mmseg``: mmsegmentation's ``whole_inference`` / ``slide_inference`` (the same border-aligned
-  grid as ours, with the stride given in pixels) and its test-time augmentation: each pass (scale
-  ``r``: sides ``int(side * r + 0.5)``, align_corners=False; the horizontally flipped image) is
-  resized back to the image, turned into probabilities (softmax) and the probabilities are
-  averaged. ``multiscale`` slides at each scale.
+"""The inference engine: a protocol's plan (danet.evaluation.protocols) run as batched forwards.
 
 The engine batches the windows of an image, and their mirror images, into forwards of as many
 samples as :attr:`EvalConfig.window_memory_mb` allows (the tensor memory of one window is
-estimated on fake tensors, :mod:`danet.cost`; 0 runs one window at a time), under
+estimated on fake tensors, :mod:`danet.evaluation.cost`; 0 runs one window at a time), under
 ``torch.inference_mode``, autocast (``amp``: bf16 on CUDA by default, unless the caller runs under
 an autocast of its own) and channels_last. All
 windows of one image and scale have one size, so the fused attention meets one ``N`` per image
 size (its kernels are tuned per ``N``).
 """
-
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import inspect
-import math
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,170 +22,13 @@ from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
-from danet.choices import HEAD_OUTPUTS
-from danet.config import DataConfig, EvalConfig, check_eval_config, resolve_eval_config
+from danet.config import HEAD_OUTPUTS, DataConfig, EvalConfig, check_eval_config
+from danet.evaluation.cost import ForwardCost, fit_cost_model
+from danet.evaluation.protocols import Stage, inference_plan
+from danet.runtime import AMP_DTYPES
 
-__all__ = [
-    "AMP_DTYPES",
-    "EVAL_FIELDS",
-    "CommandSetup",
-    "Stage",
-    "Window",
-    "check_eval_config",
-    "estimate_inference_cost",
-    "inference_plan",
-    "predict_logits",
-    "predict_scores",
-    "release_window_starts",
-    "resolve_eval_config",
-    "run_inference",
-    "setup_from_args",
-    "sliding_window_starts",
-    "window_stride",
-]
+__all__ = ["estimate_inference_cost", "predict_logits", "predict_scores", "scores_of_resolved"]
 
-# autocast dtype of each amp setting once "auto" is resolved (train.amp's settings too)
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --------------------------------------------------------------------------------------------
-# The plan: which windows of which resized image, per protocol (integer arithmetic only).
-
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """A window of a (resized, padded) image: rows ``top:top + height``, columns ``left:left + width``."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-
-    def region(self) -> tuple[slice, slice, slice, slice]:
-        """The index of this window in a (B, C, H, W) tensor."""
-        return (slice(None), slice(None), slice(self.top, self.top + self.height),
-                slice(self.left, self.left + self.width))
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One scale of a protocol's plan.
-
-    Attributes:
-        scale: the scale factor (of the image for "danet"/"mmseg", of base_size for "release").
-        size: (H, W) the image is resized to.
-        padded: (H, W) after bottom/right padding ("release"; else ``size``).
-        windows: the windows of the padded image.
-        pad_to: windows shorter than this are padded to it ("release"; else None).
-        image_flips: passes over the image, unflipped and flipped ("mmseg" flip: separate passes).
-        window_flip: each window also runs mirrored and the two logits are summed ("danet", "release").
-    """
-
-    scale: float
-    size: tuple[int, int]
-    padded: tuple[int, int]
-    windows: tuple[Window, ...]
-    pad_to: int | None
-    image_flips: tuple[bool, ...]
-    window_flip: bool
-
-    @property
-    def forwards(self) -> int:
-        """Model samples this stage runs per image."""
-        return len(self.windows) * len(self.image_flips) * (2 if self.window_flip else 1)
-
-    @property
-    def window_shape(self) -> tuple[int, int]:
-        """(H, W) of the model's input: every window of a stage has it."""
-        first = self.windows[0]
-        return (self.pad_to, self.pad_to) if self.pad_to else (first.height, first.width)
-
-
-def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of the border-aligned windows along one side of ``length`` pixels.
-
-    Windows are ``min(crop, length)`` long, ``stride`` apart, the last one ending at the
-    border (mmsegmentation's ``slide_inference`` grid; ours).
-    """
-    if length <= crop:
-        return [0]
-    count = (length - crop + stride - 1) // stride + 1
-    return [min(i * stride, length - crop) for i in range(count)]
-
-
-def release_window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of the release's windows along a (padded) side of ``length >= crop`` pixels.
-
-    ``ceil((length - crop) / stride) + 1`` windows at multiples of ``stride``; a window ends at
-    ``min(start + crop, length)`` and is padded back to the crop, never shifted.
-    """
-    return [i * stride for i in range(-(-(length - crop) // stride) + 1)]
-
-
-def window_stride(cfg: EvalConfig) -> int:
-    """The stride in pixels: ``cfg.stride``, else ``int(crop_size * stride_ratio)`` (at least 1)."""
-    if cfg.stride is not None:
-        return cfg.stride
-    return max(1, int(cfg.crop_size * cfg.stride_ratio))
-
-
-def _grid(size: tuple[int, int], crop: int, stride: int) -> tuple[Window, ...]:
-    h, w = size
-    crop_h, crop_w = min(crop, h), min(crop, w)
-    return tuple(Window(top, left, crop_h, crop_w) for top in sliding_window_starts(h, crop, stride)
-                 for left in sliding_window_starts(w, crop, stride))
-
-
-def _release_size(height: int, width: int, base_size: int, scale: float) -> tuple[int, int]:
-    """The release's scaled (H, W): the long side ``ceil(base_size * scale)``, the short one rounded."""
-    long_size = math.ceil(base_size * scale)
-    if height > width:
-        return long_size, int(1.0 * width * long_size / height + 0.5)
-    return int(1.0 * height * long_size / width + 0.5), long_size
-
-
-def inference_plan(height: int, width: int, cfg: EvalConfig) -> list[Stage]:
-    """The stages ``cfg``'s protocol runs on an image of ``height`` x ``width`` (cfg resolved).
-
-    Raises:
-        ValueError: a scaled size below one pixel.
-    """
-    scales = cfg.scales if cfg.mode == "multiscale" else (1.0,)
-    stages = []
-    for scale in scales:
-        if cfg.protocol == "release":
-            size = _release_size(height, width, cfg.base_size, scale)
-        elif cfg.protocol == "mmseg":
-            size = (int(height * scale + 0.5), int(width * scale + 0.5))
-        else:
-            size = (height, width)
-            if cfg.mode == "multiscale":
-                size = (round(height * scale), round(width * scale))
-        if min(size) < 1:
-            raise ValueError(f"scale {scale} makes the {height}x{width} image {size[0]}x{size[1]}")
-        if cfg.protocol == "release":
-            crop, stride = cfg.crop_size, window_stride(cfg)
-            padded = (max(size[0], crop), max(size[1], crop))
-            windows = tuple(Window(top, left, min(top + crop, padded[0]) - top,
-                                   min(left + crop, padded[1]) - left)
-                            for top in release_window_starts(padded[0], crop, stride)
-                            for left in release_window_starts(padded[1], crop, stride))
-            stages.append(Stage(scale, size, padded, windows, crop, (False,), cfg.flip))
-            continue
-        if cfg.mode == "whole":
-            windows: tuple[Window, ...] = (Window(0, 0, *size),)
-        else:
-            windows = _grid(size, cfg.crop_size, window_stride(cfg))
-        if cfg.protocol == "mmseg":
-            flips = (False, True) if cfg.flip else (False,)
-            stages.append(Stage(scale, size, size, windows, None, flips, False))
-        else:
-            stages.append(Stage(scale, size, size, windows, None, (False,), cfg.flip))
-    return stages
-
-
-# --------------------------------------------------------------------------------------------
-# The engine: batched forwards over windows.
 
 
 # the fitted per-sample cost of a model, per inference settings (dtype, device, autocast, layout, heads)
@@ -255,10 +66,8 @@ class _ModelRunner:
         return max(images, min(samples, fits))
 
     def sample_cost(self, window_shape: tuple[int, int]) -> Any:
-        """The estimated :class:`danet.cost.ForwardCost` of one sample (the cost model is fitted once
-        per model and settings); None when the model cannot be traced on fake tensors."""
-        from danet.cost import fit_cost_model
-
+        """The estimated :class:`danet.evaluation.cost.ForwardCost` of one sample (the cost model is
+        fitted once per model and settings); None when the model cannot be traced on fake tensors."""
         key = (self.dtype, self.device, self.autocast_dtype, self.cfg.channels_last, self.heads)
         per_model = _COST_MODELS.setdefault(self.model, {})
         if key not in per_model:
@@ -408,7 +217,7 @@ def predict_scores(model: nn.Module, images: torch.Tensor, num_classes: int, cfg
     mean logits ("danet"), the sum over scales of window-averaged ``exp(logits + flipped
     logits)`` ("release"), mean probabilities ("mmseg").
 
-    ``cfg`` is resolved (:func:`resolve_eval_config`); ``mean``/``std`` give the release's padding
+    ``cfg`` is checked here (danet.config.check_eval_config); ``mean``/``std`` give the release's padding
     value; ``heads`` are names from :data:`HEAD_OUTPUTS` ("pam"/"cam" need a DANet, which is
     called with ``head_outputs=True``); ``progress`` shows a bar over the model's samples.
     ``model`` should be in eval mode (a tuple output of a model in training mode is reduced to
@@ -418,6 +227,19 @@ def predict_scores(model: nn.Module, images: torch.Tensor, num_classes: int, cfg
         ValueError: bad settings, shapes or heads.
     """
     check_eval_config(cfg)
+    return scores_of_resolved(model, images, num_classes, cfg, mean=mean, std=std, heads=heads,
+                              progress=progress)
+
+
+def scores_of_resolved(model: nn.Module, images: torch.Tensor, num_classes: int, cfg: EvalConfig, *,
+                       mean: Sequence[float] = DataConfig.mean, std: Sequence[float] = DataConfig.std,
+                       heads: Sequence[str] = ("sum",), progress: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`predict_scores` for a ``cfg`` that is already checked (danet.config.resolve_eval_config
+    or check_eval_config ran on it): for callers that run many batches under one config.
+
+    Raises:
+        ValueError: bad shapes or heads.
+    """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if num_classes < 1:
@@ -471,12 +293,10 @@ def predict_logits(model: nn.Module, images: torch.Tensor, num_classes: int, mod
 
 def estimate_inference_cost(model: nn.Module, height: int, width: int, num_classes: int, cfg: EvalConfig, *,
                             device: torch.device | str = "cpu", heads: Sequence[str] = ("sum",)) -> Any:
-    """The estimated :class:`danet.cost.ForwardCost` of :func:`predict_scores` on one float32 image
-    of ``height`` x ``width``: the FLOPs of all its forwards, and the peak tensor memory of the
-    largest batched forward plus the score buffers. None when the model cannot be traced."""
-    from danet.cost import ForwardCost
-
-    check_eval_config(cfg)
+    """The estimated :class:`danet.evaluation.cost.ForwardCost` of :func:`predict_scores` on one float32
+    image of ``height`` x ``width``: the FLOPs of all its forwards, and the peak tensor memory of the
+    largest batched forward plus the score buffers. None when the model cannot be traced.
+    ``cfg`` is checked (danet.config.resolve_eval_config or check_eval_config ran on it)."""
     run = _ModelRunner(model, num_classes, heads, cfg, torch.float32, torch.device(device), None)
     flops, peak = 0.0, 0.0
     for stage in inference_plan(height, width, cfg):
@@ -490,77 +310,3 @@ def estimate_inference_cost(model: nn.Module, height: int, width: int, num_class
             * stage.padded[1]
         peak = max(peak, batch_size * per_sample.peak_bytes + buffers)
     return ForwardCost(flops, peak, extrapolated=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Command-line plumbing shared by `danet eval`, `danet predict`, `danet attention` and `danet export`
-# (their options are defined in danet/cli.py). An option left at None means "not given": the
-# value then comes from the checkpoint's stored config, else from the dataclasses in danet/config.py.
-
-
-EVAL_FIELDS: tuple[str, ...] = ("protocol", "mode", "crop_size", "stride_ratio", "stride", "scales",
-                                "base_size", "flip", "batch_size", "window_memory_mb", "amp", "channels_last")
-"""EvalConfig fields that command-line flags of the same name override."""
-
-
-def _section(cls: type, stored: Mapping[str, Any] | None) -> Any:
-    """A ``cls`` dataclass from a stored (asdict) section, ignoring fields this version lacks."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (stored or {}).items() if k in names}
-    return cls(**values)
-
-
-@dataclasses.dataclass
-class CommandSetup:
-    """What eval/predict/attention need: the loaded model and the resolved config sections."""
-
-    model: nn.Module  # on ``device``, in eval mode
-    device: torch.device
-    dataset_class: type  # NUM_CLASSES, CLASS_NAMES, PALETTE
-    data: DataConfig
-    eval: EvalConfig
-
-
-def setup_from_args(args: argparse.Namespace, device: torch.device | None = None) -> CommandSetup:
-    """Read the checkpoint, resolve every option (flag > checkpoint config > default), load the model.
-
-    ``device`` (e.g. a distributed process's own GPU) replaces ``args.device`` when given.
-
-    Raises:
-        FileNotFoundError: missing checkpoint.
-        ValueError: unknown dataset or backbone, a checkpoint that does not fit the model.
-    """
-    from danet.data import get_dataset_class
-    from danet.distributed import resolve_device
-    from danet.models import build_from_checkpoint, read_checkpoint
-
-    checkpoint = read_checkpoint(args.checkpoint)
-    stored = checkpoint.config or {}
-    data = _section(DataConfig, stored.get("data"))
-    eval_cfg = _section(EvalConfig, stored.get("eval"))
-    if args.dataset is not None and args.dataset != data.dataset:
-        data.root = None  # the stored root belongs to the stored dataset
-    for section, fields in ((data, ("dataset", "root")), (eval_cfg, EVAL_FIELDS)):
-        for name in fields:
-            value = getattr(args, name, None)
-            if value is not None:
-                setattr(section, name, tuple(value) if isinstance(value, list) else value)
-    eval_cfg = resolve_eval_config(eval_cfg, data)
-    dataset_class = get_dataset_class(data.dataset, data.root)  # "folder": the classes of the root
-    overrides = {"backbone": args.backbone, "output_stride": args.output_stride, "attention": args.attention,
-                 "aux": args.aux, "multi_grid": args.multi_grid}
-    model = build_from_checkpoint(checkpoint, dataset_class.NUM_CLASSES, overrides)
-    if device is None:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA device is available")
-        device = resolve_device(args.device)
-    return CommandSetup(model.to(device).eval(), device, dataset_class, data, eval_cfg)
-
-
-def run_inference(setup: CommandSetup, images: torch.Tensor, cfg: EvalConfig | None = None,
-                  progress: bool = False) -> torch.Tensor:
-    """The "sum" scores of :func:`predict_scores` with the setup's model, classes, normalisation
-    and EvalConfig (or ``cfg``)."""
-    scores = predict_scores(setup.model, images.to(setup.device), setup.dataset_class.NUM_CLASSES,
-                            cfg or setup.eval, mean=setup.data.mean, std=setup.data.std, progress=progress)
-    return scores["sum"]

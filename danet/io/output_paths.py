@@ -26,7 +26,7 @@ def _name_max(directory: Path) -> int:
 def check_name_length(path: str | Path) -> Path:
     """``path``, if its file name fits the file system (checked before any work); else ValueError.
 
-    (danet.files.atomic_write shortens its temporary's name to fit, so the final name is the limit.)
+    (danet.io.atomic.atomic_write shortens its temporary's name to fit, so the final name is the limit.)
     """
     path = Path(path)
     limit, length = _name_max(path.parent), len(os.fsencode(path.name))

@@ -33,8 +33,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from danet.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, keep_as, load_checkpoint
 from danet.config import Config, config_to_dict, missing_keys
+from danet.io.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, keep_as, load_checkpoint
 
 # settings that shape the LR schedule (and the optimiser's hyperparameters): --rebase-schedule
 REBASE_KEYS = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.nesterov", "optim.weight_decay",

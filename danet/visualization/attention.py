@@ -1,21 +1,14 @@
-"""Show what DANet attends to: position-attention maps for chosen pixels, channel-attention maps.
+"""What DANet attends to: position-attention rows for chosen pixels, channel-attention maps, the figure.
 
-Example::
-
-    danet attention street.png --points 120,200 480,310 --checkpoint city.pt --output attention.png
-
-The paper's figure (Fu et al., CVPR 2019, Fig. 4/5), at full resolution. For each chosen pixel
-(x, y) the position-attention map is that pixel's row of PAM's softmax, ``softmax_j(q_i . k_j)``
-over every position j: only the chosen queries are computed ((points x N), never N x N), from
-PAM's input captured by a forward hook on ``head.sa``, then upsampled over the image. The
-channel-attention maps are channels of CAM's output (``head.sc``), which the paper shows
-responding to one semantic class each; by default the channels with the most spatial contrast
-(largest standard deviation) are shown, or the ones ``--channels`` names.
+For a chosen pixel (x, y) the position-attention map is that pixel's row of PAM's softmax,
+``softmax_j(q_i . k_j)`` over every position j: only the chosen queries are computed
+((points x N), never N x N), from PAM's input captured by a forward hook on ``head.sa``. The
+channel-attention maps are channels of CAM's output (``head.sc``). ``danet attention`` is
+danet.commands.attention.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -27,18 +20,13 @@ from matplotlib.patches import Patch
 from torch import nn
 from torch.nn import functional
 
-from danet.data.images import load_rgb
-from danet.files import atomic_write
-from danet.inference import setup_from_args
-from danet.outputs import check_output_file
-from danet.predict import colourise, normalise_image, overlay
+from danet.visualization.masks import colourise, overlay
 
 __all__ = [
     "AttentionMaps",
     "attention_figure",
     "attention_maps",
     "position_attention_rows",
-    "run",
 ]
 
 
@@ -195,19 +183,3 @@ def attention_figure(image: np.ndarray, maps: AttentionMaps, points: Sequence[tu
         fig.colorbar(shown_map, ax=ax, shrink=0.8, label="CAM output")
     fig.suptitle(f"DANet attention (feature map {maps.feature_size[0]}x{maps.feature_size[1]})")
     return fig
-
-
-def run(args: argparse.Namespace) -> int:
-    """``danet attention``: write the figure."""
-    if args.num_channels < 0:
-        raise ValueError(f"--num-channels must be >= 0, got {args.num_channels}")
-    image = load_rgb(args.image)  # inputs first: the image, the checkpoint; then the output
-    setup = setup_from_args(args)
-    output = check_output_file(args.output, args.overwrite)
-    maps = attention_maps(setup.model, normalise_image(setup, image), args.points, args.channels,
-                          args.num_channels)
-    fig = attention_figure(image, maps, args.points, setup.dataset_class.PALETTE,
-                           setup.dataset_class.CLASS_NAMES)
-    atomic_write(output, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    print(f"attention maps of {len(args.points)} point(s) and {len(maps.channels)} channel(s) -> {output}")
-    return 0

@@ -1,40 +1,12 @@
-"""Export a trained DANet for deployment: an ONNX file, or a torch.export program.
+"""DANet for deployment: an ONNX file or a torch.export program, the attention as plain ops.
 
-Examples::
-
-    danet export --checkpoint runs/latest --output danet.onnx
-    danet export --checkpoint runs/latest --format torch-export --output danet.pt2
-
-The exported model takes a normalised image batch (B, 3, H, W) float32 (the eval transform:
-RGB in [0, 1], minus the mean, over the std of the checkpoint's data config) and returns the
-logits (B, classes, H, W) of DANet's fused output; batch, height and width are free (at least
-32 pixels) unless ``--fixed-size`` is given. After writing, the command runs the exported
-model on the example input (ONNX: in onnxruntime on the CPU, when it is installed) and prints
-its largest difference from the PyTorch model.
-
-The attention is exported as plain ops: while exporting, the attention backend is
-``reference`` (bmm + softmax), on every device. The Triton kernels cannot be exported (an
-exporter sees an opaque custom op that no runtime knows) and the blockwise backend's loops
-would be unrolled for one size; the exported graph holds PAM's N x N attention matrix, as
-any ONNX graph of DANet does. Which export paths work (torch 2.11 to 2.14):
-
-* ``danet export --format onnx``: ``torch.onnx.export(dynamo=True)``, needs the ``onnx`` and
-  ``onnxscript`` packages (the ``export`` extra); checked against onnxruntime in the tests.
-* ``danet export --format torch-export``: ``torch.export.export``, saved with
-  ``torch.export.save``; load with ``torch.export.load(path).module()``.
-* ``torch.export`` / ``torch.onnx.export`` called directly on a DANet on the CPU (blockwise
-  backend): capture the same plain ops (danet_kernels.blockwise, "Export").
-* ``torch.onnx.export(dynamo=False)`` (the legacy TorchScript tracer): traces the same plain
-  ops on the CPU, for the traced input size (deprecated by torch).
-* on CUDA, ``torch.export`` keeps the Triton kernels as the custom ops
-  ``danet_kernels::pam_forward`` / ``cam_forward``, which ONNX cannot express: export through
-  this command (or under ``danet_kernels.use_backend("reference")``).
-* ``torch.jit.script``: not supported (the model uses Python constructs TorchScript lacks).
+While exporting, the attention backend is ``reference`` (bmm + softmax): the Triton kernels
+cannot be exported (an exporter sees an opaque custom op that no runtime knows). Which export
+paths work, and how to load their files: ``danet export --help`` (danet.commands.export).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -44,11 +16,9 @@ import torch
 from torch import nn
 
 import danet_kernels
-from danet.files import atomic_write
-from danet.inference import setup_from_args
-from danet.outputs import check_output_file
+from danet.io.atomic import atomic_write
 
-__all__ = ["EXPORTERS", "SegmentationLogits", "export_onnx", "export_program", "run"]
+__all__ = ["EXPORTERS", "MIN_SIDE", "SegmentationLogits", "export_onnx", "export_program"]
 
 MIN_SIDE = 32  # the smallest height or width the exported graph accepts
 
@@ -132,23 +102,3 @@ EXPORTERS: dict[str, tuple[Callable[..., Path], Callable[[Path, torch.Tensor, to
     "onnx": (export_onnx, _check_onnx),
     "torch-export": (_write_program, _check_program),
 }
-
-
-def run(args: argparse.Namespace) -> int:
-    """``danet export``: write the model in ``args.format`` and check it on the example input."""
-    writer, checker = EXPORTERS[args.format]
-    setup = setup_from_args(args)  # inputs first: the checkpoint, then the output
-    output = check_output_file(args.output, args.overwrite)
-    height, width = args.size if args.size is not None else (setup.data.crop_size,) * 2
-    if min(height, width) < MIN_SIDE:
-        raise ValueError(f"--size must be at least {MIN_SIDE} pixels per side, got {height} {width}")
-    batch = 1 if args.fixed_size else 2  # an example batch of 1 would make torch specialise the batch to 1
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(batch, 3, height, width, generator=generator).to(setup.device)
-    with torch.no_grad():
-        expected = SegmentationLogits(setup.model)(example)
-    writer(setup.model, example, output, args.fixed_size)
-    shape = f"1x3x{height}x{width} only" if args.fixed_size else f"any Bx3xHxW with H, W >= {MIN_SIDE}"
-    print(f"wrote {output} ({args.format}, input {shape}, {setup.dataset_class.NUM_CLASSES} classes)")
-    print(checker(output, example, expected))
-    return 0

@@ -42,50 +42,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-from torchvision import tv_tensors
+from PIL import Image, PngImagePlugin
 
+from danet.commands.model_setup import CommandSetup, predict_image, setup_from_args
 from danet.config import EvalConfig
-from danet.data import eval_transforms
 from danet.data.base import repeated_names
-from danet.data.cityscapes import LABEL_ID_TO_TRAIN_ID
 from danet.data.images import image_size, image_suffixes, load_rgb
-from danet.files import atomic_write
-from danet.inference import (
-    CommandSetup,
-    estimate_inference_cost,
-    inference_plan,
-    run_inference,
-    setup_from_args,
-    window_stride,
-)
-from danet.outputs import check_output_dir, check_output_file
+from danet.evaluation.engine import estimate_inference_cost
+from danet.evaluation.protocols import inference_plan, window_stride
+from danet.io.atomic import atomic_write
+from danet.io.output_paths import check_output_dir, check_output_file
+from danet.visualization.masks import cityscapes_label_ids, colourise, mask_image, overlay, with_legend
 
-__all__ = ["CITYSCAPES_NAME", "MAX_WHOLE_PIXELS", "cityscapes_label_ids", "colourise",
-           "expand_image_arguments", "image_inference", "legend_panel", "mask_image", "normalise_image",
-           "overlay", "predict_image", "run"]
+__all__ = ["CITYSCAPES_NAME", "MAX_WHOLE_PIXELS", "expand_image_arguments", "image_inference", "run"]
 
 CITYSCAPES_NAME = re.compile(r"^[a-z_]+_\d{6}_\d{6}_leftImg8bit$")
 """The stem of a Cityscapes image: ``<city>_<seq>_<frame>_leftImg8bit`` (cityscapesScripts' naming)."""
 MAX_WHOLE_PIXELS = 2048 * 2048
 """Default of --max-whole-pixels: larger images are not predicted whole."""
-_TRAIN_ID_TO_LABEL_ID = np.zeros(256, dtype=np.uint8)
-for _label_id, _train_id in LABEL_ID_TO_TRAIN_ID.items():
-    _TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
 _ESTIMATE_ABOVE_PIXELS = 1 << 20  # the cost is estimated (and printed) above this size or ...
 _ESTIMATE_ABOVE_FORWARDS = 16  # ... above this many forwards
-
-
-def normalise_image(setup: CommandSetup, image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> the model's input (1, 3, H, W) on the setup's device (eval transforms)."""
-    tensor = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
-    return eval_transforms(setup.data.mean, setup.data.std)(tensor)[None].to(setup.device)
-
-
-def predict_image(setup: CommandSetup, image: np.ndarray, cfg: EvalConfig | None = None,
-                  progress: bool = False) -> torch.Tensor:
-    """Class ids (H, W) int64 on the CPU for an RGB uint8 (H, W, 3) image (``cfg``: the setup's)."""
-    return run_inference(setup, normalise_image(setup, image), cfg, progress).argmax(1)[0].cpu()
 
 
 def image_inference(setup: CommandSetup, height: int, width: int,
@@ -110,62 +86,6 @@ def image_inference(setup: CommandSetup, height: int, width: int,
         estimate = f", estimated {cost.describe()}" if cost is not None else ""
         notes.append(f"{width}x{height}: {forwards} forward(s){estimate}")
     return cfg, notes, long
-
-
-def cityscapes_label_ids(prediction: torch.Tensor) -> Image.Image:
-    """An 8-bit ("L") PNG image of Cityscapes label ids for a (H, W) map of the 19 train ids."""
-    return Image.fromarray(_TRAIN_ID_TO_LABEL_ID[prediction.numpy()])
-
-
-def mask_image(prediction: torch.Tensor, palette: np.ndarray) -> Image.Image:
-    """A palette ("P") PIL image: pixel values are class ids, shown in the dataset's colours."""
-    if len(palette) > 256:
-        raise ValueError(f"a palette PNG holds at most 256 classes, got {len(palette)}")
-    image = Image.fromarray(prediction.numpy().astype(np.uint8))  # mode "L"; putpalette makes it "P"
-    image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
-    return image
-
-
-def colourise(prediction: torch.Tensor, palette: np.ndarray) -> np.ndarray:
-    """RGB uint8 (H, W, 3) colours of the class ids ``prediction`` (H, W)."""
-    return np.asarray(palette, dtype=np.uint8)[prediction.numpy()]
-
-
-def overlay(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - alpha) * image + alpha * colours`` as uint8."""
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-
-
-def legend_panel(class_ids: Sequence[int], class_names: Sequence[str], palette: np.ndarray,
-                 height: int) -> np.ndarray:
-    """A white RGB uint8 panel (at least ``height`` rows) listing ``class_ids``: colour swatch and name."""
-    font_size = int(np.clip(height / 30, 11, 28))
-    font = ImageFont.load_default(size=font_size)
-    row, pad = font_size + font_size // 2, font_size // 2
-    labels = [f"{c} {class_names[c]}" for c in class_ids]
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max((int(probe.textlength(label, font=font)) for label in labels), default=0)
-    width = pad + row + pad + text_width + pad
-    panel = Image.new("RGB", (width, max(height, pad + row * len(labels) + pad)), "white")
-    draw = ImageDraw.Draw(panel)
-    for i, (class_id, label) in enumerate(zip(class_ids, labels, strict=True)):
-        top = pad + i * row
-        swatch = (pad, top + 2, pad + row - 4, top + row - 2)
-        draw.rectangle(swatch, fill=tuple(int(v) for v in palette[class_id]), outline="black")
-        draw.text((pad + row + pad // 2, top + row // 2), label, fill="black", font=font, anchor="lm")
-    return np.asarray(panel)
-
-
-def _with_legend(blended: np.ndarray, prediction: torch.Tensor, class_names: Sequence[str],
-                 palette: np.ndarray) -> np.ndarray:
-    """``blended`` with the legend of the classes in ``prediction`` to its right (white below if taller)."""
-    panel = legend_panel(torch.unique(prediction).tolist(), class_names, palette, blended.shape[0])
-    height = max(blended.shape[0], panel.shape[0])
-    canvas = np.full((height, blended.shape[1] + panel.shape[1], 3), 255, dtype=np.uint8)
-    canvas[: blended.shape[0], : blended.shape[1]] = blended
-    canvas[: panel.shape[0], blended.shape[1]:] = panel
-    return canvas
 
 
 def _is_pattern(text: str) -> bool:
@@ -264,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             _save_mask(mask_path, prediction, palette, class_names)
             blended = overlay(image, colourise(prediction, palette), args.alpha)
             if args.legend:
-                blended = _with_legend(blended, prediction, class_names, palette)
+                blended = with_legend(blended, prediction, class_names, palette)
             atomic_write(overlay_path, lambda tmp, b=blended: Image.fromarray(b).save(tmp, format="PNG"))
         print(f"{image_path} -> {', '.join(map(str, outputs))}")
     return 0

@@ -1,6 +1,6 @@
-"""How many CPU threads a danet command's own process computes with (``train.threads``, ``--threads``).
+"""How a danet process computes: its CPU threads (``train.threads``, ``--threads``) and its autocast dtype.
 
-The default is one thread (:attr:`danet.config.TrainConfig.threads`). torch's own default is one
+Threads: the default is one (:attr:`danet.config.TrainConfig.threads`). torch's own default is one
 thread per core, and its parallel regions end in a barrier: on a machine whose cores are shared
 (other jobs, DataLoader workers, several torchrun processes) one descheduled thread stalls
 every region, and the small ops of a CPU run collapse. Measured on the 2-core development
@@ -13,11 +13,18 @@ for the same reason. On a dedicated many-core CPU, raise it; ``0`` keeps torch's
 DataLoader worker processes are separate: torch gives each of them one thread already.
 Results depend on the thread count in the last bits (the reductions inside a convolution are
 split differently), so runs compare exactly only at the same count.
+
+Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference to a dtype.
 """
 
 from __future__ import annotations
 
-__all__ = ["set_threads"]
+import torch
+
+__all__ = ["AMP_DTYPES", "set_threads"]
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each ``amp`` setting (``train.amp``; ``eval.amp`` once "auto" is resolved)."""
 
 
 def set_threads(threads: int) -> int:
@@ -29,8 +36,6 @@ def set_threads(threads: int) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"the thread count (train.threads / --threads) must be an integer >= 0 "
                          f"(0: torch's default), got {threads!r}")
-    import torch
-
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -11,10 +11,10 @@ A training checkpoint is a dict with
 * ``config``: ``danet.config.config_to_dict`` of the run's Config;
 * ``best_miou`` and ``metrics`` (the last validation);
 * ``loss_windows``: ``[iteration, mean training loss since the previous save, healthy]`` of
-  every save (danet.resume.LossHealth), the loss history that tells a healthy checkpoint from
+  every save (danet.training.resume.LossHealth), the loss history that tells a healthy checkpoint from
   one written while training diverged.
 
-Writing: :func:`atomic_save` writes through :func:`danet.files.atomic_write` (a temporary file,
+Writing: :func:`atomic_save` writes through :func:`danet.io.atomic.atomic_write` (a temporary file,
 fsynced and renamed: a crash or a full disk mid-write leaves the previous checkpoint whole) and
 stores the SHA-256 of the archive torch wrote in the archive's own zip comment
 (``danet-sha256:<hex>``), so the file stays an ordinary ``torch.load``-able file for any reader.
@@ -28,7 +28,7 @@ code from a file ever runs, and no message ever suggests turning that off.
 
 A run directory holds ``last.pt`` (the newest state), ``checkpoint_best.pt`` (the best
 validation) and ``last_good.pt`` (the newest checkpoint that training continued from with a
-healthy loss, see danet.train); the latter two are usually hard links to a ``last.pt``
+healthy loss, see danet.training.trainer); the latter two are usually hard links to a ``last.pt``
 of the past, costing no disk until ``last.pt`` moves on.
 """
 
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from danet.files import atomic_link, atomic_write
+from danet.io.atomic import atomic_link, atomic_write
 
 LAST = "last.pt"
 BEST = "checkpoint_best.pt"
@@ -160,7 +160,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     the new one is complete.
 
     Raises:
-        danet.files.FileWriteError: full disk, read-only directory, ... (the old file is intact).
+        danet.io.atomic.FileWriteError: full disk, read-only directory, ... (the old file is intact).
     """
     return atomic_write(path, lambda tmp: _save_with_checksum(obj, tmp))
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from danet.checkpoint import BEST, LAST, LAST_GOOD
 from danet.config import Config, config_to_dict
-from danet.files import FileWriteError, atomic_write, describe_os_error
+from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
+from danet.io.checkpoint import BEST, LAST, LAST_GOOD
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
