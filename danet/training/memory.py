@@ -12,8 +12,9 @@ peak at every batch; ``danet plan`` prints them, and the trainer warns with
 what ``torch.cuda.max_memory_allocated`` reports for it: parameters, buffers, the optimiser's
 state (SGD momentum, AdamW's two moments), DDP's gradient buckets, the batch, every tensor
 autograd saves, the gradients, the optimiser's foreach temporaries, the attention's own
-tensors (the reference's N x N matrices, the fused ops' outputs and saved statistics), each
-allocation rounded up to the allocator's 512-byte blocks. On the CPU (``device="cpu"``), the
+tensors (the reference's N x N matrices, the fused ops' outputs and saved statistics), the
+scratch of the kernels where it is large (the softmax backward's N x N copies), each allocation
+rounded up to the allocator's 512-byte blocks. On the CPU (``device="cpu"``), the
 same without rounding: what benchmarks/ measures there.
 
 **Not counted**, and covered by margins instead of pretended to:
@@ -234,25 +235,29 @@ def _device_bytes(device: torch.device) -> float:
 
 def _alternatives(cfg: Config, num_classes: int, micro_batch: int, size: int, processes: int,
                   model: StepMemoryModel, available: float) -> list[str]:
-    """The knobs that would make the step fit, each with its predicted peak."""
+    """The knobs that would make the step fit, each with its predicted peak and whether that fits."""
+
+    def outcome(peak: float) -> str:
+        fits = StepMemory(micro_batch, size, size, peak, model.state_bytes).fits(available)
+        return f"{format_bytes(peak)}: {'fits' if fits else 'not enough alone'}"
+
     knobs = []
     largest = model.largest_batch(available)
     if largest >= 1:
         accum = math.ceil(micro_batch / largest) * cfg.train.accum_steps
-        knobs.append(f"a micro-batch of {largest} ({format_bytes(model.peak_bytes(largest))}): the same "
-                     f"global batch with train.accum_steps={accum}, where train.batch_size allows it")
+        knobs.append(f"a micro-batch of {largest} ({format_bytes(model.peak_bytes(largest))}: fits), the "
+                     f"same global batch with train.accum_steps={accum} where train.batch_size allows it")
     if cfg.train.amp == "none":
         bf16 = trace_step(model.step, micro_batch, size, size, amp="bf16").peak
-        knobs.append(f"train.amp=bf16 ({format_bytes(bf16)})")
+        knobs.append(f"train.amp=bf16 ({outcome(bf16)})")
     if not cfg.train.activation_checkpointing:
-        train = dataclasses.replace(cfg.train, activation_checkpointing=True)
-        checkpointed = dataclasses.replace(cfg, train=train)
-        step = TrainingStep(checkpointed, num_classes, fake=True, processes=processes)
-        knobs.append(f"train.activation_checkpointing=true "
-                     f"({format_bytes(trace_step(step, micro_batch, size, size).peak)})")
+        recipe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=True))
+        step = TrainingStep(recipe, num_classes, fake=True, processes=processes)
+        checkpointed = trace_step(step, micro_batch, size, size).peak
+        knobs.append(f"train.activation_checkpointing=true ({outcome(checkpointed)})")
     smaller = max(8, (size * 3 // 4) // 8 * 8)
     cropped = trace_step(model.step, micro_batch, smaller, smaller).peak
-    knobs.append(f"data.crop_size={smaller} ({format_bytes(cropped)}; the reference attention grows with the "
+    knobs.append(f"data.crop_size={smaller} ({outcome(cropped)}; the reference attention grows with the "
                  f"square of the crop's pixels)")
     return knobs
 
@@ -269,7 +274,7 @@ def check_training_fits(cfg: Config, num_classes: int, micro_batch: int, device:
     """
     size = cfg.data.crop_size
     try:
-        step = TrainingStep(cfg, num_classes, fake=True, processes=processes)
+        step = TrainingStep(cfg, num_classes, device="cuda", fake=True, processes=processes)
         model = StepMemoryModel(step, size, size) if micro_batch <= 2 else None
         memory = (model.at(micro_batch) if model is not None else
                   StepMemory(micro_batch, size, size, float(trace_step(step, micro_batch, size, size).peak),

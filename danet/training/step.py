@@ -14,7 +14,8 @@ every decision that depends on the device is the GPU's: CUDA autocast's op lists
 in bf16/fp16, softmax and bilinear upsampling in fp32; CPU autocast keeps the last two in
 bf16), the attention backend (the fused model takes the Triton ops) and the optimiser's foreach
 update (torch's default on CUDA: it holds a gradient-sized
-temporary). Three things torch does not do without a GPU are done here instead:
+temporary). Three things torch does not do without a GPU are done here instead, and one
+thing fake tensors do not show is added:
 
 * **Autocast.** ``torch.autocast("cuda")`` switches itself off when
   ``torch.cuda.is_available()`` is False (and refuses bf16 without a device to ask);
@@ -36,6 +37,13 @@ temporary). Three things torch does not do without a GPU are done here instead:
   and each node's saved tensors freed once it has run (the node dies, as the engine's
   ``release_variables`` frees them). On CPU graphs it gives the C++ engine's peak to the
   byte (tests/danet/test_training_memory.py); fake steps always use it, on any machine.
+* **Kernel scratch.** A fake op allocates its outputs only; a few kernels allocate more and
+  free it before returning. :class:`_KernelScratch` holds that scratch for the op's duration
+  where it is large: the softmax backward of the reference PAM's N x N matrix (on CUDA two
+  more N x N matrices, ``grad * output`` and its contiguous copy). With it the fake CUDA
+  trace of the reference PAM and CAM gives the peers' H100 measurements
+  (``torch.cuda.max_memory_allocated``, ../shared/baseline/h100_peers.md) within 1% from
+  N = 9409 up; without it, 60% of them.
 """
 
 from __future__ import annotations
@@ -111,6 +119,42 @@ class _FusedOpFakes(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         fake = self.fakes.get(func._schema.name)
         return (fake or func)(*args, **(kwargs or {}))
+
+
+def _softmax_backward_scratch(device: torch.device, grad: torch.Tensor, output: torch.Tensor,
+                              *unused: Any) -> list[torch.Tensor]:
+    """What ``_softmax_backward_data``'s kernel allocates besides its result: on CUDA
+    ``tmp = grad * output`` and ``tmp.contiguous()`` (a copy where tmp follows a transposed grad,
+    as the reference PAM's does: SoftMax.cu), on the CPU ``grad.contiguous()``. Two N x N
+    matrices per PAM on a GPU, which no op returns."""
+    if device.type == "cuda":
+        tmp = grad * output
+        return [tmp, tmp.contiguous()]
+    return [grad.contiguous(), output.contiguous()]
+
+
+# op -> the scratch its kernel allocates and frees inside the call, as (device, *args) -> tensors
+_KERNEL_SCRATCH: dict[str, Callable[..., list[torch.Tensor]]] = {
+    "aten::_softmax_backward_data": _softmax_backward_scratch,
+}
+
+
+class _KernelScratch(TorchDispatchMode):
+    """Allocates, for the duration of an op, the scratch its kernel takes and returns no trace of
+    (:data:`_KERNEL_SCRATCH`; where a copy is not needed, ``contiguous`` returns its input and
+    nothing is allocated). Kept to what is large in a DANet step: the softmax of the reference
+    PAM's N x N matrix. cuDNN's and cuBLAS's workspaces are the margin's (danet.training.memory)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        scratch = _KERNEL_SCRATCH.get(func._schema.name)
+        held = scratch(self.device, *args) if scratch is not None else []
+        out = func(*args, **(kwargs or {}))
+        del held
+        return out
 
 
 # ------------------------------------------------------------------------------ the backward, in Python
@@ -197,8 +241,8 @@ def _accumulate(held: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return held.add_(grad) if dense and alone else held + grad
 
 
-def run_backward(holder: list[torch.Tensor]) -> None:
-    """``holder[0].backward()``, run node by node from Python (see the module docstring).
+def run_backward(holder: list[torch.Tensor], gradient: torch.Tensor | None = None) -> None:
+    """``holder[0].backward(gradient)``, run node by node from Python (see the module docstring).
 
     ``holder`` is emptied: the graph must be reachable from nothing but the engine, so that a
     node and its saved tensors die once it has run. Tensor hooks are not run (the step has none;
@@ -208,7 +252,7 @@ def run_backward(holder: list[torch.Tensor]) -> None:
     loss = holder.pop()
     root = loss.grad_fn
     pending = _dependencies(root)
-    seed = torch.ones_like(loss)  # torch.autograd.backward holds it until the end
+    seed = torch.ones_like(loss) if gradient is None else gradient  # backward() holds it to the end
     buffers: dict[Any, list[torch.Tensor | None]] = {root: [seed]}
     order = itertools.count()
     ready = [(_priority(root), next(order), root)]
@@ -328,9 +372,9 @@ class TrainingStep:
     @contextlib.contextmanager
     def running(self, *modes: TorchDispatchMode) -> Iterator[None]:
         """The context a step runs in: the backend switch, and for a fake step its FakeTensorMode,
-        the GPU shims and the fused ops' fakes; ``modes`` (e.g. a LiveTensorBytes) are entered
-        between the fake tensors and the fused ops' fakes, so that they see what the fakes
-        allocate."""
+        the GPU shims, the kernels' scratch and the fused ops' fakes; ``modes`` (e.g. a
+        LiveTensorBytes) are entered between the fake tensors and the last two, so that they see
+        what those allocate."""
         with contextlib.ExitStack() as stack:
             if self.fake_mode is not None:
                 stack.enter_context(self.fake_mode)
@@ -340,6 +384,7 @@ class TrainingStep:
             for mode in modes:
                 stack.enter_context(mode)
             if self.fake_mode is not None:
+                stack.enter_context(_KernelScratch(self.device))
                 stack.enter_context(_FusedOpFakes())
             yield
 
