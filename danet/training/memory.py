@@ -23,7 +23,7 @@ same without rounding: what benchmarks/ measures there.
   tensors leave split (reserved beyond allocated: fragmentation), cuDNN's convolution
   workspaces (transient, up to a few hundred MB for the widest convolutions), cuBLAS and
   cuBLASLt workspaces (tens of MB), Triton's autotuning on a new input size (its L2 flush
-  buffer is 256 MB), and the fused launchers' scratch (under 1%, step.py);
+  buffer is 256 MB), and the fused launchers' scratch (about 2% at a 769 crop, step.py);
 * outside the allocator, :data:`DEVICE_RESERVE_BYTES` (1.5 GiB): the CUDA context and kernel
   images (about 0.5 GiB on an H100), NCCL's buffers under DDP, and the gap between a card's
   nominal size and its memory (an "80 GB" H100 has 79.6 GiB).

@@ -27,9 +27,11 @@ thing fake tensors do not show is added:
   for its SM count. :class:`_FusedOpFakes` answers the four ops with the fake implementations
   danet_kernels registers under the Triton interpreter: the outputs exactly as the launchers
   allocate them (padded to 16-element rows), the autograd formula's saved tensors untouched.
-  Not counted: the launchers' scratch (copies of unaligned operands, split-N partials, the
-  fp32 dQ accumulator of 16-bit inputs), at most (2 d + 3 C) N_pad elements per image, well
-  under 1% of a DANet-101 step.
+  Not counted: the launchers' scratch, which the fakes do not allocate: copies of operands
+  whose N is not a multiple of 16 (PAM's backward (2 d + 3 C) N_pad elements per image, CAM's
+  2 C N_pad), split-N partials at small N, the fp32 dQ accumulator of 16-bit inputs. About 2%
+  of a DANet-101 step at a 769 x 769 crop (N = 9409), nothing at 1024 x 2048 (N = 32768 is
+  aligned) but the 8 MiB accumulator.
 * **The backward.** The C++ autograd engine stops on a graph of CUDA tensors without a driver
   (``GraphTask::stash_current_streams`` asks for a primary context). :func:`run_backward`
   runs the same graph from Python: the engine's order (highest sequence number first,
