@@ -39,10 +39,9 @@ def position_attention_residual(
     Under autocast the 1x1 convolutions give q, k, v in the autocast dtype, and the residual (the
     module's input) or an fp32 gamma may promote the sum: it is then formed in torch.
     """
-    scaled = {} if scale is None else {"scale": scale}
     if _sum_dtype(gamma, v.dtype, residual) == v.dtype == residual.dtype:
-        return position_attention(q, k, v, gamma=gamma, residual=residual, **scaled)
-    return gamma * position_attention(q, k, v, **scaled) + residual
+        return position_attention(q, k, v, gamma=gamma, residual=residual, scale=scale)
+    return gamma * position_attention(q, k, v, scale=scale) + residual
 
 
 def channel_attention_residual(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,10 @@ kept as in the source, the code restyled):
   DAHead's PAM takes), ``mmcv/cnn/bricks/scale.py`` @ a8073c74bf83d62ec36a103f835faa4837fb6585;
 * mmcv's ``NonLocal2d`` (embedded Gaussian, ``use_scale``, ``sub_sample``) with the part of
   ``ConvModule`` it uses (a conv, an optional norm; no activation): open-mmlab/mmcv
-  ``mmcv/cnn/bricks/non_local.py`` @ a8073c74bf83d62ec36a103f835faa4837fb6585.
+  ``mmcv/cnn/bricks/non_local.py`` @ a8073c74bf83d62ec36a103f835faa4837fb6585;
+* the Non-local_pytorch layout (AlexHex7/Non-local_pytorch, copied widely): ``g``, ``theta``,
+  ``phi`` and the output projection ``W``, no scale and no flag that says so (this one as
+  lizhihao6/MMCompression_open ``mmcomp/models/utils/non_local.py`` writes it).
 
 Look-alikes: modules with the same parts that compute something else; convert must leave them.
 """
@@ -293,6 +296,37 @@ class NonLocal2d(nn.Module):
         y = y.permute(0, 2, 1).contiguous().reshape(n, self.inter_channels, *x.size()[2:])
         output = x + self.conv_out(y)
         return output
+
+
+class NonLocalBlock(nn.Module):
+    """The Non-local_pytorch layout: plain 1x1 convs, softmax without a scale, output ``W``."""
+
+    def __init__(self, in_channel: int, out_channel: int) -> None:
+        super().__init__()
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.g = nn.Conv2d(self.in_channel, self.out_channel, 1, 1, 0)
+        self.theta = nn.Conv2d(self.in_channel, self.out_channel, 1, 1, 0)
+        self.phi = nn.Conv2d(self.in_channel, self.out_channel, 1, 1, 0)
+        self.W = nn.Conv2d(self.out_channel, self.in_channel, 1, 1, 0)
+        nn.init.constant_(self.W.weight, 0)
+        nn.init.constant_(self.W.bias, 0)
+
+    def forward(self, x):
+        batch_size = x.size(0)
+        g_x = self.g(x).view(batch_size, self.out_channel, -1)
+        g_x = g_x.permute(0, 2, 1)
+        theta_x = self.theta(x).view(batch_size, self.out_channel, -1)
+        theta_x = theta_x.permute(0, 2, 1)
+        phi_x = self.phi(x).view(batch_size, self.out_channel, -1)
+        f1 = torch.matmul(theta_x, phi_x)
+        f_div_C = torch.softmax(f1, dim=-1)
+        y = torch.matmul(f_div_C, g_x)
+        y = y.permute(0, 2, 1).contiguous()
+        y = y.view(batch_size, self.out_channel, *x.size()[2:])
+        W_y = self.W(y)
+        z = W_y + x
+        return z
 
 
 # ---------------------------------------------------------------------------- look-alikes

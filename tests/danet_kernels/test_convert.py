@@ -163,6 +163,57 @@ def test_roles_without_telling_names_are_found_by_computation():
     torch.testing.assert_close(model(x), original(x))
 
 
+def _output_projection_nonzero(model: nn.Module) -> nn.Module:
+    """Non-local blocks zero-initialise their output projection, which would hide the attention."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rpartition(".")[2] in ("conv_out", "W"):
+                for p in module.parameters():
+                    p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("sub_sample", [False, True])
+@pytest.mark.parametrize("use_scale", [True, False])
+def test_mmcv_nonlocal2d(use_scale, sub_sample):
+    """Embedded Gaussian, with and without the 1/sqrt(d) scale, with and without pooled keys."""
+    model = _output_projection_nonzero(nn.Sequential(zoo.NonLocal2d(C, use_scale=use_scale,
+                                                                    sub_sample=sub_sample))).double()
+    original = copy.deepcopy(model)
+    (swap,) = convert(model).swapped
+    assert swap.kind == "non-local attention"
+    assert ("scale=0.353553" in swap.detail) == use_scale  # 1 / sqrt(C / 2)
+    x = torch.randn(2, C, 6, 7, dtype=torch.float64)  # 7: a pooled width that rounds down
+    grad = torch.randn(2, C, 6, 7, dtype=torch.float64)
+    _assert_close(_outputs_and_grads(model, x, grad), _outputs_and_grads(original, x, grad), 1e-12)
+
+
+def test_mmseg_self_attention_with_matmul_norm():
+    """A SelfAttentionBlock with matmul_norm (softmax of q^T k / sqrt(channels)) gets that scale."""
+    model = _activated(nn.Sequential(zoo.MmsegPAM(C, 4, matmul_norm=True))).double()
+    original = copy.deepcopy(model)
+    (swap,) = convert(model).swapped
+    assert "scale=0.5" in swap.detail
+    x = torch.randn(2, C, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x))
+
+
+def test_nonlocal_with_a_norm_after_its_output_projection_and_the_older_layout():
+    """mmcv's norm_cfg (a BatchNorm after conv_out, trained and evaluated), and the layout whose
+    output projection is W and whose missing scale only verification can tell."""
+    model = nn.ModuleDict({"mmcv": zoo.NonLocal2d(C, norm=True), "older": zoo.NonLocalBlock(C, 4)})
+    _output_projection_nonzero(model)
+    original = copy.deepcopy(model)
+    report = convert(model)
+    assert [s.path for s in report.swapped] == ["mmcv", "older"]
+    assert "output=W" in report.swapped[1].detail and "scale" not in report.swapped[1].detail
+    x = torch.randn(2, C, 5, 6)
+    for mode in (True, False):
+        model.train(mode), original.train(mode)
+        for name in ("mmcv", "older"):
+            torch.testing.assert_close(model[name](x), original[name](x), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- what is left alone
 
 
@@ -390,13 +441,17 @@ def test_triton_kernels_run_the_converted_modules():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not (_dispatch.triton_importable() and _dispatch.triton_interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1 with triton installed")
-    model = _activated(Pair(zoo.MmsegPAM(C, 2), zoo.ReleaseCAM(C))).to(device)
+    model = _activated(Pair(zoo.MmsegPAM(C, 2), zoo.ReleaseCAM(C)))
+    model.nonlocal_block = zoo.NonLocal2d(C, sub_sample=True)  # scale 1/sqrt(8), M = N / 4
+    _output_projection_nonzero(model).to(device)
     original = copy.deepcopy(model)
-    convert(model)
-    x = torch.randn(1, 3, 3, 5, device=device)
+    assert len(convert(model).swapped) == 3
+    x = torch.randn(1, 3, 4, 5, device=device)
+    y = torch.randn(1, C, 4, 5, device=device)
     with danet_kernels.use_backend("triton"):
-        out = model(x)
+        out, out_nonlocal = model(x), model.nonlocal_block(y)
     torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_nonlocal, original.nonlocal_block(y), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- the real classes
@@ -410,4 +465,14 @@ def test_mmsegmentation_dahead_itself():
     report = convert(model)
     assert [s.kind for s in report.swapped] == ["position attention", "channel attention"]
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x))
+
+
+def test_mmcv_nonlocal2d_itself():
+    """mmcv's own NonLocal2d (pooled keys, the scale), when mmcv can be imported."""
+    non_local = pytest.importorskip("mmcv.cnn.bricks.non_local")
+    model = _output_projection_nonzero(nn.Sequential(non_local.NonLocal2d(C, sub_sample=True))).double()
+    original = copy.deepcopy(model)
+    assert [s.kind for s in convert(model).swapped] == ["non-local attention"]
+    x = torch.randn(2, C, 6, 7, dtype=torch.float64)
     torch.testing.assert_close(model(x), original(x))
