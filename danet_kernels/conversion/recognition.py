@@ -52,6 +52,14 @@ def _role(name: str) -> str | None:
     return claimed[0] if len(claimed) == 1 else None
 
 
+def _order_by_names(names: list[str]) -> tuple[str, str, str] | None:
+    """(query, key, value) when the three names claim the three roles, one each; else None."""
+    by_role = {_role(name): name for name in names}
+    if set(by_role) != {"query", "key", "value"}:
+        return None
+    return by_role["query"], by_role["key"], by_role["value"]
+
+
 def _is_pointwise(conv: nn.Conv2d) -> bool:
     return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
             and conv.groups == 1 and conv.padding in ((0, 0), "valid"))
@@ -94,10 +102,8 @@ def _position_readings(module: nn.Module) -> list[Reading] | str | None:
     if len(channels) != 1:
         return "its three projections read different numbers of channels"
     (c_in,) = channels
-    roles = {name: _role(name) for name in convs}
-    named = sorted(roles, key=lambda n: ("query", "key", "value").index(roles[n])) \
-        if sorted(filter(None, roles.values())) == ["key", "query", "value"] else None
-    orders = [tuple(named)] if named else list(itertools.permutations(convs))
+    named = _order_by_names(list(convs))
+    orders = [named] if named else list(itertools.permutations(convs))
     fitting = [(q, k, v) for q, k, v in orders
                if convs[v].out_channels == c_in and convs[q].out_channels == convs[k].out_channels]
     if not fitting:
@@ -153,6 +159,7 @@ def _channel_readings(module: nn.Module) -> list[Reading] | str | None:
 
 
 def forward_takes_x_alone(module: nn.Module) -> str | None:
+    """None when ``module.forward`` takes one positional input, as the fused modules do; else why not."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -165,14 +172,16 @@ def forward_takes_x_alone(module: nn.Module) -> str | None:
 
 
 def probe_channels(module: nn.Module, reading: Reading) -> int:
+    """The channels C of an input ``module`` accepts (verification's probe input)."""
     if isinstance(reading, ChannelReading):
         return _PROBE_CHANNELS_ANY
     return _first_conv(getattr(module, reading.query)).in_channels
 
 
 
-
 def readings_of(module: nn.Module) -> list[Reading] | str | None:
+    """The readings to verify for ``module``; a reason when it looks like attention but cannot be
+    fused (or is fused already); None when it does not look like attention."""
     if isinstance(module, (PAM_Module, CAM_Module, FusedPositionAttention, FusedChannelAttention)):
         return "it is fused already"
     for propose in (_position_readings, _nonlocal_readings, _channel_readings):

@@ -158,6 +158,7 @@ class FusedChannelAttention(_Adopted):
 
 
 def replacement(module: nn.Module, reading: Reading) -> nn.Module:
+    """The fused module that takes ``module``'s place, as ``reading`` says."""
     if isinstance(reading, ChannelReading):
         return FusedChannelAttention(module, reading)
     return FusedPositionAttention(module, reading)
