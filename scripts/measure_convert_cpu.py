@@ -36,6 +36,7 @@ def _rss_mb() -> float:
 
 def run_variant(variant: str) -> dict:
     """One process: build the head, convert it or not, time one full-size step, report memory."""
+    # lazy: only the measuring processes load torch; the parent that starts them stays small
     import torch
 
     import danet_kernels
