@@ -125,19 +125,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if report.when != "call" and not (report.when == "setup" and not report.passed):
         return
     not_run = [e for e in harness.NOT_RUN if e["fullname"] == item.nodeid]
-    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
-    entry = not_run[-1] if not_run else {"name": item.name, "fullname": item.nodeid,
-                                         "group": getattr(bench, "group", None),
-                                         "extra_info": dict(getattr(bench, "extra_info", {}))}
-    if not not_run and report.passed and getattr(bench, "stats", None) is not None:
+    if not_run:  # skipped through harness.skip_case, which recorded it with its reason
+        _stream(item.config, not_run[-1])
+        return
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    entry = {"name": item.name, "fullname": item.nodeid, "group": getattr(bench, "group", None),
+             "extra_info": dict(getattr(bench, "extra_info", {}))}
+    if report.passed and getattr(bench, "stats", None) is not None:
         entry["stats"] = {key: getattr(bench.stats.stats, key) for key in ("median", "min", "rounds")}
-    elif not not_run and report.skipped and isinstance(report.longrepr, tuple):
+    elif report.passed:
+        entry["reason"] = "not timed (pytest-benchmark disabled)"
+    elif report.skipped and isinstance(report.longrepr, tuple):
         entry["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
-    elif not not_run:
+    else:
         entry["reason"] = "error: " + (report.longreprtext.strip().splitlines() or ["?"])[-1][:500]
     _stream(item.config, entry)
 
 
+# How long the previous case took, setup to teardown: the estimate of the next one's.
 _previous_case_s = [1.0]
 
 

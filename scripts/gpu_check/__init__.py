@@ -22,7 +22,7 @@ been lent when this was written, so the first run checks the plan; the deadlines
 
 * ``tests`` (100, 60): ``pytest -m gpu -x -n 4 tests``; compiling and autotuning at N = 9409.
 * ``autotune`` (60, 30): the fused kernels at N = 9409 and 32768, B = 1, bf16, fp32 and fp32
-  "high", twice: empty Triton and user caches, then warm; each case's first call.
+  "high", twice: an empty Triton cache, then warm; each case's first call.
 * ``pam`` (130, 50): fused, reference and SDPA, forward and forward+backward, 64x64 to 128x256,
   B = 1 and 2, bf16, fp32, fp32 "high" (fp16 and fp32 "medium" at B = 1, 97x97 and 128x256):
   168 cases with their errors against float64; the reference in fp32 at N = 32768 takes

@@ -76,9 +76,9 @@ def section_commands(section: str, *, quick: bool, test_workers: int, scratch: s
         args = ("-m", "pytest", "-m", marker, "-x", "-q", "-p", "no:cacheprovider", *workers, "tests")
         return [Command("tests", args, benchmarks=False)]
     if section == "autotune":
-        # Empty Triton and user caches for the cold process; the warm one finds what it left.
-        caches = {name: f"{scratch}/{name.lower()}" for name in ("TRITON_CACHE_DIR", "TRITON_HOME",
-                                                                 "XDG_CACHE_HOME", "HOME")}
+        # An empty Triton cache (compiled kernels, the autotuners' cache_results) for the cold process;
+        # the warm one finds what it left. HOME stays: packages may live in the user's site-packages.
+        caches = {name: f"{scratch}/{name.lower()}" for name in ("TRITON_CACHE_DIR", "TRITON_HOME")}
         env = {**caches, "TRITON_PRINT_AUTOTUNING": "1"}  # the configs chosen, in autotune.log
         return [_suite(label, kernels, _AUTOTUNE[quick], ("--bench-seconds", "0.05"), env)
                 for label in ("cold", "warm")]

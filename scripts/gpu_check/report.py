@@ -173,8 +173,8 @@ def _autotune_section(cases: Sequence[Case]) -> list[str]:
     rows = [(*key, first_calls[key].get("cold", "—"), first_calls[key].get("warm", "—")) for key in order]
     return ["## First calls: compilation and autotuning", "",
             "Seconds of the first call of the fused kernels in a fresh process (the forward case first, so "
-            "the forward+backward row is the backward's first call): 'cold' with empty Triton and user "
-            "caches, 'warm' over the caches the cold process left. B = 1, C = 512. The configs chosen are in "
+            "the forward+backward row is the backward's first call): 'cold' with an empty Triton cache, "
+            "'warm' over the cache the cold process left. B = 1, C = 512. The configs chosen are in "
             "autotune.log (TRITON_PRINT_AUTOTUNING=1).", "",
             *markdown_table(("op", "N", "variant", "pass", "cold s", "warm s"), rows)]
 
