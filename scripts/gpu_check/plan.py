@@ -48,6 +48,8 @@ _KERNELS = {False: "not blockwise and (not (fp16 or fp32-medium) or B1- and (97x
 _AUTOTUNE = {False: "triton and B1- and (97x97 or 128x256) and not (fp16 or fp32-medium)",
              True: "triton and B1-C512-97x97-bf16"}
 _TRAIN = "test_train_step and B1-1024x2048"  # a whole Cityscapes frame, both attentions
+_FILES = {"pam": "benchmarks/test_position_attention.py", "cam": "benchmarks/test_channel_attention.py",
+          "train": "benchmarks/test_training_memory.py"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,6 @@ def _suite(label: str, files: Iterable[str], select: str, extra: Iterable[str] =
 
 def section_commands(section: str, *, quick: bool, test_workers: int, scratch: str) -> list[Command]:
     """The commands of ``section``; ``scratch`` is an empty folder for fresh caches."""
-    kernels = ("benchmarks/test_position_attention.py", "benchmarks/test_channel_attention.py")
     if section == "tests":
         workers = ("-n", str(test_workers)) if test_workers > 0 else ()
         marker = "gpu and not slow" if quick else "gpu"
@@ -80,13 +81,14 @@ def section_commands(section: str, *, quick: bool, test_workers: int, scratch: s
         # the warm one finds what it left. HOME stays: packages may live in the user's site-packages.
         caches = {name: f"{scratch}/{name.lower()}" for name in ("TRITON_CACHE_DIR", "TRITON_HOME")}
         env = {**caches, "TRITON_PRINT_AUTOTUNING": "1"}  # the configs chosen, in autotune.log
-        return [_suite(label, kernels, _AUTOTUNE[quick], ("--bench-seconds", "0.05"), env)
+        files = (_FILES["pam"], _FILES["cam"])
+        return [_suite(label, files, _AUTOTUNE[quick], ("--bench-seconds", "0.05"), env)
                 for label in ("cold", "warm")]
     if section in ("pam", "cam"):
-        files = [f for f in kernels if ("position" in f) == (section == "pam")]
-        return [_suite(section, files, _KERNELS[quick], ("--bench-seconds", "0.05" if quick else "0.1"))]
+        seconds = "0.05" if quick else "0.1"
+        return [_suite(section, [_FILES[section]], _KERNELS[quick], ("--bench-seconds", seconds))]
     if section == "train":
-        return [_suite(amp, ["benchmarks/test_training_memory.py"], _TRAIN, ("--train-amp", amp))
+        return [_suite(amp, [_FILES["train"]], _TRAIN, ("--train-amp", amp))
                 for amp in (("bf16",) if quick else ("none", "bf16"))]
     raise ValueError(f"unknown section {section!r}")
 
