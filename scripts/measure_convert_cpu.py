@@ -36,9 +36,9 @@ def _rss_mb() -> float:
 
 def run_variant(variant: str) -> dict:
     """One process: build the head, convert it or not, time one full-size step, report memory."""
-    # lazy: only the measuring processes load torch; the parent that starts them stays small
     import torch
 
+    # lazy: only the measuring processes load torch and the model; the parent stays small
     import danet_kernels
     from danet.models.head import DANetHead
 
