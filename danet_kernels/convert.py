@@ -30,13 +30,15 @@ without ``rowmax - E``, an extra normalisation) is never swapped. ``verify=False
 structure alone, converts only modules with a single reading, and is meant for code whose
 modules were verified before.
 
-Verifying. On two deep copies of the module (the module itself is never run nor changed, and
-the caller's random state is restored), both given the same fresh random weights (a zero
-``gamma`` or zero-initialised output convolution, as in a fresh model, would hide any
-difference), the original and the fused replacement run on a small random input in training
-and in eval mode; outputs, the input's gradient and every parameter's gradient must agree
-within :data:`VERIFY_TOLERANCE` of the dtype: float64 where the module computes it, else the
-module's own dtype.
+Verifying. On two deep copies of the module (the module itself is never run nor changed, its
+hooks do not see the runs, and the caller's random state is restored), both given the same
+fresh random weights (a zero ``gamma`` or zero-initialised output convolution, as in a fresh
+model, would hide any difference), the original and the fused replacement run on a small
+random input in training and in eval mode; outputs, the input's gradient and every parameter's
+gradient must agree within :data:`VERIFY_TOLERANCE` of the dtype: float64 where the module
+computes it, else the module's own dtype. A module that also returns its N x N attention map
+(SAGAN's ``Self_Attn``) is swapped only with ``drop_attention_maps=True``; its replacement
+returns ``(out, None)``.
 
 Swapping. The replacement takes over the original's parameters, buffers and children (the same
 objects, under the same names, in the same order), its hooks and its public attributes, so the
@@ -46,6 +48,9 @@ at several places is replaced at all of them by one replacement. The model is ch
 if ``model`` itself is an attention module, the replacement is :attr:`ConversionReport.model`.
 Convert before wrapping in DistributedDataParallel or ``torch.compile``; ``.to(device)``,
 autocast and ``torch.compile(fullgraph=True)`` work on the converted model.
+
+The parts live in :mod:`danet_kernels.conversion`: ``recognition`` (readings from structure),
+``verification`` and ``replacements`` (the fused modules).
 """
 
 from __future__ import annotations
