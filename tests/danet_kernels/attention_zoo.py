@@ -379,6 +379,19 @@ class AttentionDropout(ReleasePAM):
         return self.gamma * out.view(b, c, h, w) + x
 
 
+class FunctionalAttentionDropout(ReleasePAM):
+    """PAM with dropout on the attention written as a function call: the same parts, other results
+    in training (and it draws from the global random generator)."""
+
+    def forward(self, x):
+        b, c, h, w = x.size()
+        energy = torch.bmm(self.query_conv(x).view(b, -1, h * w).permute(0, 2, 1),
+                           self.key_conv(x).view(b, -1, h * w))
+        attention = F.dropout(self.softmax(energy), 0.1, self.training)
+        out = torch.bmm(self.value_conv(x).view(b, -1, h * w), attention.permute(0, 2, 1))
+        return self.gamma * out.view(b, c, h, w) + x
+
+
 class CAMWithoutRowmax(ReleaseCAM):
     """CAM's parts, softmax of the energy itself (no rowmax - energy): the opposite ranking."""
 

@@ -222,6 +222,7 @@ LOOK_ALIKES = {
     "softmax child over dim 1": (lambda: zoo.SoftmaxChildOverQueries(C), "runs over dim 1"),
     "energy / sqrt(d)": (lambda: zoo.ScaledEnergy(C), "differs"),
     "attention dropout": (lambda: zoo.AttentionDropout(C), "'dropout' (Dropout) is not part"),
+    "functional attention dropout": (lambda: zoo.FunctionalAttentionDropout(C), "training mode"),
     "CAM without rowmax - energy": (lambda: zoo.CAMWithoutRowmax(C), "differs"),
     "CAM transposed": (lambda: zoo.CAMTransposed(C), "differs"),
     "CAM on normalised channels": (lambda: zoo.CAMNormalised(C), "differs"),
@@ -324,14 +325,16 @@ def test_hooks_attributes_pickling_and_bad_input():
 
 
 def test_verification_leaves_the_random_state_and_the_module_alone():
-    model = nn.Sequential(zoo.AttentionDropout(C).eval(), zoo.ReleasePAM(C))
-    model[0].dropout = nn.Dropout(0.0)  # structurally refused anyway; the second is verified
+    """The dropout look-alike draws from the global generator while it is verified (in training
+    mode), and the module is run in both modes: the caller sees neither."""
+    model = nn.Sequential(zoo.FunctionalAttentionDropout(C).eval(), zoo.ReleasePAM(C))
     state = torch.get_rng_state()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    convert(model)
+    report = convert(model)
+    assert [s.path for s in report.skipped] == ["0"] and [s.path for s in report.swapped] == ["1"]
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert model[0].training is False  # the module's mode is its own
+    assert model[0].training is False and model[1].training is True  # their modes are their own
 
 
 # ---------------------------------------------------------------------------- in training
