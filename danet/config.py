@@ -75,7 +75,7 @@ class ModelConfig:
     multi_grid: bool = True  # last-stage dilations x (1, 2, 4): (4, 8, 16) at output stride 8
     attention: str = "fused"  # "fused" (danet_kernels) or "reference" (bmm modules)
     aux: bool = False  # auxiliary FCN head on the third stage
-    pretrained_backbone: str | None = None  # local file of ImageNet weights (timm/torchvision)
+    pretrained_backbone: str | None = None  # ImageNet weights: a local file, or "timm" / "timm:<tag>"
     pretrained: str | None = None  # training only: a checkpoint whose weights start a new run
 
 

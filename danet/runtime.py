@@ -15,13 +15,23 @@ Results depend on the thread count in the last bits (the reductions inside a con
 split differently), so runs compare exactly only at the same count.
 
 Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference to a dtype.
+
+Install hints: :func:`install_hint` names the command that adds an extra's optional packages,
+for the way this process runs: from a checkout (``pip install -c constraints.txt -e '.[export]'``)
+or from the installed distribution (``pip install 'danet-fused[export]==0.1.0'``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+from pathlib import Path
+
 import torch
 
-__all__ = ["AMP_DTYPES", "set_threads"]
+__all__ = ["AMP_DTYPES", "DISTRIBUTION", "install_hint", "set_threads"]
+
+DISTRIBUTION = "danet-fused"
+"""The name danet is installed under (pyproject.toml's project.name)."""
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each ``amp`` setting (``train.amp``; ``eval.amp`` once "auto" is resolved)."""
@@ -39,3 +49,21 @@ def set_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def _checkout_root() -> Path | None:
+    """The checkout danet runs from (PYTHONPATH or an editable install), or None when installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "constraints.txt").is_file() else None
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs the optional packages of ``extra`` (a pyproject.toml extra)."""
+    root = _checkout_root()
+    if root is not None:
+        return f"pip install -c constraints.txt -e '.[{extra}]' (in {root})"
+    try:
+        pin = "==" + importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # copied without its metadata: any version
+        pin = ""
+    return f"pip install '{DISTRIBUTION}[{extra}]{pin}'"

@@ -17,6 +17,7 @@ from torch import nn
 
 import danet_kernels
 from danet.io.atomic import atomic_write
+from danet.runtime import install_hint
 
 __all__ = ["EXPORTERS", "MIN_SIDE", "SegmentationLogits", "export_onnx", "export_program"]
 
@@ -62,7 +63,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fixed
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(f"ONNX export needs the {' and '.join(missing)} package(s): "
-                         "pip install -c constraints.txt -e '.[export]'")
+                         f"{install_hint('export')}")
     with danet_kernels.use_backend("reference"), torch.no_grad():
         program = torch.onnx.export(SegmentationLogits(model), (example,), input_names=["images"],
                                     output_names=["logits"], dynamic_shapes=_dynamic_shapes(fixed_size),
@@ -72,7 +73,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fixed
 
 def _check_onnx(path: Path, example: torch.Tensor, expected: torch.Tensor) -> str:
     if importlib.util.find_spec("onnxruntime") is None:
-        return "not checked: onnxruntime is not installed"
+        return f"not checked: onnxruntime is not installed ({install_hint('export')})"
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

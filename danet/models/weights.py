@@ -1,5 +1,7 @@
 """Weights from local files: ImageNet backbones, our checkpoints, the original DANet release.
 
+(timm's own ImageNet weights, from the Hugging Face cache, are :mod:`danet.models.backbone`'s.)
+
 Nothing here builds the network (``danet.models.danet`` builds it and uses this module, never
 the other way round). Files are read on the CPU with ``torch.load(weights_only=True)``
 (``.pth``/``.pt``/``.tar``) or safetensors (``.safetensors``).
@@ -48,6 +50,7 @@ from torch import nn
 
 from danet.config import ModelConfig
 from danet.io.checkpoint import check_finite, read_file, strip_prefixes
+from danet.models.backbone import missing_weights_message
 
 __all__ = [
     "ORIGINAL_KEY_MAP",
@@ -241,9 +244,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     ``conv1.0/1/3/4/6``, as the original release's backbone does).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (the message names timm's way too).
         ValueError: unreadable file, or keys/shapes that do not fit the backbone.
     """
+    if not Path(path).exists():
+        raise FileNotFoundError(missing_weights_message(f"ImageNet weights file not found: {path}"))
     state_dict = read_checkpoint(path).state_dict
     if any(key.startswith("backbone.") for key in state_dict):  # a full DANet checkpoint's backbone
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}

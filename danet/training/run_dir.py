@@ -32,6 +32,7 @@ import yaml
 from danet.config import Config, config_to_dict
 from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
 from danet.io.checkpoint import BEST, LAST, LAST_GOOD
+from danet.runtime import install_hint
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -129,8 +130,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                warnings.warn("train.tensorboard is on but the tensorboard package is not installed; "
-                              "logging to metrics.jsonl only", stacklevel=2)
+                warnings.warn("train.tensorboard is on but the tensorboard package is not installed "
+                              f"({install_hint('tensorboard')}); logging to metrics.jsonl only", stacklevel=2)
             else:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
