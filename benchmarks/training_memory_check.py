@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.harness import DEVICE, ON_CUDA, free_memory, peak_memory_bytes, synchronize
 from danet.config import Config
-from danet.training.memory import ALLOCATOR_MARGIN, trace_step
+from danet.training.memory import ALLOCATOR_MARGIN, predict_step
 from danet.training.step import TrainingStep
 
 __all__ = ["compare_step_memory"]
@@ -43,8 +43,8 @@ def compare_step_memory(cfg: Config, num_classes: int, batch: int, height: int, 
         ``method`` (how the peak was measured), the device, and on CUDA ``reserved_bytes``
         (``torch.cuda.max_memory_reserved`` over the measured step) and ``margin``.
     """
-    fake = TrainingStep(cfg, num_classes, device=DEVICE.type, fake=True, backend=backend)
-    predicted = float(trace_step(fake, batch, height, width, amp=amp).peak)
+    predicted = predict_step(cfg, num_classes, batch, height, width, amp=amp, device=DEVICE.type,
+                             backend=backend).peak_bytes
     step = TrainingStep(cfg, num_classes, device=DEVICE, backend=backend)
     with step.running():
         images, masks = step.new_batch(batch, height, width)

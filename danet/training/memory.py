@@ -70,6 +70,7 @@ __all__ = [
     "StepMemoryModel",
     "check_training_fits",
     "largest_batches",
+    "predict_step",
     "trace_step",
     "usable_bytes",
 ]
@@ -110,6 +111,22 @@ def trace_step(step: TrainingStep, batch: int, height: int, width: int, *, amp: 
         step.run(images, masks, amp=amp)
         del images, masks
     return live
+
+
+def predict_step(cfg: Config, num_classes: int, batch: int, height: int, width: int, *,
+                 amp: str | None = None, device: str = "cuda", processes: int = 1,
+                 backend: str | None = None) -> StepMemory:
+    """The predicted memory of one step of ``cfg`` on ``batch`` images of ``height`` x ``width``
+    per process: one trace of a fake :class:`TrainingStep` (arguments as there; ``amp``
+    overrides ``train.amp``)."""
+    step = TrainingStep(cfg, num_classes, device=device, fake=True, processes=processes, backend=backend)
+    return _step_memory(step, batch, height, width, amp=amp)
+
+
+def _step_memory(step: TrainingStep, batch: int, height: int, width: int, *,
+                 amp: str | None = None) -> StepMemory:
+    peak = trace_step(step, batch, height, width, amp=amp).peak
+    return StepMemory(batch, height, width, float(peak), float(step.state_bytes()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,9 +293,7 @@ def check_training_fits(cfg: Config, num_classes: int, micro_batch: int, device:
     try:
         step = TrainingStep(cfg, num_classes, device="cuda", fake=True, processes=processes)
         model = StepMemoryModel(step, size, size) if micro_batch <= 2 else None
-        memory = (model.at(micro_batch) if model is not None else
-                  StepMemory(micro_batch, size, size, float(trace_step(step, micro_batch, size, size).peak),
-                             float(step.state_bytes())))
+        memory = model.at(micro_batch) if model is not None else _step_memory(step, micro_batch, size, size)
         available = _device_bytes(device) if available_bytes is None else available_bytes
         if memory.fits(available):
             return memory
