@@ -4,7 +4,8 @@
 and then measures the same step (:class:`danet.training.step.TrainingStep` on real tensors)
 with :func:`benchmarks.harness.peak_memory_bytes`: ``torch.cuda.max_memory_allocated`` on
 CUDA, the CPU allocator's events on the CPU. tests/danet/test_training_memory.py holds the
-CPU side to its tolerance; the GPU check calls it on a GPU, e.g.::
+CPU side to its tolerance, and on a GPU (``pytest -m gpu``, which the GPU check runs) compares
+DANet-ResNet101 on a 1024 x 2048 frame; called directly::
 
     from benchmarks.training_memory_check import compare_step_memory
     from danet.config import load_config

@@ -49,6 +49,7 @@ tensors, then one traced step), and every size after it shares the fake-op cache
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import warnings
@@ -219,25 +220,15 @@ class StepMemoryModel:
         bisection: with exact lines each trial is arithmetic; without, a trace (at most 4096)."""
         limit = _BATCH_LIMIT if self._sizes is None else 1 << 30
 
-        def fits(batch: int) -> bool:
-            return self.at(batch).fits(available_bytes)
+        def fails(batch: int) -> bool:
+            return not self.at(batch).fits(available_bytes)
 
-        if not fits(1):
-            return 0
-        fitting, failing = 1, None
-        while failing is None and fitting < limit:
-            trial = min(2 * fitting, limit)
-            if fits(trial):
-                fitting = trial
-            else:
-                failing = trial
-        while failing is not None and failing - fitting > 1:
-            middle = (fitting + failing) // 2
-            if fits(middle):
-                fitting = middle
-            else:
-                failing = middle
-        return fitting
+        fitting, trial = 0, 1  # doubling first: few trials where each is a trace
+        while not fails(trial):
+            if trial >= limit:
+                return limit
+            fitting, trial = trial, min(2 * trial, limit)
+        return fitting + bisect.bisect_left(range(fitting + 1, trial + 1), True, key=fails)
 
 
 # ------------------------------------------------------------------------------ the trainer's check
