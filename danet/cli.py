@@ -1,4 +1,4 @@
-"""The danet command: train, evaluate, predict, show attention, plot LR policies, export.
+"""The danet command: train, evaluate, predict, show attention, plot LR policies, export, plan memory.
 
 Every option of every subcommand is defined here with the standard library alone, so that
 ``danet --help`` and ``danet <command> --help`` answer at once: torch, the model and the

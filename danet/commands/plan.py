@@ -18,8 +18,9 @@ workspaces) fits the card less 1.5 GiB (the CUDA context). Every other setting i
 recipe's: backbone, output stride, aux head, optimiser, train.channels_last,
 train.activation_checkpointing, train.accum_steps (held gradients), --gpus (DDP buckets).
 
-A row takes two traces (batch 1 and 2): about 15 s for DANet-ResNet101 on two CPU cores,
-whatever the size.
+A row takes two traces (batch 1 and 2), a few seconds each for DANet-ResNet101 whatever the
+size: the four rows of its table take 20 to 35 s of CPU time on two cores, torch's import
+included.
 """
 
 from __future__ import annotations
