@@ -210,7 +210,10 @@ def _apply(node: Any, grads: list[torch.Tensor | None]) -> list[torch.Tensor | N
         return list(result) if isinstance(result, tuple) else [result]
     # A custom autograd.Function. The engine (PyNode::apply) hands it zeros for gradients that
     # never came, and keeps the results of the inputs that need one: those are, in order, the
-    # non-empty next edges (next_functions lists the tensor inputs only).
+    # non-empty next edges (next_functions lists the tensor inputs only). For an output marked
+    # non-differentiable the metadata has no shape, so its zeros here are a scalar where the
+    # engine's have the output's: the fused PAM's O and lse, CAM's A, one (B, C, N) tensor
+    # during each PAM backward (under 1% of a DANet step) that this replay does not count.
     grads = [g if g is not None else torch.zeros(m.shape, dtype=m.dtype, device=m.device)
              for g, m in zip(grads, node._input_metadata, strict=True)]
     result = node.apply(*grads)
