@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -250,11 +249,20 @@ def _alternatives(cfg: Config, num_classes: int, micro_batch: int, size: int, pr
         return f"{format_bytes(peak)}: {'fits' if fits else 'not enough alone'}"
 
     knobs = []
-    largest = model.largest_batch(available)
-    if largest >= 1:
-        accum = math.ceil(micro_batch / largest) * cfg.train.accum_steps
-        knobs.append(f"a micro-batch of {largest} ({format_bytes(model.peak_bytes(largest))}: fits), the "
-                     f"same global batch with train.accum_steps={accum} where train.batch_size allows it")
+    largest, global_batch = model.largest_batch(available), cfg.train.batch_size
+    # the fewest accumulation steps that split the same global batch into micro-batches that fit
+    splits = [a for a in range(cfg.train.accum_steps + 1, global_batch + 1)
+              if global_batch % (processes * a) == 0 and 1 <= global_batch // (processes * a) <= largest]
+    if splits:  # traced as such: from the second micro-step on, the gradients are held throughout
+        micro = global_batch // (processes * splits[0])
+        recipe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, accum_steps=splits[0]))
+        step = TrainingStep(recipe, num_classes, fake=True, processes=processes)
+        knobs.append(f"train.accum_steps={splits[0]}: micro-batches of {micro} "
+                     f"({outcome(trace_step(step, micro, size, size).peak)}), the same global batch of "
+                     f"{global_batch}")
+    elif largest >= 1:
+        knobs.append(f"a global train.batch_size of {largest * processes * cfg.train.accum_steps} "
+                     f"({format_bytes(model.peak_bytes(largest))} per step: fits)")
     if cfg.train.amp == "none":
         bf16 = trace_step(model.step, micro_batch, size, size, amp="bf16").peak
         knobs.append(f"train.amp=bf16 ({outcome(bf16)})")

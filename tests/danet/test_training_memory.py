@@ -251,7 +251,7 @@ def test_fake_cuda_step_takes_the_gpu_paths() -> None:
 
 @pytest.mark.slow
 def test_check_training_fits_names_the_knobs() -> None:
-    cfg = _config()
+    cfg = _config(batch_size=6, accum_steps=2)  # one process, micro-batches of 3
     cfg.data.crop_size = 64
     fits = memory.check_training_fits(cfg, 5, 3, torch.device("cuda"), available_bytes=1 << 40)
     assert fits is not None and fits.batch == 3 and fits.peak_bytes > fits.state_bytes > 0
@@ -259,7 +259,7 @@ def test_check_training_fits_names_the_knobs() -> None:
     with pytest.warns(UserWarning, match="will probably not fit") as caught:
         memory.check_training_fits(cfg, 5, 3, torch.device("cuda"), available_bytes=tight)
     message = str(caught[0].message)
-    for knob in ("micro-batch of 2", "train.accum_steps=2", "train.amp=bf16",
+    for knob in ("train.accum_steps=3: micro-batches of 2", "train.amp=bf16",
                  "train.activation_checkpointing=true", "data.crop_size=48"):
         assert knob in message, knob
 
