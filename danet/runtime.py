@@ -15,13 +15,20 @@ Results depend on the thread count in the last bits (the reductions inside a con
 split differently), so runs compare exactly only at the same count.
 
 Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference to a dtype.
+
+Progress bars (:func:`progress_bar`) are drawn on a terminal only: redirected to a file or a pipe
+(a job's log), a bar's redraws would fill it (about 200 KB for the README's main job).
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["AMP_DTYPES", "set_threads"]
+import torch
+from tqdm import tqdm
+
+__all__ = ["AMP_DTYPES", "progress_bar", "set_threads"]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each ``amp`` setting (``train.amp``; ``eval.amp`` once "auto" is resolved)."""
@@ -39,3 +46,12 @@ def set_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar (``options`` are tqdm's) that draws only when ``enabled`` and stderr is a terminal.
+
+    A disabled bar accepts every call (update, set_postfix, close), so callers need no branches.
+    """
+    # tqdm's disable=None: off when its output (stderr) is not a TTY
+    return tqdm(iterable, disable=None if enabled else True, **options)

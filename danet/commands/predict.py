@@ -18,7 +18,7 @@ existing outputs are never replaced unless ``--overwrite`` is given.
 *label ids* (the 19 train ids mapped back through the official table), in one flat directory
 (the server matches ``<city>_<seq>_<frame>*.png`` anywhere in the zip)::
 
-    danet predict 'data/cityscapes/leftImg8bit/test/*/*.png' --format cityscapes --output results/ \
+    danet predict 'data/cityscapes/leftImg8bit/test/*/*.png' --format cityscapes --output results/ \\
         --checkpoint city.pt --protocol release --base-size 2048 --crop-size 768 --mode sliding --flip
     cd results && zip ../submission.zip *.png
 

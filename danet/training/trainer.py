@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from danet.config import Config, config_to_dict
 from danet.distributed import (
@@ -49,7 +48,7 @@ from danet.io.checkpoint import (
     restore_rng_state,
 )
 from danet.models import build_model, load_weights
-from danet.runtime import AMP_DTYPES, set_threads
+from danet.runtime import AMP_DTYPES, progress_bar, set_threads
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
 from danet.training.optimizer import build_optimizer, group_settings
@@ -281,9 +280,9 @@ class Trainer:
         self.train_set.set_epoch(state.epoch)
         self.sampler.set_start(state.iteration_in_epoch * plan.micro_batch * plan.accum_steps)
         epoch_iters = min(plan.iters_per_epoch, plan.total_iters - state.iteration + state.iteration_in_epoch)
-        bar = tqdm(total=epoch_iters, initial=state.iteration_in_epoch,
-                   desc=f"epoch {state.epoch + 1}/{plan.epochs}",
-                   disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=epoch_iters, initial=state.iteration_in_epoch,
+                           desc=f"epoch {state.epoch + 1}/{plan.epochs}",
+                           enabled=cfg.train.progress and ctx.is_main, dynamic_ncols=True, leave=False)
         batches = iter(self.train_loader)
         start, done_here = time.perf_counter(), 0
         try:
@@ -298,8 +297,8 @@ class Trainer:
                 self.checkpoints.record(loss)
                 done_here += 1
                 images_per_s = done_here * cfg.train.batch_size / max(time.perf_counter() - start, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}")
+                bar.update(1)  # img_s in 3 digits: a CPU run's 0.047 is no 0.0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.3g}")
                 if cfg.train.log_interval and state.iteration % cfg.train.log_interval == 0:
                     log.write("train", state.iteration, epoch=state.epoch, loss=loss,
                               **{f"loss_{name}": value for name, value in terms.items()},

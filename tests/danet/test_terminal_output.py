@@ -1,0 +1,59 @@
+"""What a user sees in a terminal, and what lands in files when there is none: help texts, progress
+bars, default output paths, what git ignores."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from danet import cli
+from danet.cli import main
+from tests.danet.training_helpers import REPO, TINY
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_help_examples_keep_their_line_breaks(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An example continued with a backslash stays two lines (a docstring's bare backslash-newline
+    joins them into one line with a gap, as `danet predict --help` showed its Cityscapes example)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    description = capsys.readouterr().out.split("\n\n", 1)[1].split("\noptions:")[0]
+    joined = [line for line in description.splitlines() if re.search(r"\S {2,}--?\w", line)]
+    assert joined == []
+    source = Path(importlib.util.find_spec(cli.COMMANDS[command]).origin).read_text()
+    continued = re.findall(r"^(.*\S) \\\\$", source, flags=re.MULTILINE)  # " \\" ending a source line
+    for line in continued:
+        assert line.strip() + " \\\n" in description
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Into a file or a pipe (pytest's capture is one) no bar is drawn; on a terminal it is."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--set", *TINY, "train.iters=2", "train.progress=true", "--output"]
+    assert main([*args, "piped"]) == 0
+    assert "epoch 1/" not in capsys.readouterr().err
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main([*args, "terminal"]) == 0
+    assert "epoch 1/" in terminal.getvalue() and "img_s=" in terminal.getvalue()
+
+
+def test_outputs_of_the_readme_commands_are_ignored_by_git() -> None:
+    """The README's benchmark and test-server commands write results.json and results/; training runs/."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["results.json", "results/benchmarks.md", "runs/synthetic-20260101-120000/last.pt",
+             "runs/lr_policies.png"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == paths
