@@ -237,8 +237,8 @@ def _lr_plot_options(parser: argparse.ArgumentParser) -> None:
                              "`danet train` would plan it)")
     _config_options(parser, "take the schedule, base LR and run length from this preset")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--output", "-o", default="lr_policies.png",
-                        help="PNG to write (default: %(default)s)")
+    parser.add_argument("--output", "-o", default=None, metavar="PNG",
+                        help="PNG to write (default: runs/lr_policies-<preset>.png; runs/ is git-ignored)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 

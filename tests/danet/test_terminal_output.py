@@ -57,3 +57,12 @@ def test_outputs_of_the_readme_commands_are_ignored_by_git() -> None:
              "runs/lr_policies.png"]
     ignored = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True)
     assert ignored.stdout.split() == paths
+
+
+def test_lr_plot_writes_into_runs_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Not into the current directory (a checkout's root, where git would see it): into runs/."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["lr-plot", "--policies", "poly", "--iters", "20"]) == 0
+    assert "wrote runs/lr_policies-synthetic.png" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
