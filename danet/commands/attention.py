@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, args.overwrite)
     maps = attention_maps(setup.model, normalise_image(setup, image), args.points, args.channels,
                           args.num_channels)
-    fig = attention_figure(image, maps, args.points, setup.dataset_class.PALETTE,
-                           setup.dataset_class.CLASS_NAMES)
+    fig = attention_figure(image, maps, args.points, setup.classes.palette, setup.classes.names)
     atomic_write(output, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     print(f"attention maps of {len(args.points)} point(s) and {len(maps.channels)} channel(s) -> {output}")
     return 0

@@ -59,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
         expected = SegmentationLogits(setup.model)(example)
     writer(setup.model, example, output, args.fixed_size)
     shape = f"1x3x{height}x{width} only" if args.fixed_size else f"any Bx3xHxW with H, W >= {MIN_SIDE}"
-    print(f"wrote {output} ({args.format}, input {shape}, {setup.dataset_class.NUM_CLASSES} classes)")
+    print(f"wrote {output} ({args.format}, input {shape}, {setup.classes.num_classes} classes)")
     print(checker(output, example, expected))
     return 0

@@ -81,7 +81,7 @@ def image_inference(setup: CommandSetup, height: int, width: int,
     forwards = sum(stage.forwards for stage in inference_plan(height, width, cfg))
     long = height * width > _ESTIMATE_ABOVE_PIXELS or forwards > _ESTIMATE_ABOVE_FORWARDS
     if long:
-        cost = estimate_inference_cost(setup.model, height, width, setup.dataset_class.NUM_CLASSES, cfg,
+        cost = estimate_inference_cost(setup.model, height, width, setup.classes.num_classes, cfg,
                                        device=setup.device)
         estimate = f", estimated {cost.describe()}" if cost is not None else ""
         notes.append(f"{width}x{height}: {forwards} forward(s){estimate}")
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--format cityscapes needs a Cityscapes model (--dataset cityscapes), "
                          f"got dataset {setup.data.dataset!r}")
     paths = _output_paths(images, output, args.overwrite, args.format)
-    palette, class_names = setup.dataset_class.PALETTE, setup.dataset_class.CLASS_NAMES
+    palette, class_names = setup.classes.palette, setup.classes.names
     for image_path, outputs in zip(images, paths, strict=True):
         image = load_rgb(image_path)
         cfg, notes, long = image_inference(setup, image.shape[0], image.shape[1], max_whole_pixels)

@@ -20,8 +20,9 @@ YAML syntax); unknown keys and bad values are errors before anything runs. Multi
 commands: see danet.distributed.
 
 A run directory (danet.training.run_dir; created once every setting is checked, the data
-found and the model built) holds ``config.yaml``, ``metrics.jsonl`` (training loss and LR every
-``train.log_interval`` iterations, every validation), ``last.pt`` (the full state, rewritten
+found, the masks of a folder dataset read and found valid, and the model built) holds
+``config.yaml``, ``metrics.jsonl`` (training loss and LR every ``train.log_interval``
+iterations, every validation), ``last.pt`` (the full state, rewritten
 atomically at every epoch end, every ``train.checkpoint_interval`` iterations, on SIGTERM or
 Ctrl-C and at the end), ``checkpoint_best.pt`` (the best validation mIoU) and ``last_good.pt``
 (the newest checkpoint that training continued from with a healthy loss).
@@ -32,7 +33,8 @@ Fitting a memory budget: ``train.batch_size`` is the global batch, split over pr
 ``train.activation_checkpointing`` (recompute backbone stages in backward); ``train.compile``.
 
 Failures (docs/training.md says what is guaranteed): SIGTERM (preemption) or a first Ctrl-C
-finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C), also
+finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C; before
+the first iteration is done there is nothing to keep: the run directory is removed again), also
 when the whole process group is signalled (DataLoader workers ignore the signals) and when a
 second signal arrives during that save. A NaN/Inf loss stops the run before the update (status 1)
 and names the checkpoint to resume from. ``--resume`` continues in the checkpoint's own

@@ -11,6 +11,7 @@ docs/training.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sys
@@ -65,7 +66,9 @@ from danet.training.run_dir import (
     check_run_dir,
     create_run_dir,
     default_run_dir,
+    latest_target,
     mark_latest,
+    remove_unstarted_run,
 )
 from danet.training.schedules import build_scheduler
 from danet.training.stopping import StopFlag, StopSafeDataLoader
@@ -141,7 +144,8 @@ class Trainer:
         np.random.seed(t.seed + ctx.rank)
         random.seed(t.seed + ctx.rank)
 
-        train_set, val_set, self.num_classes = get_datasets(cfg)
+        train_set, val_set, self.classes = get_datasets(cfg)
+        self.num_classes = self.classes.num_classes
         self.plan = plan_batches(cfg, len(train_set), ctx.world_size)  # type: ignore[arg-type]
         self.train_set = SeededAugmentation(train_set, t.seed)
         self.sampler = ResumableDistributedSampler(self.train_set, ctx.world_size, ctx.rank, seed=t.seed,
@@ -264,9 +268,10 @@ class Trainer:
                     stopped = self._run_epoch(log)
                     if not stopped:
                         self._end_epoch(log)
-                if stopped:
+                if stopped and self.started:
                     with self.stop.saving():
                         self.save()
+                if stopped:
                     self._report_stop()
         finally:
             log.close()
@@ -379,10 +384,18 @@ class Trainer:
         last = self.checkpoints.last_saved
         return f"the state of iteration {last} is in {self.run_dir / LAST}" if last is not None else ""
 
+    @property
+    def started(self) -> bool:
+        """Whether this run holds anything to save: an iteration done, or a resumed state."""
+        return self.state.iteration > 0 or self.resumed_from is not None
+
     def _report_stop(self) -> None:
         if self.ctx.is_main:
             received = self.stop.signal_received
             why = signal.Signals(received).name if received else "stop requested"
+            if not self.started:
+                print(f"{why}: stopped before the first iteration; nothing to save", file=sys.stderr)
+                return
             print(f"{why}: stopped at iteration {self.state.iteration}; state saved to "
                   f"{self.run_dir / LAST}. Continue with: danet train --resume {self.run_dir}",
                   file=sys.stderr)
@@ -441,6 +454,7 @@ class Trainer:
             "best_miou": self.state.best_miou,
             "metrics": self.state.last_metrics,
             "num_classes": self.num_classes,
+            "classes": self.classes.to_record(),  # what inference needs, with config's data.mean/std
         }, self.state.iteration, best=best)
 
 
@@ -469,6 +483,8 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
         danet.io.atomic.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
     check_data_source(cfg)
+    if cfg.data.root is not None:  # stored absolute: eval and predict then find the data from anywhere
+        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     set_threads(cfg.train.threads)
     torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
@@ -495,6 +511,7 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                                 state=resume.take() if isinstance(resume, LoadedCheckpoint) else None)
         elif cfg.model.pretrained is not None:
             trainer.load_pretrained(cfg.model.pretrained)
+        created, previous_latest = not run_dir.exists(), latest_target()
         if ctx.is_main:  # everything checked, built and loaded: now the run directory
             create_run_dir(run_dir, cfg)
             mark_latest(run_dir)  # runs/latest -> this run
@@ -503,7 +520,12 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                   f"{p.iters_per_epoch}), global batch {cfg.train.batch_size} = {ctx.world_size} "
                   f"process(es) x {p.accum_steps} accumulation step(s) x {p.micro_batch}, "
                   f"on {ctx.device}; run dir {run_dir}")
-        return trainer.fit()
+        result = trainer.fit()
+        if not trainer.started and ctx.is_main:  # e.g. Ctrl-C during start-up or the first iteration
+            removed = remove_unstarted_run(run_dir, created=created, previous_latest=previous_latest)
+            what = "the run directory" if removed else "the config.yaml and log it wrote in"
+            print(f"removed {what} {run_dir}: no iteration ran", file=sys.stderr)
+        return result
     finally:
         cleanup_distributed()
 

@@ -4,7 +4,6 @@ bars, default output paths, what git ignores."""
 from __future__ import annotations
 
 import importlib.util
-import io
 import re
 import subprocess
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from danet import cli
 from danet.cli import main
-from tests.danet.training_helpers import REPO, TINY
+from tests.danet.training_helpers import REPO, TINY, TerminalStream
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
@@ -31,11 +30,6 @@ def test_help_examples_keep_their_line_breaks(command: str, capsys: pytest.Captu
         assert line.strip() + " \\\n" in description
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_progress_bars_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """Into a file or a pipe (pytest's capture is one) no bar is drawn; on a terminal it is."""
@@ -43,7 +37,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.Mo
     args = ["train", "--set", *TINY, "train.iters=2", "train.progress=true", "--output"]
     assert main([*args, "piped"]) == 0
     assert "epoch 1/" not in capsys.readouterr().err
-    terminal = _Terminal()
+    terminal = TerminalStream()
     monkeypatch.setattr("sys.stderr", terminal)
     assert main([*args, "terminal"]) == 0
     assert "epoch 1/" in terminal.getvalue() and "img_s=" in terminal.getvalue()
