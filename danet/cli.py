@@ -229,6 +229,8 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
                         help="CAM channels to show (default: the --num-channels most contrasted)")
     parser.add_argument("--num-channels", type=int, default=4, help="channel maps to show (default 4)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on a large image")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 

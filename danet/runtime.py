@@ -22,13 +22,14 @@ Progress bars (:func:`progress_bar`) are drawn on a terminal only: redirected to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-__all__ = ["AMP_DTYPES", "progress_bar", "set_threads"]
+__all__ = ["AMP_DTYPES", "cpu_cores", "progress_bar", "set_threads"]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each ``amp`` setting (``train.amp``; ``eval.amp`` once "auto" is resolved)."""
@@ -46,6 +47,13 @@ def set_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **options: Any) -> tqdm:

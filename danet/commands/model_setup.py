@@ -26,16 +26,19 @@ from danet.config import DataConfig, EvalConfig, resolve_eval_config
 from danet.data import DatasetClasses, eval_transforms, get_dataset_class
 from danet.data.folder import CLASS_LIST
 from danet.distributed import resolve_device
+from danet.evaluation.cost import ForwardCost, format_duration, measured_conv_speed
 from danet.evaluation.engine import scores_of_resolved
 from danet.models import Checkpoint, build_from_checkpoint, read_checkpoint
 
-__all__ = ["EVAL_FIELDS", "CommandSetup", "normalise_image", "predict_image", "run_inference",
-           "setup_from_args"]
+__all__ = ["EVAL_FIELDS", "LONG_INFERENCE_PIXELS", "CommandSetup", "describe_forward", "normalise_image",
+           "predict_image", "run_inference", "setup_from_args"]
 
 
 EVAL_FIELDS: tuple[str, ...] = ("protocol", "mode", "crop_size", "stride_ratio", "stride", "scales",
                                 "base_size", "flip", "batch_size", "window_memory_mb", "amp", "channels_last")
 """EvalConfig fields that command-line flags of the same name override."""
+LONG_INFERENCE_PIXELS = 1 << 20
+"""Above this many pixels an image's inference counts as long: its cost is printed first, a bar shown."""
 
 
 def _section(cls: type, stored: Mapping[str, Any] | None) -> Any:
@@ -121,3 +124,11 @@ def predict_image(setup: CommandSetup, image: np.ndarray, cfg: EvalConfig | None
                   progress: bool = False) -> torch.Tensor:
     """Class ids (H, W) int64 on the CPU for an RGB uint8 (H, W, 3) image (``cfg``: the setup's)."""
     return run_inference(setup, normalise_image(setup, image), cfg, progress).argmax(1)[0].cpu()
+
+
+def describe_forward(setup: CommandSetup, cost: ForwardCost) -> str:
+    """A forward's estimated cost in words, with its time where it runs on the CPU (the measured speed)."""
+    text = cost.describe()
+    if setup.device.type == "cpu":
+        text += f", about {format_duration(cost.flops / measured_conv_speed())} on this CPU"
+    return text

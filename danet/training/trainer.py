@@ -40,6 +40,7 @@ from danet.distributed import (
     stalled_ranks_named,
     wrap_ddp,
 )
+from danet.evaluation.cost import format_duration
 from danet.evaluation.evaluate import evaluate
 from danet.io.checkpoint import (
     LAST,
@@ -49,7 +50,8 @@ from danet.io.checkpoint import (
     restore_rng_state,
 )
 from danet.models import build_model, load_weights
-from danet.runtime import AMP_DTYPES, progress_bar, set_threads
+from danet.runtime import AMP_DTYPES, cpu_cores, progress_bar, set_threads
+from danet.training.cpu_time import estimate_iteration
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
 from danet.training.optimizer import build_optimizer, group_settings
@@ -150,7 +152,13 @@ class Trainer:
         self.train_set = SeededAugmentation(train_set, t.seed)
         self.sampler = ResumableDistributedSampler(self.train_set, ctx.world_size, ctx.rank, seed=t.seed,
                                                    shuffle=True, drop_last=False)
-        loader_kw = {"num_workers": cfg.data.workers, "pin_memory": ctx.device.type == "cuda",
+        # more workers than cores only compete for them (torch warns, once per loader); the
+        # samples do not depend on the worker count (SeededAugmentation)
+        workers = min(cfg.data.workers, cpu_cores())
+        if workers < cfg.data.workers and ctx.is_main:
+            print(f"data.workers={cfg.data.workers}, but this process has {cpu_cores()} CPU core(s): "
+                  f"{workers} DataLoader worker(s)")
+        loader_kw = {"num_workers": workers, "pin_memory": ctx.device.type == "cuda",
                      "persistent_workers": False}  # fresh workers each epoch see the dataset's new epoch
         # The loaders draw their worker seeds from their own generators, not from the global one
         self.train_loader = StopSafeDataLoader(self.train_set, batch_size=self.plan.micro_batch,
@@ -460,6 +468,22 @@ class Trainer:
 
 # ------------------------------------------------------------------------------ train()
 
+_LONG_CPU_RUN_S = 3600.0  # above this estimate, a CPU run gets a warning with what to do instead
+
+
+def _say_cpu_time(trainer: Trainer) -> None:
+    """Print how long the run will take on this CPU (danet.training.cpu_time), with a warning when long."""
+    cfg, plan = trainer.cfg, trainer.plan
+    estimate = estimate_iteration(trainer.model, plan.micro_batch * plan.accum_steps, cfg.data.crop_size)
+    remaining = plan.total_iters - trainer.state.iteration
+    print(f"on this CPU: {estimate.describe(remaining)}")
+    if estimate.seconds * remaining > _LONG_CPU_RUN_S:
+        print(f"warning: {format_duration(estimate.seconds * remaining)} on this CPU ({cfg.model.backbone}, "
+              f"{cfg.data.crop_size} px crops: a GPU recipe?); run it on a machine with CUDA, or make it "
+              "small enough: e.g. --set model.backbone=resnet_tiny model.multi_grid=false data.crop_size=256 "
+              "(what the folder preset does on a CPU)", file=sys.stderr)
+
+
 
 def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, overwrite: bool = False,
           rebase_schedule: bool = False, on_step: Callable[[int, nn.Module], bool | None] | None = None,
@@ -511,6 +535,8 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                                 state=resume.take() if isinstance(resume, LoadedCheckpoint) else None)
         elif cfg.model.pretrained is not None:
             trainer.load_pretrained(cfg.model.pretrained)
+        if cfg.model.pretrained_backbone is not None and resume_path is None and ctx.is_main:
+            print(f"backbone {cfg.model.backbone}: weights loaded from {cfg.model.pretrained_backbone}")
         created, previous_latest = not run_dir.exists(), latest_target()
         if ctx.is_main:  # everything checked, built and loaded: now the run directory
             create_run_dir(run_dir, cfg)
@@ -520,6 +546,8 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                   f"{p.iters_per_epoch}), global batch {cfg.train.batch_size} = {ctx.world_size} "
                   f"process(es) x {p.accum_steps} accumulation step(s) x {p.micro_batch}, "
                   f"on {ctx.device}; run dir {run_dir}")
+            if ctx.device.type == "cpu" and cfg.train.progress:
+                _say_cpu_time(trainer)
         result = trainer.fit()
         if not trainer.started and ctx.is_main:  # e.g. Ctrl-C during start-up or the first iteration
             removed = remove_unstarted_run(run_dir, created=created, previous_latest=previous_latest)

@@ -8,11 +8,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from danet import cli
 from danet.cli import main
-from tests.danet.training_helpers import REPO, TINY, TerminalStream
+from tests.danet.training_helpers import REPO, TINY, TerminalStream, save_checkpoint, tiny_model
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
@@ -60,3 +62,40 @@ def test_lr_plot_writes_into_runs_by_default(tmp_path: Path, monkeypatch: pytest
     assert main(["lr-plot", "--policies", "poly", "--iters", "20"]) == 0
     assert "wrote runs/lr_policies-synthetic.png" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+
+
+def test_attention_on_a_large_image_estimates_and_shows_progress(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Above a megapixel (here: lowered to 1000 pixels) the estimate first, then a bar over the stages;
+    a 12-megapixel image ran 238 s without either."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
+    args = ["attention", str(image), "--points", "3,4", "--checkpoint", str(checkpoint), "--device", "cpu",
+            "--output"]
+    assert main([*args, str(tmp_path / "small.png")]) == 0
+    assert "estimated" not in capsys.readouterr().out
+    monkeypatch.setattr("danet.commands.attention.LONG_INFERENCE_PIXELS", 1000)
+    terminal = TerminalStream()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main([*args, str(tmp_path / "large.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "48x40 (0.0 MP), one forward, estimated" in printed and "on this CPU" in printed
+    assert "attention: 100%" in terminal.getvalue() and "15/15" in terminal.getvalue()  # 8 + 7 stages
+
+
+def test_an_images_alpha_channel_is_not_dropped_without_a_word(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", tiny_model())
+    rgba = np.random.default_rng(0).integers(0, 256, (32, 40, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "logo.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "photo.png")
+    assert main(["predict", str(tmp_path / "logo.png"), str(tmp_path / "photo.png"), "--checkpoint",
+                 str(checkpoint), "--device", "cpu", "--output", str(tmp_path / "pred")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'logo.png'}: its alpha channel is ignored" in printed
+    assert "photo.png: its alpha" not in printed
+    assert main(["attention", str(tmp_path / "logo.png"), "--points", "1,1", "--checkpoint", str(checkpoint),
+                 "--device", "cpu", "--output", str(tmp_path / "attention.png")]) == 0
+    assert "logo.png: its alpha channel is ignored" in capsys.readouterr().out
