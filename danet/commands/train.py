@@ -115,8 +115,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, LoadedCheckpoint |
         variant = cpu_variant(preset)
         if variant is not None and runs_on_cpu(cfg.train.device) and not args.print_config:
             why = "no CUDA device" if cfg.train.device == "auto" else "train.device=cpu"
-            settings = " ".join(f"{section}.{key}={value}" for section, values in variant.items()
-                                for key, value in values.items())
+            settings = " ".join(f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                                for section, values in variant.items() for key, value in values.items())
             print(f"{why}: the {preset} preset's CPU variant ({settings}; --set wins over it; on a GPU "
                   f"machine the preset's own recipe)")
     if args.output is not None:

@@ -4,8 +4,10 @@ bars, default output paths, what git ignores."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +101,10 @@ def test_an_images_alpha_channel_is_not_dropped_without_a_word(tmp_path: Path,
     assert main(["attention", str(tmp_path / "logo.png"), "--points", "1,1", "--checkpoint", str(checkpoint),
                  "--device", "cpu", "--output", str(tmp_path / "attention.png")]) == 0
     assert "logo.png: its alpha channel is ignored" in capsys.readouterr().out
+
+
+def test_python_m_danet_runs_the_command() -> None:
+    """`python -m danet` (not only `python -m danet.cli`), as the README's commands may be run."""
+    result = subprocess.run([sys.executable, "-m", "danet", "--version"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert result.stdout.startswith("danet-fused ")
