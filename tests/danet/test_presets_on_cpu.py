@@ -69,3 +69,11 @@ def test_workers_are_no_more_than_the_cores(tmp_path: Path, monkeypatch: pytest.
     printed = capfd.readouterr()
     assert "data.workers=3, but this process has 1 CPU core(s): 1 DataLoader worker(s)" in printed.out
     assert "worker processes in total" not in printed.err
+
+
+def test_loading_a_backbone_is_confirmed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "resnet_tiny.pth"
+    torch.save(DANet(3, backbone="resnet_tiny", multi_grid=False).backbone.state_dict(), weights)
+    assert main(["train", "--set", *TINY, "train.iters=1", f"model.pretrained_backbone={weights}",
+                 "--output", str(tmp_path / "run")]) == 0
+    assert f"backbone resnet_tiny: weights loaded from {weights}" in capsys.readouterr().out
