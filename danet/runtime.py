@@ -19,16 +19,23 @@ Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference
 Install hints: :func:`install_hint` names the command that adds an extra's optional packages,
 for the way this process runs: from a checkout (``pip install -c constraints.txt -e '.[export]'``)
 or from the installed distribution (``pip install 'danet-fused[export]==0.1.0'``).
+
+Progress bars (:func:`progress_bar`) are drawn on a terminal only: redirected to a file or a pipe
+(a job's log), a bar's redraws would fill it (about 200 KB for the README's main job).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
-__all__ = ["AMP_DTYPES", "DISTRIBUTION", "install_hint", "set_threads"]
+__all__ = ["AMP_DTYPES", "DISTRIBUTION", "cpu_cores", "install_hint", "progress_bar", "set_threads"]
 
 DISTRIBUTION = "danet-fused"
 """The name danet is installed under (pyproject.toml's project.name)."""
@@ -67,3 +74,18 @@ def install_hint(extra: str) -> str:
     except importlib.metadata.PackageNotFoundError:  # copied without its metadata: any version
         pin = ""
     return f"pip install '{DISTRIBUTION}[{extra}]{pin}'"
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar (``options`` are tqdm's) that draws only when ``enabled`` and stderr is a terminal.
+
+    A disabled bar accepts every call (update, set_postfix, close), so callers need no branches.
+    """
+    # tqdm's disable=None: off when its output (stderr) is not a TTY
+    return tqdm(iterable, disable=None if enabled else True, **options)

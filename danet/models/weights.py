@@ -121,12 +121,16 @@ class Checkpoint:
         config: the stored run config (``dataclasses.asdict`` of the trainer's Config) or None.
         original_naming: the file used the original DANet release's key names.
         path: where it was read from (for messages).
+        classes: the stored record of the classes the model predicts (dataset name, class names,
+            palette: danet.data.classes.DatasetClasses.to_record), or None (a checkpoint from
+            elsewhere, or written before danet stored it).
     """
 
     state_dict: StateDict
     config: dict[str, Any] | None
     original_naming: bool
     path: str
+    classes: dict[str, Any] | None = None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -137,9 +141,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ValueError: unreadable or corrupted file, one that holds no state_dict, or NaN/Inf weights.
     """
     obj = read_file(path, what="weights file")
-    config = None
+    config = classes = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        state_dict, config = obj["model"], obj.get("config")
+        state_dict, config, classes = obj["model"], obj.get("config"), obj.get("classes")
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state_dict = obj["state_dict"]
     else:
@@ -153,7 +157,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     original = _is_original_naming(state_dict)
     if original:
         state_dict = from_original_naming(state_dict)
-    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path))
+    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path),
+                      classes if isinstance(classes, dict) else None)
 
 
 def _key_list(keys: list[str]) -> str:
