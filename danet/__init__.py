@@ -14,7 +14,7 @@ _LAZY_MODEL_NAMES = ("DANet", "build_model")
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_MODEL_NAMES:
-        from danet import models
+        from danet import models  # lazy: start-up time (`import danet` stays torch-free)
 
         return getattr(models, name)
     raise AttributeError(f"module 'danet' has no attribute {name!r}")

@@ -1,10 +1,11 @@
-"""The danet command: train, evaluate, predict, show attention, plot LR policies, export.
+"""The danet command: train, evaluate, predict, show attention, plot LR policies, export, plan memory.
 
 Every option of every subcommand is defined here with the standard library alone, so that
 ``danet --help`` and ``danet <command> --help`` answer at once: torch, the model and the
-datasets are imported only for the subcommand that runs, from the module that does its work
-(:data:`COMMANDS`; each provides ``run(args) -> int``). A subcommand's help text is its
-module's docstring, read from the source file without importing it.
+datasets are imported only for the subcommand that runs, from its module in danet/commands/
+(:data:`COMMANDS`, named after the command; each provides ``run(args) -> int``). A
+subcommand's help text is its module's docstring, read from the source file without
+importing it. ``python -m danet`` runs this too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import sys
 from pathlib import Path
 
 from danet import __version__
-from danet.choices import (
+from danet.config import (
+    AMP_MODES,
     ATTENTIONS,
+    DEFAULT_PRESET,
     DEVICES,
     EXPORT_FORMATS,
     HEAD_OUTPUTS,
@@ -29,20 +32,18 @@ from danet.choices import (
     LR_POLICIES,
     OUTPUT_STRIDES,
     PREDICT_FORMATS,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    available_presets,
 )
-from danet.config import DEFAULT_PRESET, DataConfig, EvalConfig, ModelConfig, TrainConfig, available_presets
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text"]
 
 # name -> module providing run(args)
-COMMANDS: dict[str, str] = {
-    "train": "danet.train",
-    "eval": "danet.evaluate",
-    "predict": "danet.predict",
-    "attention": "danet.visualize",
-    "lr-plot": "danet.lr_policies",
-    "export": "danet.export",
-}
+COMMANDS: dict[str, str] = {name: "danet.commands." + name.replace("-", "_") for name in
+                            ("train", "eval", "predict", "attention", "lr-plot", "export", "plan")}
 
 
 def plain_text(docstring: str) -> str:
@@ -81,8 +82,8 @@ def _positive_float(text: str) -> float:
 # apart; the value then comes from the checkpoint's stored config, else from danet/config.py.
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --dataset, the model overrides, --device and --threads."""
+def _model_options(parser: argparse.ArgumentParser, root_help: str = "") -> None:
+    """--checkpoint, --dataset, --root, the model overrides, --device and --threads."""
     parser.add_argument("--checkpoint", required=True, metavar="PATH|RUN_DIR|latest",
                         help="model weights: a checkpoint file (a danet training checkpoint, the original "
                              "DANet release's checkpoint, or a plain state_dict), a run directory (its "
@@ -91,6 +92,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, metavar="NAME",
                         help="dataset the model was trained on (classes, palette); default: the "
                              f"checkpoint's, else {DataConfig.dataset!r}")
+    parser.add_argument("--root", default=None, metavar="DIR",
+                        help=root_help or "dataset root, for a checkpoint that does not carry its class "
+                                          "names (those of danet train do): the folder dataset reads "
+                                          "them from DIR/classes.txt (default: the checkpoint's)")
     group = parser.add_argument_group("model (default: the checkpoint's stored config, else "
                                       "danet/config.py's ModelConfig)")
     group.add_argument("--backbone", default=None,
@@ -174,9 +179,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_options(parser: argparse.ArgumentParser) -> None:
-    _model_options(parser)
-    parser.add_argument("--root", default=None, metavar="DIR",
-                        help="dataset root (default: the checkpoint's; not needed for 'synthetic')")
+    _model_options(parser, root_help="dataset root (default: the checkpoint's, where it was trained; "
+                                     "not needed for 'synthetic')")
     parser.add_argument("--split", default="val", help="dataset split (default: val)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="evaluate the first N images only")
@@ -226,6 +230,8 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
                         help="CAM channels to show (default: the --num-channels most contrasted)")
     parser.add_argument("--num-channels", type=int, default=4, help="channel maps to show (default 4)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on a large image")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -237,8 +243,8 @@ def _lr_plot_options(parser: argparse.ArgumentParser) -> None:
                              "`danet train` would plan it)")
     _config_options(parser, "take the schedule, base LR and run length from this preset")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--output", "-o", default="lr_policies.png",
-                        help="PNG to write (default: %(default)s)")
+    parser.add_argument("--output", "-o", default=None, metavar="PNG",
+                        help="PNG to write (default: runs/lr_policies-<preset>.png; runs/ is git-ignored)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -255,6 +261,26 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
+def _plan_options(parser: argparse.ArgumentParser) -> None:
+    _config_options(parser, "recipe to plan for")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="input size of a training image (default: the crop, data.crop_size)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per GPU per step (default: the recipe's, train.batch_size over "
+                             "--gpus and train.accum_steps)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="processes of the run (DDP: each holds gradient buckets); default 1")
+    parser.add_argument("--memory", type=float, nargs="+", default=None, metavar="GB",
+                        help="also answer for cards of these sizes (beside 16 24 40 80 141)")
+    parser.add_argument("--attention", choices=ATTENTIONS, nargs="+", default=None,
+                        help="attentions to compare (default: reference and fused)")
+    parser.add_argument("--amp", choices=AMP_MODES, nargs="+", default=None,
+                        help="precisions to compare (default: none, and the recipe's train.amp or bf16)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="number of classes (default: the dataset's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
 _OPTIONS = {
     "train": _train_options,
     "eval": _eval_options,
@@ -262,6 +288,7 @@ _OPTIONS = {
     "attention": _attention_options,
     "lr-plot": _lr_plot_options,
     "export": _export_options,
+    "plan": _plan_options,
 }
 
 
@@ -284,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[args.command])
         if hasattr(args, "threads"):
-            from danet.threads import set_threads
+            from danet.runtime import set_threads  # lazy: start-up time (imports torch)
 
             set_threads(args.threads)
         if hasattr(args, "checkpoint"):
-            from danet.run_dir import resolve_checkpoint
+            from danet.training.run_dir import resolve_checkpoint  # lazy: start-up time (imports torch)
 
             args.checkpoint = str(resolve_checkpoint(args.checkpoint))
         return int(module.run(args) or 0)

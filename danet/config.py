@@ -24,27 +24,58 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from danet.choices import (
-    ATTENTIONS,
-    DEVICES,
-    INFERENCE_AMP,
-    INFERENCE_MODES,
-    INFERENCE_PROTOCOLS,
-    LR_POLICIES,
-    OUTPUT_STRIDES,
-)
+# ------------------------------------------------------------------------------ choices
+# The names the command line offers and the modules share: defined here, torch-free, so that
+# `danet --help` answers without importing torch (danet/cli.py).
+
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16)
+"""The dilated backbone's output strides (``model.output_stride``)."""
+ATTENTIONS: tuple[str, ...] = ("fused", "reference")
+"""Attention implementations: danet_kernels' fused kernels, or the reference bmm modules."""
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+"""Where a command runs: "auto" is CUDA when available."""
+LR_POLICIES: tuple[str, ...] = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+"""Learning-rate policies, Caffe's set (danet.training.schedules)."""
+
+INFERENCE_PROTOCOLS: tuple[str, ...] = ("danet", "release", "mmseg")
+"""Evaluation protocols (docs/evaluation.md): ours, the DANet release's, mmsegmentation's."""
+INFERENCE_MODES: tuple[str, ...] = ("whole", "sliding", "multiscale")
+"""Inference modes: the whole image, sliding windows, several scales (with sliding windows)."""
+INFERENCE_AMP: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
+"""Autocast for inference: "auto" is bf16 on CUDA and none on the CPU."""
+HEAD_OUTPUTS: tuple[str, ...] = ("sum", "pam", "cam")
+"""DANet's head outputs, in the order the original head returns them."""
+PREDICT_FORMATS: tuple[str, ...] = ("palette", "cityscapes")
+"""``danet predict`` outputs: palette masks and overlays, or Cityscapes label-id PNGs."""
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torch-export")
+"""``danet export`` formats."""
+AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
+"""Training autocast (``train.amp``): fp16 adds a GradScaler."""
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+"""``optim.name``."""
+MATMUL_PRECISIONS: tuple[str, ...] = ("highest", "high", "medium")
+"""``train.matmul_precision``: torch.set_float32_matmul_precision's settings."""
+
+
+# ------------------------------------------------------------------------------ the configuration
 
 
 @dataclass
 class ModelConfig:
-    """The network: DANet on a dilated ResNet."""
+    """The network: DANet on a dilated ResNet.
+
+    The defaults are the published model, the one definition of it: the release's DANet-101
+    (``DANet101.pth.tar``, Cityscapes), a ResNet-101 with the standard 7x7 stem at output stride
+    8 with multi-grid (4, 8, 16). The named models (danet.models.MODELS, the hub entry points)
+    and the release's checkpoint loader start from it.
+    """
 
     backbone: str = "resnet101"  # danet.models.BACKBONES; "resnet101s": Encoding's 64-64-128 deep stem
     output_stride: int = 8
-    multi_grid: bool = False  # last-stage dilations x (1, 2, 4): (4, 8, 16) at output stride 8, as published
+    multi_grid: bool = True  # last-stage dilations x (1, 2, 4): (4, 8, 16) at output stride 8
     attention: str = "fused"  # "fused" (danet_kernels) or "reference" (bmm modules)
     aux: bool = False  # auxiliary FCN head on the third stage
-    pretrained_backbone: str | None = None  # local file of ImageNet weights (timm/torchvision)
+    pretrained_backbone: str | None = None  # ImageNet weights: a local file, or "timm" / "timm:<tag>"
     pretrained: str | None = None  # training only: a checkpoint whose weights start a new run
 
 
@@ -110,7 +141,7 @@ class ScheduleConfig:
     Which fields a policy reads: step: gamma, step_size; exp: gamma; inv: gamma, power;
     multistep: gamma, milestones; poly: power; sigmoid: gamma, step_size; fixed: none.
     A linear warm-up from ``warmup_start_factor`` x LR to the LR takes the first ``warmup_iters``
-    iterations; the policy then starts from its own iteration 0 (see danet.lr_policies).
+    iterations; the policy then starts from its own iteration 0 (see danet.training.schedules).
     """
 
     policy: str = "poly"  # fixed, step, exp, inv, multistep, poly, sigmoid
@@ -148,7 +179,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute backbone stages in backward to save memory
     sync_bn: bool = True  # SyncBatchNorm under DDP on CUDA (plain BN, with a warning, elsewhere)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
-    threads: int = 1  # CPU threads of the main process; 0: torch's default (one per core); danet/threads.py
+    threads: int = 1  # CPU threads of the main process; 0: torch's default (one per core); danet/runtime.py
     seed: int = 0
     output: str | None = None  # run directory; None: runs/<name>-<UTC timestamp>
     val_interval: int = 1  # validate every N epochs (and always at the end); 0: only at the end
@@ -182,9 +213,6 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-AMP_MODES = ("none", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
-MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 # a run directory is runs/<name>-YYYYmmdd-HHMMSS: one path component of at most 255 bytes
 _MAX_NAME_BYTES = 255 - len("-20260101-120000")
 
@@ -304,6 +332,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+CPU_VARIANT = "cpu"
+"""A preset's section that replaces some of its settings when the run will be on a CPU (see load_config)."""
+
+
+def cpu_variant(preset: str) -> dict[str, Any] | None:
+    """The ``cpu:`` section of ``preset`` (what it changes on a machine without CUDA), or None."""
+    return read_yaml(preset_path(preset)).get(CPU_VARIANT)
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether ``train.device`` ``device`` means the CPU here ("auto": when CUDA is not available)."""
+    if device != "auto":
+        return device == "cpu"
+    import torch  # lazy: start-up time (`danet --help` reads this module)
+
+    return not torch.cuda.is_available()
+
+
+def _sets(values: Mapping[str, Any], section: str, key: str) -> bool:
+    """Whether the nested mapping ``values`` gives ``section.key`` a value other than None."""
+    inner = values.get(section)
+    return isinstance(inner, Mapping) and inner.get(key) is not None
+
+
 def load_config(
     preset: str | None = DEFAULT_PRESET,
     config_file: str | Path | None = None,
@@ -313,13 +365,31 @@ def load_config(
 
     ``preset=None`` skips presets (pure dataclass defaults). Later sources win; every key is
     checked against the dataclasses, so a typo is a ValueError, not a silently ignored setting.
+
+    A preset written for GPUs may carry a ``cpu:`` section (:data:`CPU_VARIANT`): when the run
+    will be on a CPU (``train.device`` cpu, or auto on a machine without CUDA, as the file and
+    the overrides set it), its settings are applied right after the preset's own, so that the
+    config file and the overrides still win over them; its ``model`` section is skipped when
+    they give ``model.pretrained_backbone`` (weights for the preset's own backbone).
     """
     cfg = Config()
+    file_values = read_yaml(config_file) if config_file is not None else {}
+    override_values = parse_overrides(overrides)
     if preset is not None:
-        apply_dict(cfg, read_yaml(preset_path(preset)))
-    if config_file is not None:
-        apply_dict(cfg, read_yaml(config_file))
-    apply_dict(cfg, parse_overrides(overrides))
+        preset_values = read_yaml(preset_path(preset))
+        variant = preset_values.pop(CPU_VARIANT, None)
+        apply_dict(cfg, preset_values)
+        if variant is not None:
+            device = next((values["train"]["device"] for values in (override_values, file_values)
+                           if isinstance(values.get("train"), Mapping) and "device" in values["train"]),
+                          cfg.train.device)
+            if runs_on_cpu(str(device)):
+                if _sets(file_values, "model", "pretrained_backbone") or \
+                        _sets(override_values, "model", "pretrained_backbone"):
+                    variant = {k: v for k, v in variant.items() if k != "model"}  # weights for the preset's
+                apply_dict(cfg, variant)
+    apply_dict(cfg, file_values)
+    apply_dict(cfg, override_values)
     validate_config(cfg)
     return cfg
 
@@ -339,11 +409,10 @@ def _at_least(key: str, value: float | None, low: float, *, optional: bool = Fal
 def validate_config(cfg: Config) -> None:
     """Check every field whose valid values are known without the data: names and ranges.
 
-    The registries are imported here, not at module level, so that reading a config stays light.
-
     Raises:
         ValueError: naming the first bad field, its value and what it may be.
     """
+    # lazy: start-up time. The registries import torch and timm; `danet --help` reads this module.
     from danet.data import DATASETS
     from danet.models.backbone import BACKBONES
 
@@ -383,7 +452,7 @@ def validate_config(cfg: Config) -> None:
 
 def check_schedule(cfg: ScheduleConfig) -> None:
     """Raise ValueError naming the first bad setting of the LR schedule that needs no run length
-    (danet.lr_policies.validate_schedule adds those that do)."""
+    (danet.training.schedules.validate_schedule adds those that do)."""
     if cfg.policy not in LR_POLICIES:
         raise ValueError(f"unknown LR policy {cfg.policy!r}: schedule.policy must be one of "
                          f"{', '.join(LR_POLICIES)}")

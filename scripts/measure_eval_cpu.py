@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from danet.choices import INFERENCE_PROTOCOLS
-from danet.config import ATTENTIONS, EvalConfig
-from danet.inference import inference_plan, predict_scores, resolve_eval_config
+from danet.config import ATTENTIONS, INFERENCE_PROTOCOLS, EvalConfig, resolve_eval_config
+from danet.evaluation.engine import predict_scores
+from danet.evaluation.protocols import inference_plan
 from danet.models import DANet
 
 

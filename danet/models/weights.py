@@ -1,5 +1,7 @@
 """Weights from local files: ImageNet backbones, our checkpoints, the original DANet release.
 
+(timm's own ImageNet weights, from the Hugging Face cache, are :mod:`danet.models.backbone`'s.)
+
 Nothing here builds the network (``danet.models.danet`` builds it and uses this module, never
 the other way round). Files are read on the CPU with ``torch.load(weights_only=True)``
 (``.pth``/``.pt``/``.tar``) or safetensors (``.safetensors``).
@@ -30,9 +32,9 @@ only the training loss uses) and its stage-3 auxiliary DANetHead (``auxlayer.con
 the former keep their initialisation, the latter is skipped when the model has no such head
 (both with a warning).
 
-The released DANet-101 checkpoint loads into ``DANet(nclass, "resnet101", multi_grid=True)``
-(:data:`PUBLISHED_MODEL_CONFIG`): the release's README tests it with ``--no-deepstem
---multi-grid --multi-dilation 4 8 16 --os 8``.
+The released DANet-101 checkpoint loads into the published model, ModelConfig's defaults
+(``DANet(nclass, "resnet101", multi_grid=True)``): the release's README tests it with
+``--no-deepstem --multi-grid --multi-dilation 4 8 16 --os 8``.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from danet.checkpoint import check_finite, read_file, strip_prefixes
 from danet.config import ModelConfig
+from danet.io.checkpoint import check_finite, read_file, strip_prefixes
+from danet.models.backbone import missing_weights_message
 
 __all__ = [
     "ORIGINAL_KEY_MAP",
-    "PUBLISHED_MODEL_CONFIG",
     "Checkpoint",
     "from_original_naming",
     "load_backbone_weights",
@@ -71,9 +73,6 @@ ORIGINAL_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("head.", "head."),
     ("auxlayer.", "auxlayer."),
 )
-# the architecture of the original release's DANet-101 checkpoint: ResNet-101 with the standard
-# stem (its README runs it with --no-deepstem), multi-grid (4, 8, 16) at output stride 8
-PUBLISHED_MODEL_CONFIG = ModelConfig(backbone="resnet101", output_stride=8, multi_grid=True)
 # the PAM-only and CAM-only classifiers: used by the training loss only, absent from the
 # release's inference-only head
 _TRAINING_ONLY_CLASSIFIERS = ("head.conv6.", "head.conv7.")
@@ -122,12 +121,16 @@ class Checkpoint:
         config: the stored run config (``dataclasses.asdict`` of the trainer's Config) or None.
         original_naming: the file used the original DANet release's key names.
         path: where it was read from (for messages).
+        classes: the stored record of the classes the model predicts (dataset name, class names,
+            palette: danet.data.classes.DatasetClasses.to_record), or None (a checkpoint from
+            elsewhere, or written before danet stored it).
     """
 
     state_dict: StateDict
     config: dict[str, Any] | None
     original_naming: bool
     path: str
+    classes: dict[str, Any] | None = None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -138,9 +141,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ValueError: unreadable or corrupted file, one that holds no state_dict, or NaN/Inf weights.
     """
     obj = read_file(path, what="weights file")
-    config = None
+    config = classes = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        state_dict, config = obj["model"], obj.get("config")
+        state_dict, config, classes = obj["model"], obj.get("config"), obj.get("classes")
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state_dict = obj["state_dict"]
     else:
@@ -154,7 +157,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     original = _is_original_naming(state_dict)
     if original:
         state_dict = from_original_naming(state_dict)
-    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path))
+    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path),
+                      classes if isinstance(classes, dict) else None)
 
 
 def _key_list(keys: list[str]) -> str:
@@ -245,9 +249,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     ``conv1.0/1/3/4/6``, as the original release's backbone does).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (the message names timm's way too).
         ValueError: unreadable file, or keys/shapes that do not fit the backbone.
     """
+    if not Path(path).exists():
+        raise FileNotFoundError(missing_weights_message(f"ImageNet weights file not found: {path}"))
     state_dict = read_checkpoint(path).state_dict
     if any(key.startswith("backbone.") for key in state_dict):  # a full DANet checkpoint's backbone
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}

@@ -1,4 +1,4 @@
-"""danet.checkpoint: atomic checksummed writes, the one reader, RNG round trips, non-finite detection."""
+"""danet.io.checkpoint: atomic checksummed writes, the one reader, RNG round trips, non-finite detection."""
 
 import collections
 import random
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from danet.checkpoint import (
+from danet.io.checkpoint import (
     atomic_save,
     capture_rng_state,
     load_checkpoint,

@@ -14,9 +14,9 @@ import torch
 from danet import __version__, cli
 from danet.cli import main
 from danet.config import TrainConfig
-from danet.outputs import check_name_length, check_output_file
-from danet.run_dir import LATEST, mark_latest, resolve_checkpoint
-from danet.threads import set_threads
+from danet.io.output_paths import check_name_length, check_output_file
+from danet.runtime import set_threads
+from danet.training.run_dir import LATEST, mark_latest, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,10 +70,10 @@ def test_help_is_plain_text_and_keeps_line_continuations(capsys: pytest.CaptureF
 
 
 def test_option_names_match_the_modules_that_use_them(capsys: pytest.CaptureFixture[str]) -> None:
-    from danet.export import EXPORTERS
-    from danet.predict import MAX_WHOLE_PIXELS
+    from danet.commands.predict import MAX_WHOLE_PIXELS
+    from danet.models.export import EXPORTERS
 
-    assert set(cli.EXPORT_FORMATS) == set(EXPORTERS)  # the names danet.choices offers, all served
+    assert set(cli.EXPORT_FORMATS) == set(EXPORTERS)  # the names danet.config offers, all served
     assert set(cli.COMMANDS) == set(cli._OPTIONS)
     with pytest.raises(SystemExit):
         main(["predict", "--help"])

@@ -20,12 +20,12 @@ from torchvision import tv_tensors
 from danet.cli import main
 from danet.config import DataConfig, EvalConfig
 from danet.data import SyntheticShapes, eval_transforms
-from danet.evaluate import evaluate
-from danet.inference import predict_logits
+from danet.evaluation.engine import predict_logits
+from danet.evaluation.evaluate import evaluate
 from danet.models import load_model
-from danet.visualize import attention_maps, position_attention_rows
+from danet.visualization.attention import attention_maps, position_attention_rows
 from danet_kernels.reference import position_attention_reference
-from tests.danet.training_helpers import save_checkpoint, tiny_model
+from tests.danet.training_helpers import TerminalStream, save_checkpoint, tiny_model
 
 NUM_CLASSES = SyntheticShapes.NUM_CLASSES
 
@@ -461,10 +461,11 @@ def test_predict_shows_progress_only_for_long_inference(files: dict[str, Path], 
                  "--max-whole-pixels", "0"]) == 0
     short = capsys.readouterr()
     assert "inference" not in short.err and "forward(s)" not in short.out
-    monkeypatch.setattr("danet.predict._ESTIMATE_ABOVE_FORWARDS", 1)
+    monkeypatch.setattr("danet.commands.predict._ESTIMATE_ABOVE_FORWARDS", 1)
+    terminal = TerminalStream()  # bars are drawn on terminals only
+    monkeypatch.setattr("sys.stderr", terminal)
     assert main([*args, "--output", str(tmp_path / "long")]) == 0
-    long = capsys.readouterr()
-    assert "6 forward(s)" in long.out and "inference" in long.err
+    assert "6 forward(s)" in capsys.readouterr().out and "inference" in terminal.getvalue()
 
 
 def test_predict_takes_directories_and_globs(files: dict[str, Path], tmp_path: Path,
@@ -531,7 +532,7 @@ def test_attention_refuses_a_directory_as_output(files: dict[str, Path], tmp_pat
 
 @pytest.mark.parametrize(("points", "channels"), [(1, 1), (2, 3), (3, 4)])
 def test_attention_figure_has_a_colourbar_per_map_and_no_empty_cell(points: int, channels: int) -> None:
-    from danet.visualize import attention_figure
+    from danet.visualization.attention import attention_figure
 
     model = tiny_model().eval()
     image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)

@@ -8,6 +8,7 @@ import yaml
 from danet.config import (
     DEFAULT_PRESET,
     Config,
+    ModelConfig,
     apply_dict,
     available_presets,
     config_from_dict,
@@ -29,11 +30,9 @@ def test_presets_ship_and_load():
 
 
 def test_cityscapes_preset_is_the_published_recipe():
-    from danet.models.weights import PUBLISHED_MODEL_CONFIG
-
     cfg = load_config("cityscapes")
-    # the release's 7x7 stem (--no-deepstem), as the checkpoint it published
-    assert cfg.model.backbone == "resnet101" == PUBLISHED_MODEL_CONFIG.backbone
+    # the published model is ModelConfig's defaults: the release's 7x7 stem (--no-deepstem)
+    assert cfg.model == ModelConfig() and cfg.model.backbone == "resnet101"
     assert (cfg.model.output_stride, cfg.model.multi_grid) == (8, True)
     assert (cfg.data.crop_size, cfg.data.base_size, cfg.data.scale_range) == (768, 1024, (0.5, 2.0))
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.sync_bn) == (8, 240, True)

@@ -1,4 +1,4 @@
-"""danet.cost: FLOPs and peak tensor memory on fake tensors, against hand counts and real runs."""
+"""danet.evaluation.cost: FLOPs and peak tensor memory on fake tensors, against hand counts and real runs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from danet import cost
-from danet.config import EvalConfig
-from danet.inference import estimate_inference_cost, inference_plan, resolve_eval_config
+from danet.config import EvalConfig, resolve_eval_config
+from danet.evaluation import cost
+from danet.evaluation.engine import estimate_inference_cost
+from danet.evaluation.protocols import inference_plan
 from danet.models import DANet
 
 
@@ -28,7 +29,7 @@ def test_hand_counted_conv_stack() -> None:
 def test_fake_estimate_equals_the_live_tensors_of_a_real_forward() -> None:
     model = DANet(5, backbone="resnet_tiny").eval()
     x = torch.randn(1, 3, 72, 88)
-    live = cost._LiveTensorBytes()
+    live = cost.LiveTensorBytes()
     with torch.inference_mode(), live:
         model(x)
     estimate = cost.estimate_forward_cost(model, 1, 72, 88)

@@ -35,7 +35,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import danet_kernels
     from danet.config import load_config
-    from danet.train import train
+    from danet.training.trainer import train
 
     danet_kernels.set_backend("torch")  # the CPU attention backend (as tests/danet/conftest.py)
     cfg = load_config("synthetic", overrides=[
@@ -137,7 +137,7 @@ def _freezing_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
     import danet_kernels
     from danet.config import load_config
     from danet.distributed import DistributedTimeoutError
-    from danet.train import train
+    from danet.training.trainer import train
 
     danet_kernels.set_backend("torch")
     cfg = load_config("synthetic", overrides=[

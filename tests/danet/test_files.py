@@ -1,4 +1,4 @@
-"""danet.files: a file is replaced whole or not at all, with a plain open()'s mode, and clear errors."""
+"""danet.io.atomic: a file is replaced whole or not at all, with a plain open()'s mode, and clear errors."""
 
 import errno
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from danet.files import FileWriteError, atomic_link, atomic_write, remove_stale_temporaries
+from danet.io.atomic import FileWriteError, atomic_link, atomic_write, remove_stale_temporaries
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_of_dead_writers_are_removed_at_the_next_write(tmp_path):
-    from danet.files import _host_tag
+    from danet.io.atomic import _host_tag
 
     host = _host_tag()
     stale = tmp_path / f".last.pt.partial-{_dead_pid()}-{host}-0123abcd"
@@ -85,7 +85,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_at_the_next_write(tmp_pat
 def test_a_directory_is_swept_once_per_process(tmp_path, monkeypatch):
     """Not at every write: predict writes thousands of files into one directory."""
     sweeps = []
-    monkeypatch.setattr("danet.files.remove_stale_temporaries", sweeps.append)
+    monkeypatch.setattr("danet.io.atomic.remove_stale_temporaries", sweeps.append)
     for name in ("a.png", "b.png", "a.png"):
         atomic_write(tmp_path / name, lambda tmp: tmp.write_bytes(b"png"))
     atomic_link(tmp_path / "a.png", tmp_path / "c.png")
@@ -98,7 +98,7 @@ def test_kill_9_mid_write_leaves_a_temporary_that_the_next_write_removes(tmp_pat
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from danet.files import atomic_write\n"
+        "from danet.io.atomic import atomic_write\n"
         "def write(tmp):\n"
         "    tmp.write_bytes(b'x' * 100000)\n"
         "    print('writing', flush=True)\n"

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from danet.inference import predict_logits, sliding_window_starts
+from danet.evaluation.engine import predict_logits
+from danet.evaluation.protocols import sliding_window_starts
 from danet.models import DANet
 
 

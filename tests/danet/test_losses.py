@@ -1,10 +1,10 @@
-"""danet.losses.DANetLoss: weighted sum of per-output cross entropies, ignore label honoured."""
+"""danet.training.losses.DANetLoss: weighted sum of per-output cross entropies, ignore label honoured."""
 
 import pytest
 import torch
 from torch.nn import functional
 
-from danet.losses import DANetLoss
+from danet.training.losses import DANetLoss
 
 
 def _outputs(n, batch=2, classes=5, size=(7, 9), dtype=torch.float64):

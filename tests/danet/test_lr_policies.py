@@ -1,4 +1,4 @@
-"""danet.lr_policies: every policy equals Caffe's closed form at every iteration, warm-up included."""
+"""danet.training.schedules: every policy equals Caffe's closed form at every iteration, warm-up included."""
 
 import itertools
 import math
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from danet.cli import main as cli_main
-from danet.config import ScheduleConfig, load_config
-from danet.lr_policies import POLICIES, build_scheduler, lr_curve
+from danet.config import LR_POLICIES as POLICIES
+from danet.config import ScheduleConfig, check_schedule, load_config
+from danet.training.schedules import build_scheduler, lr_curve
 
 BASE_LR, HEAD_MULT, TOTAL = 0.003, 10.0, 120
 
@@ -106,9 +107,13 @@ def test_scheduler_state_round_trips_mid_run():
     ],
 )
 def test_bad_schedule_is_a_clear_error(changes, message):
+    """Refused once, before a scheduler exists: the settings by the config's own check, what needs
+    the run length by build_scheduler."""
+    cfg = replace(ScheduleConfig(), **changes)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=message):
-        build_scheduler(optimizer, replace(ScheduleConfig(), **changes), 100)
+        check_schedule(cfg)
+        build_scheduler(optimizer, cfg, 100)
 
 
 @pytest.mark.parametrize(
@@ -154,8 +159,9 @@ def test_lr_plot_draws_the_presets_run(tmp_path, capsys):
 
 
 def test_every_policy_is_told_apart_on_the_default_plot():
+    from danet.config import LR_POLICIES as POLICIES
     from danet.config import ScheduleConfig
-    from danet.lr_policies import _STYLES, POLICIES, policy_label
+    from danet.visualization.plots import _STYLES, policy_label
 
     assert len({_STYLES[p] for p in POLICIES}) == len(POLICIES)  # coinciding curves stay visible
     assert policy_label(ScheduleConfig(), "multistep") == "multistep (gamma 0.1, no milestones: constant)"

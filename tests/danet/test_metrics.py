@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from danet.metrics import ConfusionMatrix
+from danet.evaluation.metrics import ConfusionMatrix
 
 
 def _reference_metrics(pred: np.ndarray, target: np.ndarray, k: int, ignore: int) -> dict:
@@ -150,7 +150,7 @@ def _reduce_worker(rank: int, world_size: int, workdir: str) -> None:
     try:
         cm = ConfusionMatrix(3)
         if rank == 0:
-            with torch.inference_mode():  # as danet.evaluate runs it
+            with torch.inference_mode():  # as danet.evaluation.evaluate runs it
                 cm.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
         # rank 1 sees no data at all: it must still join the collective
         cm.reduce_from_all_processes()

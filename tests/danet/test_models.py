@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from danet.config import ModelConfig
-from danet.models import BACKBONES, DANet, build_model, create_backbone, create_model, list_models
+from danet.models import BACKBONES, MODELS, DANet, build_model, create_backbone, create_model, list_models
 
 
 def _activate_attention(model: DANet, gamma: float = 0.7) -> None:
@@ -136,10 +136,13 @@ def test_build_model_from_config() -> None:
 
 def test_create_model_registry() -> None:
     assert {"danet_resnet_tiny", "danet_resnet101", "danet_resnet101s"} <= set(list_models())
+    assert MODELS["danet_resnet101"] == ModelConfig()  # one definition of the published model
     model = create_model("danet_resnet_tiny", 4, aux=None, output_stride=16)
     assert model.auxlayer is None
     with pytest.raises(ValueError, match=r"unknown model 'danet_vgg'.*danet_resnet_tiny"):
         create_model("danet_vgg", 4)
+    with pytest.raises(ValueError, match=r"unknown model option.*depth"):
+        create_model("danet_resnet_tiny", 4, depth=3)
 
 
 def test_bad_arguments_raise_clear_errors() -> None:

@@ -18,14 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from danet.config import DataConfig, EvalConfig
-from danet.inference import (
-    inference_plan,
-    predict_scores,
-    release_window_starts,
-    resolve_eval_config,
-    sliding_window_starts,
-)
+from danet.config import DataConfig, EvalConfig, resolve_eval_config
+from danet.evaluation.engine import predict_scores
+from danet.evaluation.protocols import inference_plan, release_window_starts, sliding_window_starts
 from danet.models import DANet
 
 MEAN, STD = DataConfig.mean, DataConfig.std
@@ -230,7 +225,7 @@ def test_batches_follow_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> No
     """The forward batch is the budget over the estimated bytes of one window: count the calls."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from danet.cost import fit_cost_model
+    from danet.evaluation.cost import fit_cost_model
 
     model = _tiny_danet(3)
     image = torch.randn(1, 3, 40, 88, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""danet.train: the synthetic default learns; resume is exact; checkpoints survive SIGTERM and NaN."""
+"""danet.training.trainer: the synthetic default learns; resume is exact; checkpoints survive SIGTERM, NaN."""
 
 import contextlib
 import signal
@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-from danet.checkpoint import BEST, LAST, LAST_GOOD, load_checkpoint
 from danet.cli import main as cli_main
 from danet.config import load_config
-from danet.train import NonFiniteLossError, plan_batches, train
+from danet.io.checkpoint import BEST, LAST, LAST_GOOD, load_checkpoint
+from danet.training.data import plan_batches
+from danet.training.trainer import NonFiniteLossError, train
 from tests.danet.training_helpers import REPO, TINY, subprocess_env, tiny_config
 from tests.danet.training_helpers import records as _records
 
@@ -226,7 +227,7 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
 
 def test_seeded_augmentation_is_a_function_of_seed_epoch_index():
     from danet.data import SyntheticShapes, train_transforms
-    from danet.train import SeededAugmentation
+    from danet.training.data import SeededAugmentation
 
     base = SyntheticShapes("train", train_transforms(32, 24, (0.5,) * 3, (0.25,) * 3), num_samples=4,
                            image_size=32)
@@ -256,7 +257,7 @@ def test_cuda_training_knobs(tmp_path, knobs):
 
 
 def test_metrics_log_writes_json_lines_and_tensorboard_is_optional(tmp_path):
-    from danet.run_dir import MetricsLog
+    from danet.training.run_dir import MetricsLog
 
     try:
         import tensorboard  # noqa: F401

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from danet.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, load_checkpoint, read_file
 from danet.cli import main as cli_main
 from danet.config import Config, config_to_dict
-from danet.resume import check_stored_config
-from danet.train import NonFiniteLossError, train
+from danet.io.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, load_checkpoint, read_file
+from danet.training.resume import check_stored_config
+from danet.training.trainer import NonFiniteLossError, train
 from tests.danet.training_helpers import REPO, TINY, records, subprocess_env, tiny_config
 
 
@@ -62,7 +62,7 @@ def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
         reads.append(Path(path))
         return read_file(path, *args, **kwargs)
 
-    monkeypatch.setattr("danet.checkpoint.read_file", counted_read)
+    monkeypatch.setattr("danet.io.checkpoint.read_file", counted_read)
     assert cli_main(["train", "--resume", str(tmp_path)]) == 0
     assert reads.count(tmp_path / LAST) == 1
     assert load_checkpoint(tmp_path / LAST)["iteration"] == 2

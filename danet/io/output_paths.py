@@ -1,0 +1,55 @@
+"""Checks on the files a command is asked to write, made before any work starts.
+
+Each returns or raises with one clear line: an existing output without ``--overwrite``, a
+directory where a file is expected (or a file where a directory is), a name longer than the
+file system allows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["check_name_length", "check_output_dir", "check_output_file"]
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (bytes) on the file system of ``directory`` (or its first existing parent)."""
+    for candidate in (directory, *directory.absolute().parents):
+        if candidate.is_dir():
+            try:
+                return os.pathconf(candidate, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or not reported
+                return 255
+    return 255
+
+
+def check_name_length(path: str | Path) -> Path:
+    """``path``, if its file name fits the file system (checked before any work); else ValueError.
+
+    (danet.io.atomic.atomic_write shortens its temporary's name to fit, so the final name is the limit.)
+    """
+    path = Path(path)
+    limit, length = _name_max(path.parent), len(os.fsencode(path.name))
+    if length > limit:
+        raise ValueError(f"output name too long for the file system ({length} bytes; at most {limit} "
+                         f"here): {path.name[:40]}...{path.suffix}; choose a shorter name")
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a file to (re)write: refuses a directory, an existing file without ``overwrite``."""
+    path = check_name_length(path)  # first: is_dir() on a name too long raises ENAMETOOLONG
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, and a file is written here: give a file path "
+                         f"(e.g. {path / ('output' + (path.suffix or '.png'))})")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists (pass --overwrite to replace it)")
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` as a directory to write into (it may not exist yet): refuses an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {path} exists and is not a directory")
+    return path
