@@ -18,9 +18,8 @@ import math
 
 import torch
 
-from danet_kernels import reference
+from danet_kernels import blockwise, reference
 from danet_kernels._dispatch import resolve_backend
-from danet_kernels.blockwise import channel_attention_blockwise, position_attention_blockwise
 
 __all__ = ["channel_attention", "position_attention"]
 
@@ -144,7 +143,7 @@ def position_attention(
 
         return position_attention_triton(q, k, v, gamma, residual, scale)
     if chosen == "torch" and q.shape[0] > 0:
-        return position_attention_blockwise(q, k, v, gamma, residual, scale)
+        return blockwise.position_attention_blockwise(q, k, v, gamma, residual, scale)
     out = reference.position_attention_reference(q, k, v, scale)
     return out if gamma is None else (gamma * out + residual).to(v.dtype)
 
@@ -176,6 +175,6 @@ def channel_attention(
 
         return channel_attention_triton(x, gamma)
     if chosen == "torch" and x.shape[0] > 0:
-        return channel_attention_blockwise(x, gamma)
+        return blockwise.channel_attention_blockwise(x, gamma)
     out = reference.channel_attention_reference(x)
     return out if gamma is None else (gamma * out + x).to(x.dtype)
