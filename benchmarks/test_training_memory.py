@@ -1,10 +1,10 @@
 """High-resolution training: a full DANet step with the reference attention against the fused one.
 
 Run ``pytest benchmarks/test_training_memory.py --benchmark-only``. A step is what the
-trainer does per iteration: forward, DANet's loss (danet.training.losses.DANetLoss), backward, and the
-optimiser's step (danet.training.optimizer.build_optimizer with the training config's defaults: SGD with
-momentum, weight decay, 10x head LR), in fp32 or, with ``--train-amp bf16``, under bf16
-autocast. Two tests:
+trainer does per iteration, as danet.training.step.TrainingStep runs it (the one the memory plan
+traces): forward, DANet's loss, backward, and the optimiser's step with the training config's
+defaults (SGD with momentum, weight decay, 10x head LR), in fp32 or, with ``--train-amp bf16``,
+under bf16 autocast. Two tests:
 
 * ``test_train_step[Bb-HxW-attention]``: the step's time and peak memory at each input size
   and batch; a batch that does not fit is reported as OOM.
@@ -50,11 +50,8 @@ from benchmarks.harness import (
     skip_case,
     synchronize,
 )
-from danet.config import ATTENTIONS, Config, ModelConfig
-from danet.models import build_model
-from danet.runtime import AMP_DTYPES
-from danet.training.losses import DANetLoss
-from danet.training.optimizer import build_optimizer
+from danet.config import ATTENTIONS, Config, ModelConfig, TrainConfig
+from danet.training.step import TrainingStep
 from danet_kernels._dispatch import resolve_backend
 
 NCLASS = 19  # Cityscapes
@@ -124,46 +121,18 @@ def _tensor_bytes(tensors: object) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-class TrainingStep:
-    """A DANet with the trainer's loss and optimiser (danet.training.optimizer.build_optimizer with the
-    training config's defaults), one step at a time, in fp32 or under autocast (``amp``: a key
-    of danet.runtime.AMP_DTYPES).
+def _training_step(attention: str, amp: str) -> TrainingStep:
+    """The trainer's step (danet.training.step.TrainingStep: its model, optimiser and loss with the
+    training config's defaults) for the grid's model with this attention, on real tensors."""
+    cfg = Config(model=dataclasses.replace(GRID.model, attention=attention),
+                 train=dataclasses.replace(TrainConfig(), amp=amp))
+    return TrainingStep(cfg, NCLASS, device=DEVICE)
 
-    One step on a small image at construction creates the optimiser's momentum buffers, which
-    every later step holds, so that the steps measured are steady-state steps.
-    """
 
-    def __init__(self, attention: str, amp: str) -> None:
-        self.model = build_model(dataclasses.replace(GRID.model, attention=attention), NCLASS)
-        self.model.to(DEVICE).train()
-        self.optimizer = build_optimizer(self.model, Config())
-        self.criterion = DANetLoss()
-        self.amp_dtype = AMP_DTYPES[amp]
-        self.step(*self.batch(1, 64, 64))
-
-    def batch(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random normalised images (B, 3, H, W) and labels (B, H, W) on the device."""
-        images = torch.randn(batch, 3, height, width, device=DEVICE)
-        target = torch.randint(0, NCLASS, (batch, height, width), device=DEVICE)
-        return images, target
-
-    def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
-        """Forward, loss, backward, optimiser step; gradients released afterwards."""
-        with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, _ = self.criterion(self.model(images), target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def state_bytes(self) -> int:
-        """Bytes of the parameters, buffers and optimiser state held between steps."""
-        state = [t for per_param in self.optimizer.state.values() for t in per_param.values()]
-        return _tensor_bytes([*self.model.parameters(), *self.model.buffers(), *state])
-
-    def step_total_bytes(self, images: torch.Tensor, target: torch.Tensor) -> int | None:
-        """What one step needs in all: state, batch, and the step's own peak (None: not measurable)."""
-        peak, _ = peak_memory_bytes(lambda: self.step(images, target))
-        return None if peak is None else self.state_bytes() + _tensor_bytes((images, target)) + peak
+def _step_total_bytes(trainer: TrainingStep, images: torch.Tensor, target: torch.Tensor) -> int | None:
+    """What one step needs in all: state, batch, and the step's own peak (None: not measurable)."""
+    peak, _ = peak_memory_bytes(lambda: trainer.run(images, target))
+    return None if peak is None else trainer.state_bytes() + _tensor_bytes((images, target)) + peak
 
 
 @pytest.fixture(autouse=True)
@@ -204,20 +173,20 @@ def test_train_step(
     benchmark.group = f"train step {GRID.model.backbone} {_size_id(size)} B{batch} {amp}"
     benchmark.extra_info.update(op="train_step", B=batch)
     _describe(benchmark, attention, size, amp)
-    trainer = TrainingStep(attention, amp)
-    images, target = trainer.batch(batch, *size)
+    trainer = _training_step(attention, amp)
+    images, target = trainer.new_batch(batch, *size)
     total = _time_step(benchmark, trainer, images, target)
     _measured_totals[(attention, *size, batch, amp)] = total  # spares the CPU max-batch search a step
 
 
 def _time_step(benchmark, trainer: TrainingStep, images: torch.Tensor, target: torch.Tensor) -> int | None:
-    """Benchmark ``trainer.step`` on this batch; record and return the total memory it needs.
+    """Benchmark ``trainer.run`` on this batch; record and return the total memory it needs.
 
     On CUDA a first untimed step lets cuDNN, the allocator and Triton's autotuner settle; the
-    CPU has nothing to settle after the trainer's own warm-up step, and its steps are slow.
+    CPU has nothing to settle, and its steps are slow.
     """
     held = trainer.state_bytes() + _tensor_bytes((images, target))
-    run_benchmark(benchmark, lambda: trainer.step(images, target), rounds=GRID.rounds, first_call=ON_CUDA)
+    run_benchmark(benchmark, lambda: trainer.run(images, target), rounds=GRID.rounds, first_call=ON_CUDA)
     step_peak = benchmark.extra_info["peak_mem_bytes"]
     total = None if step_peak is None else held + step_peak
     benchmark.extra_info.update(state_bytes=held, step_peak_bytes=step_peak, peak_mem_bytes=total)
@@ -253,9 +222,9 @@ def _fits_under(trainer: TrainingStep, attention: str, size: tuple[int, int], ca
     measured total compared with it (CPU)."""
 
     def fits_cuda(batch: int) -> bool:
-        images, target = trainer.batch(batch, *size)
+        images, target = trainer.new_batch(batch, *size)
         try:
-            trainer.step(images, target)
+            trainer.run(images, target)
             synchronize()
             ok = True
         except Exception as exc:
@@ -270,7 +239,7 @@ def _fits_under(trainer: TrainingStep, attention: str, size: tuple[int, int], ca
     def fits_cpu(batch: int) -> bool:
         key = (attention, *size, batch, amp)
         if key not in _measured_totals:
-            _measured_totals[key] = trainer.step_total_bytes(*trainer.batch(batch, *size))
+            _measured_totals[key] = _step_total_bytes(trainer, *trainer.new_batch(batch, *size))
         total = _measured_totals[key]
         if total is None:
             pytest.skip("peak memory is not measurable here: torch.profiler recorded no memory events")
@@ -290,11 +259,11 @@ def test_max_batch(
     benchmark.group = f"max batch {GRID.model.backbone} {_size_id(size)} cap {_cap_id(cap)} {amp}"
     benchmark.extra_info.update(op="train_max_batch", cap_bytes=cap, search_limit=GRID.search_limit)
     _describe(benchmark, attention, size, amp)
-    trainer = TrainingStep(attention, amp)
+    trainer = _training_step(attention, amp)
     with memory_cap(cap) as applied:
         benchmark.extra_info.update(applied)
         best = largest_batch(_fits_under(trainer, attention, size, cap, amp), GRID.search_limit)
         benchmark.extra_info.update(max_batch=best, B=best)
         if best == 0:
             skip_case(benchmark, f"OOM: not even batch 1 fits under {_cap_id(cap)}iB", oom=True)
-        _time_step(benchmark, trainer, *trainer.batch(best, *size))
+        _time_step(benchmark, trainer, *trainer.new_batch(best, *size))
