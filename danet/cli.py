@@ -16,7 +16,9 @@ import importlib
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from danet import __version__
 from danet.config import (
@@ -31,6 +33,7 @@ from danet.config import (
     LR_POLICIES,
     OUTPUT_STRIDES,
     PREDICT_FORMATS,
+    RANGES,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -38,7 +41,7 @@ from danet.config import (
     available_presets,
 )
 
-__all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text"]
+__all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text", "ranged"]
 
 # name -> module providing run(args)
 COMMANDS: dict[str, str] = {name: "danet.commands." + name.replace("-", "_")
@@ -61,19 +64,34 @@ def _module_docstring(module_name: str) -> str:
 
 
 def parse_point(text: str) -> tuple[int, int]:
-    """``"x,y"`` -> (x, y) integers (pixel column, row)."""
+    """``"x,y"`` -> (x, y) integers (pixel column, row), both >= 0."""
     try:
         x, y = (int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"a point is x,y in pixels (e.g. 120,45), got {text!r}") from None
+    problem = RANGES["attention.points"].problem(min(x, y))
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"a point's x and y {problem} in {text!r}")
     return x, y
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text}")
-    return value
+def ranged(key: str, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: the text as ``kind``, checked against danet.config.RANGES[``key``]
+    (the range of the config setting the flag stands for: one rule for both)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        problem = RANGES[key].problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 # ------------------------------------------------------------------------------ shared options
@@ -102,7 +120,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--multi-grid", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available (default)")
-    parser.add_argument("--threads", type=int, default=TrainConfig.threads, metavar="N",
+    parser.add_argument("--threads", type=ranged("train.threads"), default=TrainConfig.threads, metavar="N",
                         help="CPU threads of this process (default %(default)s, as train.threads; "
                              "0: torch's default, one per core; see the README)")
 
@@ -118,21 +136,21 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
                             f"mmsegmentation's whole/slide and test-time augmentation "
                             f"(default {EvalConfig.protocol!r})")
     group.add_argument("--mode", choices=INFERENCE_MODES, default=None, help=f"default {EvalConfig.mode!r}")
-    group.add_argument("--crop-size", type=int, default=None,
+    group.add_argument("--crop-size", type=ranged("eval.crop_size"), default=None,
                        help="sliding-window crop (default: the training crop size)")
-    group.add_argument("--stride-ratio", type=float, default=None,
+    group.add_argument("--stride-ratio", type=ranged("eval.stride_ratio", float), default=None,
                        help=f"window stride / crop (default {EvalConfig.stride_ratio:.3g})")
-    group.add_argument("--stride", type=int, default=None,
+    group.add_argument("--stride", type=ranged("eval.stride"), default=None,
                        help="window stride in pixels, instead of --stride-ratio "
                             "(mmsegmentation's 513 for 769 crops)")
-    group.add_argument("--scales", type=_positive_float, nargs="+", default=None, metavar="S",
+    group.add_argument("--scales", type=ranged("eval.scales", float), nargs="+", default=None, metavar="S",
                        help=f"multi-scale factors (default {' '.join(map(str, EvalConfig.scales))})")
-    group.add_argument("--base-size", type=int, default=None,
+    group.add_argument("--base-size", type=ranged("eval.base_size"), default=None,
                        help="protocol release: the long side at scale 1 (default: the data config's "
                             "base_size; the release tested Cityscapes with 2048)")
     group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                        help=f"also predict the horizontally flipped image (default {EvalConfig.flip})")
-    group.add_argument("--window-memory-mb", type=int, default=None, metavar="MB",
+    group.add_argument("--window-memory-mb", type=ranged("eval.window_memory_mb"), default=None, metavar="MB",
                        help=f"batch windows and flips up to this estimated tensor memory; 0: one window "
                             f"at a time (default {EvalConfig.window_memory_mb})")
     group.add_argument("--amp", choices=INFERENCE_AMP, default=None,
@@ -178,16 +196,16 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, metavar="DIR",
                         help="dataset root (default: the checkpoint's; not needed for 'synthetic')")
     parser.add_argument("--split", default="val", help="dataset split (default: val)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
+    parser.add_argument("--limit", type=ranged("data.val_samples"), default=None, metavar="N",
                         help="evaluate the first N images only")
     _inference_options(parser)
     parser.add_argument("--heads", nargs="+", choices=HEAD_OUTPUTS, default=["sum"], metavar="HEAD",
                         help="head outputs to score: sum (the prediction), pam, cam (the PAM-only and "
                              "CAM-only classifiers: the paper's ablation); default sum")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=ranged("eval.batch_size"), default=None,
                         help=f"images per batch (default: the checkpoint's, else {EvalConfig.batch_size}; "
                              ">1 needs images of one size)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=ranged("data.workers"), default=None,
                         help=f"data loader processes (default: the checkpoint's, else {DataConfig.workers})")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the metrics, class names, checkpoint and settings as JSON")
@@ -203,13 +221,15 @@ def _predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="directory for the PNGs")
     _model_options(parser)
     _inference_options(parser)
-    parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
+    parser.add_argument("--alpha", type=ranged("predict.alpha", float), default=0.5,
+                        help="mask opacity in the overlay (default 0.5)")
     parser.add_argument("--no-legend", dest="legend", action="store_false",
                         help="no class legend on the overlays (by default the classes present are named)")
     parser.add_argument("--format", choices=PREDICT_FORMATS, default="palette",
                         help="palette: NAME_mask.png + NAME_overlay.png; cityscapes: label-id PNGs named "
                              "as the Cityscapes benchmark server expects (default palette)")
-    parser.add_argument("--max-whole-pixels", type=int, default=None, metavar="N",
+    parser.add_argument("--max-whole-pixels", type=ranged("predict.max_whole_pixels"), default=None,
+                        metavar="N",
                         help="predict larger images with sliding windows even in whole mode; 0: never "
                              "(default 2048 x 2048 = 4194304)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -223,16 +243,17 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
                         help="query pixels (column,row) whose position-attention maps are shown")
     parser.add_argument("--output", required=True, metavar="PNG", help="the figure file to write")
     _model_options(parser)
-    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
+    parser.add_argument("--channels", type=ranged("attention.channels"), nargs="+", default=None, metavar="C",
                         help="CAM channels to show (default: the --num-channels most contrasted)")
-    parser.add_argument("--num-channels", type=int, default=4, help="channel maps to show (default 4)")
+    parser.add_argument("--num-channels", type=ranged("attention.num_channels"), default=4,
+                        help="channel maps to show (default 4)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _lr_plot_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", nargs="+", choices=LR_POLICIES, default=None, metavar="POLICY",
                         help=f"policies to draw: {' '.join(LR_POLICIES)} (default: all)")
-    parser.add_argument("--iters", type=int, default=None,
+    parser.add_argument("--iters", type=ranged("train.iters"), default=None,
                         help="iterations of the run (default: the preset's run length, as "
                              "`danet train` would plan it)")
     _config_options(parser, "take the schedule, base LR and run length from this preset")
@@ -248,7 +269,8 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
                         help="onnx (an .onnx file for onnxruntime and others) or torch-export "
                              "(a torch.export .pt2 program); default %(default)s")
     parser.add_argument("--output", required=True, metavar="FILE", help="the file to write")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+    parser.add_argument("--size", type=ranged("export.size"), nargs=2, default=None,
+                        metavar=("HEIGHT", "WIDTH"),
                         help="input size of the example image (default: the training crop size)")
     parser.add_argument("--fixed-size", action="store_true",
                         help="export for the --size input only (default: any height and width)")

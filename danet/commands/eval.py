@@ -41,8 +41,6 @@ __all__ = ["run"]
 
 
 def _eval_dataset(data: DataConfig, split: str, limit: int | None) -> Dataset:
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
     extra: dict[str, Any] = {}
     if data.dataset == "synthetic":  # generated: size and count are constructor arguments
         extra = {"image_size": data.image_size, "num_samples": limit or data.val_samples}

@@ -155,11 +155,7 @@ def _save_mask(path: Path, prediction: torch.Tensor, palette: np.ndarray, class_
 
 def run(args: argparse.Namespace) -> int:
     """``danet predict``: a mask and an overlay per image, or Cityscapes label-id PNGs."""
-    if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     max_whole_pixels = MAX_WHOLE_PIXELS if args.max_whole_pixels is None else args.max_whole_pixels
-    if max_whole_pixels < 0:
-        raise ValueError(f"--max-whole-pixels must be >= 0, got {max_whole_pixels}")
     output = check_output_dir(args.output)
     images = expand_image_arguments(args.images)  # inputs first: the images, then the checkpoint
     for path in images:
