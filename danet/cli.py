@@ -212,6 +212,8 @@ def _eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confusion-matrix", default=None, metavar="PNG",
                         help="also draw the row-normalised confusion matrix")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --json / --confusion-matrix files")
 
 
 def _predict_options(parser: argparse.ArgumentParser) -> None:

@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
     """``danet eval``: print the per-class table and the metrics; rank 0 writes the outputs."""
     heads = list(dict.fromkeys(args.heads))
     for flag, path in (("--json", args.json), ("--confusion-matrix", args.confusion_matrix)):
-        if path is not None:  # checked before the evaluation; eval replaces its outputs
+        if path is not None:  # checked before the evaluation
             try:
-                check_output_file(path, overwrite=True)
+                check_output_file(path, args.overwrite)
             except ValueError as error:
                 raise ValueError(f"{flag}: {error}") from None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -51,7 +51,7 @@ from danet.data.images import image_size, image_suffixes, load_rgb
 from danet.evaluation.engine import estimate_inference_cost
 from danet.evaluation.protocols import inference_plan, window_stride
 from danet.io.atomic import atomic_write
-from danet.io.output_paths import check_output_dir, check_output_file
+from danet.io.output_paths import check_output_dir, check_output_file, occupied
 from danet.visualization.masks import cityscapes_label_ids, colourise, mask_image, overlay, with_legend
 
 __all__ = ["CITYSCAPES_NAME", "MAX_WHOLE_PIXELS", "expand_image_arguments", "image_inference", "run"]
@@ -141,7 +141,7 @@ def _output_paths(images: list[Path], output: Path, overwrite: bool, fmt: str) -
     files = [path for group in paths for path in group]
     for path in files:
         check_output_file(path, overwrite=True)  # existing files: one message for all, below
-    existing = [str(p) for p in files if p.exists()]
+    existing = [str(p) for p in files if occupied(p)]  # a dangling symbolic link too
     if existing and not overwrite:
         raise ValueError(f"output file(s) exist: {', '.join(existing)} (pass --overwrite to replace them)")
     return paths

@@ -176,6 +176,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         too_long = OSError(errno.ENAMETOOLONG, "name too long")
         raise FileWriteError(errno.ENAMETOOLONG, describe_os_error(too_long, path)
                              + f" (this one has {len(path.name.encode())})")
+    _refuse_special_file(path)
     tmp = path.parent / _temporary_name(path.name)
     mode = _mode_for(path)
     try:
@@ -198,6 +199,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     _fsync(path.parent, os.O_RDONLY)
     return path
+
+
+def _refuse_special_file(path: Path) -> None:
+    """A FIFO, socket or device at ``path`` is never replaced (a rename would swap the node itself:
+    as root, /dev/null)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        error = OSError(errno.EPERM, "not a regular file")
+        raise FileWriteError(errno.EPERM, describe_os_error(error, path, "replace the special file"))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def atomic_link(source: str | Path, path: str | Path) -> Path:

@@ -353,7 +353,10 @@ def test_eval_checks_its_output_files_before_evaluating(flag: str, files: dict[s
     assert f"{flag}: output name too long for the file system" in captured.err
     assert "evaluating" not in captured.out
     (tmp_path / "old.json").write_text("old")
-    assert main([*args, str(tmp_path / "old.json")]) == 0  # eval replaces its outputs
+    assert main([*args, str(tmp_path / "old.json")]) == 2  # a user's file is replaced only on --overwrite
+    assert "old.json exists (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert (tmp_path / "old.json").read_bytes() == b"old"
+    assert main([*args, str(tmp_path / "old.json"), "--overwrite"]) == 0
     assert (tmp_path / "old.json").read_bytes() != b"old"
 
 
