@@ -412,8 +412,9 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-# a run directory is runs/<name>-YYYYmmdd-HHMMSS: one path component of at most 255 bytes
-_MAX_NAME_BYTES = 255 - len("-20260101-120000")
+# a run directory is runs/<name>-YYYYmmdd-HHMMSS[-N]: one path component of at most 255 bytes
+# (-N tells apart runs started in the same second, up to -9999)
+_MAX_NAME_BYTES = 255 - len("-20260101-120000") - len("-9999")
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "synthetic"  # what `danet train` runs with no arguments: a CPU demo in minutes

@@ -225,16 +225,22 @@ def atomic_link(source: str | Path, path: str | Path) -> Path:
 
     Costs no disk while both names exist; replacing ``source`` later (atomic_write makes a new
     file) leaves ``path`` with the old content. Where the file system has no hard links, the
-    bytes are copied instead (through :func:`atomic_write`).
+    bytes are copied instead (through :func:`atomic_write`). Nothing is done when ``path`` is
+    already ``source``'s file (renaming a hard link onto its own file is a no-op that would leave
+    the temporary behind).
     """
     source, path = Path(source), Path(path)
-    if source.resolve() == path.resolve():
+    if source.resolve() == path.resolve() or _same_file(source, path):
         return path
     _sweep_once(path.parent)
+    _refuse_special_file(path)
     tmp = path.parent / _temporary_name(path.name)
     try:
         os.link(source, tmp)
         os.replace(tmp, path)
+        # rename(2) does nothing when both names are links to one file (another writer linked
+        # them meanwhile): the temporary is still there
+        tmp.unlink(missing_ok=True)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):

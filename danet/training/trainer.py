@@ -63,10 +63,12 @@ from danet.training.resume import (
 from danet.training.run_dir import (
     METRICS,
     MetricsLog,
-    check_run_dir,
+    RunDirLock,
+    claim_run_dir,
     create_run_dir,
-    default_run_dir,
     mark_latest,
+    release_reservation,
+    reserve_run_dir,
 )
 from danet.training.schedules import build_scheduler
 from danet.training.stopping import StopFlag, StopSafeDataLoader
@@ -473,6 +475,7 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
     set_threads(cfg.train.threads)
     torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
+    reserved, created, lock = False, False, None
     try:
         if isinstance(resume, LoadedCheckpoint):
             resume_path: Path | None = resume.path
@@ -482,13 +485,16 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
             run_dir = Path(cfg.train.output)
         elif resume_path is not None:
             run_dir = resume_path.parent  # where the checkpoint is, never a directory named inside it
-        else:
-            run_dir = default_run_dir(cfg)
-        run_dir = Path(all_gather_objects(str(run_dir))[0])  # rank 0's clock names the run for everyone
+        else:  # rank 0 claims a unique runs/<name>-<time> and names the run for everyone
+            run_dir, reserved = (reserve_run_dir(cfg), True) if ctx.is_main else (Path(), False)
+        run_dir = Path(all_gather_objects(str(run_dir))[0])
         cfg.train.output = str(run_dir)  # config.yaml and checkpoints record where the run lives
         resuming_here = resume_path is not None and resume_path.parent.resolve() == run_dir.resolve()
-        if ctx.is_main:
-            check_run_dir(run_dir, resuming_here=resuming_here, overwrite=overwrite)
+        lock = RunDirLock(run_dir)
+        # an existing directory is locked now (a second writer is refused before anything is built),
+        # a new one once the run is ready to start
+        claim = {"writer": ctx.is_main, "resuming_here": resuming_here, "overwrite": overwrite}
+        claim_run_dir(lock, **claim, create=False)
         trainer = Trainer(cfg, ctx, run_dir, on_step=on_step, stop=stop)
         if resume_path is not None:
             # the state is handed over, not bound here: nothing keeps its CPU copy through the run
@@ -496,7 +502,9 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                                 state=resume.take() if isinstance(resume, LoadedCheckpoint) else None)
         elif cfg.model.pretrained is not None:
             trainer.load_pretrained(cfg.model.pretrained)
-        if ctx.is_main:  # everything checked, built and loaded: now the run directory
+        claim_run_dir(lock, **claim, create=True)  # everything checked, built and loaded: the run directory
+        created = True
+        if ctx.is_main:
             create_run_dir(run_dir, cfg)
             mark_latest(run_dir)  # runs/latest -> this run
             p = trainer.plan
@@ -506,5 +514,9 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                   f"on {ctx.device}; run dir {run_dir}")
         return trainer.fit()
     finally:
+        if lock is not None:
+            lock.release()
+        if reserved and not created:
+            release_reservation(run_dir)  # a failed start leaves no run directory
         cleanup_distributed()
 
