@@ -27,6 +27,7 @@ checkpoint that training continued from with a healthy loss, and the NaN stop na
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from danet.config import Config, config_to_dict, missing_keys
-from danet.io.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, keep_as, load_checkpoint
+from danet.io.checkpoint import (
+    BEST,
+    LAST,
+    LAST_GOOD,
+    atomic_save,
+    check_regular_file,
+    keep_as,
+    load_checkpoint,
+)
 
 # settings that shape the LR schedule (and the optimiser's hyperparameters): --rebase-schedule
 REBASE_KEYS = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.nesterov", "optim.weight_decay",
@@ -51,9 +60,9 @@ def resolve_resume_path(resume: str | Path) -> Path:
     path = Path(resume)
     if path.is_dir():
         path = path / LAST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    return path
+    return check_regular_file(path, "checkpoint")
 
 
 class LoadedCheckpoint:
