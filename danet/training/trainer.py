@@ -56,6 +56,7 @@ from danet.training.optimizer import build_optimizer, group_settings
 from danet.training.resume import (
     LoadedCheckpoint,
     RunCheckpoints,
+    StateCheck,
     check_lr_alive,
     check_resume,
     resolve_resume_path,
@@ -177,7 +178,9 @@ class Trainer:
         self.state = TrainState()
         self.stop = stop or StopFlag()
         self.progress = Progress(ctx)  # what each process last started, to name a stalled one
-        self.checkpoints = RunCheckpoints(run_dir, writer=ctx.is_main)
+        probe = self.train_set[0][0][None].to(ctx.device, memory_format=self.memory_format)  # a fixed crop
+        self.checkpoints = RunCheckpoints(run_dir, writer=ctx.is_main, cfg=cfg,
+                                          state_check=StateCheck(self.model, probe, self.amp_dtype))
         self.losses: list[float] = []
         self.resumed_from: Path | None = None
 
@@ -253,7 +256,7 @@ class Trainer:
         The signal handlers stay installed until the final checkpoint of a stop is written.
         """
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        self.checkpoints.adopt()  # resumed in place from e.g. last_good.pt: it becomes the run's last.pt
+        self.checkpoints.begin()  # the health reference; resumed from e.g. last_good.pt: it becomes last.pt
         previous_log = self.resumed_from.parent / METRICS if self.resumed_from is not None else None
         log = MetricsLog(self.run_dir, ctx.is_main, tensorboard=cfg.train.tensorboard,
                          resume_iteration=state.iteration if self.resumed_from is not None else None,
@@ -354,8 +357,8 @@ class Trainer:
                       for name, value in zip(term_sums, flags[3:], strict=True)}
         if flags[1] > 0:
             where = f"iteration {self.state.iteration + 1} (epoch {self.state.epoch + 1})"
-            raise NonFiniteLossError(self.checkpoints.divergence_report(
-                f"the loss is {mean_loss} at {where}", self.cfg.optim.lr))
+            report = self.checkpoints.divergence_report(f"the loss is {mean_loss} at {where}")
+            raise NonFiniteLossError(report)
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -429,7 +432,7 @@ class Trainer:
             raise NonFiniteLossError(self.checkpoints.divergence_report(
                 f"the model holds NaN/Inf values after iteration {self.state.iteration} (in "
                 f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing saved",
-                self.cfg.optim.lr, first_loss_after_save=False))
+                first_loss_after_save=False))
         self.checkpoints.save({
             "model": model_state,
             "optimizer": self.optimizer.state_dict(),
