@@ -53,6 +53,8 @@ REBASE_KEYS = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.nester
                "schedule.*", "train.epochs", "train.iters")
 # settings a resumed run cannot change
 FIXED_KEYS = ("optim.name", "train.batch_size")
+# settings that decide the weights' shapes: the stored weights fit the stored model only
+ARCHITECTURE_KEYS = ("model.backbone", "model.aux", "data.dataset")
 # a stored config must hold these (or --set must give them): they decide the run's schedule and length
 REQUIRED_KEYS = ("optim.*", "schedule.*", "train.epochs", "train.iters", "train.batch_size",
                  "train.accum_steps", "train.seed", "model.backbone", "data.dataset")
@@ -152,6 +154,12 @@ def check_resume(ckpt: Mapping[str, Any], cfg: Config, *, total_iters: int, iter
         ValueError: what is wrong and which flag or setting does what the user wants.
     """
     stored = ckpt["config"]
+    saved, current = _flat(stored), _flat(config_to_dict(cfg))
+    architecture = [f"{key} ({saved[key]} -> {current[key]})"
+                    for key in changed_settings(stored, cfg, ARCHITECTURE_KEYS)]
+    if architecture:
+        raise ValueError(f"cannot resume with a changed {', '.join(architecture)}: the weights in {path} "
+                         "belong to the stored model. Resume without that change, or start a new run")
     fixed = changed_settings(stored, cfg, FIXED_KEYS)
     if fixed:
         raise ValueError(f"cannot resume with a changed {', '.join(fixed)}: the stored optimiser state "

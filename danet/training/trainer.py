@@ -49,6 +49,7 @@ from danet.io.checkpoint import (
     restore_rng_state,
 )
 from danet.models import build_model, load_weights
+from danet.models.weights import load_state_dict_checked
 from danet.runtime import AMP_DTYPES, set_threads
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
@@ -199,10 +200,7 @@ class Trainer:
         ckpt = state if state is not None else load_training_state(path, map_location="cpu")
         check_resume(ckpt, self.cfg, total_iters=self.plan.total_iters,
                      iters_per_epoch=self.plan.iters_per_epoch, rebase=rebase_schedule, path=path)
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            raise ValueError(f"{path} does not fit the configured model: {err}") from None
+        load_state_dict_checked(self.model, ckpt["model"], source=str(path))  # one line on a mismatch
         self.optimizer.load_state_dict(ckpt["optimizer"])
         iteration = ckpt["iteration"]
         if rebase_schedule:
