@@ -14,8 +14,12 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import os
 import re
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,7 @@ from danet.config import (
     available_presets,
 )
 
-__all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text", "ranged"]
+__all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text", "ranged", "write_traceback"]
 
 # name -> module providing run(args)
 COMMANDS: dict[str, str] = {name: "danet.commands." + name.replace("-", "_")
@@ -302,24 +306,103 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what to try when a command runs out of memory
+_OOM_ADVICE = {
+    "train": "a smaller train.batch_size (or more train.accum_steps), data.crop_size, train.amp=bf16 or "
+             "train.activation_checkpointing",
+    "eval": "a smaller --window-memory-mb, --batch-size 1, --crop-size, fewer or smaller --scales",
+    "predict": "a smaller --window-memory-mb, --max-whole-pixels, --crop-size, fewer or smaller --scales",
+    "attention": "a smaller image",
+    "export": "a smaller --size",
+    "lr-plot": "fewer --iters",
+}
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CPU or GPU), whatever layer raised it."""
+    if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("can't allocate memory", "std::bad_alloc", "out of memory"))
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def write_traceback(err: BaseException, command: str, directory: str | Path | None = None) -> Path:
+    """Write ``err``'s full traceback (and what ran) to a new file in ``directory`` (when it is an
+    existing directory: a run's) or the temporary directory; returns its path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder = Path(directory) if directory is not None and Path(directory).is_dir() else None
+    torch = sys.modules.get("torch")
+    header = (f"danet {__version__} {command}, python {sys.version.split()[0]}"
+              f"{', torch ' + torch.__version__ if torch is not None else ''}\n"
+              f"command line: {' '.join(sys.argv)}\n\n")
+    for where in (folder, Path(tempfile.gettempdir())):
+        if where is None:
+            continue
+        try:
+            fd, name = tempfile.mkstemp(prefix=f"danet-{command}-{stamp}-", suffix=".traceback.txt",
+                                        dir=where)
+        except OSError:
+            continue
+        with os.fdopen(fd, "w") as out:
+            out.write(header + "".join(traceback.format_exception(err)))
+        return Path(name)
+    raise OSError("no writable directory for the traceback")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; user errors exit with status 2."""
+    """Parse ``argv`` and run the chosen subcommand.
+
+    Exit statuses: 0 done; 2 a user error (one line naming the problem); 1 a failure (out of
+    memory: one line; anything unexpected: one line and the file holding the full traceback);
+    130 Ctrl-C (one line: every output is whole or absent). No bare stack reaches the terminal.
+    """
     args = build_parser().parse_args(argv)
     try:
-        module = importlib.import_module(COMMANDS[args.command])
-        if hasattr(args, "threads"):
-            from danet.runtime import set_threads  # lazy: start-up time (imports torch)
-
-            set_threads(args.threads)
-        if hasattr(args, "checkpoint"):
-            from danet.training.run_dir import resolve_checkpoint  # lazy: start-up time (imports torch)
-
-            args.checkpoint = str(resolve_checkpoint(args.checkpoint))
-        return int(module.run(args) or 0)
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"danet {args.command}: interrupted (Ctrl-C); no output was left half-written", file=sys.stderr)
+        return 130
     except (OSError, ValueError, KeyError) as err:  # OSError: a missing file, a full or read-only disk
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"danet {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if _out_of_memory(err):
+            print(f"danet {args.command}: out of memory: {_first_line(err, 200)}; try "
+                  f"{_OOM_ADVICE[args.command]}", file=sys.stderr)
+            return 1
+        try:
+            path = write_traceback(err, args.command, getattr(args, "run_dir", None))
+            where = f"the full traceback is in {path}"
+        except OSError:
+            where = "no directory could hold the full traceback"
+        print(f"danet {args.command}: unexpected error: {type(err).__name__}: {_first_line(err)} ({where})",
+              file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Import and run the chosen command (its torch-side setup first: threads, the checkpoint)."""
+    module = importlib.import_module(COMMANDS[args.command])
+    if hasattr(args, "threads"):
+        from danet.runtime import set_threads  # lazy: start-up time (imports torch)
+
+        set_threads(args.threads)
+    if hasattr(args, "checkpoint"):
+        from danet.training.run_dir import resolve_checkpoint  # lazy: start-up time (imports torch)
+
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C before the stop's checkpoint
             print("danet train: interrupted; the newest checkpoint is the run's last.pt", file=sys.stderr)
             return 130
+        except Exception:
+            args.run_dir = cfg.train.output  # danet.cli writes an unexpected error's traceback there
+            raise
     if result.stopped_early:  # the shell's status for "terminated by SIGTERM/SIGINT": 143/130
         return 128 + (result.signal_received or signal.SIGTERM)
     if result.metrics and result.run_dir and int(os.environ.get("RANK", "0")) == 0:

@@ -8,6 +8,7 @@ paths work, and how to load their files: ``danet export --help`` (danet.commands
 from __future__ import annotations
 
 import importlib.util
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,47 @@ def _difference(actual: torch.Tensor, expected: torch.Tensor, what: str) -> str:
     return f"checked: {what} differs from PyTorch by at most {error:.3g} ({error / scale:.2g} relative)"
 
 
+class _FirstErrorKept(io.RawIOBase):
+    """A file that torch's C++ archive writer can fill: an OSError of a write (ENOSPC) is kept and
+    raised once the writer is done, instead of reaching the C++ writer, which aborts the process
+    on it (SIGABRT, a C++ stack on stderr)."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                self.raw.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence) if self.error is None else 0
+
+    def raise_kept(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    with open(path, "wb") as raw:
+        sink = _FirstErrorKept(raw)
+        torch.export.save(program, sink)
+        sink.raise_kept()
+
+
 def _write_program(model: nn.Module, example: torch.Tensor, path: Path, fixed_size: bool) -> Path:
     program = export_program(model, example, fixed_size)
-    return atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
+    return atomic_write(path, lambda tmp: _save_program(program, tmp))
 
 
 # format -> (writer(model, example, path, fixed_size), checker(path, example, expected))
