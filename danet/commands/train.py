@@ -64,7 +64,7 @@ from danet.config import (
     parse_overrides,
     validate_config,
 )
-from danet.distributed import DistributedTimeoutError
+from danet.distributed import DistributedError
 from danet.io.atomic import FileWriteError
 from danet.io.checkpoint import load_training_state
 from danet.training.resume import LoadedCheckpoint, check_stored_config, resolve_resume_path
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = train(cfg, resume=loaded, overwrite=args.overwrite,
                            rebase_schedule=args.rebase_schedule, stop=stop)
-        except (NonFiniteLossError, DistributedTimeoutError, FileWriteError) as err:
+        except (NonFiniteLossError, DistributedError, FileWriteError) as err:
             print(f"danet train: error: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # a second Ctrl-C before the stop's checkpoint

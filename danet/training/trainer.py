@@ -469,7 +469,8 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (the message names the checkpoint to resume from).
-        DistributedTimeoutError: another process stopped answering (the message names it).
+        danet.distributed.DistributedError: another process stopped answering or is gone (the message
+            names it).
         danet.io.atomic.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
     check_data_source(cfg)
