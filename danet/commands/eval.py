@@ -25,16 +25,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from danet.commands.model_setup import EVAL_FIELDS, setup_from_args
-from danet.config import DataConfig, EvalConfig
+from danet.config import DataConfig, EvalConfig, check_value
 from danet.data import build_dataset, eval_transforms
 from danet.distributed import ShardSampler, cleanup_distributed, setup_distributed
 from danet.evaluation.evaluate import CONVENTIONS, confusion_matrices, head_metrics
 from danet.evaluation.protocols import window_stride
 from danet.io.atomic import atomic_write
 from danet.io.output_paths import check_output_file
+from danet.training.stopping import StopSafeDataLoader
 from danet.visualization.plots import confusion_figure
 
 __all__ = ["run"]
@@ -112,9 +113,12 @@ def run(args: argparse.Namespace) -> int:
         dataset = _eval_dataset(setup.data, args.split, args.limit)
         world, rank = (ctx.world_size, ctx.rank) if ctx else (1, 0)
         workers = args.workers if args.workers is not None else setup.data.workers
-        loader = DataLoader(dataset, batch_size=setup.eval.batch_size, shuffle=False, num_workers=workers,
-                            sampler=ShardSampler(len(dataset), world, rank) if ctx else None,
-                            pin_memory=setup.device.type == "cuda")
+        check_value("data.workers", workers, name="the checkpoint's data.workers (give --workers N)")
+        # workers die with this process (a kill -9 leaves no orphans) and leave Ctrl-C to it
+        loader = StopSafeDataLoader(dataset, batch_size=setup.eval.batch_size, shuffle=False,
+                                    num_workers=workers,
+                                    sampler=ShardSampler(len(dataset), world, rank) if ctx else None,
+                                    pin_memory=setup.device.type == "cuda")
         cfg = setup.eval
         main = rank == 0
         if main:
