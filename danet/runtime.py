@@ -15,13 +15,16 @@ Results depend on the thread count in the last bits (the reductions inside a con
 split differently), so runs compare exactly only at the same count.
 
 Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference to a dtype.
+The attention backend: :func:`check_attention_backend` refuses one forced where it cannot run.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["AMP_DTYPES", "set_threads"]
+from danet_kernels._dispatch import resolve_backend
+
+__all__ = ["AMP_DTYPES", "check_attention_backend", "set_threads"]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each ``amp`` setting (``train.amp``; ``eval.amp`` once "auto" is resolved)."""
@@ -39,3 +42,16 @@ def set_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def check_attention_backend(device: torch.device) -> None:
+    """Refuse, before any work, an attention backend forced where it cannot run (e.g.
+    ``DANET_KERNELS_BACKEND=triton`` on a machine without CUDA), with danet_kernels' reason.
+
+    Raises:
+        ValueError: one line naming the setting and what to do.
+    """
+    try:
+        resolve_backend("auto", torch.empty(0, device=device))
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None

@@ -21,6 +21,7 @@ from danet.data import eval_transforms, get_dataset_class
 from danet.distributed import resolve_device
 from danet.evaluation.engine import scores_of_resolved
 from danet.models import build_from_checkpoint, read_checkpoint
+from danet.runtime import check_attention_backend
 
 __all__ = ["EVAL_FIELDS", "CommandSetup", "normalise_image", "predict_image", "run_inference",
            "setup_from_args"]
@@ -78,6 +79,8 @@ def setup_from_args(args: argparse.Namespace, device: torch.device | None = None
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda, but no CUDA device is available")
         device = resolve_device(args.device)
+    if (args.attention or (stored.get("model") or {}).get("attention", "fused")) == "fused":
+        check_attention_backend(device)  # e.g. DANET_KERNELS_BACKEND=triton without CUDA: one line, now
     return CommandSetup(model.to(device).eval(), device, dataset_class, data, eval_cfg)
 
 

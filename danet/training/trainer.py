@@ -50,7 +50,7 @@ from danet.io.checkpoint import (
 )
 from danet.models import build_model, load_weights
 from danet.models.weights import load_state_dict_checked
-from danet.runtime import AMP_DTYPES, set_threads
+from danet.runtime import AMP_DTYPES, check_attention_backend, set_threads
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
 from danet.training.optimizer import build_optimizer, group_settings
@@ -478,6 +478,8 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
     torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
     reserved, created, lock = False, False, None
+    if cfg.model.attention == "fused":
+        check_attention_backend(ctx.device)  # e.g. DANET_KERNELS_BACKEND=triton without CUDA
     try:
         if isinstance(resume, LoadedCheckpoint):
             resume_path: Path | None = resume.path
