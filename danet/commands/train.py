@@ -37,7 +37,9 @@ when the whole process group is signalled (DataLoader workers ignore the signals
 second signal arrives during that save. A NaN/Inf loss stops the run before the update (status 1)
 and names the checkpoint to resume from. ``--resume`` continues in the checkpoint's own
 directory with the stored config; settings that shape the LR schedule change only with
-``--rebase-schedule`` (danet.training.resume).
+``--rebase-schedule`` (danet.training.resume). One process trains into a run directory at a
+time: a second ``danet train`` into it, ``--resume`` of it or ``--overwrite`` of it is refused
+at once, naming the process that holds it.
 
 Exact resumption: the data order is a function of (seed, epoch) (DistributedSampler), each
 sample's augmentation a function of (seed, epoch, index), and the other random state (dropout)
