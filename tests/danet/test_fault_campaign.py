@@ -484,16 +484,21 @@ def _command(name: str, checkpoint: Path, image: Path, out: Path) -> tuple[list[
     }[name]
 
 
-@pytest.mark.parametrize("name", ["eval", "predict", "attention", "export", "lr-plot"])
-def test_ctrl_c_in_any_command_is_one_line_and_130(name, tmp_path, monkeypatch, capsys):
+def _failing_command(name: str, error: BaseException, tmp_path: Path, monkeypatch) -> list[str]:
+    """The command line of ``name``, whose work is made to raise ``error`` half-way."""
     checkpoint, image = _inference_files(tmp_path)
     args, target = _command(name, checkpoint, image, tmp_path / "out")
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def fail(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(target, interrupted)
-    assert cli_main(args) == 130
+    monkeypatch.setattr(target, fail)
+    return args
+
+
+@pytest.mark.parametrize("name", ["eval", "predict", "attention", "export", "lr-plot"])
+def test_ctrl_c_in_any_command_is_one_line_and_130(name, tmp_path, monkeypatch, capsys):
+    assert cli_main(_failing_command(name, KeyboardInterrupt(), tmp_path, monkeypatch)) == 130
     err = capsys.readouterr().err
     assert _one_line(err) and f"danet {name}: interrupted" in err
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # nothing half-written
@@ -508,26 +513,13 @@ def test_ctrl_c_in_any_command_is_one_line_and_130(name, tmp_path, monkeypatch, 
 ])
 @pytest.mark.parametrize("name", ["eval", "export"])
 def test_out_of_memory_is_one_line_with_what_to_try(name, error, expected, tmp_path, monkeypatch, capsys):
-    checkpoint, image = _inference_files(tmp_path)
-    args, target = _command(name, checkpoint, image, tmp_path / "out")
-
-    def allocate(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(target, allocate)
-    assert cli_main(args) == 1
+    assert cli_main(_failing_command(name, error, tmp_path, monkeypatch)) == 1
     err = capsys.readouterr().err
     assert _one_line(err) and f"danet {name}: {expected}" in err and "try a smaller" in err
 
 
 def test_an_unexpected_error_is_one_line_and_a_traceback_file(tmp_path, monkeypatch, capsys):
-    checkpoint, image = _inference_files(tmp_path)
-    args, target = _command("eval", checkpoint, image, tmp_path / "out")
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("the unexpected\nsecond line")
-
-    monkeypatch.setattr(target, broken)
+    args = _failing_command("eval", RuntimeError("the unexpected\nsecond line"), tmp_path, monkeypatch)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     assert cli_main(args) == 1
     err = capsys.readouterr().err
