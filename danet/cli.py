@@ -373,22 +373,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"danet {args.command}: interrupted (Ctrl-C); no output was left half-written", file=sys.stderr)
         return 130
     except (OSError, ValueError, KeyError) as err:  # OSError: a missing file, a full or read-only disk
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+        if "Traceback (most recent call last)" in message:  # a DataLoader worker's error carries its stack
+            message = f"{_first_line(err)} ({_traceback_saved(err, args)})"
         print(f"danet {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as err:
         if _out_of_memory(err):
-            print(f"danet {args.command}: out of memory: {_first_line(err, 200)}; try "
-                  f"{_OOM_ADVICE[args.command]}", file=sys.stderr)
+            advice = _OOM_ADVICE.get(args.command, "smaller inputs")
+            print(f"danet {args.command}: out of memory: {_first_line(err, 200)}; try {advice}",
+                  file=sys.stderr)
             return 1
-        try:
-            path = write_traceback(err, args.command, getattr(args, "run_dir", None))
-            where = f"the full traceback is in {path}"
-        except OSError:
-            where = "no directory could hold the full traceback"
-        print(f"danet {args.command}: unexpected error: {type(err).__name__}: {_first_line(err)} ({where})",
-              file=sys.stderr)
+        print(f"danet {args.command}: unexpected error: {type(err).__name__}: {_first_line(err)} "
+              f"({_traceback_saved(err, args)})", file=sys.stderr)
         return 1
+
+
+def _traceback_saved(err: BaseException, args: argparse.Namespace) -> str:
+    """Where :func:`write_traceback` put ``err``'s traceback, in words."""
+    try:
+        path = write_traceback(err, args.command, getattr(args, "run_dir", None))
+    except OSError:
+        return "no directory could hold the full traceback"
+    return f"the full traceback is in {path}"
 
 
 def _run(args: argparse.Namespace) -> int:

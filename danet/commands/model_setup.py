@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision import tv_tensors
 
-from danet.config import DataConfig, EvalConfig, resolve_eval_config
+from danet.config import DataConfig, EvalConfig, ModelConfig, resolve_eval_config
 from danet.data import eval_transforms, get_dataset_class
 from danet.distributed import resolve_device
 from danet.evaluation.engine import scores_of_resolved
@@ -79,7 +79,7 @@ def setup_from_args(args: argparse.Namespace, device: torch.device | None = None
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda, but no CUDA device is available")
         device = resolve_device(args.device)
-    if (args.attention or (stored.get("model") or {}).get("attention", "fused")) == "fused":
+    if (args.attention or (stored.get("model") or {}).get("attention", ModelConfig.attention)) == "fused":
         check_attention_backend(device)  # e.g. DANET_KERNELS_BACKEND=triton without CUDA: one line, now
     return CommandSetup(model.to(device).eval(), device, dataset_class, data, eval_cfg)
 

@@ -531,6 +531,17 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_file(tmp_path, monkeypa
     assert "Traceback (most recent call last)" in text and "second line" in text and "command line:" in text
 
 
+def test_a_library_error_carrying_a_traceback_is_one_line(tmp_path, monkeypatch, capsys):
+    """A DataLoader worker's error reaches the main process with the worker's traceback as text."""
+    worker_error = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most "
+                              "recent call last):\n  File \"worker.py\", line 1\nValueError: bad image")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert cli_main(_failing_command("eval", worker_error, tmp_path, monkeypatch)) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err)
+    assert "Caught ValueError in DataLoader worker process 0. (the full traceback is in" in err
+
+
 def test_an_unexpected_training_error_leaves_its_traceback_in_its_run_directory(tmp_path, monkeypatch,
                                                                                  capsys):
     run = tmp_path / "run"
