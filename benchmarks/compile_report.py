@@ -64,18 +64,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from danet_kernels.kernels.common import H100_SMS, MAX_SHARED_BYTES
+import torch
+import triton
+from torch._library.triton import set_wrap_triton_enabled
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas_version
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from benchmarks import compile_specs, compile_targets
+from benchmarks.compile_types import CHANNELS, HEAD_DIM, PRECISIONS, SIZES, OpSpec, Problem, Row, Work
+from danet_kernels.kernels.common import (
+    H100_CLOCK_HZ,
+    H100_SMS,
+    MAX_SHARED_BYTES,
+    launch_clocks,
+    program_clocks,
+)
 
 __all__ = [
-    "PRECISIONS",
-    "SIZES",
     "Compiled",
-    "KernelSpec",
     "Launch",
-    "OpSpec",
-    "Problem",
-    "Row",
-    "Work",
     "all_specs",
     "compile_launch",
     "layout_replication",
@@ -87,166 +100,8 @@ __all__ = [
     "specialise",
 ]
 
-# DANet's shapes: q, k of 64 channels, v of 512; N of a 128 x 256 map and of a 97 x 97 one (a
-# 769 x 769 crop at output stride 8), which is not a multiple of 16.
-SIZES = (32768, 9409)
-HEAD_DIM = 64
-CHANNELS = 512
-# Names the report uses for (dtype, fp32 dot precision); 16-bit inputs ignore the precision.
-PRECISIONS = {
-    "bf16": ("bfloat16", "tf32"),
-    "fp16": ("float16", "tf32"),
-    "fp32-tf32": ("float32", "tf32"),
-    "fp32-tf32x3": ("float32", "tf32x3"),
-    "fp32-ieee": ("float32", "ieee"),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# What an op and its kernels are
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One call of an op: B, d, C, N, the precision name (a key of :data:`PRECISIONS`) and a
-    variant, a tag the op's launch reads (e.g. ``"int64 offsets"``: the forward's switch forced
-    on, to measure it at an ordinary size); ops run only the variants they name."""
-
-    n: int
-    precision: str
-    batch: int = 1
-    head_dim: int = HEAD_DIM
-    channels: int = CHANNELS
-    variant: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> Problem:
-        """``N:PRECISION[:B=..][:d=..][:C=..][:VARIANT]``, e.g. ``1024:bf16:d=256:C=2048``."""
-        n, precision, *rest = text.split(":")
-        sizes = {"B": "batch", "d": "head_dim", "C": "channels"}
-        fields: dict[str, Any] = {}
-        for part in rest:
-            key, _, value = part.partition("=")
-            if key in sizes and value.isdigit():
-                fields[sizes[key]] = int(value)
-            else:
-                fields["variant"] = part
-        if precision not in PRECISIONS:
-            raise ValueError(f"{text!r}: unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
-        return cls(int(n), precision, **fields)
-
-    @property
-    def dtype(self) -> Any:
-        import torch
-
-        return getattr(torch, PRECISIONS[self.precision][0])
-
-    @property
-    def dot_precision(self) -> str:
-        return PRECISIONS[self.precision][1]
-
-    @property
-    def label(self) -> str:
-        shape = "" if (self.batch, self.head_dim, self.channels) == (1, HEAD_DIM, CHANNELS) else (
-            f" (B={self.batch}, d={self.head_dim}, C={self.channels})")
-        variant = f" [{self.variant}]" if self.variant else ""
-        return f"N={self.n} {self.precision}{shape}{variant}"
-
-
-@dataclass(frozen=True)
-class Work:
-    """Executed work of a launch: FLOPs (tensor-core or FMA), exp2 evaluations, operand bytes
-    streamed from L2 into the SMs."""
-
-    flops: float = 0.0
-    exp2: float = 0.0
-    bytes: float = 0.0
-
-    def __add__(self, other: Work) -> Work:
-        return Work(self.flops + other.flops, self.exp2 + other.exp2, self.bytes + other.bytes)
-
-    def __mul__(self, factor: float) -> Work:
-        return Work(self.flops * factor, self.exp2 * factor, self.bytes * factor)
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """What the report knows about one kernel beyond its compile.
-
-    Args:
-        name: the ``@triton.jit`` function's name.
-        work: ``(meta, programs) -> (score, rest)``, the work of the whole launch; ``meta`` holds
-            every argument by name (tensors, sizes, strides, constexprs, the config's
-            ``num_warps`` and ``num_stages``) and ``programs`` the grid's size. ``score`` is the
-            part computed on the exp2 tile (its dot and its exp2), which a replicated layout
-            executes that many times over; ``rest`` the remainder.
-        exp2_tile: ``meta -> elements`` whose exp2 one iteration of the main loop computes (the
-            tile's share is that over the threads); None for kernels without such a tile.
-    """
-
-    name: str
-    work: Callable[[dict[str, Any], int], tuple[Work, Work]]
-    exp2_tile: Callable[[dict[str, Any]], int] | None = None
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """One op of the report: its launcher and its kernels.
-
-    Args:
-        name: the report's key (``--ops``).
-        title: the heading.
-        launch: calls the op's launcher for a problem (inside :func:`recorded_launches`).
-        kernels: the specs of the kernels it launches.
-        minimal: the op's minimal work for a problem (FLOPs and exp2; bytes are left 0).
-        unit: ``(name, problem -> value)``, what the work is divided by, e.g. ``("N^2", ...)``.
-        sizes, precisions: the problems the full report runs (defaults: DANet's).
-        extra_problems: more problems of the full report (other shapes, variants).
-        variants: the problem variants ``launch`` understands (others are not run).
-        targets: what must hold for the op's kernels (benchmarks/compile_targets.py), checked
-            on the rows of every run and asserted in CI on a small set.
-        notes: lines of markdown the report prints under the op's heading.
-    """
-
-    name: str
-    title: str
-    launch: Callable[[Problem], None]
-    kernels: tuple[KernelSpec, ...]
-    minimal: Callable[[Problem], Work]
-    unit: tuple[str, Callable[[Problem], float]]
-    sizes: tuple[int, ...] = SIZES
-    precisions: tuple[str, ...] = tuple(PRECISIONS)
-    extra_problems: tuple[Problem, ...] = ()
-    variants: tuple[str, ...] = ()
-    targets: tuple[Any, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    def problems(self, sizes: Sequence[int] | None = None, precisions: Sequence[str] | None = None,
-                 batch: int = 1, head_dim: int = HEAD_DIM, channels: int = CHANNELS) -> list[Problem]:
-        """The problems of the full report (the op's sizes x precisions, then the extra ones), or,
-        where sizes, precisions or a shape other than DANet's is given, those sizes x precisions
-        (each defaulting to the op's) at that shape; only those the op runs (:meth:`runs`)."""
-        shape = (batch, head_dim, channels)
-        chosen = [Problem(n, precision, *shape) for precision in (precisions or self.precisions)
-                  for n in (sizes or self.sizes)]
-        if not (sizes or precisions) and shape == (1, HEAD_DIM, CHANNELS):
-            chosen += self.extra_problems
-        return [problem for problem in chosen if self.runs(problem)]
-
-    def runs(self, problem: Problem) -> bool:
-        """Whether the op runs a problem: one of its precisions (its launch may have tiles for no
-        other) and no variant or one it names."""
-        return problem.precision in self.precisions and problem.variant in ("", *self.variants)
-
-    def kernel(self, name: str) -> KernelSpec | None:
-        return next((k for k in self.kernels if k.name == name), None)
-
-
 def all_specs() -> dict[str, OpSpec]:
     """Every op the report knows, by name (one module per op under ``benchmarks/compile_specs``)."""
-    from benchmarks import compile_specs
-
     return {spec.name: spec for spec in compile_specs.SPECS}
 
 
@@ -269,9 +124,6 @@ class Launch:
     @property
     def jit_function(self) -> Any:
         """The ``JITFunction`` (``InterpretedFunction``) under any autotuner and heuristics."""
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-
         fn = self.kernel
         while not isinstance(fn, (JITFunction, InterpretedFunction)):
             fn = fn.fn
@@ -299,10 +151,6 @@ def recorded_launches() -> Iterator[list[Launch]]:
     launchers can be called on "meta" tensors.
     """
     global _recording
-    from torch._library.triton import set_wrap_triton_enabled
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     def record(self: Any, *args: Any, grid: Any = None, warmup: bool = False, **kwargs: Any) -> None:
         assert _recording is not None
@@ -363,8 +211,6 @@ def dot_precision(precision: str) -> Iterator[None]:
     """Within the block, the launchers pick ``precision`` for fp32 dots: torch's float32 matmul
     precision, which they read (through ``dot_input_precision``), is set to its level (this
     machine's setting is irrelevant), then restored, both of torch's settings."""
-    import torch
-
     matmul = torch.backends.cuda.matmul
     saved = torch.get_float32_matmul_precision(), matmul.fp32_precision
     torch.set_float32_matmul_precision(_MATMUL_LEVELS[precision])
@@ -381,19 +227,12 @@ def dot_precision(precision: str) -> Iterator[None]:
 
 
 def _target() -> Any:
-    from triton.backends.compiler import GPUTarget
-
     return GPUTarget("cuda", 90, 32)
 
 
 def specialise(launch: Launch) -> tuple[Any, dict[str, Any]]:
     """The ``ASTSource`` and compile options of a JIT launch, derived as Triton's launcher
     derives them (``JITFunction.run``: its binder over the real arguments, then ``_pack_args``)."""
-    from triton import knobs
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
     fn = launch.jit_function
     kwargs = dict(launch.kwargs)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
@@ -446,9 +285,6 @@ def compile_launch(launch: Launch) -> Compiled:
 
 
 def _compile(source: Any, options: dict[str, Any]) -> Compiled:
-    import triton
-    from triton import knobs
-
     log = io.StringIO()
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     try:
@@ -564,47 +400,6 @@ def exp2_replication(ttgir: str) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    """One kernel, config and problem of the report."""
-
-    op: str
-    problem: str  # its label
-    n: int
-    precision: str
-    batch: int
-    head_dim: int
-    channels: int
-    variant: str
-    kernel: str
-    launch: str  # the launch's flags (non-tile constexprs), to tell launches of one kernel apart
-    config: str
-    tuned: bool = True  # among the configs the autotuner benchmarks
-    preferred: bool = False  # the launch's choice here: see ``choice``
-    choice: str = ""  # why preferred: "fixed" (a plain launch), "perf model" (ranked first), or
-    # "first tuned" (no perf model: the first config the autotuner benchmarks stands in)
-    launch_index: int = 0  # which launch of the op's call
-    registers: int | None = None
-    spill_bytes: int | None = None
-    shared: int | None = None
-    num_warps: int | None = None
-    mma: str = ""
-    counts: dict[str, int] = field(default_factory=dict)
-    loop_ex2: int | None = None  # per thread, one iteration of the main loop
-    loop_cp_async: int | None = None  # cp.async in the main loop: its loads software-pipelined
-    ex2_share: float | None = None  # the exp2 tile's elements over the threads
-    replication: float | None = None
-    specialisation: str = ""  # the binary's key (specialisation_key): equal keys, one binary
-    programs: int | None = None
-    resident: int | None = None  # programs one SM holds at a time (registers, shared memory)
-    waves: float | None = None  # programs over (SMs x resident) of an H100
-    flops: float | None = None  # per op unit (e.g. N^2), the whole launch
-    exp2: float | None = None
-    bytes: float | None = None
-    model_us: float | None = None  # the perf model's time of the launch on an H100 (see model_time)
-    error: str | None = None
-
-
 def _describe_config(config: Any, meta: dict[str, Any]) -> str:
     if config is None:
         tiles = {k: v for k, v in meta.items() if k.startswith("BLOCK") and isinstance(v, int)}
@@ -627,8 +422,6 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
                    ) -> list[Row]:
     """Rows for one recorded launch: every kept config (``configs="kept"``) or only the
     preferred / the first benchmarked one (``"preferred"``)."""
-    from triton.runtime.autotuner import Autotuner
-
     scale = op.unit[1](problem)
     spec = op.kernel(launch.jit_function.__name__)
     if isinstance(launch.kernel, Autotuner):
@@ -708,8 +501,6 @@ def model_time(work: Work, programs: int, operand_class: str) -> float:
     ceil(programs / SMs) of them (danet_kernels.kernels.common, the autotuners' model too).
     A ranking and a scale, not a measurement: L2 bandwidth is an assumption, DRAM, latency,
     launch overhead and the softmax's other instructions are left out."""
-    from danet_kernels.kernels.common import H100_CLOCK_HZ, launch_clocks, program_clocks
-
     per_program = program_clocks(work.flops / programs, work.exp2 / programs, work.bytes / programs,
                                  operand_class)
     return launch_clocks(programs, per_program, H100_SMS) / H100_CLOCK_HZ * 1e6
@@ -759,13 +550,8 @@ def _choice(row: Row) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import triton
-
     versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
     try:
-        from triton.backends.nvidia.compiler import get_ptxas_version
-
         release = re.search(r"release ([\d.]+)", get_ptxas_version(90))
         versions["ptxas"] = release.group(1) if release else "?"
     except Exception:  # the version line is informative only
@@ -837,8 +623,6 @@ def _row_cells(r: Row) -> list[object]:
 
 def check_targets(rows: Sequence[Row]) -> list[Any]:
     """Every target of every op that has rows, checked on them (compile_targets.TargetResult)."""
-    from benchmarks import compile_targets
-
     return compile_targets.evaluate({name: op.targets for name, op in all_specs().items()}, rows)
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from benchmarks.compile_types import CHANNELS, HEAD_DIM, Row
 from danet_kernels.kernels.common import MAX_SHARED_BYTES
-
-if TYPE_CHECKING:
-    from benchmarks.compile_report import Row
 
 __all__ = [
     "Target",
@@ -36,7 +34,7 @@ __all__ = [
     "tensor_cores",
 ]
 
-Check = Callable[[list["Row"]], "list[str] | None"]
+Check = Callable[[list[Row]], "list[str] | None"]
 
 
 @dataclass(frozen=True)
@@ -195,8 +193,6 @@ def preferred_total(text: str, precisions: Sequence[str], n: int, flops: float |
     """The preferred configs of one call, all kernels summed, execute at most ``flops`` and
     ``exp2`` per the op's unit, at N = ``n`` for each of ``precisions`` (d and C of DANet), up to
     0.1% (O(N) work such as the backward's row sums adds 2 C / N per N^2)."""
-    from benchmarks.compile_report import CHANNELS, HEAD_DIM
-
     def check(rows: list[Row]) -> list[str] | None:
         chosen: dict[str, list[Row]] = defaultdict(list)
         for r in rows:

@@ -1,88 +1,40 @@
 """Shared machinery of the benchmark suite: the case grid, inputs, timing, peak memory, OOM handling.
 
-The one-call GPU check (``scripts/gpu_check``) measures with the same helpers: the inputs
-(:func:`pam_inputs`, :func:`cam_inputs`), the SDPA layout (:func:`to_sdpa_layout`) and its
-refusal (:func:`is_sdpa_refusal`), :func:`peak_memory_bytes`, :func:`median_ms`
-(``triton.testing.do_bench``), :func:`median_step_ms` (CUDA events over a fixed number of long
-steps), :func:`timed` (a first call), :func:`is_oom` and :func:`package_version`.
-
 Every benchmark test builds its inputs, hands a step (one forward, or one forward+backward)
-to :func:`run_benchmark`, and gets back timing from pytest-benchmark plus the facts the
-report needs in ``benchmark.extra_info``:
+to :func:`run_benchmark`, and gets back timing from pytest-benchmark (each round bracketed
+by ``torch.cuda.synchronize()`` on CUDA, so that its wall time is the GPU time) plus, in
+``benchmark.extra_info``:
 
 * ``peak_mem_bytes``: the peak memory one step allocates above what existed before it
-  (the inputs and the output gradient), measured once, outside the timed rounds. On CUDA
-  that is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the
-  CPU it is the running sum of the CPU allocator's allocation and free events recorded by
-  ``torch.profiler`` with ``profile_memory=True`` (tracemalloc does not see torch's
-  allocator, and the process RSS mixes in the interpreter and freed-but-cached pages).
-  ``peak_mem_method`` names the method; ``None`` where none worked.
-* ``flops``: the operation count of one step (see :func:`pam_flops`, :func:`cam_flops`).
-* ``oom``: whether the case ran out of memory. Such cases are skipped with a reason that
-  starts with "OOM" and are listed, with every other case that could not run, in the JSON
-  output under ``"danet_not_run"`` (see ``benchmarks/conftest.py``), because
-  pytest-benchmark itself drops skipped tests from its JSON.
-
-On CUDA each timed round is bracketed by ``torch.cuda.synchronize()`` (the setup syncs
-before the round, the target after its work), so a round's wall time is the GPU time.
+  (the inputs and the output gradient), measured once, outside the timed rounds: on CUDA
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; on the CPU the
+  running sum of the allocator's events recorded by ``torch.profiler`` (tracemalloc does not
+  see torch's allocator, and the process RSS mixes in the interpreter and cached pages).
+* ``first_call_s`` (compilation and autotuning, where it is the first call at its key),
+  ``flops`` (:func:`pam_flops`, :func:`cam_flops`), and ``predicted``: what the project
+  predicts for the case, where :data:`PREDICTORS` holds a predictor for its op.
+* ``oom``: the case ran out of memory. It is skipped with a reason that starts with "OOM" and
+  listed, with every case that could not run, under ``"danet_not_run"`` in the JSON output
+  (benchmarks/conftest.py): pytest-benchmark drops skipped tests from its JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import importlib.metadata
 import math
-import os
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
-__all__ = [
-    "DEVICE",
-    "DTYPES",
-    "NOT_RUN",
-    "ON_CUDA",
-    "PASSES",
-    "AttentionShape",
-    "attention_shapes",
-    "cam_flops",
-    "cam_inputs",
-    "dtype_name",
-    "error_vs_float64",
-    "free_memory",
-    "from_sdpa_layout",
-    "identity",
-    "is_oom",
-    "is_sdpa_refusal",
-    "largest_batch",
-    "make_step",
-    "max_rel_err",
-    "median_ms",
-    "median_step_ms",
-    "package_version",
-    "pam_flops",
-    "pam_inputs",
-    "peak_memory_bytes",
-    "quick_mode",
-    "record_not_run",
-    "run_benchmark",
-    "skip_case",
-    "synchronize",
-    "timed",
-    "to_sdpa_layout",
-]
-
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
 PASSES = ("forward", "forward+backward")
-# Half precision on the CPU is emulated and not what anyone would deploy there.
-DTYPES = (torch.float32, torch.bfloat16, torch.float16) if ON_CUDA else (torch.float32,)
 
 # FLOP convention (stated in the report): a backward pass of an attention costs 2.5x its
 # forward in FlashAttention's accounting (two matmuls for dV/dP, two for dQ/dK, plus the
@@ -91,13 +43,58 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16) if ON_CUDA else (torch.f
 PAM_BACKWARD_FACTOR = 2.5
 CAM_BACKWARD_FACTOR = 2.0
 
-# Cases that could not run (OOM, no SDPA kernel for the shape, ...): one dict per case,
-# written into the JSON output by conftest.pytest_benchmark_update_json.
+# Cases that could not run (OOM, no SDPA kernel for the shape, the deadline, ...): one dict per
+# case, written into the JSON output by conftest.pytest_benchmark_update_json.
 NOT_RUN: list[dict[str, Any]] = []
 
-# The smoke-run switch: one timed round per case and the smallest grids. ``--bench-quick``
-# sets it (conftest) before the test modules, which read it to build their grids, are imported.
-QUICK_ENV = "DANET_BENCH_QUICK"
+# op -> a function of a case's extra_info that returns what the project predicts for the case
+# ({"median_ms": ..., "peak_mem_bytes": ..., "by": "what predicted it, with its stated error"});
+# run_benchmark records it as extra_info["predicted"], beside the measured figures. Empty until
+# a predictor exists: the compile report's calibrated kernel model (issue 18) for "pam" and
+# "cam", the training-memory model (issue 22) for "train_step".
+PREDICTORS: dict[str, Callable[[Mapping[str, Any]], Mapping[str, Any] | None]] = {}
+
+
+@dataclass
+class Settings:
+    """The suite's switches, set by benchmarks/conftest.py from the command line before the test
+    modules (which read ``quick`` to build their grids) are imported."""
+
+    quick: bool = False  # --bench-quick: the smallest case of each grid, one timed round
+    seconds: float | None = None  # --bench-seconds: timing per case (default 0.5 s on CUDA, 1 s on the CPU)
+
+
+SETTINGS = Settings()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A dtype and the fp32 matmul precision it runs at (``torch.set_float32_matmul_precision``:
+    "highest" is IEEE fp32; "high" is 3xTF32 in the kernels, TF32 in cuBLAS; "medium" TF32)."""
+
+    name: str
+    dtype: torch.dtype
+    precision: str = "highest"
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The variant's matmul precision inside, the previous one restored after."""
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.precision)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+
+# In report order. Half precision on the CPU is emulated and not what anyone would deploy there,
+# and the CPU's fp32 matmuls have one precision.
+VARIANTS = (
+    (Variant("fp32", torch.float32), Variant("fp32-high", torch.float32, "high"),
+     Variant("fp32-medium", torch.float32, "medium"), Variant("bf16", torch.bfloat16),
+     Variant("fp16", torch.float16))
+    if ON_CUDA else (Variant("fp32", torch.float32),)
+)
 
 
 @dataclass(frozen=True)
@@ -121,73 +118,56 @@ class AttentionShape:
         return f"B{self.batch}-C{self.channels}-{self.height}x{self.width}"
 
 
-# DANet's feature maps at output stride 8: 512, 769 and 1024 crops, and a full 1024 x 2048
-# Cityscapes frame. The CPU grid is reduced so that the suite finishes in minutes on 2 cores.
-CUDA_SIZES = ((64, 64), (97, 97), (128, 128), (128, 256))
+# DANet's feature maps at output stride 8: a full 1024 x 2048 Cityscapes frame, 769, 512 and
+# 1024 crops, in the order a run cut short by a deadline should measure them (the issues'
+# targets are at 128 x 256, B = 1). The CPU grid is reduced so that the suite finishes in
+# minutes on 2 cores.
+CUDA_SIZES = ((128, 256), (97, 97), (64, 64), (128, 128))
 CUDA_BATCHES = (1, 2)
 CPU_SIZES = ((16, 16), (32, 32), (48, 48), (64, 64))
 CPU_BATCHES = (1,)
 
 
 def attention_shapes() -> list[AttentionShape]:
-    """The shapes of the kernel benchmarks here: full on CUDA, reduced on the CPU, one when quick."""
+    """The kernel benchmarks' shapes, every size at B = 1 first: full on CUDA, reduced on the CPU,
+    the smallest one when quick."""
     sizes, batches = (CUDA_SIZES, CUDA_BATCHES) if ON_CUDA else (CPU_SIZES, CPU_BATCHES)
-    if quick_mode():
-        sizes, batches = sizes[:1], batches[:1]
-    return [AttentionShape(b, h, w) for (h, w) in sizes for b in batches]
+    if SETTINGS.quick:
+        sizes, batches = [min(sizes, key=lambda s: s[0] * s[1])], batches[:1]
+    return [AttentionShape(b, h, w) for b in batches for (h, w) in sizes]
 
 
-def package_version(package: str) -> str | None:
-    """The installed version of ``package``, or None where it is not installed."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def describe_case(benchmark: Any, op: str, impl: str, pass_: str, variant: Variant, shape: AttentionShape,
+                  ) -> None:
+    """Group a kernel case with the other implementations of its problem; record what it is."""
+    benchmark.group = f"{op} {pass_} {variant.name} {shape.id}"
+    flops = (pam_flops if op == "pam" else cam_flops)(shape, pass_)
+    benchmark.extra_info.update(
+        op=op, impl=impl, **{"pass": pass_}, variant=variant.name, precision=variant.precision,
+        dtype=str(variant.dtype).removeprefix("torch."), B=shape.batch, C=shape.channels, d=shape.qk_dim,
+        H=shape.height, W=shape.width, N=shape.n, flops=flops,
+    )
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
+def pam_inputs(shape: AttentionShape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """PAM operands: q, k (B, d, N) random normal / 8, v and an output gradient (B, C, N).
 
-
-def pam_inputs(
-    shape: AttentionShape, dtype: torch.dtype, device: torch.device = DEVICE, qk_scale: float = 1 / 8
-) -> tuple[torch.Tensor, ...]:
-    """PAM operands: q, k (B, d, N) random normal x ``qk_scale``, v and an output gradient (B, C, N).
-
-    The default is the peer baseline's: q and k divided by 8, so that the energies q^T k are
-    of order 1/8 at d = 64 (standard deviation ``qk_scale**2 * sqrt(d)``).
+    The peer baseline's: q and k divided by 8, so that the energies q^T k are of order 1/8
+    at d = 64.
     """
     b, n = shape.batch, shape.n
-    q = torch.randn(b, shape.qk_dim, n, device=device).mul_(qk_scale).to(dtype)
-    k = torch.randn(b, shape.qk_dim, n, device=device).mul_(qk_scale).to(dtype)
-    v = torch.randn(b, shape.channels, n, device=device).to(dtype)
-    grad_out = torch.randn(b, shape.channels, n, device=device).to(dtype)
+    q = torch.randn(b, shape.qk_dim, n, device=DEVICE).div_(8).to(dtype)
+    k = torch.randn(b, shape.qk_dim, n, device=DEVICE).div_(8).to(dtype)
+    v = torch.randn(b, shape.channels, n, device=DEVICE).to(dtype)
+    grad_out = torch.randn(b, shape.channels, n, device=DEVICE).to(dtype)
     return q, k, v, grad_out
 
 
-def cam_inputs(
-    shape: AttentionShape, dtype: torch.dtype, device: torch.device = DEVICE
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cam_inputs(shape: AttentionShape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """CAM operands: x and an output gradient (B, C, N), random normal (drawn in fp32, then cast)."""
-    x = torch.randn(shape.batch, shape.channels, shape.n, device=device).to(dtype)
-    grad_out = torch.randn(shape.batch, shape.channels, shape.n, device=device).to(dtype)
+    x = torch.randn(shape.batch, shape.channels, shape.n, device=DEVICE).to(dtype)
+    grad_out = torch.randn(shape.batch, shape.channels, shape.n, device=DEVICE).to(dtype)
     return x, grad_out
-
-
-def identity(t: torch.Tensor) -> torch.Tensor:
-    """The layout of an implementation that takes DANet's (B, channels, N) operands as they are."""
-    return t
-
-
-def to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
-    """(B, channels, N) -> contiguous (B, 1, N, channels): one head, the positions as the sequence."""
-    return t.transpose(1, 2).unsqueeze(1).contiguous()
-
-
-def from_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
-    """(B, 1, N, channels) -> (B, channels, N): the inverse of :func:`to_sdpa_layout`."""
-    return t.squeeze(1).transpose(1, 2)
 
 
 def pam_flops(shape: AttentionShape, pass_: str) -> float:
@@ -215,15 +195,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
-# What SDPA raises when no allowed backend takes the operands (PyTorch's words).
-_SDPA_REFUSALS = ("No available kernel", "No viable backend")
-
-
-def is_sdpa_refusal(exc: BaseException) -> bool:
-    """Whether ``exc`` is SDPA saying that none of the allowed backends takes the operands."""
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _SDPA_REFUSALS)
-
-
 def free_memory() -> None:
     """On CUDA, drop garbage and hand cached blocks back so that the next case starts clean.
 
@@ -240,16 +211,6 @@ def synchronize() -> None:
     """Wait for queued GPU work (no-op on the CPU)."""
     if ON_CUDA:
         torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()``'s result and its wall seconds, the queued GPU work before and after it waited for
-    (a first call: autotuning, compilation; too coarse for a kernel, see :func:`median_ms`)."""
-    synchronize()
-    start = time.perf_counter()
-    result = fn()
-    synchronize()
-    return result, time.perf_counter() - start
 
 
 def _cpu_peak_from_profiler(prof: torch.profiler.profile) -> int | None:
@@ -299,52 +260,6 @@ def max_rel_err(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]
         scale = e64.abs().max().item() or 1.0
         worst = max(worst, (a.detach().double() - e64).abs().max().item() / scale)
     return worst
-
-
-def median_ms(step: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
-    """Median milliseconds of ``step`` for kernels: ``triton.testing.do_bench`` on CUDA.
-
-    do_bench times each call with CUDA events, flushes the L2 cache before each one and runs
-    about ``warmup_ms`` of warm-up and ``rep_ms`` of timed calls (at least one each, after
-    six untimed ones). On the CPU: the median of ``time.perf_counter`` over the same budget.
-    """
-    if ON_CUDA:
-        import triton.testing
-
-        return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    start = time.perf_counter()
-    step()
-    estimate_ms = max(1e-3, 1000 * (time.perf_counter() - start))
-    repeats = max(1, min(1000, int(rep_ms / estimate_ms)))
-    return median_step_ms(step, warmup=max(0, min(100, int(warmup_ms / estimate_ms))), repeats=repeats)
-
-
-def median_step_ms(step: Callable[[], object], *, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls of a slow ``step`` (a training step, a frame).
-
-    A fixed number of calls, unlike :func:`median_ms`, so that slow steps cost what the caller
-    plans. On CUDA each call is bracketed by events (the GPU time, launch gaps included); on
-    the CPU by ``time.perf_counter``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        step()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        if ON_CUDA:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            step()
-            times.append(1000 * (time.perf_counter() - start))
-    return float(statistics.median(times))
 
 
 def make_step(
@@ -418,32 +333,22 @@ def largest_batch(fits: Callable[[int], bool], limit: int) -> int:
     return fitting
 
 
-def _rounds(probe_seconds: float, quick: bool, fixed: tuple[int, int] | None) -> tuple[int, int]:
-    """(rounds, warmup_rounds): ``fixed`` if given, else enough rounds for about a second of timing."""
-    if quick:
+def _rounds(probe_seconds: float, fixed: tuple[int, int] | None) -> tuple[int, int]:
+    """(rounds, warmup_rounds): ``fixed`` if given, else enough rounds for ``SETTINGS.seconds``."""
+    if SETTINGS.quick:
         return 1, 0
     if fixed is not None:
         return fixed
-    target, lo, hi, warmup = (0.5, 10, 200, 3) if ON_CUDA else (1.0, 3, 20, 1)
-    rounds = math.ceil(target / max(probe_seconds, 1e-6))
+    target, lo, hi, warmup = (0.5, 5, 200, 3) if ON_CUDA else (1.0, 3, 20, 1)
+    rounds = math.ceil((SETTINGS.seconds or target) / max(probe_seconds, 1e-6))
     return min(max(rounds, lo), hi), warmup
 
 
-def quick_mode() -> bool:
-    """Whether this is a smoke run of the suite (``--bench-quick``, i.e. ``DANET_BENCH_QUICK=1``)."""
-    return os.environ.get(QUICK_ENV, "0") == "1"
-
-
-def record_not_run(benchmark: Any, reason: str, **extra_info: Any) -> None:
-    """Remember a case that could not run, for the report (pytest-benchmark drops skipped tests)."""
-    info = {**benchmark.extra_info, **extra_info}
-    NOT_RUN.append({"name": benchmark.name, "fullname": benchmark.fullname, "group": benchmark.group,
-                    "reason": reason, "extra_info": info})
-
-
 def skip_case(benchmark: Any, reason: str, **extra_info: Any) -> None:
-    """Record the case as not run and skip it (``pytest.skip`` raises)."""
-    record_not_run(benchmark, reason, **extra_info)
+    """Record the case in :data:`NOT_RUN`, for the report (pytest-benchmark drops skipped tests), and
+    skip it (``pytest.skip`` raises)."""
+    NOT_RUN.append({"name": benchmark.name, "fullname": benchmark.fullname, "group": benchmark.group,
+                    "reason": reason, "extra_info": {**benchmark.extra_info, **extra_info}})
     free_memory()
     pytest.skip(reason)
 
@@ -466,19 +371,24 @@ def run_benchmark(
     warmed everything up already. An out-of-memory error at any point skips the case as
     "OOM" instead of failing it.
     """
+    predictor = PREDICTORS.get(benchmark.extra_info.get("op"))
+    if predictor is not None:
+        benchmark.extra_info["predicted"] = predictor(benchmark.extra_info)
     try:
         probe_seconds = math.inf
         if first_call or rounds is None:
+            synchronize()
             start = time.perf_counter()
             step()
             synchronize()
             probe_seconds = time.perf_counter() - start
+            benchmark.extra_info["first_call_s"] = round(probe_seconds, 4)
         start = time.perf_counter()
         peak, method = peak_memory_bytes(step)
         # The first call may include autotuning; the probe's own call is the better estimate.
         probe_seconds = min(probe_seconds, time.perf_counter() - start)
         benchmark.extra_info.update(peak_mem_bytes=peak, peak_mem_method=method, oom=False)
-        timed_rounds, warmup = _rounds(probe_seconds, quick_mode(), rounds)
+        timed_rounds, warmup = _rounds(probe_seconds, rounds)
 
         def target() -> None:
             step()

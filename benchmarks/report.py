@@ -11,11 +11,12 @@ is a deliberate ``--out docs/benchmarks.md --plot docs/benchmarks.png --overwrit
 written is named on standard error.
 
 Several JSON files (e.g. the kernel and the training benchmarks run separately) may be
-given; their cases are merged. The report has one table per attention op, pass and dtype
+given; their cases are merged. The report has one table per attention op, pass and variant
 (time, ratio to the reference of the same group, peak memory, achieved TFLOP/s, error
-against float64), the training step and largest-batch tables, the cases that could not
-run and why, and the conventions behind each number. The plot shows time and peak memory
-against N on log-log axes for each implementation.
+against float64, and the predicted figures where a case carries them), the training step and
+largest-batch tables, the cases that could not run and why, and the conventions behind each
+number. The plot shows time and peak memory against N on log-log axes for each implementation.
+The GPU check (scripts/gpu_check) renders its kernel and training tables with the same functions.
 """
 
 from __future__ import annotations
@@ -25,41 +26,17 @@ import json
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "PASS_ORDER",
-    "Case",
-    "Run",
-    "format_bytes",
-    "format_ms",
-    "format_number",
-    "format_ratio",
-    "load_cases",
-    "main",
-    "markdown_table",
-    "render_markdown",
-    "render_plot",
-]
+from danet.io.atomic import atomic_write
 
 IMPL_ORDER = ("reference", "triton", "blockwise", "sdpa", "fused")
 PASS_ORDER = ("forward", "forward+backward")
-DTYPE_ORDER = ("float32", "bfloat16", "float16")
+VARIANT_ORDER = ("fp32", "fp32-high", "fp32-medium", "bf16", "fp16")
 OP_TITLES = {"pam": "Position attention (PAM)", "cam": "Channel attention (CAM)"}
-GPU_COMMANDS = """\
-# On the CUDA machine, from the repository root. It needs no install and no network
-# (PYTHONPATH=. instead of pip install; torch >= 2.11 and triton >= 3.6 as installed there).
-# The kernel and the training benchmarks run as separate commands (shorter runs; -k selects
-# fewer cases, e.g. -k "128x256"); the report merges their JSON files.
-PYTHONPATH=. python -m pytest benchmarks/test_position_attention.py benchmarks/test_channel_attention.py \\
-    --benchmark-only --benchmark-json=kernels-gpu.json
-PYTHONPATH=. python -m pytest benchmarks/test_training_memory.py --benchmark-only \\
-    --benchmark-json=training-gpu.json
-PYTHONPATH=. python -m benchmarks.report kernels-gpu.json training-gpu.json \\
-    --out docs/benchmarks.md --plot docs/benchmarks.png --overwrite"""
 
 
 @dataclass
@@ -85,6 +62,11 @@ class Case:
         return str(self.info.get("impl", "?"))
 
     @property
+    def variant(self) -> str:
+        """The dtype and matmul precision (``fp32``, ``fp32-high``, ``bf16``, ...; older files: the dtype)."""
+        return str(self.info.get("variant") or self.info.get("dtype", "?"))
+
+    @property
     def peak(self) -> int | None:
         """Peak memory in bytes, if measured."""
         value = self.info.get("peak_mem_bytes")
@@ -94,6 +76,15 @@ class Case:
     def oom(self) -> bool:
         """Whether the case ran out of memory."""
         return bool(self.info.get("oom")) or (self.reason or "").startswith("OOM")
+
+
+def case_from_entry(entry: Mapping[str, Any]) -> Case:
+    """A case from a pytest-benchmark JSON entry, a ``danet_not_run`` one, or a line of
+    ``--bench-stream`` (either of the two)."""
+    stats = entry.get("stats") or {}
+    return Case(entry["name"], entry.get("group") or "", dict(entry.get("extra_info", {})),
+                stats.get("median"), stats.get("rounds"), stats.get("min"),
+                None if stats else entry.get("reason", "not run"))
 
 
 @dataclass
@@ -110,40 +101,20 @@ class Run:
     cases: list[Case] = field(default_factory=list)
 
 
-def _load_run(path: Path) -> Run:
-    data = json.loads(path.read_text(encoding="utf-8"))
+def load_run(path: str | Path) -> Run:
+    """Read a pytest-benchmark JSON file written by this suite."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "benchmarks" not in data:
         raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' key)")
     machine = data.get("machine_info", {})
     danet = machine.get("danet", {})
     commit_info = data.get("commit_info", {})
     commit = str(commit_info.get("id", "?"))[:12]
-    if commit_info.get("dirty"):
-        commit += " (with uncommitted changes)"
-    run = Run(
-        path=str(path),
-        device=danet.get("device") or machine.get("cpu", {}).get("brand_raw", "unknown device"),
-        versions={k: danet.get(k) for k in ("torch", "triton", "cuda", "python")},
-        date=str(data.get("datetime", "?")),
-        commit=commit,
-        quick=bool(danet.get("quick")),
-        command=danet.get("command"),
-    )
-    for bench in data["benchmarks"]:
-        stats = bench.get("stats") or {}
-        info = dict(bench.get("extra_info", {}))
-        median, rounds, fastest = stats.get("median"), stats.get("rounds"), stats.get("min")
-        run.cases.append(Case(bench["name"], bench.get("group") or "", info, median, rounds, fastest))
-    for skipped in data.get("danet_not_run", []):
-        info = dict(skipped.get("extra_info", {}))
-        run.cases.append(Case(skipped["name"], skipped.get("group") or "", info,
-                              reason=skipped.get("reason", "not run")))
-    return run
-
-
-def load_cases(paths: Sequence[str | Path]) -> list[Run]:
-    """Read pytest-benchmark JSON files written by this suite, one :class:`Run` per file."""
-    return [_load_run(Path(p)) for p in paths]
+    commit += " (with uncommitted changes)" if commit_info.get("dirty") else ""
+    device = danet.get("device") or machine.get("cpu", {}).get("brand_raw", "unknown device")
+    return Run(str(path), device, {k: danet.get(k) for k in ("torch", "triton", "cuda", "python")},
+               str(data.get("datetime", "?")), commit, bool(danet.get("quick")), danet.get("command"),
+               [case_from_entry(e) for e in (*data["benchmarks"], *data.get("danet_not_run", []))])
 
 
 def _order(value: str, order: Sequence[str]) -> tuple[int, str]:
@@ -179,13 +150,8 @@ def format_ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
-def _not_run_cell(case: Case) -> str:
-    return "OOM" if case.oom else "not run"
-
-
-def _reference_of(cases: Iterable[Case]) -> dict[str, Case]:
-    """group -> the reference case of that group, where it ran."""
-    return {c.group: c for c in cases if c.impl == "reference" and c.median_s is not None}
+# extra_info["predicted"] keys shown as columns where some case of a table carries them.
+PREDICTED = (("median_ms", "predicted ms", format_number), ("peak_mem_bytes", "predicted peak", format_bytes))
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -195,19 +161,39 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list
     return lines
 
 
-def _kernel_section(op: str, cases: list[Case]) -> list[str]:
+def _not_run_cell(case: Case) -> str:
+    return "OOM" if case.oom else "not run"
+
+
+def _reference_of(cases: Iterable[Case]) -> dict[str, Case]:
+    """group -> the reference case of that group, where it ran."""
+    return {c.group: c for c in cases if c.impl == "reference" and c.median_s is not None}
+
+
+def _predicted_columns(cases: Sequence[Case]) -> list[tuple[str, str, Callable[[Any], str]]]:
+    """The predicted figures (harness.PREDICTORS) that some of ``cases`` carry, as extra columns."""
+    return [col for col in PREDICTED if any((c.info.get("predicted") or {}).get(col[0]) is not None
+                                            for c in cases)]
+
+
+def _predicted_cells(case: Case, columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> list[str]:
+    predicted = case.info.get("predicted") or {}
+    return [format_fn(predicted.get(key)) for key, _, format_fn in columns]
+
+
+def kernel_section(op: str, cases: Sequence[Case]) -> list[str]:
+    """The tables of one attention op (``pam``, ``cam``), one per pass and variant."""
     mine = [c for c in cases if c.op == op]
     if not mine:
         return []
     references = _reference_of(mine)
     lines = [f"## {OP_TITLES[op]}", ""]
-    keys = sorted({(c.info.get("pass", "?"), c.info.get("dtype", "?")) for c in mine},
-                  key=lambda k: (_order(k[0], PASS_ORDER), _order(k[1], DTYPE_ORDER)))
-    for pass_, dtype in keys:
-        selected = sorted(
-            (c for c in mine if (c.info.get("pass"), c.info.get("dtype")) == (pass_, dtype)),
-            key=lambda c: (c.info.get("N", 0), c.info.get("B", 0), _order(c.impl, IMPL_ORDER)),
-        )
+    keys = sorted({(c.info.get("pass", "?"), c.variant) for c in mine},
+                  key=lambda k: (_order(k[0], PASS_ORDER), _order(k[1], VARIANT_ORDER)))
+    for pass_, variant in keys:
+        selected = sorted((c for c in mine if (c.info.get("pass"), c.variant) == (pass_, variant)),
+                          key=lambda c: (c.info.get("N", 0), c.info.get("B", 0), _order(c.impl, IMPL_ORDER)))
+        predicted = _predicted_columns(selected)
         rows = []
         for c in selected:
             ref = references.get(c.group)
@@ -215,8 +201,7 @@ def _kernel_section(op: str, cases: list[Case]) -> list[str]:
             tflops = c.info.get("flops") / c.median_s / 1e12 if measured and c.info.get("flops") else None
             err = c.info.get("rel_err")
             rows.append([
-                str(c.info.get("B", "?")), f"{c.info.get('H')}x{c.info.get('W')}", str(c.info.get("N", "?")),
-                c.impl,
+                c.info.get("B", "?"), f"{c.info.get('H')}x{c.info.get('W')}", c.info.get("N", "?"), c.impl,
                 format_ms(c.median_s) if measured else _not_run_cell(c),
                 format_ms(c.min_s) if measured else "—",
                 format_ratio(ref.median_s, c.median_s) if measured and ref else "—",
@@ -224,108 +209,98 @@ def _kernel_section(op: str, cases: list[Case]) -> list[str]:
                 format_ratio(c.peak, ref.peak) if measured and ref else "—",
                 f"{tflops:.3g}" if tflops is not None else "—",
                 f"{err:.1e}" if err is not None else "—",
-                str(c.rounds or "—"),
+                c.rounds or "—", *_predicted_cells(c, predicted),
             ])
-        lines += [f"### {pass_}, {dtype}", ""]
+        lines += [f"### {pass_}, {variant}", ""]
         lines += markdown_table(["B", "HxW", "N", "impl", "median ms", "min ms", "speed-up vs reference",
-                                 "peak memory", "memory vs reference", "TFLOP/s", "max rel. err", "rounds"],
-                                rows)
+                                 "peak memory", "memory vs reference", "TFLOP/s", "max rel. err", "rounds",
+                                 *(title for _, title, _ in predicted)], rows)
         lines.append("")
     return lines
 
 
-def _training_sections(cases: list[Case]) -> list[str]:
+def training_sections(cases: Sequence[Case]) -> list[str]:
+    """The training step's table and the largest batch under each memory cap."""
     steps = [c for c in cases if c.op == "train_step"]
     searches = [c for c in cases if c.op == "train_max_batch"]
     if not steps and not searches:
         return []
     lines = ["## Training: one full DANet step (forward, loss, backward, SGD)", ""]
     sample = (steps or searches)[0].info
-    lines += [f"Backbone `{sample.get('backbone')}`, output stride 8, precision {sample.get('precision')}; "
-              "`fused` runs the attention backend named in brackets.", ""]
+    lines += [f"Backbone `{sample.get('backbone')}`, output stride 8; `fused` runs the attention backend "
+              "named in brackets.", ""]
     if steps:
         references = _reference_of(steps)
+        predicted = _predicted_columns(steps)
         rows = []
-        for c in sorted(steps, key=lambda c: (c.info.get("H", 0) * c.info.get("W", 0), c.info.get("B", 0),
-                                               _order(c.impl, IMPL_ORDER))):
+        for c in sorted(steps, key=lambda c: (c.info.get("precision", ""), c.info.get("N", 0),
+                                               c.info.get("B", 0), _order(c.impl, IMPL_ORDER))):
             ref = references.get(c.group)
             measured = c.median_s is not None
             batch = c.info.get("B") or 0
+            backend = c.info.get("attention_backend")
             rows.append([
-                f"{c.info.get('H')}x{c.info.get('W')}", str(c.info.get("N", "?")), str(batch),
-                _attention_label(c),
+                f"{c.info.get('H')}x{c.info.get('W')}", c.info.get("N", "?"), batch, c.info.get("precision"),
+                f"{c.impl} ({backend})" if backend and backend != c.impl else c.impl,
                 format_ms(c.median_s) if measured else _not_run_cell(c),
                 f"{batch / c.median_s:.3g}" if measured and batch else "—",
                 format_bytes(c.peak),
                 format_ratio(c.peak, ref.peak) if measured and ref else "—",
-                str(c.rounds or "—"),
+                c.rounds or "—", *_predicted_cells(c, predicted),
             ])
         lines += ["### Step time and peak memory", ""]
-        lines += markdown_table(["input HxW", "N (feature map)", "batch", "attention", "step ms",
-                                 "images/s", "peak memory", "memory vs reference", "rounds"], rows)
+        lines += markdown_table(["input HxW", "N (feature map)", "batch", "precision", "attention", "step ms",
+                                 "images/s", "peak memory", "memory vs reference", "rounds",
+                                 *(title for _, title, _ in predicted)], rows)
         lines.append("")
     if searches:
         lines += _max_batch_section(searches)
     return lines
 
 
-def _attention_label(case: Case) -> str:
-    backend = case.info.get("attention_backend")
-    return f"{case.impl} ({backend})" if backend and backend != case.impl else case.impl
-
-
 def _max_batch_section(searches: list[Case]) -> list[str]:
     by_key: dict[tuple[int, int, int], dict[str, Case]] = defaultdict(dict)
     for c in searches:
-        key = (int(c.info.get("H", 0)), int(c.info.get("W", 0)), int(c.info.get("cap_bytes", 0)))
-        by_key[key][c.impl] = c
+        by_key[(c.info.get("H", 0), c.info.get("W", 0), c.info.get("cap_bytes", 0))][c.impl] = c
 
-    def batch_cell(c: Case | None) -> str:
-        if c is None:
-            return "—"
-        best = int(c.info.get("max_batch", 0) or 0)
-        return f">= {best}" if best and best == c.info.get("search_limit") else str(best)
+    def best(c: Case | None) -> int | None:
+        return None if c is None else int(c.info.get("max_batch", 0) or 0)
 
-    enforced = all(c.info.get("cap_enforced") for c in searches)
     rows, claims = [], []
     for (h, w, cap), impls in sorted(by_key.items()):
         ref, fused = impls.get("reference"), impls.get("fused")
-        rows.append([f"{h}x{w}", format_bytes(cap), batch_cell(ref), batch_cell(fused),
+        cells = ["—" if c is None else f">= {best(c)}" if best(c) and best(c) == c.info.get("search_limit")
+                 else str(best(c)) for c in (ref, fused)]
+        rows.append([f"{h}x{w}", format_bytes(cap), *cells,
                      format_ms(fused.median_s) if fused and fused.median_s else "—",
                      format_bytes(fused.peak) if fused else "—"])
-        ref_best = int(ref.info.get("max_batch", 0) or 0) if ref else None
-        fused_best = int(fused.info.get("max_batch", 0) or 0) if fused else None
-        if ref_best is not None and fused_best is not None and fused_best > ref_best:
-            claims.append(
-                f"{h}x{w} under {format_bytes(cap)}: fused batch {fused_best}, reference {ref_best}"
-            )
-    how = ("enforced with torch.cuda.set_per_process_memory_fraction on PyTorch's caching allocator "
-           "(the CUDA context and library workspaces come on top)" if enforced else
-           "compared with the measured peak of each batch (the CPU allocator cannot be capped)")
+        if ref is not None and fused is not None and best(fused) > best(ref):
+            claims.append(f"{h}x{w} under {format_bytes(cap)}: fused batch {best(fused)}, "
+                          f"reference {best(ref)}")
+    enforced = all(c.info.get("cap_enforced") for c in searches)
+    how = ("enforced with torch.cuda.set_per_process_memory_fraction on PyTorch's caching allocator (the "
+           "CUDA context and library workspaces come on top)" if enforced
+           else "compared with the measured peak of each batch (the CPU allocator cannot be capped)")
     lines = ["### Largest batch under a memory cap", "", f"Caps {how}; a search over batch sizes "
              "(doubling, then bisecting; `>=` marks the search's upper limit).", ""]
     lines += markdown_table(["input HxW", "cap", "reference: max batch", "fused: max batch",
                              "fused step ms at its max batch", "fused peak at its max batch"], rows)
     lines.append("")
     if claims:
-        lines += ["Where the fused model fits a batch the reference cannot: " + "; ".join(claims) + ".", ""]
-    else:
-        lines += ["In these runs the fused model fit no larger batch than the reference.", ""]
-    return lines
+        return [*lines, f"Where the fused model fits a batch the reference cannot: {'; '.join(claims)}.", ""]
+    return [*lines, "In these runs the fused model fit no larger batch than the reference.", ""]
 
 
 def _not_run_section(cases: list[Case]) -> list[str]:
-    skipped = [c for c in cases if c.median_s is None]
-    if not skipped:
-        return []
     by_reason: dict[str, list[str]] = defaultdict(list)
-    for c in skipped:
-        by_reason[c.reason or "not run"].append(c.name)
-    lines = ["## Cases that did not run", ""]
+    for c in cases:
+        if c.median_s is None:
+            by_reason[c.reason or "not run"].append(c.name)
+    lines = ["## Cases that did not run", ""] if by_reason else []
     for reason, names in sorted(by_reason.items()):
         lines.append(f"- {reason} ({len(names)} case{'s' * (len(names) != 1)}): "
                      + ", ".join(f"`{n}`" for n in sorted(names)))
-    return [*lines, ""]
+    return [*lines, ""] if lines else []
 
 
 CONVENTIONS = """\
@@ -334,8 +309,11 @@ CONVENTIONS = """\
 - **median ms**: the median of the timed rounds of one call (pytest-benchmark's pedantic mode,
   after warm-up; on CUDA every round is bracketed by `torch.cuda.synchronize()`). **min ms**:
   the fastest round, the least disturbed by other processes on a shared machine.
+- **variant**: the dtype, and for fp32 the matmul precision (`torch.set_float32_matmul_precision`:
+  `fp32` is "highest", exact fp32; `fp32-high` 3xTF32 in the kernels, TF32 in cuBLAS;
+  `fp32-medium` TF32).
 - **speed-up vs reference**: the reference's median divided by this row's, in the same group
-  (same op, pass, dtype and shape); above 1 is faster. **memory vs reference**: this row's
+  (same op, pass, variant and shape); above 1 is faster. **memory vs reference**: this row's
   peak divided by the reference's; below 1 is smaller.
 - **peak memory** (kernels): the most memory the call allocates above what existed before it
   (the inputs and the output gradient), outputs and gradients included. On CUDA it is
@@ -358,53 +336,59 @@ CONVENTIONS = """\
 """
 
 
+REPRODUCING = """\
+## Reproducing
+
+From the repository root, with no install and no network (`PYTHONPATH=.`). The grid is the
+machine's: reduced on a CPU, the full one on CUDA (where the kernels and the training
+benchmarks are best run as separate commands, `-k` selecting fewer cases, e.g. `-k 128x256`;
+the report merges the JSON files). `python -m scripts.gpu_check` runs the GPU's selection
+within a time budget (docs/performance.md, "GPU check").
+
+```bash
+PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --torch-threads 1 --benchmark-json=results.json
+PYTHONPATH=. python -m benchmarks.report results.json --out docs/benchmarks.md --plot docs/benchmarks.png \\
+    --overwrite
+```
+"""
+
+
 def render_markdown(runs: Sequence[Run], plot_link: str | None = None) -> str:
     """The whole report as markdown; ``plot_link`` (relative to the report) embeds the plot."""
     cases = [c for run in runs for c in run.cases]
-    on_cpu = all(run.device.startswith("CPU") for run in runs)
     lines = ["# Benchmarks", "",
              "<!-- Generated by `python -m benchmarks.report` from pytest-benchmark JSON; "
              "do not edit by hand. -->", ""]
-    if on_cpu:
+    if all(run.device.startswith("CPU") for run in runs):
         lines += ["> **CPU results.** These numbers come from a CPU without a GPU: reduced shapes, the",
                   "> blockwise PyTorch backend (`backend=\"torch\"`) against the bmm reference, no Triton.",
                   "> The GPU tables come from the same commands on a CUDA machine (see *Reproducing*).", ""]
     if any(run.quick for run in runs):
         lines += ["> **Smoke run** (`--bench-quick`): one round per case on the smallest grids; the",
                   "> timings only show that the suite runs.", ""]
-    rows = [[run.device, str(run.versions.get("torch")), str(run.versions.get("triton")),
+    rows = [[run.device, run.versions.get("torch"), run.versions.get("triton"),
              (run.versions.get("cuda") if not run.device.startswith("CPU") else None) or "—",
-             str(run.versions.get("python")),
-             run.date[:19].replace("T", " "), run.commit, f"`{Path(run.path).name}`"] for run in runs]
+             run.versions.get("python"), run.date[:19].replace("T", " "), run.commit,
+             f"`{Path(run.path).name}`"] for run in runs]
     header = ["measured on", "torch", "triton", "CUDA", "python", "date (UTC)", "commit", "file"]
-    lines += markdown_table(header, rows)
-    lines.append("")
+    lines += [*markdown_table(header, rows), ""]
     for run in runs:
         if run.command:
             lines += [f"`{Path(run.path).name}` was written by `{run.command}`.", ""]
     if plot_link:
         lines += [f"![time and peak memory against N]({plot_link})", ""]
-    for op in ("pam", "cam"):
-        lines += _kernel_section(op, cases)
-    lines += _training_sections(cases)
-    lines += _not_run_section(cases)
-    lines += [CONVENTIONS, "## Reproducing", "",
-              "On this machine (the CPU grid is chosen automatically where there is no GPU):", "", "```bash",
-              "PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --torch-threads 1 "
-              "--benchmark-json=results.json",
-              "PYTHONPATH=. python -m benchmarks.report results.json --out docs/benchmarks.md "
-              "--plot docs/benchmarks.png --overwrite", "```", "",
-              "On a CUDA machine:", "", "```bash", GPU_COMMANDS, "```", ""]
+    lines += [*kernel_section("pam", cases), *kernel_section("cam", cases), *training_sections(cases),
+              *_not_run_section(cases), CONVENTIONS, REPRODUCING]
     return "\n".join(lines)
 
 
 def render_plot(runs: Sequence[Run], path: str | Path) -> None:
     """Log-log plot of time and peak memory against N, one line per implementation and pass.
 
-    One row of panels per dtype (PAM time, PAM memory, CAM time, CAM memory) at the smallest
+    One row of panels per variant (PAM time, PAM memory, CAM time, CAM memory) at the smallest
     batch, and a row for the training step (time and memory against input pixels, batch 1).
     """
-    import matplotlib
+    import matplotlib  # here, not at the top: the markdown report needs no plotting library
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -412,81 +396,55 @@ def render_plot(runs: Sequence[Run], path: str | Path) -> None:
 
     cases = [c for run in runs for c in run.cases if c.median_s is not None]
     kernel = [c for c in cases if c.op in OP_TITLES]
-    dtypes = sorted({c.info.get("dtype") for c in kernel}, key=lambda d: _order(str(d), DTYPE_ORDER))
+    variants = sorted({c.variant for c in kernel}, key=lambda v: _order(v, VARIANT_ORDER))
     steps = [c for c in cases if c.op == "train_step"]
-    n_rows = len(dtypes) + bool(steps)
+    n_rows = len(variants) + bool(steps)
     if n_rows == 0:
         raise ValueError("nothing to plot: no measured case in the input")
     fig, axes = plt.subplots(n_rows, 4, figsize=(18, 3.8 * n_rows), squeeze=False)
     colours = {impl: f"C{i}" for i, impl in enumerate(IMPL_ORDER)}
-    styles = {"forward": "-", "forward+backward": "--"}
 
-    def draw(ax, points: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str) -> None:
-        for label, xy in sorted(points.items()):
-            xy = sorted(p for p in xy if p[1] is not None and p[1] > 0)
-            if not xy:
-                continue
-            impl, _, pass_ = label.partition(" ")
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=label,
-                    color=colours.get(impl, "k"), linestyle=styles.get(pass_, "-"))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+    def draw(ax: Any, mine: list[Case], x: Callable[[Case], float], label: Callable[[Case], str], title: str,
+             xlabel: str) -> None:
+        """Time (``ax``) and peak memory (the next axes) of ``mine`` at their smallest batch."""
+        batch = min(c.info.get("B", 1) for c in mine)
+        for values, axis, ylabel in ((lambda c: c.median_s * 1e3, ax[0], "ms"),
+                                     (lambda c: None if c.peak is None else c.peak / 2**20, ax[1], "MiB")):
+            points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for c in mine:
+                if c.info.get("B") == batch and values(c):
+                    points[label(c)].append((x(c), values(c)))
+            for name, xy in sorted(points.items()):
+                impl, _, pass_ = name.partition(" ")
+                style = "--" if pass_ == "forward+backward" else "-"
+                axis.plot(*zip(*sorted(xy), strict=True), marker="o", label=name,
+                          color=colours.get(impl, "k"), linestyle=style)
+            axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+            axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+            axis.set_title(f"{title} {'time' if ylabel == 'ms' else 'peak memory'}, B={batch}", fontsize=10)
+            axis.grid(True, which="both", alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=7)
 
-    for row, dtype in enumerate(dtypes):
+    for row, variant in enumerate(variants):
         for col, op in enumerate(("pam", "cam")):
-            mine = [c for c in kernel if c.op == op and c.info.get("dtype") == dtype]
-            if not mine:
+            mine = [c for c in kernel if c.op == op and c.variant == variant]
+            if mine:
+                draw(axes[row][2 * col:], mine, lambda c: c.info["N"],
+                     lambda c: f"{c.impl} {c.info.get('pass')}", f"{op.upper()} {variant}", "N = H x W")
+            else:
                 axes[row][2 * col].set_visible(False)
                 axes[row][2 * col + 1].set_visible(False)
-                continue
-            batch = min(c.info.get("B", 1) for c in mine)
-            times: dict[str, list] = defaultdict(list)
-            memory: dict[str, list] = defaultdict(list)
-            for c in mine:
-                if c.info.get("B") != batch:
-                    continue
-                label = f"{c.impl} {c.info.get('pass')}"
-                times[label].append((c.info["N"], c.median_s * 1e3))
-                memory[label].append((c.info["N"], None if c.peak is None else c.peak / 2**20))
-            name = op.upper()
-            where = f"{dtype}, B={batch}"
-            draw(axes[row][2 * col], times, f"{name} time, {where}", "N = H x W", "median ms")
-            draw(axes[row][2 * col + 1], memory, f"{name} peak memory, {where}", "N = H x W", "MiB")
     if steps:
-        row = len(dtypes)
-        batch = min(c.info.get("B", 1) for c in steps)
-        times, memory = defaultdict(list), defaultdict(list)
-        for c in steps:
-            if c.info.get("B") == batch:
-                pixels = c.info["H"] * c.info["W"]
-                times[c.impl].append((pixels, c.median_s * 1e3))
-                memory[c.impl].append((pixels, None if c.peak is None else c.peak / 2**20))
-        where = f"{steps[0].info.get('backbone')}, batch {batch}"
-        draw(axes[row][0], times, f"training step time, {where}", "input pixels", "ms")
-        draw(axes[row][1], memory, f"training step peak memory, {where}", "input pixels", "MiB")
-        axes[row][2].set_visible(False)
-        axes[row][3].set_visible(False)
-    devices = ", ".join(sorted({run.device for run in runs}))
-    fig.suptitle(f"DANet attention benchmarks on {devices}", fontsize=12)
+        draw(axes[-1], steps, lambda c: c.info["H"] * c.info["W"],
+             lambda c: f"{c.impl} {c.info.get('precision', '')}".strip(),
+             f"training step, {steps[0].info.get('backbone')}", "input pixels")
+        axes[-1][2].set_visible(False)
+        axes[-1][3].set_visible(False)
+    fig.suptitle(f"DANet attention benchmarks on {', '.join(sorted({r.device for r in runs}))}", fontsize=12)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a failed run never leaves half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -504,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(docs/benchmarks.* are the committed results)", file=sys.stderr)
         return 2
     try:
-        runs = load_cases(args.results)
+        runs = [load_run(path) for path in args.results]
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"benchmarks.report: error: {exc}", file=sys.stderr)
         return 2
@@ -515,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_link = os.path.relpath(args.plot, Path(args.out).parent if args.out else ".")
     markdown = render_markdown(runs, plot_link)
     if args.out:
-        _write_atomically(Path(args.out), markdown)
+        atomic_write(args.out, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
         print(f"wrote {args.out} ({sum(len(run.cases) for run in runs)} cases from {len(args.results)} "
               "file(s))", file=sys.stderr)
     else:

@@ -1,7 +1,7 @@
 """Channel attention (CAM): the bmm reference against danet_kernels, side by side.
 
 Run ``pytest benchmarks/test_channel_attention.py --benchmark-only``. Each group is one
-problem (pass, dtype, shape); its rows are the implementations:
+problem (pass, variant, shape); its rows are the implementations:
 
 * ``reference``: ``danet_kernels.reference.channel_attention_reference``, the original
   module's bmm / softmax(rowmax - energy) / bmm;
@@ -21,14 +21,14 @@ import pytest
 import torch
 
 from benchmarks.harness import (
-    DTYPES,
     ON_CUDA,
     PASSES,
+    VARIANTS,
     AttentionShape,
+    Variant,
     attention_shapes,
-    cam_flops,
     cam_inputs,
-    dtype_name,
+    describe_case,
     error_vs_float64,
     make_step,
     run_benchmark,
@@ -43,32 +43,23 @@ IMPLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-@pytest.mark.parametrize("shape", attention_shapes(), ids=lambda s: s.id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("pass_", PASSES)
+# Shapes outermost, implementations innermost: a run cut short by --bench-deadline keeps whole
+# groups (every implementation of a problem) of the shapes it reached.
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_cam(
-    benchmark,
-    impl: str,
-    pass_: str,
-    dtype: torch.dtype,
-    shape: AttentionShape,
-) -> None:
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("shape", attention_shapes(), ids=lambda s: s.id)
+def test_cam(benchmark, impl: str, pass_: str, variant: Variant, shape: AttentionShape) -> None:
     """Time one CAM forward or forward+backward; record peak memory, FLOPs and the float64 error."""
-    benchmark.group = f"cam {pass_} {dtype_name(dtype)} {shape.id}"
-    benchmark.extra_info.update(
-        op="cam", impl=impl, **{"pass": pass_}, dtype=dtype_name(dtype), B=shape.batch, C=shape.channels,
-        H=shape.height, W=shape.width, N=shape.n, flops=cam_flops(shape, pass_),
-    )
+    describe_case(benchmark, "cam", impl, pass_, variant, shape)
     torch.manual_seed(0)
-    x, grad_out = cam_inputs(shape, dtype)
+    x, grad_out = cam_inputs(shape, variant.dtype)
     inputs = [x.requires_grad_(pass_ != "forward")]
     fn = IMPLS[impl]
-
-    run_benchmark(
-        benchmark,
-        make_step(fn, inputs, pass_, grad_out),
-        check=lambda: error_vs_float64(
-            fn, inputs, grad_out, pass_, channel_attention_reference, [x], grad_out
-        ),
-    )
+    with variant.active():
+        run_benchmark(
+            benchmark,
+            make_step(fn, inputs, pass_, grad_out),
+            check=lambda: error_vs_float64(fn, inputs, grad_out, pass_, channel_attention_reference, [x],
+                                           grad_out),
+        )

@@ -1,7 +1,7 @@
 """Position attention (PAM): the bmm reference against danet_kernels and SDPA, side by side.
 
 Run ``pytest benchmarks/test_position_attention.py --benchmark-only``. Each group of the
-output is one problem (pass, dtype, shape); its rows are the implementations:
+output is one problem (pass, variant, shape); its rows are the implementations:
 
 * ``reference``: ``danet_kernels.reference.position_attention_reference``, the original
   module's two bmm calls around a softmax (materialises the N x N attention);
@@ -31,22 +31,18 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from benchmarks.harness import (
     DEVICE,
-    DTYPES,
     ON_CUDA,
     PASSES,
+    VARIANTS,
     AttentionShape,
+    Variant,
     attention_shapes,
-    dtype_name,
+    describe_case,
     error_vs_float64,
-    from_sdpa_layout,
-    identity,
-    is_sdpa_refusal,
     make_step,
-    pam_flops,
     pam_inputs,
     run_benchmark,
     skip_case,
-    to_sdpa_layout,
 )
 from danet_kernels import position_attention
 from danet_kernels.reference import position_attention_reference
@@ -56,11 +52,27 @@ from danet_kernels.reference import position_attention_reference
 REFERENCE_CHECK_MAX_N = 16384
 # Fused SDPA backends only: the math backend is the reference's algorithm again.
 SDPA_FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+# What SDPA raises when no allowed backend takes the operands (PyTorch's words).
+SDPA_REFUSALS = ("No available kernel", "No viable backend")
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     with sdpa_kernel(SDPA_FUSED_BACKENDS):
         return scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
+    """(B, channels, N) -> contiguous (B, 1, N, channels): one head, the positions as the sequence."""
+    return t.transpose(1, 2).unsqueeze(1).contiguous()
+
+
+def _from_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N, channels) -> (B, channels, N): the inverse of :func:`_to_sdpa_layout`."""
+    return t.squeeze(1).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -69,15 +81,15 @@ class PamImpl:
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    to_native: Callable[[torch.Tensor], torch.Tensor] = identity
-    to_canonical: Callable[[torch.Tensor], torch.Tensor] = identity
+    to_native: Callable[[torch.Tensor], torch.Tensor] = _identity
+    to_canonical: Callable[[torch.Tensor], torch.Tensor] = _identity
 
 
 IMPLS = [
     PamImpl("reference", position_attention_reference),
     *([PamImpl("triton", lambda q, k, v: position_attention(q, k, v, backend="triton"))] if ON_CUDA else []),
     PamImpl("blockwise", lambda q, k, v: position_attention(q, k, v, backend="torch")),
-    PamImpl("sdpa", _sdpa, to_sdpa_layout, from_sdpa_layout),
+    PamImpl("sdpa", _sdpa, _to_sdpa_layout, _from_sdpa_layout),
 ]
 
 
@@ -89,7 +101,7 @@ def _sdpa_refusal(inputs: list[torch.Tensor]) -> str | None:
             with torch.no_grad():
                 _sdpa(*inputs)
         except RuntimeError as exc:
-            if not is_sdpa_refusal(exc):
+            if not any(m in str(exc) for m in SDPA_REFUSALS):
                 raise
             # PyTorch explains the refusal in warnings; keep the ones that say something.
             messages = (str(w.message).split(" (Triggered")[0] for w in caught)
@@ -104,36 +116,28 @@ def _exact_pam(n: int) -> Callable[..., torch.Tensor]:
     return lambda q, k, v: position_attention(q, k, v, backend="torch")
 
 
-@pytest.mark.parametrize("shape", attention_shapes(), ids=lambda s: s.id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("pass_", PASSES)
+# Shapes outermost, implementations innermost: a run cut short by --bench-deadline keeps whole
+# groups (every implementation of a problem) of the shapes it reached.
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.name)
-def test_pam(
-    benchmark,
-    impl: PamImpl,
-    pass_: str,
-    dtype: torch.dtype,
-    shape: AttentionShape,
-) -> None:
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("shape", attention_shapes(), ids=lambda s: s.id)
+def test_pam(benchmark, impl: PamImpl, pass_: str, variant: Variant, shape: AttentionShape) -> None:
     """Time one PAM forward or forward+backward; record peak memory, FLOPs and the float64 error."""
-    benchmark.group = f"pam {pass_} {dtype_name(dtype)} {shape.id}"
-    benchmark.extra_info.update(
-        op="pam", impl=impl.name, **{"pass": pass_}, dtype=dtype_name(dtype), B=shape.batch, C=shape.channels,
-        d=shape.qk_dim, H=shape.height, W=shape.width, N=shape.n, flops=pam_flops(shape, pass_),
-    )
+    describe_case(benchmark, "pam", impl.name, pass_, variant, shape)
     torch.manual_seed(0)
-    q, k, v, grad_out = pam_inputs(shape, dtype)
+    q, k, v, grad_out = pam_inputs(shape, variant.dtype)
     backward = pass_ != "forward"
     native = [impl.to_native(t).requires_grad_(backward) for t in (q, k, v)]
     native_grad_out = impl.to_native(grad_out)
     if impl.name == "sdpa" and (reason := _sdpa_refusal(native)) is not None:
         skip_case(benchmark, reason)
-
-    run_benchmark(
-        benchmark,
-        make_step(impl.fn, native, pass_, native_grad_out),
-        check=lambda: error_vs_float64(
-            impl.fn, native, native_grad_out, pass_, _exact_pam(shape.n), (q, k, v), grad_out,
-            impl.to_canonical,
-        ),
-    )
+    with variant.active():
+        run_benchmark(
+            benchmark,
+            make_step(impl.fn, native, pass_, native_grad_out),
+            check=lambda: error_vs_float64(
+                impl.fn, native, native_grad_out, pass_, _exact_pam(shape.n), (q, k, v), grad_out,
+                impl.to_canonical,
+            ),
+        )

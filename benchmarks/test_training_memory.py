@@ -1,13 +1,14 @@
 """High-resolution training: a full DANet step with the reference attention against the fused one.
 
 Run ``pytest benchmarks/test_training_memory.py --benchmark-only``. A step is what the
-trainer does per iteration: forward, DANet's loss (cross entropy on the sum, PAM and CAM
-outputs), backward, and an SGD step with the training config's defaults (momentum, weight
-decay, 10x head LR). Two tests:
+trainer does per iteration: forward, DANet's loss (danet.training.losses.DANetLoss), backward, and the
+optimiser's step (danet.training.optimizer.build_optimizer with the training config's defaults: SGD with
+momentum, weight decay, 10x head LR), in fp32 or, with ``--train-amp bf16``, under bf16
+autocast. Two tests:
 
-* ``test_train_step[attention-HxW-Bb]``: the step's time and peak memory at each input size
+* ``test_train_step[Bb-HxW-attention]``: the step's time and peak memory at each input size
   and batch; a batch that does not fit is reported as OOM.
-* ``test_max_batch[attention-HxW-capG]``: the largest batch whose step fits under a memory
+* ``test_max_batch[capG-HxW-attention]``: the largest batch whose step fits under a memory
   cap (a search over batch sizes, doubling then bisecting), and the step's time at that batch.
 
 ``peak_mem_bytes`` of a step is what must fit: the model's state (parameters, SGD momentum)
@@ -15,11 +16,10 @@ and the batch, plus the peak the step allocates on top (activations, gradients, 
 the harness's probe). Gradients are released after each step, as ``zero_grad`` does.
 
 On CUDA: the published model (ModelConfig's defaults: ResNet-101, output stride 8,
-multi-grid) at 512x512, 769x769, 1024x1024
-and a full 1024x2048 Cityscapes frame, batches 1 to 8, and caps of 16, 24, 40 and 80 GiB
-enforced with ``torch.cuda.set_per_process_memory_fraction`` (a cap above the device's memory
-is clamped to it, and says so). The claim to check: the fused model trains on 1024x2048
-frames at a batch the reference cannot fit.
+multi-grid) at 512x512, 769x769, 1024x1024 and a full 1024x2048 Cityscapes frame, batches 1
+to 8, and caps of 16, 24, 40 and 80 GiB enforced with ``torch.cuda.set_per_process_memory_fraction``
+(a cap above the device's memory is clamped to it, and says so). The claim to check: the fused
+model trains on 1024x2048 frames at a batch the reference cannot fit.
 
 On the CPU a scaled-down version shows the same effect on any machine: the tiny backbone
 (``resnet_tiny``) at 256x256 and 512x512 (N = 1024 and 4096 positions), where the reference
@@ -41,25 +41,26 @@ import danet_kernels
 from benchmarks.harness import (
     DEVICE,
     ON_CUDA,
+    SETTINGS,
     free_memory,
     is_oom,
     largest_batch,
     peak_memory_bytes,
-    quick_mode,
     run_benchmark,
     skip_case,
     synchronize,
 )
-from danet.config import ModelConfig, OptimConfig
+from danet.config import ATTENTIONS, Config, ModelConfig
 from danet.models import build_model
+from danet.runtime import AMP_DTYPES
 from danet.training.losses import DANetLoss
+from danet.training.optimizer import build_optimizer
 from danet_kernels._dispatch import resolve_backend
 
 NCLASS = 19  # Cityscapes
 # Measured totals per (attention, H, W, batch, amp): the CPU's max-batch search compares them
 # with its caps instead of running every step again.
-_measured_totals: dict[tuple[str, int, int, int, bool], int | None] = {}
-ATTENTIONS = ("reference", "fused")
+_measured_totals: dict[tuple[str, int, int, int, str], int | None] = {}
 GIB, MIB = 2**30, 2**20
 
 
@@ -74,7 +75,6 @@ class TrainingGrid:
     caps: tuple[int, ...]  # memory caps in bytes
     search_limit: int  # the largest batch tried
     rounds: tuple[int, int]  # (timed rounds, warm-up rounds) of a step
-    cap_enforced: bool  # caps enforced by the allocator (CUDA) or compared with measured peaks
 
 
 CUDA_GRID = TrainingGrid(
@@ -85,7 +85,6 @@ CUDA_GRID = TrainingGrid(
     caps=(16 * GIB, 24 * GIB, 40 * GIB, 80 * GIB),
     search_limit=32,
     rounds=(3, 1),
-    cap_enforced=True,
 )
 CPU_GRID = TrainingGrid(
     model=ModelConfig(backbone="resnet_tiny", multi_grid=False),
@@ -95,7 +94,6 @@ CPU_GRID = TrainingGrid(
     caps=(256 * MIB, 512 * MIB),
     search_limit=4,
     rounds=(1, 0),
-    cap_enforced=False,
 )
 
 
@@ -109,9 +107,8 @@ def _quick(grid: TrainingGrid) -> TrainingGrid:
 
 
 GRID = CUDA_GRID if ON_CUDA else CPU_GRID
-if quick_mode():
-    GRID = _quick(GRID)
-# The network as the reports name it (also the GPU check's training and evaluation sections').
+GRID = _quick(GRID) if SETTINGS.quick else GRID
+# The network as the report names it.
 NETWORK = GRID.model.backbone + (" multi-grid" if GRID.model.multi_grid else "")
 
 
@@ -127,24 +124,21 @@ def _tensor_bytes(tensors: object) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-class Trainer:
-    """A DANet with its loss and SGD optimiser (the training config's defaults), one step at a time.
+class TrainingStep:
+    """A DANet with the trainer's loss and optimiser (danet.training.optimizer.build_optimizer with the
+    training config's defaults), one step at a time, in fp32 or under autocast (``amp``: a key
+    of danet.runtime.AMP_DTYPES).
 
-    One step on a small image at construction creates the SGD momentum buffers, which every
-    later step holds, so that the steps measured are steady-state steps.
+    One step on a small image at construction creates the optimiser's momentum buffers, which
+    every later step holds, so that the steps measured are steady-state steps.
     """
 
-    def __init__(self, attention: str, amp: bool) -> None:
-        optim = OptimConfig()
+    def __init__(self, attention: str, amp: str) -> None:
         self.model = build_model(dataclasses.replace(GRID.model, attention=attention), NCLASS)
         self.model.to(DEVICE).train()
-        backbone_params, head_params = self.model.parameter_groups()
-        self.optimizer = torch.optim.SGD(
-            [{"params": backbone_params}, {"params": head_params, "lr": optim.lr * optim.head_lr_mult}],
-            lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-        )
+        self.optimizer = build_optimizer(self.model, Config())
         self.criterion = DANetLoss()
-        self.amp = amp
+        self.amp_dtype = AMP_DTYPES[amp]
         self.step(*self.batch(1, 64, 64))
 
     def batch(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +149,7 @@ class Trainer:
 
     def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
         """Forward, loss, backward, optimiser step; gradients released afterwards."""
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(DEVICE.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, _ = self.criterion(self.model(images), target)
         loss.backward()
         self.optimizer.step()
@@ -179,7 +173,7 @@ def _fused_backend() -> Iterator[None]:
         yield
 
 
-def _describe(benchmark, attention: str, size: tuple[int, int], amp: bool) -> None:
+def _describe(benchmark, attention: str, size: tuple[int, int], amp: str) -> None:
     height, width = size
     stride = GRID.model.output_stride
     feature_h, feature_w = -(-height // stride), -(-width // stride)
@@ -189,32 +183,34 @@ def _describe(benchmark, attention: str, size: tuple[int, int], amp: bool) -> No
         backend = {"torch": "blockwise"}.get(resolved, resolved)
     benchmark.extra_info.update(
         impl=attention, backbone=NETWORK, H=height, W=width, N=feature_h * feature_w,
-        precision="bf16-autocast" if amp else "fp32", attention_backend=backend,
+        precision="fp32" if amp == "none" else f"{amp}-autocast", attention_backend=backend,
     )
 
 
-def _amp(request: pytest.FixtureRequest) -> bool:
-    return request.config.getoption("--train-amp", default="none") == "bf16"
+def _amp(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--train-amp", default="none")
 
 
-@pytest.mark.parametrize("batch", GRID.batches, ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("size", GRID.sizes, ids=_size_id)
+# Batches (caps) outermost, the attentions innermost: a run cut short by --bench-deadline keeps
+# both attentions of every size it reached.
 @pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("size", GRID.sizes, ids=_size_id)
+@pytest.mark.parametrize("batch", GRID.batches, ids=lambda b: f"B{b}")
 def test_train_step(
     benchmark, request: pytest.FixtureRequest, attention: str, size: tuple[int, int], batch: int
 ) -> None:
     """Time one DANet training step and record what it needs in memory."""
     amp = _amp(request)
-    benchmark.group = f"train step {GRID.model.backbone} {_size_id(size)} B{batch}"
+    benchmark.group = f"train step {GRID.model.backbone} {_size_id(size)} B{batch} {amp}"
     benchmark.extra_info.update(op="train_step", B=batch)
     _describe(benchmark, attention, size, amp)
-    trainer = Trainer(attention, amp)
+    trainer = TrainingStep(attention, amp)
     images, target = trainer.batch(batch, *size)
     total = _time_step(benchmark, trainer, images, target)
     _measured_totals[(attention, *size, batch, amp)] = total  # spares the CPU max-batch search a step
 
 
-def _time_step(benchmark, trainer: Trainer, images: torch.Tensor, target: torch.Tensor) -> int | None:
+def _time_step(benchmark, trainer: TrainingStep, images: torch.Tensor, target: torch.Tensor) -> int | None:
     """Benchmark ``trainer.step`` on this batch; record and return the total memory it needs.
 
     On CUDA a first untimed step lets cuDNN, the allocator and Triton's autotuner settle; the
@@ -252,7 +248,7 @@ def memory_cap(cap: int) -> Iterator[dict[str, object]]:
         free_memory()
 
 
-def _fits_under(trainer: Trainer, attention: str, size: tuple[int, int], cap: int, amp: bool):
+def _fits_under(trainer: TrainingStep, attention: str, size: tuple[int, int], cap: int, amp: str):
     """``fits(batch)`` for :func:`largest_batch`: one real step under the cap (CUDA) or a
     measured total compared with it (CPU)."""
 
@@ -283,18 +279,18 @@ def _fits_under(trainer: Trainer, attention: str, size: tuple[int, int], cap: in
     return fits_cuda if ON_CUDA else fits_cpu
 
 
-@pytest.mark.parametrize("cap", GRID.caps, ids=_cap_id)
-@pytest.mark.parametrize("size", GRID.cap_sizes, ids=_size_id)
 @pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("size", GRID.cap_sizes, ids=_size_id)
+@pytest.mark.parametrize("cap", GRID.caps, ids=_cap_id)
 def test_max_batch(
     benchmark, request: pytest.FixtureRequest, attention: str, size: tuple[int, int], cap: int
 ) -> None:
     """Find the largest batch whose training step fits under ``cap``; time the step at that batch."""
     amp = _amp(request)
-    benchmark.group = f"max batch {GRID.model.backbone} {_size_id(size)} cap {_cap_id(cap)}"
+    benchmark.group = f"max batch {GRID.model.backbone} {_size_id(size)} cap {_cap_id(cap)} {amp}"
     benchmark.extra_info.update(op="train_max_batch", cap_bytes=cap, search_limit=GRID.search_limit)
     _describe(benchmark, attention, size, amp)
-    trainer = Trainer(attention, amp)
+    trainer = TrainingStep(attention, amp)
     with memory_cap(cap) as applied:
         benchmark.extra_info.update(applied)
         best = largest_batch(_fits_under(trainer, attention, size, cap, amp), GRID.search_limit)

@@ -103,8 +103,8 @@ def ranged(key: str, kind: type = int) -> Callable[[str], Any]:
 # apart; the value then comes from the checkpoint's stored config, else from danet/config.py.
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --dataset, the model overrides, --device and --threads."""
+def _model_options(parser: argparse.ArgumentParser, root_help: str = "") -> None:
+    """--checkpoint, --dataset, --root, the model overrides, --device and --threads."""
     parser.add_argument("--checkpoint", required=True, metavar="PATH|RUN_DIR|latest",
                         help="model weights: a checkpoint file (a danet training checkpoint, the original "
                              "DANet release's checkpoint, or a plain state_dict), a run directory (its "
@@ -113,6 +113,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, metavar="NAME",
                         help="dataset the model was trained on (classes, palette); default: the "
                              f"checkpoint's, else {DataConfig.dataset!r}")
+    parser.add_argument("--root", default=None, metavar="DIR",
+                        help=root_help or "dataset root, for a checkpoint that does not carry its class "
+                                          "names (those of danet train do): the folder dataset reads "
+                                          "them from DIR/classes.txt (default: the checkpoint's)")
     group = parser.add_argument_group("model (default: the checkpoint's stored config, else "
                                       "danet/config.py's ModelConfig)")
     group.add_argument("--backbone", default=None,
@@ -196,9 +200,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_options(parser: argparse.ArgumentParser) -> None:
-    _model_options(parser)
-    parser.add_argument("--root", default=None, metavar="DIR",
-                        help="dataset root (default: the checkpoint's; not needed for 'synthetic')")
+    _model_options(parser, root_help="dataset root (default: the checkpoint's, where it was trained; "
+                                     "not needed for 'synthetic')")
     parser.add_argument("--split", default="val", help="dataset split (default: val)")
     parser.add_argument("--limit", type=ranged("data.val_samples"), default=None, metavar="N",
                         help="evaluate the first N images only")
@@ -253,6 +256,8 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
                         help="CAM channels to show (default: the --num-channels most contrasted)")
     parser.add_argument("--num-channels", type=ranged("attention.num_channels"), default=4,
                         help="channel maps to show (default 4)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on a large image")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -264,8 +269,8 @@ def _lr_plot_options(parser: argparse.ArgumentParser) -> None:
                              "`danet train` would plan it)")
     _config_options(parser, "take the schedule, base LR and run length from this preset")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--output", "-o", default="lr_policies.png",
-                        help="PNG to write (default: %(default)s)")
+    parser.add_argument("--output", "-o", default=None, metavar="PNG",
+                        help="PNG to write (default: runs/lr_policies-<preset>.png; runs/ is git-ignored)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 

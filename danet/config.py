@@ -274,7 +274,7 @@ class ModelConfig:
     multi_grid: bool = True  # last-stage dilations x (1, 2, 4): (4, 8, 16) at output stride 8
     attention: str = "fused"  # "fused" (danet_kernels) or "reference" (bmm modules)
     aux: bool = False  # auxiliary FCN head on the third stage
-    pretrained_backbone: str | None = None  # local file of ImageNet weights (timm/torchvision)
+    pretrained_backbone: str | None = None  # ImageNet weights: a local file, or "timm" / "timm:<tag>"
     pretrained: str | None = None  # training only: a checkpoint whose weights start a new run
 
 
@@ -568,6 +568,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+CPU_VARIANT = "cpu"
+"""A preset's section that replaces some of its settings when the run will be on a CPU (see load_config)."""
+
+
+def cpu_variant(preset: str) -> dict[str, Any] | None:
+    """The ``cpu:`` section of ``preset`` (what it changes on a machine without CUDA), or None."""
+    return read_yaml(preset_path(preset)).get(CPU_VARIANT)
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether ``train.device`` ``device`` means the CPU here ("auto": when CUDA is not available)."""
+    if device != "auto":
+        return device == "cpu"
+    import torch  # lazy: start-up time (`danet --help` reads this module)
+
+    return not torch.cuda.is_available()
+
+
+def _sets(values: Mapping[str, Any], section: str, key: str) -> bool:
+    """Whether the nested mapping ``values`` gives ``section.key`` a value other than None."""
+    inner = values.get(section)
+    return isinstance(inner, Mapping) and inner.get(key) is not None
+
+
 def load_config(
     preset: str | None = DEFAULT_PRESET,
     config_file: str | Path | None = None,
@@ -577,13 +601,31 @@ def load_config(
 
     ``preset=None`` skips presets (pure dataclass defaults). Later sources win; every key is
     checked against the dataclasses, so a typo is a ValueError, not a silently ignored setting.
+
+    A preset written for GPUs may carry a ``cpu:`` section (:data:`CPU_VARIANT`): when the run
+    will be on a CPU (``train.device`` cpu, or auto on a machine without CUDA, as the file and
+    the overrides set it), its settings are applied right after the preset's own, so that the
+    config file and the overrides still win over them; its ``model`` section is skipped when
+    they give ``model.pretrained_backbone`` (weights for the preset's own backbone).
     """
     cfg = Config()
+    file_values = read_yaml(config_file) if config_file is not None else {}
+    override_values = parse_overrides(overrides)
     if preset is not None:
-        apply_dict(cfg, read_yaml(preset_path(preset)))
-    if config_file is not None:
-        apply_dict(cfg, read_yaml(config_file))
-    apply_dict(cfg, parse_overrides(overrides))
+        preset_values = read_yaml(preset_path(preset))
+        variant = preset_values.pop(CPU_VARIANT, None)
+        apply_dict(cfg, preset_values)
+        if variant is not None:
+            device = next((values["train"]["device"] for values in (override_values, file_values)
+                           if isinstance(values.get("train"), Mapping) and "device" in values["train"]),
+                          cfg.train.device)
+            if runs_on_cpu(str(device)):
+                if _sets(file_values, "model", "pretrained_backbone") or \
+                        _sets(override_values, "model", "pretrained_backbone"):
+                    variant = {k: v for k, v in variant.items() if k != "model"}  # weights for the preset's
+                apply_dict(cfg, variant)
+    apply_dict(cfg, file_values)
+    apply_dict(cfg, override_values)
     validate_config(cfg)
     return cfg
 

@@ -16,15 +16,33 @@ split differently), so runs compare exactly only at the same count.
 
 Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference to a dtype.
 The attention backend: :func:`check_attention_backend` refuses one forced where it cannot run.
+
+Install hints: :func:`install_hint` names the command that adds an extra's optional packages,
+for the way this process runs: from a checkout (``pip install -c constraints.txt -e '.[export]'``)
+or from the installed distribution (``pip install 'danet-fused[export]==0.1.0'``).
+
+Progress bars (:func:`progress_bar`) are drawn on a terminal only: redirected to a file or a pipe
+(a job's log), a bar's redraws would fill it (about 200 KB for the README's main job).
 """
 
 from __future__ import annotations
 
-import torch
+import importlib.metadata
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from danet.config import usable_cpus
 from danet_kernels._dispatch import resolve_backend
 
-__all__ = ["AMP_DTYPES", "check_attention_backend", "set_threads"]
+__all__ = ["AMP_DTYPES", "DISTRIBUTION", "check_attention_backend", "cpu_cores", "install_hint",
+           "progress_bar", "set_threads"]
+
+DISTRIBUTION = "danet-fused"
+"""The name danet is installed under (pyproject.toml's project.name)."""
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each ``amp`` setting (``train.amp``; ``eval.amp`` once "auto" is resolved)."""
@@ -55,3 +73,35 @@ def check_attention_backend(device: torch.device) -> None:
         resolve_backend("auto", torch.empty(0, device=device))
     except RuntimeError as err:
         raise ValueError(str(err)) from None
+
+
+def _checkout_root() -> Path | None:
+    """The checkout danet runs from (PYTHONPATH or an editable install), or None when installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "constraints.txt").is_file() else None
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs the optional packages of ``extra`` (a pyproject.toml extra)."""
+    root = _checkout_root()
+    if root is not None:
+        return f"pip install -c constraints.txt -e '.[{extra}]' (in {root})"
+    try:
+        pin = "==" + importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # copied without its metadata: any version
+        pin = ""
+    return f"pip install '{DISTRIBUTION}[{extra}]{pin}'"
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (danet.config.usable_cpus: its affinity where the
+    system reports one; the same count bounds data.workers and train.threads)."""
+    return usable_cpus()
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar (``options`` are tqdm's) that draws only when ``enabled`` and stderr is a terminal.
+
+    A disabled bar accepts every call (update, set_postfix, close), so callers need no branches.
+    """
+    # tqdm's disable=None: off when its output (stderr) is not a TTY
+    return tqdm(iterable, disable=None if enabled else True, **options)

@@ -10,11 +10,15 @@ Precision: fp16 and bf16 operands are computed in fp32 (energies, softmax, accum
 one block at a time, and the result is rounded to the input dtype once; fp32 stays fp32 and
 float64 stays float64.
 
-Position attention (PAM), q, k of shape (B, d, N), v of shape (B, C, N)::
+Position attention (PAM), q of shape (B, d, N), k of shape (B, d, M), v of shape (B, C, M)
+(M = N in DANet), with the softmax scale s (1 in DANet)::
 
-    S = q^T k  (N x N, never whole)   P = softmax_rows(S)   O = v P^T   Y = gamma O + R
+    S = s q^T k  (N x M, never whole)   P = softmax_rows(S)   O = v P^T   Y = gamma O + R
 
-The forward loops over *query* blocks of ``rows`` queries. Each block sees all N keys at once,
+The scale is folded into q once (q_s = s q, (B, d, N) elements): S = q_s^T k, and the backward's
+dK = q_s dS needs nothing more; dQ = s k dS^T gets the scale with gamma at the end.
+
+The forward loops over *query* blocks of ``rows`` queries. Each block sees all M keys at once,
 so its softmax is exact in one pass (no online rescaling is needed, unlike on a GPU whose
 on-chip memory holds only a few key blocks), and the block's two matmuls are as large as the
 memory budget allows, which is what makes a CPU fast. Per block it keeps one ``rows x N``
@@ -26,9 +30,9 @@ size of the output; with no gamma O is the result itself and nothing is copied).
 The backward recomputes P block by block. With ``dPY = dY^T v`` (the gradient of P for
 gamma = 1) and ``D = rowsum_c(dY * O)`` from the saved O (per block, on rows x C)::
 
-    P_blk  = exp([q_blk; -lse_blk]^T [k; 1])  (the lse subtraction rides in the matmul)
-    dS     = gamma * P * (dPY - D)            (softmax backward, in place in the dPY buffer)
-    dV    += gamma * dY_blk P;   dQ_blk = k dS^T;   dK += q_blk dS
+    P_blk  = exp([q_s,blk; -lse_blk]^T [k; 1])  (the lse subtraction rides in the matmul)
+    dS     = gamma * P * (dPY - D)              (softmax backward, in place in the dPY buffer)
+    dV    += gamma * dY_blk P;   dQ_blk = s k dS^T;   dK += q_s,blk dS
     dgamma = sum(D);   dR = dY
 
 Elementwise passes over a ``rows x N`` buffer are memory bound and, on a CPU, take a real
@@ -109,15 +113,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _row_tiles(batch: int, n: int) -> list[tuple[int, int, int, int]]:
-    """Tiles ``(b0, b1, i0, i1)`` of (batch, query rows) whose ``rows x N`` energy fits the budget.
+def _row_tiles(batch: int, n: int, m: int) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(b0, b1, i0, i1)`` of (batch, query rows) whose ``rows x M`` energy fits the budget.
 
-    Whole N x N matrices of several images share a tile when they fit (small N, large B);
+    Whole N x M matrices of several images share a tile when they fit (small N, large B);
     otherwise one image per tile and as many query rows as fit.
     """
-    budget = min(BLOCK_ELEMENTS, max(n * n // 32, MIN_BLOCK_ELEMENTS))
-    rows = max(1, min(n, budget // n))
-    images = max(1, budget // (n * n)) if rows == n else 1
+    budget = min(BLOCK_ELEMENTS, max(n * m // 32, MIN_BLOCK_ELEMENTS))
+    rows = max(1, min(n, budget // m))
+    images = max(1, budget // (n * m)) if rows == n else 1
     return [
         (b0, min(b0 + images, batch), i0, min(i0 + rows, n))
         for b0 in range(0, batch, images)
@@ -126,16 +130,16 @@ def _row_tiles(batch: int, n: int) -> list[tuple[int, int, int, int]]:
 
 
 def _tile_buffer(
-    tiles: list[tuple[int, int, int, int]], n: int, dtype: torch.dtype, device: torch.device
+    tiles: list[tuple[int, int, int, int]], m: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """One (images, rows, N) buffer that every tile's rows x N block is a contiguous view of.
+    """One (images, rows, M) buffer that every tile's rows x M block is a contiguous view of.
 
     Allocated once per call, not per block: a fresh multi-MiB tensor per block made glibc's heap
     fragment (its mmap threshold adapts to freed sizes), and peak RSS crept up call after call.
     """
     images = max((b1 - b0 for b0, b1, _, _ in tiles), default=0)
     rows = max((i1 - i0 for _, _, i0, i1 in tiles), default=0)
-    return torch.empty((images, rows, n), dtype=dtype, device=device)
+    return torch.empty((images, rows, m), dtype=dtype, device=device)
 
 
 def _column_blocks(batch: int, channels: int, n: int) -> list[tuple[int, int]]:
@@ -156,33 +160,40 @@ def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def _scaled_queries(q: torch.Tensor, compute: torch.dtype, scale: float) -> torch.Tensor:
+    """q in the compute dtype with the softmax scale folded in: (s q)^T k = s q^T k."""
+    qc = q.to(compute)
+    return qc if scale == 1.0 else qc * scale
+
+
 def pam_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float,
     keep_attention_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """PAM forward by query blocks.
 
-    Returns the (B, C, N) result in v's dtype, the (B, N) log-sum-exp, and, when
-    ``keep_attention_output``, the attention output O (B, C, N) in the compute dtype (the
-    backward's ``rowsum(dY * O)``; without gamma it is the result itself and is not copied).
+    Returns the (B, C, N) result in v's dtype, the (B, N) log-sum-exp of the scaled energies,
+    and, when ``keep_attention_output``, the attention output O (B, C, N) in the compute dtype
+    (the backward's ``rowsum(dY * O)``; without gamma it is the result itself and is not copied).
     """
     compute = _compute_dtype(v.dtype)
-    batch, _, n = v.shape
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    scale = _scalar(gamma, compute)
-    result = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    (batch, _, n), (channels, m) = q.shape, v.shape[1:]
+    qc, kc, vc = _scaled_queries(q, compute, scale), k.to(compute), v.to(compute)
+    gamma_c = _scalar(gamma, compute)
+    result = torch.empty((batch, channels, n), dtype=v.dtype, device=v.device)
     attention_out = None
-    if keep_attention_output and (scale is not None or compute != v.dtype):
-        attention_out = torch.empty(v.shape, dtype=compute, device=v.device)
+    if keep_attention_output and (gamma_c is not None or compute != v.dtype):
+        attention_out = torch.empty(result.shape, dtype=compute, device=v.device)
     lse = torch.empty((batch, n), dtype=compute, device=v.device)
-    tiles = _row_tiles(batch, n)
-    probs_buffer = _tile_buffer(tiles, n, compute, v.device)
+    tiles = _row_tiles(batch, n, m)
+    probs_buffer = _tile_buffer(tiles, m, compute, v.device)
     for b0, b1, i0, i1 in tiles:
-        probs = probs_buffer[: b1 - b0, : i1 - i0]  # (b, rows, N): energy, then exp(energy - max)
+        probs = probs_buffer[: b1 - b0, : i1 - i0]  # (b, rows, M): energy, then exp(energy - max)
         torch.bmm(qc[b0:b1, :, i0:i1].transpose(1, 2), kc[b0:b1], out=probs)
         row_max = probs.amax(dim=-1, keepdim=True)
         probs.sub_(row_max).exp_()  # unnormalised; a NaN or inf energy spreads as in softmax
@@ -195,10 +206,10 @@ def pam_forward(
             out = torch.mul(out, norm, out=attention_out[b0:b1, :, i0:i1])
             norm = 1.0
         # epilogue written straight into the result: gamma * out + residual (or out)
-        if scale is None:
+        if gamma_c is None:
             torch.mul(out, norm, out=result_blk)
         else:
-            torch.addcmul(residual[b0:b1, :, i0:i1], out, norm * scale, out=result_blk)
+            torch.addcmul(residual[b0:b1, :, i0:i1], out, norm * gamma_c, out=result_blk)
     if keep_attention_output and attention_out is None:
         attention_out = result
     return result, lse, attention_out
@@ -210,6 +221,7 @@ def pam_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor | None,
+    scale: float,
     lse: torch.Tensor,
     attention_out: torch.Tensor,
     needs_grad: tuple[bool, ...],
@@ -222,23 +234,23 @@ def pam_backward(
     """
     need_q, need_k, need_v, need_gamma, need_residual = needs_grad
     compute = lse.dtype
-    batch, _, n = v.shape
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    (batch, _, n), m = q.shape, k.shape[2]
+    qc, kc, vc = _scaled_queries(q, compute, scale), k.to(compute), v.to(compute)
     grad = grad_result.to(compute)
-    scale = _scalar(gamma, compute)
+    gamma_c = _scalar(gamma, compute)
     need_gamma = need_gamma and gamma is not None
     need_scores = need_q or need_k  # dS is needed; dgamma only needs D
     # [q; -lse]^T [k; 1] = q^T k - lse: the matmul subtracts the lse, and exp_ alone gives P
-    ones = torch.ones((batch, 1, n), dtype=compute, device=v.device)
+    ones = torch.ones((batch, 1, m), dtype=compute, device=v.device)
     k_aug = torch.cat([kc, ones], dim=1)
     q_aug = torch.cat([qc, -lse.unsqueeze(1)], dim=1)
     grad_q = torch.empty(qc.shape, dtype=compute, device=q.device) if need_q else None
     grad_k = torch.zeros(kc.shape, dtype=compute, device=k.device) if need_k else None
     grad_v = torch.zeros(vc.shape, dtype=compute, device=v.device) if need_v else None
     grad_gamma = torch.zeros((), dtype=compute, device=v.device)
-    tiles = _row_tiles(batch, n) if need_v or need_scores or need_gamma else []
-    probs_buffer = _tile_buffer(tiles if need_v or need_scores else [], n, compute, v.device)
-    dscores_buffer = _tile_buffer(tiles if need_scores else [], n, compute, v.device)
+    tiles = _row_tiles(batch, n, m) if need_v or need_scores or need_gamma else []
+    probs_buffer = _tile_buffer(tiles if need_v or need_scores else [], m, compute, v.device)
+    dscores_buffer = _tile_buffer(tiles if need_scores else [], m, compute, v.device)
     for b0, b1, i0, i1 in tiles:
         grad_blk = grad[b0:b1, :, i0:i1]  # (b, C, rows)
         if need_scores or need_gamma:  # D = rowsum(dY * O) (= rowsum(P * dPY)); dgamma = sum(D)
@@ -253,16 +265,18 @@ def pam_backward(
         if not need_scores:
             continue
         dscores = dscores_buffer[: b1 - b0, : i1 - i0]
-        torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1], out=dscores)  # dPY, (b, rows, N)
+        torch.bmm(grad_blk.transpose(1, 2), vc[b0:b1], out=dscores)  # dPY, (b, rows, M)
         dscores.sub_(delta.transpose(1, 2)).mul_(probs)  # dS / gamma = P * (dPY - D)
         if grad_q is not None:
             torch.bmm(kc[b0:b1], dscores.transpose(1, 2), out=grad_q[b0:b1, :, i0:i1])
         if grad_k is not None:
             grad_k[b0:b1].baddbmm_(qc[b0:b1, :, i0:i1], dscores)
-    if scale is not None:  # dO = gamma dY: scale once at the end instead of per block
-        for g in (grad_q, grad_k, grad_v):
-            if g is not None:
-                g.mul_(scale)
+    # dO = gamma dY, and dQ = s k dS^T: each scaled once at the end instead of per block
+    for g, factor in ((grad_q, scale), (grad_k, 1.0), (grad_v, 1.0)):
+        if g is not None and gamma_c is not None:
+            g.mul_(gamma_c)
+        if g is not None and factor != 1.0:
+            g.mul_(factor)
     return (
         None if grad_q is None else grad_q.to(q.dtype),
         None if grad_k is None else grad_k.to(k.dtype),
@@ -381,14 +395,15 @@ def _refuse_double_backward(op_name: str, inputs: tuple[torch.Tensor | None, ...
 
 
 class _PositionAttentionBlockwise(torch.autograd.Function):
-    """PAM ``gamma * v softmax(q^T k)^T + residual`` by query blocks; saves q, k, v, gamma, lse."""
+    """PAM ``gamma * v softmax(s q^T k)^T + residual`` by query blocks; saves q, k, v, gamma, lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gamma, residual):
+    def forward(ctx, q, k, v, gamma, residual, scale):
         needs_backward = any(ctx.needs_input_grad[:4])
         with _without_autocast(v.device):
-            result, lse, attention_out = pam_forward(q, k, v, gamma, residual, needs_backward)
+            result, lse, attention_out = pam_forward(q, k, v, gamma, residual, scale, needs_backward)
         ctx.save_for_backward(q, k, v, gamma, lse, attention_out)
+        ctx.scale = scale
         return result
 
     @staticmethod
@@ -396,8 +411,9 @@ class _PositionAttentionBlockwise(torch.autograd.Function):
         q, k, v, gamma, lse, attention_out = ctx.saved_tensors
         # no_grad: the out= writes below refuse tensors that require grad (create_graph=True)
         with _without_autocast(v.device), torch.no_grad():
-            grads = pam_backward(grad_result, q, k, v, gamma, lse, attention_out, ctx.needs_input_grad)
-        return _refuse_double_backward("position attention", (q, k, v, gamma), grads)
+            grads = pam_backward(grad_result, q, k, v, gamma, ctx.scale, lse, attention_out,
+                                 ctx.needs_input_grad[:5])
+        return (*_refuse_double_backward("position attention", (q, k, v, gamma), grads), None)
 
 
 class _ChannelAttentionBlockwise(torch.autograd.Function):
@@ -423,10 +439,10 @@ def _capturing_graph() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def _plain_position_attention(q, k, v, gamma, residual):
+def _plain_position_attention(q, k, v, gamma, residual, scale):
     """The reference PAM in the compute dtype: plain ops that every exporter translates."""
     compute = _compute_dtype(v.dtype)
-    out = position_attention_reference(q.to(compute), k.to(compute), v.to(compute))
+    out = position_attention_reference(q.to(compute), k.to(compute), v.to(compute), scale)
     if gamma is not None:
         out = gamma.reshape(()).to(compute) * out + residual.to(compute)
     return out.to(v.dtype)
@@ -448,18 +464,19 @@ def position_attention_blockwise(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
-    """PAM by query blocks: ``gamma * v softmax(q^T k)^T + residual`` (or the attention alone).
+    """PAM by query blocks: ``gamma * v softmax(scale q^T k)^T + residual`` (or the attention alone).
 
-    Inputs are validated by :func:`danet_kernels.position_attention`: q, k (B, d, N), v and
-    residual (B, C, N), one float dtype and device, possibly non-contiguous; gamma and
-    residual both given or both None. Returns a contiguous (B, C, N) tensor of v's dtype.
-    Memory beyond inputs and output: one ``rows x N`` buffer forward, two backward, plus
-    the (B, N) log-sum-exp; never N x N.
+    Inputs are validated by :func:`danet_kernels.position_attention`: q (B, d, N), k (B, d, M),
+    v (B, C, M), residual (B, C, N), one float dtype and device, possibly non-contiguous; gamma
+    and residual both given or both None; scale a positive float. Returns a contiguous
+    (B, C, N) tensor of v's dtype. Memory beyond inputs and output: one ``rows x M`` buffer
+    forward, two backward, plus the (B, N) log-sum-exp; never N x M.
     """
     if _capturing_graph():
-        return _plain_position_attention(q, k, v, gamma, residual)
-    return _PositionAttentionBlockwise.apply(q, k, v, gamma, residual)
+        return _plain_position_attention(q, k, v, gamma, residual, scale)
+    return _PositionAttentionBlockwise.apply(q, k, v, gamma, residual, scale)
 
 
 def channel_attention_blockwise(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:

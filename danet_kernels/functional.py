@@ -14,6 +14,8 @@ when ``gamma`` is given (the residual fused into the epilogue where the backend 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from danet_kernels import reference
@@ -62,6 +64,17 @@ def _check_not_empty(**dims: int) -> None:
             raise ValueError(f"{name} is 0: attention over an empty dimension is undefined")
 
 
+def _check_scale(scale: object) -> float:
+    """The softmax scale as a float: None means 1 (DANet's); else a positive finite number."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float (a softmax temperature), got {scale!r}")
+    return float(scale)
+
+
 def position_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,59 +82,70 @@ def position_attention(
     *,
     gamma: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """DANet's position attention: ``out[b, c, i] = sum_j v[b, c, j] softmax_j(q[b,:,i] . k[b,:,j])``.
+    """DANet's position attention: ``out[b, c, i] = sum_j v[b, c, j] softmax_j(scale * q[b,:,i] . k[b,:,j])``.
 
     Args:
         q: queries, shape (B, d, N).
-        k: keys, shape (B, d, N).
-        v: values, shape (B, C, N).
+        k: keys, shape (B, d, M); M = N in DANet, smaller where a non-local block pools its keys
+            and values (mmcv's NonLocal2d with sub_sample).
+        v: values, shape (B, C, M).
         gamma: optional one-element scale; with it the result is ``gamma * out + residual``.
         residual: the tensor added to ``gamma * out``, shape (B, C, N), v's dtype; given
             together with ``gamma``.
+        scale: the softmax scale of the energies: None (default) means 1, DANet's (no
+            1/sqrt(d)); non-local blocks use ``d ** -0.5``. A positive finite float.
         backend: ``"auto"`` (default), ``"triton"``, ``"torch"`` or ``"reference"``; see
             :mod:`danet_kernels._dispatch`.
 
+    Every backend takes any query/key width d >= 1 (non-local blocks use C / 2) and any N, M >= 1.
+    The Triton kernels pad d to a power of two of at least 16 (the tensor cores' minimum): d = 16,
+    32 and 64 (DANet's C / 8) take the fast path, the tiles of docs/compile_report.md; wider
+    heads run on smaller tiles (their rows in the report), other widths compute their padding.
+
     Returns:
         A (B, C, N) tensor of v's dtype. No backend but ``"reference"`` ever holds the
-        N x N attention matrix.
+        N x M attention matrix.
     """
     _check_operand("q", q)
     _check_operand("k", k)
     _check_operand("v", v)
     _check_same("q k v", (q, k, v), "device")
     _check_same("q k v", (q, k, v), "dtype")
-    if q.shape != k.shape:
+    if q.shape[:2] != k.shape[:2]:
         raise ValueError(
-            f"q and k must have the same shape (B, d, N); got {tuple(q.shape)} and {tuple(k.shape)}"
+            f"q (B, d, N) and k (B, d, M) must share B and d; got {tuple(q.shape)} and {tuple(k.shape)}"
         )
-    if v.shape[0] != q.shape[0] or v.shape[2] != q.shape[2]:
+    if v.shape[0] != k.shape[0] or v.shape[2] != k.shape[2]:
         raise ValueError(
-            f"v must have shape (B, C, N) with q's B and N; got q {tuple(q.shape)}, v {tuple(v.shape)}"
+            f"v must have shape (B, C, M) with k's B and M; got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    _check_not_empty(d=q.shape[1], C=v.shape[1], N=q.shape[2])
+    _check_not_empty(d=q.shape[1], C=v.shape[1], N=q.shape[2], M=k.shape[2])
+    scale = _check_scale(scale)
     if (gamma is None) != (residual is None):
         raise ValueError("gamma and residual must be given together (the result is gamma * out + residual)")
     _check_gamma(gamma, v)
     if residual is not None:
         _check_operand("residual", residual)
-        if residual.shape != v.shape or residual.dtype != v.dtype or residual.device != v.device:
+        expected = (v.shape[0], v.shape[1], q.shape[2])
+        if tuple(residual.shape) != expected or residual.dtype != v.dtype or residual.device != v.device:
             raise ValueError(
-                f"residual must match v in shape, dtype and device; got {tuple(residual.shape)} "
-                f"{residual.dtype} {residual.device}, v is {tuple(v.shape)} {v.dtype} {v.device}"
+                f"residual must have shape (B, C, N) = {expected} and v's dtype and device; got "
+                f"{tuple(residual.shape)} {residual.dtype} {residual.device}, v is {v.dtype} {v.device}"
             )
 
     chosen = resolve_backend(backend, v)
     if chosen == "triton" and q.shape[0] > 0:
         from danet_kernels.kernels.position_attention import position_attention_triton
 
-        return position_attention_triton(q, k, v, gamma, residual)
+        return position_attention_triton(q, k, v, gamma, residual, scale)
     if chosen == "torch" and q.shape[0] > 0:
         from danet_kernels.blockwise import position_attention_blockwise
 
-        return position_attention_blockwise(q, k, v, gamma, residual)
-    out = reference.position_attention_reference(q, k, v)
+        return position_attention_blockwise(q, k, v, gamma, residual, scale)
+    out = reference.position_attention_reference(q, k, v, scale)
     return out if gamma is None else (gamma * out + residual).to(v.dtype)
 
 

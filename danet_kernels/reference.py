@@ -6,9 +6,10 @@ Segmentation", CVPR 2019), the same way the original release computes them: two
 attention matrix. Tests and benchmarks compare every other backend with these
 functions; they are deliberately naive and must stay that way.
 
-Position attention (PAM), with q, k of shape (B, d, N) and v of shape (B, C, N)::
+Position attention (PAM), with q of shape (B, d, N), k of shape (B, d, M) and v of shape
+(B, C, M) (M = N in DANet; non-local blocks may pool the keys, M < N)::
 
-    energy[b, i, j] = sum_d q[b, d, i] * k[b, d, j]        (no 1/sqrt(d) scaling)
+    energy[b, i, j] = scale * sum_d q[b, d, i] * k[b, d, j]   (scale = 1 in DANet: no 1/sqrt(d))
     attention       = softmax(energy, dim=-1)
     out[b, c, i]    = sum_j v[b, c, j] * attention[b, i, j]
 
@@ -36,14 +37,17 @@ __all__ = [
 
 
 def position_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:
-    """PAM's attention output ``v @ softmax(q^T k)^T`` for q, k (B, d, N) and v (B, C, N).
+    """PAM's attention output ``v @ softmax(scale * q^T k)^T`` for q (B, d, N), k (B, d, M) and
+    v (B, C, M).
 
-    Materialises the (B, N, N) attention matrix, exactly as the original module does.
-    Returns a tensor of shape (B, C, N).
+    Materialises the (B, N, M) attention matrix, exactly as the original module does (which has
+    scale = 1 and M = N). Returns a tensor of shape (B, C, N).
     """
-    energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N)
+    energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, M)
+    if scale != 1.0:
+        energy = energy * scale
     attention = torch.softmax(energy, dim=-1)
     return torch.bmm(v, attention.transpose(1, 2))  # (B, C, N)
 

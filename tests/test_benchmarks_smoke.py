@@ -18,34 +18,42 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import harness
 from benchmarks.harness import largest_batch
 from benchmarks.report import format_bytes, main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_quick_suite(out: Path) -> dict:
-    """Run the benchmark suite's smoke grid in a subprocess and return its JSON."""
+def run_quick_suite(out: Path, *options: str, read: bool = True) -> dict:
+    """Run the benchmark suite's smoke grid in a subprocess and return its JSON (if ``read``)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # Under `pytest -n`, this process is an xdist worker; pytest-benchmark reads the inherited
     # PYTEST_XDIST_WORKER and would disable every benchmark in the child.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
     env["PYTHONPATH"] = path
     command = [sys.executable, "-m", "pytest", "benchmarks", "--bench-quick", "--benchmark-only",
-               f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"]
+               f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider", *options]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"benchmark suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()) if read else {}
 
 
 @pytest.mark.slow
 def test_benchmark_suite_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One test, not three sharing a fixture: under pytest-xdist a module fixture would run the
     suite once per worker."""
-    quick_results = run_quick_suite(tmp_path / "results.json")
+    stream = tmp_path / "cases.jsonl"
+    quick_results = run_quick_suite(tmp_path / "results.json", f"--bench-stream={stream}")
     check_every_benchmark_records_what_the_report_needs(quick_results)
     check_cases_that_cannot_run_are_listed_with_their_reason(quick_results)
+    check_every_case_is_streamed_once(quick_results, stream)
     check_report_renders_markdown_and_plot(tmp_path / "results.json", tmp_path / "docs", capsys)
+    # Past --bench-deadline no case starts: each is skipped, and streamed, as "deadline".
+    run_quick_suite(tmp_path / "late.json", "--bench-deadline=0", f"--bench-stream={tmp_path / 'late.jsonl'}",
+                    "-k", "test_cam", read=False)
+    late = [json.loads(line) for line in (tmp_path / "late.jsonl").read_text().splitlines()[1:]]
+    assert len(late) == 4 and all(e["reason"].startswith("deadline:") for e in late)
 
 
 def check_every_benchmark_records_what_the_report_needs(quick_results: dict) -> None:
@@ -56,7 +64,7 @@ def check_every_benchmark_records_what_the_report_needs(quick_results: dict) -> 
         assert bench["stats"]["median"] > 0
         assert info["peak_mem_bytes"] > 0, f"{bench['name']}: no peak memory recorded"
         if info["op"] in ("pam", "cam"):
-            assert info["flops"] > 0
+            assert info["flops"] > 0 and info["first_call_s"] > 0
             # fp32 against float64 on the same inputs: any backend bug shows up far above this
             assert info["rel_err"] < 1e-4, f"{bench['name']}: error {info['rel_err']:.1e} against float64"
     for op in ("pam", "cam"):
@@ -77,6 +85,15 @@ def check_cases_that_cannot_run_are_listed_with_their_reason(quick_results: dict
     too_small = [e for e in not_run if e["extra_info"]["op"] == "train_max_batch"]
     assert too_small and all(e["extra_info"]["oom"] and e["reason"].startswith("OOM") for e in too_small)
     assert all(e["extra_info"]["max_batch"] == 0 for e in too_small)
+
+
+def check_every_case_is_streamed_once(quick_results: dict, stream: Path) -> None:
+    """--bench-stream: the machine first, then each case as pytest-benchmark and the not-run list hold it."""
+    lines = [json.loads(line) for line in stream.read_text().splitlines()]
+    assert lines[0]["machine"]["device"].startswith("CPU")
+    measured = {e["name"]: e["stats"]["median"] for e in lines[1:] if "stats" in e}
+    assert measured == {b["name"]: b["stats"]["median"] for b in quick_results["benchmarks"]}
+    assert [e for e in lines[1:] if "reason" in e] == quick_results["danet_not_run"]
 
 
 def check_report_renders_markdown_and_plot(results: Path, docs: Path,
@@ -129,3 +146,27 @@ def test_format_bytes() -> None:
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 2**20) == "3.0 MiB"
     assert format_bytes(1.5 * 2**30) == "1.50 GiB"
+
+
+class _Benchmark:
+    """pytest-benchmark's fixture, as much of it as run_benchmark uses."""
+
+    def __init__(self, **extra_info: object) -> None:
+        self.extra_info, self.rounds = dict(extra_info), 0
+
+    def pedantic(self, target, setup, rounds: int, warmup_rounds: int, iterations: int) -> None:
+        for _ in range(rounds):
+            setup()
+            target()
+        self.rounds = rounds
+
+
+def test_a_registered_predictor_is_recorded_beside_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(harness.PREDICTORS, "pam", lambda info: {"median_ms": info["N"] / 1000, "by": "test"})
+    bench = _Benchmark(op="pam", N=4096)
+    harness.run_benchmark(bench, lambda: [0.0] * 1000, rounds=(2, 0))
+    assert bench.extra_info["predicted"] == {"median_ms": 4.096, "by": "test"} and bench.rounds == 2
+    assert bench.extra_info["first_call_s"] >= 0 and "peak_mem_bytes" in bench.extra_info
+    unpredicted = _Benchmark(op="cam", N=4096)
+    harness.run_benchmark(unpredicted, lambda: None, rounds=(1, 0))
+    assert "predicted" not in unpredicted.extra_info

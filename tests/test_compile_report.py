@@ -6,13 +6,13 @@ The compiles themselves run in tests/danet_kernels/test_hopper_compile.py.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import compile_report as report
+from benchmarks import compile_types as types
 
 PTX = """
 .entry k(
@@ -82,38 +82,40 @@ def test_exp2_replication_is_the_worst_2d_exp2() -> None:
 
 
 def test_problem_parse() -> None:
-    assert report.Problem.parse("9409:bf16") == report.Problem(9409, "bf16")
-    wide = report.Problem.parse("1024:fp32-tf32:d=256:C=2048:B=2")
+    assert types.Problem.parse("9409:bf16") == types.Problem(9409, "bf16")
+    wide = types.Problem.parse("1024:fp32-tf32:d=256:C=2048:B=2")
     assert (wide.n, wide.head_dim, wide.channels, wide.batch, wide.variant) == (1024, 256, 2048, 2, "")
-    variant = report.Problem.parse("32768:bf16:int64 offsets")
+    variant = types.Problem.parse("32768:bf16:int64 offsets")
     assert variant.variant == "int64 offsets" and variant.label == "N=32768 bf16 [int64 offsets]"
     with pytest.raises(ValueError, match="unknown precision"):
-        report.Problem.parse("9409:bf32")
+        types.Problem.parse("9409:bf32")
 
 
 def test_each_op_gets_only_the_problems_it_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """--batch, --precisions and --problems reach each op as problems of its own precisions (the
-    fused-dV variant has tiles for bf16 and tf32 only: an fp32-ieee launch would fail), --batch at
-    each op's sizes and precisions (launches recorded, nothing compiled)."""
-    launched: list[tuple[str, report.Problem]] = []
+    """--batch, --precisions and --problems reach each op as problems of its own precisions (an
+    op with tiles for some precisions only must not be launched at another), --batch at each op's
+    sizes and precisions (launches recorded, nothing compiled)."""
+    launched: list[tuple[str, types.Problem]] = []
+    every_spec = {**report.all_specs(),
+                  "bf16_only": dataclasses.replace(report.all_specs()["pam_forward"], precisions=("bf16",))}
     specs = {name: dataclasses.replace(spec, launch=lambda p, name=name: launched.append((name, p)))
-             for name, spec in report.all_specs().items()}
+             for name, spec in every_spec.items()}
     monkeypatch.setattr(report, "all_specs", lambda: specs)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
-    def run(*argv: str) -> set[tuple[str, report.Problem]]:
+    def run(*argv: str) -> set[tuple[str, types.Problem]]:
         launched.clear()
         assert report.main([*argv, "--out", str(tmp_path / "report.md")]) == 0
         return set(launched)
 
-    assert run("--batch", "2") == {(name, report.Problem(n, precision, batch=2))
+    assert run("--batch", "2") == {(name, types.Problem(n, precision, batch=2))
                                    for name, spec in specs.items() for precision in spec.precisions
                                    for n in spec.sizes}
-    every = {name for name, spec in specs.items() if set(spec.precisions) == set(report.PRECISIONS)}
-    assert "pam_backward_fused_dv" not in every and "pam_forward" in every
-    assert run("--precisions", "fp32-ieee") == {(name, report.Problem(n, "fp32-ieee")) for name in every
+    every = {name for name, spec in specs.items() if set(spec.precisions) == set(types.PRECISIONS)}
+    assert "bf16_only" not in every and "pam_forward" in every
+    assert run("--precisions", "fp32-ieee") == {(name, types.Problem(n, "fp32-ieee")) for name in every
                                                 for n in specs[name].sizes}
-    assert run("--problems", "9409:fp32-tf32x3") == {(name, report.Problem(9409, "fp32-tf32x3"))
+    assert run("--problems", "9409:fp32-tf32x3") == {(name, types.Problem(9409, "fp32-tf32x3"))
                                                      for name in every}
 
 
@@ -135,7 +137,7 @@ def test_dot_precision_sets_what_the_launchers_read() -> None:
     assert cam.dot_input_precision is common.dot_input_precision
 
 
-def _row(**fields: object) -> report.Row:
+def _row(**fields: object) -> types.Row:
     base = {"op": "op", "problem": "N=32768 bf16", "n": 32768, "precision": "bf16", "batch": 1,
             "head_dim": 64, "channels": 512, "variant": "", "kernel": "_k", "launch": "",
             "config": "64 w4 s2",
@@ -143,7 +145,7 @@ def _row(**fields: object) -> report.Row:
             "loop_cp_async": 4, "ex2_share": 32, "replication": 1.0, "specialisation": "a", "flops": 1000.0,
             "exp2": 1.0, "preferred": True,
             "counts": {"wgmma": 8, "mma_sync": 0, "fma": 0, "cp_async": 8, "tma": 0, "ex2": 32}}
-    return report.Row(**{**base, **fields})
+    return types.Row(**{**base, **fields})
 
 
 def test_targets_find_what_breaks_them() -> None:
@@ -200,12 +202,12 @@ def test_every_spec_states_targets_and_the_markdown_shows_them() -> None:
 
 
 def test_work_and_problem() -> None:
-    total = report.Work(10, 2, 5) + report.Work(1, 1, 1) * 2
+    total = types.Work(10, 2, 5) + types.Work(1, 1, 1) * 2
     assert (total.flops, total.exp2, total.bytes) == (12, 4, 7)
-    assert report.Problem(9409, "bf16").label == "N=9409 bf16"
-    assert report.Problem(1, "fp16", head_dim=5, channels=1).label == "N=1 fp16 (B=1, d=5, C=1)"
-    assert report.Problem(1, "fp32-tf32x3").dtype == torch.float32
-    assert report.Problem(1, "fp32-tf32x3").dot_precision == "tf32x3"
+    assert types.Problem(9409, "bf16").label == "N=9409 bf16"
+    assert types.Problem(1, "fp16", head_dim=5, channels=1).label == "N=1 fp16 (B=1, d=5, C=1)"
+    assert types.Problem(1, "fp32-tf32x3").dtype == torch.float32
+    assert types.Problem(1, "fp32-tf32x3").dot_precision == "tf32x3"
 
 
 def test_every_op_has_a_spec_for_each_kernel_it_names() -> None:
@@ -215,44 +217,3 @@ def test_every_op_has_a_spec_for_each_kernel_it_names() -> None:
     for spec in specs.values():
         names = [kernel.name for kernel in spec.kernels]
         assert len(names) == len(set(names)), spec.name
-
-
-def test_full_width_variant_computes_the_attention() -> None:
-    """The variant the report measures against the library's layout is a correct PAM forward
-    (interpreter, one small config; ragged N padded to 16, C below its 64-wide tile)."""
-    from benchmarks.compile_specs.pam_forward_full_width import full_width_forward
-    from danet_kernels.reference import position_attention_reference
-
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 5, 37) * 0.5, torch.randn(2, 5, 37) * 0.5
-    v, residual, gamma = torch.randn(2, 40, 37), torch.randn(2, 40, 37), torch.full((1,), 0.7)
-    result, out, lse = full_width_forward(q, k, v, gamma, residual, BLOCK_M=16, BLOCK_N=16, num_warps=4,
-                                          num_stages=1)
-    expected = position_attention_reference(q.double(), k.double(), v.double())
-    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(result.double(), 0.7 * expected + residual.double(), atol=2e-5, rtol=2e-5)
-    log2_sum = torch.logsumexp(torch.einsum("bdi,bdj->bij", q.double(), k.double()), -1) / math.log(2)
-    torch.testing.assert_close(lse.double(), log2_sum, atol=1e-5, rtol=1e-5)
-
-
-def test_fused_dv_variant_computes_the_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The deterministic variant with dV of one C block fused into the key-side kernel is a
-    correct backward (interpreter: 32-wide tiles, so C = 48 is a fused block of 32 channels and
-    16 for the dV kernel; N = 37 padded to 48, two query splits), against float64 autograd."""
-    from benchmarks.compile_specs.pam_backward_fused_dv import fused_dv_backward
-    from danet_kernels.kernels import position_attention as pam
-    from danet_kernels.reference import position_attention_reference
-
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 5, 37) * 0.5, torch.randn(2, 5, 37) * 0.5
-    v, dy, gamma = torch.randn(2, 48, 37), torch.randn(2, 48, 37), torch.full((1,), 0.7)
-    _, out, lse = pam.pam_forward(q, k, v, gamma, v, True)
-    # 8 SMs split the key-side loop in two (partials summed in order).
-    monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: 8)
-    dq, dk, dv, delta = fused_dv_backward(dy, q, k, v, gamma, out, lse)
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    expected_out = position_attention_reference(*leaves)
-    (0.7 * expected_out).backward(dy.double())
-    for got, leaf, name in zip((dq, dk, dv), leaves, "qkv", strict=True):
-        torch.testing.assert_close(got.double(), leaf.grad, atol=2e-5, rtol=2e-5, msg=f"d{name}")
-    torch.testing.assert_close(delta.double(), (dy.double() * expected_out).sum(1), atol=2e-5, rtol=2e-5)

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import triton
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_report import KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_types import KernelSpec, OpSpec, Problem, Work
+from danet_kernels.kernels import channel_attention as cam
 
 
 def launch_forward(problem: Problem) -> None:
-    import torch
-
-    from danet_kernels.kernels import channel_attention as cam
-
     x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
     cam.channel_attention_forward(x, torch.empty(1))
 
 
 def launch_backward(problem: Problem) -> None:
-    import torch
-
-    from danet_kernels.kernels import channel_attention as cam
-
     b, c, n = problem.batch, problem.channels, problem.n
     x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
     cam.channel_attention_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))

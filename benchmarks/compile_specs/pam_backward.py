@@ -8,29 +8,26 @@ included).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from benchmarks import compile_targets as targets
-from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, Work
 from benchmarks.compile_specs.pam_forward import score_tile
+from benchmarks.compile_types import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+from danet_kernels.kernels import position_attention as pam
 
 
-def launch(problem: Problem, deterministic: bool = False, backward: Callable[..., Any] | None = None
-           ) -> None:
-    """The backward of a training call with gamma (dq, dk, dv and dgamma), through the library's
-    ``pam_backward`` or ``backward(dy, q, k, v, gamma, out, lse)`` (a variant's)."""
-    import torch
-
-    from danet_kernels.kernels import position_attention as pam
-
+def launch(problem: Problem, deterministic: bool = False) -> None:
+    """The backward of a training call with gamma (dq, dk, dv and dgamma), on the default path or
+    the deterministic one."""
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-        (backward or pam.pam_backward)(dy, q, k, v, torch.empty(1), out, torch.empty(b, n))
+        pam.pam_backward(dy, q, k, v, torch.empty(1), 1.0, out, torch.empty(b, n))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 

@@ -3,35 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
+import torch
 import triton
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_report import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_types import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+from danet_kernels.kernels import position_attention as pam
 
 INT64_OFFSETS = "int64 offsets"  # the variant with the launcher's int64 switch forced on
 
 
-def launch(problem: Problem, forward: Callable[..., Any] | None = None) -> None:
-    """A training call: gamma, the residual epilogue and O stored for the backward, through the
-    library's ``pam_forward`` or ``forward(q, k, v, gamma, residual)`` (a variant's). For the
-    int64 variant the launcher's in-image offset switch is forced on: its cost measured at
-    DANet's sizes (a real launch takes it from C * N ~ 2^31 on, N > 4.2M at C = 512)."""
-    import torch
-
-    from danet_kernels.kernels import position_attention as pam
-
+def launch(problem: Problem) -> None:
+    """A training call: gamma, the residual epilogue and O stored for the backward. For the int64
+    variant the launcher's in-image offset switch is forced on: its cost measured at DANet's sizes
+    (a real launch takes it from C * N ~ 2^31 on, N > 4.2M at C = 512)."""
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
-    forward = forward or (lambda *operands: pam.pam_forward(*operands, True))
     offsets = (mock.patch.object(pam, "_needs_int64_offsets", lambda *tensors: True)
                if problem.variant == INT64_OFFSETS else contextlib.nullcontext())
     with offsets:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, residual = torch.empty(b, c, n, dtype=dtype), torch.empty(b, c, n, dtype=dtype)
-        forward(q, k, v, torch.empty(1), residual)
+        pam.pam_forward(q, k, v, torch.empty(1), residual, 1.0, True)
 
 
 def score_tile(meta: dict[str, Any]) -> int:
@@ -43,7 +38,7 @@ def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Every program sweeps all cdiv(N, BLOCK_N) key blocks: S = q^T k on its BLOCK_M x BLOCK_N
     tile (the score part) and its BLOCK_C channels of P v, streaming a k and a v tile per block."""
     bm, bn, bc, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_C"], meta["BLOCK_D"]
-    blocks = programs * triton.cdiv(meta["N"], bn)
+    blocks = programs * triton.cdiv(meta["M"], bn)
     element = meta["V"].element_size()
     score = Work(flops=blocks * 2 * bm * bn * bd, exp2=blocks * bm * bn)
     rest = Work(flops=blocks * 2 * bm * bn * bc, bytes=blocks * bn * (bd + bc) * element)

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset, Subset
 
 from danet.commands.model_setup import EVAL_FIELDS, setup_from_args
 from danet.config import DataConfig, EvalConfig, check_value
-from danet.data import build_dataset, eval_transforms
+from danet.data import DatasetClasses, build_dataset, eval_transforms, get_dataset_class
 from danet.distributed import ShardSampler, cleanup_distributed, setup_distributed
 from danet.evaluation.evaluate import CONVENTIONS, confusion_matrices, head_metrics
 from danet.evaluation.protocols import window_stride
@@ -39,6 +40,23 @@ from danet.training.stopping import StopSafeDataLoader
 from danet.visualization.plots import confusion_figure
 
 __all__ = ["run"]
+
+
+def _check_classes(data: DataConfig, classes: DatasetClasses) -> None:
+    """The data's classes are the model's: the same number (else ValueError), the same names (else a note).
+
+    The folder dataset's come from its root's classes.txt, which may not be the one it was trained on.
+    """
+    dataset_class = get_dataset_class(data.dataset, data.root)
+    names = tuple(dataset_class.CLASS_NAMES)  # type: ignore[attr-defined]
+    if len(names) != classes.num_classes:
+        raise ValueError(f"the {data.dataset} data at {data.root} has {len(names)} classes, the model "
+                         f"{classes.num_classes} ({', '.join(classes.names)}): evaluate it on its own data")
+    if names != classes.names:
+        renamed = [f"{i}: {ours!r} here, {theirs!r} in the model" for i, (ours, theirs)
+                   in enumerate(zip(names, classes.names, strict=True)) if ours != theirs]
+        print(f"note: the data's class names differ from the model's ({'; '.join(renamed[:3])}"
+              f"{'; ...' if len(renamed) > 3 else ''}); the table uses the model's", file=sys.stderr)
 
 
 def _eval_dataset(data: DataConfig, split: str, limit: int | None) -> Dataset:
@@ -110,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = setup_distributed(args.device) if distributed else None
     try:
         setup = setup_from_args(args, device=ctx.device if ctx else None)
+        _check_classes(setup.data, setup.classes)
         dataset = _eval_dataset(setup.data, args.split, args.limit)
         world, rank = (ctx.world_size, ctx.rank) if ctx else (1, 0)
         workers = args.workers if args.workers is not None else setup.data.workers
@@ -125,13 +144,13 @@ def run(args: argparse.Namespace) -> int:
             over = f", {world} processes" if world > 1 else ""
             print(f"evaluating {args.checkpoint} on {setup.data.dataset}/{args.split} "
                   f"({len(dataset)} images{over}), {_settings(cfg)}")
-        matrices = confusion_matrices(setup.model, loader, setup.dataset_class.NUM_CLASSES, cfg, setup.device,
+        matrices = confusion_matrices(setup.model, loader, setup.classes.num_classes, cfg, setup.device,
                                       ignore_index=setup.data.ignore_index, data=setup.data, heads=heads,
                                       progress=args.progress and main)
         if not main:
             return 0
         metrics = head_metrics(matrices)
-        names = list(setup.dataset_class.CLASS_NAMES)
+        names = list(setup.classes.names)
         _print_report(metrics, names, cfg.protocol)
         if args.json:
             report = {"checkpoint": str(args.checkpoint), "dataset": setup.data.dataset, "split": args.split,

@@ -8,9 +8,12 @@ Examples::
 The exported model takes a normalised image batch (B, 3, H, W) float32 (the eval transform:
 RGB in [0, 1], minus the mean, over the std of the checkpoint's data config) and returns the
 logits (B, classes, H, W) of DANet's fused output; batch, height and width are free (at least
-32 pixels) unless ``--fixed-size`` is given. After writing, the command runs the exported
-model on the example input (ONNX: in onnxruntime on the CPU, when it is installed) and prints
-its largest difference from the PyTorch model.
+32 pixels) unless ``--fixed-size`` is given. The file says so itself: the class names, palette,
+dataset, mean, std and the input and output layouts are in the ONNX model's metadata_props
+(onnxruntime: ``session.get_modelmeta().custom_metadata_map``) and in the torch.export archive's
+``danet.json`` (``torch.export.load(path, extra_files={"danet.json": ""})`` fills that dict).
+After writing, the command runs the exported model on the example input (ONNX: in onnxruntime
+on the CPU, when it is installed) and prints its largest difference from the PyTorch model.
 
 The attention is exported as plain ops: while exporting, the attention backend is
 ``reference`` (bmm + softmax), on every device. The Triton kernels cannot be exported (an
@@ -39,7 +42,7 @@ import torch
 
 from danet.commands.model_setup import setup_from_args
 from danet.io.output_paths import check_output_file
-from danet.models.export import EXPORTERS, MIN_SIDE, SegmentationLogits
+from danet.models.export import EXPORTERS, MIN_SIDE, SegmentationLogits, export_metadata
 
 __all__ = ["run"]
 
@@ -57,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
     example = torch.randn(batch, 3, height, width, generator=generator).to(setup.device)
     with torch.no_grad():
         expected = SegmentationLogits(setup.model)(example)
-    writer(setup.model, example, output, args.fixed_size)
+    metadata = export_metadata(setup.classes.names, setup.classes.palette, setup.classes.dataset,
+                               setup.data.mean, setup.data.std)
+    writer(setup.model, example, output, args.fixed_size, metadata)
+    if args.format == "torch-export" and output.suffix != ".pt2":
+        print(f"note: torch.export.load warns about a file name not ending in .pt2 ({output.name})")
     shape = f"1x3x{height}x{width} only" if args.fixed_size else f"any Bx3xHxW with H, W >= {MIN_SIDE}"
-    print(f"wrote {output} ({args.format}, input {shape}, {setup.dataset_class.NUM_CLASSES} classes)")
+    print(f"wrote {output} ({args.format}, input {shape}, {setup.classes.num_classes} classes)")
     print(checker(output, example, expected))
     return 0

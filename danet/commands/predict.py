@@ -18,7 +18,7 @@ existing outputs are never replaced unless ``--overwrite`` is given.
 *label ids* (the 19 train ids mapped back through the official table), in one flat directory
 (the server matches ``<city>_<seq>_<frame>*.png`` anywhere in the zip)::
 
-    danet predict 'data/cityscapes/leftImg8bit/test/*/*.png' --format cityscapes --output results/ \
+    danet predict 'data/cityscapes/leftImg8bit/test/*/*.png' --format cityscapes --output results/ \\
         --checkpoint city.pt --protocol release --base-size 2048 --crop-size 768 --mode sliding --flip
     cd results && zip ../submission.zip *.png
 
@@ -44,10 +44,16 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from danet.commands.model_setup import CommandSetup, predict_image, setup_from_args
+from danet.commands.model_setup import (
+    LONG_INFERENCE_PIXELS,
+    CommandSetup,
+    describe_forward,
+    predict_image,
+    setup_from_args,
+)
 from danet.config import EvalConfig
 from danet.data.base import repeated_names
-from danet.data.images import image_size, image_suffixes, load_rgb
+from danet.data.images import ALPHA_IGNORED, has_alpha, image_size, image_suffixes, load_rgb
 from danet.evaluation.engine import estimate_inference_cost
 from danet.evaluation.protocols import inference_plan, window_stride
 from danet.io.atomic import atomic_write
@@ -60,8 +66,7 @@ CITYSCAPES_NAME = re.compile(r"^[a-z_]+_\d{6}_\d{6}_leftImg8bit$")
 """The stem of a Cityscapes image: ``<city>_<seq>_<frame>_leftImg8bit`` (cityscapesScripts' naming)."""
 MAX_WHOLE_PIXELS = 2048 * 2048
 """Default of --max-whole-pixels: larger images are not predicted whole."""
-_ESTIMATE_ABOVE_PIXELS = 1 << 20  # the cost is estimated (and printed) above this size or ...
-_ESTIMATE_ABOVE_FORWARDS = 16  # ... above this many forwards
+_ESTIMATE_ABOVE_FORWARDS = 16  # the cost is estimated (and printed) above this many forwards, or pixels
 
 
 def image_inference(setup: CommandSetup, height: int, width: int,
@@ -79,11 +84,11 @@ def image_inference(setup: CommandSetup, height: int, width: int,
                      f"{max_whole_pixels}: sliding {cfg.crop_size}x{cfg.crop_size} windows, stride "
                      f"{window_stride(cfg)}, instead of the whole image (--max-whole-pixels 0 forces it)")
     forwards = sum(stage.forwards for stage in inference_plan(height, width, cfg))
-    long = height * width > _ESTIMATE_ABOVE_PIXELS or forwards > _ESTIMATE_ABOVE_FORWARDS
+    long = height * width > LONG_INFERENCE_PIXELS or forwards > _ESTIMATE_ABOVE_FORWARDS
     if long:
-        cost = estimate_inference_cost(setup.model, height, width, setup.dataset_class.NUM_CLASSES, cfg,
+        cost = estimate_inference_cost(setup.model, height, width, setup.classes.num_classes, cfg,
                                        device=setup.device)
-        estimate = f", estimated {cost.describe()}" if cost is not None else ""
+        estimate = f", estimated {describe_forward(setup, cost)}" if cost is not None else ""
         notes.append(f"{width}x{height}: {forwards} forward(s){estimate}")
     return cfg, notes, long
 
@@ -160,12 +165,14 @@ def run(args: argparse.Namespace) -> int:
     images = expand_image_arguments(args.images)  # inputs first: the images, then the checkpoint
     for path in images:
         image_size(path)  # an unreadable or oversized image stops the run before it starts
+        if has_alpha(path):
+            print(f"{path}: {ALPHA_IGNORED}")
     setup = setup_from_args(args)
     if args.format == "cityscapes" and setup.data.dataset != "cityscapes":
         raise ValueError(f"--format cityscapes needs a Cityscapes model (--dataset cityscapes), "
                          f"got dataset {setup.data.dataset!r}")
     paths = _output_paths(images, output, args.overwrite, args.format)
-    palette, class_names = setup.dataset_class.PALETTE, setup.dataset_class.CLASS_NAMES
+    palette, class_names = setup.classes.palette, setup.classes.names
     for image_path, outputs in zip(images, paths, strict=True):
         image = load_rgb(image_path)
         cfg, notes, long = image_inference(setup, image.shape[0], image.shape[1], max_whole_pixels)

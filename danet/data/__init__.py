@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from danet.data.ade20k import ADE20K
 from danet.data.base import IGNORE_INDEX, SegmentationDataset
 from danet.data.cityscapes import Cityscapes
+from danet.data.classes import DatasetClasses
 from danet.data.cocostuff import COCOStuff
 from danet.data.folder import FolderDataset
 from danet.data.pcontext import PascalContext, PascalContext59
@@ -79,6 +80,7 @@ __all__ = [
     "IGNORE_INDEX",
     "COCOStuff",
     "Cityscapes",
+    "DatasetClasses",
     "FolderDataset",
     "PascalContext",
     "PascalContext59",

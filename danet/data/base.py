@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from danet.data.images import load_rgb
+from danet.data.images import image_size, load_rgb
 
 IGNORE_INDEX = 255
 """The label of pixels that carry no class (void, borders, unlabelled)."""
@@ -31,6 +32,19 @@ INVALID_LABEL = -1
 """Look-up-table entry for stored values a dataset never contains: reading one raises ValueError."""
 
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Any, Any]]
+
+_SHOWN_PROBLEMS = 3  # unusable masks named in the error of check_masks (then a count)
+
+
+def value_ranges(values: Sequence[int]) -> str:
+    """Sorted integers as ranges: ``[0, 1, 2, 5, 255]`` -> ``"0-2, 5, 255"``."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive values
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
 
 
 def identity_lut(num_classes: int) -> np.ndarray:
@@ -93,6 +107,11 @@ class SegmentationDataset(Dataset):
         LAYOUT: the expected directory tree, shown in every "not found" error.
         TRAIN_IMAGES: the published size of the "train" split (None: unknown), to plan a run
             without the data at hand (``danet lr-plot``).
+        CHECK_MASKS_BEFORE_TRAINING: training reads every mask (:meth:`check_masks`) before it
+            starts. On for the folder dataset (masks a user made, where a stray value is likely);
+            off for the published datasets, whose converters write valid values and whose size
+            would make the check cost minutes (COCO-Stuff: 123k masks); there a bad mask stops
+            the run when it is read, its message naming the valid values.
     """
 
     NUM_CLASSES: ClassVar[int]
@@ -101,6 +120,7 @@ class SegmentationDataset(Dataset):
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "val")
     LAYOUT: ClassVar[str] = ""
     TRAIN_IMAGES: ClassVar[int | None] = None
+    CHECK_MASKS_BEFORE_TRAINING: ClassVar[bool] = False
 
     def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None):
         if split not in self.SPLITS:
@@ -137,6 +157,15 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image_path, mask_path = self.samples[index]
         image = load_rgb(image_path)  # 8-bit RGB from any mode, EXIF orientation applied
+        labels = self._labels(mask_path, image.shape[:2], image_path)
+        image_t = tv_tensors.Image(torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous())
+        mask_t = tv_tensors.Mask(torch.from_numpy(labels))
+        if self.transform is not None:
+            return self.transform(image_t, mask_t)
+        return image_t, mask_t
+
+    def _labels(self, mask_path: Path, image_shape: tuple[int, int], image_path: Path) -> np.ndarray:
+        """The training ids (H, W) int64 of ``mask_path``; ValueError for a mask that cannot be used."""
         with Image.open(mask_path) as im:
             # Palette ("P") and grey ("L") PNGs both read as their stored indices.
             stored = np.asarray(im)
@@ -145,20 +174,50 @@ class SegmentationDataset(Dataset):
                 f"{mask_path}: expected a single-channel 8-bit label PNG, got shape {stored.shape} "
                 f"and dtype {stored.dtype} (was it saved as a colour image?)"
             )
-        if stored.shape != image.shape[:2]:
+        if stored.shape != tuple(image_shape):
             raise ValueError(
-                f"{mask_path}: mask size {stored.shape} differs from image size {image.shape[:2]} "
+                f"{mask_path}: mask size {stored.shape} differs from image size {tuple(image_shape)} "
                 f"of {image_path}"
             )
         labels = self._lut[stored]
         if (labels == INVALID_LABEL).any():
             bad = np.unique(stored[labels == INVALID_LABEL]).tolist()
-            raise ValueError(f"{mask_path}: label values {bad} are not valid for {type(self).__name__}")
-        image_t = tv_tensors.Image(torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous())
-        mask_t = tv_tensors.Mask(torch.from_numpy(labels))
-        if self.transform is not None:
-            return self.transform(image_t, mask_t)
-        return image_t, mask_t
+            raise ValueError(f"{mask_path}: label values {bad} are not valid; {self.valid_values()}")
+        return labels
+
+    def valid_values(self) -> str:
+        """The mask values this dataset accepts, in words (for errors), e.g. "valid values: 0-18 ..."."""
+        values = np.flatnonzero(self._lut != INVALID_LABEL).tolist()
+        ignored = [v for v in values if self._lut[v] == IGNORE_INDEX]
+        return (f"valid values for {type(self).__name__}: {value_ranges(values)} "
+                f"({self.NUM_CLASSES} classes; {value_ranges(ignored)} = ignored)")
+
+    def check_masks(self, threads: int = 1) -> None:
+        """Read every mask (the images' headers only) and raise one error naming the unusable ones.
+
+        What reading a sample would refuse mid-training (a colour mask, a size differing from its
+        image's, values that are not classes) is found here at once, with the valid values named.
+        ``threads`` read in parallel (PIL decodes PNGs outside the GIL).
+
+        Raises:
+            ValueError: how many masks are unusable, the first few with their problem, the valid values.
+        """
+        def problem(sample: tuple[Path, Path]) -> str | None:
+            image_path, mask_path = sample
+            width, height = image_size(image_path)
+            try:
+                self._labels(mask_path, (height, width), image_path)
+            except ValueError as err:
+                return str(err).split("; valid values")[0]
+            return None
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            problems = [p for p in pool.map(problem, self.samples) if p is not None]
+        if problems:
+            shown = "; ".join(problems[:_SHOWN_PROBLEMS])
+            more = f"; and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+            raise ValueError(f"{len(problems)} of the {len(self)} {self.split} masks under {self.root} "
+                             f"cannot be used; {self.valid_values()}. {shown}{more}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"

@@ -7,13 +7,16 @@ Layout (registry name ``folder``, preset ``folder``)::
     root/masks/{train,val}/NAME.png   8-bit single-channel PNG (grey or palette), same size
 
 A mask pixel holds its class id, 0 to K - 1, or 255 for pixels to ignore (unlabelled, borders);
-any other value is an error naming the file. A line of ``classes.txt`` may end in a colour,
+any other value is an error naming the file and the valid values. ``danet train`` reads every
+mask before it starts (:meth:`SegmentationDataset.check_masks`), so such a mistake stops it before
+anything is written. A line of ``classes.txt`` may end in a colour,
 ``road #804080``, used in the masks and overlays ``danet predict`` writes; classes without one
 get the PASCAL VOC colour of their id. Blank lines and lines starting with ``#`` are skipped.
 Every image needs its mask (a missing one is an error, not a skipped image).
 
-The class list belongs to the data, so eval, predict and attention read it from the dataset
-root stored in the checkpoint's config (or the one given with ``--dataset folder --root``).
+The class list belongs to the data: a checkpoint of ``danet train`` carries it (names and
+colours), so predict, attention, export and eval need only the checkpoint, from any directory;
+eval reads the images from the root stored in the checkpoint (an absolute path), or ``--root``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from danet.data.base import (
     repeated_names,
     require_dir,
     require_file,
+    value_ranges,
 )
 from danet.data.images import image_suffixes
 from danet.data.voc import voc_palette
@@ -88,6 +92,7 @@ class FolderDataset(SegmentationDataset):
         "  root/images/{train,val}/<name>.<jpg|png|...>\n"
         "  root/masks/{train,val}/<name>.png  (8-bit class ids, 255 = ignore)"
     )
+    CHECK_MASKS_BEFORE_TRAINING: ClassVar[bool] = True  # a user's own masks: read them all before training
 
     def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None):
         if root is not None and not hasattr(type(self), "NUM_CLASSES"):
@@ -102,6 +107,11 @@ class FolderDataset(SegmentationDataset):
             raise FileNotFoundError(f"the folder dataset needs data.root (its {CLASS_LIST} names the classes)"
                                     f"\nexpected layout:\n{cls.LAYOUT}")
         return _folder_class(Path(root).expanduser().resolve())
+
+    def valid_values(self) -> str:
+        """The mask values this dataset accepts, in words: its classes' ids and 255."""
+        return (f"valid values: {value_ranges(range(self.NUM_CLASSES))} (the {self.NUM_CLASSES} classes of "
+                f"{self.root / CLASS_LIST}, line k is value k) and 255 (pixels to ignore)")
 
     def _find_samples(self) -> list[tuple[Path, Path]]:
         image_dir = require_dir(self.root / "images" / self.split, self.LAYOUT)

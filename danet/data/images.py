@@ -14,7 +14,9 @@ I (32-bit integers)   values within [0, 65535] as 16 bit (PIL opens some 16-bit 
 F (32-bit float)      values within [0, 1] times 255; other ranges (or NaN/Inf) are refused
 ====================  ==========================================================================
 
-Grey images are repeated over the three channels; an alpha channel is dropped. The EXIF
+Grey images are repeated over the three channels; an alpha channel is dropped (the model sees
+the colour values, transparent pixels included; ``danet predict`` and ``danet attention`` say so,
+:func:`has_alpha`). The EXIF
 orientation tag is applied (``ImageOps.exif_transpose``), as cameras and OpenCV's reader (and
 so mmsegmentation's) do, so that a photo taken upright is segmented upright. Images larger than
 PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` times 2) are refused with their
@@ -32,7 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["image_size", "image_suffixes", "load_rgb"]
+__all__ = ["ALPHA_IGNORED", "has_alpha", "image_size", "image_suffixes", "load_rgb"]
+
+ALPHA_IGNORED = "its alpha channel is ignored (the model sees the colours, transparent pixels included)"
+"""What the commands say about an image with transparency (:func:`has_alpha`)."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -92,6 +97,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
         width, height = image.size
         orientation = image.getexif().get(0x0112, 1)  # 5 to 8: rotated by 90 degrees
         return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def has_alpha(path: str | Path) -> bool:
+    """Whether the image at ``path`` has transparency (an alpha channel or a transparent palette
+    entry), which :func:`load_rgb` drops: the commands say so (from the header alone)."""
+    with _opened(Path(path)) as image:
+        return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 The converter reduces the 459 raw labels to the 59 most frequent classes and stores
 ``SegmentationClassContext/<id>.png`` with 0 = background (everything else) and 1..59 = the
-classes. Two variants exist in the literature:
+classes, each at the position of its raw label id among the 59 sorted ids (``np.digitize`` on
+the sorted ``_mapping``): alphabetical order, as mmsegmentation 1.x's class list. Two variants
+exist in the literature:
 
 * :class:`PascalContext` (registry name "pcontext"): 60 classes, background included; the
   DANet paper reports this one (52.6% mIoU on 60 classes).
@@ -30,13 +32,17 @@ from danet.data.base import (
     require_file,
 )
 
+# the order of the converter's output: it stores each class at the position of its raw id (of the
+# 459 labels of the PASCAL Context release, which are alphabetical) among the 59 sorted raw ids, so
+# that order is alphabetical too; mmsegmentation 1.x names the classes so (PascalContextDataset59).
+# (The order of the release's 59_labels.txt, which mmsegmentation 0.x used, names 54 of them wrong.)
 _CONTEXT_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table",
-    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor", "bag",
-    "bed", "bench", "book", "building", "cabinet", "ceiling", "cloth", "computer", "cup", "door",
-    "fence", "floor", "flower", "food", "grass", "ground", "keyboard", "light", "mountain", "mouse",
-    "curtain", "platform", "sign", "plate", "road", "rock", "shelves", "sidewalk", "sky", "snow",
-    "bedclothes", "track", "tree", "truck", "wall", "water", "window", "wood",
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup",
+    "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard",
+    "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road",
+    "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train",
+    "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
 )  # fmt: skip
 
 

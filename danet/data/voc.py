@@ -7,8 +7,11 @@ when it is present in the layout mmsegmentation's ``tools/dataset_converters/voc
 writes: ``VOC2012/SegmentationClassAug/`` (the SBD masks converted to PNG) and
 ``VOC2012/ImageSets/Segmentation/trainaug.txt``. Otherwise "train" is the 1464 images of
 ``train.txt``. ``augmented=True`` demands the augmented set (FileNotFoundError without it),
-``augmented=False`` refuses it. A trainaug image without an SBD mask (an image of VOC's own
-train list that SBD does not cover) takes its mask from ``SegmentationClass/``.
+``augmented=False`` refuses it. The masks are mmsegmentation's recipe (``pascal_voc12_aug.py``:
+VOC's ``train.txt`` with ``SegmentationClass`` concatenated with ``aug.txt``, the SBD images that
+are neither, with ``SegmentationClassAug``): a trainaug image that VOC annotated itself (its 1464
+train images) takes VOC's fine mask from ``SegmentationClass/``, though SBD has a coarser one of
+it too; the other 9118 take SBD's.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class VOCSegmentation(SegmentationDataset):
         if split == "trainaug":
             require_dir(aug_dir, self.LAYOUT)
             ids = read_id_list(aug_list, self.LAYOUT)
-            mask_dirs = (aug_dir, mask_dir)
+            mask_dirs = (mask_dir, aug_dir)  # VOC's own fine mask where there is one (module docstring)
         else:
             require_dir(mask_dir, self.LAYOUT)
             ids = read_id_list(lists / f"{split}.txt", self.LAYOUT)
@@ -104,7 +107,7 @@ class VOCSegmentation(SegmentationDataset):
         return [(require_file(image_dir / f"{i}.jpg", self.LAYOUT), self._mask_of(i, mask_dirs)) for i in ids]
 
     def _mask_of(self, image_id: str, mask_dirs: tuple[Path, ...]) -> Path:
-        """The first ``<id>.png`` among ``mask_dirs`` (SBD's before VOC's own)."""
+        """The first ``<id>.png`` among ``mask_dirs`` (VOC's own before SBD's)."""
         for directory in mask_dirs:
             candidate = directory / f"{image_id}.png"
             if candidate.is_file():

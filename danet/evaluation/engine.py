@@ -25,7 +25,7 @@ from tqdm import tqdm
 from danet.config import HEAD_OUTPUTS, DataConfig, EvalConfig, check_eval_config
 from danet.evaluation.cost import ForwardCost, fit_cost_model
 from danet.evaluation.protocols import Stage, inference_plan
-from danet.runtime import AMP_DTYPES
+from danet.runtime import AMP_DTYPES, progress_bar
 
 __all__ = ["estimate_inference_cost", "predict_logits", "predict_scores", "scores_of_resolved"]
 
@@ -256,7 +256,7 @@ def scores_of_resolved(model: nn.Module, images: torch.Tensor, num_classes: int,
     total = images.shape[0] * sum(stage.forwards for stage in stages)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        bar = stack.enter_context(tqdm(total=total, desc="inference", unit="window", leave=False)) \
+        bar = stack.enter_context(progress_bar(total=total, desc="inference", unit="window", leave=False)) \
             if progress else None
         run = _ModelRunner(model, num_classes, heads, cfg, images.dtype, images.device, bar)
         if cfg.protocol == "release":

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from danet.config import DataConfig, EvalConfig, resolve_eval_config
 from danet.evaluation.engine import scores_of_resolved
 from danet.evaluation.metrics import ConfusionMatrix
+from danet.runtime import progress_bar
 
 __all__ = ["CONVENTIONS", "confusion_matrices", "evaluate", "head_metrics", "metrics_of"]
 
@@ -49,7 +49,8 @@ def confusion_matrices(model: nn.Module, loader: DataLoader, num_classes: int, e
     model.eval()
     try:
         with torch.inference_mode():
-            for images, masks in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+            batches = progress_bar(loader, enabled=progress, desc="eval", unit="batch", leave=False)
+            for images, masks in batches:
                 images = images.to(device, non_blocking=True)
                 masks = masks.to(device, non_blocking=True).as_subclass(torch.Tensor)
                 scores = scores_of_resolved(model, images, num_classes, cfg, mean=data.mean, std=data.std,

@@ -17,16 +17,28 @@ Multi-grid (DeepLabv3, used by the published DANet at output stride 8): the last
 blocks get dilations ``base * (1, 2, 4)`` cycled over the blocks, i.e. (4, 8, 16) at output
 stride 8 and (2, 4, 8) at 16. timm has no such option, so the 3x3 convs are re-dilated after
 creation (padding = dilation keeps the map size); weights are unaffected.
+
+ImageNet weights, two ways (``ModelConfig.pretrained_backbone``): timm's own pretrained mechanism
+(``"timm"``, or ``"timm:<tag>"`` for another of timm's weights, e.g. ``"timm:tv_in1k"``,
+torchvision's), which reads them from the Hugging Face cache and downloads them into it once
+where huggingface.co is reachable; or a local file (:func:`danet.models.weights.load_backbone_weights`).
+When neither is there, one error names both (:func:`missing_weights_message`).
 """
 
 from __future__ import annotations
 
 import timm
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HfHubHTTPError
 from timm.models import FeatureListNet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-__all__ = ["BACKBONES", "MULTI_GRID", "OUT_INDICES", "create_backbone"]
+__all__ = ["BACKBONES", "MULTI_GRID", "OUT_INDICES", "TIMM_WEIGHTS", "create_backbone",
+           "missing_weights_message", "timm_weights_tag"]
+
+TIMM_WEIGHTS = "timm"
+"""``pretrained_backbone`` value for timm's ImageNet weights (``"timm:<tag>"``: a chosen tag)."""
 
 # timm feature indices of the stage-3 (aux head input) and stage-4 (DANet head input) maps
 OUT_INDICES: tuple[int, int] = (3, 4)
@@ -76,26 +88,67 @@ def _apply_multi_grid(stage: nn.Sequential, base_dilation: int) -> None:
         conv.padding = (dilation, dilation)
 
 
-def create_backbone(name: str, output_stride: int = 8, multi_grid: bool = False) -> FeatureListNet:
+def timm_weights_tag(pretrained_backbone: str | None) -> str | None:
+    """The timm pretrained tag ``pretrained_backbone`` asks for ("" = timm's default for the
+    backbone), or None when it names a local file (or nothing)."""
+    if pretrained_backbone == TIMM_WEIGHTS:
+        return ""
+    if pretrained_backbone is not None and pretrained_backbone.startswith(TIMM_WEIGHTS + ":"):
+        return pretrained_backbone[len(TIMM_WEIGHTS) + 1:]
+    return None
+
+
+def missing_weights_message(what: str) -> str:
+    """One line naming both ways to ImageNet weights, after ``what`` went wrong."""
+    return (f"{what}; ImageNet weights come either from timm (model.pretrained_backbone={TIMM_WEIGHTS} or "
+            f"{TIMM_WEIGHTS}:<tag>: read from the Hugging Face cache {hub_constants.HF_HUB_CACHE}, "
+            "downloaded into it once where huggingface.co is reachable) or from a local file "
+            "(model.pretrained_backbone=/path/to/resnet101.pth, timm or torchvision naming)")
+
+
+def _timm_pretrained(name: str, tag: str, **kwargs: object) -> FeatureListNet:
+    """timm's backbone ``name`` with its pretrained weights ``tag``, through timm's own mechanism."""
+    if name == "resnet_tiny":
+        raise ValueError(f"the resnet_tiny backbone has no ImageNet weights (model.pretrained_backbone="
+                         f"{TIMM_WEIGHTS} needs one of timm's: {', '.join(_TIMM_BACKBONES)})")
+    model_name = f"{name}.{tag}" if tag else name
+    if not timm.is_model_pretrained(model_name):
+        raise ValueError(f"timm has no pretrained weights {model_name!r} (its tags for {name}: "
+                         f"{', '.join(timm.list_pretrained(name + '.*')) or 'none'})")
+    try:
+        return timm.create_model(model_name, pretrained=True, features_only=True, **kwargs)
+    except (OSError, HfHubHTTPError) as exc:  # not cached, and no connection (or offline mode)
+        source = timm.models.get_pretrained_cfg(model_name)
+        raise FileNotFoundError(missing_weights_message(
+            f"timm's weights {source.hf_hub_id or source.url or model_name} are not in the Hugging Face "
+            f"cache and could not be downloaded ({type(exc).__name__})")) from exc
+
+
+def create_backbone(name: str, output_stride: int = 8, multi_grid: bool = False,
+                    pretrained: str | None = None) -> FeatureListNet:
     """Build the dilated backbone ``name``; its forward returns [stage-3 map, stage-4 map].
 
-    Channel counts are ``backbone.feature_info.channels()``. Weights are random (ImageNet
-    weights come from a local file through :func:`danet.models.weights.load_backbone_weights`;
-    nothing is downloaded).
+    Channel counts are ``backbone.feature_info.channels()``. Weights are random, or with
+    ``pretrained`` (a timm pretrained tag, "" for timm's default) timm's ImageNet weights, read
+    from the Hugging Face cache or downloaded into it (module docstring). Local files of weights
+    are :func:`danet.models.weights.load_backbone_weights`' job.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid ones), or an output stride
-            other than 8 or 16.
+        ValueError: unknown ``name`` (the message lists the valid ones), an output stride other
+            than 8 or 16, or a pretrained tag timm does not have.
+        FileNotFoundError: timm's weights are neither cached nor downloadable (names both ways).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16 for segmentation, got {output_stride}")
-    if name == "resnet_tiny":
+    options = {"output_stride": output_stride, "out_indices": OUT_INDICES}
+    if pretrained is not None:
+        backbone = _timm_pretrained(name, pretrained, **options)
+    elif name == "resnet_tiny":
         backbone = FeatureListNet(_resnet_tiny(output_stride), out_indices=OUT_INDICES)
     else:
-        backbone = timm.create_model(name, pretrained=False, features_only=True,
-                                     output_stride=output_stride, out_indices=OUT_INDICES)
+        backbone = timm.create_model(name, pretrained=False, features_only=True, **options)
     if multi_grid:
         # stage 4 runs at dilation 4 (OS 8) or 2 (OS 16): its stride 2 became dilation there
         _apply_multi_grid(backbone.layer4, base_dilation=32 // output_stride)

@@ -3,13 +3,20 @@
 While exporting, the attention backend is ``reference`` (bmm + softmax): the Triton kernels
 cannot be exported (an exporter sees an opaque custom op that no runtime knows). Which export
 paths work, and how to load their files: ``danet export --help`` (danet.commands.export).
+
+Both formats carry what a deployment needs beside the weights (:func:`export_metadata`): the
+class names, palette and dataset, the normalisation and the input and output layouts; ONNX as
+the model's metadata_props (onnxruntime: ``session.get_modelmeta().custom_metadata_map``),
+torch.export as the archive's extra file ``danet.json`` (``torch.export.load(path,
+extra_files={"danet.json": ""})``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +25,35 @@ from torch import nn
 
 import danet_kernels
 from danet.io.atomic import atomic_write
+from danet.runtime import install_hint
 
-__all__ = ["EXPORTERS", "MIN_SIDE", "SegmentationLogits", "export_onnx", "export_program"]
+__all__ = ["EXPORTERS", "METADATA_FILE", "MIN_SIDE", "SegmentationLogits", "export_metadata", "export_onnx",
+           "export_program"]
 
 MIN_SIDE = 32  # the smallest height or width the exported graph accepts
+METADATA_FILE = "danet.json"
+"""The extra file of a torch.export archive that holds :func:`export_metadata` (as JSON)."""
+
+
+def export_metadata(class_names: Sequence[str], palette: Sequence[Sequence[int]], dataset: str,
+                    mean: Sequence[float], std: Sequence[float]) -> dict[str, str]:
+    """What an exported model's user needs to feed it and read its output, as string key/values.
+
+    Keys: ``danet:classes`` (JSON list, index = class id), ``danet:palette`` (JSON list of RGB),
+    ``danet:dataset``, ``danet:mean`` and ``danet:std`` (JSON lists, RGB), ``danet:input`` and
+    ``danet:output`` (the layouts, in words).
+    """
+    return {
+        "danet:classes": json.dumps(list(class_names)),
+        "danet:palette": json.dumps([[int(c) for c in colour] for colour in palette]),
+        "danet:dataset": dataset,
+        "danet:mean": json.dumps([float(m) for m in mean]),
+        "danet:std": json.dumps([float(s) for s in std]),
+        "danet:input": "images: float32 (batch, 3, height, width), RGB, NCHW, each channel "
+                       "(pixel / 255 - mean) / std",
+        "danet:output": "logits: float32 (batch, classes, height, width); the class id of a pixel is "
+                        "the argmax over dimension 1",
+    }
 
 
 class SegmentationLogits(nn.Module):
@@ -54,8 +86,10 @@ def export_program(model: nn.Module, example: torch.Tensor,
                                    dynamic_shapes=_dynamic_shapes(fixed_size))
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fixed_size: bool = False) -> Path:
-    """Write ``model`` as ONNX to ``path`` (atomically) with ``torch.onnx.export(dynamo=True)``.
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fixed_size: bool = False,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model`` as ONNX to ``path`` (atomically) with ``torch.onnx.export(dynamo=True)``,
+    ``metadata`` (:func:`export_metadata`) as the model's metadata_props.
 
     Raises:
         ValueError: the onnx or onnxscript package is missing.
@@ -63,17 +97,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fixed
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(f"ONNX export needs the {' and '.join(missing)} package(s): "
-                         "pip install -c constraints.txt -e '.[export]'")
+                         f"{install_hint('export')}")
     with danet_kernels.use_backend("reference"), torch.no_grad():
         program = torch.onnx.export(SegmentationLogits(model), (example,), input_names=["images"],
                                     output_names=["logits"], dynamic_shapes=_dynamic_shapes(fixed_size),
                                     dynamo=True, verbose=False)
+    program.model.metadata_props.update(metadata or {})
     return atomic_write(path, lambda tmp: program.save(str(tmp)))
 
 
 def _check_onnx(path: Path, example: torch.Tensor, expected: torch.Tensor) -> str:
     if importlib.util.find_spec("onnxruntime") is None:
-        return "not checked: onnxruntime is not installed"
+        return f"not checked: onnxruntime is not installed ({install_hint('export')})"
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -96,7 +131,8 @@ def _difference(actual: torch.Tensor, expected: torch.Tensor, what: str) -> str:
 class _FirstErrorKept(io.RawIOBase):
     """A file that torch's C++ archive writer can fill: an OSError of a write (ENOSPC) is kept and
     raised once the writer is done, instead of reaching the C++ writer, which aborts the process
-    on it (SIGABRT, a C++ stack on stderr)."""
+    on it (SIGABRT, a C++ stack on stderr). An open file, not the temporary's name, also keeps
+    torch from warning about a name not ending in .pt2."""
 
     def __init__(self, raw: io.BufferedWriter) -> None:
         super().__init__()
@@ -124,19 +160,21 @@ class _FirstErrorKept(io.RawIOBase):
             raise self.error
 
 
-def _save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    with open(path, "wb") as raw:
-        sink = _FirstErrorKept(raw)
-        torch.export.save(program, sink)
-        sink.raise_kept()
-
-
-def _write_program(model: nn.Module, example: torch.Tensor, path: Path, fixed_size: bool) -> Path:
+def _write_program(model: nn.Module, example: torch.Tensor, path: Path, fixed_size: bool,
+                   metadata: Mapping[str, str] | None = None) -> Path:
     program = export_program(model, example, fixed_size)
-    return atomic_write(path, lambda tmp: _save_program(program, tmp))
+    extra_files = {METADATA_FILE: json.dumps(dict(metadata or {}), indent=1)}
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as raw:
+            sink = _FirstErrorKept(raw)
+            torch.export.save(program, sink, extra_files=extra_files)
+            sink.raise_kept()
+
+    return atomic_write(path, save)
 
 
-# format -> (writer(model, example, path, fixed_size), checker(path, example, expected))
+# format -> (writer(model, example, path, fixed_size, metadata), checker(path, example, expected))
 EXPORTERS: dict[str, tuple[Callable[..., Path], Callable[[Path, torch.Tensor, torch.Tensor], str]]] = {
     "onnx": (export_onnx, _check_onnx),
     "torch-export": (_write_program, _check_program),

@@ -1,5 +1,7 @@
 """Weights from local files: ImageNet backbones, our checkpoints, the original DANet release.
 
+(timm's own ImageNet weights, from the Hugging Face cache, are :mod:`danet.models.backbone`'s.)
+
 Nothing here builds the network (``danet.models.danet`` builds it and uses this module, never
 the other way round). Files are read on the CPU with ``torch.load(weights_only=True)``
 (``.pth``/``.pt``/``.tar``) or safetensors (``.safetensors``).
@@ -48,6 +50,7 @@ from torch import nn
 
 from danet.config import ModelConfig
 from danet.io.checkpoint import check_finite, read_file, strip_prefixes
+from danet.models.backbone import missing_weights_message
 
 __all__ = [
     "ORIGINAL_KEY_MAP",
@@ -118,12 +121,16 @@ class Checkpoint:
         config: the stored run config (``dataclasses.asdict`` of the trainer's Config) or None.
         original_naming: the file used the original DANet release's key names.
         path: where it was read from (for messages).
+        classes: the stored record of the classes the model predicts (dataset name, class names,
+            palette: danet.data.classes.DatasetClasses.to_record), or None (a checkpoint from
+            elsewhere, or written before danet stored it).
     """
 
     state_dict: StateDict
     config: dict[str, Any] | None
     original_naming: bool
     path: str
+    classes: dict[str, Any] | None = None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -134,9 +141,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ValueError: unreadable or corrupted file, one that holds no state_dict, or NaN/Inf weights.
     """
     obj = read_file(path, what="weights file")
-    config = None
+    config = classes = None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        state_dict, config = obj["model"], obj.get("config")
+        state_dict, config, classes = obj["model"], obj.get("config"), obj.get("classes")
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state_dict = obj["state_dict"]
     else:
@@ -150,7 +157,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     original = _is_original_naming(state_dict)
     if original:
         state_dict = from_original_naming(state_dict)
-    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path))
+    return Checkpoint(state_dict, config if isinstance(config, dict) else None, original, str(path),
+                      classes if isinstance(classes, dict) else None)
 
 
 def _key_list(keys: list[str]) -> str:
@@ -241,9 +249,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     ``conv1.0/1/3/4/6``, as the original release's backbone does).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (the message names timm's way too).
         ValueError: unreadable file, or keys/shapes that do not fit the backbone.
     """
+    if not Path(path).exists():
+        raise FileNotFoundError(missing_weights_message(f"ImageNet weights file not found: {path}"))
     state_dict = read_checkpoint(path).state_dict
     if any(key.startswith("backbone.") for key in state_dict):  # a full DANet checkpoint's backbone
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}

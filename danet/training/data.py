@@ -9,6 +9,7 @@ steps and derives the run length in optimiser iterations.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from danet.data import (
     get_dataset_class,
     train_transforms,
 )
+from danet.data.classes import DatasetClasses
 
 __all__ = ["BatchPlan", "SeededAugmentation", "check_data_source", "get_datasets", "plan_batches"]
 
@@ -72,8 +74,8 @@ def check_data_source(cfg: Config) -> None:
                          f"--set data.root=/path/to/{cfg.data.dataset}")
 
 
-def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, int]:
-    """(train dataset with the training transform, val dataset with the eval transform, classes)."""
+def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, DatasetClasses]:
+    """(train dataset with the training transform, val dataset with the eval transform, the classes)."""
     d = cfg.data
     extra: dict[str, dict[str, Any]] = {"train": {}, "val": {}}
     if d.dataset == "synthetic":  # generated: the sample counts and size are constructor arguments
@@ -84,9 +86,12 @@ def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, int]:
     train_set = build_dataset(d.dataset, d.root, "train", transform=train_tf, **extra["train"])
     val_tf = eval_transforms(d.mean, d.std)
     val_set = build_dataset(d.dataset, d.root, "val", transform=val_tf, **extra["val"])
+    for dataset in (train_set, val_set):
+        if getattr(dataset, "CHECK_MASKS_BEFORE_TRAINING", False):  # before the run directory exists
+            dataset.check_masks(threads=min(8, os.cpu_count() or 1))  # type: ignore[attr-defined]
     if d.dataset != "synthetic":
         train_set, val_set = _limit(train_set, d.train_samples), _limit(val_set, d.val_samples)
-    return train_set, val_set, get_dataset_class(d.dataset, d.root).NUM_CLASSES  # type: ignore[attr-defined]
+    return train_set, val_set, DatasetClasses.of(d.dataset, get_dataset_class(d.dataset, d.root))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from danet.distributed import all_gather_objects
 from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
 from danet.io.checkpoint import BEST, LAST, LAST_GOOD
 from danet.io.output_paths import occupied
+from danet.runtime import install_hint
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -241,6 +242,9 @@ def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> Non
         raise ValueError(f"the run directory {run_dir} exists and is not a directory")
     existing = [name for name in _RUN_OUTPUTS if occupied(run_dir / name)]  # a dangling link too
     if existing and not (resuming_here or overwrite):
+        if METRICS in existing and set(existing) <= {METRICS, CONFIG}:  # stopped before its first checkpoint
+            raise ValueError(f"{run_dir} already holds the {METRICS} of a run that wrote no checkpoint; pass "
+                             "--overwrite to replace it, or choose another --output")
         raise ValueError(
             f"{run_dir} already holds {', '.join(existing)} from another run; pass --resume {run_dir} to "
             "continue it, --overwrite to replace it, or choose another --output"
@@ -312,8 +316,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                warnings.warn("train.tensorboard is on but the tensorboard package is not installed; "
-                              "logging to metrics.jsonl only", stacklevel=2)
+                warnings.warn("train.tensorboard is on but the tensorboard package is not installed "
+                              f"({install_hint('tensorboard')}); logging to metrics.jsonl only", stacklevel=2)
             else:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
@@ -396,3 +400,37 @@ def resolve_checkpoint(spec: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(f"{path} is a directory without {BEST} or {LAST} (is it a run "
                             "directory whose run has not written a checkpoint yet?)")
+
+
+def latest_target() -> str | None:
+    """Where ``runs/latest`` points now (its link text), or None (for :func:`remove_unstarted_run`)."""
+    return os.readlink(LATEST) if LATEST.is_symlink() else None
+
+
+def remove_unstarted_run(run_dir: Path, *, created: bool, previous_latest: str | None) -> bool:
+    """Undo the start of a run stopped before its first iteration: it has nothing worth keeping.
+
+    Removes what starting it wrote (config.yaml, the empty metrics.jsonl, a TensorBoard log),
+    ``run_dir`` itself when this run ``created`` it and it is then empty, and points
+    ``runs/latest`` back where it pointed before (``previous_latest``; removed if it pointed
+    nowhere). Anything else in ``run_dir`` is left as it is. Returns whether ``run_dir`` was removed.
+    """
+    for name in (CONFIG, METRICS, LOCK):  # the lock: the caller still holds it, and lets go after
+        (run_dir / name).unlink(missing_ok=True)
+    tensorboard = run_dir / "tensorboard"
+    if tensorboard.is_dir():
+        for event_file in tensorboard.iterdir():
+            event_file.unlink()
+        tensorboard.rmdir()
+    removed = created and run_dir.is_dir() and not any(run_dir.iterdir())
+    if removed:
+        run_dir.rmdir()
+    if LATEST.is_symlink() and LATEST.resolve() == run_dir.resolve():
+        if previous_latest is None:
+            LATEST.unlink()
+        else:
+            staging = RUNS_DIR / f".latest.{os.getpid()}"
+            staging.unlink(missing_ok=True)
+            staging.symlink_to(previous_latest, target_is_directory=True)
+            os.replace(staging, LATEST)
+    return removed

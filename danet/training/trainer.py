@@ -11,6 +11,7 @@ docs/training.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sys
@@ -24,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from danet.config import Config, config_to_dict
 from danet.distributed import (
@@ -40,6 +40,7 @@ from danet.distributed import (
     stalled_ranks_named,
     wrap_ddp,
 )
+from danet.evaluation.cost import format_duration
 from danet.evaluation.evaluate import evaluate
 from danet.io.checkpoint import (
     LAST,
@@ -50,7 +51,8 @@ from danet.io.checkpoint import (
 )
 from danet.models import build_model, load_weights
 from danet.models.weights import load_state_dict_checked
-from danet.runtime import AMP_DTYPES, check_attention_backend, set_threads
+from danet.runtime import AMP_DTYPES, check_attention_backend, cpu_cores, progress_bar, set_threads
+from danet.training.cpu_time import estimate_iteration
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
 from danet.training.optimizer import build_optimizer, group_settings
@@ -68,8 +70,10 @@ from danet.training.run_dir import (
     RunDirLock,
     claim_run_dir,
     create_run_dir,
+    latest_target,
     mark_latest,
     release_reservation,
+    remove_unstarted_run,
     reserve_run_dir,
 )
 from danet.training.schedules import build_scheduler
@@ -146,12 +150,19 @@ class Trainer:
         np.random.seed(t.seed + ctx.rank)
         random.seed(t.seed + ctx.rank)
 
-        train_set, val_set, self.num_classes = get_datasets(cfg)
+        train_set, val_set, self.classes = get_datasets(cfg)
+        self.num_classes = self.classes.num_classes
         self.plan = plan_batches(cfg, len(train_set), ctx.world_size)  # type: ignore[arg-type]
         self.train_set = SeededAugmentation(train_set, t.seed)
         self.sampler = ResumableDistributedSampler(self.train_set, ctx.world_size, ctx.rank, seed=t.seed,
                                                    shuffle=True, drop_last=False)
-        loader_kw = {"num_workers": cfg.data.workers, "pin_memory": ctx.device.type == "cuda",
+        # more workers than cores only compete for them (torch warns, once per loader); the
+        # samples do not depend on the worker count (SeededAugmentation)
+        workers = min(cfg.data.workers, cpu_cores())
+        if workers < cfg.data.workers and ctx.is_main:
+            print(f"data.workers={cfg.data.workers}, but this process has {cpu_cores()} CPU core(s): "
+                  f"{workers} DataLoader worker(s)")
+        loader_kw = {"num_workers": workers, "pin_memory": ctx.device.type == "cuda",
                      "persistent_workers": False}  # fresh workers each epoch see the dataset's new epoch
         # The loaders draw their worker seeds from their own generators, not from the global one
         self.train_loader = StopSafeDataLoader(self.train_set, batch_size=self.plan.micro_batch,
@@ -268,9 +279,10 @@ class Trainer:
                     stopped = self._run_epoch(log)
                     if not stopped:
                         self._end_epoch(log)
-                if stopped:
+                if stopped and self.started:
                     with self.stop.saving():
                         self.save()
+                if stopped:
                     self._report_stop()
         finally:
             log.close()
@@ -284,9 +296,9 @@ class Trainer:
         self.train_set.set_epoch(state.epoch)
         self.sampler.set_start(state.iteration_in_epoch * plan.micro_batch * plan.accum_steps)
         epoch_iters = min(plan.iters_per_epoch, plan.total_iters - state.iteration + state.iteration_in_epoch)
-        bar = tqdm(total=epoch_iters, initial=state.iteration_in_epoch,
-                   desc=f"epoch {state.epoch + 1}/{plan.epochs}",
-                   disable=not (cfg.train.progress and ctx.is_main), dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=epoch_iters, initial=state.iteration_in_epoch,
+                           desc=f"epoch {state.epoch + 1}/{plan.epochs}",
+                           enabled=cfg.train.progress and ctx.is_main, dynamic_ncols=True, leave=False)
         batches = iter(self.train_loader)
         start, done_here = time.perf_counter(), 0
         try:
@@ -301,8 +313,8 @@ class Trainer:
                 self.checkpoints.record(loss)
                 done_here += 1
                 images_per_s = done_here * cfg.train.batch_size / max(time.perf_counter() - start, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}")
+                bar.update(1)  # img_s in 3 digits: a CPU run's 0.047 is no 0.0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.3g}")
                 if cfg.train.log_interval and state.iteration % cfg.train.log_interval == 0:
                     log.write("train", state.iteration, epoch=state.epoch, loss=loss,
                               **{f"loss_{name}": value for name, value in terms.items()},
@@ -383,10 +395,18 @@ class Trainer:
         last = self.checkpoints.last_saved
         return f"the state of iteration {last} is in {self.run_dir / LAST}" if last is not None else ""
 
+    @property
+    def started(self) -> bool:
+        """Whether this run holds anything to save: an iteration done, or a resumed state."""
+        return self.state.iteration > 0 or self.resumed_from is not None
+
     def _report_stop(self) -> None:
         if self.ctx.is_main:
             received = self.stop.signal_received
             why = signal.Signals(received).name if received else "stop requested"
+            if not self.started:
+                print(f"{why}: stopped before the first iteration; nothing to save", file=sys.stderr)
+                return
             print(f"{why}: stopped at iteration {self.state.iteration}; state saved to "
                   f"{self.run_dir / LAST}. Continue with: danet train --resume {self.run_dir}",
                   file=sys.stderr)
@@ -445,10 +465,27 @@ class Trainer:
             "best_miou": self.state.best_miou,
             "metrics": self.state.last_metrics,
             "num_classes": self.num_classes,
+            "classes": self.classes.to_record(),  # what inference needs, with config's data.mean/std
         }, self.state.iteration, best=best)
 
 
 # ------------------------------------------------------------------------------ train()
+
+_LONG_CPU_RUN_S = 3600.0  # above this estimate, a CPU run gets a warning with what to do instead
+
+
+def _say_cpu_time(trainer: Trainer) -> None:
+    """Print how long the run will take on this CPU (danet.training.cpu_time), with a warning when long."""
+    cfg, plan = trainer.cfg, trainer.plan
+    estimate = estimate_iteration(trainer.model, plan.micro_batch * plan.accum_steps, cfg.data.crop_size)
+    remaining = plan.total_iters - trainer.state.iteration
+    print(f"on this CPU: {estimate.describe(remaining)}")
+    if estimate.seconds * remaining > _LONG_CPU_RUN_S:
+        print(f"warning: {format_duration(estimate.seconds * remaining)} on this CPU ({cfg.model.backbone}, "
+              f"{cfg.data.crop_size} px crops: a GPU recipe?); run it on a machine with CUDA, or make it "
+              "small enough: e.g. --set model.backbone=resnet_tiny model.multi_grid=false data.crop_size=256 "
+              "(what the folder preset does on a CPU)", file=sys.stderr)
+
 
 
 def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, overwrite: bool = False,
@@ -474,10 +511,12 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
         danet.io.atomic.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
     check_data_source(cfg)
+    if cfg.data.root is not None:  # stored absolute: eval and predict then find the data from anywhere
+        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     set_threads(cfg.train.threads)
     torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
-    reserved, created, lock = False, False, None
+    reserved, claimed, lock = False, False, None
     if cfg.model.attention == "fused":
         check_attention_backend(ctx.device)  # e.g. DANET_KERNELS_BACKEND=triton without CUDA
     try:
@@ -506,8 +545,11 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                                 state=resume.take() if isinstance(resume, LoadedCheckpoint) else None)
         elif cfg.model.pretrained is not None:
             trainer.load_pretrained(cfg.model.pretrained)
+        if cfg.model.pretrained_backbone is not None and resume_path is None and ctx.is_main:
+            print(f"backbone {cfg.model.backbone}: weights loaded from {cfg.model.pretrained_backbone}")
+        created, previous_latest = reserved or not run_dir.exists(), latest_target()
         claim_run_dir(lock, **claim, create=True)  # everything checked, built and loaded: the run directory
-        created = True
+        claimed = True
         if ctx.is_main:
             create_run_dir(run_dir, cfg)
             mark_latest(run_dir)  # runs/latest -> this run
@@ -516,11 +558,18 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                   f"{p.iters_per_epoch}), global batch {cfg.train.batch_size} = {ctx.world_size} "
                   f"process(es) x {p.accum_steps} accumulation step(s) x {p.micro_batch}, "
                   f"on {ctx.device}; run dir {run_dir}")
-        return trainer.fit()
+            if ctx.device.type == "cpu" and cfg.train.progress:
+                _say_cpu_time(trainer)
+        result = trainer.fit()
+        if not trainer.started and ctx.is_main:  # e.g. Ctrl-C during start-up or the first iteration
+            removed = remove_unstarted_run(run_dir, created=created, previous_latest=previous_latest)
+            what = "the run directory" if removed else "the config.yaml and log it wrote in"
+            print(f"removed {what} {run_dir}: no iteration ran", file=sys.stderr)
+        return result
     finally:
         if lock is not None:
             lock.release()
-        if reserved and not created:
+        if reserved and not claimed:
             release_reservation(run_dir)  # a failed start leaves no run directory
         cleanup_distributed()
 

@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 from torch import nn
 from torch.nn import functional
 
+from danet.runtime import progress_bar
 from danet.visualization.masks import colourise, overlay
 
 __all__ = [
@@ -69,10 +70,22 @@ class AttentionMaps:
     feature_size: tuple[int, int]
 
 
+def _stages(model: nn.Module) -> list[nn.Module]:
+    """The modules whose ends mark the progress of a DANet inference forward: the backbone's stages,
+    then the head's parts that inference runs (not the PAM-only and CAM-only classifiers)."""
+    head = model.head
+    return [*model.backbone.children(), head.conv5a, head.sa, head.conv51, head.conv5c, head.sc, head.conv52,
+            head.conv8]
+
+
 @torch.no_grad()
 def attention_maps(model: nn.Module, image: torch.Tensor, points: Sequence[tuple[int, int]],
-                   channels: Sequence[int] | None = None, num_channels: int = 4) -> AttentionMaps:
+                   channels: Sequence[int] | None = None, num_channels: int = 4,
+                   progress: bool = False) -> AttentionMaps:
     """Run ``model`` (a DANet, eval mode) on ``image`` (1, 3, H, W) and collect attention maps.
+
+    ``progress`` shows a bar over the forward's stages (the backbone's, then the head's), for
+    a large image whose forward takes minutes on a CPU.
 
     Raises:
         ValueError: a point outside the image, a channel id out of range, a batch of several images.
@@ -91,13 +104,23 @@ def attention_maps(model: nn.Module, image: torch.Tensor, points: Sequence[tuple
     def keep_cam_output(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         captured["cam_out"] = out.detach().clone()
 
+    stages = _stages(model)
+    # redrawn at every stage (mininterval 0): a stage of a large image takes seconds, not microseconds
+    bar = progress_bar(total=len(stages), enabled=progress, desc="attention", unit="stage", leave=False,
+                       mininterval=0)
+
+    def advance(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        bar.update(1)  # (a hook that returned a value would replace the module's output)
+
     hooks = [model.head.sa.register_forward_hook(keep_pam_input),
-             model.head.sc.register_forward_hook(keep_cam_output)]
+             model.head.sc.register_forward_hook(keep_cam_output),
+             *(stage.register_forward_hook(advance) for stage in stages)]
     try:
         logits = model(image)
     finally:
         for hook in hooks:
             hook.remove()
+        bar.close()
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     features, cam_out = captured["pam_in"], captured["cam_out"]

@@ -6,34 +6,51 @@ API, no pyplot state, no display needed); the commands save them.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
-from dataclasses import replace
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from danet.config import ScheduleConfig
 from danet.evaluation.metrics import ConfusionMatrix
 from danet.training.schedules import lr_curve
 
-__all__ = ["confusion_figure", "lr_policies_figure", "policy_label"]
+__all__ = ["MAX_ANNOTATED_CLASSES", "confusion_figure", "lr_policies_figure", "policy_label"]
+
+MAX_ANNOTATED_CLASSES = 40
+"""Up to this many classes each cell of the confusion matrix has its percentage written in it."""
 
 
 def confusion_figure(matrix: ConfusionMatrix, names: Sequence[str], title: str) -> Figure:
-    """The confusion matrix, each row (target class) normalised to 1."""
+    """The confusion matrix in percent of each row (target class), each cell's value written in it (up
+    to :data:`MAX_ANNOTATED_CLASSES` classes).
+
+    The layout is matplotlib's constrained one, so that the tick names, the colour bar and its
+    label fit the canvas whatever the class names; a long title is wrapped to the figure's width.
+    """
     k = matrix.num_classes
     counts = matrix.counts()
-    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    side = max(4.0, 0.35 * k + 2.5)
-    fig = Figure(figsize=(side + 1.0, side))
+    percent = (100.0 * counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
+    side = max(4.0, 0.4 * k + 2.5)
+    fig = Figure(figsize=(side + 1.5, side + 0.5), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(rows.numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+    image = ax.imshow(percent, cmap="viridis", vmin=0.0, vmax=100.0)
     ax.set_xticks(range(k), names, rotation=90, fontsize=8)
     ax.set_yticks(range(k), names, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("target class")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="share of the target class's pixels")
-    fig.tight_layout()
+    if k <= MAX_ANNOTATED_CLASSES:
+        cell_font = 8 if k <= 20 else 6
+        for target, predicted in np.ndindex(k, k):
+            share = percent[target, predicted]
+            # light text on the dark end of viridis, dark text on the light end
+            ax.text(predicted, target, f"{share:.0f}", ha="center", va="center", fontsize=cell_font,
+                    color="white" if share < 60 else "black")
+    characters = max(30, int(9 * (side + 1.5)))  # about 9 characters of a 9-point title per inch
+    ax.set_title("\n".join(textwrap.wrap(title, characters)), fontsize=9)
+    colour_bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    colour_bar.set_label("% of the target class's pixels (each row sums to 100)", fontsize=8)
     return fig
 
 
@@ -64,26 +81,38 @@ def policy_label(cfg: ScheduleConfig, policy: str) -> str:
     return f"{policy} ({', '.join(parts)})" if parts else policy
 
 
-def lr_policies_figure(schedule: ScheduleConfig, policies: Sequence[str], iters: int, base_lr: float, *,
+def lr_policies_figure(curves: Sequence[tuple[str, ScheduleConfig]], iters: int, base_lr: float, *,
                        head_lr_mult: float, log: bool, title: str) -> Figure:
-    """The LR of each of ``policies`` (``schedule`` with its policy replaced) over ``iters`` iterations."""
-    fig = Figure(figsize=(9, 5), layout="constrained")
+    """The LR of each ``(label, schedule)`` of ``curves`` over ``iters`` iterations (one line each).
+
+    On the log axis the lowest LR shown is the smallest positive one drawn, but at least
+    ``1e-6 x base_lr``: a curve that falls below (poly's last iteration is exactly 0) leaves the
+    frame there instead of squeezing every other curve into a flat line at the top.
+    """
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
     ax = fig.subplots()
     every = max(1, iters // 12)
-    for index, policy in enumerate(policies):
-        policy_schedule = replace(schedule, policy=policy)
-        curve = lr_curve(policy_schedule, iters, base_lr)
-        linestyle, marker = _STYLES[policy]
+    lowest = highest = base_lr
+    for index, (label, schedule) in enumerate(curves):
+        curve = lr_curve(schedule, iters, base_lr)
+        lowest = min([lowest, *(lr for lr in curve if lr > 0)])
+        highest = max(highest, *curve)
+        linestyle, marker = _STYLES[schedule.policy]
         # markers staggered per policy, so that a curve under another still shows its own
-        offset = index * every // len(policies)
-        ax.plot(curve, label=policy_label(policy_schedule, policy), linestyle=linestyle, marker=marker,
-                markevery=(offset, every), linewidth=1.6, alpha=0.9)
+        offset = index * every // len(curves)
+        ax.plot(curve, label=label, linestyle=linestyle, marker=marker, markevery=(offset, every),
+                linewidth=1.6, alpha=0.9)
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"learning rate (backbone group; the head's is {head_lr_mult:g}x)"
                   + (", log scale" if log else ""))
     if log:
         ax.set_yscale("log")
+        ax.set_ylim(max(lowest, base_lr * 1e-6) / 2, highest * 2)
+    else:
+        ax.set_ylim(0.0, highest * 1.05)
+    ax.set_xlim(0, iters)
     ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="small")
+    # below the axes: inside, it would hide a part of some curve on one of the two scales
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     ax.grid(alpha=0.3)
     return fig

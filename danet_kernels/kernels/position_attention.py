@@ -1,8 +1,9 @@
 """Fused position attention (DANet's PAM) in Triton: flash-style forward and recomputing backward.
 
-Math (per batch element b; q, k of shape (B, d, N), v of shape (B, C, N))::
+Math (per batch element b; q of shape (B, d, N), k of shape (B, d, M), v of shape (B, C, M);
+M = N in DANet, M < N where a non-local block pools its keys; s the softmax scale, 1 in DANet)::
 
-    S[i, j]   = sum_d q[d, i] k[d, j]                 no 1/sqrt(d) scaling, as in DANet
+    S[i, j]   = s sum_d q[d, i] k[d, j]               s = 1: no 1/sqrt(d) scaling, as in DANet
     P[i, :]   = softmax_j(S[i, :])
     O[c, i]   = sum_j v[c, j] P[i, j]
     Y         = gamma * O + residual                  when gamma is given, else Y = O
@@ -13,7 +14,7 @@ Backward (dY the incoming gradient, dO = gamma * dY or dY)::
     dP[i, j]  = sum_c dO[c, i] v[c, j]                summed over ALL of C
     Delta[i]  = sum_c dO[c, i] O[c, i]  (= rowsum(dP * P))
     dS        = P * (dP - Delta[:, None])
-    dQ[:, i]  = sum_j dS[i, j] k[:, j]     dK[:, j] = sum_i dS[i, j] q[:, i]
+    dQ[:, i]  = s sum_j dS[i, j] k[:, j]   dK[:, j] = s sum_i dS[i, j] q[:, i]
     dgamma    = sum(dY * O)               dresidual = dY
 
 Algorithm and memory traffic
@@ -21,8 +22,10 @@ Algorithm and memory traffic
 Forward (``_pam_fwd_kernel``), after FlashAttention and Triton's fused-attention tutorial: a
 program keeps a BLOCK_M block of queries and an fp32 (BLOCK_M, BLOCK_C) accumulator on chip,
 streams BLOCK_N blocks of k and v (cp.async, num_stages deep), and keeps a running row max and
-row sum (online softmax). The softmax works in base 2: ``exp2(S * log2(e) - m)`` with log2(e)
-folded into the subtraction (one FMA per element) and m, the running max, kept in log2 units. It
+row sum (online softmax). The softmax works in base 2: ``exp2(S * s log2(e) - m)`` with the
+scale and log2(e) one constant (``SCALE``, a constexpr: a model's one or two scales compile once
+each, at no register) folded into the subtraction (one FMA per element) and m, the running max,
+kept in log2 units. It
 writes Y (and O when the backward will need it) and the per-row log-sum-exp
 ``lse = m + log2(l)``, never S or P: device memory holds O(B * (C + d) * N), not O(B * N^2).
 Key blocks wholly inside N run unmasked; the last one masks its scores to -inf past N.
@@ -36,7 +39,7 @@ that wins, by the compile report (docs/compile_report.md, sm_90, bf16, d = 64, C
 (+11%), 0 spills at 237-248 registers, each warpgroup owning 64 rows of S (no replicated
 work), 10 operand bytes per N^2 streamed from L2. The full-width layout FlashAttention-3 uses
 for this head-dim pair (one program owning all 512 channels, S computed once) was measured too
-(benchmarks/compile_specs/pam_forward_full_width.py): Triton's closest form, keys on the rows
+(docs/performance.md, "Tried and not kept"): Triton's closest form, keys on the rows
 of a 64 x 32 S^T tile on one warpgroup and a 512 x 32 O^T accumulator, executes the minimal
 1152 N^2 but spills 144 B at 32 queries (0 only at 16 queries, whose m64n16 wgmmas are too
 narrow to feed), computes 1.5x the exp2 per thread (the per-query rescale runs on every thread
@@ -128,8 +131,8 @@ That needs dV for all of C in the key-side kernel, an fp32 BLOCK_N x C tile sm_9
 not hold at C = 512; every C block whose dV is left to a kernel of its own adds its S^T, 2 d
 = 128 N^2: 3584 + 128 ceil(C / BLOCK_C) when the dV kernel does it all (3840 here), 3712 with
 one 256-channel block fused into the key-side kernel. The issue's 3600 is below what sm_90
-reaches this way. That fused variant was measured (benchmarks/compile_specs/pam_backward_fused_dv.py,
-docs/performance.md): spill-free only with 32 queries per step (254-255 registers; 64 spill
+reaches this way. That fused variant was measured (docs/performance.md, "The deterministic
+path"): spill-free only with 32 queries per step (254-255 registers; 64 spill
 628 B), whose re-reads of the key block's v^T make its key-side kernel stream 41 B per pair
 against 25, which the perf model (L2-bound) puts 21% slower than this split at N = 32768 and at
 N = 4096, so the deterministic path keeps the split: 3840.
@@ -263,30 +266,32 @@ def _tile_mask(rows_ok, cols_ok, MASK_COLS: tl.constexpr):
 @triton.jit
 def _pam_fwd_inner(
     acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
-    offs_d, offs_c, mask_d, mask_c, start_n, end_n, N, N_LOADED,
+    offs_d, offs_c, mask_d, mask_c, start_n, end_n, M, M_LOADED, QK_SCALE: tl.constexpr,
     TAIL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax sweep over key blocks [start_n, end_n).
 
-    Full blocks (TAIL False) lie inside the N real keys: no mask at all. The TAIL block masks
-    its loads at N_LOADED (the buffers' length, a multiple of 16 when the launcher padded them,
-    so the mask stays vector-aligned) and its scores at N (keys past N get -inf)."""
+    Full blocks (TAIL False) lie inside the M real keys: no mask at all. The TAIL block masks
+    its loads at M_LOADED (the buffers' length, a multiple of 16 when the launcher padded them,
+    so the mask stays vector-aligned) and its scores at M (keys past M get -inf). QK_SCALE
+    is the softmax scale times log2(e) (> 0, so the row max of the scaled scores is the scaled
+    row max)."""
     for block_start in range(start_n, end_n, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
-        loaded = offs_n < N_LOADED
+        loaded = offs_n < M_LOADED
         kT = _load_tile(K_block + _pam_fwd_offsets(offs_d, stride_kd, offs_n, stride_kn, INT64_OFFSETS),
                         mask_d, loaded, not EVEN_D, TAIL)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION)
         if TAIL:
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E)
+            s = tl.where((offs_n < M)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
         # A row whose energies are all -inf so far would compute -inf - -inf = NaN; shift by 0
         # instead, which leaves p = 0 and alpha = 0 (the reference is NaN only if all are -inf,
         # and then l = 0 gives 0/0 = NaN at the end, as it should).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s * LOG2E - m_safe[:, None])
+        p = tl.math.exp2(s * QK_SCALE - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V_block + _pam_fwd_offsets(offs_n, stride_vn, offs_c, stride_vc, INT64_OFFSETS),
                        loaded, mask_c, TAIL, not EVEN_C)
@@ -340,18 +345,18 @@ def _pam_fwd_kernel(
     stride_rb, stride_rc, stride_rn,
     stride_yb, stride_yc, stride_yn,
     stride_ob, stride_oc, stride_on,
-    N, N_LOADED, D, C,
-    N_BUCKET, B_BUCKET,  # the autotuning key (N's and B's power-of-two buckets); never read
-    HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr,
+    N, N_LOADED, M, M_LOADED, D, C,
+    N_BUCKET, M_BUCKET, B_BUCKET,  # the autotuning key (N's, M's, B's power-of-two buckets); never read
+    SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """One program: BLOCK_M queries x BLOCK_C value channels of one batch element.
 
-    q, k, v hold N_LOADED positions (N real ones, zeros after); Result, Out and Lse hold N.
-    Writes Result (gamma * O + residual, or O), O itself when STORE_OUT, and lse (log2 units)
-    from the first C block.
+    q and the residual hold N_LOADED positions (N real queries, zeros after), k and v M_LOADED
+    (M real keys); Result, Out and Lse hold N. Writes Result (gamma * O + residual, or O), O
+    itself when STORE_OUT, and lse (log2 units, of the scaled scores) from the first C block.
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -371,16 +376,16 @@ def _pam_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    n_full = (N // BLOCK_N) * BLOCK_N
+    m_full = (M // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _pam_fwd_inner(
         acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
-        offs_d, offs_c, mask_d, mask_c, 0, n_full, N, N_LOADED,
+        offs_d, offs_c, mask_d, mask_c, 0, m_full, M, M_LOADED, SCALE * LOG2E,
         False, EVEN_D, EVEN_C, INPUT_PRECISION, INT64_OFFSETS, BLOCK_N,
     )
-    if n_full < N:
+    if m_full < M:
         acc, l_i, m_i = _pam_fwd_inner(
             acc, l_i, m_i, q, K_block, V_block, stride_kd, stride_kn, stride_vc, stride_vn,
-            offs_d, offs_c, mask_d, mask_c, n_full, N, N, N_LOADED,
+            offs_d, offs_c, mask_d, mask_c, m_full, M, M, M_LOADED, SCALE * LOG2E,
             True, EVEN_D, EVEN_C, INPUT_PRECISION, INT64_OFFSETS, BLOCK_N,
         )
 
@@ -441,8 +446,8 @@ def _pam_bwd_dv_kernel(
     stride_kb, stride_kd, stride_kn,
     stride_gb, stride_gc, stride_gn,
     stride_dvs, stride_dvb, stride_dvc, stride_dvn,
-    N, D, C, num_key_blocks, blocks_per_split,
-    HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N, M, M_VALID, D, C, num_key_blocks, blocks_per_split,
+    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dV for BLOCK_N keys x BLOCK_C channels over one split of the query blocks: dV += P^T dO^T.
@@ -450,6 +455,7 @@ def _pam_bwd_dv_kernel(
     S^T = k^T q first (BLOCK_N = 128 rows: 16 per warp on 8 warps, no replicated S), so P^T is
     already the A operand of the dV product, in registers. Grid: (key block + key blocks * C
     block, query split, batch); with one split DV is dV itself, else an fp32 partial per split.
+    Queries run to N, keys to M (the buffers' lengths), the real keys to M_VALID.
     """
     pid_n = tl.program_id(0) % num_key_blocks
     pid_c = tl.program_id(0) // num_key_blocks
@@ -458,7 +464,7 @@ def _pam_bwd_dv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_n = offs_n < N
+    mask_n = offs_n < M
     mask_d = offs_d < D
     mask_c = offs_c < C
 
@@ -467,6 +473,7 @@ def _pam_bwd_dv_kernel(
     Q_block = Q + pid_b * stride_qb
     DY_block = DY + pid_b * stride_gb
     Lse_block = Lse + pid_b * N
+    key_bias = tl.where(offs_n < M_VALID, 0.0, float("-inf"))  # padded keys: see the dK kernel
     dv = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     first_m = pid_s * blocks_per_split * BLOCK_M
     for step in range(0, blocks_per_split):
@@ -476,7 +483,8 @@ def _pam_bwd_dv_kernel(
                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
         # lse = +inf on padded query rows makes their P exactly 0.
         lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
-        p_t = tl.math.exp2(tl.dot(kT, q, input_precision=INPUT_PRECISION) * LOG2E - lse[None, :])
+        s_t = tl.dot(kT, q, input_precision=INPUT_PRECISION)
+        p_t = tl.math.exp2(s_t * (SCALE * LOG2E) - lse[None, :] + key_bias[:, None])
         dy = tl.load(DY_block + offsets_2d(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask_c[:, None] & mask_m[None, :], other=0.0)
         dv = tl.dot(p_t.to(dy.dtype), tl.trans(dy), dv, input_precision=INPUT_PRECISION)
@@ -495,8 +503,8 @@ def _pam_bwd_dkdq_kernel(
     stride_gb, stride_gc, stride_gn,
     stride_dks, stride_dkb, stride_dkd, stride_dkn,
     stride_dqb, stride_dqd, stride_dqn,
-    N, N_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
-    HAS_GAMMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, M, M_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
+    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -514,9 +522,10 @@ def _pam_bwd_dkdq_kernel(
     pid_b = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
+    mask_n = offs_n < M
     mask_d = offs_d < D
-    gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
+    # dS = P (dP - Delta) with dP = gamma dP_raw, Delta = gamma delta_raw; dQ and dK carry the scale.
+    ds_scale = _pam_load_gamma(Gamma, HAS_GAMMA) * SCALE
 
     kT = tl.load(K + pid_b * stride_kb + offsets_2d(offs_n, stride_kn, offs_d, stride_kd),
                  mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -526,11 +535,11 @@ def _pam_bwd_dkdq_kernel(
     Lse_block = Lse + pid_b * N
     Delta_block = DeltaRaw + pid_b * N
     # A padded key has k = 0, so S = 0 and P = exp2(-lse), which overflows to inf when a row's
-    # energies are hugely negative: inf * (k = 0) would poison dQ with NaN. Keys from N_VALID
-    # to N are the launcher's zero padding, beyond N the tile's: -inf added to their scores
+    # energies are hugely negative: inf * (k = 0) would poison dQ with NaN. Keys from M_VALID
+    # to M are the launcher's zero padding, beyond M the tile's: -inf added to their scores
     # gives P = 0. A bias per key row, formed once: a mask on N_VALID inside the loop (not a
     # multiple of 16 at 97 x 97) cost the 3xTF32 tile 100 bytes of spills at N = 9409.
-    key_bias = tl.where(offs_n < N_VALID, 0.0, float("-inf"))
+    key_bias = tl.where(offs_n < M_VALID, 0.0, float("-inf"))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     q = tl.zeros([BLOCK_D, BLOCK_M], dtype=Q.dtype.element_ty)
@@ -558,9 +567,8 @@ def _pam_bwd_dkdq_kernel(
         dp_t = tl.dot(vT, dy, tl.where(chunk == 0, 0.0, dp_t), input_precision=INPUT_PRECISION)
         if chunk == num_c_blocks - 1:
             s_t = tl.dot(kT, q, input_precision=INPUT_PRECISION)
-            p_t = tl.math.exp2(s_t * LOG2E - lse[None, :] + key_bias[:, None])
-            # dS = P (dP - Delta) with dP = gamma dP_raw and Delta = gamma delta_raw.
-            ds_t = (p_t * (dp_t - delta[None, :]) * gamma).to(Q.dtype.element_ty)
+            p_t = tl.math.exp2(s_t * (SCALE * LOG2E) - lse[None, :] + key_bias[:, None])
+            ds_t = (p_t * (dp_t - delta[None, :]) * ds_scale).to(Q.dtype.element_ty)
             dk = tl.dot(ds_t, tl.trans(q), dk, input_precision=INPUT_PRECISION)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(ds_t), kT, input_precision=INPUT_PRECISION)
@@ -579,8 +587,8 @@ def _pam_bwd_dq_kernel(
     stride_vb, stride_vc, stride_vn,
     stride_gb, stride_gc, stride_gn,
     stride_dqs, stride_dqb, stride_dqd, stride_dqn,
-    N, N_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
-    HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N, M, M_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
+    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dQ for BLOCK_M queries over one split of the key blocks, without atomics (deterministic).
@@ -596,7 +604,7 @@ def _pam_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < D
-    gamma = _pam_load_gamma(Gamma, HAS_GAMMA)
+    ds_scale = _pam_load_gamma(Gamma, HAS_GAMMA) * SCALE
 
     qT = tl.load(Q + pid_b * stride_qb + offsets_2d(offs_m, stride_qn, offs_d, stride_qd),
                  mask=mask_m[:, None] & mask_d[None, :], other=0.0)
@@ -614,7 +622,7 @@ def _pam_bwd_dq_kernel(
         chunk = step - block * num_c_blocks
         offs_n = first_n + block * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_n = offs_n < N
+        mask_n = offs_n < M
         mask_c = offs_c < C
         if chunk == 0:
             k = tl.load(K_block + offsets_2d(offs_d, stride_kd, offs_n, stride_kn),
@@ -625,9 +633,9 @@ def _pam_bwd_dq_kernel(
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         dp = tl.dot(dyT, v, tl.where(chunk == 0, 0.0, dp), input_precision=INPUT_PRECISION)
         if chunk == num_c_blocks - 1:
-            p = tl.math.exp2(tl.dot(qT, k, input_precision=INPUT_PRECISION) * LOG2E - lse[:, None])
-            p = tl.where((offs_n < N_VALID)[None, :], p, 0.0)  # padded keys: see the dK kernel
-            ds = (p * (dp - delta[:, None]) * gamma).to(K.dtype.element_ty)
+            p = tl.math.exp2(tl.dot(qT, k, input_precision=INPUT_PRECISION) * (SCALE * LOG2E) - lse[:, None])
+            p = tl.where((offs_n < M_VALID)[None, :], p, 0.0)  # padded keys: see the dK kernel
+            ds = (p * (dp - delta[:, None]) * ds_scale).to(K.dtype.element_ty)
             dq = tl.dot(ds, tl.trans(k), dq, input_precision=INPUT_PRECISION)
     DQ_tile = DQ + pid_s.to(tl.int64) * stride_dqs + pid_b * stride_dqb
     tl.store(DQ_tile + offsets_2d(offs_m, stride_dqn, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty),
@@ -685,15 +693,15 @@ def _prune_fwd_configs(
 ) -> list[triton.Config]:
     """The configs that fit this problem: tiles capped at the problem's bucket (duplicates
     removed), the shared memory of q plus num_stages k and v tiles (exact against the compiler's
-    figure) within an sm_90 block's. Depends on N only through its bucket, so every N of a
+    figure) within an sm_90 block's. Depends on N and M only through their buckets, so every N of a
     bucket tunes over the same configs."""
-    n, c = named_args["N_BUCKET"], named_args["C"]
+    n, m, c = named_args["N_BUCKET"], named_args["M_BUCKET"], named_args["C"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     element_size = named_args["V"].element_size()
     kept: dict[tuple, triton.Config] = {}
     for config in configs:
         bm = min(config.kwargs["BLOCK_M"], _pow2_cap(n))
-        bn = min(config.kwargs["BLOCK_N"], _pow2_cap(n))
+        bn = min(config.kwargs["BLOCK_N"], _pow2_cap(m))
         bc = min(config.kwargs["BLOCK_C"], _pow2_cap(c))
         # A tile capped below the rows its warps' MMA slices cover runs on one warpgroup (see above).
         capped = bm < config.kwargs["BLOCK_M"] and bm < 16 * config.num_warps
@@ -711,11 +719,13 @@ def _prune_fwd_configs(
                                                  num_warps=4, num_stages=1)]
 
 
-def _fwd_work(n: int, batch: int, channels: int, block_d: int, bm: int, bn: int, bc: int) -> tuple[int, ...]:
-    """(programs, FLOPs, exp2, operand bytes / element size) of one program of a forward pass:
-    every program sweeps all key blocks, computing its S tile and its share of P v."""
+def _fwd_work(n: int, m: int, batch: int, channels: int, block_d: int, bm: int, bn: int, bc: int
+              ) -> tuple[int, ...]:
+    """(programs, FLOPs, exp2, operand bytes / element size) of one program of a forward pass
+    over N queries and M keys: every program sweeps all key blocks, computing its S tile and its
+    share of P v."""
     programs = triton.cdiv(n, bm) * triton.cdiv(channels, bc) * batch
-    blocks = triton.cdiv(n, bn)
+    blocks = triton.cdiv(m, bn)
     return programs, blocks * 2 * bm * bn * (block_d + bc), blocks * bm * bn, blocks * bn * (block_d + bc)
 
 
@@ -725,9 +735,9 @@ def _fwd_time_estimate(**args: object) -> float:
     busiest SM runs ceil(programs / SMs) of them (:mod:`danet_kernels.kernels.common`).
     Evaluated at the bucket's N and B, like the prune."""
     v = args["V"]
-    n, batch, channels = args["N_BUCKET"], args["B_BUCKET"], args["C"]
+    n, m, batch, channels = args["N_BUCKET"], args["M_BUCKET"], args["B_BUCKET"], args["C"]
     bm, bn, bc = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"]
-    programs, flops, exp2, elements = _fwd_work(n, batch, channels, args["BLOCK_D"], bm, bn, bc)
+    programs, flops, exp2, elements = _fwd_work(n, m, batch, channels, args["BLOCK_D"], bm, bn, bc)
     program = program_clocks(flops, exp2, elements * v.element_size(),
                              operand_class(v.dtype, args["INPUT_PRECISION"]))
     return launch_clocks(programs, program, device_sms(v.device))
@@ -738,7 +748,7 @@ def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
     the choice persists across processes in Triton's cache (``cache_results``)."""
     return triton.autotune(
         _fwd_configs(tiles),
-        key=["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"],
+        key=["N_BUCKET", "M_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"],
         prune_configs_by={"early_config_prune": _prune_fwd_configs, "perf_model": _fwd_time_estimate,
                           "top_k": _FWD_TOP_K},
         cache_results=True,
@@ -765,8 +775,10 @@ _BWD_TILES: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
     "tf32": {"dv": (64, 128, 128, 8, 2), "dkdq": (32, 128, 32, 8, 2), "dk": (64, 128, 32, 8, 2),
              "dq": (128, 64, 32, 8, 2)},
     # 3xTF32 splits each operand into high and low halves in registers. The atomic dQ product
-    # spills at every tile tried, so this class always takes the atomics-free pair (no "dkdq").
-    "tf32x3": {"dv": (32, 128, 128, 8, 2), "dk": (16, 128, 16, 8, 2), "dq": (128, 16, 32, 8, 2)},
+    # spills at every tile tried, so this class always takes the atomics-free pair (no "dkdq");
+    # its key-side kernel runs at 255 registers (16 x 128 x 16 spilled 8 B at N = 9409 once the
+    # key and query lengths became separate arguments; 32-wide C chunks do not).
+    "tf32x3": {"dv": (32, 128, 128, 8, 2), "dk": (16, 128, 32, 8, 2), "dq": (128, 16, 32, 8, 2)},
     # fp32 "ieee": FMA dots hold both operands in registers, hence the small tiles.
     "ieee": {"dv": (32, 32, 256, 8, 2), "dkdq": (16, 16, 32, 4, 2), "dk": (16, 64, 32, 8, 2),
              "dq": (32, 32, 32, 8, 2)},
@@ -794,13 +806,13 @@ def _bwd_operand_class(dtype: torch.dtype, input_precision: str) -> str:
 
 
 def _bwd_config(
-    dtype: torch.dtype, input_precision: str, block_d: int, n: int, c: int
+    dtype: torch.dtype, input_precision: str, block_d: int, n: int, m: int, c: int
 ) -> dict[str, dict[str, int]]:
-    """Launch parameters of every backward kernel: tiles (capped at the problem size) and the
-    num_warps / num_stages each one was compiled and measured with."""
+    """Launch parameters of every backward kernel: tiles (capped at the problem size: N queries,
+    M keys, C channels) and the num_warps / num_stages each one was compiled and measured with."""
     table = _BWD_TILES_WIDE_HEAD if block_d > 128 else _BWD_TILES
     tiles = table[_bwd_operand_class(dtype, input_precision)]
-    caps = {"BLOCK_M": _pow2_cap(n), "BLOCK_N": _pow2_cap(n), "BLOCK_C": _pow2_cap(c)}
+    caps = {"BLOCK_M": _pow2_cap(n), "BLOCK_N": _pow2_cap(m), "BLOCK_C": _pow2_cap(c)}
     config: dict[str, dict[str, int]] = {"pre": {**_BWD_PREPROCESS, "BLOCK_M": min(128, _pow2_cap(n))}}
     for name, (block_m, block_n, block_c, num_warps, num_stages) in tiles.items():
         sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_C": block_c}
@@ -869,6 +881,7 @@ def _forward_outputs(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float,
     store_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward's (result, out, lse), allocated and not yet written (see :func:`pam_forward`).
@@ -884,16 +897,18 @@ def _forward_outputs(
 
 
 def _backward_buffers(
-    q: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uninitialised (dq, dk, dv, delta_raw) as the backward kernels write them: their N axis is
-    N_PAD long (:func:`padded_length`), so every row starts 16-byte aligned."""
-    batch, head_dim, n = q.shape
-    n_pad = padded_length(n)
+    """Uninitialised (dq, dk, dv, delta_raw) as the backward kernels write them: their query (N)
+    and key (M) axes rounded up to multiples of 16 (:func:`padded_length`), so that every row
+    starts 16-byte aligned."""
+    (batch, head_dim, n), (channels, m) = q.shape, v.shape[1:]
+    n_pad, m_pad = padded_length(n), padded_length(m)
     dq = torch.empty((batch, head_dim, n_pad), device=q.device, dtype=q.dtype)
-    dv = torch.empty((batch, v.shape[1], n_pad), device=v.device, dtype=v.dtype)
+    dk = torch.empty((batch, head_dim, m_pad), device=k.device, dtype=k.dtype)
+    dv = torch.empty((batch, channels, m_pad), device=v.device, dtype=v.dtype)
     delta_raw = torch.empty((batch, n_pad), device=v.device, dtype=torch.float32)
-    return dq, torch.empty_like(dq), dv, delta_raw
+    return dq, dk, dv, delta_raw
 
 
 def _backward_outputs(
@@ -902,39 +917,42 @@ def _backward_outputs(
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor | None,
+    scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward's (dq, dk, dv, delta_raw), allocated and not yet written (see
-    :func:`pam_backward`): N-long views of :func:`_backward_buffers`."""
-    return tuple(t[..., : q.shape[-1]] for t in _backward_buffers(q, v))
+    :func:`pam_backward`): views of :func:`_backward_buffers` as long as the inputs."""
+    dq, dk, dv, delta_raw = _backward_buffers(q, k, v)
+    n, m = q.shape[-1], k.shape[-1]
+    return dq[..., :n], dk[..., :m], dv[..., :m], delta_raw[..., :n]
+
+
+def _pad_positions(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``t`` (..., L) as a contiguous copy whose last axis is rounded up to a multiple of 16, the
+    tail holding ``fill``."""
+    return torch.nn.functional.pad(t, (0, padded_length(t.shape[-1]) - t.shape[-1]), value=fill)
 
 
 def _kernel_operands(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """q, k, v and the residual as the forward kernel reads them, and the length of q, k, v's N axis.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
+    """q, k, v and the residual as the forward kernel reads them, and the lengths of their query
+    (q, residual) and key (k, v) axes.
 
     When any operand's rows are misaligned (contiguous maps with N % 16 != 0, such as DANet's
-    97 x 97), all of them are copied into contiguous buffers with N rounded up to a multiple of
-    16 and zero tails: one extra read and write of each, O((2 d + 2 C) N) bytes against the
-    kernel's O(N^2) work. The kernel masks the padded keys' scores to -inf and never stores the
+    97 x 97), all of them are copied into contiguous buffers with N (M) rounded up to a multiple
+    of 16 and zero tails: one extra read and write of each, O((d + C) (N + M)) bytes against the
+    kernel's O(N M) work. The kernel masks the padded keys' scores to -inf and never stores the
     padded queries. Aligned operands (N % 16 == 0, or channels_last maps, whose N axis has
     stride C) are read in place.
     """
-    n = q.shape[-1]
-    n_padded = padded_length(n)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, n_padded - n))
-
     operands = (q, k, v) if residual is None else (q, k, v, residual)
     if all(_is_aligned(t) for t in operands):
-        return q, k, v, residual, n
-    q, k, v = pad(q), pad(k), pad(v)
-    residual = None if residual is None else pad(residual)
-    n_loaded = n_padded
-    return q, k, v, residual, n_loaded
+        return q, k, v, residual, q.shape[-1], k.shape[-1]
+    q, k, v = _pad_positions(q), _pad_positions(k), _pad_positions(v)
+    residual = None if residual is None else _pad_positions(residual)
+    return q, k, v, residual, q.shape[-1], k.shape[-1]
 
 
 # Offsets of masked lanes reach past an axis' end by less than the widest tile of the forward
@@ -961,23 +979,25 @@ def pam_forward(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float,
     store_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs (see danet_kernels.functional).
 
     Returns ``(result, out, lse)``: result = gamma * O + residual (or O without gamma), shape
     (B, C, N) in v's dtype; out = O when gamma is given and ``store_out`` (the backward needs it),
-    else an empty tensor; lse = per-row log2-sum-exp2 of the log2(e)-scaled energies, (B, N) fp32.
+    else an empty tensor; lse = per-row log2-sum-exp2 of the energies times scale * log2(e),
+    (B, N) fp32.
     """
     batch, head_dim, n = q.shape
-    channels = v.shape[1]
+    channels, m = v.shape[1:]
     has_residual = gamma is not None
     store_out = has_residual and store_out
-    result, out, lse = _forward_outputs(q, k, v, gamma, residual, store_out)
+    result, out, lse = _forward_outputs(q, k, v, gamma, residual, scale, store_out)
     # Placeholders for pointer arguments a constexpr branch never reads.
     gamma_arg = gamma if has_residual else lse
     out_arg = out if store_out else result
-    q_in, k_in, v_in, residual_in, n_loaded = _kernel_operands(q, k, v, residual)
+    q_in, k_in, v_in, residual_in, n_loaded, m_loaded = _kernel_operands(q, k, v, residual)
     residual_arg = residual_in if has_residual else v_in
     precision = dot_input_precision(v.dtype)
     kernel = _FWD_KERNELS[operand_class(v.dtype, precision)]
@@ -1001,25 +1021,24 @@ def pam_forward(
             result[b0:b1], out_arg[b0:b1], lse[b0:b1],
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *residual_arg.stride(),
             *result.stride(), *out_arg.stride(),
-            n, n_loaded, head_dim, channels, size_bucket(n), size_bucket(chunk),
-            **meta,
+            n, n_loaded, m, m_loaded, head_dim, channels,
+            size_bucket(n), size_bucket(m), size_bucket(chunk),
+            SCALE=scale, **meta,
         )
     return result, out, lse
 
 
-def _bwd_operand(t: torch.Tensor, n_pad: int, fill: float = 0.0) -> torch.Tensor:
-    """``t`` (..., N) as the backward kernels read it, N_PAD long: itself where N_PAD is N, else a
-    copy whose tail holds ``fill`` (zeros: padded positions add nothing; lse = +inf: padded
-    queries get P = 0). Without the copy, N % 16 != 0 (DANet's 97 x 97 = 9409) leaves no row
-    16-byte aligned: no vectorised or asynchronous loads, and spills (788 bytes in dV, bf16)."""
-    if t.shape[-1] == n_pad:
-        return t
-    return torch.nn.functional.pad(t, (0, n_pad - t.shape[-1]), value=fill)
+def _bwd_operand(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``t`` (..., L) as the backward kernels read it: itself where L is a multiple of 16, else a
+    copy padded to one whose tail holds ``fill`` (zeros: padded positions add nothing; lse = +inf:
+    padded queries get P = 0). Without the copy, L % 16 != 0 (DANet's 97 x 97 = 9409) leaves no
+    row 16-byte aligned: no vectorised or asynchronous loads, and spills (788 bytes in dV, bf16)."""
+    return t if t.shape[-1] == padded_length(t.shape[-1]) else _pad_positions(t, fill)
 
 
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
-    """Where a kernel writes ``out`` (B, rows, N_PAD) from ``splits`` programs per tile: ``out``
-    itself (as a split axis of one) or an fp32 (splits, B, rows, N_PAD) buffer for
+    """Where a kernel writes ``out`` (B, rows, L) from ``splits`` programs per tile: ``out``
+    itself (as a split axis of one) or an fp32 (splits, B, rows, L) buffer for
     :func:`_sum_partials`."""
     if splits == 1:
         return out.unsqueeze(0)
@@ -1034,7 +1053,7 @@ def _sum_partials(out: torch.Tensor, partials: torch.Tensor) -> None:
 
 def _launch_bwd_preprocess(out: torch.Tensor, dy: torch.Tensor, delta: torch.Tensor, config: dict) -> None:
     """``delta[b, i] = sum_c dy[b, c, i] out[b, c, i]`` in fp32 for (B, C, N_PAD) operands, B at
-    most a grid's batch (``_pam_bwd_preprocess``; also launched by the compile report's variant)."""
+    most a grid's batch (``_pam_bwd_preprocess``)."""
     batch, channels, n_pad = out.shape
     wrap_triton(_pam_bwd_preprocess)[(triton.cdiv(n_pad, config["BLOCK_M"]), batch)](
         out, dy, delta, *out.stride(), *dy.stride(), n_pad, channels, **config,
@@ -1042,25 +1061,24 @@ def _launch_bwd_preprocess(out: torch.Tensor, dy: torch.Tensor, delta: torch.Ten
 
 
 def _launch_bwd_dq(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor, gamma: torch.Tensor,
-    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, n: int, config: dict, common: dict,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor, gamma: torch.Tensor, scale: float,
+    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, m: int, config: dict, common: dict,
     sm_count: int,
 ) -> None:
     """dQ into ``dq`` (B, d, N_PAD) by the atomics-free query-side kernel (``_pam_bwd_dq_kernel``),
     its key loop split into fp32 partials where the grid is small; operands as
-    :func:`pam_backward` passes them, B at most a grid's batch (also launched by the compile
-    report's variant)."""
+    :func:`pam_backward` passes them (M real keys of M_PAD), B at most a grid's batch."""
     batch, head_dim, n_pad = q.shape
-    channels = v.shape[1]
+    channels, m_pad = v.shape[1:]
     query_blocks = triton.cdiv(n_pad, config["BLOCK_M"])
     c_blocks = triton.cdiv(channels, config["BLOCK_C"])
-    per_split, splits = _split(query_blocks * batch, triton.cdiv(n_pad, config["BLOCK_N"]), sm_count)
+    per_split, splits = _split(query_blocks * batch, triton.cdiv(m_pad, config["BLOCK_N"]), sm_count)
     partials = _partials(dq, splits)
     wrap_triton(_pam_bwd_dq_kernel)[(query_blocks, splits, batch)](
         q, k, v, dy, gamma, lse, delta, partials,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *partials.stride(),
-        n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
-        **common, **config,
+        n_pad, m_pad, m, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+        SCALE=scale, **common, **config,
     )
     _sum_partials(dq, partials)
 
@@ -1071,6 +1089,7 @@ def pam_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor | None,
+    scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1085,17 +1104,17 @@ def pam_backward(
     atomics, bit-for-bit repeatable.
     """
     batch, head_dim, n = q.shape
-    channels = v.shape[1]
+    channels, m = v.shape[1:]
     has_gamma = gamma is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    n_pad = padded_length(n)
-    q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t, n_pad) for t in (q, k, v, dy, out))
-    lse_in = _bwd_operand(lse, n_pad, fill=float("inf"))
-    dq_out, dk_out, dv_out, delta_out = _backward_buffers(q, v)
+    q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t) for t in (q, k, v, dy, out))
+    lse_in = _bwd_operand(lse, fill=float("inf"))
+    n_pad, m_pad = q_in.shape[-1], k_in.shape[-1]
+    dq_out, dk_out, dv_out, delta_out = _backward_buffers(q, k, v)
     gamma_arg = gamma if has_gamma else lse_in
     precision = dot_input_precision(v.dtype)
     block_d = _pow2_cap(head_dim)
-    config = _bwd_config(v.dtype, precision, block_d, n_pad, channels)
+    config = _bwd_config(v.dtype, precision, block_d, n_pad, m_pad, channels)
     sm_count = device_sms(q.device, _INTERPRETER_SMS)
     common = {"HAS_GAMMA": has_gamma, "BLOCK_D": block_d, "INPUT_PRECISION": precision}
     atomic_dq = not deterministic and "dkdq" in config
@@ -1107,7 +1126,7 @@ def pam_backward(
         delta_ = delta_out[b0:b1]
         _launch_bwd_preprocess(out_in[b0:b1], dy_, delta_, pre)
 
-        key_blocks = triton.cdiv(n_pad, dv_cfg["BLOCK_N"])
+        key_blocks = triton.cdiv(m_pad, dv_cfg["BLOCK_N"])
         c_blocks = triton.cdiv(channels, dv_cfg["BLOCK_C"])
         query_blocks = triton.cdiv(n_pad, dv_cfg["BLOCK_M"])
         per_split, splits = _split(key_blocks * c_blocks * chunk, query_blocks, sm_count)
@@ -1115,11 +1134,11 @@ def pam_backward(
         wrap_triton(_pam_bwd_dv_kernel)[(key_blocks * c_blocks, splits, chunk)](
             q_, k_, dy_, gamma_arg, lse_, dv_partials,
             *q_in.stride(), *k_in.stride(), *dy_in.stride(), *dv_partials.stride(),
-            n_pad, head_dim, channels, key_blocks, per_split, **common, **dv_cfg,
+            n_pad, m_pad, m, head_dim, channels, key_blocks, per_split, SCALE=scale, **common, **dv_cfg,
         )
         _sum_partials(dv_out[b0:b1], dv_partials)
 
-        key_blocks = triton.cdiv(n_pad, dk_cfg["BLOCK_N"])
+        key_blocks = triton.cdiv(m_pad, dk_cfg["BLOCK_N"])
         c_blocks = triton.cdiv(channels, dk_cfg["BLOCK_C"])
         per_split, splits = _split(key_blocks * chunk, triton.cdiv(n_pad, dk_cfg["BLOCK_M"]), sm_count)
         dk_partials = _partials(dk_out[b0:b1], splits)
@@ -1133,17 +1152,17 @@ def pam_backward(
             q_, k_, v_, dy_, gamma_arg, lse_, delta_, dk_partials, dq_accumulator,
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dk_partials.stride(),
             *dq_accumulator.stride(),
-            n_pad, n, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
-            ATOMIC_DQ=atomic_dq, **common, **dk_cfg,
+            n_pad, m_pad, m, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
+            SCALE=scale, ATOMIC_DQ=atomic_dq, **common, **dk_cfg,
         )
         _sum_partials(dk_out[b0:b1], dk_partials)
         if atomic_dq:
             if dq_out.dtype != torch.float32:
                 dq_out[b0:b1].copy_(dq_accumulator)
             continue
-        _launch_bwd_dq(q_, k_, v_, dy_, gamma_arg, lse_, delta_, dq_out[b0:b1], n, config["dq"], common,
-                       sm_count)
-    return tuple(t[..., :n] for t in (dq_out, dk_out, dv_out, delta_out))
+        _launch_bwd_dq(q_, k_, v_, dy_, gamma_arg, scale, lse_, delta_, dq_out[b0:b1], m, config["dq"],
+                       common, sm_count)
+    return dq_out[..., :n], dk_out[..., :m], dv_out[..., :m], delta_out[..., :n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1165,9 +1184,10 @@ def _pam_forward_op(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float,
     store_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return pam_forward(q, k, v, gamma, residual, store_out)
+    return pam_forward(q, k, v, gamma, residual, scale, store_out)
 
 
 @_define_op("danet_kernels::pam_backward", mutates_args=())
@@ -1177,10 +1197,11 @@ def _pam_backward_op(
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor | None,
+    scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return pam_backward(dy, q, k, v, gamma, out, lse)
+    return pam_backward(dy, q, k, v, gamma, scale, out, lse)
 
 
 if _INTERPRETING:
@@ -1189,7 +1210,7 @@ if _INTERPRETING:
 
 
 class PositionAttentionFunction(torch.autograd.Function):
-    """Autograd for fused PAM: ``(q, k, v, gamma, residual, store_out) -> (result, out, lse)``.
+    """Autograd for fused PAM: ``(q, k, v, gamma, residual, scale, store_out) -> (result, out, lse)``.
 
     ``result`` is the attention output (``gamma * O + residual`` when gamma is given); ``out``
     (O, saved only with gamma and ``store_out``) and ``lse`` are what the backward reads and
@@ -1205,39 +1226,40 @@ class PositionAttentionFunction(torch.autograd.Function):
         v: torch.Tensor,
         gamma: torch.Tensor | None,
         residual: torch.Tensor | None,
+        scale: float,
         store_out: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the forward op."""
-        return _pam_forward_op(q, k, v, gamma, residual, store_out)
+        return _pam_forward_op(q, k, v, gamma, residual, scale, store_out)
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-        """Save q, k, v, gamma, O and lse for the backward."""
-        q, k, v, gamma, _, _ = inputs
+        """Save q, k, v, gamma, O and lse for the backward, and the scale."""
+        q, k, v, gamma, _, scale, _ = inputs
         result, out, lse = output
         ctx.save_for_backward(q, k, v, gamma, result if gamma is None else out, lse)
-        ctx.has_gamma = gamma is not None
+        ctx.scale = scale
         ctx.mark_non_differentiable(out, lse)
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, dresult: torch.Tensor, *unused_grads: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        """Gradients of q, k, v, gamma, residual (None for store_out)."""
+        """Gradients of q, k, v, gamma, residual (None for scale and store_out)."""
         q, k, v, gamma, out, lse = ctx.saved_tensors
-        needs_q, needs_k, needs_v, needs_gamma, needs_residual, _ = ctx.needs_input_grad
+        needs_q, needs_k, needs_v, needs_gamma, needs_residual, _, _ = ctx.needs_input_grad
         dresidual = dresult if needs_residual else None
         if not (needs_q or needs_k or needs_v or needs_gamma):
-            return None, None, None, None, dresidual, None
+            return None, None, None, None, dresidual, None, None
         if out.numel() == 0:
             raise RuntimeError(
                 "pam_forward ran with store_out=False, so O was not kept and the backward cannot "
                 "run; call position_attention_triton (it decides store_out from grad mode)"
             )
-        dq, dk, dv, delta_raw = _pam_backward_op(dresult, q, k, v, gamma, out, lse)
+        dq, dk, dv, delta_raw = _pam_backward_op(dresult, q, k, v, gamma, ctx.scale, out, lse)
         dgamma = delta_raw.sum().reshape(gamma.shape).to(gamma.dtype) if needs_gamma else None
         return (dq if needs_q else None, dk if needs_k else None, dv if needs_v else None,
-                dgamma, dresidual, None)
+                dgamma, dresidual, None, None)
 
 
 _pam_forward_op.register_autograd(
@@ -1251,15 +1273,17 @@ def position_attention_triton(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
     """Fused PAM: ``gamma * attention(q, k, v) + residual`` when gamma is given, else the attention.
 
-    Inputs are validated by :func:`danet_kernels.position_attention`: q, k (B, d, N); v, residual
-    (B, C, N); one dtype (fp16, bf16, fp32) and device; any strides. O is kept for the backward
-    only when a gradient will be needed.
+    Inputs are validated by :func:`danet_kernels.position_attention`: q (B, d, N), k (B, d, M);
+    v (B, C, M), residual (B, C, N); one dtype (fp16, bf16, fp32) and device; any strides; the
+    softmax scale a positive float. O is kept for the backward only when a gradient will be
+    needed.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, gamma)
     )
-    result, _, _ = torch.ops.danet_kernels.pam_forward(q, k, v, gamma, residual, needs_grad)
+    result, _, _ = torch.ops.danet_kernels.pam_forward(q, k, v, gamma, residual, scale, needs_grad)
     return result

@@ -1,16 +1,8 @@
-"""The command line of the GPU check: parsing, the refusal without CUDA, and the three process roles.
-
-* the supervisor (a user's call): checks for CUDA, plans the run, runs it (``supervisor.py``);
-* ``--worker`` (started by the supervisor): the measuring sections (``worker.py``);
-* ``--probe`` (started by the autotune section): first calls in a fresh process.
-
-Nothing here imports torch before it is needed, so parsing and refusing stay fast.
-"""
+"""The command line of the GPU check: parsing, the refusal without CUDA, the run's start."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -20,30 +12,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.gpu_check.events import EVENTS_NAME, JSON_NAME, MARKDOWN_NAME, PYTEST_LOG, WORKER_LOG
-from scripts.gpu_check.plan import (
-    FULL_TOTAL_S,
-    QUICK_TOTAL_S,
-    SECTIONS,
-    Plan,
-    make_plan,
-    parse_sections,
-)
+from scripts.gpu_check.plan import FULL_TOTAL_S, QUICK_TOTAL_S, SECTIONS, make_plan, parse_sections
+from scripts.gpu_check.supervisor import JSON_NAME, MARKDOWN_NAME, REPO, Supervisor, new_results
 
-__all__ = ["build_parser", "checkout_info", "cuda_problem", "main", "parse_args"]
+__all__ = ["checkout_info", "cuda_problem", "main", "parse_args"]
 
 EXIT_REFUSED = 2
 COMMIT_ENV = "GPU_CHECK_COMMIT"  # the commit, where the checkout travelled without its .git
-OUR_FILES = (JSON_NAME, MARKDOWN_NAME, EVENTS_NAME, WORKER_LOG, PYTEST_LOG)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser; the worker's and the probe's options are hidden from ``--help``."""
+def parse_args(argv: Sequence[str] | None = None, start: float | None = None) -> argparse.Namespace:
+    """Parse and check the arguments: ``args.sections`` is the list of sections to run, in order,
+    and ``args.plan`` their :class:`plan.Plan` from ``start`` (default now)."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts.gpu_check",
-        description="The one-call GPU check of danet-fused: GPU tests, accuracy against float64, autotuning, "
-                    "kernel timings and memory, a DANet-ResNet101 training step and evaluation throughput, "
-                    "written as gpu_check.json and gpu_check.md into --out.")
+        description="The one-call GPU check of danet-fused: the GPU tests, then the benchmark suite on the "
+                    "cases the issues' targets name (time, memory, error against float64, autotuning, a "
+                    "DANet-ResNet101 training step), written as gpu_check.json and gpu_check.md into --out.")
     parser.add_argument("--out", type=Path, required=True,
                         help="the folder for the results (created if missing)")
     parser.add_argument("--only", help=f"comma list of sections to run (default all): {','.join(SECTIONS)}")
@@ -54,42 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"seconds for the whole run, its hard end (default {FULL_TOTAL_S:g}; "
                              f"{QUICK_TOTAL_S:g} with --quick)")
     parser.add_argument("--grace", type=float, default=None,
-                        help="seconds a section may overrun its deadline before its worker is killed "
+                        help="seconds a command may overrun its end before it is killed "
                              "(default 20; 10 with --quick)")
     parser.add_argument("--test-workers", type=int, default=4,
                         help="pytest-xdist workers for the GPU tests (0: no xdist; default 4)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in --out")
-    hidden = argparse.SUPPRESS
-    parser.add_argument("--worker", action="store_true", help=hidden)
-    parser.add_argument("--sections", help=hidden)
-    parser.add_argument("--plan", help=hidden)
-    parser.add_argument("--probe", help=hidden)
-    parser.add_argument("--probe-cache", default="cold", help=hidden)
-    parser.add_argument("--probe-deadline", type=float, default=None, help=hidden)
-    parser.add_argument("--probe-channels", type=int, default=512, help=hidden)
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None, start: float | None = None) -> argparse.Namespace:
-    """Parse and check the arguments: ``args.sections`` is the list of sections to run, in order,
-    and ``args.plan`` their :class:`Plan` from ``start`` (default now)."""
-    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.worker:
-        if not args.sections or args.plan is None:
-            parser.error("--worker needs --sections and --plan")
-        args.sections = args.sections.split(",")
-        unknown = [s for s in args.sections if s not in SECTIONS or s == "tests"]
-        if unknown:
-            parser.error(f"--sections: not a worker section: {', '.join(unknown)}")
-        args.plan = Plan.from_json(json.loads(args.plan))
-        return args
-    if args.probe is not None:
-        if args.probe_deadline is None:
-            parser.error("--probe needs --probe-deadline")
-        args.probe = json.loads(args.probe)
-        return args
     try:
         args.sections = parse_sections(args.only, skip=args.skip)
     except ValueError as exc:
@@ -112,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None, start: float | None = None) ->
 
 def cuda_problem() -> str | None:
     """Why this machine cannot run the check (no CUDA device), or None."""
-    import torch
+    import torch  # only here: parsing, --help and the report need no torch (start-up time)
 
     if torch.cuda.is_available():
         return None
@@ -135,53 +91,37 @@ def checkout_info(repo: Path) -> dict[str, Any]:
         return {"commit": commit, "dirty": None, "source": f"${COMMIT_ENV}" if commit else None}
 
 
-def _run_supervisor(args: argparse.Namespace, start: float, argv: Sequence[str] | None) -> int:
-    from scripts.gpu_check.events import new_results
-    from scripts.gpu_check.supervisor import REPO, Supervisor
-
-    out: Path = args.out
-    earlier = [name for name in OUR_FILES if (out / name).exists()]
-    if earlier and not args.overwrite:
-        print(f"gpu_check: {out} holds the results of an earlier run ({', '.join(earlier)}); "
-              "give another --out or --overwrite", file=sys.stderr)
-        return EXIT_REFUSED
-    out.mkdir(parents=True, exist_ok=True)
-    for name in earlier:
-        (out / name).unlink()
-    command = shlex.join(["python", "-m", "scripts.gpu_check", *(sys.argv[1:] if argv is None else argv)])
-    results = new_results(sections=args.plan.order, budgets=args.plan.budgets, total_s=args.budget,
-                          quick=args.quick, command=command, started_at=start, checkout=checkout_info(REPO))
-    supervisor = Supervisor(out, results, args.plan, quick=args.quick, test_workers=args.test_workers,
-                            grace_s=args.grace)
-    code = supervisor.run()
-    print((out / MARKDOWN_NAME).read_text())
-    print(f"gpu_check: {'all sections done' if code == 0 else 'see the report: not everything passed'}; "
-          f"{time.time() - start:.0f} s; results in {out / JSON_NAME} and {out / MARKDOWN_NAME}")
-    return code
-
-
-def _run_probe(args: argparse.Namespace) -> int:
-    from scripts.gpu_check.events import EventWriter
-    from scripts.gpu_check.measure_kernels import autotune_probe
-
-    events = EventWriter(args.out / EVENTS_NAME)
-    autotune_probe(args.probe, args.probe_deadline, args.probe_cache, args.probe_channels,
-                   lambda record: events.emit("record", section="autotune", data=record))
-    return 0
+def _earlier_results(out: Path) -> list[Path]:
+    """The files an earlier run left in ``out``."""
+    if not out.is_dir():
+        return []
+    ours = {JSON_NAME, MARKDOWN_NAME, *(f"{s}.{ext}" for s in SECTIONS for ext in ("jsonl", "log"))}
+    return sorted(p for p in out.iterdir() if p.name in ours)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: the supervisor, or the worker / probe role the hidden options select."""
+    """Entry point: refuse without CUDA, else run the planned sections into ``--out``."""
     start = time.time()
     args = parse_args(argv, start)
-    if args.worker:
-        from scripts.gpu_check.worker import run_worker
-
-        return run_worker(args)
-    if args.probe is not None:
-        return _run_probe(args)
     problem = cuda_problem()
     if problem is not None:
         print(f"gpu_check: {problem}", file=sys.stderr)
         return EXIT_REFUSED
-    return _run_supervisor(args, start, argv)
+    out: Path = args.out.resolve()  # the commands run from the checkout, wherever this was called from
+    earlier = _earlier_results(out)
+    if earlier and not args.overwrite:
+        print(f"gpu_check: {out} holds the results of an earlier run ({', '.join(p.name for p in earlier)}); "
+              "give another --out or --overwrite", file=sys.stderr)
+        return EXIT_REFUSED
+    out.mkdir(parents=True, exist_ok=True)
+    for path in earlier:
+        path.unlink()
+    command = shlex.join(["python", "-m", "scripts.gpu_check", *(sys.argv[1:] if argv is None else argv)])
+    results = new_results(args.plan, total_s=args.budget, quick=args.quick, command=command, started_at=start,
+                          checkout=checkout_info(REPO))
+    code = Supervisor(out, results, args.plan, quick=args.quick, test_workers=args.test_workers,
+                      grace_s=args.grace).run()
+    print((out / MARKDOWN_NAME).read_text())
+    print(f"gpu_check: {'all sections done' if code == 0 else 'see the report: not everything passed'}; "
+          f"{time.time() - start:.0f} s; results in {out / JSON_NAME} and {out / MARKDOWN_NAME}")
+    return code

@@ -25,7 +25,7 @@ from danet.evaluation.evaluate import evaluate
 from danet.models import load_model
 from danet.visualization.attention import attention_maps, position_attention_rows
 from danet_kernels.reference import position_attention_reference
-from tests.danet.training_helpers import save_checkpoint, tiny_model
+from tests.danet.training_helpers import TerminalStream, save_checkpoint, tiny_model
 
 NUM_CLASSES = SyntheticShapes.NUM_CLASSES
 
@@ -465,9 +465,10 @@ def test_predict_shows_progress_only_for_long_inference(files: dict[str, Path], 
     short = capsys.readouterr()
     assert "inference" not in short.err and "forward(s)" not in short.out
     monkeypatch.setattr("danet.commands.predict._ESTIMATE_ABOVE_FORWARDS", 1)
+    terminal = TerminalStream()  # bars are drawn on terminals only
+    monkeypatch.setattr("sys.stderr", terminal)
     assert main([*args, "--output", str(tmp_path / "long")]) == 0
-    long = capsys.readouterr()
-    assert "6 forward(s)" in long.out and "inference" in long.err
+    assert "6 forward(s)" in capsys.readouterr().out and "inference" in terminal.getvalue()
 
 
 def test_predict_takes_directories_and_globs(files: dict[str, Path], tmp_path: Path,

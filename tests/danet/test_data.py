@@ -161,17 +161,21 @@ def test_voc_uses_sbd_trainaug_for_train_when_present(tmp_path):
     base = _voc(tmp_path)
     _write_image(base / "JPEGImages" / "2008_000002.jpg", seed=9)
     sbd = _write_mask(base / "SegmentationClassAug" / "2008_000002.png", [20, 0])
-    (base / "ImageSets/Segmentation/trainaug.txt").write_text("2007_000032\n2008_000002\n")
+    # SBD annotated VOC's train image 2007_000039 too (coarser): mmseg's recipe trains on VOC's own mask
+    _write_mask(base / "SegmentationClassAug" / "2007_000039.png", [0, 4])
+    (base / "ImageSets/Segmentation/trainaug.txt").write_text("2007_000032\n2007_000039\n2008_000002\n")
     train = VOCSegmentation(tmp_path, "train")
     assert train.resolved_split == "trainaug"
-    # the SBD mask where there is one, VOC's own mask for a VOC image SBD does not cover
     assert [(p.stem, m.parent.name) for p, m in train.samples] == [
         ("2007_000032", "SegmentationClass"),
+        ("2007_000039", "SegmentationClass"),
         ("2008_000002", "SegmentationClassAug"),
     ]
-    _check_item(train[1], sbd, {20: 20, 0: 0})
+    voc_own = np.resize(np.asarray([0, 15, 255, 1], np.uint8), H * W).reshape(H, W)
+    _check_item(train[1], voc_own, {0: 0, 15: 15, 255: 255, 1: 1})
+    _check_item(train[2], sbd, {20: 20, 0: 0})
     assert VOCSegmentation(tmp_path, "train", augmented=False).resolved_split == "train"
-    assert len(VOCSegmentation(tmp_path, "trainaug")) == 2
+    assert len(VOCSegmentation(tmp_path, "trainaug")) == 3
 
 
 def test_voc_palette_is_the_bit_pattern_colour_map():
@@ -210,6 +214,34 @@ def test_pascal_context_60_and_59_classes(tmp_path):
     (tmp_path / "VOCdevkit/VOC2010/ImageSets/SegmentationContext/train.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"SegmentationContext/train\.txt"):
         PascalContext(tmp_path, "train")
+
+
+# The 59 classes by their id among the 459 labels of the PASCAL Context release (its labels.txt,
+# alphabetical), as mmsegmentation's converter (tools/dataset_converters/pascal_context.py) selects them
+_CONTEXT_RAW_IDS = {
+    2: "aeroplane", 9: "bag", 18: "bed", 19: "bedclothes", 22: "bench", 23: "bicycle", 25: "bird", 31: "boat",
+    33: "book", 34: "bottle", 44: "building", 45: "bus", 46: "cabinet", 59: "car", 65: "cat", 68: "ceiling",
+    72: "chair", 80: "cloth", 85: "computer", 98: "cow", 104: "cup", 105: "curtain", 113: "dog", 115: "door",
+    144: "fence", 158: "floor", 159: "flower", 162: "food", 187: "grass", 189: "ground", 207: "horse",
+    220: "keyboard", 232: "light", 258: "motorbike", 259: "mountain", 260: "mouse", 284: "person",
+    295: "plate", 296: "platform", 308: "pottedplant", 324: "road", 326: "rock", 347: "sheep",
+    349: "shelves", 354: "sidewalk", 355: "sign", 360: "sky", 366: "snow", 368: "sofa", 397: "table",
+    415: "track", 416: "train", 420: "tree", 424: "truck", 427: "tvmonitor", 440: "wall", 445: "water",
+    454: "window", 458: "wood",
+}
+
+
+def test_pascal_context_names_follow_the_converters_order():
+    """The converter stores raw id r as np.digitize(r, sorted mapping) (0 = background), so stored value
+    k is the k-th smallest raw id: the names must be in that order (they were in 59_labels.txt's: 54 of
+    59 wrong, e.g. stored 2 is 'bag', not 'bicycle')."""
+    mapping = np.sort(np.array([0, *_CONTEXT_RAW_IDS]))
+    stored = np.digitize(np.array(sorted(_CONTEXT_RAW_IDS)), mapping, right=True)
+    assert stored.tolist() == list(range(1, 60))
+    expected = tuple(_CONTEXT_RAW_IDS[raw] for raw in sorted(_CONTEXT_RAW_IDS))
+    assert PascalContext.CLASS_NAMES == ("background", *expected)
+    assert PascalContext59.CLASS_NAMES == expected
+    assert PascalContext.CLASS_NAMES[2] == "bag" and PascalContext59.CLASS_NAMES[5] == "bicycle"
 
 
 # --------------------------------------------------------------------------- COCO-Stuff

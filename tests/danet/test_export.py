@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from danet.cli import main
+from danet.data import SyntheticShapes
 from danet.models import load_model
+from danet.models.export import METADATA_FILE
 from tests.danet.training_helpers import save_checkpoint, tiny_model
 
 
@@ -35,6 +38,13 @@ def test_onnx_export_runs_in_onnxruntime(checkpoint: Path, tmp_path: Path,
     assert "checked: onnxruntime differs from PyTorch by at most" in printed
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
+    # what a deployment needs beside the graph: the classes, the normalisation, the layouts
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["danet:classes"]) == list(SyntheticShapes.CLASS_NAMES)
+    assert json.loads(metadata["danet:palette"]) == SyntheticShapes.PALETTE.tolist()
+    assert json.loads(metadata["danet:mean"]) == [0.485, 0.456, 0.406]
+    assert json.loads(metadata["danet:std"]) == [0.229, 0.224, 0.225]
+    assert metadata["danet:dataset"] == "synthetic" and "NCHW" in metadata["danet:input"]
     # other sizes than the example's, and a batch of two: the exported graph is not one constant
     for shape in [(1, 3, 48, 48), (2, 3, 40, 72)]:
         images = torch.randn(shape)
@@ -47,12 +57,18 @@ def test_onnx_export_runs_in_onnxruntime(checkpoint: Path, tmp_path: Path,
 
 
 def test_torch_export_program_loads_and_matches(checkpoint: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "danet.pt2"
     args = ["export", "--checkpoint", str(checkpoint), "--format", "torch-export", "--output", str(out),
             "--device", "cpu"]
     assert main(args) == 0
-    assert "checked: the loaded program differs" in capsys.readouterr().out
+    printed = capfd.readouterr()  # torch's own log goes to the process's stderr
+    assert "checked: the loaded program differs" in printed.out
+    assert ".pt2" not in printed.err  # torch's warning about the temporary's name, written atomically
+    extra_files = {METADATA_FILE: ""}
+    torch.export.load(str(out), extra_files=extra_files)
+    metadata = json.loads(extra_files[METADATA_FILE])
+    assert json.loads(metadata["danet:classes"]) == list(SyntheticShapes.CLASS_NAMES)
     program = torch.export.load(str(out)).module()
     images = torch.randn(2, 3, 56, 40)
     torch.testing.assert_close(program(images), _pytorch_logits(checkpoint, images), rtol=1e-5, atol=1e-5)

@@ -13,30 +13,11 @@ from danet.data import build_dataset, get_dataset_class
 from danet.data.base import repeated_names
 from danet.data.folder import FolderDataset, read_class_list
 from danet.data.voc import voc_palette
-
-
-def _write_dataset(root: Path, sizes: dict[str, int], side: int = 32) -> None:
-    """Two classes: dark background (0) and a bright square (1), the square's border ignored (255)."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("# my classes\nbackground\nbright square #ff8000\n")
-    for split, count in sizes.items():
-        (root / "images" / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        for i in range(count):
-            image = rng.integers(0, 60, (side, side, 3), dtype=np.uint8)
-            mask = np.zeros((side, side), dtype=np.uint8)
-            top, left = rng.integers(0, side // 2, size=2)
-            image[top:top + side // 3, left:left + side // 3] = 230
-            mask[top:top + side // 3, left:left + side // 3] = 1
-            mask[top, left:left + side // 3] = 255
-            suffix = ".jpg" if i % 2 else ".png"
-            Image.fromarray(image).save(root / "images" / split / f"img{i}{suffix}", quality=95)
-            Image.fromarray(mask).save(root / "masks" / split / f"img{i}.png")
+from tests.danet.training_helpers import write_folder_dataset
 
 
 def test_class_list_and_items(tmp_path: Path) -> None:
-    _write_dataset(tmp_path, {"train": 3, "val": 1})
+    write_folder_dataset(tmp_path, {"train": 3, "val": 1})
     names, palette = read_class_list(tmp_path / "classes.txt")
     assert names == ("background", "bright square")
     np.testing.assert_array_equal(palette, [voc_palette(1)[0], (255, 128, 0)])
@@ -60,7 +41,7 @@ def test_class_list_and_items(tmp_path: Path) -> None:
      "several images named img1"),
 ])
 def test_bad_folders_are_clear_errors(tmp_path: Path, damage, message: str) -> None:
-    _write_dataset(tmp_path, {"train": 2})
+    write_folder_dataset(tmp_path, {"train": 2})
     damage(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         FolderDataset(tmp_path, "train")[0]
@@ -80,7 +61,7 @@ def test_train_and_predict_on_a_folder(tmp_path: Path, monkeypatch: pytest.Monke
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """`danet train --preset folder` on the user's folders, then predict with the run's class names."""
     monkeypatch.chdir(tmp_path)
-    _write_dataset(tmp_path / "mine", {"train": 4, "val": 2})
+    write_folder_dataset(tmp_path / "mine", {"train": 4, "val": 2})
     overrides = [f"data.root={tmp_path / 'mine'}", "model.backbone=resnet_tiny", "model.multi_grid=false",
                  "data.base_size=32", "data.crop_size=32", "data.workers=0", "train.iters=2",
                  "train.batch_size=2", "train.progress=false"]

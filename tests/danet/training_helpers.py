@@ -2,11 +2,14 @@
 DANet and its checkpoint for the commands that load one (eval, predict, attention, export)."""
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from danet.config import DataConfig, EvalConfig, ModelConfig, load_config
 from danet.data import SyntheticShapes
@@ -55,3 +58,30 @@ def save_checkpoint(path: Path, model: DANet, dataset: str = "synthetic", crop_s
               "eval": dataclasses.asdict(EvalConfig(mode="whole", flip=False))}
     torch.save({"model": model.state_dict(), "config": config, "epoch": 1}, path)
     return path
+
+
+class TerminalStream(io.StringIO):
+    """A text stream that says it is a terminal: progress bars draw on it (and only on terminals)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def write_folder_dataset(root: Path, sizes: dict[str, int], side: int = 32) -> None:
+    """Two classes: dark background (0) and a bright square (1), the square's border ignored (255)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("# my classes\nbackground\nbright square #ff8000\n")
+    for split, count in sizes.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 60, (side, side, 3), dtype=np.uint8)
+            mask = np.zeros((side, side), dtype=np.uint8)
+            top, left = rng.integers(0, side // 2, size=2)
+            image[top:top + side // 3, left:left + side // 3] = 230
+            mask[top:top + side // 3, left:left + side // 3] = 1
+            mask[top, left:left + side // 3] = 255
+            suffix = ".jpg" if i % 2 else ".png"
+            Image.fromarray(image).save(root / "images" / split / f"img{i}{suffix}", quality=95)
+            Image.fromarray(mask).save(root / "masks" / split / f"img{i}.png")

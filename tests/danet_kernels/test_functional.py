@@ -44,10 +44,13 @@ def _bad_pam_cases():
     return [
         ("rank", (q[0], k, v), {}, ValueError, r"q must have shape \(B, channels, N\)"),
         ("rank4", (q, k, v.unsqueeze(0)), {}, ValueError, r"v must have shape \(B, channels, N\)"),
-        ("batch", (q, k, torch.randn(3, 6, 10)), {}, ValueError, r"v must have shape \(B, C, N\) with q's B"),
-        ("n_v", (q, k, torch.randn(2, 6, 11)), {}, ValueError, r"q's B and N"),
-        ("n_qk", (q, torch.randn(2, 4, 11), v), {}, ValueError, r"q and k must have the same shape"),
-        ("d_qk", (q, torch.randn(2, 5, 10), v), {}, ValueError, r"q and k must have the same shape"),
+        ("batch", (q, k, torch.randn(3, 6, 10)), {}, ValueError, r"v must have shape \(B, C, M\) with k's B"),
+        ("m_v", (q, k, torch.randn(2, 6, 11)), {}, ValueError,
+         r"k's B and M; got k \(2, 4, 10\), v \(2, 6, 11\)"),
+        ("m_k", (q, torch.randn(2, 4, 11), v), {}, ValueError,
+         r"v must have shape \(B, C, M\) with k's B and M"),
+        ("batch_qk", (q[:1], k, v), {}, ValueError, r"q \(B, d, N\) and k \(B, d, M\) must share B and d"),
+        ("d_qk", (q, torch.randn(2, 5, 10), v), {}, ValueError, r"must share B and d; got \(2, 4, 10\) and"),
         ("dtype", (q, k.double(), v), {}, ValueError, r"share one dtype.*k=torch.float64"),
         ("device", (q, meta, v), {}, ValueError, r"share one device.*k=meta"),
         ("int", (q, k, v.long()), {}, TypeError, r"v has dtype torch.int64"),
@@ -55,7 +58,17 @@ def _bad_pam_cases():
         ("not_tensor", (q.tolist(), k, v), {}, TypeError, r"q must be a torch.Tensor, got list"),
         ("empty_d", (q[:, :0], k[:, :0], v), {}, ValueError, r"d is 0"),
         ("empty_c", (q, k, v[:, :0]), {}, ValueError, r"C is 0"),
-        ("empty_n", (q[..., :0], k[..., :0], v[..., :0]), {}, ValueError, r"N is 0"),
+        ("empty_n", (q[..., :0], k, v), {}, ValueError, r"N is 0"),
+        ("empty_m", (q, k[..., :0], v[..., :0]), {}, ValueError, r"M is 0"),
+        ("scale_str", (q, k, v), {"scale": "0.5"}, TypeError,
+         r"scale must be a Python float or None, got str"),
+        ("scale_tensor", (q, k, v), {"scale": torch.tensor(0.5)}, TypeError, r"scale must be .* got Tensor"),
+        ("scale_bool", (q, k, v), {"scale": True}, TypeError, r"scale must be .* got bool"),
+        ("scale_nan", (q, k, v), {"scale": float("nan")}, ValueError,
+         r"scale must be a positive finite float.*nan"),
+        ("scale_inf", (q, k, v), {"scale": float("inf")}, ValueError, r"scale must be a positive finite"),
+        ("scale_zero", (q, k, v), {"scale": 0.0}, ValueError, r"scale must be a positive finite float.*0\.0"),
+        ("scale_negative", (q, k, v), {"scale": -0.125}, ValueError, r"scale must be a positive finite"),
         ("gamma_alone", (q, k, v), {"gamma": torch.ones(1)}, ValueError, TOGETHER),
         ("residual_alone", (q, k, v), {"residual": v}, ValueError, TOGETHER),
         ("gamma_size", (q, k, v), {"gamma": torch.ones(2), "residual": v}, ValueError, r"hold one element"),
@@ -64,9 +77,11 @@ def _bad_pam_cases():
         ("gamma_device", (q, k, v), {"gamma": torch.ones(1, device="meta"), "residual": v}, ValueError,
          r"gamma is on meta"),
         ("residual_shape", (q, k, v), {"gamma": torch.ones(1), "residual": v[:, :3]}, ValueError,
-         r"residual must match v"),
+         r"residual must have shape \(B, C, N\) = \(2, 6, 10\)"),
+        ("residual_keys", (q, k[..., :7], v[..., :7]), {"gamma": torch.ones(1), "residual": v[..., :7]},
+         ValueError, r"residual must have shape \(B, C, N\) = \(2, 6, 10\) .* got \(2, 6, 7\)"),
         ("residual_dtype", (q, k, v), {"gamma": torch.ones(1), "residual": v.double()}, ValueError,
-         r"residual must match v"),
+         r"residual must have shape .* v's dtype"),
         ("unknown_backend", (q, k, v), {"backend": "cuda"}, ValueError, r"unknown backend 'cuda'"),
         ("triton_float64", (q.double(), k.double(), v.double()), {"backend": "triton"}, RuntimeError,
          r"backend='triton' cannot run a torch.float64 tensor"),
@@ -212,6 +227,22 @@ def test_backends_agree():
     pam = [position_attention(q, k, v, gamma=gamma, residual=residual, backend=b)
            for b in ("torch", "reference")]
     torch.testing.assert_close(pam[0], pam[1])
+    # a non-local block's call: keys and values pooled to M = 6 of N = 23, softmax scale d^-1/2
+    pooled = [position_attention(q, k[..., :6], v[..., :6], scale=0.5, backend=b)
+              for b in ("torch", "reference")]
+    torch.testing.assert_close(pooled[0], pooled[1])
+    assert pooled[0].shape == (2, 6, 23)
+
+
+def test_scale_none_is_one_and_scale_is_applied():
+    """scale=None is DANet's 1; a scale multiplies the energies (the oracle's own definition)."""
+    q, k, v = (t.double() for t in _pam(n=9))
+    plain = position_attention(q, k, v, backend="reference")
+    assert torch.equal(position_attention(q, k, v, scale=1.0, backend="reference"), plain)
+    assert torch.equal(position_attention(q, k, v, scale=None, backend="reference"), plain)
+    expected = v @ torch.softmax(0.25 * q.mT @ k, dim=-1).mT
+    torch.testing.assert_close(position_attention(q, k, v, scale=0.25, backend="reference"), expected)
+    torch.testing.assert_close(position_attention(q, k, v, scale=0.25, backend="torch"), expected)
     x = torch.randn(2, 6, 23)
     cam = [channel_attention(x, backend=b) for b in ("torch", "reference")]
     torch.testing.assert_close(cam[0], cam[1])

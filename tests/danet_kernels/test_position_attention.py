@@ -55,14 +55,16 @@ def backward_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 def make_inputs(
     batch: int, head_dim: int, channels: int, n: int, dtype: torch.dtype = torch.float32,
-    gamma: float | None = 0.7, scale: float = 1.0,
+    gamma: float | None = 0.7, scale: float = 1.0, keys: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """Fresh random operands; q and k scaled so energies are O(scale)."""
+    """Fresh random operands, ``keys`` keys and values (default: n); q and k scaled so energies
+    are O(scale)."""
     qk_scale = scale / head_dim**0.5
+    keys = n if keys is None else keys
     inputs: dict[str, torch.Tensor | None] = {
         "q": (torch.randn(batch, head_dim, n, device=DEVICE) * qk_scale).to(dtype),
-        "k": (torch.randn(batch, head_dim, n, device=DEVICE) * qk_scale).to(dtype),
-        "v": torch.randn(batch, channels, n, device=DEVICE).to(dtype),
+        "k": (torch.randn(batch, head_dim, keys, device=DEVICE) * qk_scale).to(dtype),
+        "v": torch.randn(batch, channels, keys, device=DEVICE).to(dtype),
         "gamma": None,
         "residual": None,
     }
@@ -73,17 +75,19 @@ def make_inputs(
 
 
 def run(
-    inputs: dict[str, torch.Tensor | None], dy: torch.Tensor, fn=None
+    inputs: dict[str, torch.Tensor | None], dy: torch.Tensor, fn=None, scale: float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward and backward through ``fn`` (default: the public API with backend="triton")."""
+    """Forward and backward through ``fn`` (default: the public API with backend="triton") at the
+    softmax ``scale``."""
     leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items() if t is not None}
     if fn is None:
         y = danet_kernels.position_attention(
             leaves["q"], leaves["k"], leaves["v"], gamma=leaves.get("gamma"),
-            residual=leaves.get("residual"), backend="triton",
+            residual=leaves.get("residual"), scale=scale, backend="triton",
         )
     else:
-        y = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("gamma"), leaves.get("residual"))
+        y = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("gamma"), leaves.get("residual"),
+               scale or 1.0)
     y.backward(dy)
     return y.detach(), {name: t.grad for name, t in leaves.items()}
 
@@ -94,16 +98,24 @@ def reference(
     v: torch.Tensor,
     gamma: torch.Tensor | None,
     residual: torch.Tensor | None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """The oracle, including the residual epilogue, in the operands' own dtype."""
-    out = position_attention_reference(q, k, v)
+    out = position_attention_reference(q, k, v, scale)
     return out if gamma is None else gamma.to(out.dtype) * out + residual
 
 
 def run_float64(
-    inputs: dict[str, torch.Tensor | None], dy: torch.Tensor
+    inputs: dict[str, torch.Tensor | None], dy: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return run({n: None if t is None else t.double() for n, t in inputs.items()}, dy.double(), reference)
+    inputs64 = {n: None if t is None else t.double() for n, t in inputs.items()}
+    return run(inputs64, dy.double(), reference, scale)
+
+
+def output_like(inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """A random (B, C, N) tensor: the output's shape (v's channels at q's positions)."""
+    q, v = inputs["q"], inputs["v"]
+    return torch.randn(q.shape[0], v.shape[1], q.shape[2], device=v.device, dtype=v.dtype)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
@@ -119,12 +131,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
 
 
 def check_against_float64(
-    inputs: dict[str, torch.Tensor | None], atol: float = 2e-5, rtol: float = 2e-5
+    inputs: dict[str, torch.Tensor | None], atol: float = 2e-5, rtol: float = 2e-5,
+    scale: float | None = None,
 ) -> None:
-    """Output and every gradient within atol + rtol * |expected| of float64."""
-    dy = torch.randn_like(inputs["v"])
-    y, grads = run(inputs, dy)
-    y_ref, grads_ref = run_float64(inputs, dy)
+    """Output and every gradient within atol + rtol * |expected| of float64, at softmax ``scale``."""
+    dy = output_like(inputs)
+    y, grads = run(inputs, dy, scale=scale)
+    y_ref, grads_ref = run_float64(inputs, dy, scale)
     assert y.dtype == inputs["v"].dtype
     assert_close(y, y_ref, atol, rtol, "output")
     for name, grad_ref in grads_ref.items():
@@ -134,7 +147,7 @@ def check_against_float64(
 def check_error_within_reference_error(inputs: dict[str, torch.Tensor | None], factor: float) -> None:
     """flash-attn's bound for low precision: our max error against float64 is at most ``factor``
     times the reference's own error in the same dtype, plus a floor of 1e-3 of the values' scale."""
-    dy = torch.randn_like(inputs["v"])
+    dy = output_like(inputs)
     y, grads = run(inputs, dy)
     y_low, grads_low = run(inputs, dy, reference)
     y_ref, grads_ref = run_float64(inputs, dy)
@@ -165,6 +178,38 @@ def test_fp32_matches_float64(
     check_against_float64(inputs)
 
 
+# (B, d, C, N, M, softmax scale): non-local blocks' calls, keys and values pooled to M < N
+# (sub_sample: ceil(H/2) ceil(W/2)) with scale d^-1/2, and more keys than queries, a single
+# key (dq = dk = 0 exactly), a single query; odd N, M and d (padded to the 16-wide dot).
+@pytest.mark.parametrize(
+    "batch, head_dim, channels, n, m, scale",
+    [(2, 5, 48, 91, 28, 5**-0.5), (1, 16, 40, 33, 70, 0.125), (1, 3, 8, 45, 1, 2.0), (2, 8, 33, 1, 37, 0.5)],
+)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_scale_and_key_length_match_float64(
+    batch: int, head_dim: int, channels: int, n: int, m: int, scale: float, with_residual: bool,
+    backward_path: str,
+) -> None:
+    gamma = 0.7 if with_residual else None
+    inputs = make_inputs(batch, head_dim, channels, n, gamma=gamma, scale=3.0, keys=m)
+    check_against_float64(inputs, scale=scale)
+
+
+def test_scale_reaches_every_kernel() -> None:
+    """A scale of 1 is DANet's attention, bit for bit the same as none; another scale changes
+    the output and every gradient (so no kernel ignores it)."""
+    inputs = make_inputs(1, 8, 40, 45, gamma=0.6)
+    dy = output_like(inputs)
+    y_none, grads_none = run(inputs, dy)
+    y_one, grads_one = run(inputs, dy, scale=1.0)
+    y_half, grads_half = run(inputs, dy, scale=0.5)
+    assert torch.equal(y_none, y_one) and not torch.allclose(y_none, y_half)
+    for name in NAMES:
+        assert torch.equal(grads_none[name], grads_one[name]), name
+        if name != "residual":
+            assert not torch.allclose(grads_none[name], grads_half[name]), name
+
+
 def test_batches_beyond_the_grid_limit_launch_in_chunks(
     monkeypatch: pytest.MonkeyPatch, backward_path: str
 ) -> None:
@@ -178,7 +223,7 @@ def test_gamma_zero_at_initialisation() -> None:
     """gamma = 0 (DANet's init): the result is the residual, dgamma = sum(dY * O) is not zero."""
     inputs = make_inputs(1, 8, 40, 45, gamma=0.0)
     check_against_float64(inputs)
-    y, grads = run(inputs, torch.ones_like(inputs["v"]))
+    y, grads = run(inputs, torch.ones_like(inputs["residual"]))
     assert torch.equal(y, inputs["residual"])
     assert grads["gamma"].abs().item() > 0
 
@@ -279,8 +324,8 @@ def test_inference_skips_saving_o_and_matches() -> None:
     """Under no_grad the residual epilogue writes the result only (O is not kept)."""
     inputs = make_inputs(1, 8, 40, 45, gamma=0.6)
     with torch.no_grad():
-        result, out, lse = torch.ops.danet_kernels.pam_forward(*(inputs[name] for name in NAMES), False)
-        y = pam.position_attention_triton(*(inputs[name] for name in NAMES))
+        result, out, lse = torch.ops.danet_kernels.pam_forward(*(inputs[name] for name in NAMES), 1.0, False)
+        y = pam.position_attention_triton(*(inputs[name] for name in NAMES), 1.0)
     assert out.numel() == 0
     assert torch.equal(result, y)
     expected = reference(*(None if inputs[name] is None else inputs[name].double() for name in NAMES))
@@ -292,9 +337,9 @@ def test_autograd_function_matches_entry_point() -> None:
     """PositionAttentionFunction.apply and the registered op share one autograd formula."""
     inputs = make_inputs(1, 4, 24, 33)
     dy = torch.randn_like(inputs["v"])
-    via_function = lambda q, k, v, g, r: pam.PositionAttentionFunction.apply(q, k, v, g, r, True)[0]
-    y_function, grads_function = run(inputs, dy, via_function)
-    y_entry, grads_entry = run(inputs, dy, pam.position_attention_triton)
+    via_function = lambda q, k, v, g, r, s: pam.PositionAttentionFunction.apply(q, k, v, g, r, s, True)[0]
+    y_function, grads_function = run(inputs, dy, via_function, scale=0.5)
+    y_entry, grads_entry = run(inputs, dy, pam.position_attention_triton, scale=0.5)
     assert torch.equal(y_function, y_entry)
     for name in NAMES:
         assert torch.equal(grads_function[name], grads_entry[name]), name
@@ -304,7 +349,7 @@ def test_backward_without_saved_o_is_a_clear_error() -> None:
     """Calling the op with store_out=False and then differentiating names the problem."""
     inputs = make_inputs(1, 4, 8, 9)
     leaves = [t.clone().requires_grad_() for t in (inputs[name] for name in NAMES)]
-    result = pam.PositionAttentionFunction.apply(*leaves, False)[0]
+    result = pam.PositionAttentionFunction.apply(*leaves, 1.0, False)[0]
     with pytest.raises(RuntimeError, match="store_out=False"):
         result.sum().backward()
 
@@ -323,7 +368,7 @@ def meta_backward_operands(
     v = torch.empty(batch, channels, n, device="meta", dtype=dtype)
     gamma = torch.empty(1, device="meta")
     lse = torch.empty(batch, n, device="meta")
-    return torch.empty_like(v), q, torch.empty_like(q), v, gamma, torch.empty_like(v), lse
+    return torch.empty_like(v), q, torch.empty_like(q), v, gamma, 1.0, torch.empty_like(v), lse
 
 
 def hopper_backward_launches(
@@ -477,7 +522,7 @@ def test_forward_launch_takes_the_switch(channels: int, n: int, expected: bool) 
     q = torch.empty(1, 16, n, device="meta")
     v = torch.empty(1, n, channels, device="meta").mT
     with recorded_launches() as launches:
-        pam.pam_forward(q, torch.empty_like(q), v, torch.empty(1, device="meta"), v, False)
+        pam.pam_forward(q, torch.empty_like(q), v, torch.empty(1, device="meta"), v, 1.0, False)
     assert [launch.kwargs["INT64_OFFSETS"] for launch in launches] == [expected]
 
 
@@ -552,14 +597,14 @@ def test_operands_padded_only_when_misaligned(layout: str, n: int) -> None:
         make = lambda rows: torch.randn(batch, rows, height, width, device=DEVICE).to(
             memory_format=torch.channels_last).flatten(2)
     q, k, v, residual = make(head_dim), make(head_dim), make(channels), make(channels)
-    q_in, k_in, v_in, residual_in, n_loaded = pam._kernel_operands(q, k, v, residual)
+    q_in, k_in, v_in, residual_in, n_loaded, m_loaded = pam._kernel_operands(q, k, v, residual)
     padded = layout == "contiguous" and n % 16 != 0
-    assert n_loaded == (64 if padded else n)
+    assert n_loaded == m_loaded == (64 if padded else n)
     for original, given in ((q, q_in), (k, k_in), (v, v_in), (residual, residual_in)):
         assert (given.data_ptr() != original.data_ptr()) == padded
         assert given.shape[-1] == n_loaded and pam._is_aligned(given)
         assert torch.equal(given[..., :n], original) and not given[..., n:].any()
-    result, out, lse = pam._forward_outputs(q, k, v, torch.ones(1), residual, True)
+    result, out, lse = pam._forward_outputs(q, k, v, torch.ones(1), residual, 1.0, True)
     for view in (result, out):
         assert view.shape == (batch, channels, n) and view.stride() == (channels * 64, 64, 1)
     assert lse.shape == (batch, n) and lse.is_contiguous()
@@ -572,13 +617,14 @@ def test_aligned_channels_last_inputs_read_in_place_match_float64() -> None:
         memory_format=torch.channels_last).view(batch, rows, height * width)
     inputs = {"q": make(head_dim, 0.5), "k": make(head_dim, 0.5), "v": make(channels),
               "gamma": torch.full((1,), 0.6, device=DEVICE), "residual": make(channels)}
-    assert pam._kernel_operands(inputs["q"], inputs["k"], inputs["v"], inputs["residual"])[-1] == 63
+    assert pam._kernel_operands(inputs["q"], inputs["k"], inputs["v"], inputs["residual"])[-2:] == (63, 63)
     check_against_float64(inputs)
 
 
 def _named_args(n: int, c: int = 512, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
     v = torch.empty(batch, 1, 1, dtype=dtype)
-    return {"N_BUCKET": size_bucket(n), "B_BUCKET": size_bucket(batch), "C": c, "V": v}
+    return {"N_BUCKET": size_bucket(n), "M_BUCKET": size_bucket(n), "B_BUCKET": size_bucket(batch), "C": c,
+            "V": v}
 
 
 def _tiles(configs: list) -> list[tuple]:
@@ -631,7 +677,8 @@ def test_forward_tuning_depends_on_the_bucket_only(operands: str) -> None:
 
 def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
     for tuner in pam._FWD_KERNELS.values():
-        assert tuner.keys == ["N_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"]
+        assert tuner.keys == ["N_BUCKET", "M_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION",
+                              "INT64_OFFSETS"]
         assert tuner.early_config_prune is pam._prune_fwd_configs
         assert tuner.perf_model is pam._fwd_time_estimate and tuner.configs_top_k == pam._FWD_TOP_K <= 4
     # The GPU's tuners (built without TRITON_INTERPRET) keep their choice across processes.
@@ -776,7 +823,7 @@ def test_gpu_backward_offsets_beyond_int32_inside_one_image(
         dp += d_o.T @ v[0, c : c + step].float()
         delta += (d_o * out[0, c : c + step].float()).sum(0)
     ds = p * (dp - delta[:, None])
-    dq, dk, dv, _ = pam.pam_backward(dy, q, k, v, gamma, out, lse)
+    dq, dk, dv, _ = pam.pam_backward(dy, q, k, v, gamma, 1.0, out, lse)
     assert_close(dq[0], k[0].float() @ ds.T, 2e-2, 2e-2, "dq")
     assert_close(dk[0], q[0].float() @ ds, 2e-2, 2e-2, "dk")
     for c in (0, channels - step):  # the first channels and those beyond 2^31 elements

@@ -33,21 +33,34 @@ def make_inputs(with_gamma: bool, requires_grad: bool) -> tuple[torch.Tensor | N
 
 @pytest.mark.parametrize("with_gamma", [True, False])
 def test_opcheck_forward(with_gamma: bool) -> None:
-    torch.library.opcheck(torch.ops.danet_kernels.pam_forward.default, (*make_inputs(with_gamma, True), True))
+    torch.library.opcheck(torch.ops.danet_kernels.pam_forward.default,
+                          (*make_inputs(with_gamma, True), 0.5, True))
+
+
+def test_opcheck_with_fewer_keys_than_queries() -> None:
+    """M = 13 keys for N = 37 queries: the fake kernels' shapes follow the real ones."""
+    q, k, v, gamma, residual = make_inputs(True, True)
+    keys = (k[..., :13].detach().requires_grad_(), v[..., :13].detach().requires_grad_())
+    torch.library.opcheck(torch.ops.danet_kernels.pam_forward.default, (q, *keys, gamma, residual, 0.5, True))
+    _, out, lse = torch.ops.danet_kernels.pam_forward(q, *keys, gamma, residual, 0.5, True)
+    dy = torch.randn_like(residual)
+    args = (dy, q.detach(), keys[0].detach(), keys[1].detach(), gamma.detach(), 0.5, out, lse)
+    torch.library.opcheck(torch.ops.danet_kernels.pam_backward.default, args)
 
 
 def test_opcheck_backward() -> None:
     q, k, v, gamma, residual = make_inputs(True, False)
-    _, out, lse = torch.ops.danet_kernels.pam_forward(q, k, v, gamma, residual, True)
+    _, out, lse = torch.ops.danet_kernels.pam_forward(q, k, v, gamma, residual, 0.5, True)
     dy = torch.randn_like(v)
-    torch.library.opcheck(torch.ops.danet_kernels.pam_backward.default, (dy, q, k, v, gamma, out, lse))
+    torch.library.opcheck(torch.ops.danet_kernels.pam_backward.default, (dy, q, k, v, gamma, 0.5, out, lse))
 
 
 def test_compile_fullgraph_forward_and_backward() -> None:
     """The public API compiles without graph breaks and matches eager, gradients included."""
 
     def pam_step(q, k, v, gamma, residual):
-        y = danet_kernels.position_attention(q, k, v, gamma=gamma, residual=residual, backend="triton")
+        y = danet_kernels.position_attention(q, k, v, gamma=gamma, residual=residual, scale=0.5,
+                                             backend="triton")
         return (y * y).sum()
 
     compiled = torch.compile(pam_step, fullgraph=True, backend=COMPILE_BACKEND)
