@@ -1,4 +1,4 @@
-"""The danet command: train, evaluate, predict, show attention, plot LR policies, export.
+"""The danet command: train, evaluate, predict, show attention, plot LR policies, export, plan memory.
 
 Every option of every subcommand is defined here with the standard library alone, so that
 ``danet --help`` and ``danet <command> --help`` answer at once: torch, the model and the
@@ -26,6 +26,7 @@ from typing import Any
 
 from danet import __version__
 from danet.config import (
+    AMP_MODES,
     ATTENTIONS,
     DEFAULT_PRESET,
     DEVICES,
@@ -48,8 +49,8 @@ from danet.config import (
 __all__ = ["COMMANDS", "build_parser", "main", "parse_point", "plain_text", "ranged", "write_traceback"]
 
 # name -> module providing run(args)
-COMMANDS: dict[str, str] = {name: "danet.commands." + name.replace("-", "_")
-                            for name in ("train", "eval", "predict", "attention", "lr-plot", "export")}
+COMMANDS: dict[str, str] = {name: "danet.commands." + name.replace("-", "_") for name in
+                            ("train", "eval", "predict", "attention", "lr-plot", "export", "plan")}
 
 
 def plain_text(docstring: str) -> str:
@@ -288,6 +289,26 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
+def _plan_options(parser: argparse.ArgumentParser) -> None:
+    _config_options(parser, "recipe to plan for")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="input size of a training image (default: the crop, data.crop_size)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per GPU per step (default: the recipe's, train.batch_size over "
+                             "--gpus and train.accum_steps)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="processes of the run (DDP: each holds gradient buckets); default 1")
+    parser.add_argument("--memory", type=float, nargs="+", default=None, metavar="GB",
+                        help="also answer for cards of these sizes (beside 16 24 40 80 141)")
+    parser.add_argument("--attention", choices=ATTENTIONS, nargs="+", default=None,
+                        help="attentions to compare (default: reference and fused)")
+    parser.add_argument("--amp", choices=AMP_MODES, nargs="+", default=None,
+                        help="precisions to compare (default: none, and the recipe's train.amp or bf16)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="number of classes (default: the dataset's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
 _OPTIONS = {
     "train": _train_options,
     "eval": _eval_options,
@@ -295,6 +316,7 @@ _OPTIONS = {
     "attention": _attention_options,
     "lr-plot": _lr_plot_options,
     "export": _export_options,
+    "plan": _plan_options,
 }
 
 

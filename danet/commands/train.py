@@ -38,6 +38,8 @@ Fitting a memory budget: ``train.batch_size`` is the global batch, split over pr
 ``train.accum_steps`` (gradient accumulation; DDP syncs only on the last micro-step);
 ``train.amp=bf16`` (autocast) or ``fp16`` (autocast + GradScaler); ``train.channels_last``;
 ``train.activation_checkpointing`` (recompute backbone stages in backward); ``train.compile``.
+``danet plan`` predicts a step's memory per GPU and the largest batch; on CUDA the trainer
+predicts its own step before the first one and warns, naming these knobs, when it will not fit.
 
 Failures (docs/training.md says what is guaranteed): SIGTERM (preemption) or a first Ctrl-C
 finishes the current iteration, writes last.pt and exits with status 143 (130 for Ctrl-C; before

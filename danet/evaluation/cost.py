@@ -45,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import danet_kernels
 
-__all__ = ["DIRECT_LIMIT_PIXELS", "CostModel", "ForwardCost", "estimate_forward_cost", "fit_cost_model",
-           "format_bytes", "format_duration", "measured_conv_speed"]
+__all__ = ["DIRECT_LIMIT_PIXELS", "CostModel", "ForwardCost", "LiveTensorBytes", "estimate_forward_cost",
+           "fit_cost_model", "format_bytes", "format_duration", "measured_conv_speed"]
 
 DIRECT_LIMIT_PIXELS = 1 << 20
 """Largest input (pixels per image) traced at its own size; larger ones are extrapolated."""
@@ -89,13 +89,29 @@ def _format_flops(count: float) -> str:
     return f"{count:.0f} FLOP"
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Follows the storages that op outputs hold and records the peak of their total size."""
+class LiveTensorBytes(TorchDispatchMode):
+    """Follows the storages that op outputs hold and records the peak of their total size.
 
-    def __init__(self) -> None:
+    A storage counts from the op that creates it until the last tensor on it is gone (a
+    finalizer on each tensor; torch keeps a tensor's Python object alive while autograd still
+    holds it, so saved tensors count until they are released). The same mode serves inference
+    (:func:`estimate_forward_cost`) and the training step (danet.training.memory).
+
+    Args:
+        block_bytes: round every storage up to a multiple of this: 512 is the CUDA caching
+            allocator's block (``torch.cuda.max_memory_allocated`` counts rounded blocks); 1
+            counts exact sizes, as the CPU allocator does.
+        record: keep every change in :attr:`events`, the size of the storage allocated
+            (positive) or freed (negative), before rounding (two traces of one step at two batch
+            sizes then give the peak at any batch: danet.training.memory).
+    """
+
+    def __init__(self, *, block_bytes: int = 1, record: bool = False) -> None:
         super().__init__()
+        self.block_bytes = block_bytes
         self.current = 0
         self.peak = 0
+        self.events: list[int] | None = [] if record else None
         self._storages: dict[int, list[int]] = {}  # storage id -> [bytes, live tensors on it]
         self._tensors: dict[int, int] = {}  # id(tensor) -> storage id
 
@@ -106,14 +122,20 @@ class _LiveTensorBytes(TorchDispatchMode):
                 self._track(tensor)
         return out
 
+    def hold(self, tensors: Any) -> None:
+        """Count tensors that exist already (weights, optimiser state) as live from now on, so
+        that in-place updates of them are known and their storages counted once."""
+        for tensor in tensors:
+            if id(tensor) not in self._tensors:
+                self._track(tensor)
+
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._storages.get(key)
         if entry is None:
             entry = self._storages[key] = [storage.nbytes(), 0]
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
+            self._change(entry[0])
         entry[1] += 1
         self._tensors[id(tensor)] = key
         weakref.finalize(tensor, self._release, id(tensor))
@@ -123,8 +145,16 @@ class _LiveTensorBytes(TorchDispatchMode):
         entry = self._storages[key]
         entry[1] -= 1
         if entry[1] == 0:
-            self.current -= entry[0]
+            self._change(-entry[0])
             del self._storages[key]
+
+    def _change(self, nbytes: int) -> None:
+        """A storage of ``abs(nbytes)`` bytes was allocated (positive) or freed (negative)."""
+        rounded = -(-abs(nbytes) // self.block_bytes) * self.block_bytes
+        self.current += rounded if nbytes > 0 else -rounded
+        self.peak = max(self.peak, self.current)
+        if self.events is not None:
+            self.events.append(nbytes)
 
 
 @contextlib.contextmanager
@@ -146,7 +176,7 @@ def _trace(model: nn.Module, shape: tuple[int, int, int, int], dtype: torch.dtyp
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast, FlopCounterMode(display=False) as flops:
-            live = _LiveTensorBytes()
+            live = LiveTensorBytes()
             with live:
                 model(x, **call)
     return float(flops.get_total_flops()), float(live.peak)

@@ -105,6 +105,15 @@ class DANet(nn.Module, PyTorchModelHubMixin, library_name="danet-fused", license
             outputs.append(_upsample(self.auxlayer(stage3), size))
         return tuple(outputs)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's stages in backward instead of storing their activations
+        (``train.activation_checkpointing``).
+
+        The backbone is a timm FeatureListNet, whose ``set_grad_checkpointing`` wraps each stage
+        in torch.utils.checkpoint. (BatchNorm running statistics see the recomputed forward too.)
+        """
+        self.backbone.set_grad_checkpointing(enable)
+
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Return (backbone parameters, head parameters), the latter including the aux head.
 

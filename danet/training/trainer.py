@@ -55,6 +55,7 @@ from danet.runtime import AMP_DTYPES, check_attention_backend, cpu_cores, progre
 from danet.training.cpu_time import estimate_iteration
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
+from danet.training.memory import check_training_fits
 from danet.training.optimizer import build_optimizer, group_settings
 from danet.training.resume import (
     LoadedCheckpoint,
@@ -81,7 +82,7 @@ from danet.training.stopping import StopFlag, StopSafeDataLoader
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 3, H, W) float, masks (B, H, W) int64
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "enable_activation_checkpointing", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,19 +102,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # training loss of every iteration run here
     stopped_early: bool = False  # a signal or a stop request; last.pt holds the state
     signal_received: int | None = None  # SIGTERM or SIGINT when one stopped the run
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute the backbone's stages in backward instead of storing their activations.
-
-    The backbone is a timm FeatureListNet, whose ``set_grad_checkpointing`` wraps each stage in
-    torch.utils.checkpoint. (BatchNorm running statistics see the recomputed forward too.)
-    """
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or not hasattr(backbone, "set_grad_checkpointing"):
-        raise ValueError("train.activation_checkpointing needs a timm backbone (set_grad_checkpointing)")
-    backbone.set_grad_checkpointing(True)
-
 
 
 # ------------------------------------------------------------------------------ the trainer
@@ -174,7 +162,7 @@ class Trainer:
 
         self.model = build_model(cfg.model, self.num_classes).to(ctx.device)  # unwrapped: what we save
         if t.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
+            self.model.set_grad_checkpointing()
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.model = convert_batchnorm(self.model, ctx, t.sync_bn)
@@ -560,6 +548,9 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
                   f"on {ctx.device}; run dir {run_dir}")
             if ctx.device.type == "cpu" and cfg.train.progress:
                 _say_cpu_time(trainer)
+        if ctx.device.type == "cuda" and ctx.is_main:  # before the first step: warn if it will not fit
+            check_training_fits(cfg, trainer.num_classes, trainer.plan.micro_batch, ctx.device,
+                                processes=ctx.world_size)
         result = trainer.fit()
         if not trainer.started and ctx.is_main:  # e.g. Ctrl-C during start-up or the first iteration
             removed = remove_unstarted_run(run_dir, created=created, previous_latest=previous_latest)

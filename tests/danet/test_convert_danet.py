@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import danet_kernels
-from danet.evaluation.cost import _LiveTensorBytes
+from danet.evaluation.cost import LiveTensorBytes
 from danet.models import DANet
 from danet.models.head import DANetHead
 from danet_kernels.convert import FusedChannelAttention, FusedPositionAttention
@@ -78,7 +78,7 @@ def test_the_release_danet_converted_in_fp32_is_within_the_kernels_error():
 def _peak_growth(head: DANetHead, x: torch.Tensor) -> float:
     """Largest total size of the tensors a forward+backward of ``head`` creates (fake tensors: the
     sizes of the real step, no compute)."""
-    with FakeTensorMode(allow_non_fake_inputs=True), _LiveTensorBytes() as live:
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveTensorBytes() as live:
         outputs = head(torch.empty_like(x))
         sum(o.sum() for o in outputs).backward()
         del outputs

@@ -29,7 +29,7 @@ def test_hand_counted_conv_stack() -> None:
 def test_fake_estimate_equals_the_live_tensors_of_a_real_forward() -> None:
     model = DANet(5, backbone="resnet_tiny").eval()
     x = torch.randn(1, 3, 72, 88)
-    live = cost._LiveTensorBytes()
+    live = cost.LiveTensorBytes()
     with torch.inference_mode(), live:
         model(x)
     estimate = cost.estimate_forward_cost(model, 1, 72, 88)
