@@ -291,20 +291,21 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
 
 def _plan_options(parser: argparse.ArgumentParser) -> None:
     _config_options(parser, "recipe to plan for")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+    parser.add_argument("--size", type=ranged("plan.size"), nargs=2, default=None,
+                        metavar=("HEIGHT", "WIDTH"),
                         help="input size of a training image (default: the crop, data.crop_size)")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=ranged("plan.batch"), default=None,
                         help="images per GPU per step (default: the recipe's, train.batch_size over "
                              "--gpus and train.accum_steps)")
-    parser.add_argument("--gpus", type=int, default=1,
+    parser.add_argument("--gpus", type=ranged("plan.gpus"), default=1,
                         help="processes of the run (DDP: each holds gradient buckets); default 1")
-    parser.add_argument("--memory", type=float, nargs="+", default=None, metavar="GB",
+    parser.add_argument("--memory", type=ranged("plan.memory", float), nargs="+", default=None, metavar="GB",
                         help="also answer for cards of these sizes (beside 16 24 40 80 141)")
     parser.add_argument("--attention", choices=ATTENTIONS, nargs="+", default=None,
                         help="attentions to compare (default: reference and fused)")
     parser.add_argument("--amp", choices=AMP_MODES, nargs="+", default=None,
                         help="precisions to compare (default: none, and the recipe's train.amp or bf16)")
-    parser.add_argument("--classes", type=int, default=None,
+    parser.add_argument("--classes", type=ranged("plan.classes"), default=None,
                         help="number of classes (default: the dataset's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 

@@ -235,6 +235,12 @@ RANGES: dict[str, Range] = {
     "attention.channels": _NON_NEGATIVE,
     "attention.points": _NON_NEGATIVE,
     "export.size": _SIDE,
+    # danet plan predicts for other machines (GPUs): no bound from this one
+    "plan.size": _AT_LEAST_ONE,
+    "plan.batch": _AT_LEAST_ONE,
+    "plan.gpus": _AT_LEAST_ONE,
+    "plan.classes": _AT_LEAST_ONE,
+    "plan.memory": Range(0, low_open=True),  # GB; above the CUDA context's reserve: danet.commands.plan
 }
 """The valid values of every numeric setting (each element of a tuple setting) and of the
 command line's numeric flags that set no config field; a test checks that every numeric field
