@@ -2,46 +2,25 @@
 
 Usage, from the repository root (no GPU, no TRITON_INTERPRET)::
 
-    python -m benchmarks.compile_report                         # everything -> docs/compile_report.md
-    python -m benchmarks.compile_report --ops pam_forward --sizes 9409 --precisions bf16 --out -
-    python -m benchmarks.compile_report --configs preferred --json report.json
+    python -m benchmarks.compile_report --tutorial PATH         # everything -> docs/compile_report.md
+    python -m benchmarks.compile_report --ops pam_forward --problems 9409:bf16 9409:bf16:B=2 --out -
     python -m benchmarks.compile_report --ops pam_backward --problems 9409:fp32-tf32x3 \
         1024:bf16:d=256:C=2048 --check --out -                 # exit status 1 on a target not met
 
-How it measures. Each op's launcher (the code a user's call runs, unchanged) is called on real
-CPU tensors of DANet's shapes with Triton's launch replaced by a recorder
-(:func:`recorded_launches`). A launch of an autotuned kernel is expanded into every config its
-prune keeps, each run through the autotuner's own chain (heuristics included) down to the
-``JITFunction`` launch it would make. Every such launch is then specialised exactly as Triton's
-launcher specialises a real one: Triton's own binder reads the recorded arguments, so a pointer
-or an integer divisible by 16 gets the divisibility hint, an integer equal to 1 (a stride-1 axis)
-becomes a constant, and N = 9409 loses the hints a real launch loses (:func:`specialise`). It is
-compiled for sm_90a with the ptxas that ships with Triton (:func:`compile_launch`), once per
-binary: launches that specialise alike (:func:`specialisation_key`) share one compile.
-
-What it reports, per kernel, config and problem (:class:`Row`):
-
-* from ptxas: registers per thread, spill bytes, and from Triton's metadata the shared memory;
-* from the PTX: the MMA kind (wgmma, mma.sync or none: FMA), and counts of wgmma, mma.sync,
-  fp32 FMA, cp.async and TMA (cp.async.bulk.tensor) instructions; the ex2 per thread in one
-  iteration of the main loop (the loop with the most MMA instructions), beside the tile's
-  share, i.e. the exp2 tile's elements (the kernel's :class:`KernelSpec` says how many) over
-  the threads;
-* from the TTGIR: the replication of the exp2 tile's layout, the factor by which the warps
-  cover more than the tile (2 means two warpgroups compute the same scores);
-* from the grid and the tiles (the kernel's work model): the executed FLOPs, exp2 and operand
-  bytes streamed into the SMs for a whole pass, in units of the op (N^2 for PAM, C^2 N for
-  CAM), the score part multiplied by the replication; the op's totals against its minimal;
-* the programs one SM holds (registers, shared memory) and the waves of an H100, and the perf
-  model's time of the launch (:func:`model_time`: the SM model of kernels/common.py that the
-  autotuners rank configs by), a ranking and a scale, not a measurement.
-
-Each op is described by an :class:`OpSpec` in ``benchmarks/compile_specs/<op>.py``: how to call
-its launcher for a :class:`Problem`, per kernel a :class:`KernelSpec` (work model, exp2 tile),
-the problems of the full report, and the op's targets (benchmarks/compile_targets.py), which
-every run checks on its rows: the report prints each one met or not, ``--check`` exits with
-status 1 on one not met, and tests/danet_kernels/test_hopper_compile.py asserts them in CI on a
-small set. A kernel without a spec still gets its compile figures.
+How it measures. Each op's launcher (the code a user's call runs) is called on CPU tensors of the
+problem's shapes with Triton's launch recorded instead of run (:func:`recorded_launches`); an
+autotuned launch is expanded into every config its prune keeps, each through the autotuner's own
+chain down to the ``JITFunction`` launch it would make, and specialised as Triton's launcher
+specialises a real one (its binder over the recorded arguments: 16-byte divisibility, integers
+equal to 1 as constants; :func:`specialise`), then compiled for sm_90a with Triton's ptxas, once
+per binary (:func:`compile_launch`). A :class:`~benchmarks.compile_types.Row` per kernel, config
+and problem holds ptxas's registers and spills, the shared memory, the PTX's instruction counts
+(the main loop's too: the loop with the most MMAs), the exp2 tile's layout replication (TTGIR),
+the work of the whole launch from the op's work model (``benchmarks/compile_specs/<op>.py``), and
+the perf model's time (:func:`model_us`, kernels/common.py's ``launch_clocks``, which the autotuners
+rank by), calibrated on Triton's fused-attention tutorial (benchmarks/compile_calibration.py,
+``--tutorial``). Every run checks the ops' targets (benchmarks/compile_targets.py) on its rows;
+tests/danet_kernels/test_hopper_compile.py asserts them in CI on a small set.
 """
 
 from __future__ import annotations
@@ -76,38 +55,30 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from benchmarks import compile_specs, compile_targets
-from benchmarks.compile_types import CHANNELS, HEAD_DIM, PRECISIONS, SIZES, OpSpec, Problem, Row, Work
+from benchmarks import compile_calibration, compile_specs, compile_targets
+from benchmarks.compile_types import PRECISIONS, SIZES, OpSpec, Problem, Row, Work
 from danet_kernels.kernels.common import (
+    CALIBRATION,
     H100_CLOCK_HZ,
     H100_SMS,
     MAX_SHARED_BYTES,
+    Calibration,
+    LoopCost,
     launch_clocks,
-    program_clocks,
+    resident_programs,
 )
 
-__all__ = [
-    "Compiled",
-    "Launch",
-    "all_specs",
-    "compile_launch",
-    "layout_replication",
-    "main",
-    "measure",
-    "ptx_loops",
-    "recorded_launches",
-    "render_markdown",
-    "specialise",
-]
+__all__ = ["Compiled", "Launch", "all_specs", "calibrate", "compile_launch", "layout_replication", "main",
+           "measure", "measure_op", "model_us", "ptx_loops", "recorded_launches", "render_markdown",
+           "specialise"]
+
 
 def all_specs() -> dict[str, OpSpec]:
     """Every op the report knows, by name (one module per op under ``benchmarks/compile_specs``)."""
     return {spec.name: spec for spec in compile_specs.SPECS}
 
 
-# ----------------------------------------------------------------------------------------------
-# Recording launches
-# ----------------------------------------------------------------------------------------------
+# ---- Recording launches ----------------------------------------------------------------------
 
 
 @dataclass
@@ -142,14 +113,9 @@ _recording: list[Launch] | None = None
 
 @contextlib.contextmanager
 def recorded_launches() -> Iterator[list[Launch]]:
-    """Within the block, a Triton launch (``kernel[grid](...)``) is recorded instead of run.
-
-    Launches go through the launchers unchanged, as the eager ``torch.library`` op dispatch
-    makes them (``wrap_triton`` passes straight to the kernel), and end at the outermost
-    kernel object: an autotuner is recorded before it tunes. Under TRITON_INTERPRET=1 (the
-    tests) the launches of interpreted kernels are recorded alike, and nothing runs: the
-    launchers can be called on "meta" tensors.
-    """
+    """Within the block, a Triton launch (``kernel[grid](...)``) is recorded instead of run, at the
+    outermost kernel object (an autotuner before it tunes), the launchers unchanged; under
+    TRITON_INTERPRET=1 (the tests) too, so that launchers can be called on "meta" tensors."""
     global _recording
 
     def record(self: Any, *args: Any, grid: Any = None, warmup: bool = False, **kwargs: Any) -> None:
@@ -170,10 +136,9 @@ def recorded_launches() -> Iterator[list[Launch]]:
 
 
 def tuning(launch: Launch) -> tuple[list[Any], list[Any], Any]:
-    """An autotuned launch's configs: those its early prune keeps (all, without a prune), those
-    the autotuner would benchmark (its own ``prune_configs``: that prune, then the perf model's
-    top-k) and the one its perf model ranks first among them (None without a perf model, unless
-    one alone is benchmarked)."""
+    """An autotuned launch's configs: those its early prune keeps, those the autotuner would
+    benchmark (its own ``prune_configs``: the prune, then the perf model's top-k) and the perf
+    model's first among them (None without a perf model, unless one alone is benchmarked)."""
     tuner = launch.kernel
     tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))
     try:
@@ -189,9 +154,8 @@ def tuning(launch: Launch) -> tuple[list[Any], list[Any], Any]:
 
 
 def expand(launch: Launch, configs: Sequence[Any]) -> list[tuple[Any, Launch]]:
-    """``(config, JIT launch)`` for each config of an autotuned launch (e.g. every one its prune
-    keeps, :func:`tuning`), run through the autotuner's chain (heuristics included) to the
-    ``JITFunction`` launch it would make."""
+    """``(config, JIT launch)`` for each config of an autotuned launch, run through the autotuner's
+    chain (heuristics included) to the ``JITFunction`` launch it would make."""
     expanded = []
     for config in configs:
         with recorded_launches() as inner:
@@ -208,9 +172,8 @@ _MATMUL_LEVELS = {"ieee": "highest", "tf32x3": "high", "tf32": "medium"}
 
 @contextlib.contextmanager
 def dot_precision(precision: str) -> Iterator[None]:
-    """Within the block, the launchers pick ``precision`` for fp32 dots: torch's float32 matmul
-    precision, which they read (through ``dot_input_precision``), is set to its level (this
-    machine's setting is irrelevant), then restored, both of torch's settings."""
+    """Within the block the launchers pick ``precision`` for fp32 dots: torch's float32 matmul
+    precision, which they read (``dot_input_precision``), is set to its level, then restored."""
     matmul = torch.backends.cuda.matmul
     saved = torch.get_float32_matmul_precision(), matmul.fp32_precision
     torch.set_float32_matmul_precision(_MATMUL_LEVELS[precision])
@@ -221,9 +184,7 @@ def dot_precision(precision: str) -> Iterator[None]:
         matmul.fp32_precision = saved[1]
 
 
-# ----------------------------------------------------------------------------------------------
-# Specialising and compiling as a real launch
-# ----------------------------------------------------------------------------------------------
+# ---- Specialising and compiling as a real launch ---------------------------------------------
 
 
 def _target() -> Any:
@@ -251,8 +212,7 @@ class Compiled:
     TTGIR (or the error)."""
 
     registers: int | None = None
-    spill_stores: int | None = None
-    spill_loads: int | None = None
+    spill_bytes: int | None = None  # stores and loads
     shared: int | None = None
     num_warps: int | None = None
     counts: dict[str, int] = field(default_factory=dict)  # ptx_counts of the whole kernel
@@ -263,9 +223,8 @@ class Compiled:
 
 
 def specialisation_key(source: Any) -> str:
-    """A short hash of what Triton compiles a kernel for: the function, its argument types,
-    constexprs (integers equal to 1 included) and per-argument attributes (16-byte divisibility).
-    Two launches with one key run the same binary (their options equal)."""
+    """A short hash of what Triton compiles a kernel for (the function, its argument types,
+    constexprs, per-argument attributes): launches with one key (and options) run one binary."""
     text = repr((source.fn.__name__, sorted(source.signature.items()),
                  sorted(source.constants.items(), key=repr), sorted(source.attrs.items(), key=repr)))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -301,8 +260,7 @@ def _compile(source: Any, options: dict[str, Any]) -> Compiled:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return Compiled(
         registers=int(registers.group(1)) if registers else None,
-        spill_stores=int(spills.group(1)) if spills else None,
-        spill_loads=int(spills.group(2)) if spills else None,
+        spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else None,
         shared=kernel.metadata.shared,
         num_warps=kernel.metadata.num_warps,
         counts=ptx_counts(kernel.asm["ptx"]),
@@ -311,11 +269,12 @@ def _compile(source: Any, options: dict[str, Any]) -> Compiled:
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading PTX and TTGIR
-# ----------------------------------------------------------------------------------------------
+# ---- Reading PTX and TTGIR -------------------------------------------------------------------
 
 _PTX_PATTERNS = {
+    "instructions": r"^\s+(?:@!?%\w+\s+)?[a-z]",
+    "barriers": r"\bbar\.sync\b",
+    "mma_wait_all": r"\bwgmma\.wait_group\.sync\.aligned\s+0;",
     "wgmma": r"\bwgmma\.mma_async",
     "mma_sync": r"\bmma\.sync",
     "fma": r"\bfma\.rn(?:\.ftz)?\.f32\b",
@@ -326,13 +285,14 @@ _PTX_PATTERNS = {
 
 
 def ptx_counts(ptx: str) -> dict[str, int]:
-    """Static counts of the instructions the report names, in the whole kernel."""
-    return {name: len(re.findall(pattern, ptx)) for name, pattern in _PTX_PATTERNS.items()}
+    """Static counts of the instructions the report names (and of all of them), in the whole kernel."""
+    return {name: len(re.findall(pattern, ptx, flags=re.MULTILINE))
+            for name, pattern in _PTX_PATTERNS.items()}
 
 
 def ptx_loops(ptx: str) -> list[dict[str, int]]:
-    """The loops of a kernel, as the instruction counts of each: a loop is the text from a label
-    to a later branch back to it (Triton emits structured loops), nested loops included."""
+    """The instruction counts of each loop of a kernel: the text from a label to a later branch back
+    to it (Triton emits structured loops), nested loops included."""
     lines = ptx.splitlines()
     labels: dict[str, int] = {}
     loops = []
@@ -367,9 +327,9 @@ def _layouts(ttgir: str) -> dict[str, dict[str, Any]]:
 
 
 def layout_replication(shape: Sequence[int], layout: dict[str, Any]) -> float | None:
-    """By how much a layout's warps cover more than a tensor: 1 for an exact or tiled cover, 2
-    when, e.g., 8 warps of 16-row MMA slices lie over 64 rows (two warpgroups hold the same
-    elements). None for layouts it does not model."""
+    """By how much a layout's warps cover more than a tensor: 1 for an exact or tiled cover, 2 when
+    8 warps of 16-row MMA slices lie over 64 rows (two warpgroups hold the same elements); None for
+    layouts it does not model."""
     warps = layout.get("warpsPerCTA")
     if layout["kind"] == "blocked":
         cover = [s * t * w for s, t, w in zip(layout["sizePerThread"], layout["threadsPerWarp"], warps,
@@ -395,9 +355,7 @@ def exp2_replication(ttgir: str) -> float | None:
     return worst
 
 
-# ----------------------------------------------------------------------------------------------
-# Measuring
-# ----------------------------------------------------------------------------------------------
+# ---- Measuring -------------------------------------------------------------------------------
 
 
 def _describe_config(config: Any, meta: dict[str, Any]) -> str:
@@ -418,18 +376,17 @@ def _describe_launch(meta: dict[str, Any], fn: Any) -> str:
     return " ".join(flags)
 
 
-def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = "kept", index: int = 0
-                   ) -> list[Row]:
-    """Rows for one recorded launch: every kept config (``configs="kept"``) or only the
-    preferred / the first benchmarked one (``"preferred"``)."""
+def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = "kept") -> list[Row]:
+    """Rows for one recorded launch: every kept config, or only the preferred one (``"preferred"``)."""
     scale = op.unit[1](problem)
     spec = op.kernel(launch.jit_function.__name__)
-    if isinstance(launch.kernel, Autotuner):
+    plain = not isinstance(launch.kernel, Autotuner)
+    if plain:  # its own config (None), fixed
+        tuned, preferred, expanded = [None], None, [(None, launch)]
+    else:
         kept, tuned, preferred = tuning(launch)
         expanded = expand(launch, kept)
-    else:  # a plain launch: its own config (None), fixed
-        tuned, preferred, expanded = [None], None, [(None, launch)]
-    choice = "fixed" if tuned == [None] else "perf model" if preferred is not None else "first tuned"
+    choice = "fixed" if plain else "perf model" if preferred is not None else "first tuned"
     stand_in = preferred if preferred is not None else tuned[0]
     rows = []
     for config, jit_launch in expanded:
@@ -444,48 +401,42 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
                   variant=problem.variant, kernel=launch.jit_function.__name__,
                   launch=_describe_launch(meta, launch.jit_function), config=_describe_config(config, meta),
                   tuned=config is None or config in tuned, preferred=is_preferred,
-                  choice=choice if is_preferred else "", launch_index=index)
+                  choice=choice if is_preferred else "")
         compiled = compile_launch(jit_launch)
         row.error = compiled.error
         if compiled.error is None:
             counts, loop = compiled.counts, compiled.loop
             row.registers = compiled.registers
-            row.spill_bytes = (compiled.spill_stores or 0) + (compiled.spill_loads or 0)
+            row.spill_bytes = compiled.spill_bytes or 0
             row.shared = compiled.shared
             row.num_warps = compiled.num_warps or meta["num_warps"]
             row.counts = counts
             row.mma = "wgmma" if counts["wgmma"] else "mma.sync" if counts["mma_sync"] else "FMA"
             row.loop_ex2 = loop["ex2"] if loop else None
             row.loop_cp_async = loop["cp_async"] if loop else 0
+            body = loop or counts  # a kernel without a loop: all of it, once
+            row.loop_instructions = body["instructions"] - body["wgmma"]
+            row.serial = body["mma_wait_all"] > 0
+            row.num_stages = meta["num_stages"]
             row.replication = compiled.replication
             row.specialisation = compiled.specialisation
             if spec is not None and spec.exp2_tile is not None:
                 row.ex2_share = spec.exp2_tile(meta) / (32 * row.num_warps)
-            row.resident = resident_programs(row.registers, row.num_warps, row.shared)
+            row.resident = resident_programs(row.registers or 1, row.num_warps, row.shared or 0)
         row.programs = jit_launch.programs()
         if spec is not None:
             score, rest = spec.work(meta, row.programs)
             executed = score * (row.replication or 1.0) + rest
             row.flops, row.exp2, row.bytes = (executed.flops / scale, executed.exp2 / scale,
                                               executed.bytes / scale)
+            row.iterations = spec.iterations(meta)
+            per_trip = 1.0 / (row.programs * row.iterations)
+            row.loop_flops, row.loop_bytes = executed.flops * per_trip, executed.bytes * per_trip
             if row.resident:
                 row.waves = row.programs / (H100_SMS * row.resident)
-                row.model_us = model_time(executed, row.programs, _model_class(row))
+                row.model_us = model_us(row)
         rows.append(row)
     return rows
-
-
-# An sm_90 SM: 64K 32-bit registers (allocated per warp in units of 256), 64 resident warps,
-# 32 resident blocks, 228 KiB of shared memory (1 KiB of it reserved per block).
-_SM_REGISTERS, _SM_WARPS, _SM_BLOCKS, _SM_SHARED, _BLOCK_RESERVED_SHARED = 65536, 64, 32, 228 * 1024, 1024
-
-
-def resident_programs(registers: int | None, num_warps: int, shared: int | None) -> int | None:
-    """How many programs of a kernel one H100 SM holds at a time (None: none fits)."""
-    per_warp = -(-(registers or 1) * 32 // 256) * 256
-    fits = min(_SM_REGISTERS // (per_warp * num_warps), _SM_WARPS // num_warps, _SM_BLOCKS,
-               _SM_SHARED // ((shared or 0) + _BLOCK_RESERVED_SHARED))
-    return fits or None
 
 
 def _model_class(row: Row) -> str:
@@ -495,48 +446,44 @@ def _model_class(row: Row) -> str:
     return {"fp32-tf32": "tf32", "fp32-tf32x3": "tf32x3"}.get(row.precision, "16-bit")
 
 
-def model_time(work: Work, programs: int, operand_class: str) -> float:
-    """The perf model's time of a launch on an H100, in microseconds: each program takes the
-    longest of its matmul, exp2 and operand-traffic time at one SM's rates, the busiest SM runs
-    ceil(programs / SMs) of them (danet_kernels.kernels.common, the autotuners' model too).
-    A ranking and a scale, not a measurement: L2 bandwidth is an assumption, DRAM, latency,
-    launch overhead and the softmax's other instructions are left out."""
-    per_program = program_clocks(work.flops / programs, work.exp2 / programs, work.bytes / programs,
-                                 operand_class)
-    return launch_clocks(programs, per_program, H100_SMS) / H100_CLOCK_HZ * 1e6
+def model_us(row: Row, calibration: Calibration = CALIBRATION) -> float:
+    """The perf model's time of a row's launch on an H100 in µs (kernels/common.py's ``launch_clocks``,
+    which the autotuners rank by) from the compiled main loop: its instructions, and whether it
+    waits for all its MMAs before the rest (a ``wgmma.wait_group 0`` inside it)."""
+    loop = LoopCost(row.loop_flops, row.loop_instructions, row.loop_ex2 or 0, row.loop_bytes, row.serial)
+    clocks = launch_clocks(row.programs, row.iterations, loop, row.num_warps, row.num_stages, row.resident,
+                           _model_class(row), calibration=calibration)
+    return clocks / H100_CLOCK_HZ * 1e6
 
 
-def measure(ops: Sequence[str] | None = None, sizes: Sequence[int] | None = None,
-            precisions: Sequence[str] | None = None, configs: str = "kept",
-            problems: Sequence[Problem] | None = None, progress: Callable[[str], None] | None = None,
-            batch: int = 1, head_dim: int = HEAD_DIM, channels: int = CHANNELS) -> list[Row]:
-    """Compile and measure the ops' kernels: each op's problems for the sizes, precisions and
-    shape given (:meth:`OpSpec.problems`; without any, its full set), or ``problems``; an op
-    skips those it does not run (:meth:`OpSpec.runs`: other precisions, variants it does not
-    name)."""
-    specs = all_specs()
+def measure(ops: Sequence[str] | None = None, configs: str = "kept",
+            problems: Sequence[Problem] | None = None,
+            progress: Callable[[str], None] | None = None) -> list[Row]:
+    """Compile and measure the ops' kernels (all without ``ops``): ``problems``, or each op's full
+    set (:meth:`OpSpec.problems`); an op skips a problem it does not run (:meth:`OpSpec.runs`:
+    another precision, a variant it does not name)."""
     rows = []
-    for name in ops or list(specs):
-        op = specs[name]
-        chosen = ([p for p in problems if op.runs(p)] if problems
-                  else op.problems(sizes, precisions, batch, head_dim, channels))
-        for problem in chosen:
+    for name in ops or list(all_specs()):
+        op = all_specs()[name]
+        for problem in [p for p in (problems or op.problems()) if op.runs(p)]:
             if progress:
                 progress(f"{op.name} {problem.label}")
-            with dot_precision(problem.dot_precision), recorded_launches() as launches:
-                op.launch(problem)
-            for index, launch in enumerate(launches):
-                rows.extend(measure_launch(op, problem, launch, configs, index))
+            rows += measure_op(op, problem, configs)
     return rows
+
+
+def measure_op(op: OpSpec, problem: Problem, configs: str = "kept") -> list[Row]:
+    """The rows of every launch one call of an op makes for a problem (see :func:`measure_launch`)."""
+    with dot_precision(problem.dot_precision), recorded_launches() as launches:
+        op.launch(problem)
+    return [row for launch in launches for row in measure_launch(op, problem, launch, configs)]
 
 
 def minimal_work(op: OpSpec, problem: Problem) -> Work:
     return op.minimal(problem) * (1.0 / op.unit[1](problem))
 
 
-# ----------------------------------------------------------------------------------------------
-# The markdown report
-# ----------------------------------------------------------------------------------------------
+# ---- The markdown report ---------------------------------------------------------------------
 
 
 def _fmt(value: float | None) -> str:
@@ -550,13 +497,9 @@ def _choice(row: Row) -> str:
 
 
 def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
-    try:
-        release = re.search(r"release ([\d.]+)", get_ptxas_version(90))
-        versions["ptxas"] = release.group(1) if release else "?"
-    except Exception:  # the version line is informative only
-        versions["ptxas"] = "?"
-    return versions
+    release = re.search(r"release ([\d.]+)", get_ptxas_version(90))
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "ptxas": release.group(1) if release else "?"}
 
 
 def _op_summary(op: OpSpec, rows: list[Row], problems: list[Problem]) -> list[str]:
@@ -581,13 +524,13 @@ def _op_summary(op: OpSpec, rows: list[Row], problems: list[Problem]) -> list[st
             f"{'yes' if any((r.replication or 1) > 1 for r in chosen) else 'no'} | "
             f"{_fmt(total.flops) if known else '—'} | {_fmt(total.exp2) if known else '—'} | "
             f"{_fmt(total.bytes) if known else '—'} | {_fmt(minimal.flops)} | {_fmt(minimal.exp2)} | "
-            f"{_fmt(sum(r.model_us for r in chosen)) if all(r.model_us for r in chosen) else '—'} |")
+            f"{_fmt(sum(r.model_us for r in chosen)) + _ERROR if all(r.model_us for r in chosen) else '—'} |")
     return lines
 
 
-def _targets_section(results: list[Any]) -> list[str]:
+def _targets_section(results: list[Any], where: str = "CI asserts them on a small set") -> list[str]:
     """The op's targets, each met, not met (with what breaks it) or not evaluated by this run."""
-    lines = ["Targets (benchmarks/compile_targets.py; CI asserts them on a small set of problems):", ""]
+    lines = [f"Targets (benchmarks/compile_targets.py; {where}):", ""]
     for result in results:
         if not result.evaluated:
             lines.append(f"- not evaluated here (no row it applies to): {result.target}")
@@ -599,9 +542,10 @@ def _targets_section(results: list[Any]) -> list[str]:
     return lines
 
 
+_ERROR = f" ± {CALIBRATION.error:.0%}"  # what every predicted time carries (the calibration's error)
 _COLUMNS = ("problem", "kernel", "launch", "config", "tuned", "pref", "regs", "spill B", "smem B", "MMA",
-            "wgmma", "mma", "fma", "cp.async (loop)", "TMA", "ex2/it (share)", "repl", "programs", "waves",
-            "FLOPs", "exp2", "bytes", "model µs")
+            "wgmma", "mma", "fma", "cp.async (loop)", "TMA", "ex2/it (share)", "repl", "instr/it", "programs",
+            "waves", "FLOPs", "exp2", "bytes", f"model µs{_ERROR}")
 
 
 def _cells(values: Sequence[object]) -> str:
@@ -617,8 +561,8 @@ def _row_cells(r: Row) -> list[object]:
     shared = r.shared if (r.shared or 0) <= MAX_SHARED_BYTES else f"{r.shared} (too much to launch)"
     return [*head, r.registers, r.spill_bytes, shared, r.mma, c["wgmma"], c["mma_sync"], c["fma"],
             f"{c['cp_async']} ({r.loop_cp_async})", c["tma"], f"{_fmt(r.loop_ex2)} ({share})",
-            _fmt(r.replication), r.programs, _fmt(r.waves), _fmt(r.flops), _fmt(r.exp2), _fmt(r.bytes),
-            _fmt(r.model_us)]
+            _fmt(r.replication), f"{r.loop_instructions}{'' if r.serial else ' (overlapped)'}", r.programs,
+            _fmt(r.waves), _fmt(r.flops), _fmt(r.exp2), _fmt(r.bytes), _fmt(r.model_us)]
 
 
 def check_targets(rows: Sequence[Row]) -> list[Any]:
@@ -626,10 +570,21 @@ def check_targets(rows: Sequence[Row]) -> list[Any]:
     return compile_targets.evaluate({name: op.targets for name, op in all_specs().items()}, rows)
 
 
-def render_markdown(rows: list[Row], results: list[Any], command: str, versions: dict[str, str] | None = None
-                    ) -> str:
-    """docs/compile_report.md from the measured rows and the targets checked on them
-    (:func:`check_targets`)."""
+def calibrate(tutorial: str) -> tuple[list[str], list[Any]]:
+    """The calibration section (compile_calibration: Triton's fused-attention tutorial at
+    ``tutorial``, its published H100 figures, the model's) and its target checked."""
+    points = compile_calibration.calibration_rows(tutorial, measure_op)
+    rows = [row for _, figure_rows in points for row in figure_rows]
+    target = compile_calibration.calibration_target(model_us)
+    results = compile_targets.evaluate({"tutorial_attention": [target]}, rows)
+    lines = compile_calibration.calibration_section(points, model_us, tutorial)
+    return [*lines, "", *_targets_section(results, "the report checks it when --tutorial is given")], results
+
+
+def render_markdown(rows: list[Row], results: list[Any], command: str, versions: dict[str, str] | None = None,
+                    calibration: list[str] | None = None) -> str:
+    """docs/compile_report.md from the measured rows, the targets checked on them
+    (:func:`check_targets`) and the calibration's section (:func:`calibrate`)."""
     versions = versions or _versions()
     specs = all_specs()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -640,29 +595,30 @@ def render_markdown(rows: list[Row], results: list[Any], command: str, versions:
         f"torch {versions['torch']}, python {versions['python']}), for sm_90a on a machine without a GPU. "
         "Do not edit: rerun the command (see benchmarks/compile_report.py for how it measures).",
         "",
-        "Every launch is the one the op's own launcher makes for the problem, specialised as Triton's "
-        "launcher specialises a real one (16-byte divisibility of pointers, sizes and strides where "
-        "they have it, stride-1 axes as constants). Columns:",
+        "Every launch is the one the op's own launcher makes, specialised as Triton's launcher specialises "
+        "a real one. Rows: every config the prune keeps; *tuned*: among those the autotuner benchmarks; "
+        "*pref*: its perf model's first (a plain launch is both). *regs*, *spill B*, *smem B*: ptxas and "
+        "Triton's metadata. *MMA*, *wgmma / mma / fma / cp.async / TMA*: the PTX (cp.async also in the "
+        "main loop, the loop with the most MMAs). *ex2/it (share)*: ex2 per thread per iteration of the "
+        "main loop beside the exp2 tile's elements over the threads; *repl*: how many times the warps of "
+        "the exp2 tile's layout cover it (2: two warpgroups compute the same scores). *instr/it*: PTX "
+        "instructions per thread per iteration but the MMAs (*overlapped*: the loop does not wait for "
+        "all its MMAs first). *FLOPs*, *exp2*, *bytes* (operand bytes from L2): executed by the whole "
+        "launch, tiles counted whole, per the op's unit. *waves*: programs over 132 SMs x the programs "
+        "one SM holds.",
         "",
-        "- Rows: every config the prune keeps. *tuned*: among the configs the autotuner benchmarks (its "
-        "perf model's top-k); *pref*: ranked first by the perf model (a plain launch is both; without a "
-        "perf model the first tuned config stands in, and the GPU's autotuner decides).",
-        "- *regs*, *spill B* (stores + loads), *smem B*: from ptxas and Triton's metadata.",
-        "- *MMA*: wgmma, mma.sync or FMA (no tensor cores); *wgmma / mma / fma / cp.async / TMA*: static "
-        "instruction counts in the PTX, cp.async also in the main loop (the loop with the most MMA "
-        "instructions: its loads software-pipelined).",
-        "- *ex2/it (share)*: ex2 per thread in one iteration of the main loop, beside the exp2 tile's "
-        "elements over the threads; *repl*: by how much the warps of the exp2 tile's layout cover more "
-        "than the tile (2: two warpgroups compute the same scores and exponentials).",
-        "- *FLOPs*, *exp2*, *bytes*: executed by the whole launch (grid x tiles, the score part times the "
-        "replication), per the op's unit. Tiles are counted whole, so at N = 9409 a 128-row, 64-key tile "
-        "covers 9472 positions (+1.3% of N^2). exp2 counts one per score; the per-row rescale of the "
-        "online softmax (one per row and key block) shows only in *ex2/it*. Bytes are the operand tiles "
-        "streamed from L2 into the SMs.",
-        "- *waves*: programs over an H100's 132 SMs times the programs one SM holds (registers, shared "
-        "memory); *model µs*: the perf model's time on an H100 (each program the longest of its matmul, "
-        "exp2 and L2 time at one SM's rates, in waves; `model_time`): a ranking and a scale, not a "
-        "measurement.",
+        "*model µs*: the perf model's time on an H100 (`model_us`: kernels/common.py's `launch_clocks`, "
+        "which the autotuners rank by): per main-loop iteration the MMA phase at the calibrated "
+        "efficiency, the wait for it and the other instructions in turn where the loop waits for all its "
+        "MMAs first, co-resident programs filling each other's gaps, L2 traffic and latency; the busiest "
+        "SM's programs at the real grid, a fixed cost each. Calibrated on Triton's fused-attention "
+        f"tutorial (below); every time carries its largest error ({CALIBRATION.error:.0%}). Our kernels "
+        "run 8-warp programs and wider MMAs than the tutorial's, outside what the calibration covers: "
+        "their error may be larger.",
+        "",
+        "## Calibration: Triton's fused-attention tutorial against its published H100 speeds",
+        "",
+        *(calibration or ["Not run here (`--tutorial PATH` runs it: benchmarks/compile_calibration.py)."]),
         "",
     ]
     for name, op in specs.items():
@@ -686,42 +642,34 @@ def render_markdown(rows: list[Row], results: list[Any], command: str, versions:
 
 def _problems_of(rows: list[Row]) -> list[Problem]:
     """The problems of some rows, in order of appearance."""
-    problems: dict[str, Problem] = {}
-    for r in rows:
-        problems.setdefault(r.problem, Problem(r.n, r.precision, r.batch, r.head_dim, r.channels, r.variant))
-    return list(problems.values())
+    found = {r.problem: Problem(r.n, r.precision, r.batch, r.head_dim, r.channels, r.variant) for r in rows}
+    return list(found.values())
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the report (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", help=f"ops to compile (default: all: {', '.join(all_specs())})")
-    parser.add_argument("--sizes", nargs="+", type=int, help=f"N values (default: each op's, {SIZES} "
-                        "and its extra problems)")
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), help="default: each op's")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="d of q and k")
-    parser.add_argument("--channels", type=int, default=CHANNELS, help="C of v (PAM) and of x (CAM)")
     parser.add_argument("--problems", nargs="+", type=Problem.parse,
                         metavar="N:PRECISION[:d=..][:C=..][:B=..][:VARIANT]",
-                        help="run exactly these problems (instead of sizes x precisions)")
+                        help=f"run these problems (default: each op's, N in {SIZES} x precisions "
+                        f"{', '.join(PRECISIONS)}, and its extra ones)")
     parser.add_argument("--configs", choices=("kept", "preferred"), default="kept",
                         help="every config the prune keeps, or the preferred one per launch")
     parser.add_argument("--out", default="docs/compile_report.md", help="markdown file ('-': stdout)")
     parser.add_argument("--json", help="also write the rows and the targets' results as JSON here")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when a target of the run is not met")
+    parser.add_argument("--tutorial", help="a copy of triton-lang/triton's python/tutorials/"
+                        "06-fused-attention.py: calibrate the perf model on it (compile_calibration.py)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles the kernels the GPU would run")
-    rows = measure(args.ops, args.sizes, args.precisions, args.configs, args.problems,
-                   progress=lambda what: print(f"compiling {what}", file=sys.stderr),
-                   batch=args.batch, head_dim=args.head_dim, channels=args.channels)
+    rows = measure(args.ops, args.configs, args.problems,
+                   progress=lambda what: print(f"compiling {what}", file=sys.stderr))
     # What made the numbers: the arguments less the output-only ones (--out, --json, --check).
     given = list(argv if argv is not None else sys.argv[1:])
     output = ("--out", "--json")
@@ -729,7 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              and not a.startswith(("--out=", "--json=")) and (i == 0 or given[i - 1] not in output)]
     command = "python -m benchmarks.compile_report" + "".join(f" {shlex.quote(a)}" for a in shown)
     results = check_targets(rows)
-    text = render_markdown(rows, results, command)
+    calibration, calibration_results = calibrate(args.tutorial) if args.tutorial else (None, [])
+    results += calibration_results
+    text = render_markdown(rows, results, command, calibration=calibration)
     if args.out == "-":
         print(text)
     else:

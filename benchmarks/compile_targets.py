@@ -1,12 +1,9 @@
 """What the compile report checks: the targets each op's kernels must keep on sm_90.
 
-A :class:`Target` is a statement about the rows of a report run (benchmarks/compile_report.py):
-``check(rows)`` returns the rows that break it, each described, or None when no row of the run
-is one it speaks about (not evaluated there). Each op's spec (benchmarks/compile_specs/<op>.py)
-lists its targets, built from the functions below; the report prints each one met or not under
-its op, ``python -m benchmarks.compile_report --check`` fails on a target not met, and
-tests/danet_kernels/test_hopper_compile.py runs the report on a small set of problems in CI and
-asserts every target there (one definition of what must hold, for the report and for CI).
+A :class:`Target` states a property of a report run's rows: ``check(rows)`` describes the rows that
+break it, or returns None when no row of the run is one it speaks about. Each op's spec
+(benchmarks/compile_specs/<op>.py) lists its targets; the report prints each met or not, ``--check``
+fails on one not met, and tests/danet_kernels/test_hopper_compile.py asserts them all in CI.
 """
 
 from __future__ import annotations
@@ -19,20 +16,9 @@ from typing import Any
 from benchmarks.compile_types import CHANNELS, HEAD_DIM, Row
 from danet_kernels.kernels.common import MAX_SHARED_BYTES
 
-__all__ = [
-    "Target",
-    "TargetResult",
-    "compiles",
-    "evaluate",
-    "exp2_once",
-    "fits_shared_memory",
-    "no_spills",
-    "pipelined",
-    "preferred_total",
-    "same_binary_when_padded",
-    "same_configs",
-    "tensor_cores",
-]
+__all__ = ["Target", "TargetResult", "compiles", "each_row", "evaluate", "exp2_once", "fits_shared_memory",
+           "no_spills", "pipelined", "preferred_total", "same_binary_when_padded", "same_configs",
+           "tensor_cores"]
 
 Check = Callable[[list[Row]], "list[str] | None"]
 

@@ -1,12 +1,9 @@
-"""The compile report's vocabulary, shared by the report (benchmarks/compile_report.py), the ops'
-specs (benchmarks/compile_specs/) and the targets (benchmarks/compile_targets.py): the problems
-it runs, the work a kernel executes, what the report knows of an op and its kernels, and the row
-it measures. A leaf: it imports nothing of the report's.
-"""
+"""The compile report's vocabulary (problems, work, op and kernel specs, rows), shared by the report,
+the ops' specs and the targets: a leaf, importing nothing of theirs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,42 +89,27 @@ class Work:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """What the report knows about one kernel beyond its compile.
-
-    Args:
-        name: the ``@triton.jit`` function's name.
-        work: ``(meta, programs) -> (score, rest)``, the work of the whole launch; ``meta`` holds
-            every argument by name (tensors, sizes, strides, constexprs, the config's
-            ``num_warps`` and ``num_stages``) and ``programs`` the grid's size. ``score`` is the
-            part computed on the exp2 tile (its dot and its exp2), which a replicated layout
-            executes that many times over; ``rest`` the remainder.
-        exp2_tile: ``meta -> elements`` whose exp2 one iteration of the main loop computes (the
-            tile's share is that over the threads); None for kernels without such a tile.
-    """
+    """What the report knows about one kernel beyond its compile: its ``@triton.jit`` ``name``;
+    ``work(meta, programs) -> (score, rest)``, the work of the whole launch (``meta``: every argument
+    by name, the config's num_warps and num_stages included), ``score`` the part on the exp2 tile
+    (its dot and exp2, which a replicated layout executes that many times over); ``iterations(meta)``,
+    the trips of a program's main loop (1 without one); ``exp2_tile(meta)``, the elements whose exp2
+    one iteration computes (None without such a tile)."""
 
     name: str
     work: Callable[[dict[str, Any], int], tuple[Work, Work]]
+    iterations: Callable[[dict[str, Any]], float]
     exp2_tile: Callable[[dict[str, Any]], int] | None = None
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One op of the report: its launcher and its kernels.
-
-    Args:
-        name: the report's key (``--ops``).
-        title: the heading.
-        launch: calls the op's launcher for a problem (inside :func:`recorded_launches`).
-        kernels: the specs of the kernels it launches.
-        minimal: the op's minimal work for a problem (FLOPs and exp2; bytes are left 0).
-        unit: ``(name, problem -> value)``, what the work is divided by, e.g. ``("N^2", ...)``.
-        sizes, precisions: the problems the full report runs (defaults: DANet's).
-        extra_problems: more problems of the full report (other shapes, variants).
-        variants: the problem variants ``launch`` understands (others are not run).
-        targets: what must hold for the op's kernels (benchmarks/compile_targets.py), checked
-            on the rows of every run and asserted in CI on a small set.
-        notes: lines of markdown the report prints under the op's heading.
-    """
+    """One op of the report: ``name`` (``--ops``) and ``title``; ``launch`` calls the op's launcher
+    for a problem; ``kernels``, the specs of the kernels it launches; ``minimal``, its minimal work
+    (FLOPs and exp2) for a problem; ``unit``, ``(name, problem -> value)``, what the work is divided
+    by (e.g. N^2); ``sizes`` x ``precisions`` then ``extra_problems``, the full report's problems;
+    ``variants``, the problem variants ``launch`` understands; ``targets``, what must hold for its
+    kernels (benchmarks/compile_targets.py); ``notes``, markdown under its heading."""
 
     name: str
     title: str
@@ -142,17 +124,9 @@ class OpSpec:
     targets: tuple[Any, ...] = ()
     notes: tuple[str, ...] = ()
 
-    def problems(self, sizes: Sequence[int] | None = None, precisions: Sequence[str] | None = None,
-                 batch: int = 1, head_dim: int = HEAD_DIM, channels: int = CHANNELS) -> list[Problem]:
-        """The problems of the full report (the op's sizes x precisions, then the extra ones), or,
-        where sizes, precisions or a shape other than DANet's is given, those sizes x precisions
-        (each defaulting to the op's) at that shape; only those the op runs (:meth:`runs`)."""
-        shape = (batch, head_dim, channels)
-        chosen = [Problem(n, precision, *shape) for precision in (precisions or self.precisions)
-                  for n in (sizes or self.sizes)]
-        if not (sizes or precisions) and shape == (1, HEAD_DIM, CHANNELS):
-            chosen += self.extra_problems
-        return [problem for problem in chosen if self.runs(problem)]
+    def problems(self) -> list[Problem]:
+        """The problems of the full report: the op's sizes x precisions, then the extra ones."""
+        return [Problem(n, p) for p in self.precisions for n in self.sizes] + list(self.extra_problems)
 
     def runs(self, problem: Problem) -> bool:
         """Whether the op runs a problem: one of its precisions (its launch may have tiles for no
@@ -182,7 +156,6 @@ class Row:
     preferred: bool = False  # the launch's choice here: see ``choice``
     choice: str = ""  # why preferred: "fixed" (a plain launch), "perf model" (ranked first), or
     # "first tuned" (no perf model: the first config the autotuner benchmarks stands in)
-    launch_index: int = 0  # which launch of the op's call
     registers: int | None = None
     spill_bytes: int | None = None
     shared: int | None = None
@@ -197,6 +170,12 @@ class Row:
     programs: int | None = None
     resident: int | None = None  # programs one SM holds at a time (registers, shared memory)
     waves: float | None = None  # programs over (SMs x resident) of an H100
+    num_stages: int = 1
+    iterations: float = 1.0  # trips of a program's main loop; per trip and program:
+    loop_flops: float = 0.0  # its tensor-core (or FMA) FLOPs,
+    loop_bytes: float = 0.0  # its operand bytes from L2,
+    loop_instructions: int = 0  # its other instructions per thread (PTX),
+    serial: bool = True  # and whether it waits for all its MMAs before the other work
     flops: float | None = None  # per op unit (e.g. N^2), the whole launch
     exp2: float | None = None
     bytes: float | None = None

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from danet_kernels import reference
+from danet_kernels import blockwise, reference
 from danet_kernels._dispatch import resolve_backend
 
 __all__ = ["channel_attention", "position_attention"]
@@ -138,13 +138,12 @@ def position_attention(
 
     chosen = resolve_backend(backend, v)
     if chosen == "triton" and q.shape[0] > 0:
+        # lazy: triton loads only with its backend (TRITON_INTERPRET must precede it)
         from danet_kernels.kernels.position_attention import position_attention_triton
 
         return position_attention_triton(q, k, v, gamma, residual, scale)
     if chosen == "torch" and q.shape[0] > 0:
-        from danet_kernels.blockwise import position_attention_blockwise
-
-        return position_attention_blockwise(q, k, v, gamma, residual, scale)
+        return blockwise.position_attention_blockwise(q, k, v, gamma, residual, scale)
     out = reference.position_attention_reference(q, k, v, scale)
     return out if gamma is None else (gamma * out + residual).to(v.dtype)
 
@@ -171,12 +170,11 @@ def channel_attention(
 
     chosen = resolve_backend(backend, x)
     if chosen == "triton" and x.shape[0] > 0:
+        # lazy: as above, triton only when its backend runs
         from danet_kernels.kernels.channel_attention import channel_attention_triton
 
         return channel_attention_triton(x, gamma)
     if chosen == "torch" and x.shape[0] > 0:
-        from danet_kernels.blockwise import channel_attention_blockwise
-
-        return channel_attention_blockwise(x, gamma)
+        return blockwise.channel_attention_blockwise(x, gamma)
     out = reference.channel_attention_reference(x)
     return out if gamma is None else (gamma * out + x).to(x.dtype)

@@ -38,7 +38,8 @@ $L__BB0_3:
 
 def test_ptx_counts_and_loops() -> None:
     counts = report.ptx_counts(PTX)
-    assert counts == {"wgmma": 1, "mma_sync": 0, "fma": 2, "cp_async": 1, "tma": 1, "ex2": 3}
+    assert counts == {"wgmma": 1, "mma_sync": 0, "fma": 2, "cp_async": 1, "tma": 1, "ex2": 3,
+                      "instructions": 13, "barriers": 0, "mma_wait_all": 0}
     loops = report.ptx_loops(PTX)
     # Two loops: BB0_1 (a backward branch) and BB0_2 (whose forward branch to BB0_3 is no loop).
     assert [(loop["wgmma"], loop["ex2"], loop["fma"]) for loop in loops] == [(1, 2, 0), (0, 1, 2)]
@@ -92,9 +93,9 @@ def test_problem_parse() -> None:
 
 
 def test_each_op_gets_only_the_problems_it_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """--batch, --precisions and --problems reach each op as problems of its own precisions (an
-    op with tiles for some precisions only must not be launched at another), --batch at each op's
-    sizes and precisions (launches recorded, nothing compiled)."""
+    """--problems reach each op as problems of its own precisions and variants (an op with tiles for
+    some precisions only must not be launched at another); without --problems, each op's own full
+    set (launches recorded, nothing compiled)."""
     launched: list[tuple[str, types.Problem]] = []
     every_spec = {**report.all_specs(),
                   "bf16_only": dataclasses.replace(report.all_specs()["pam_forward"], precisions=("bf16",))}
@@ -108,15 +109,15 @@ def test_each_op_gets_only_the_problems_it_runs(monkeypatch: pytest.MonkeyPatch,
         assert report.main([*argv, "--out", str(tmp_path / "report.md")]) == 0
         return set(launched)
 
-    assert run("--batch", "2") == {(name, types.Problem(n, precision, batch=2))
-                                   for name, spec in specs.items() for precision in spec.precisions
-                                   for n in spec.sizes}
+    assert run() == {(name, problem) for name, spec in specs.items() for problem in spec.problems()
+                     if spec.runs(problem)}
     every = {name for name, spec in specs.items() if set(spec.precisions) == set(types.PRECISIONS)}
     assert "bf16_only" not in every and "pam_forward" in every
-    assert run("--precisions", "fp32-ieee") == {(name, types.Problem(n, "fp32-ieee")) for name in every
-                                                for n in specs[name].sizes}
-    assert run("--problems", "9409:fp32-tf32x3") == {(name, types.Problem(9409, "fp32-tf32x3"))
-                                                     for name in every}
+    assert run("--problems", "9409:fp32-ieee:B=2") == {(name, types.Problem(9409, "fp32-ieee", batch=2))
+                                                       for name in every}
+    assert run("--problems", "32768:bf16:int64 offsets") == {
+        (name, types.Problem(32768, "bf16", variant="int64 offsets"))
+        for name in ("pam_forward", "bf16_only")}
 
 
 def test_dot_precision_sets_what_the_launchers_read() -> None:
@@ -217,3 +218,70 @@ def test_every_op_has_a_spec_for_each_kernel_it_names() -> None:
     for spec in specs.values():
         names = [kernel.name for kernel in spec.kernels]
         assert len(names) == len(set(names)), spec.name
+
+
+TUTORIAL = '''"""A stand-in for Triton's fused-attention tutorial: the names the calibration takes."""
+import torch
+import triton
+import triton.language as tl
+
+DEVICE = triton.runtime.driver.active.get_active_torch_device()  # needs a GPU: must not run
+
+
+def is_hip():
+    raise AssertionError("the calibration's stub replaces it")
+
+
+configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}, num_stages=2, num_warps=4) for bm in (16, 32)]
+
+
+def keep(conf):
+    return conf.kwargs["BLOCK_M"] == 16 or not is_hip()
+
+
+@triton.jit
+def _attn_fwd_inner(x, BLOCK_M: tl.constexpr):
+    return x + tl.arange(0, BLOCK_M)
+
+
+@triton.autotune(list(filter(keep, configs)), key=["N_CTX"])
+@triton.jit
+def _attn_fwd(Out, N_CTX, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.store(Out + tl.arange(0, BLOCK_M), _attn_fwd_inner(tl.zeros([BLOCK_M], tl.float32), BLOCK_M))
+'''
+
+
+def test_load_tutorial_takes_the_forward_kernel_and_its_configs(tmp_path: Path) -> None:
+    """The calibration extracts the tutorial's forward, inner loop and configs from its file, leaving
+    out what needs a GPU at import; a file without them is refused by name."""
+    from benchmarks import compile_calibration
+
+    path = tmp_path / "06-fused-attention.py"
+    path.write_text(TUTORIAL)
+    module = compile_calibration.load_tutorial(path)
+    assert [c.kwargs["BLOCK_M"] for c in module._attn_fwd.configs] == [16, 32]
+    out = torch.full((16,), -1.0)
+    module._attn_fwd.fn[(1,)](out, 64, BLOCK_M=16, BLOCK_N=16)
+    assert torch.equal(out, torch.arange(16.0))
+    path.write_text(TUTORIAL.replace("def _attn_fwd(", "def _attn_other("))
+    with pytest.raises(ValueError, match="no _attn_fwd: is it Triton's fused-attention tutorial"):
+        compile_calibration.load_tutorial(path)
+
+
+def test_calibration_fit_finds_the_constants_that_explain_the_figures() -> None:
+    """Figures made by the model itself with known constants: the search, started elsewhere, finds
+    constants with (almost) no error, and the target holds where the error is within 20%."""
+    from benchmarks import compile_calibration as calibration
+
+    known = dataclasses.replace(report.CALIBRATION, mma_efficiency=0.6, clocks_per_instruction=1.4)
+    points = []
+    for figure in calibration.PUBLISHED[:6]:
+        rows = [_row(programs=4096, resident=resident, num_warps=4, num_stages=3,
+                     iterations=figure.seqlen / 64, loop_flops=2 * 128 * 64 * 64 * 2,
+                     loop_instructions=400 + 100 * resident, loop_ex2=64, loop_bytes=16384,
+                     problem=figure.problem.label) for resident in (1, 2)]
+        tflops = calibration.modelled(figure, rows, known, report.model_us)
+        points.append((dataclasses.replace(figure, tflops=tflops), rows))
+    found = calibration.fit(points, report.model_us, start=report.CALIBRATION)
+    assert found.error < 0.02
+    assert calibration.fit(points, report.model_us, start=known).error == pytest.approx(0.0, abs=1e-9)

@@ -14,19 +14,19 @@ from danet_kernels.kernels import channel_attention as cam
 
 def launch_forward(problem: Problem) -> None:
     x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
-    cam.channel_attention_forward(x, torch.empty(1))
+    cam.cam_forward(x, torch.empty(1))
 
 
 def launch_backward(problem: Problem) -> None:
     b, c, n = problem.batch, problem.channels, problem.n
     x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
-    cam.channel_attention_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))
+    cam.cam_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))
 
 
 def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Each (tile pair, split) program accumulates BLOCK_C x BLOCK_C over its split of N."""
-    bc, bn, n, n_per_split, splits = meta["BLOCK_C"], meta["BLOCK_N"], meta["N"], meta["n_per_split"], meta[
-        "num_splits"]
+    bc, bn, n, n_per_split = meta["BLOCK_C"], meta["BLOCK_N"], meta["N"], meta["n_per_split"]
+    splits = meta["num_splits"]
     blocks_per_split = [triton.cdiv(min(n_per_split, n - s * n_per_split), bn) for s in range(splits)]
     per_split_programs = programs // splits
     blocks = per_split_programs * sum(blocks_per_split)
@@ -55,18 +55,18 @@ def rows_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     return Work(), Work(bytes=programs * rows * c * 4 * 3)
 
 
-FORWARD_KERNELS = (
-    KernelSpec("_cam_gram_kernel", gram_work),
-    KernelSpec("_cam_softmax_kernel", softmax_work,
-               exp2_tile=lambda meta: meta["BLOCK_R"] * meta["BLOCK_K"]),
-    KernelSpec("_cam_apply_kernel", apply_work),
-)
-BACKWARD_KERNELS = (
-    KernelSpec("_cam_gram_kernel", gram_work),
-    KernelSpec("_cam_softmax_bwd_kernel", rows_work),
-    KernelSpec("_cam_bwd_weights_kernel", rows_work),
-    KernelSpec("_cam_apply_kernel", apply_work),
-)
+def _row_steps(meta: dict[str, Any]) -> int:
+    return triton.cdiv(meta["C"], meta.get("BLOCK_K", meta.get("BLOCK", 1)))
+
+
+GRAM = KernelSpec("_cam_gram_kernel", gram_work,
+                  lambda meta: triton.cdiv(meta["n_per_split"], meta["BLOCK_N"]))
+APPLY = KernelSpec("_cam_apply_kernel", apply_work,
+                   lambda meta: triton.cdiv(meta["C"], meta["BLOCK_K"]) * (2 if meta["HAS_V"] else 1))
+FORWARD_KERNELS = (GRAM, KernelSpec("_cam_softmax_kernel", softmax_work, _row_steps,
+                                    exp2_tile=lambda meta: meta["BLOCK_R"] * meta["BLOCK_K"]), APPLY)
+BACKWARD_KERNELS = (GRAM, KernelSpec("_cam_softmax_bwd_kernel", rows_work, _row_steps),
+                    KernelSpec("_cam_bwd_weights_kernel", rows_work, _row_steps), APPLY)
 
 
 def _per_c2n(p: Problem) -> float:
@@ -90,23 +90,10 @@ TARGETS = (
 )
 
 
-FORWARD = OpSpec(
-    name="cam_forward",
-    title="CAM forward",
-    launch=launch_forward,
-    kernels=FORWARD_KERNELS,
-    # The symmetric Gram x x^T (half of 2 C^2 N) and out = A x (2 C^2 N); an exp2 per energy.
-    minimal=lambda p: Work(flops=3 * _per_c2n(p), exp2=p.batch * p.channels**2),
-    unit=("C^2 N", _per_c2n),
-    targets=TARGETS,
-)
-BACKWARD = OpSpec(
-    name="cam_backward",
-    title="CAM backward",
-    launch=launch_backward,
-    kernels=BACKWARD_KERNELS,
-    # P = dY x^T (2 C^2 N) and dx = W [dY; x] with K = 2 C (4 C^2 N).
-    minimal=lambda p: Work(flops=6 * _per_c2n(p)),
-    unit=("C^2 N", _per_c2n),
-    targets=TARGETS,
-)
+# The symmetric Gram x x^T (half of 2 C^2 N) and out = A x (2 C^2 N), an exp2 per energy; backward
+# P = dY x^T (2 C^2 N) and dx = W [dY; x] with K = 2 C (4 C^2 N).
+FORWARD = OpSpec(name="cam_forward", title="CAM forward", launch=launch_forward, kernels=FORWARD_KERNELS,
+                 minimal=lambda p: Work(flops=3 * _per_c2n(p), exp2=p.batch * p.channels**2),
+                 unit=("C^2 N", _per_c2n), targets=TARGETS)
+BACKWARD = OpSpec(name="cam_backward", title="CAM backward", launch=launch_backward, kernels=BACKWARD_KERNELS,
+                  minimal=lambda p: Work(flops=6 * _per_c2n(p)), unit=("C^2 N", _per_c2n), targets=TARGETS)

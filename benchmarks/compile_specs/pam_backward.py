@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton
 
 from benchmarks import compile_targets as targets
 from benchmarks.compile_specs.pam_forward import score_tile
@@ -52,24 +53,32 @@ def dv_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
 
 def dsdk_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     """Key-side (dK, and dQ by atomics) or dQ kernel: per streamed block, dP over all of C in
-    num_c_blocks chunks, S (score), dS and its products (dK; dQ too with ATOMIC_DQ)."""
+    num_c_blocks chunks, S (score), dS and its products (dK; dQ too with ATOMIC_DQ). The key side
+    streams q and dY per query block, the dQ kernel k and v per key block, each the other side's
+    C-wide operand too unless it stays resident (loaded once per program); atomics add d x BLOCK_M
+    fp32 values per query block."""
     bm, bn, bc, bd = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_C"], meta["BLOCK_D"]
     blocks = programs * meta["blocks_per_split"]
     products = 2 if meta.get("ATOMIC_DQ") else 1
     c_padded = meta["num_c_blocks"] * bc
-    streamed = bm if "DK" in meta else bn  # key side streams query blocks, the dQ kernel key blocks
+    key_side = "DK" in meta
+    streamed, resident = (bm, bn) if key_side else (bn, bm)
+    stays = meta.get("RESIDENT_V" if key_side else "RESIDENT_DY", False)
     element = meta["Q"].element_size()
+    per_block = streamed * (bd + c_padded) * element + (0 if stays else resident * c_padded * element)
+    atomics = bm * bd * 4 if meta.get("ATOMIC_DQ") else 0
     score = Work(flops=blocks * 2 * bm * bn * bd, exp2=blocks * bm * bn)
+    once = programs * resident * c_padded * element if stays else 0
     rest = Work(flops=blocks * 2 * bm * bn * (c_padded + products * bd),
-                bytes=blocks * (streamed * bd + (bm + bn) * c_padded) * element)
+                bytes=blocks * (per_block + atomics) + once)
     return score, rest
 
 
 KERNELS = (
-    KernelSpec("_pam_bwd_preprocess", preprocess_work),
-    KernelSpec("_pam_bwd_dv_kernel", dv_work, exp2_tile=score_tile),
-    KernelSpec("_pam_bwd_dkdq_kernel", dsdk_work, exp2_tile=score_tile),
-    KernelSpec("_pam_bwd_dq_kernel", dsdk_work, exp2_tile=score_tile),
+    KernelSpec("_pam_bwd_preprocess", preprocess_work, lambda meta: triton.cdiv(meta["C"], meta["BLOCK_C"])),
+    KernelSpec("_pam_bwd_dv_kernel", dv_work, lambda meta: meta["blocks_per_split"], exp2_tile=score_tile),
+    KernelSpec("_pam_bwd_dkdq_kernel", dsdk_work, lambda meta: meta["num_steps"], exp2_tile=score_tile),
+    KernelSpec("_pam_bwd_dq_kernel", dsdk_work, lambda meta: meta["num_steps"], exp2_tile=score_tile),
 )
 
 
@@ -78,11 +87,10 @@ def _minimal(p: Problem) -> Work:
     return Work(flops=2 * p.batch * p.n**2 * (2 * p.channels + 3 * p.head_dim), exp2=p.batch * p.n**2)
 
 
-# Beyond DANet's N = 32768 and 9409 (every precision): N = 4096, where B = 1 splits the loops
-# over the SMs (every precision), and a wide head, d = 256 at C = 2048, which only the 16-bit and
-# tf32 classes compile without spills (see _BWD_TILES_WIDE_HEAD in the kernel module).
-EXTRA_PROBLEMS = tuple(Problem(4096, precision) for precision in PRECISIONS) + tuple(
-    Problem(1024, precision, head_dim=256, channels=2048) for precision in ("bf16", "fp32-tf32"))
+# Beyond N = 32768 and 9409: N = 4096 (B = 1 splits the loops), C = 1024 at 16 bits (v^T too wide to
+# stay resident: the streamed tiles), a wide head (d = 256, C = 2048: only 16-bit and tf32 compile).
+EXTRA_PROBLEMS = (*(Problem(4096, p) for p in PRECISIONS), Problem(4096, "bf16", channels=1024),
+                  *(Problem(1024, p, head_dim=256, channels=2048) for p in ("bf16", "fp32-tf32")))
 MATMUL_KERNELS = ("_pam_bwd_dv_kernel", "_pam_bwd_dkdq_kernel", "_pam_bwd_dq_kernel")
 
 
@@ -98,30 +106,24 @@ def backward_targets(flops: tuple[str, float, tuple[str, ...]]) -> tuple[targets
         targets.tensor_cores(MATMUL_KERNELS),
         targets.preferred_total(f"{what}: <= {bound:g} N^2 FLOPs at d = 64, C = 512, N = 32768 "
                                 f"({', '.join(precisions)})", precisions, 32768, flops=bound),
+        targets.each_row("the key-side kernel streams <= 12 bytes per (query, key) pair from L2 (16-bit, "
+                         "d = 64, C = 512, N = 32768)", lambda r: r.bytes <= 12, lambda r: f"{r.bytes:.3g} B",
+                         lambda r: r.error is None and r.kernel == "_pam_bwd_dkdq_kernel" and r.n == 32768
+                         and r.precision in ("bf16", "fp16") and (r.head_dim, r.channels) == (64, 512)),
     )
 
 
-SPEC = OpSpec(
-    name="pam_backward",
-    title="PAM backward (default path: dQ by atomics)",
-    launch=launch,
-    kernels=KERNELS,
-    minimal=_minimal,
-    unit=("N^2", lambda p: p.batch * p.n**2),
-    extra_problems=EXTRA_PROBLEMS,
-    # The issue's bound; 3xTF32 takes the atomics-free pair always (4096: its atomic dQ spills).
-    targets=backward_targets(("default path", 3000, ("bf16", "fp16", "fp32-tf32", "fp32-ieee"))),
-)
-DETERMINISTIC = OpSpec(
-    name="pam_backward_deterministic",
-    title="PAM backward (deterministic path: a dQ kernel, no atomics)",
-    launch=lambda problem: launch(problem, deterministic=True),
-    kernels=KERNELS,
-    minimal=_minimal,
-    unit=("N^2", lambda p: p.batch * p.n**2),
-    extra_problems=EXTRA_PROBLEMS,
-    # Not the issue's 3600, which no design without inter-program ordering or N^2 memory reaches
-    # on sm_90 (the kernel module's docstring): the split's own figure, so that it cannot grow.
-    targets=backward_targets(("deterministic path, as the docstring counts it", 3840,
-                              ("bf16", "fp16", "fp32-ieee"))),
-)
+def _spec(name: str, title: str, deterministic: bool, flops: tuple[str, float, tuple[str, ...]]) -> OpSpec:
+    return OpSpec(name=name, title=title, launch=lambda problem: launch(problem, deterministic),
+                  kernels=KERNELS, minimal=_minimal, unit=("N^2", lambda p: p.batch * p.n**2),
+                  extra_problems=EXTRA_PROBLEMS, targets=backward_targets(flops))
+
+
+# The issue's bound by default (3xTF32 takes the atomics-free pair always: its atomic dQ spills); the
+# deterministic path's own figure, not the issue's 3600, which no design without inter-program
+# ordering or N^2 memory reaches on sm_90 (the kernel module's docstring), so that it cannot grow.
+SPEC = _spec("pam_backward", "PAM backward (default path: dQ by atomics)", False,
+             ("default path", 3000, ("bf16", "fp16", "fp32-tf32", "fp32-ieee")))
+DETERMINISTIC = _spec("pam_backward_deterministic",
+                      "PAM backward (deterministic path: a dQ kernel, no atomics)", True,
+                      ("deterministic path, as the docstring counts it", 3840, ("bf16", "fp16", "fp32-ieee")))

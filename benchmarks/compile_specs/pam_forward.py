@@ -10,7 +10,7 @@ import torch
 import triton
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_types import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_types import PRECISIONS, KernelSpec, OpSpec, Problem, Row, Work
 from danet_kernels.kernels import position_attention as pam
 
 INT64_OFFSETS = "int64 offsets"  # the variant with the launcher's int64 switch forced on
@@ -45,8 +45,15 @@ def forward_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
     return score, rest
 
 
+def _estimate(row: Row) -> float:
+    """The forward perf model's instruction estimate for a row's config (``BMxBNxBC wW sS``)."""
+    tiles, warps, _ = row.config.split()
+    return pam.forward_loop_instructions(*map(int, tiles.split("x")), int(warps[1:]))
+
+
 KERNELS = (
-    KernelSpec("_pam_fwd_kernel", forward_work, exp2_tile=score_tile),
+    KernelSpec("_pam_fwd_kernel", forward_work, lambda meta: triton.cdiv(meta["M"], meta["BLOCK_N"]),
+               exp2_tile=score_tile),
 )
 _KERNEL = ("_pam_fwd_kernel",)
 
@@ -60,22 +67,21 @@ TARGETS = (
     targets.pipelined(_KERNEL, text="k and v tiles by cp.async in the main loop (software-pipelined), at "
                                     "N = 9409 as at 32768"),
     targets.same_configs((32768, 9409)),
-    targets.same_configs((32768, 9409), preferred_only=True),
+    targets.each_row("the autotuner's estimate of the main loop's instructions within 15% of the compiled "
+                     "loop's (16-bit)", lambda r: abs(_estimate(r) / r.loop_instructions - 1) <= 0.15,
+                     lambda r: f"estimate {_estimate(r):.0f}, compiled {r.loop_instructions}",
+                     lambda r: r.error is None and r.precision in ("bf16", "fp16")
+                     and r.config.count("x") == 2),
     targets.preferred_total("preferred config at d = 64, C = 512, N = 32768, 16-bit: <= 1280 N^2 FLOPs and "
                             "<= 2 N^2 exp2 (minimal 1152 and 1)", ("bf16", "fp16"), 32768,
                             flops=1280, exp2=2),
 )
 
 SPEC = OpSpec(
-    name="pam_forward",
-    title="PAM forward",
-    launch=launch,
-    kernels=KERNELS,
+    name="pam_forward", title="PAM forward", launch=launch, kernels=KERNELS, targets=TARGETS,
     minimal=lambda p: Work(flops=2 * p.batch * p.n**2 * (p.head_dim + p.channels), exp2=p.batch * p.n**2),
-    unit=("N^2", lambda p: p.batch * p.n**2),
+    unit=("N^2", lambda p: p.batch * p.n**2), variants=(INT64_OFFSETS,),
     extra_problems=tuple(Problem(32768, precision, variant=INT64_OFFSETS) for precision in PRECISIONS),
-    variants=(INT64_OFFSETS,),
-    targets=TARGETS,
     notes=(f"*[{INT64_OFFSETS}]*: the launcher's switch to int64 in-image offsets forced on (a real "
            "launch takes it where an image's offsets can pass 2^31: C * N ~ 2^31, N > 4.2M at C = 512), "
            "to show its cost at an ordinary size.",),

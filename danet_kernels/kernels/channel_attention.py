@@ -33,7 +33,8 @@ known divisible by 16 (Triton specialises integer arguments that are multiples o
 length like DANet's 97 x 97 = 9409 loses both: the kernels compile to synchronous scalar loads
 at 255 registers with spills. So an input whose rows are not unit-stride, 16-element aligned
 rows of a multiple of 16 is first copied into a (B, C, round_up(N, 16)) buffer with a zero
-tail (:func:`_aligned_rows`): zero columns change neither x x^T nor dY x^T, and the columns of
+tail (kernels/common.py's :func:`aligned_rows`): zero columns change neither x x^T nor dY x^T, and
+the columns of
 A x past N are never stored. The copy costs one read of the tensor and one write of the
 buffer, O(C N) bytes (linear in N, against the kernels' O(C^2 N) FLOPs), and the buffer's
 memory until the op returns; the backward copies x again rather than keeping the buffer
@@ -117,106 +118,25 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
-    ALIGN,
+    INTERPRETING,
+    LOG2E,
     OPERAND_CLASSES,
+    LoopCost,
+    aligned_rows,
+    define_op,
     device_sms,
     dot_input_precision,
     launch_clocks,
     offsets_2d,
     operand_class,
-    padded_length,
-    program_clocks,
+    resident_programs,
     size_bucket,
 )
-from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["ChannelAttentionFunction", "channel_attention_triton"]
-
-_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is the native instruction
-
-# ----------------------------------------------------------------------------------------------
-# Tuning. Hopper (H100/H200: 132 SMs, 227 KiB shared memory per CTA, 50 MiB L2), one tile list
-# per operand class, each config compiled for sm_90 with a real launch's specialisation (16-byte
-# divisible pointers, row strides and N) at 0 bytes of spill with triton 3.6 and 3.8, cp.async
-# in the GEMMs' main loops at N = 9409 (padded) as at aligned N: docs/compile_report.md shows
-# every config against the targets of benchmarks/compile_specs/cam.py (`python -m
-# benchmarks.compile_report --ops cam_forward cam_backward`), and CI asserts them on a subset
-# (tests/danet_kernels/test_hopper_compile.py). A perf model ranks each list (below, before the
-# autotuners) so that a first call benchmarks only a few.
-# Under TRITON_INTERPRET=1 each kernel gets one small configuration: the interpreter runs every
-# program in Python, so autotuning would only multiply the CI time, and small tiles let small
-# test shapes still cover several tiles and splits.
-# ----------------------------------------------------------------------------------------------
-_INTERPRET = triton_interpreting()
-if _INTERPRET:
-    squeeze_scalar_index()  # loop bounds under Triton 3.6's interpreter with numpy >= 2.4
-
-
-def _gram_configs(rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bc, bn, w, s in rows]
-
-
-def _apply_configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for br, bn, bk, w, s in rows]
-
-
-if _INTERPRET:
-    _GRAM_CONFIGS = dict.fromkeys(OPERAND_CLASSES, _gram_configs([(16, 32, 1, 1)]))
-    _APPLY_CONFIGS = dict.fromkeys(OPERAND_CLASSES, _apply_configs([(16, 32, 16, 1, 1)]))
-    _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 16, 32, 1
-    _WEIGHTS_BLOCK = 16
-    _MIN_N_PER_SPLIT = 32  # small, so that test shapes exercise the split-N reduction
-    _N_SPLIT_ALIGN = 32
-else:
-    # Gram tiles (BLOCK_C, BLOCK_N, warps, stages). 128 x 128 fp32 accumulators (64 KiB of
-    # registers over 8 warps) give the highest tensor-core intensity, 64 x 64 quarters the
-    # register need for small C. The N step is the K dimension of the dot; the stages of two
-    # BLOCK_C x BLOCK_N operand tiles must fit in shared memory, so fp32 (twice the bytes) gets
-    # shallower or narrower pipelines. tf32x3 splits both operand tiles into high and low parts
-    # in registers, and FMA dots ("ieee") hold both operands and the accumulator there: 128 x 128
-    # only with an N step of 16 or 32, and no 64 x 64 (the symmetric kernel's mirrored store
-    # spills 916 bytes on 4 warps with triton 3.6, 24 bytes on 8 warps with 3.8).
-    _GRAM_CONFIGS = {
-        "16-bit": _gram_configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (128, 128, 8, 3),
-                                 (64, 64, 4, 4), (64, 128, 4, 3)]),
-        "tf32": _gram_configs([(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3)]),
-        "tf32x3": _gram_configs([(128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]),
-        "ieee": _gram_configs([(128, 32, 8, 4), (128, 32, 8, 3), (128, 16, 8, 4), (64, 32, 8, 4)]),
-    }
-    # out = W @ U tiles (BLOCK_R, BLOCK_N, BLOCK_K, warps, stages): BLOCK_R rows of the small
-    # C x C (or C x 2C) matrix against a BLOCK_R x BLOCK_N output tile. A larger BLOCK_R means
-    # fewer programs re-read each x column (from L2), a larger BLOCK_N fewer re-reads of W;
-    # 128 x 128 (fp32 accumulator 64 KiB over 8 warps) is the usual Hopper sweet spot. The result
-    # (B, C, N) keeps the caller's unaligned rows (N = 9409): its scalar stores cost registers,
-    # and 128 x 256 spills there in every class; tf32x3 keeps high and low parts of both operand
-    # tiles in registers, so its K steps are short.
-    _APPLY_CONFIGS = {
-        "16-bit": _apply_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-                                  (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
-        "tf32": _apply_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-                                (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]),
-        "tf32x3": _apply_configs([(128, 128, 16, 8, 4), (64, 128, 32, 4, 4), (64, 128, 16, 4, 4),
-                                  (64, 64, 64, 4, 4)]),
-        "ieee": _apply_configs([(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (64, 128, 16, 4, 4),
-                                (64, 256, 32, 8, 3)]),
-    }
-    # Row kernels over C x C fp32 matrices: 8 rows x 128 columns per step, coalesced along rows.
-    _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 8, 128, 4
-    _WEIGHTS_BLOCK = 64
-    # Each split must loop over enough of N to amortise its prologue and its fp32 tile store
-    # (and the reduction's reread of it): 512 positions are 8 BLOCK_N = 64 steps, while B = 1,
-    # C = 512, N = 4096 still gets 8 splits (80 programs) instead of under-filling the GPU.
-    # Split boundaries are aligned to the largest BLOCK_N so no split ends in a partial block.
-    _MIN_N_PER_SPLIT = 512
-    _N_SPLIT_ALIGN = 256
-_MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
-_WIDEST_BLOCK_C = max(cfg.kwargs["BLOCK_C"] for configs in _GRAM_CONFIGS.values() for cfg in configs)
-
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -245,7 +165,7 @@ def _cam_gram_kernel(
     C, N, n_per_split, num_splits,
     N_BUCKET, B_BUCKET,  # N's and B's next powers of two: the autotuning key (never read)
     SYMMETRIC: tl.constexpr,  # L is R (E = x x^T): lower triangle of tiles, mirrored stores
-    PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -282,7 +202,7 @@ def _cam_gram_kernel(
                        mask=mask_i[:, None] & mask_n[None, :], other=0.0)
         right = tl.load(right_image + offsets_2d(offs_j, stride_rc, offs_n, stride_rn),
                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(left, tl.trans(right), acc, input_precision=PRECISION)
+        acc = tl.dot(left, tl.trans(right), acc, input_precision=INPUT_PRECISION)
 
     tile_base = Partial + (pid_b * num_splits + pid_split) * C * C
     mask = mask_i[:, None] & mask_j[None, :]
@@ -354,8 +274,8 @@ def _cam_softmax_kernel(
         new_min = tl.minimum(row_min, tl.min(energy, axis=1))
         # exp(new_min - old_min) <= 1 rescales the sum to the new minimum; the first step has
         # old_min = +inf and row_sum = 0, and exp2(-inf) = 0 keeps it 0.
-        row_sum = row_sum * tl.math.exp2((new_min - row_min) * _LOG2E)
-        row_sum += tl.sum(tl.math.exp2((new_min[:, None] - energy) * _LOG2E), axis=1)
+        row_sum = row_sum * tl.math.exp2((new_min - row_min) * LOG2E)
+        row_sum += tl.sum(tl.math.exp2((new_min[:, None] - energy) * LOG2E), axis=1)
         row_min = new_min
 
     # Each element is reread by the thread that wrote it in this layout, but say so explicitly.
@@ -366,7 +286,7 @@ def _cam_softmax_kernel(
         mask = mask_r[:, None] & (offs_k < C)[None, :]
         offs = matrix + row_offs + offs_k[None, :]
         energy = tl.load(Attn + offs, mask=mask, other=0.0)
-        attn = tl.math.exp2((row_min[:, None] - energy) * _LOG2E) * inv_sum[:, None]
+        attn = tl.math.exp2((row_min[:, None] - energy) * LOG2E) * inv_sum[:, None]
         tl.store(Attn + offs, attn, mask=mask)
         if WRITE_LOW:
             tl.store(AttnLow + offs, attn.to(AttnLow.dtype.element_ty), mask=mask)
@@ -374,7 +294,7 @@ def _cam_softmax_kernel(
 
 @triton.jit
 def _matmul_accumulate(acc, W, w_rows, mask_r, U, stride_uc, stride_un, offs_n, mask_n, C,
-                       PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+                       INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += W[rows, 0:C] @ U[0:C, cols] with a K-loop over C (masked tails)."""
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -382,7 +302,7 @@ def _matmul_accumulate(acc, W, w_rows, mask_r, U, stride_uc, stride_un, offs_n, 
         w = tl.load(W + w_rows + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         u = tl.load(U + offsets_2d(offs_k, stride_uc, offs_n, stride_un),
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(w.to(u.dtype), u, acc, input_precision=PRECISION)
+        acc = tl.dot(w.to(u.dtype), u, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
@@ -399,7 +319,7 @@ def _cam_apply_kernel(
     HAS_V: tl.constexpr,  # also add W[:, C:2C] @ V (the backward's K = 2C GEMM)
     HAS_SCALE: tl.constexpr,  # multiply the product by Scale[0] (gamma)
     HAS_RESIDUAL: tl.constexpr,  # add Res in the epilogue
-    PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -427,10 +347,10 @@ def _cam_apply_kernel(
 
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     acc = _matmul_accumulate(acc, W, w_rows, mask_r, U + pid_b * stride_ub, stride_uc, stride_un, offs_n,
-                             mask_load, C, PRECISION, BLOCK_K)
+                             mask_load, C, INPUT_PRECISION, BLOCK_K)
     if HAS_V:
         acc = _matmul_accumulate(acc, W, w_rows + C, mask_r, V + pid_b * stride_vb, stride_vc, stride_vn,
-                                 offs_n, mask_load, C, PRECISION, BLOCK_K)
+                                 offs_n, mask_load, C, INPUT_PRECISION, BLOCK_K)
     if HAS_SCALE:
         acc = acc * tl.load(Scale).to(tl.float32)
     if HAS_RESIDUAL:
@@ -520,6 +440,81 @@ def _cam_bwd_weights_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Tuning. Hopper (H100/H200: 132 SMs, 227 KiB shared memory per CTA, 50 MiB L2), one tile list
+# per operand class, each config compiled for sm_90 with a real launch's specialisation (16-byte
+# divisible pointers, row strides and N) at 0 bytes of spill with triton 3.6 and 3.8, cp.async
+# in the GEMMs' main loops at N = 9409 (padded) as at aligned N: docs/compile_report.md shows
+# every config against the targets of benchmarks/compile_specs/cam.py (`python -m
+# benchmarks.compile_report --ops cam_forward cam_backward`), and CI asserts them on a subset
+# (tests/danet_kernels/test_hopper_compile.py). A perf model ranks each list (below, before the
+# autotuners) so that a first call benchmarks only a few.
+# Under TRITON_INTERPRET=1 each kernel gets one small configuration: the interpreter runs every
+# program in Python, so autotuning would only multiply the CI time, and small tiles let small
+# test shapes still cover several tiles and splits.
+# ----------------------------------------------------------------------------------------------
+def _gram_configs(rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_C": bc, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bc, bn, w, s in rows]
+
+
+def _apply_configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for br, bn, bk, w, s in rows]
+
+
+if INTERPRETING:
+    _GRAM_CONFIGS = dict.fromkeys(OPERAND_CLASSES, _gram_configs([(16, 32, 1, 1)]))
+    _APPLY_CONFIGS = dict.fromkeys(OPERAND_CLASSES, _apply_configs([(16, 32, 16, 1, 1)]))
+    _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 16, 32, 1
+    _WEIGHTS_BLOCK = 16
+    _MIN_N_PER_SPLIT = 32  # small, so that test shapes exercise the split-N reduction
+    _N_SPLIT_ALIGN = 32
+else:
+    # Gram tiles (BLOCK_C, BLOCK_N, warps, stages). 128 x 128 fp32 accumulators (64 KiB of
+    # registers over 8 warps) give the highest tensor-core intensity, 64 x 64 quarters the
+    # register need for small C. The N step is the K dimension of the dot; the stages of two
+    # BLOCK_C x BLOCK_N operand tiles must fit in shared memory, so fp32 (twice the bytes) gets
+    # shallower or narrower pipelines. tf32x3 splits both operand tiles into high and low parts
+    # in registers, and FMA dots ("ieee") hold both operands and the accumulator there: 128 x 128
+    # only with an N step of 16 or 32, and no 64 x 64 (the symmetric kernel's mirrored store
+    # spills 916 bytes on 4 warps with triton 3.6, 24 bytes on 8 warps with 3.8).
+    _GRAM_CONFIGS = {
+        "16-bit": _gram_configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (128, 128, 8, 3),
+                                 (64, 64, 4, 4), (64, 128, 4, 3)]),
+        "tf32": _gram_configs([(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3)]),
+        "tf32x3": _gram_configs([(128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]),
+        "ieee": _gram_configs([(128, 32, 8, 4), (128, 32, 8, 3), (128, 16, 8, 4), (64, 32, 8, 4)]),
+    }
+    # out = W @ U tiles (BLOCK_R, BLOCK_N, BLOCK_K, warps, stages): BLOCK_R rows of the small
+    # C x C (or C x 2C) matrix against a BLOCK_R x BLOCK_N output tile. A larger BLOCK_R means
+    # fewer programs re-read each x column (from L2), a larger BLOCK_N fewer re-reads of W;
+    # 128 x 128 (fp32 accumulator 64 KiB over 8 warps) is the usual Hopper sweet spot. The result
+    # (B, C, N) keeps the caller's unaligned rows (N = 9409): its scalar stores cost registers,
+    # and 128 x 256 spills there in every class; tf32x3 keeps high and low parts of both operand
+    # tiles in registers, so its K steps are short.
+    _APPLY_CONFIGS = {
+        "16-bit": _apply_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                                  (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+        "tf32": _apply_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                                (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]),
+        "tf32x3": _apply_configs([(128, 128, 16, 8, 4), (64, 128, 32, 4, 4), (64, 128, 16, 4, 4),
+                                  (64, 64, 64, 4, 4)]),
+        "ieee": _apply_configs([(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (64, 128, 16, 4, 4),
+                                (64, 256, 32, 8, 3)]),
+    }
+    # Row kernels over C x C fp32 matrices: 8 rows x 128 columns per step, coalesced along rows.
+    _SOFTMAX_BLOCK_R, _SOFTMAX_BLOCK_K, _SOFTMAX_WARPS = 8, 128, 4
+    _WEIGHTS_BLOCK = 64
+    # Each split must loop over enough of N to amortise its prologue and its fp32 tile store
+    # (and the reduction's reread of it): 512 positions are 8 BLOCK_N = 64 steps, while B = 1,
+    # C = 512, N = 4096 still gets 8 splits (80 programs) instead of under-filling the GPU.
+    # Split boundaries are aligned to the largest BLOCK_N so no split ends in a partial block.
+    _MIN_N_PER_SPLIT = 512
+    _N_SPLIT_ALIGN = 256
+_MAX_SPLITS = 64  # bounds the fp32 workspace at 64 * 4 C^2 bytes per image
+_WIDEST_BLOCK_C = max(cfg.kwargs["BLOCK_C"] for configs in _GRAM_CONFIGS.values() for cfg in configs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Autotuning: per operand class, keyed on C and the (N, B) buckets; a perf model from the tiles,
 # the waves and the bytes (the Hopper SM model of kernels/common.py) ranks a class's configs and
 # a first call in a new bucket benchmarks only its best _TOP_K; Triton's cache_results keeps the
@@ -529,37 +524,51 @@ def _cam_bwd_weights_kernel(
 _TOP_K = 3
 
 
+# Instructions per thread per K step of the GEMM loops (address arithmetic, the cp.async of the
+# next stage, the barrier): about the same for every tile, and small beside the MMAs, which the
+# loop does not wait for before them (the compile report models each config with its compiled
+# loop's own count, docs/compile_report.md).
+_GEMM_LOOP_INSTRUCTIONS = 40.0
+
+
+def _gemm_clocks(programs: int, steps: int, flops: float, operand_bytes: float, element: int,
+                 accumulator: int, operands: str, args: dict, sms: int) -> float:
+    """The perf model (kernels/common.py) of a GEMM launch: ``programs`` programs of ``steps`` K
+    steps, each step ``flops`` FLOPs and ``operand_bytes`` bytes, its MMAs running under the next
+    step's loads (Triton keeps one wgmma group in flight); registers estimated from the fp32
+    accumulator's elements per thread."""
+    warps, stages = args["num_warps"], args["num_stages"]
+    loop = LoopCost(flops, _GEMM_LOOP_INSTRUCTIONS, 0, operand_bytes, serial=False)
+    registers = min(255, accumulator // (32 * warps) + 64)
+    resident = resident_programs(registers, warps, stages * int(operand_bytes))
+    return launch_clocks(programs, steps, loop, warps, stages, resident, operands, sms)
+
+
 def _gram_time_estimate(**args: object) -> float:
     """Clocks of a Gram launch at the bucket's N and B: the split plan's programs (tile pairs x
-    splits x B), each streaming two BLOCK_C x BLOCK_N tiles per step of its N chunk and storing
-    its fp32 partial tile (twice when mirrored)."""
+    splits x B), each streaming two BLOCK_C x BLOCK_N tiles per step of its N chunk (its fp32
+    partial tile's store, once per program, left out)."""
     left, c, symmetric = args["L"], args["C"], args["SYMMETRIC"]
     bc, bn = args["BLOCK_C"], args["BLOCK_N"]
     sms = device_sms(left.device)
     splits, n_per_split = _split_plan(args["B_BUCKET"], c, args["N_BUCKET"], symmetric, sms)
     tiles = triton.cdiv(c, bc)
     programs = (tiles * (tiles + 1) // 2 if symmetric else tiles * tiles) * splits * args["B_BUCKET"]
-    steps = triton.cdiv(n_per_split, bn)
     element = left.element_size()
-    operand_bytes = steps * 2 * bc * bn * element + bc * bc * 4 * (2 if symmetric else 1)
-    program = program_clocks(steps * 2 * bc * bc * bn, 0, operand_bytes,
-                             operand_class(left.dtype, args["PRECISION"]))
-    return launch_clocks(programs, program, sms)
+    return _gemm_clocks(programs, triton.cdiv(n_per_split, bn), 2 * bc * bc * bn, 2 * bc * bn * element,
+                        element, bc * bc, operand_class(left.dtype, args["INPUT_PRECISION"]), args, sms)
 
 
 def _apply_time_estimate(**args: object) -> float:
     """Clocks of an apply launch at the bucket's N and B: BLOCK_R x BLOCK_N output tiles, each a
-    K loop over C (2 C with HAS_V) streaming a W and a U tile per step, then the epilogue's
-    residual read and Y write."""
+    K loop over C (2 C with HAS_V) streaming a W and a U tile per step."""
     weights, u, c = args["W"], args["U"], args["C"]
     br, bn, bk = args["BLOCK_R"], args["BLOCK_N"], args["BLOCK_K"]
     programs = triton.cdiv(c, br) * triton.cdiv(args["N_BUCKET"], bn) * args["B_BUCKET"]
     steps = triton.cdiv(c, bk) * (2 if args["HAS_V"] else 1)
     tile_bytes = (br * weights.element_size() + bn * u.element_size()) * bk
-    epilogue = br * bn * u.element_size() * (2 if args["HAS_RESIDUAL"] else 1)
-    program = program_clocks(steps * 2 * br * bn * bk, 0, steps * tile_bytes + epilogue,
-                             operand_class(u.dtype, args["PRECISION"]))
-    return launch_clocks(programs, program, device_sms(u.device))
+    return _gemm_clocks(programs, steps, 2 * br * bn * bk, tile_bytes, u.element_size(), br * bn,
+                        operand_class(u.dtype, args["INPUT_PRECISION"]), args, device_sms(u.device))
 
 
 def _autotuned(kernel, configs: dict[str, list[triton.Config]], key: list[str], perf_model) -> dict:
@@ -582,7 +591,7 @@ _APPLY_KERNELS = _autotuned(_cam_apply_kernel, _APPLY_CONFIGS,
 # ----------------------------------------------------------------------------------------------
 # The Gram programs that fill the device once, under the interpreter (it has no SMs): 8 makes
 # the small test shapes split N.
-_INTERPRETER_SMS = 8
+INTERPRETINGER_SMS = 8
 
 
 def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: int) -> tuple[int, int]:
@@ -600,32 +609,13 @@ def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: 
     return triton.cdiv(N, n_per_split), n_per_split
 
 
-def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its rows are what the pipelined loads need, else a zero-tailed copy.
-
-    Needed: unit stride along N, and N, the channel and batch strides and the storage offset
-    all multiples of 16 elements (so each row starts on 16 bytes and Triton specialises the
-    row length as divisible by 16; CUDA allocations start 256-byte aligned). Otherwise the
-    copy has shape (B, C, round_up(N, 16)), t in its first N columns and zeros after them: one
-    read of t and one write of the copy.
-    """
-    B, C, N = t.shape
-    multiples = (N, t.stride(1), t.stride(0), t.storage_offset())
-    if t.stride(2) == 1 and all(s % ALIGN == 0 for s in multiples):
-        return t
-    padded = t.new_empty((B, C, padded_length(N)))
-    padded[:, :, N:].zero_()
-    padded[:, :, :N].copy_(t)
-    return padded
-
-
 def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, int]:
     """Split-N partial products left @ right^T in fp32: returns the (B, S, C, C) workspace and S.
 
     ``left`` and ``right`` have aligned rows of the same (padded) length, zero past the true N.
     """
     B, C, N = left.shape
-    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, _INTERPRETER_SMS))
+    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, INTERPRETINGER_SMS))
     partial = torch.empty((B, num_splits, C, C), dtype=torch.float32, device=left.device)
     precision = dot_input_precision(left.dtype)
 
@@ -639,7 +629,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
         right, *right.stride(),
         partial,
         C, N, n_per_split, num_splits, size_bucket(N), size_bucket(B),
-        SYMMETRIC=symmetric, PRECISION=precision,
+        SYMMETRIC=symmetric, INPUT_PRECISION=precision,
     )
     return partial, num_splits
 
@@ -671,16 +661,16 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
         y, *y.stride(),
         C, n, n_padded, size_bucket(n), size_bucket(B),
         HAS_V=v is not None, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
-        PRECISION=precision,
+        INPUT_PRECISION=precision,
     )
     return y
 
 
-def channel_attention_forward(x: torch.Tensor, gamma: torch.Tensor | None
+def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernels; returns (y, A) with A = softmax(-x x^T) in fp32, shape (B, C, C)."""
     B, C, N = x.shape
-    rows = _aligned_rows(x)
+    rows = aligned_rows(x, unit_stride=True)
     partial, num_splits = _gram_partials(rows, rows, symmetric=True)
     attention = torch.empty((B, C, C), dtype=torch.float32, device=x.device)
     write_low = x.dtype != torch.float32
@@ -693,7 +683,7 @@ def channel_attention_forward(x: torch.Tensor, gamma: torch.Tensor | None
     return y, attention
 
 
-def channel_attention_backward(
+def cam_backward(
     grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor,
     gamma: torch.Tensor | None, needs_grad_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -703,8 +693,8 @@ def channel_attention_backward(
     tensor.
     """
     B, C, N = x.shape
-    grad_rows = _aligned_rows(grad_y.to(x.dtype))
-    rows = _aligned_rows(x)
+    grad_rows = aligned_rows(grad_y.to(x.dtype), unit_stride=True)
+    rows = aligned_rows(x, unit_stride=True)
     partial, num_splits = _gram_partials(grad_rows, rows, symmetric=False)
     grad_energy = torch.empty((B, C, C) if needs_grad_x else (0,), dtype=torch.float32, device=x.device)
     row_dot = torch.empty((B, C), dtype=torch.float32, device=x.device)
@@ -728,26 +718,6 @@ def channel_attention_backward(
 # ----------------------------------------------------------------------------------------------
 # torch.library ops (torch.compile sees through triton_op into the kernels) and autograd
 # ----------------------------------------------------------------------------------------------
-def _custom_op(name: str, fake_impl):
-    """Define a ``danet_kernels::`` op whose implementation launches our Triton kernels.
-
-    On a GPU it is a ``triton_op``: torch.compile traces through it and sees the kernels (the
-    function doubles as the fake implementation, its launches captured by ``wrap_triton``).
-    Under TRITON_INTERPRET=1 the kernels are plain Python functions that read real memory, so
-    they can neither be traced nor run on fake tensors: there the op is an opaque
-    ``custom_op`` with an explicit fake implementation, which torch.compile keeps as one node.
-    """
-
-    def define(fn):
-        if not _INTERPRET:
-            return triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fake_impl)
-        return op
-
-    return define
-
-
 def _cam_forward_fake(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, N = x.shape
     return x.new_empty((B, C, N)), x.new_empty((B, C, C), dtype=torch.float32)
@@ -760,17 +730,17 @@ def _cam_backward_fake(
     return x.new_empty(x.shape if needs_grad_x else (0,)), x.new_empty((), dtype=torch.float32)
 
 
-@_custom_op("danet_kernels::cam_forward", _cam_forward_fake)
+@define_op("danet_kernels::cam_forward", _cam_forward_fake)
 def _cam_forward_op(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return channel_attention_forward(x, gamma)
+    return cam_forward(x, gamma)
 
 
-@_custom_op("danet_kernels::cam_backward", _cam_backward_fake)
+@define_op("danet_kernels::cam_backward", _cam_backward_fake)
 def _cam_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, attention: torch.Tensor, gamma: torch.Tensor | None,
     needs_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return channel_attention_backward(grad_y, x, attention, gamma, needs_grad_x)
+    return cam_backward(grad_y, x, attention, gamma, needs_grad_x)
 
 
 class ChannelAttentionFunction(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Fused position attention (DANet's PAM) in Triton: flash-style forward and recomputing backward.
 
-Math (per batch element b; q of shape (B, d, N), k of shape (B, d, M), v of shape (B, C, M);
-M = N in DANet, M < N where a non-local block pools its keys; s the softmax scale, 1 in DANet)::
+Math (per batch element; q of shape (B, d, N), k of shape (B, d, M), v of shape (B, C, M); M = N
+in DANet, M < N where a non-local block pools its keys; s the softmax scale, 1 in DANet)::
 
     S[i, j]   = s sum_d q[d, i] k[d, j]               s = 1: no 1/sqrt(d) scaling, as in DANet
     P[i, :]   = softmax_j(S[i, :])
@@ -17,180 +17,106 @@ Backward (dY the incoming gradient, dO = gamma * dY or dY)::
     dQ[:, i]  = s sum_j dS[i, j] k[:, j]   dK[:, j] = s sum_i dS[i, j] q[:, i]
     dgamma    = sum(dY * O)               dresidual = dY
 
-Algorithm and memory traffic
-----------------------------
 Forward (``_pam_fwd_kernel``), after FlashAttention and Triton's fused-attention tutorial: a
-program keeps a BLOCK_M block of queries and an fp32 (BLOCK_M, BLOCK_C) accumulator on chip,
-streams BLOCK_N blocks of k and v (cp.async, num_stages deep), and keeps a running row max and
-row sum (online softmax). The softmax works in base 2: ``exp2(S * s log2(e) - m)`` with the
-scale and log2(e) one constant (``SCALE``, a constexpr: a model's one or two scales compile once
-each, at no register) folded into the subtraction (one FMA per element) and m, the running max,
-kept in log2 units. It
-writes Y (and O when the backward will need it) and the per-row log-sum-exp
-``lse = m + log2(l)``, never S or P: device memory holds O(B * (C + d) * N), not O(B * N^2).
-Key blocks wholly inside N run unmasked; the last one masks its scores to -inf past N.
+program keeps BLOCK_M queries and an fp32 (BLOCK_M, BLOCK_C) accumulator on chip and streams
+BLOCK_N-key blocks of k and v (cp.async, num_stages deep) with an online softmax in base 2:
+``exp2(S * s log2(e) - m)``, the scale and log2(e) one constant (``SCALE``, a constexpr: a
+model's one or two scales compile once each, at no register), m the running max in log2 units.
+The rescale is lazy (FlashAttention-4): m moves, and the accumulator is multiplied by
+exp2(m_old - m_new), only when some row's max grew past it by more than RESCALE_THRESHOLD = 8
+(a factor 256); otherwise p = exp2(S s log2(e) - m) is at most 2^8 and the tile's multiply per
+accumulator element is skipped; exact either way, O = acc / l and lse = m + log2(l) using the
+same m. It writes Y, O when the backward needs it, and the per-row lse; never S or P.
 
-The value dim: why C is split across programs. DANet's d is 64 but C is 512 (meant to reach
-2048), and an fp32 (BLOCK_M, C) accumulator does not fit an SM's registers beside S (256 KiB at
-BLOCK_M = 128). Grid axis 1 runs over C blocks of BLOCK_C, each recomputing S = q^T k:
-``2 N^2 (d * ceil(C / BLOCK_C) + C)`` FLOPs and ``N^2 * ceil(C / BLOCK_C)`` exp2. The tile
-that wins, by the compile report (docs/compile_report.md, sm_90, bf16, d = 64, C = 512), is
-128 x 64 x 256 on 8 warps: 1280 N^2 FLOPs and 2 N^2 exp2 against the minimal 1152 N^2 and N^2
-(+11%), 0 spills at 237-248 registers, each warpgroup owning 64 rows of S (no replicated
-work), 10 operand bytes per N^2 streamed from L2. The full-width layout FlashAttention-3 uses
-for this head-dim pair (one program owning all 512 channels, S computed once) was measured too
-(docs/performance.md, "Tried and not kept"): Triton's closest form, keys on the rows
-of a 64 x 32 S^T tile on one warpgroup and a 512 x 32 O^T accumulator, executes the minimal
-1152 N^2 but spills 144 B at 32 queries (0 only at 16 queries, whose m64n16 wgmmas are too
-narrow to feed), computes 1.5x the exp2 per thread (the per-query rescale runs on every thread
-holding the query), and streams 36 N^2 operand bytes (72 at 16 queries) against 10: 3.6x (7.2x)
-the split layout's time by the perf model below, which makes it L2-bound. Programs of one
-(batch, C block) are adjacent on grid axis 0, so they stream the same k and v blocks through
-L2 together. Every C block computes the same lse; the first one stores it.
+Why C is split across programs: DANet's d is 64 but C is 512, and an fp32 (BLOCK_M, C)
+accumulator does not fit an SM's registers beside S. Grid axis 1 runs over C blocks, each
+recomputing S = q^T k: ``2 N M (d ceil(C / BLOCK_C) + C)`` FLOPs and ``N M ceil(C / BLOCK_C)``
+exp2; operand traffic from L2 ``M (d + BLOCK_C)`` elements per program. Programs of one (batch, C
+block) are adjacent on grid axis 0, so they stream the same k and v blocks through L2 together;
+every C block computes the same lse, the first one stores it. The tile lists (``_FWD_TILES``) are
+what compiles for sm_90 without spills or replicated S per operand class; the autotuner ranks them
+by the perf model at the real N, M and B (kernels/common.py: waves, residency, the serial MMA and
+softmax phases), so that a grid whose last wave would be nearly empty is charged for it; the
+figures of each tile (registers, FLOPs and bytes per N^2, the model's time) are in
+docs/compile_report.md, the choices and what was tried in docs/performance.md.
 
-Any N on the fast path. The pipelined, vectorised loads need every row of q, k and v to start
-16-byte aligned, which a contiguous (B, *, N) map with N % 16 != 0 does not give (DANet's
-97 x 97 = 9409): compiled as such, the forward had no cp.async, 255 registers and up to 3 KiB
-of spills. The launcher then copies q, k, v and the residual into contiguous buffers with N
-rounded up to a multiple of 16 and zero tails (``_kernel_operands``; extra traffic one read
-and one write of each, (2 d + 2 C) N elements, against the kernel's O(N^2) work), the kernel
-masks the padded keys' scores to -inf and never stores past the 16-rounded length, and Y and
-O are (B, C, N) views of buffers whose rows are 16-aligned too. Aligned operands (N % 16 == 0,
-or channels_last maps, whose N axis has stride C) are read in place. A 97 x 97 map compiles to
-the same code as a 128 x 256 one.
+Any N on the fast path. The pipelined, vectorised loads need every row of q, k, v, dY and O to
+start 16-byte aligned, which a contiguous (B, *, N) map with N % 16 != 0 does not give (DANet's
+97 x 97 = 9409): the launchers copy such operands into buffers with N rounded up to a multiple of
+16 and zero tails (kernels/common.py's ``aligned_rows``; one read and one write of each, (d + C)
+(N + M) elements against the kernels' O(N M) work); the kernels mask padded keys' scores to -inf
+and never store padded queries, and the outputs are (B, *, N) views of 16-aligned buffers. Aligned
+operands (N % 16 == 0, or channels_last maps, whose N axis has stride C) are read in place.
 
-Backward recomputes P blockwise from q, k and lse (never N x N). Every (query, key) pair needs
-dP = dO^T v summed over ALL of C (2 C FLOPs, the dominant term at C = 512) before its dS, and
-contributes P^T dO to dV across all of C. Holding a key block's dV for all of C on chip (an fp32
-BLOCK_N x C tile: 128 KiB at BLOCK_N = 64, half the register file) is what would make each
-product happen once, and it does not fit sm_90: S^T-first it needs 128 key rows on 8 warps, 256
-registers per thread for dV alone; with C as the MMA's M and 32 keys per program it compiles
-with 68 to 1080 bytes of spills. Fusing dV for half of C (256 channels) into the key-side
-kernel compiles spill-free only at 32 queries per step, even without the atomic dQ product,
-and its re-reads of v^T then cost more than the S^T it saves (measured for the deterministic
-path: "The deterministic floor" below).
-So dV gets its own kernel, split over C like the forward, and everything that needs dP over all
-of C happens once, in the key-side kernel:
+Backward recomputes P blockwise from q, k and lse (never N x M). Every pair needs dP = dO^T v over
+ALL of C (2 C FLOPs, the dominant term) before its dS, and contributes P^T dO to dV across all of
+C; an fp32 BLOCK_N x C dV tile does not fit sm_90's registers beside dK and dP, so dV gets its own
+kernel, split over C like the forward, and everything that needs dP over all of C happens once,
+in the key-side kernel:
 
-* ``_pam_bwd_preprocess``: ``delta_raw[i] = sum_c dY[c, i] O[c, i]`` in fp32. Delta = gamma *
-  delta_raw and dgamma = sum(delta_raw) both fall out of it (one pass over O and dY).
-* ``_pam_bwd_dv_kernel``: grid (key blocks x C blocks, query splits, B). S^T = k^T q first, as
-  in Triton's tutorial: 128 key rows are 16 per warp on 8 warps (no S computed twice), and P^T
-  is already the A operand of dV^T += P^T dO^T, in registers (no transpose through shared
-  memory). An fp32 BLOCK_N x BLOCK_C dV tile stays on chip while query blocks stream by.
-* ``_pam_bwd_dkdq_kernel``, the default: grid (key blocks, query splits, B). Per query block,
-  dP^T = v^T dO over all of C in BLOCK_C chunks, S^T, P^T, dS^T = P^T (dP^T - Delta), dK +=
-  dS^T q^T on chip, and dQ += dS k added into an fp32 (B, d, N) buffer with atomics, as in
-  FlashAttention-2: S, P, dP and dS once per pair. The (query block, C chunk) nest is ONE flat
-  loop, so the cp.async pipeline of the v and dY chunks never drains at a query block; the
-  block's q, lse and Delta are loaded at its first chunk and used at its last.
+* ``_pam_bwd_preprocess``: ``delta_raw[i] = sum_c dY[c, i] O[c, i]`` in fp32; Delta = gamma *
+  delta_raw and dgamma = sum(delta_raw).
+* ``_pam_bwd_dv_kernel``: grid (key blocks x C blocks, query splits, B). S^T = k^T q first (128
+  key rows on 8 warps, no replicated S), so P^T is already the A operand of dV^T += P^T dO^T; an
+  fp32 BLOCK_N x BLOCK_C dV tile stays on chip while query blocks stream by. Padded keys are
+  biased to -inf as in the key-side kernel (else exp2(-lse) overflows there).
+* ``_pam_bwd_dkdq_kernel``, the default: grid (key blocks, query splits, B). Per query block dP^T =
+  v^T dO over all of C, S^T, P^T, dS^T = P^T (dP^T - Delta), dK += dS^T q^T on chip, and dQ^T =
+  k dS^T added into an fp32 (B, d, N) buffer with atomics in its own (d, N) layout, as in
+  FlashAttention-2: S, P, dP and dS once per pair. With 16-bit operands, d <= 64 and C <= 512 the
+  key block's v^T for all of C stays in shared memory (loaded once per program: ``RESIDENT_V``)
+  and only q and dY stream, ``2 (d + C) / BLOCK_N`` bytes per pair plus 4 d / BLOCK_N of fp32
+  atomics; otherwise (fp32 operands, wider heads or C) C is streamed in chunks too, one flat
+  (query block, C chunk) loop so that the pipeline never drains, re-reading v^T per query block.
+  Each program starts at its own query block, so that the programs running together add their
+  atomics into different dQ tiles.
 * Deterministic, where ``torch.use_deterministic_algorithms(True)``: the same key-side kernel
-  without the atomics, and ``_pam_bwd_dq_kernel`` (grid (query blocks, key splits, B)), its
-  mirror image with 128 x 128 dP tiles, for dQ. dP is computed twice; the gradients repeat bit
-  for bit. (3xTF32 and heads wider than 128 take this pair always: their atomic dQ product
-  spills.)
+  without the atomics, and ``_pam_bwd_dq_kernel``, its mirror image for dQ (grid (query blocks,
+  key splits, B); with 16-bit operands the query block's dO^T stays in shared memory,
+  ``RESIDENT_DY``): dP and S are computed twice; the gradients repeat bit for bit. 3xTF32 and
+  heads wider than 128 take this pair always (their atomic dQ product spills).
 
-Small grids. At B = 1 and small N a kernel launches fewer programs than the GPU has SMs (N =
-4096: 32 key blocks of 128 for 132 SMs). ``_split`` then cuts each program's sequential loop
-into up to 4 splits (query ranges for the key-side kernels, key ranges for dQ), each writing an
-fp32 partial of its output, summed afterwards in a fixed order (deterministic either way): at
-N = 4096 every kernel runs 128 programs in one wave. Extra memory: splits x B x C x N x 4
-bytes for dV, splits x B x d x N x 4 for dK / dQ, only where the grid is small.
+Executed work (d = 64, C = 512): the dV kernel 2 (d ceil(C / BLOCK_C) + C) per pair, the key-side
+kernel 2 (C + 3 d) with atomic dQ and 2 (C + 2 d) without, the dQ kernel 2 (C + 2 d); minimal
+2 (2 C + 3 d). The deterministic floor: without ordering between programs (a spin-wait that the
+interpreter cannot validate and that can hang) and without N^2 memory, dK and dQ are reduced by
+different programs, each recomputing S and dP over all of C: 6 C + 8 d per pair if the key-side
+kernel held dV for all of C (it does not fit), 2 d more per C block left to the dV kernel. The
+figures per tile and precision, the floor's and a measured variant's, are in docs/performance.md
+and docs/compile_report.md.
 
-Unaligned N. Where N is not a multiple of 16 (DANet's 97 x 97 = 9409) no row of a (B, *, N)
-tensor starts 16-byte aligned, and the compiled kernels lose their vectorised asynchronous
-loads (and spill: 788 bytes in dV, bf16). The launcher then copies q, k, v, dY and O into
-buffers with N rounded up to a multiple of 16 and zero tails (lse with +inf tails: padded
-queries get P = 0; padded keys get P = 0 by a -inf bias on their scores past the true N), and
-the kernels write the
-gradients into buffers of that length, returned as (B, *, N) views: (2 d + 3 C) N extra
-elements, 31 MB at 97 x 97, C = 512 in bf16, against the kernels' O(N^2) work.
+Small grids. Where a kernel launches fewer programs than the GPU has SMs (B = 1, small N),
+``_split`` cuts each program's loop into up to 4 splits, each writing an fp32 partial summed
+afterwards in a fixed order (deterministic either way; extra memory splits x B x rows x N x 4
+bytes, only there).
 
-FLOPs executed per N^2 (d = 64, C = 512, the sm_90 tiles of ``_BWD_TILES``; minimal 2432):
+Gamma never leaves the device: the kernels read it through a pointer (no ``.item()`` sync). The
+forward stores O next to Y only when gamma is given and a gradient is needed (O cannot be
+recovered from Y, gamma being 0 at initialisation).
 
-=============  =======================================  ========  =============
-operands       dV (S^T recomputed per C block) + rest   default   deterministic
-=============  =======================================  ========  =============
-bf16, fp16     2 (64 * 2 + 512) = 1280, BLOCK_C = 256    2688      3840
-fp32, tf32     2 (64 * 4 + 512) = 1536, BLOCK_C = 128    2944      4096
-fp32, tf32x3   1536                                      4096      4096
-fp32, ieee     1280, BLOCK_C = 256                       2688      3840
-=============  =======================================  ========  =============
+Numerics. fp32, fp16 and bf16 inputs; S, the softmax statistics and all accumulators are fp32; P
+and dS are rounded to the input dtype for the tensor cores (fp32 stays fp32). fp32 dots follow
+torch's float32 matmul precision (kernels/common.py's ``dot_input_precision``: "ieee" by default,
+"tf32x3" at "high", "tf32" at "medium"; each with its tile lists). NaN and Inf propagate as in the
+reference; a row whose energies are all -inf so far is shifted by 0, so that ``-inf - -inf``
+never makes a NaN the reference does not have.
 
-The key-side kernel is 2 (C + 3 d) = 1408 with atomic dQ, 2 (C + 2 d) = 1280 without; the
-dQ kernel 1280. exp2: 3 N^2 by default (1 N^2 more per extra dV C block), 4 deterministic; the
-previous split (dV, dK and dQ kernels, S on both warpgroups of its 64-row tiles) executed 6272.
+Indexing. Every tensor comes with its per-axis strides; every load and store on N, M, C and d is
+masked where it can run past the data (any N, M, C, d >= 1; d padded to BLOCK_D >= 16 for
+tl.dot); batch offsets are int64. In-image offsets pass 2^31 at C N >= 2^31 (C = 512, N > 4.2M):
+the backward forms all of them in int64 (kernels/common.py's ``offsets_2d``); the forward, whose
+hot loop recomputes k and v offsets every key block, does so only where the launcher finds that
+an image's offsets can pass 2^31 (``_needs_int64_offsets``, the ``INT64_OFFSETS`` constexpr, part
+of the tuning key), keeping the int32 binary otherwise.
 
-The deterministic floor. Without atomics, dK (a sum over queries) and dQ (a sum over keys) are
-reduced by different programs; without ordering between programs (a spin-wait on a counter,
-which the interpreter cannot validate and which can hang) and without N^2 memory (stored dS or
-per-key-block dQ partials: N^2 d / BLOCK_N), each of them recomputes dS, so S and dP = dO^T v
-over all of C happen twice per pair: the key side S, dP, dK (2 C + 4 d) and dV (2 C, its P^T at
-hand), the query side S, dP, dQ (2 C + 4 d), together 6 C + 8 d = 3584 N^2 at d = 64, C = 512.
-That needs dV for all of C in the key-side kernel, an fp32 BLOCK_N x C tile sm_90's registers do
-not hold at C = 512; every C block whose dV is left to a kernel of its own adds its S^T, 2 d
-= 128 N^2: 3584 + 128 ceil(C / BLOCK_C) when the dV kernel does it all (3840 here), 3712 with
-one 256-channel block fused into the key-side kernel. The issue's 3600 is below what sm_90
-reaches this way. That fused variant was measured (docs/performance.md, "The deterministic
-path"): spill-free only with 32 queries per step (254-255 registers; 64 spill
-628 B), whose re-reads of the key block's v^T make its key-side kernel stream 41 B per pair
-against 25, which the perf model (L2-bound) puts 21% slower than this split at N = 32768 and at
-N = 4096, so the deterministic path keeps the split: 3840.
+Under TRITON_INTERPRET=1 each kernel gets one small configuration (32-wide tiles, so that the
+CI's small shapes still span several blocks with ragged tails), and nothing is tuned.
 
-Memory traffic (operand reads from L2 per pair, bf16): the dV kernel re-reads q and its dY
-chunk per key block, 2 (d ceil(C / BLOCK_C) + C) / BLOCK_N = 10 B; the key-side kernel re-reads
-its v^T block per query block, dY and q per key block, 2 C / BLOCK_M + 2 (C + d) / BLOCK_N =
-25 B, plus 2 B of fp32 dQ atomics; the dQ kernel (128 x 128) 17 B. About 37 B per pair by
-default, 52 B deterministic; DRAM traffic stays O((d + C) N) per pass where L2 holds the
-re-read blocks. 128 x 128 key-side tiles would cut 25 B to 17 B but spill 132 to 424 bytes.
-
-Gamma never leaves the device: the kernels read it through a pointer (no ``.item()`` sync,
-nothing data-dependent for torch.compile), so gamma = 0 at initialisation costs nothing special.
-
-What the forward stores for the backward: q, k, v, lse (B x N fp32) and O. With the residual
-epilogue the kernel writes O next to Y, because O cannot be recovered from Y (gamma is 0 at
-initialisation) and is needed for dgamma and Delta; the extra write is skipped when no gradient
-is needed. Without gamma, Y is O.
-
-Numerics. fp32, fp16 and bf16 inputs; S, the softmax statistics and all accumulators are fp32;
-P and dS are rounded to the input dtype before their matmuls for fp16/bf16 (tensor-core
-inputs), kept fp32 for fp32. For fp32 inputs ``tl.dot``'s input_precision follows torch
-(:func:`danet_kernels.kernels.common.dot_input_precision`: ``"ieee"`` by default, so the
-kernel is as exact as the reference; ``"tf32x3"`` at "high", ``"tf32"`` at "medium"; the
-forward's tile lists follow the precision, any but "ieee" on the tensor cores). NaN/Inf propagate
-as in the reference; a row whose energies are all -inf so far gets its max guarded to 0 so that
-``-inf - -inf`` never manufactures a NaN the reference does not have.
-
-Indexing. Every tensor comes with its per-axis strides (non-contiguous inputs such as
-flattened channels_last maps are read in place where aligned), every load and store on N, C
-and d is masked where it can run past the data (any N, C, d >= 1; d is padded to
-BLOCK_D >= 16 for tl.dot), and batch and block offsets are int64 so that B * C * N beyond 2^31
-cannot overflow. Inside one image C * N passes 2^31 at C = 512, N > 4.2M (channels_last maps
-read in place have stride C on N): the backward computes every in-image offset in int64
-(kernels/common.py's ``offsets_2d``); the forward, whose hot loop recomputes k and v offsets
-every key block, does so only where the launcher finds that an image's offsets can pass 2^31
-(``_needs_int64_offsets``, the ``INT64_OFFSETS`` constexpr, part of the tuning key) and keeps
-int32 arithmetic, the same binary as without the switch, otherwise. The int64 form costs the
-preferred tiles 3 to 16 more registers (bf16 238 -> 250, fp32 "ieee" 209 -> 225) and no spills
-in any kept config of any precision (the compile report's "int64 offsets" rows). The backward
-reads the caller's q, k, v and the forward's O (a view of a 16-aligned buffer) and lse.
-
-Tuning (Hopper). The forward is autotuned per size bucket: the key holds N and B rounded up to
-powers of two (and d, C, the precision, the dtypes), so a new image size reuses its bucket's
-config; the prune caps the tiles at the bucket and a perf model (tensor-core, exp2 and L2
-time of a program, in waves over the SMs: kernels/common.py's SM model, which CAM's autotuners
-and the compile report use too) keeps the best ``_FWD_TOP_K`` = 4 for the first call
-of a bucket to benchmark; Triton's ``cache_results`` keeps the choice across processes. The
-tile lists per operand class (``_FWD_TILES``: 16-bit, tf32, tf32x3, fp32 "ieee" on FMA) are
-each spill-free in the compile report. Under TRITON_INTERPRET=1 a single small configuration
-is used and nothing is tuned.
-
-torch.compile. ``danet_kernels::pam_forward`` and ``danet_kernels::pam_backward`` are
-``torch.library.triton_op`` custom ops on a GPU (their kernels launched through ``wrap_triton``,
-so Inductor sees and schedules them) and plain ``custom_op``s with allocating fake kernels under
-the interpreter (see ``_define_op``); the forward op carries the autograd formula of
-:class:`PositionAttentionFunction` through ``register_autograd``. A model calling
-:func:`position_attention_triton` compiles with ``fullgraph=True``.
+torch.compile. ``danet_kernels::pam_forward`` and ``pam_backward`` are defined by
+kernels/common.py's ``define_op`` (``triton_op``s on a GPU, opaque ``custom_op``s with allocating
+fake kernels under the interpreter); the forward op carries :class:`PositionAttentionFunction`'s
+autograd formula, so a model calling :func:`position_attention_triton` compiles with
+``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -200,29 +126,29 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from danet_kernels._dispatch import triton_interpreting
 from danet_kernels.kernels.common import (
-    ALIGN,
+    INTERPRETING,
+    LOG2E,
     MAX_SHARED_BYTES,
+    LoopCost,
+    aligned_rows,
+    define_op,
     device_sms,
     dot_input_precision,
+    is_aligned,
     launch_clocks,
     offsets_2d,
     operand_class,
     padded_length,
-    program_clocks,
-    size_bucket,
+    padded_rows,
+    resident_programs,
 )
-from danet_kernels.kernels.interpreter_compat import squeeze_scalar_index
 
 __all__ = ["PositionAttentionFunction", "pam_backward", "pam_forward", "position_attention_triton"]
 
-# Read once at import, like Triton itself: TRITON_INTERPRET must be set before triton is imported.
-_INTERPRETING = triton_interpreting()
-if _INTERPRETING:
-    squeeze_scalar_index()  # loop bounds under Triton 3.6's interpreter with numpy >= 2.4
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# The forward's lazy rescale: how far (log2 units: a factor 256) a row's running max may grow
+# before the accumulator is rescaled (FlashAttention-4's threshold).
+RESCALE_THRESHOLD: tl.constexpr = tl.constexpr(8.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,17 +212,25 @@ def _pam_fwd_inner(
         if TAIL:
             s = tl.where((offs_n < M)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-        # A row whose energies are all -inf so far would compute -inf - -inf = NaN; shift by 0
-        # instead, which leaves p = 0 and alpha = 0 (the reference is NaN only if all are -inf,
-        # and then l = 0 gives 0/0 = NaN at the end, as it should).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
+        # Lazy rescale (FlashAttention-4): the reference max m_i moves only when some row's max grew
+        # past it by more than RESCALE_THRESHOLD (log2 units), and then for every row; otherwise p
+        # is at most 2^8 and acc, l keep their scale, so the tile's acc * alpha (a multiply per
+        # accumulator element) is skipped. Exact either way: O = acc / l and lse = m_i + log2(l)
+        # use the same m_i. A row whose energies are all -inf so far keeps m_i = -inf and is
+        # shifted by 0 (p = 0, and alpha = 0 when it rescales) so that -inf - -inf never makes a
+        # NaN the reference does not have; a NaN energy propagates through p as in the reference.
+        grew = (m_new > m_i + RESCALE_THRESHOLD).to(tl.int32)
+        if tl.max(grew, 0) > 0:
+            alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         p = tl.math.exp2(s * QK_SCALE - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i + tl.sum(p, 1)
         v = _load_tile(V_block + _pam_fwd_offsets(offs_n, stride_vn, offs_c, stride_vc, INT64_OFFSETS),
                        loaded, mask_c, TAIL, not EVEN_C)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -346,7 +280,7 @@ def _pam_fwd_kernel(
     stride_yb, stride_yc, stride_yn,
     stride_ob, stride_oc, stride_on,
     N, N_LOADED, M, M_LOADED, D, C,
-    N_BUCKET, M_BUCKET, B_BUCKET,  # the autotuning key (N's, M's, B's power-of-two buckets); never read
+    B,  # the grid's batch: part of the autotuning key (the real grid), never read
     SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -504,18 +438,23 @@ def _pam_bwd_dkdq_kernel(
     stride_dks, stride_dkb, stride_dkd, stride_dkn,
     stride_dqb, stride_dqd, stride_dqn,
     N, M, M_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
-    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, RESIDENT_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dK for BLOCK_N keys over one split of the query blocks, and (ATOMIC_DQ) dQ by fp32 atomics.
 
-    Per query block: dP^T = v^T dO summed over ALL of C in BLOCK_C chunks, S^T = k^T q,
-    dS^T = P^T (dP^T - Delta), dK += dS^T q^T; with ATOMIC_DQ also dQ^T += k dS^T, added into an
-    fp32 (B, d, N) buffer: each of S, P, dP and dS once per (query, key) pair. The (query block,
-    C chunk) nest runs as ONE flat loop of ``num_steps`` steps, so the software pipeline of the
-    v and dY chunks never drains at a query-block boundary; the block's q, lse and Delta are
-    loaded at its first C step and used at its last (their latency hides behind the chunks).
+    Per query block: dP^T = v^T dO summed over ALL of C, S^T = k^T q, dS^T = P^T (dP^T - Delta),
+    dK += dS^T q^T; with ATOMIC_DQ also dQ^T = k dS^T, added into the fp32 (B, d, N) buffer in its
+    own (d, N) layout: each of S, P, dP and dS once per (query, key) pair.
+
+    RESIDENT_V (BLOCK_C covers C, one chunk): the key block's v^T is loaded once, before the loop,
+    and stays in shared memory; each query block streams only its q and dY. Otherwise the
+    (query block, C chunk) nest runs as ONE flat loop of ``num_steps`` steps, so the software
+    pipeline of the v and dY chunks never drains at a query-block boundary; the block's q, lse and
+    Delta are loaded at its first C step and used at its last. Each program starts at its own
+    query block (its key block's index, modulo the split's blocks) so that the programs running
+    together add their dQ atomics into different tiles.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -537,19 +476,25 @@ def _pam_bwd_dkdq_kernel(
     # A padded key has k = 0, so S = 0 and P = exp2(-lse), which overflows to inf when a row's
     # energies are hugely negative: inf * (k = 0) would poison dQ with NaN. Keys from M_VALID
     # to M are the launcher's zero padding, beyond M the tile's: -inf added to their scores
-    # gives P = 0. A bias per key row, formed once: a mask on N_VALID inside the loop (not a
+    # gives P = 0. A bias per key row, formed once: a mask on M_VALID inside the loop (not a
     # multiple of 16 at 97 x 97) cost the 3xTF32 tile 100 bytes of spills at N = 9409.
     key_bias = tl.where(offs_n < M_VALID, 0.0, float("-inf"))
+    if RESIDENT_V:
+        offs_c = tl.arange(0, BLOCK_C)
+        vT = tl.load(V_block + offsets_2d(offs_n, stride_vn, offs_c, stride_vc),
+                     mask=mask_n[:, None] & (offs_c < C)[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     q = tl.zeros([BLOCK_D, BLOCK_M], dtype=Q.dtype.element_ty)
     lse = tl.zeros([BLOCK_M], dtype=tl.float32)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    first_m = pid_s * blocks_per_split * BLOCK_M
+    first_m = pid_s * blocks_per_split
+    rotation = pid_n % blocks_per_split
     for step in range(0, num_steps):
         block = step // num_c_blocks
         chunk = step - block * num_c_blocks
-        offs_m = first_m + block * BLOCK_M + tl.arange(0, BLOCK_M)
+        block = (block + rotation) % blocks_per_split
+        offs_m = (first_m + block) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_m = offs_m < N
         mask_c = offs_c < C
@@ -559,11 +504,13 @@ def _pam_bwd_dkdq_kernel(
             # lse = +inf on padded query rows makes their P exactly 0.
             lse = tl.load(Lse_block + offs_m, mask=mask_m, other=float("inf"))
             delta = tl.load(Delta_block + offs_m, mask=mask_m, other=0.0)
-        vT = tl.load(V_block + offsets_2d(offs_n, stride_vn, offs_c, stride_vc),
-                     mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        if not RESIDENT_V:
+            vT = tl.load(V_block + offsets_2d(offs_n, stride_vn, offs_c, stride_vc),
+                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         dy = tl.load(DY_block + offsets_2d(offs_c, stride_gc, offs_m, stride_gn),
                      mask=mask_c[:, None] & mask_m[None, :], other=0.0)
-        # where(chunk == 0, 0, acc) becomes the MMA's "ignore the accumulator" flag.
+        # A fresh dP^T at a block's first chunk: the PTX zeroes the accumulator's registers (the
+        # wgmma's scale-d flag stays 1); with one chunk (RESIDENT_V) the select folds away.
         dp_t = tl.dot(vT, dy, tl.where(chunk == 0, 0.0, dp_t), input_precision=INPUT_PRECISION)
         if chunk == num_c_blocks - 1:
             s_t = tl.dot(kT, q, input_precision=INPUT_PRECISION)
@@ -571,9 +518,9 @@ def _pam_bwd_dkdq_kernel(
             ds_t = (p_t * (dp_t - delta[None, :]) * ds_scale).to(Q.dtype.element_ty)
             dk = tl.dot(ds_t, tl.trans(q), dk, input_precision=INPUT_PRECISION)
             if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(ds_t), kT, input_precision=INPUT_PRECISION)
-                tl.atomic_add(DQ + pid_b * stride_dqb + offsets_2d(offs_m, stride_dqn, offs_d, stride_dqd),
-                              dq, mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
+                dq_t = tl.dot(tl.trans(kT), ds_t, input_precision=INPUT_PRECISION)
+                tl.atomic_add(DQ + pid_b * stride_dqb + offsets_2d(offs_d, stride_dqd, offs_m, stride_dqn),
+                              dq_t, mask=mask_d[:, None] & mask_m[None, :], sem="relaxed")
     DK_tile = DK + pid_s.to(tl.int64) * stride_dks + pid_b * stride_dkb
     tl.store(DK_tile + offsets_2d(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty),
              mask=mask_n[:, None] & mask_d[None, :])
@@ -588,14 +535,15 @@ def _pam_bwd_dq_kernel(
     stride_gb, stride_gc, stride_gn,
     stride_dqs, stride_dqb, stride_dqd, stride_dqn,
     N, M, M_VALID, D, C, blocks_per_split, num_c_blocks, num_steps,
-    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE: tl.constexpr, HAS_GAMMA: tl.constexpr, RESIDENT_DY: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dQ for BLOCK_M queries over one split of the key blocks, without atomics (deterministic).
 
-    The mirror image of the dK kernel: dP = dO^T v over all of C, S = q^T k, dS, dQ += dS k^T,
-    in one flat (key block, C chunk) loop; k is loaded at a key block's first C step. With one
-    split DQ is dQ itself, else an fp32 partial per split.
+    The mirror image of the dK kernel: dP = dO^T v over all of C, S = q^T k, dS, dQ += dS k^T;
+    RESIDENT_DY keeps the query block's dO^T in shared memory (loaded once) and streams k and v,
+    else one flat (key block, C chunk) loop streams dO^T too, k loaded at a key block's first C
+    step. With one split DQ is dQ itself, else an fp32 partial per split.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -613,6 +561,10 @@ def _pam_bwd_dq_kernel(
     K_block = K + pid_b * stride_kb
     V_block = V + pid_b * stride_vb
     DY_block = DY + pid_b * stride_gb
+    if RESIDENT_DY:
+        offs_c = tl.arange(0, BLOCK_C)
+        dyT = tl.load(DY_block + offsets_2d(offs_m, stride_gn, offs_c, stride_gc),
+                      mask=mask_m[:, None] & (offs_c < C)[None, :], other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k = tl.zeros([BLOCK_D, BLOCK_N], dtype=K.dtype.element_ty)
@@ -627,8 +579,9 @@ def _pam_bwd_dq_kernel(
         if chunk == 0:
             k = tl.load(K_block + offsets_2d(offs_d, stride_kd, offs_n, stride_kn),
                         mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        dyT = tl.load(DY_block + offsets_2d(offs_m, stride_gn, offs_c, stride_gc),
-                      mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if not RESIDENT_DY:
+            dyT = tl.load(DY_block + offsets_2d(offs_m, stride_gn, offs_c, stride_gc),
+                          mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         v = tl.load(V_block + offsets_2d(offs_c, stride_vc, offs_n, stride_vn),
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         dp = tl.dot(dyT, v, tl.where(chunk == 0, 0.0, dp), input_precision=INPUT_PRECISION)
@@ -649,7 +602,8 @@ def _pam_bwd_dq_kernel(
 # num_stages). Each compiles without spills for sm_90 at d = 64, C = 512 and N = 32768 and 9409,
 # residual epilogue included, as docs/compile_report.md shows (`python -m
 # benchmarks.compile_report --ops pam_forward` measures them; its CI test keeps them true). The
-# prune below only caps them at the problem and checks shared memory. Why these:
+# prune below caps them at the problem, checks shared memory and keeps one pipeline depth per
+# tile; the perf model ranks the rest at the real grid. Why these:
 # * 128 query rows take 8 warps, each warpgroup owning 64 rows of S, of the softmax and of O.
 #   64 rows take 4 warps: on 8, Triton lays the q^T k dot (whose result feeds another dot) with
 #   all warps along M, warpsPerCTA [8, 1] over 64 rows, and both warpgroups would compute the
@@ -657,14 +611,17 @@ def _pam_bwd_dq_kernel(
 # * BLOCK_C: S = q^T k is recomputed once per C block. For 16-bit operands 128 x 64 x 256
 #   (1280 N^2 FLOPs, 2 N^2 exp2 at d = 64, C = 512; a 128-register accumulator, 255 registers
 #   in all) is the largest tile that fits; 128 x 128 x 256 spills. BLOCK_C = 128 (1536 N^2,
-#   4 N^2) and 64-row tiles give more programs to small maps and small batches.
+#   4 N^2) and 64-row tiles give more programs to small maps and small batches; 64 x 64 x 256 on
+#   one warpgroup (the same 1280 N^2, 251 registers) fits two programs on an SM, whose serial
+#   MMA and softmax phases then overlap: the perf model's first at DANet's sizes.
 # * fp32 operands (tf32) double the register and shared memory of P and of the k, v tiles:
 #   BLOCK_C <= 128 (1536 N^2); tf32x3 splits each operand in two and needs one tile step less.
 # * fp32 "ieee" has no tensor cores: tl.dot becomes FMA loops with both operands in registers,
 #   and only small tiles compile.
 _FWD_TILES = {
     "16-bit": ((128, 64, 256, 8, 2), (128, 64, 256, 8, 3), (128, 128, 128, 8, 2), (128, 128, 128, 8, 3),
-               (128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (64, 64, 64, 4, 3)),
+               (128, 64, 128, 8, 3), (64, 64, 256, 4, 2), (64, 64, 256, 4, 3), (64, 64, 128, 4, 3),
+               (64, 64, 64, 4, 3)),
     "tf32": ((128, 64, 128, 8, 2), (128, 64, 128, 8, 3), (128, 32, 128, 8, 3), (128, 64, 64, 8, 3),
              (64, 32, 128, 4, 3), (64, 64, 64, 4, 3)),
     "tf32x3": ((128, 32, 128, 8, 2), (128, 32, 128, 8, 3), (128, 64, 64, 8, 3), (128, 32, 64, 8, 3),
@@ -674,7 +631,7 @@ _FWD_TILES = {
 # The interpreter runs programs one by one in numpy: tuning would only multiply its run time,
 # and 32-wide tiles keep the CI shapes multi-block (ragged tails, several C blocks).
 _INTERPRETER_TILES = (32, 32, 32, 4, 1)
-# A first call in a new (N, B) bucket benchmarks at most this many configs: the perf model's best.
+# A first call at a new (N, M, B) benchmarks at most this many configs: the perf model's best.
 _FWD_TOP_K = 4
 
 
@@ -691,11 +648,12 @@ def _fwd_configs(tiles: tuple[tuple[int, ...], ...]) -> list[triton.Config]:
 def _prune_fwd_configs(
     configs: list[triton.Config], named_args: dict, **kwargs: object
 ) -> list[triton.Config]:
-    """The configs that fit this problem: tiles capped at the problem's bucket (duplicates
-    removed), the shared memory of q plus num_stages k and v tiles (exact against the compiler's
-    figure) within an sm_90 block's. Depends on N and M only through their buckets, so every N of a
-    bucket tunes over the same configs."""
-    n, m, c = named_args["N_BUCKET"], named_args["M_BUCKET"], named_args["C"]
+    """The configs that fit this problem: tiles capped at the problem (duplicates removed), the
+    shared memory of q plus num_stages k and v tiles (exact against the compiler's figure) within
+    an sm_90 block's, and of configs differing only in num_stages the shallowest one, deeper ones
+    only where the perf model says the extra stage pays (it hides L2 latency the shallower pipeline
+    exposes): otherwise they would tie and take the benchmark's slots from other tiles."""
+    n, m, c = named_args["N"], named_args["M"], named_args["C"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     element_size = named_args["V"].element_size()
     kept: dict[tuple, triton.Config] = {}
@@ -714,48 +672,71 @@ def _prune_fwd_configs(
         # prune) are kept: a flag that held for the uncapped BLOCK_C holds for the capped one.
         tiles = {**config.kwargs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}
         kept.setdefault(key, triton.Config(tiles, num_warps=warps, num_stages=config.num_stages))
+    deepest: dict[tuple, tuple[float, triton.Config]] = {}
+    for config in sorted(kept.values(), key=lambda config: config.num_stages):
+        tile = (*(config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_C")), config.num_warps)
+        clocks = _fwd_time_estimate(**{**named_args, **kwargs, **config.all_kwargs()})
+        if tile not in deepest or clocks < 0.99 * deepest[tile][0]:
+            deepest[tile] = (clocks, config)
+    pruned = [config for config in kept.values() if any(config is best for _, best in deepest.values())]
     # Huge d (256) with fp32 can exclude everything: fall back to the smallest tile.
-    return list(kept.values()) or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_C": 16},
-                                                 num_warps=4, num_stages=1)]
+    return pruned or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
 
 
-def _fwd_work(n: int, m: int, batch: int, channels: int, block_d: int, bm: int, bn: int, bc: int
-              ) -> tuple[int, ...]:
-    """(programs, FLOPs, exp2, operand bytes / element size) of one program of a forward pass
-    over N queries and M keys: every program sweeps all key blocks, computing its S tile and its
-    share of P v."""
-    programs = triton.cdiv(n, bm) * triton.cdiv(channels, bc) * batch
-    blocks = triton.cdiv(m, bn)
-    return programs, blocks * 2 * bm * bn * (block_d + bc), blocks * bm * bn, blocks * bn * (block_d + bc)
+# The forward's main loop as the autotuner estimates it from the tiles: PTX instructions per thread
+# per key block, per score element a thread holds (its FMA, ex2, row max and sum, the conversion
+# to the MMA's type), per accumulator element (the loop-carried moves around the lazy rescale's
+# branch) and fixed (address arithmetic, loads, barriers, the rescale's test); registers, the
+# fp32 accumulator and score elements a thread holds plus a fixed part. Fitted on the compiled
+# loops of the kept 16-bit configs; the report checks the estimate against every compiled loop
+# (a target of the forward, docs/compile_report.md).
+_FWD_LOOP_INSTRUCTIONS = (4.7, 0.26, 147.0)
+_FWD_REGISTERS = 64
+
+
+def forward_loop_instructions(block_m: int, block_n: int, block_c: int, num_warps: int) -> float:
+    """The autotuner's estimate of the forward's PTX instructions per thread per key block, but the
+    MMAs (:data:`_FWD_LOOP_INSTRUCTIONS`)."""
+    per_score, per_accumulator, fixed = _FWD_LOOP_INSTRUCTIONS
+    return (per_score * block_m * block_n + per_accumulator * block_m * block_c) / (32 * num_warps) + fixed
 
 
 def _fwd_time_estimate(**args: object) -> float:
-    """The forward perf model (clocks), for the autotuner's top-k: a program takes the longest of
-    its tensor-core (or FMA) work, its exp2 and its operand traffic at one SM's rates, and the
-    busiest SM runs ceil(programs / SMs) of them (:mod:`danet_kernels.kernels.common`).
-    Evaluated at the bucket's N and B, like the prune."""
+    """The forward perf model (clocks) at the real grid (N queries, M keys, B images): the
+    autotuner benchmarks its top-k. :func:`danet_kernels.kernels.common.launch_clocks` of the
+    programs (query blocks x C blocks x B), each sweeping cdiv(M, BLOCK_N) key blocks whose loop
+    iteration computes S and its share of P v, waits for both MMAs before its softmax (serial)
+    and streams a k and a v tile; residency from the estimated registers and the shared memory."""
     v = args["V"]
-    n, m, batch, channels = args["N_BUCKET"], args["M_BUCKET"], args["B_BUCKET"], args["C"]
-    bm, bn, bc = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"]
-    programs, flops, exp2, elements = _fwd_work(n, m, batch, channels, args["BLOCK_D"], bm, bn, bc)
-    program = program_clocks(flops, exp2, elements * v.element_size(),
-                             operand_class(v.dtype, args["INPUT_PRECISION"]))
-    return launch_clocks(programs, program, device_sms(v.device))
+    bm, bn, bc, bd = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_C"], args["BLOCK_D"]
+    warps, stages = args["num_warps"], args["num_stages"]
+    operands = operand_class(v.dtype, args["INPUT_PRECISION"])
+    programs = triton.cdiv(args["N"], bm) * triton.cdiv(args["C"], bc) * args["B"]
+    threads = 32 * warps
+    loop = LoopCost(flops=2 * bm * bn * (bd + bc), instructions=forward_loop_instructions(bm, bn, bc, warps),
+                    exp2=bm * bn / threads, bytes=bn * (bd + bc) * v.element_size(),
+                    serial=operands != "ieee")
+    registers = min(255, (bm * bc + bm * bn) // threads + _FWD_REGISTERS)
+    shared = v.element_size() * (bm * bd + stages * bn * (bd + bc))
+    resident = resident_programs(registers, warps, shared)
+    return launch_clocks(programs, triton.cdiv(args["M"], bn), loop, warps, stages, resident, operands,
+                         device_sms(v.device))
 
 
 def _fwd_tuner(tiles: tuple[tuple[int, ...], ...]) -> triton.runtime.Autotuner:
-    """The forward kernel autotuned over ``tiles``, per (N, B) bucket, d, C, precision and dtype;
+    """The forward kernel autotuned over ``tiles``, per N, M, B (the real grid: a tile that leaves
+    a nearly empty last wave at one size may be the best at another), d, C, precision and dtype;
     the choice persists across processes in Triton's cache (``cache_results``)."""
     return triton.autotune(
         _fwd_configs(tiles),
-        key=["N_BUCKET", "M_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"],
+        key=["N", "M", "B", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"],
         prune_configs_by={"early_config_prune": _prune_fwd_configs, "perf_model": _fwd_time_estimate,
                           "top_k": _FWD_TOP_K},
         cache_results=True,
     )(_pam_fwd_kernel)
 
 
-if _INTERPRETING:
+if INTERPRETING:
     _FWD_KERNELS = dict.fromkeys(_FWD_TILES, _fwd_tuner((_INTERPRETER_TILES,)))
 else:
     _FWD_KERNELS = {name: _fwd_tuner(tiles) for name, tiles in _FWD_TILES.items()}
@@ -797,12 +778,19 @@ _BWD_TILES_WIDE_HEAD: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
     "ieee": {"dv": (32, 16, 256, 8, 2), "dk": (16, 32, 16, 8, 2), "dq": (16, 16, 16, 8, 2)},
     "interpreter": _BWD_TILES["interpreter"],
 }
+# 16-bit operands, d <= 64 and C <= 512 (DANet's C / 8 = 64, C = 512): the key-side kernel keeps
+# its key block's v^T for all of C in shared memory (128 x 512 bf16, 128 KiB, loaded once per
+# program) and streams 32-query blocks of q and dY; the deterministic dQ kernel keeps its query
+# block's dO^T likewise and streams 32-key blocks of k and v. 224 and 216 KiB of shared memory
+# with 2 stages, within a block's 227; fp32 operands (twice the bytes), wider heads and C > 512
+# do not fit and keep the streamed tiles above.
+_BWD_TILES_RESIDENT = {"dkdq": (32, 128, 512, 8, 2), "dk": (32, 128, 512, 8, 2), "dq": (128, 32, 512, 8, 2)}
 _BWD_PREPROCESS = {"BLOCK_M": 128, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
 
 
 def _bwd_operand_class(dtype: torch.dtype, input_precision: str) -> str:
     """The row of the backward's tile tables: the operand class, or the interpreter's tiles."""
-    return "interpreter" if _INTERPRETING else operand_class(dtype, input_precision)
+    return "interpreter" if INTERPRETING else operand_class(dtype, input_precision)
 
 
 def _bwd_config(
@@ -811,7 +799,10 @@ def _bwd_config(
     """Launch parameters of every backward kernel: tiles (capped at the problem size: N queries,
     M keys, C channels) and the num_warps / num_stages each one was compiled and measured with."""
     table = _BWD_TILES_WIDE_HEAD if block_d > 128 else _BWD_TILES
-    tiles = table[_bwd_operand_class(dtype, input_precision)]
+    operands = _bwd_operand_class(dtype, input_precision)
+    tiles = table[operands]
+    if operands == "16-bit" and block_d <= 64 and _pow2_cap(c) <= _BWD_TILES_RESIDENT["dk"][2]:
+        tiles = {**tiles, **_BWD_TILES_RESIDENT}
     caps = {"BLOCK_M": _pow2_cap(n), "BLOCK_N": _pow2_cap(m), "BLOCK_C": _pow2_cap(c)}
     config: dict[str, dict[str, int]] = {"pre": {**_BWD_PREPROCESS, "BLOCK_M": min(128, _pow2_cap(n))}}
     for name, (block_m, block_n, block_c, num_warps, num_stages) in tiles.items():
@@ -858,15 +849,6 @@ def _batch_chunks(batch: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_aligned(t: torch.Tensor) -> bool:
-    """Whether a launch specialises ``t`` for the fast path: its first element 16-byte aligned
-    (torch's allocators align storages to at least 64 bytes) and every stride of an axis longer
-    than 1 either 1 or a multiple of 16 elements."""
-    strides = (stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1)
-    return (t.storage_offset() * t.element_size()) % ALIGN == 0 and all(
-        stride == 1 or stride % ALIGN == 0 for stride in strides)
 
 
 def _padded_empty(batch: int, rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -928,12 +910,6 @@ def _backward_outputs(
     return dq[..., :n], dk[..., :m], dv[..., :m], delta_raw[..., :n]
 
 
-def _pad_positions(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """``t`` (..., L) as a contiguous copy whose last axis is rounded up to a multiple of 16, the
-    tail holding ``fill``."""
-    return torch.nn.functional.pad(t, (0, padded_length(t.shape[-1]) - t.shape[-1]), value=fill)
-
-
 def _kernel_operands(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
@@ -948,10 +924,10 @@ def _kernel_operands(
     stride C) are read in place.
     """
     operands = (q, k, v) if residual is None else (q, k, v, residual)
-    if all(_is_aligned(t) for t in operands):
+    if all(is_aligned(t) for t in operands):
         return q, k, v, residual, q.shape[-1], k.shape[-1]
-    q, k, v = _pad_positions(q), _pad_positions(k), _pad_positions(v)
-    residual = None if residual is None else _pad_positions(residual)
+    q, k, v = padded_rows(q), padded_rows(k), padded_rows(v)
+    residual = None if residual is None else padded_rows(residual)
     return q, k, v, residual, q.shape[-1], k.shape[-1]
 
 
@@ -1021,19 +997,10 @@ def pam_forward(
             result[b0:b1], out_arg[b0:b1], lse[b0:b1],
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *residual_arg.stride(),
             *result.stride(), *out_arg.stride(),
-            n, n_loaded, m, m_loaded, head_dim, channels,
-            size_bucket(n), size_bucket(m), size_bucket(chunk),
+            n, n_loaded, m, m_loaded, head_dim, channels, chunk,
             SCALE=scale, **meta,
         )
     return result, out, lse
-
-
-def _bwd_operand(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """``t`` (..., L) as the backward kernels read it: itself where L is a multiple of 16, else a
-    copy padded to one whose tail holds ``fill`` (zeros: padded positions add nothing; lse = +inf:
-    padded queries get P = 0). Without the copy, L % 16 != 0 (DANet's 97 x 97 = 9409) leaves no
-    row 16-byte aligned: no vectorised or asynchronous loads, and spills (788 bytes in dV, bf16)."""
-    return t if t.shape[-1] == padded_length(t.shape[-1]) else _pad_positions(t, fill)
 
 
 def _partials(out: torch.Tensor, splits: int) -> torch.Tensor:
@@ -1078,7 +1045,7 @@ def _launch_bwd_dq(
         q, k, v, dy, gamma, lse, delta, partials,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride(), *partials.stride(),
         n_pad, m_pad, m, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
-        SCALE=scale, **common, **config,
+        SCALE=scale, RESIDENT_DY=c_blocks == 1, **common, **config,
     )
     _sum_partials(dq, partials)
 
@@ -1107,8 +1074,11 @@ def pam_backward(
     channels, m = v.shape[1:]
     has_gamma = gamma is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    q_in, k_in, v_in, dy_in, out_in = (_bwd_operand(t) for t in (q, k, v, dy, out))
-    lse_in = _bwd_operand(lse, fill=float("inf"))
+    # Rows the pipelined loads cannot read (N % 16 != 0, like DANet's 97 x 97 = 9409, or odd
+    # offsets) are copied into aligned zero-tailed ones (lse's tail +inf: padded queries get P = 0);
+    # read as they were, the kernels lose their vectorised, asynchronous loads and spill.
+    q_in, k_in, v_in, dy_in, out_in = (aligned_rows(t) for t in (q, k, v, dy, out))
+    lse_in = aligned_rows(lse, fill=float("inf"))
     n_pad, m_pad = q_in.shape[-1], k_in.shape[-1]
     dq_out, dk_out, dv_out, delta_out = _backward_buffers(q, k, v)
     gamma_arg = gamma if has_gamma else lse_in
@@ -1153,7 +1123,7 @@ def pam_backward(
             *q_in.stride(), *k_in.stride(), *v_in.stride(), *dy_in.stride(), *dk_partials.stride(),
             *dq_accumulator.stride(),
             n_pad, m_pad, m, head_dim, channels, per_split, c_blocks, per_split * c_blocks,
-            SCALE=scale, ATOMIC_DQ=atomic_dq, **common, **dk_cfg,
+            SCALE=scale, ATOMIC_DQ=atomic_dq, RESIDENT_V=c_blocks == 1, **common, **dk_cfg,
         )
         _sum_partials(dk_out[b0:b1], dk_partials)
         if atomic_dq:
@@ -1170,14 +1140,7 @@ def pam_backward(
 # ----------------------------------------------------------------------------------------------
 
 
-# On a GPU the ops are triton_ops: their kernels stay visible to torch.compile (Inductor schedules
-# them like its own). Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreted kernel,
-# which fake-tensor tracing would execute on fake data (and AOT's decomposition of a triton_op
-# would drop); there the ops are opaque custom_ops whose fake kernels only allocate the outputs.
-_define_op = torch.library.custom_op if _INTERPRETING else torch.library.triton_op
-
-
-@_define_op("danet_kernels::pam_forward", mutates_args=())
+@define_op("danet_kernels::pam_forward", _forward_outputs)
 def _pam_forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1190,7 +1153,7 @@ def _pam_forward_op(
     return pam_forward(q, k, v, gamma, residual, scale, store_out)
 
 
-@_define_op("danet_kernels::pam_backward", mutates_args=())
+@define_op("danet_kernels::pam_backward", _backward_outputs)
 def _pam_backward_op(
     dy: torch.Tensor,
     q: torch.Tensor,
@@ -1202,11 +1165,6 @@ def _pam_backward_op(
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return pam_backward(dy, q, k, v, gamma, scale, out, lse)
-
-
-if _INTERPRETING:
-    _pam_forward_op.register_fake(_forward_outputs)
-    _pam_backward_op.register_fake(_backward_outputs)
 
 
 class PositionAttentionFunction(torch.autograd.Function):

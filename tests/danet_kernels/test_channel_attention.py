@@ -221,26 +221,29 @@ def test_bf16_accuracy_claim_on_the_cpu() -> None:
 
 
 def test_aligned_rows_copies_only_what_the_pipelined_loads_cannot_read() -> None:
-    """Unit-stride rows whose length, strides and offset are multiples of 16 are read in place
-    (also a view of a wider buffer); anything else becomes a (B, C, round_up(N, 16)) copy with
-    the input in its first N columns and zeros after."""
+    """Unit-stride rows whose length and strides are multiples of 16 and whose first element is
+    16-byte aligned are read in place (also a view of a wider buffer, or at an offset of 8 fp32);
+    anything else becomes a (B, C, round_up(N, 16)) copy with the input in its first N columns and
+    zeros after (kernels/common.py's aligned_rows, as CAM's launchers call it)."""
     aligned = torch.randn(2, 3, 32)
-    assert cam._aligned_rows(aligned) is aligned
+    assert common.aligned_rows(aligned, unit_stride=True) is aligned
     view = torch.randn(2, 6, 64)[:, ::2, :48]
-    assert cam._aligned_rows(view) is view
+    assert common.aligned_rows(view, unit_stride=True) is view
     unaligned = {
         "N = 41": torch.randn(2, 3, 41),
         "N-stride 2": torch.randn(2, 3, 64)[:, :, ::2],
         "channels last": torch.randn(2, 32, 3).transpose(1, 2),
-        "offset 8": torch.randn(2, 3, 40)[:, :, 8:],
+        "offset 3": torch.randn(2 * 3 * 32 + 3)[3:].view(2, 3, 32),
         "row stride 40": torch.randn(2, 3, 40)[:, :, :32],
     }
     for name, t in unaligned.items():
-        rows = cam._aligned_rows(t)
+        rows = common.aligned_rows(t, unit_stride=True)
         n = t.shape[2]
         assert rows.shape == (*t.shape[:2], -(-n // 16) * 16), name
         assert torch.equal(rows[:, :, :n], t) and not rows[:, :, n:].any(), name
-        assert cam._aligned_rows(rows) is rows, name
+        assert common.aligned_rows(rows, unit_stride=True) is rows, name
+    in_place = torch.randn(2 * 3 * 32 + 8)[8:].view(2, 3, 32)  # 32 bytes in: aligned
+    assert common.aligned_rows(in_place, unit_stride=True) is in_place
 
 
 @pytest.mark.parametrize("level, precision", [("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")])
@@ -340,7 +343,7 @@ import triton
 import danet_kernels.kernels.channel_attention as cam
 from danet_kernels.kernels.common import OPERAND_CLASSES, size_bucket
 
-assert not cam._INTERPRET
+assert not cam.INTERPRETING
 tuners = {**{("gram", k): t for k, t in cam._GRAM_KERNELS.items()},
           **{("apply", k): t for k, t in cam._APPLY_KERNELS.items()}}
 for (kernel, operands), tuner in tuners.items():
@@ -355,7 +358,8 @@ def ranked(kernel, operands, n, batch, **flags):
     x = torch.empty(1, 1, 1, dtype=dtype)
     precision = "tf32" if operands == "16-bit" else operands
     named = {"C": 512, "N_BUCKET": size_bucket(n), "B_BUCKET": size_bucket(batch),
-             "PRECISION": precision, **({"L": x, "SYMMETRIC": flags["symmetric"]} if kernel == "gram" else
+             "INPUT_PRECISION": precision,
+             **({"L": x, "SYMMETRIC": flags["symmetric"]} if kernel == "gram" else
                 {"W": x, "U": x, "HAS_V": flags["has_v"], "HAS_RESIDUAL": True})}
     model = cam._gram_time_estimate if kernel == "gram" else cam._apply_time_estimate
     configs = tuners[kernel, operands].configs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,11 +16,15 @@ import triton.language as tl
 
 import danet_kernels
 from danet_kernels.kernels.common import (
+    CALIBRATION,
     DOT_PRECISIONS,
     OPERAND_CLASSES,
+    LoopCost,
     dot_input_precision,
+    launch_clocks,
     offsets_2d,
     operand_class,
+    resident_programs,
 )
 from danet_kernels.reference import channel_attention_reference, position_attention_reference
 from scripts.fp32_precision_errors import channel_attention_errors, position_attention_errors
@@ -180,3 +185,23 @@ def test_expected_gpu_errors_of_each_precision() -> None:
             assert ieee < 1e-4, (op, name, errors)
             assert errors["tf32x3"][name] < 2 * ieee, (op, name, errors)
             assert errors["tf32"][name] > 30 * ieee, (op, name, errors)
+
+
+def test_perf_model_phases_residency_and_waves() -> None:
+    """kernels/common.py's model: a serial loop pays its MMA phase, the wait and its other work in
+    turn, an overlapped one the longer of them; co-resident programs fill each other's gaps (two
+    per SM finish in the time of one where the serial chain is the bound); the busiest SM's
+    programs count, so one program more than the SMs costs a second wave in full."""
+    calibration = dataclasses.replace(CALIBRATION, program_clocks=0.0)
+    loop = LoopCost(flops=4096 * 1000 * calibration.mma_efficiency, instructions=500, exp2=0, bytes=0)
+    issue = 500 * calibration.clocks_per_instruction
+
+    def clocks(programs: int, loop: LoopCost = loop, resident: int = 1) -> float:
+        return launch_clocks(programs, 10, loop, 4, 3, resident, "16-bit", sms=132, calibration=calibration)
+
+    assert clocks(132) == pytest.approx(10 * (1000 + calibration.mma_wait_clocks + issue))
+    assert clocks(132, dataclasses.replace(loop, serial=False)) == pytest.approx(10 * 1000)
+    assert clocks(133) == pytest.approx(2 * clocks(132))
+    assert clocks(264, resident=2) == pytest.approx(clocks(132))
+    assert clocks(4 * 132, resident=2) == pytest.approx(2 * clocks(132))
+    assert resident_programs(238, 8, 99328) == 1 and resident_programs(164, 4, 82944) == 2

@@ -21,7 +21,7 @@ import triton.language as tl
 import danet_kernels
 from benchmarks.compile_report import Launch, recorded_launches
 from danet_kernels.kernels import position_attention as pam
-from danet_kernels.kernels.common import size_bucket
+from danet_kernels.kernels.common import is_aligned, size_bucket
 from danet_kernels.reference import position_attention_reference
 from tests.danet_kernels.hopper_compile import run_without_interpreter
 
@@ -377,7 +377,7 @@ def hopper_backward_launches(
 ) -> list[Launch]:
     """The launches pam_backward makes on a Hopper GPU with ``sm_count`` SMs (the compiled
     tiles, not the interpreter's), recorded on meta tensors."""
-    monkeypatch.setattr(pam, "_INTERPRETING", False)
+    monkeypatch.setattr(pam, "INTERPRETING", False)
     monkeypatch.setattr(pam, "device_sms", lambda device, interpreter_sms=None: sm_count)
     monkeypatch.setattr(pam, "dot_input_precision", lambda dtype: precision)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
@@ -602,7 +602,7 @@ def test_operands_padded_only_when_misaligned(layout: str, n: int) -> None:
     assert n_loaded == m_loaded == (64 if padded else n)
     for original, given in ((q, q_in), (k, k_in), (v, v_in), (residual, residual_in)):
         assert (given.data_ptr() != original.data_ptr()) == padded
-        assert given.shape[-1] == n_loaded and pam._is_aligned(given)
+        assert given.shape[-1] == n_loaded and is_aligned(given)
         assert torch.equal(given[..., :n], original) and not given[..., n:].any()
     result, out, lse = pam._forward_outputs(q, k, v, torch.ones(1), residual, 1.0, True)
     for view in (result, out):
@@ -622,9 +622,10 @@ def test_aligned_channels_last_inputs_read_in_place_match_float64() -> None:
 
 
 def _named_args(n: int, c: int = 512, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """What the forward's prune and perf model receive: the launch's named arguments that they
+    read, and its constexprs."""
     v = torch.empty(batch, 1, 1, dtype=dtype)
-    return {"N_BUCKET": size_bucket(n), "M_BUCKET": size_bucket(n), "B_BUCKET": size_bucket(batch), "C": c,
-            "V": v}
+    return {"N": n, "M": n, "B": batch, "C": c, "V": v, "BLOCK_D": 64, "INPUT_PRECISION": "tf32"}
 
 
 def _tiles(configs: list) -> list[tuple]:
@@ -632,59 +633,63 @@ def _tiles(configs: list) -> list[tuple]:
             for c in configs]
 
 
-def test_forward_prune_caps_tiles_at_the_bucket() -> None:
-    """Tiles are capped at N's bucket and C, duplicates dropped; a 128-row tile capped to 64 rows
-    runs on one warpgroup (8 warps would replicate S); big d and fp32 drop what does not fit."""
+def _prune(configs: list, n: int, c: int = 512, dtype: torch.dtype = torch.bfloat16, block_d: int = 64
+           ) -> list:
+    return pam._prune_fwd_configs(configs, _named_args(n, c, dtype=dtype), BLOCK_D=block_d)
+
+
+def test_forward_prune_caps_tiles_and_keeps_one_pipeline_depth_per_tile() -> None:
+    """Tiles are capped at N and C, duplicates dropped; a 128-row tile capped to 64 rows runs on one
+    warpgroup (8 warps would replicate S); big d and fp32 drop what does not fit. Of configs that
+    differ only in num_stages the prune keeps the shallowest unless the perf model says a deeper
+    one pays (issue 18: the model had no term for num_stages, so s2 and s3 tied and both took a
+    slot of the benchmark)."""
     configs = pam._fwd_configs(pam._FWD_TILES["16-bit"])
-    kept = pam._prune_fwd_configs(configs, _named_args(32768), BLOCK_D=64)
-    assert _tiles(kept) == list(pam._FWD_TILES["16-bit"])
-    small = _tiles(pam._prune_fwd_configs(configs, _named_args(40, c=20), BLOCK_D=16))
-    assert set(small) == {(64, 64, 32, 4, 2), (64, 64, 32, 4, 3)}
-    for config in pam._prune_fwd_configs(configs, _named_args(7, c=5), BLOCK_D=16):
+    kept = _tiles(_prune(configs, 32768))
+    assert len({tile[:4] for tile in kept}) == len(kept) < len(configs)
+    assert {tile[:4] for tile in kept} == {tile[:4] for tile in pam._FWD_TILES["16-bit"]}
+    assert (128, 64, 256, 8, 2) in kept and (128, 64, 256, 8, 3) not in kept
+    small = _tiles(_prune(configs, 40, c=20))
+    assert {tile[:3] for tile in small} == {(64, 64, 32)} and all(tile[3] == 4 for tile in small)
+    for config in _prune(configs, 7, c=5):
         assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_C"]) == (16, 16, 16)
     fp32 = pam._fwd_configs(pam._FWD_TILES["tf32"])
-    big_d = pam._prune_fwd_configs(fp32, _named_args(32768, dtype=torch.float32), BLOCK_D=256)
+    big_d = _prune(fp32, 32768, dtype=torch.float32, block_d=256)
     for bm, bn, bc, _, stages in _tiles(big_d):
         assert 4 * (bm * 256 + stages * bn * (256 + bc)) <= pam.MAX_SHARED_BYTES
     assert 0 < len(big_d) < len(fp32)
     # Flags torch.compile puts into the configs before the prune survive it.
     flagged = [triton.Config({**c.kwargs, "EVEN_C": True}, num_warps=c.num_warps, num_stages=c.num_stages)
                for c in configs]
-    assert all(c.kwargs["EVEN_C"] for c in pam._prune_fwd_configs(flagged, _named_args(4096), BLOCK_D=64))
+    assert all(c.kwargs["EVEN_C"] for c in _prune(flagged, 4096))
 
 
-@pytest.mark.parametrize("operands", list(pam._FWD_TILES))
-def test_forward_tuning_depends_on_the_bucket_only(operands: str) -> None:
-    """Every N (and B) of a bucket prunes to the same configs and ranks them the same, so a new
-    size reuses its bucket's tuned config (in memory and in Triton's on-disk cache, whose key
-    holds the configs); the next bucket may differ."""
-    dtype = torch.bfloat16 if operands == "16-bit" else torch.float32
-    precision = "tf32" if operands == "16-bit" else operands
-    configs = pam._fwd_configs(pam._FWD_TILES[operands])
+def test_forward_perf_model_sees_the_real_grid() -> None:
+    """The forward is tuned per N, M and B (issue 18: a power-of-two bucket hid the waves). At
+    N = 9409, B = 1, 128 x 64 x 256 tiles make 148 programs on 132 SMs (one each): two waves,
+    the second 12% full, which the model charges in full; N = 8448 (one wave) takes about half
+    as long although it has 90% of the work, and both sizes share the old bucket."""
+    tile = pam._fwd_configs(((128, 64, 256, 8, 2),))[0]
 
-    def ranked(n: int, batch: int) -> list[tuple]:
-        named = _named_args(n, batch=batch, dtype=dtype)
-        kept = pam._prune_fwd_configs(configs, named, BLOCK_D=64)
-        times = {c: pam._fwd_time_estimate(**named, BLOCK_D=64, INPUT_PRECISION=precision, **c.all_kwargs())
-                 for c in kept}
-        return _tiles(sorted(kept, key=times.__getitem__))
+    def clocks(n: int, batch: int = 1) -> float:
+        return pam._fwd_time_estimate(**_named_args(n, batch=batch), **tile.all_kwargs())
 
-    assert ranked(5000, 3) == ranked(8192, 4) == ranked(4097, 4)
-    assert ranked(9409, 1) == ranked(16384, 1)
-    assert ranked(9409, 1)[0][2] == (256 if operands == "16-bit" else 128)
-    assert size_bucket(9409) == 16384 and size_bucket(16384) == 16384 and size_bucket(1) == 1
-
-
-def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
+    assert size_bucket(9409) == size_bucket(8448)
+    assert clocks(9409) > 1.8 * clocks(8448)
+    # B = 2: 296 programs, three waves (the last 24% full): twice the work in 1.5 times the time
+    assert 1.4 < clocks(9409, batch=2) / clocks(9409) < 1.6
     for tuner in pam._FWD_KERNELS.values():
-        assert tuner.keys == ["N_BUCKET", "M_BUCKET", "B_BUCKET", "BLOCK_D", "C", "INPUT_PRECISION",
-                              "INT64_OFFSETS"]
+        assert tuner.keys == ["N", "M", "B", "BLOCK_D", "C", "INPUT_PRECISION", "INT64_OFFSETS"]
+
+
+def test_forward_autotuners_bench_a_handful_ranked_by_the_perf_model() -> None:
+    for tuner in pam._FWD_KERNELS.values():
         assert tuner.early_config_prune is pam._prune_fwd_configs
         assert tuner.perf_model is pam._fwd_time_estimate and tuner.configs_top_k == pam._FWD_TOP_K <= 4
     # The GPU's tuners (built without TRITON_INTERPRET) keep their choice across processes.
     check_script = (
         "import danet_kernels.kernels.position_attention as pam\n"
-        "assert not pam._INTERPRETING\n"
+        "assert not pam.INTERPRETING\n"
         "assert all(t.cache_results for t in pam._FWD_KERNELS.values())\n"
         "tiles = lambda t: [(c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.kwargs['BLOCK_C'], c.num_warps,"
         " c.num_stages) for c in t.configs]\n"
@@ -694,6 +699,55 @@ def test_forward_autotuners_key_on_buckets_and_bench_a_handful() -> None:
     )
     result = run_without_interpreter(check_script, timeout=300)
     assert "checked" in result.stdout, result.stderr[-3000:]
+
+
+def test_backward_copies_misaligned_operands() -> None:
+    """An operand whose rows are not 16-byte aligned although N % 16 == 0 (here a storage offset of
+    one element) is copied into an aligned buffer before the backward's launches, as the forward
+    does (issue 18: the backward read it in place and lost the fast path). Launches recorded."""
+    batch, head_dim, channels, n = 1, 16, 32, 64
+    storage = torch.randn(batch, head_dim, n + 1)
+    q = storage[..., 1:]
+    assert q.shape[-1] % 16 == 0 and not is_aligned(q)
+    k, v = torch.randn(batch, head_dim, n), torch.randn(batch, channels, n)
+    dy, out, lse = torch.randn_like(v), torch.randn_like(v), torch.randn(batch, n)
+    with recorded_launches() as launches:
+        pam.pam_backward(dy, q, k, v, torch.ones(1), 1.0, out, lse)
+    operands = [(launch.jit_function.__name__, name, arg) for launch in launches
+                for name, arg in launch.named().items() if name in ("Q", "K", "V", "DY", "Out")]
+    assert any(name == "Q" for _, name, _ in operands)
+    misaligned = [(kernel, name) for kernel, name, arg in operands if not is_aligned(arg)]
+    assert not misaligned, misaligned
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf
+def test_padded_keys_add_nothing_to_dv(backward_path: str) -> None:
+    """With every energy hugely negative (lse << -128) a padded key (k = 0, score 0) would get
+    P = exp2(-lse) = inf; the dV kernel biases padded keys to -inf as the key-side kernels do, so
+    the padded rows of its (B, C, 80) buffer (N = 70) hold zeros, not inf or NaN (issue 18)."""
+    inputs = make_inputs(1, 8, 24, 70, gamma=0.9)
+    q, k = inputs["q"].abs() * 30 + 1.0, -inputs["k"].abs() * 30 - 1.0
+    v, residual, gamma = inputs["v"], inputs["residual"], inputs["gamma"]
+    _, out, lse = pam.pam_forward(q, k, v, gamma, residual, 1.0, True)
+    assert lse.max() < -128
+    _, _, dv, _ = pam.pam_backward(torch.randn_like(v), q, k, v, gamma, 1.0, out, lse)
+    assert dv._base.shape[-1] == 80 and torch.equal(dv._base[..., 70:], torch.zeros_like(dv._base[..., 70:]))
+
+
+def test_lazy_rescale_exact_when_the_running_max_grows_by_any_amount() -> None:
+    """Energies that grow along the keys, some key blocks past the running max by less than the
+    lazy rescale's threshold (2^8, no rescale: p up to 256) and some by far more (rescaled), match
+    float64 (issue 18: the forward rescales its accumulator only past the threshold)."""
+    n, head_dim = 160, 4
+    q = torch.ones(1, head_dim, n) * 0.25
+    # energies per 32-key block (natural units; the threshold is 8 / log2(e) = 5.5): up 1 (kept),
+    # up 6 (rescaled), up 1 (kept), up 92 (rescaled; kept, 2^133 would overflow fp32)
+    growth = torch.tensor([0.0, 1.0, 7.0, 8.0, 100.0])
+    k = (growth.repeat_interleave(32) + torch.rand(n))[None, None, :].expand(1, head_dim, n).clone()
+    inputs = {"q": q, "k": k, "v": torch.randn(1, 24, n), "gamma": None, "residual": None}
+    check_error_within_reference_error(inputs, factor=3.0)
+    inputs["k"] = torch.minimum(inputs["k"], torch.tensor(30.0))  # energies small enough for fp32's
+    check_against_float64(inputs)                                  # absolute bound: every block's
 
 
 # ---------------------------------------------------------------------------------------------
