@@ -11,12 +11,18 @@ Sections:
 
 Every Config that :func:`load_config` or :func:`config_from_dict` builds is checked whole by
 :func:`validate_config` (names of backbones, datasets, policies, ..., and value ranges), so
-``--print-config`` refuses what training would refuse.
+``--print-config`` refuses what training would refuse. The range of every numeric setting is
+:data:`RANGES` (signs, finiteness, and bounds derived from this machine where that is the
+honest limit: worker processes and threads from its CPUs, image sizes and sample counts from
+its memory); the command line's numeric flags are checked against the same table when they are
+parsed (danet/cli.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
@@ -55,6 +61,205 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 """``optim.name``."""
 MATMUL_PRECISIONS: tuple[str, ...] = ("highest", "high", "medium")
 """``train.matmul_precision``: torch.set_float32_matmul_precision's settings."""
+
+
+# ------------------------------------------------------------------------------ the machine's limits
+# Where a setting's honest upper bound is a property of the machine, it is read here (os only,
+# no torch) when a config is checked: a config valid on a large server may be refused on a
+# laptop, with a message naming the setting and the limit (give a smaller one with --set).
+
+MAX_WORKERS_PER_CPU = 4
+"""DataLoader worker processes per usable CPU (torch itself suggests at most one; data read from
+a network file system can use a few more while they wait)."""
+BYTES_PER_PIXEL = 12
+"""One float32 RGB copy of an image: the least memory a pixel costs any run (the network's
+activations cost many times more)."""
+BYTES_PER_SAMPLE = 64
+"""An epoch's shuffled order per training sample: torch.randperm's int64 and a Python list entry."""
+MAX_SCALE = 10.0
+"""The largest test-time or training scale factor: above it every pixel becomes more than a 10 x 10
+block and the cost grows more than 100-fold (the release and mmsegmentation use at most 2)."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""``dist.timeout_s``: a week; torch converts it to milliseconds, and no collective should wait longer."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The LR multiplies float32 parameters: an LR beyond float32's range cannot be applied at all."""
+MAX_SEED = 2**31 - 1
+"""Seeds are offset by the process rank and must stay within numpy's 32-bit seeds."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; the CPU count where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def memory_bytes() -> int:
+    """The memory this process may use: the machine's physical memory, or its cgroup's limit
+    when that is lower (containers, Slurm jobs)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        total = 1 << 40  # unknown (not POSIX): no machine bound to speak of
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def max_image_pixels() -> int:
+    """The most pixels one image may have here: one float32 RGB copy must fit in memory."""
+    return memory_bytes() // BYTES_PER_PIXEL
+
+
+def max_image_side() -> int:
+    """The longest side of a square image here (:func:`max_image_pixels`)."""
+    return math.isqrt(max_image_pixels())
+
+
+def max_samples() -> int:
+    """The most samples an epoch may have here: its shuffled order must fit in memory."""
+    return memory_bytes() // BYTES_PER_SAMPLE
+
+
+def _memory() -> str:
+    return f"{memory_bytes() / 2**30:.1f} GiB"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: finite, ``low <= value <= high`` (``<`` where open).
+
+    ``high`` may be a function of the machine (evaluated when a value is checked); ``why`` says
+    where it comes from, in the message that refuses a value above it.
+    """
+
+    low: float | None = None
+    high: float | Callable[[], float] | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str | Callable[[], str] = ""
+
+    @staticmethod
+    def _shown(number: float) -> str:
+        whole = isinstance(number, int) or (abs(number) < 1e15 and float(number).is_integer())
+        return str(int(number)) if whole else f"{number:g}"
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` ("must be >= 1, got 0"), None when it is valid."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        high = self.high() if callable(self.high) else self.high
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = high is not None and (value >= high if self.high_open else value > high)
+        if not (below or above):
+            return None
+        why = self.why() if callable(self.why) else self.why
+        if self.low is not None and high is not None and not why:
+            brackets = ("(" if self.low_open else "[", ")" if self.high_open else "]")
+            return (f"must be in {brackets[0]}{self._shown(self.low)}, {self._shown(high)}{brackets[1]}, "
+                    f"got {value!r}")
+        if below:
+            return f"must be {'>' if self.low_open else '>='} {self._shown(self.low)}, got {value!r}"
+        limit = "below" if self.high_open else "at most"
+        return f"must be {limit} {self._shown(high)} ({why}), got {value!r}"
+
+
+def _cpu_why(per_cpu: int) -> Callable[[], str]:
+    def why() -> str:
+        cpus = usable_cpus()
+        each = f"{per_cpu} per CPU, " if per_cpu > 1 else "one per CPU: "
+        return f"{each}this process may use {cpus} CPU{'s' if cpus > 1 else ''}"
+    return why
+
+
+_SIDE = Range(1, lambda: max_image_side(),
+              why=lambda: f"a float32 RGB image of that side must fit in this machine's {_memory()}")
+_COUNT = Range(1, lambda: max_samples(),
+               why=lambda: f"an epoch's shuffled order takes {BYTES_PER_SAMPLE} bytes per sample of "
+                           f"this machine's {_memory()}")
+_NON_NEGATIVE = Range(0)
+_AT_LEAST_ONE = Range(1)
+
+RANGES: dict[str, Range] = {
+    "data.base_size": _SIDE,
+    "data.crop_size": _SIDE,
+    "data.image_size": _SIDE,
+    "data.ignore_index": Range(0, 255),  # masks are 8-bit images
+    "data.workers": Range(0, lambda: MAX_WORKERS_PER_CPU * usable_cpus(), why=_cpu_why(MAX_WORKERS_PER_CPU)),
+    # images are scaled to [0, 1] before they are normalised (mmsegmentation's 0-255 values / 255)
+    "data.mean": Range(0, 1),
+    "data.std": Range(0, 1, low_open=True),
+    "data.scale_range": Range(0, MAX_SCALE, low_open=True),
+    "data.train_samples": _COUNT,
+    "data.val_samples": _COUNT,
+    "eval.crop_size": _SIDE,
+    "eval.stride_ratio": Range(0, 1, low_open=True),
+    "eval.stride": _SIDE,
+    "eval.scales": Range(0, MAX_SCALE, low_open=True),
+    "eval.base_size": _SIDE,
+    "eval.batch_size": _AT_LEAST_ONE,
+    "eval.window_memory_mb": _NON_NEGATIVE,
+    "optim.lr": Range(0, FLOAT32_MAX, why="the largest float32"),
+    "optim.momentum": Range(0, 1, high_open=True),  # 1 never forgets a gradient
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.head_lr_mult": _NON_NEGATIVE,
+    "optim.grad_clip": _NON_NEGATIVE,  # 0: no clipping
+    "schedule.power": _NON_NEGATIVE,  # poly and inv: a negative power raises the LR (poly: 0 ** -p)
+    "schedule.gamma": Range(),  # its sign and size depend on the policy: check_schedule
+    "schedule.step_size": _NON_NEGATIVE,
+    "schedule.milestones": _AT_LEAST_ONE,
+    "schedule.warmup_iters": _NON_NEGATIVE,
+    "schedule.warmup_start_factor": Range(0, 1, low_open=True),
+    "loss.weights": _NON_NEGATIVE,
+    "loss.aux_weight": _NON_NEGATIVE,
+    "train.epochs": _AT_LEAST_ONE,
+    "train.iters": _AT_LEAST_ONE,
+    "train.batch_size": _AT_LEAST_ONE,
+    "train.accum_steps": _AT_LEAST_ONE,
+    "train.threads": Range(0, lambda: usable_cpus(), why=_cpu_why(1)),  # 0: torch's default
+    "train.seed": Range(0, MAX_SEED, why="offset by the process rank, seeds stay within numpy's 32 bits"),
+    "train.val_interval": _NON_NEGATIVE,
+    "train.checkpoint_interval": _NON_NEGATIVE,
+    "train.log_interval": _NON_NEGATIVE,
+    "dist.timeout_s": Range(0, MAX_TIMEOUT_S, low_open=True, why="a week"),
+    # command-line flags that set no config field (danet/cli.py)
+    "predict.alpha": Range(0, 1),
+    "predict.max_whole_pixels": _NON_NEGATIVE,  # 0: no limit
+    "attention.num_channels": _AT_LEAST_ONE,
+    "attention.channels": _NON_NEGATIVE,
+    "attention.points": _NON_NEGATIVE,
+    "export.size": _SIDE,
+    # danet plan predicts for other machines (GPUs): no bound from this one
+    "plan.size": _AT_LEAST_ONE,
+    "plan.batch": _AT_LEAST_ONE,
+    "plan.gpus": _AT_LEAST_ONE,
+    "plan.classes": _AT_LEAST_ONE,
+    "plan.memory": Range(0, low_open=True),  # GB; above the CUDA context's reserve: danet.commands.plan
+}
+"""The valid values of every numeric setting (each element of a tuple setting) and of the
+command line's numeric flags that set no config field; a test checks that every numeric field
+of :class:`Config` has an entry. Cross-field rules (low <= high, stride <= crop,
+policy-dependent ones) are in :func:`validate_config`."""
+
+
+def check_value(key: str, value: Any, *, name: str | None = None) -> None:
+    """Raise ValueError if ``value`` is outside ``key``'s :data:`RANGES` (each element of a tuple).
+
+    ``name``: how the message names the setting (default ``key``).
+    """
+    name = name or key
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for element in values:
+        problem = None if element is None else RANGES[key].problem(element)
+        if problem is not None:
+            where = "" if len(values) == 1 else f" (in {list(values)})"
+            raise ValueError(f"{name} {problem}{where}")
 
 
 # ------------------------------------------------------------------------------ the configuration
@@ -213,8 +418,9 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-# a run directory is runs/<name>-YYYYmmdd-HHMMSS: one path component of at most 255 bytes
-_MAX_NAME_BYTES = 255 - len("-20260101-120000")
+# a run directory is runs/<name>-YYYYmmdd-HHMMSS[-N]: one path component of at most 255 bytes
+# (-N tells apart runs started in the same second, up to -9999)
+_MAX_NAME_BYTES = 255 - len("-20260101-120000") - len("-9999")
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "synthetic"  # what `danet train` runs with no arguments: a CPU demo in minutes
@@ -310,21 +516,57 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            node[leaf] = _load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            if problem.startswith("duplicate key"):
+                raise ValueError(f"override {key.strip()}={raw}: {problem}") from None
             raise ValueError(f"override {key.strip()}={raw}: the value is not valid YAML ({problem}); "
                              "quote lists and strings, e.g. --set 'data.scale_range=[0.5, 2.0]'") from None
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last
+    silently: ``optim: {lr: 0.5, lr: 0.02}`` trains at 0.02)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" merges, on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                break
+            line = key_node.start_mark.line + 1
+            if repeated:
+                where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} ({where}; YAML would keep the last one silently): "
+                    "remove one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`_UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file (a mapping of sections); clear errors for a missing or bad file."""
+    """Read a YAML config file (a mapping of sections); clear errors for a missing or bad file,
+    and for a key given twice."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
+    except yaml.constructor.ConstructorError as err:
+        if err.problem and err.problem.startswith("duplicate key"):
+            raise ValueError(f"{path}: {err.problem}") from None
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
@@ -399,11 +641,12 @@ def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
-def _at_least(key: str, value: float | None, low: float, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if value is None or value < low:
-        raise ValueError(f"{key} must be >= {low}, got {value!r}")
+def _check_section(section: Any, prefix: str, name_prefix: str | None = None) -> None:
+    """Every field of ``section`` that :data:`RANGES` knows (as ``prefix + field``), checked."""
+    name_prefix = prefix if name_prefix is None else name_prefix
+    for name in get_type_hints(type(section)):
+        if prefix + name in RANGES:
+            check_value(prefix + name, getattr(section, name), name=name_prefix + name)
 
 
 def validate_config(cfg: Config) -> None:
@@ -416,7 +659,7 @@ def validate_config(cfg: Config) -> None:
     from danet.data import DATASETS
     from danet.models.backbone import BACKBONES
 
-    m, d, e, o, s, t = cfg.model, cfg.data, cfg.eval, cfg.optim, cfg.schedule, cfg.train
+    m, d, o = cfg.model, cfg.data, cfg.optim
     if not cfg.name or "/" in cfg.name or len(cfg.name.encode()) > _MAX_NAME_BYTES:
         raise ValueError(f"name must be 1 to {_MAX_NAME_BYTES} bytes without '/' (it names the run "
                          f"directory runs/<name>-<time>), got {len(cfg.name.encode())} bytes: "
@@ -425,29 +668,28 @@ def validate_config(cfg: Config) -> None:
     _choice("model.output_stride", m.output_stride, OUTPUT_STRIDES)
     _choice("model.attention", m.attention, ATTENTIONS)
     _choice("data.dataset", d.dataset, list(DATASETS))
-    for key in ("base_size", "crop_size", "image_size"):
-        _at_least(f"data.{key}", getattr(d, key), 1)
-    _at_least("data.workers", d.workers, 0)
-    _at_least("data.train_samples", d.train_samples, 1, optional=True)
-    _at_least("data.val_samples", d.val_samples, 1, optional=True)
+    for section in ("data", "optim", "loss", "train", "dist"):
+        _check_section(getattr(cfg, section), f"{section}.")
     low, high = d.scale_range
-    if not 0 < low <= high:
+    if not low <= high:
         raise ValueError(f"data.scale_range must satisfy 0 < low <= high, got {list(d.scale_range)}")
-    resolve_eval_config(e, d, prefix="eval.")  # as validation and danet eval will run it
+    if int(d.base_size * low) < 2:  # torchvision's antialiased resize of 8-bit images fails at 1 x 1
+        raise ValueError(f"data.scale_range's low end x data.base_size must be at least 2 pixels, got "
+                         f"{low:g} x {d.base_size} = {d.base_size * low:g}")
+    check_value("data.base_size", math.ceil(d.base_size * high),
+                name="data.base_size x data.scale_range's high end")
+    if o.lr * o.head_lr_mult > FLOAT32_MAX:
+        raise ValueError(f"optim.lr x optim.head_lr_mult (the head's LR) must be at most {FLOAT32_MAX:g} "
+                         f"(the largest float32), got {o.lr:g} x {o.head_lr_mult:g}")
+    if not any(cfg.loss.weights) and not (m.aux and cfg.loss.aux_weight > 0):
+        raise ValueError(f"loss.weights are all 0 (and no auxiliary loss): nothing would be trained, "
+                         f"got {list(cfg.loss.weights)}")
+    resolve_eval_config(cfg.eval, d, prefix="eval.")  # as validation and danet eval will run it
     _choice("optim.name", o.name, OPTIMIZERS)
-    _at_least("optim.lr", o.lr, 0.0)
-    _at_least("optim.grad_clip", o.grad_clip, 0.0)
-    check_schedule(s)
-    _choice("train.amp", t.amp, AMP_MODES)
-    _choice("train.matmul_precision", t.matmul_precision, MATMUL_PRECISIONS)
-    _choice("train.device", t.device, DEVICES)
-    for key in ("epochs", "batch_size", "accum_steps"):
-        _at_least(f"train.{key}", getattr(t, key), 1)
-    _at_least("train.iters", t.iters, 1, optional=True)
-    for key in ("val_interval", "checkpoint_interval", "log_interval", "threads"):
-        _at_least(f"train.{key}", getattr(t, key), 0)
-    if not cfg.dist.timeout_s > 0:
-        raise ValueError(f"dist.timeout_s must be > 0 seconds, got {cfg.dist.timeout_s!r}")
+    check_schedule(cfg.schedule)
+    _choice("train.amp", cfg.train.amp, AMP_MODES)
+    _choice("train.matmul_precision", cfg.train.matmul_precision, MATMUL_PRECISIONS)
+    _choice("train.device", cfg.train.device, DEVICES)
 
 
 def check_schedule(cfg: ScheduleConfig) -> None:
@@ -456,15 +698,17 @@ def check_schedule(cfg: ScheduleConfig) -> None:
     if cfg.policy not in LR_POLICIES:
         raise ValueError(f"unknown LR policy {cfg.policy!r}: schedule.policy must be one of "
                          f"{', '.join(LR_POLICIES)}")
-    _at_least("schedule.warmup_iters", cfg.warmup_iters, 0)
-    if cfg.warmup_iters > 0 and not 0.0 < cfg.warmup_start_factor <= 1.0:
-        raise ValueError(f"schedule.warmup_start_factor must be in (0, 1], got {cfg.warmup_start_factor}")
+    _check_section(cfg, "schedule.")
     if cfg.policy == "step" and cfg.step_size < 1:
         raise ValueError(f"schedule.step_size must be >= 1 for the step policy, got {cfg.step_size}")
     if cfg.policy == "multistep" and list(cfg.milestones) != sorted(set(cfg.milestones)):
         raise ValueError(f"schedule.milestones must be strictly increasing, got {list(cfg.milestones)}")
     if cfg.policy == "inv" and cfg.gamma < 0:
         raise ValueError(f"schedule.gamma must be >= 0 for the inv policy, got {cfg.gamma}")
+    if cfg.policy in ("step", "exp", "multistep") and not 0 < cfg.gamma <= 1:
+        # a decay factor: <= 0 gives LR 0 or a negative LR (gradient ascent); > 1 makes the LR grow
+        raise ValueError(f"schedule.gamma must be in (0, 1] for the {cfg.policy} policy (the factor the LR "
+                         f"is multiplied by), got {cfg.gamma}")
 
 
 def check_eval_config(cfg: EvalConfig, *, prefix: str = "") -> None:
@@ -481,21 +725,18 @@ def check_eval_config(cfg: EvalConfig, *, prefix: str = "") -> None:
     if needs_crop and (cfg.crop_size is None or cfg.crop_size < 1):
         raise ValueError(f"mode {cfg.mode!r} (protocol {cfg.protocol!r}) needs a {prefix}crop_size >= 1, "
                          f"got {cfg.crop_size}")
-    _at_least(f"{prefix}crop_size", cfg.crop_size, 1, optional=True)
-    if not 0 < cfg.stride_ratio <= 1:
-        raise ValueError(f"{prefix}stride_ratio must be in (0, 1], got {cfg.stride_ratio}")
-    _at_least(f"{prefix}stride", cfg.stride, 1, optional=True)
+    if cfg.mode == "multiscale" and not cfg.scales:
+        raise ValueError(f"{prefix}scales must be a non-empty list of positive numbers, "
+                         f"got {list(cfg.scales)}")
+    _check_section(cfg, "eval.", prefix)
     if cfg.stride is not None and cfg.crop_size is not None and cfg.stride > cfg.crop_size:
         raise ValueError(f"{prefix}stride must be between 1 and the crop size {cfg.crop_size}, "
                          f"got {cfg.stride}")
-    if cfg.mode == "multiscale" and (not cfg.scales or any(s <= 0 for s in cfg.scales)):
-        raise ValueError(f"{prefix}scales must be a non-empty list of positive numbers, "
-                         f"got {list(cfg.scales)}")
     if cfg.protocol == "release" and (cfg.base_size is None or cfg.base_size < 1):
         raise ValueError(f"protocol 'release' needs a {prefix}base_size >= 1, got {cfg.base_size}")
-    _at_least(f"{prefix}base_size", cfg.base_size, 1, optional=True)
-    _at_least(f"{prefix}batch_size", cfg.batch_size, 1)
-    _at_least(f"{prefix}window_memory_mb", cfg.window_memory_mb, 0)
+    if cfg.mode == "multiscale" and cfg.base_size is not None:
+        check_value("eval.base_size", math.ceil(cfg.base_size * max(cfg.scales)),
+                    name=f"{prefix}base_size x the largest of {prefix}scales")
 
 
 def resolve_eval_config(cfg: EvalConfig, data: DataConfig | None = None, *, prefix: str = "") -> EvalConfig:

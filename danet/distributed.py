@@ -39,11 +39,14 @@ import contextlib
 import json
 import os
 import re
+import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,8 +172,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-class DistributedTimeoutError(RuntimeError):
+class DistributedError(RuntimeError):
+    """Another process of the job failed; the message names it (one line)."""
+
+
+class DistributedTimeoutError(DistributedError):
     """Another process stopped answering within ``dist.timeout_s``; the message names it."""
+
+
+class PeerGoneError(DistributedError):
+    """Another process of the job is gone (killed, crashed, its machine lost); the message names it."""
 
 
 def is_timeout(err: BaseException) -> bool:
@@ -178,24 +189,113 @@ def is_timeout(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and re.search(r"timed? ?out", str(err), re.IGNORECASE) is not None
 
 
-class Progress:
-    """What every process last started, in the process group's store, to name a stalled rank.
+_PEER_GONE = re.compile(r"connection (reset|closed|refused)|broken pipe|socket (closed|error)|"
+                        r"end of file|communicator was aborted|remote process exited", re.IGNORECASE)
 
-    ``mark("step 12")`` costs one small write to the store (rank 0's or torchrun's); with one
-    process it does nothing.
+
+def is_peer_gone(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process went away (gloo: "Connection
+    reset by peer", "Connection closed by peer"; NCCL: an aborted communicator)."""
+    return isinstance(err, RuntimeError) and _PEER_GONE.search(str(err)) is not None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped by torchrun) or a stopped process does not answer either
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+class Progress:
+    """What every process last started, and whether it still lives, in the process group's store,
+    to name a stalled or vanished rank.
+
+    ``mark("step 12")`` costs one small write to the store (rank 0's or torchrun's); a daemon
+    thread writes a heartbeat (host, PID, time) every ``HEARTBEAT_S`` seconds, which stops when
+    the process is stopped, frozen or gone. With one process it does nothing.
     """
 
     _KEY = "danet/progress/{rank}"
+    _ALIVE = "danet/alive/{rank}"
+    HEARTBEAT_S = 2.0
+    SILENT_AFTER = 3  # heartbeats missed before a rank counts as silent
 
     def __init__(self, ctx: DistributedContext) -> None:
         self.ctx, self.count = ctx, 0
         self.store = None
+        self._stopped = threading.Event()
         if ctx.distributed and dist.is_initialized():
             try:
                 self.store = dist.distributed_c10d._get_default_store()
             except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - a torch without it
                 self.store = None
         self.mark("start")
+        if self.store is not None:
+            self._beat()
+            threading.Thread(target=self._heartbeat, name="danet-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        record = json.dumps([socket.gethostname(), os.getpid(), time.time()])
+        self.store.set(self._ALIVE.format(rank=self.ctx.rank), record)  # type: ignore[union-attr]
+
+    def _heartbeat(self) -> None:
+        while not self._stopped.wait(self.HEARTBEAT_S):
+            try:
+                self._beat()
+            except Exception:  # the store is gone (the job is ending): nothing left to tell
+                return
+
+    def close(self) -> None:
+        """Stop the heartbeat."""
+        self._stopped.set()
+
+    def silent_ranks(self, seconds: float = 10.0) -> tuple[list[str], bool]:
+        """The other ranks that are gone or silent, in words, and whether the store answered.
+
+        Gone: its process no longer exists (same host). Silent: no heartbeat for
+        ``SILENT_AFTER`` x ``HEARTBEAT_S`` seconds (stopped, frozen, killed, its machine lost).
+        """
+        if self.store is None:
+            return [], False
+        host, now, found = socket.gethostname(), time.time(), []
+        try:
+            self.store.set_timeout(timedelta(seconds=seconds))
+            for rank in range(self.ctx.world_size):
+                key = self._ALIVE.format(rank=rank)
+                if rank == self.ctx.rank or not self.store.check([key]):
+                    continue
+                their_host, pid, beat = json.loads(self.store.get(key))
+                if their_host == host and not _process_alive(pid):
+                    found.append(f"rank {rank} (PID {pid} on {host}) is gone")
+                elif now - beat > self.SILENT_AFTER * self.HEARTBEAT_S:
+                    found.append(f"rank {rank} (PID {pid} on {their_host}) has given no sign of life for "
+                                 f"{now - beat:.0f} s")
+        except (RuntimeError, ValueError):
+            return found, False
+        return found, True
+
+    def describe_gone(self, wait_s: float | None = None) -> str:
+        """Which rank went away, waiting up to ``wait_s`` seconds for its heartbeat to go stale."""
+        wait_s = (self.SILENT_AFTER + 1) * self.HEARTBEAT_S if wait_s is None else wait_s
+        deadline = time.monotonic() + wait_s
+        while True:
+            found, answered = self.silent_ranks()
+            if found or not answered or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if found:
+            return "; ".join(found)
+        if not answered:
+            return ("the job's store (on MASTER_ADDR) does not answer either: rank 0, which holds it, or "
+                    "its machine is gone")
+        return "another process of the job is gone (the connection to it was lost)"
 
     def mark(self, what: str) -> None:
         """Record that this process starts ``what`` now."""
@@ -225,7 +325,12 @@ class Progress:
             elif entry[0] < reached:
                 behind.append(f"rank {rank} (last started {entry[1]}, {now - entry[2]:.0f} s ago)")
         if not behind:
-            return "every rank reported the same progress; the stall is inside a collective"
+            silent, _ = self.silent_ranks()
+            if silent:
+                return (f"{'; '.join(silent)}: it stopped answering inside a collective (every rank had "
+                        f"started {next(e[1] for e in seen.values() if e is not None)})")
+            return ("every rank reported the same progress and is alive; the stall is inside a collective "
+                    "(a deadlock, or a network problem between the machines)")
         ahead = [str(rank) for rank, entry in seen.items() if entry is not None and entry[0] == reached]
         where = next(entry[1] for entry in seen.values() if entry is not None and entry[0] == reached)
         return (f"{', '.join(behind)} stopped answering; rank(s) {', '.join(ahead)} had started {where}")
@@ -234,17 +339,27 @@ class Progress:
 @contextlib.contextmanager
 def stalled_ranks_named(progress: Progress, timeout_s: float,
                         note: Callable[[], str] = str) -> Iterator[None]:
-    """Turn a collective's timeout inside the block into a DistributedTimeoutError naming the
-    process that stopped answering (``note()`` adds e.g. where the newest checkpoint is)."""
+    """Turn a collective's failure inside the block into one line naming the process at fault:
+    a timeout into a DistributedTimeoutError naming the process that stopped answering, a lost
+    connection into a PeerGoneError naming the process that is gone (``note()`` adds e.g. where
+    the newest checkpoint is). The heartbeat stops when the block ends."""
     try:
         yield
     except RuntimeError as err:
-        if not (progress.ctx.distributed and is_timeout(err)):
+        if not progress.ctx.distributed or isinstance(err, DistributedError):
             raise
         extra = note()
-        raise DistributedTimeoutError(
-            f"rank {progress.ctx.rank} waited dist.timeout_s={timeout_s:g} s for the other processes: "
-            f"{progress.describe_stall()}{'; ' + extra if extra else ''}") from err
+        extra = f"; {extra}" if extra else ""
+        if is_timeout(err):
+            raise DistributedTimeoutError(
+                f"rank {progress.ctx.rank} waited dist.timeout_s={timeout_s:g} s for the other processes: "
+                f"{progress.describe_stall()}{extra}") from err
+        if is_peer_gone(err):
+            raise PeerGoneError(f"rank {progress.ctx.rank} lost a peer: {progress.describe_gone()}; this "
+                                f"process stops too{extra}") from err
+        raise
+    finally:
+        progress.close()
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -15,6 +15,7 @@ Results depend on the thread count in the last bits (the reductions inside a con
 split differently), so runs compare exactly only at the same count.
 
 Autocast: :data:`AMP_DTYPES` maps the ``amp`` settings of training and inference to a dtype.
+The attention backend: :func:`check_attention_backend` refuses one forced where it cannot run.
 
 Install hints: :func:`install_hint` names the command that adds an extra's optional packages,
 for the way this process runs: from a checkout (``pip install -c constraints.txt -e '.[export]'``)
@@ -27,7 +28,6 @@ Progress bars (:func:`progress_bar`) are drawn on a terminal only: redirected to
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-__all__ = ["AMP_DTYPES", "DISTRIBUTION", "cpu_cores", "install_hint", "progress_bar", "set_threads"]
+from danet.config import usable_cpus
+from danet_kernels._dispatch import resolve_backend
+
+__all__ = ["AMP_DTYPES", "DISTRIBUTION", "check_attention_backend", "cpu_cores", "install_hint",
+           "progress_bar", "set_threads"]
 
 DISTRIBUTION = "danet-fused"
 """The name danet is installed under (pyproject.toml's project.name)."""
@@ -58,6 +62,19 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def check_attention_backend(device: torch.device) -> None:
+    """Refuse, before any work, an attention backend forced where it cannot run (e.g.
+    ``DANET_KERNELS_BACKEND=triton`` on a machine without CUDA), with danet_kernels' reason.
+
+    Raises:
+        ValueError: one line naming the setting and what to do.
+    """
+    try:
+        resolve_backend("auto", torch.empty(0, device=device))
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+
+
 def _checkout_root() -> Path | None:
     """The checkout danet runs from (PYTHONPATH or an editable install), or None when installed."""
     root = Path(__file__).resolve().parents[1]
@@ -76,10 +93,9 @@ def install_hint(extra: str) -> str:
     return f"pip install '{DISTRIBUTION}[{extra}]{pin}'"
 
 def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the system reports one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPU cores this process may run on (danet.config.usable_cpus: its affinity where the
+    system reports one; the same count bounds data.workers and train.threads)."""
+    return usable_cpus()
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **options: Any) -> tqdm:

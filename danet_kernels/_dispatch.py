@@ -40,7 +40,10 @@ def _check_name(backend: str) -> str:
     return backend
 
 
-_default_backend = _check_name(os.environ.get(ENV_VAR, "auto"))
+try:
+    _default_backend = _check_name(os.environ.get(ENV_VAR, "auto"))
+except ValueError as _err:
+    raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: {_err}") from None
 
 
 def get_backend() -> str:
@@ -111,13 +114,15 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         ValueError: for an unknown name.
         RuntimeError: when ``"triton"`` is forced on a tensor it cannot run.
     """
-    backend = _check_name(backend)
-    if backend == "auto":
-        backend = get_backend()
+    requested = _check_name(backend)
+    backend = get_backend() if requested == "auto" else requested
     if backend == "auto":
         return "triton" if triton_can_run(x) else "torch"
     why_not = _why_not_triton(x) if backend == "triton" else None
     if why_not is not None:
+        if requested == "auto" and os.environ.get(ENV_VAR) == backend:  # forced by the environment
+            raise RuntimeError(f"{ENV_VAR}={backend}, but the Triton kernels cannot run a {x.dtype} tensor "
+                               f"on {x.device}: {why_not}; unset {ENV_VAR} or set it to auto")
         raise RuntimeError(f"backend='triton' cannot run a {x.dtype} tensor on {x.device}: {why_not}; "
                            "use backend='torch' or 'auto'")
     return backend

@@ -56,8 +56,14 @@ class PAM_Module(reference.PAM_Module):  # noqa: N801 - the original release's n
     """Position attention module: ``gamma * PAM(x) + x`` without the N x N matrix.
 
     Args:
-        in_dim: channels C of the input; queries and keys have ``C // 8`` channels.
+        in_dim: channels C of the input, at least 8; queries and keys have ``C // 8`` channels.
     """
+
+    def __init__(self, in_dim: int) -> None:
+        if in_dim < 8:  # C // 8 query/key channels: none below 8, and the 1x1 convolutions fail in forward
+            raise ValueError(f"PAM_Module: in_dim must be >= 8 (queries and keys have in_dim // 8 "
+                             f"channels), got {in_dim}")
+        super().__init__(in_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``gamma * PAM(x) + x`` for x of shape (B, C, H, W)."""

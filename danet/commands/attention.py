@@ -38,8 +38,6 @@ __all__ = ["run"]
 
 def run(args: argparse.Namespace) -> int:
     """``danet attention``: write the figure."""
-    if args.num_channels < 0:
-        raise ValueError(f"--num-channels must be >= 0, got {args.num_channels}")
     image = load_rgb(args.image)  # inputs first: the image, the checkpoint; then the output
     if has_alpha(args.image):
         print(f"{args.image}: {ALPHA_IGNORED}")

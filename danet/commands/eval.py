@@ -26,16 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from danet.commands.model_setup import EVAL_FIELDS, setup_from_args
-from danet.config import DataConfig, EvalConfig
+from danet.config import DataConfig, EvalConfig, check_value
 from danet.data import DatasetClasses, build_dataset, eval_transforms, get_dataset_class
 from danet.distributed import ShardSampler, cleanup_distributed, setup_distributed
 from danet.evaluation.evaluate import CONVENTIONS, confusion_matrices, head_metrics
 from danet.evaluation.protocols import window_stride
 from danet.io.atomic import atomic_write
 from danet.io.output_paths import check_output_file
+from danet.training.stopping import StopSafeDataLoader
 from danet.visualization.plots import confusion_figure
 
 __all__ = ["run"]
@@ -59,8 +60,6 @@ def _check_classes(data: DataConfig, classes: DatasetClasses) -> None:
 
 
 def _eval_dataset(data: DataConfig, split: str, limit: int | None) -> Dataset:
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
     extra: dict[str, Any] = {}
     if data.dataset == "synthetic":  # generated: size and count are constructor arguments
         extra = {"image_size": data.image_size, "num_samples": limit or data.val_samples}
@@ -120,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     """``danet eval``: print the per-class table and the metrics; rank 0 writes the outputs."""
     heads = list(dict.fromkeys(args.heads))
     for flag, path in (("--json", args.json), ("--confusion-matrix", args.confusion_matrix)):
-        if path is not None:  # checked before the evaluation; eval replaces its outputs
+        if path is not None:  # checked before the evaluation
             try:
-                check_output_file(path, overwrite=True)
+                check_output_file(path, args.overwrite)
             except ValueError as error:
                 raise ValueError(f"{flag}: {error}") from None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -133,9 +132,12 @@ def run(args: argparse.Namespace) -> int:
         dataset = _eval_dataset(setup.data, args.split, args.limit)
         world, rank = (ctx.world_size, ctx.rank) if ctx else (1, 0)
         workers = args.workers if args.workers is not None else setup.data.workers
-        loader = DataLoader(dataset, batch_size=setup.eval.batch_size, shuffle=False, num_workers=workers,
-                            sampler=ShardSampler(len(dataset), world, rank) if ctx else None,
-                            pin_memory=setup.device.type == "cuda")
+        check_value("data.workers", workers, name="the checkpoint's data.workers (give --workers N)")
+        # workers die with this process (a kill -9 leaves no orphans) and leave Ctrl-C to it
+        loader = StopSafeDataLoader(dataset, batch_size=setup.eval.batch_size, shuffle=False,
+                                    num_workers=workers,
+                                    sampler=ShardSampler(len(dataset), world, rank) if ctx else None,
+                                    pin_memory=setup.device.type == "cuda")
         cfg = setup.eval
         main = rank == 0
         if main:

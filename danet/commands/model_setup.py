@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torchvision import tv_tensors
 
-from danet.config import DataConfig, EvalConfig, resolve_eval_config
+from danet.config import DataConfig, EvalConfig, ModelConfig, resolve_eval_config
 from danet.data import DatasetClasses, eval_transforms, get_dataset_class
 from danet.data.folder import CLASS_LIST
 from danet.distributed import resolve_device
 from danet.evaluation.cost import ForwardCost, format_duration, measured_conv_speed
 from danet.evaluation.engine import scores_of_resolved
 from danet.models import Checkpoint, build_from_checkpoint, read_checkpoint
+from danet.runtime import check_attention_backend
 
 __all__ = ["EVAL_FIELDS", "LONG_INFERENCE_PIXELS", "CommandSetup", "describe_forward", "normalise_image",
            "predict_image", "run_inference", "setup_from_args"]
@@ -89,6 +90,8 @@ def setup_from_args(args: argparse.Namespace, device: torch.device | None = None
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda, but no CUDA device is available")
         device = resolve_device(args.device)
+    if (args.attention or (stored.get("model") or {}).get("attention", ModelConfig.attention)) == "fused":
+        check_attention_backend(device)  # e.g. DANET_KERNELS_BACKEND=triton without CUDA: one line, now
     return CommandSetup(model.to(device).eval(), device, classes, data, eval_cfg)
 
 

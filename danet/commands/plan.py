@@ -114,14 +114,6 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``danet plan``: print the table (or JSON) of predicted peaks and batches."""
     cfg = load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
     height, width = args.size if args.size is not None else (cfg.data.crop_size,) * 2
-    if height < 1 or width < 1:
-        raise ValueError(f"--size must be two positive numbers of pixels, got {height} {width}")
-    if args.gpus < 1:
-        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
-    if args.batch is not None and args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.classes is not None and args.classes < 1:
-        raise ValueError(f"--classes must be >= 1, got {args.classes}")
     extra = tuple(args.memory or ())
     if any(gb * (1 << 30) <= DEVICE_RESERVE_BYTES for gb in extra):
         raise ValueError(f"--memory must be above {DEVICE_RESERVE_BYTES / (1 << 30):g} GB (the CUDA "

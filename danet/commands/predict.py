@@ -57,7 +57,7 @@ from danet.data.images import ALPHA_IGNORED, has_alpha, image_size, image_suffix
 from danet.evaluation.engine import estimate_inference_cost
 from danet.evaluation.protocols import inference_plan, window_stride
 from danet.io.atomic import atomic_write
-from danet.io.output_paths import check_output_dir, check_output_file
+from danet.io.output_paths import check_output_dir, check_output_file, occupied
 from danet.visualization.masks import cityscapes_label_ids, colourise, mask_image, overlay, with_legend
 
 __all__ = ["CITYSCAPES_NAME", "MAX_WHOLE_PIXELS", "expand_image_arguments", "image_inference", "run"]
@@ -146,7 +146,7 @@ def _output_paths(images: list[Path], output: Path, overwrite: bool, fmt: str) -
     files = [path for group in paths for path in group]
     for path in files:
         check_output_file(path, overwrite=True)  # existing files: one message for all, below
-    existing = [str(p) for p in files if p.exists()]
+    existing = [str(p) for p in files if occupied(p)]  # a dangling symbolic link too
     if existing and not overwrite:
         raise ValueError(f"output file(s) exist: {', '.join(existing)} (pass --overwrite to replace them)")
     return paths
@@ -160,11 +160,7 @@ def _save_mask(path: Path, prediction: torch.Tensor, palette: np.ndarray, class_
 
 def run(args: argparse.Namespace) -> int:
     """``danet predict``: a mask and an overlay per image, or Cityscapes label-id PNGs."""
-    if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     max_whole_pixels = MAX_WHOLE_PIXELS if args.max_whole_pixels is None else args.max_whole_pixels
-    if max_whole_pixels < 0:
-        raise ValueError(f"--max-whole-pixels must be >= 0, got {max_whole_pixels}")
     output = check_output_dir(args.output)
     images = expand_image_arguments(args.images)  # inputs first: the images, then the checkpoint
     for path in images:

@@ -48,7 +48,9 @@ when the whole process group is signalled (DataLoader workers ignore the signals
 second signal arrives during that save. A NaN/Inf loss stops the run before the update (status 1)
 and names the checkpoint to resume from. ``--resume`` continues in the checkpoint's own
 directory with the stored config; settings that shape the LR schedule change only with
-``--rebase-schedule`` (danet.training.resume).
+``--rebase-schedule`` (danet.training.resume). One process trains into a run directory at a
+time: a second ``danet train`` into it, ``--resume`` of it or ``--overwrite`` of it is refused
+at once, naming the process that holds it.
 
 Exact resumption: the data order is a function of (seed, epoch) (DistributedSampler), each
 sample's augmentation a function of (seed, epoch, index), and the other random state (dropout)
@@ -77,7 +79,7 @@ from danet.config import (
     runs_on_cpu,
     validate_config,
 )
-from danet.distributed import DistributedTimeoutError
+from danet.distributed import DistributedError
 from danet.io.atomic import FileWriteError
 from danet.io.checkpoint import load_training_state
 from danet.training.resume import LoadedCheckpoint, check_stored_config, resolve_resume_path
@@ -137,12 +139,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = train(cfg, resume=loaded, overwrite=args.overwrite,
                            rebase_schedule=args.rebase_schedule, stop=stop)
-        except (NonFiniteLossError, DistributedTimeoutError, FileWriteError) as err:
+        except (NonFiniteLossError, DistributedError, FileWriteError) as err:
             print(f"danet train: error: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # a second Ctrl-C before the stop's checkpoint
             print("danet train: interrupted; the newest checkpoint is the run's last.pt", file=sys.stderr)
             return 130
+        except Exception:
+            args.run_dir = cfg.train.output  # danet.cli writes an unexpected error's traceback there
+            raise
     if result.stopped_early:  # the shell's status for "terminated by SIGTERM/SIGINT": 143/130
         return 128 + (result.signal_received or signal.SIGTERM)
     if result.metrics and result.run_dir and int(os.environ.get("RANK", "0")) == 0:

@@ -176,6 +176,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         too_long = OSError(errno.ENAMETOOLONG, "name too long")
         raise FileWriteError(errno.ENAMETOOLONG, describe_os_error(too_long, path)
                              + f" (this one has {len(path.name.encode())})")
+    _refuse_special_file(path)
     tmp = path.parent / _temporary_name(path.name)
     mode = _mode_for(path)
     try:
@@ -200,21 +201,46 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _refuse_special_file(path: Path) -> None:
+    """A FIFO, socket or device at ``path`` is never replaced (a rename would swap the node itself:
+    as root, /dev/null)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        error = OSError(errno.EPERM, "not a regular file")
+        raise FileWriteError(errno.EPERM, describe_os_error(error, path, "replace the special file"))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def atomic_link(source: str | Path, path: str | Path) -> Path:
     """Make ``path`` the same file as ``source`` (a hard link, swapped in atomically).
 
     Costs no disk while both names exist; replacing ``source`` later (atomic_write makes a new
     file) leaves ``path`` with the old content. Where the file system has no hard links, the
-    bytes are copied instead (through :func:`atomic_write`).
+    bytes are copied instead (through :func:`atomic_write`). Nothing is done when ``path`` is
+    already ``source``'s file (renaming a hard link onto its own file is a no-op that would leave
+    the temporary behind).
     """
     source, path = Path(source), Path(path)
-    if source.resolve() == path.resolve():
+    if source.resolve() == path.resolve() or _same_file(source, path):
         return path
     _sweep_once(path.parent)
+    _refuse_special_file(path)
     tmp = path.parent / _temporary_name(path.name)
     try:
         os.link(source, tmp)
         os.replace(tmp, path)
+        # rename(2) does nothing when both names are links to one file (another writer linked
+        # them meanwhile): the temporary is still there
+        tmp.unlink(missing_ok=True)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):

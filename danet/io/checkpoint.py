@@ -18,6 +18,13 @@ Writing: :func:`atomic_save` writes through :func:`danet.io.atomic.atomic_write`
 fsynced and renamed: a crash or a full disk mid-write leaves the previous checkpoint whole) and
 stores the SHA-256 of the archive torch wrote in the archive's own zip comment
 (``danet-sha256:<hex>``), so the file stays an ordinary ``torch.load``-able file for any reader.
+The checkpoint dict's first key is a marker, ``"danet_checkpoint"``: the pickle is the archive's
+first record, stored uncompressed, so the marker sits in the file's first hundred bytes, where
+it tells that the file is ours without unpickling anything. A file that carries it must carry
+a checksum record that verifies, so damage at the end of a file (bytes appended, padding to a
+block size, a cut-off or overwritten record) cannot make it pass for a file from elsewhere: the
+record is searched for as far back as a zip reader looks for the archive's end (64 KiB), and
+bytes after it are refused.
 
 Reading: :func:`read_file` is the one reader of every ``.pt``/``.pth``/``.tar``/``.safetensors``
 file danet opens (resume, eval, predict, attention, ImageNet weights). It recognises what a file
@@ -36,9 +43,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import random
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +56,7 @@ import numpy as np
 import torch
 
 from danet.io.atomic import atomic_link, atomic_write
+from danet.io.output_paths import describe_file_type
 
 LAST = "last.pt"
 BEST = "checkpoint_best.pt"
@@ -63,6 +73,13 @@ _EOCD_SIZE = 22  # ... its last two bytes are the length of the comment that fol
 _CHECKSUM_PREFIX = b"danet-sha256:"
 _CHECKSUM_COMMENT_SIZE = len(_CHECKSUM_PREFIX) + 64
 _CHUNK = 1 << 20
+# zip readers (torch's miniz) look for the end record in the last 64 KiB + 22 bytes: a file that
+# torch can load has ours within this window, however much was appended to it
+_TAIL_WINDOW = 0xFFFF + _EOCD_SIZE + _CHECKSUM_COMMENT_SIZE
+MARKER_KEY = "danet_checkpoint"
+"""The first key of every checkpoint :func:`atomic_save` writes (read_file removes it again)."""
+_MARKER_VALUE = "sha256 in the zip comment"
+_HEAD_SIZE = 4096  # the marker is within the first ~100 bytes (the pickle is the first record)
 
 
 class _HashingWriter:
@@ -80,13 +97,16 @@ class _HashingWriter:
 
 
 def _save_with_checksum(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path``, then the archive's SHA-256 as its zip comment.
+    """``torch.save(obj)`` to ``path`` (a mapping gets :data:`MARKER_KEY` first), then the archive's
+    SHA-256 as its zip comment.
 
     The comment length (the archive's last two bytes, 0 as torch writes them) becomes the
     comment's size and the comment follows: still a valid zip archive, loadable by torch.load.
     Written through a Python file object, so that a full disk is an OSError with ENOSPC (torch
     writing to a path itself reports only "unexpected pos ...").
     """
+    if isinstance(obj, Mapping):
+        obj = {MARKER_KEY: _MARKER_VALUE, **{k: v for k, v in obj.items() if k != MARKER_KEY}}
     with open(path, "wb") as raw:
         writer = _HashingWriter(raw)
         try:
@@ -103,41 +123,63 @@ def _save_with_checksum(obj: Any, path: Path) -> None:
         raw.write(_CHECKSUM_PREFIX + writer.sha256.hexdigest().encode())
 
 
+def _marked(head: bytes) -> bool:
+    """Whether a file's first bytes carry our marker (a zip archive whose pickle starts with it)."""
+    return head.startswith(b"PK\x03\x04") and MARKER_KEY.encode() in head[:_HEAD_SIZE]
+
+
+def _checksum_record(path: Path) -> tuple[str, int, int] | None:
+    """(stored SHA-256, where the archive ends, the file's size) for a file with our record, else None.
+
+    Raises:
+        ValueError: the file is ours (the marker, or our prefix near its end) but the record is
+            missing or damaged.
+    """
+    size = path.stat().st_size
+    start = max(0, size - _TAIL_WINDOW)
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_SIZE)
+        f.seek(start)
+        tail = f.read()
+    found = tail.rfind(_EOCD)
+    while found >= 0:  # the newest end record carrying our comment (appended data may hold others)
+        comment = tail[found + _EOCD_SIZE:found + _EOCD_SIZE + _CHECKSUM_COMMENT_SIZE]
+        if (tail[found + _EOCD_SIZE - 2:found + _EOCD_SIZE] == _CHECKSUM_COMMENT_SIZE.to_bytes(2, "little")
+                and comment.startswith(_CHECKSUM_PREFIX)
+                and re.fullmatch(rb"[0-9a-f]{64}", comment[len(_CHECKSUM_PREFIX):])):
+            return comment[len(_CHECKSUM_PREFIX):].decode(), start + found + _EOCD_SIZE + len(comment), size
+        found = tail.rfind(_EOCD, 0, found)
+    if _marked(head) or _CHECKSUM_PREFIX in tail:
+        raise ValueError(f"{path} is corrupted: danet wrote it, but its checksum record is missing or "
+                         "damaged: not a complete checkpoint (a truncated copy?), or its end was "
+                         "overwritten; "
+                         f"use another checkpoint (e.g. {LAST_GOOD} or {BEST} of the run, or an intact copy)")
+    return None
+
+
 def stored_checksum(path: str | Path) -> str | None:
     """The SHA-256 a danet checkpoint stores (hex), None for files written elsewhere.
 
     Raises:
-        ValueError: the file carries our marker, but not in the place it is written (damaged).
+        ValueError: the file is ours, but its checksum record is missing or damaged.
     """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - _EOCD_SIZE - _CHECKSUM_COMMENT_SIZE - 64))
-        tail = f.read()
-    expected_eocd = len(tail) - _EOCD_SIZE - _CHECKSUM_COMMENT_SIZE
-    comment = tail[-_CHECKSUM_COMMENT_SIZE:]
-    if (expected_eocd >= 0 and tail[expected_eocd:expected_eocd + 4] == _EOCD
-            and tail[expected_eocd + _EOCD_SIZE - 2:expected_eocd + _EOCD_SIZE]
-            == _CHECKSUM_COMMENT_SIZE.to_bytes(2, "little")
-            and comment.startswith(_CHECKSUM_PREFIX)
-            and re.fullmatch(rb"[0-9a-f]{64}", comment[len(_CHECKSUM_PREFIX):])):
-        return comment[len(_CHECKSUM_PREFIX):].decode()
-    if _CHECKSUM_PREFIX in tail:
-        raise ValueError(f"{path} is corrupted: its checksum record is damaged")
-    return None
+    record = _checksum_record(Path(path))
+    return record[0] if record is not None else None
 
 
 def verify_checksum(path: str | Path) -> bool:
     """Check the stored SHA-256 of ``path``; False when the file has none (written elsewhere).
 
     Raises:
-        ValueError: "corrupted": the bytes differ from those written (disk, copy or transfer error).
+        ValueError: "corrupted": the bytes differ from those written (disk, copy or transfer
+            error), or bytes follow the end of the checkpoint (appended or padded).
     """
     path = Path(path)
-    expected = stored_checksum(path)
-    if expected is None:
+    record = _checksum_record(path)
+    if record is None:
         return False
-    archive_end = path.stat().st_size - _CHECKSUM_COMMENT_SIZE - 2  # up to the comment length field
+    expected, end, size = record
+    archive_end = end - _CHECKSUM_COMMENT_SIZE - 2  # up to the comment length field
     sha256 = hashlib.sha256()
     with open(path, "rb") as f:
         remaining = archive_end
@@ -152,6 +194,10 @@ def verify_checksum(path: str | Path) -> bool:
         raise ValueError(f"{path} is corrupted: its SHA-256 differs from the one stored when it was "
                          "written (a disk, copy or transfer error changed it); use another checkpoint "
                          f"(e.g. {LAST_GOOD} or {BEST} of the run, or an intact copy)")
+    if size != end:
+        raise ValueError(f"{path} has {size - end} bytes after the end of the checkpoint danet wrote "
+                         "(appended or padded by a copy or a transfer); the checkpoint before them is "
+                         f"intact: `truncate -s {end} {path}` restores it")
     return True
 
 
@@ -215,6 +261,27 @@ def _refusal(err: Exception) -> str:
             "weights without running code from the file, so it cannot use this one")
 
 
+def check_regular_file(path: str | Path, what: str = "file") -> Path:
+    """``path``, if it is a regular file (or a link to one).
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: a directory or a special file (a FIFO, a device such as /dev/zero: reading one
+            would block or never end).
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a directory, not a file")
+    kind = describe_file_type(mode)
+    if kind is not None:
+        raise ValueError(f"{what} {path} is {kind}, not a file: a checkpoint is a regular file")
+    return path
+
+
 def read_file(path: str | Path, map_location: str | torch.device = "cpu", what: str = "file") -> Any:
     """Read a ``.pt``/``.pth``/``.tar`` (weights_only) or ``.safetensors`` file; ``what`` names it in errors.
 
@@ -223,11 +290,7 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", what: 
         ValueError: the file is not a checkpoint (empty, text, an image, a directory), is
             corrupted (its checksum differs), or holds pickled objects other than tensors.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a directory, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    path = check_regular_file(path, what)
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
     if path.suffix == ".safetensors":
@@ -244,7 +307,10 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", what: 
     verify_checksum(path)
     try:
         with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(state, dict):
+            state.pop(MARKER_KEY, None)
+        return state
     except pickle.UnpicklingError as err:
         raise ValueError(f"cannot read {what} {path}: {_refusal(err)}") from None
     except Exception as err:  # a truncated or damaged archive

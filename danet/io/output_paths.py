@@ -1,16 +1,35 @@
 """Checks on the files a command is asked to write, made before any work starts.
 
-Each returns or raises with one clear line: an existing output without ``--overwrite``, a
-directory where a file is expected (or a file where a directory is), a name longer than the
-file system allows.
+Each returns or raises with one clear line: an existing output without ``--overwrite`` (a
+symbolic link counts, even one whose target is missing: it is the user's), a directory where a
+file is expected (or a file where a directory is), a special file (a FIFO, a socket, a device:
+never replaced, not even with ``--overwrite``), a name longer than the file system allows.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-__all__ = ["check_name_length", "check_output_dir", "check_output_file"]
+__all__ = ["check_name_length", "check_output_dir", "check_output_file", "describe_file_type", "occupied"]
+
+
+def occupied(path: str | Path) -> bool:
+    """Whether anything is at ``path``: a file, a directory, a special file or a symbolic link,
+    a dangling one included (``Path.exists()`` follows links and says False for those)."""
+    return os.path.lexists(path)
+
+
+def describe_file_type(mode: int) -> str | None:
+    """What a special file is ("a FIFO", "a character device", ...); None for a regular file,
+    a directory or a symbolic link."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return None
+
 
 def _name_max(directory: Path) -> int:
     """The longest file name (bytes) on the file system of ``directory`` (or its first existing parent)."""
@@ -37,13 +56,23 @@ def check_name_length(path: str | Path) -> Path:
 
 
 def check_output_file(path: str | Path, overwrite: bool) -> Path:
-    """``path`` as a file to (re)write: refuses a directory, an existing file without ``overwrite``."""
+    """``path`` as a file to (re)write: refuses a directory and a special file, and anything
+    already there (a dangling symbolic link too) without ``overwrite``."""
     path = check_name_length(path)  # first: is_dir() on a name too long raises ENAMETOOLONG
     if path.is_dir():
         raise ValueError(f"{path} is a directory, and a file is written here: give a file path "
                          f"(e.g. {path / ('output' + (path.suffix or '.png'))})")
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists (pass --overwrite to replace it)")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # nothing there, or a dangling link
+    kind = describe_file_type(mode) if mode is not None else None
+    if kind is not None:
+        raise ValueError(f"{path} is {kind}, not a regular file: danet writes regular files only; "
+                         "choose another path")
+    if occupied(path) and not overwrite:
+        what = "is a symbolic link to a missing file" if mode is None else "exists"
+        raise ValueError(f"{path} {what} (pass --overwrite to replace it)")
     return path
 
 

@@ -14,6 +14,7 @@ extra_files={"danet.json": ""})``).
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -127,15 +128,48 @@ def _difference(actual: torch.Tensor, expected: torch.Tensor, what: str) -> str:
     return f"checked: {what} differs from PyTorch by at most {error:.3g} ({error / scale:.2g} relative)"
 
 
+class _FirstErrorKept(io.RawIOBase):
+    """A file that torch's C++ archive writer can fill: an OSError of a write (ENOSPC) is kept and
+    raised once the writer is done, instead of reaching the C++ writer, which aborts the process
+    on it (SIGABRT, a C++ stack on stderr). An open file, not the temporary's name, also keeps
+    torch from warning about a name not ending in .pt2."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                self.raw.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence) if self.error is None else 0
+
+    def raise_kept(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def _write_program(model: nn.Module, example: torch.Tensor, path: Path, fixed_size: bool,
                    metadata: Mapping[str, str] | None = None) -> Path:
     program = export_program(model, example, fixed_size)
     extra_files = {METADATA_FILE: json.dumps(dict(metadata or {}), indent=1)}
 
     def save(tmp: Path) -> None:
-        # an open file, not the temporary's name: torch warns about a name not ending in .pt2
-        with open(tmp, "wb") as file:
-            torch.export.save(program, file, extra_files=extra_files)
+        with open(tmp, "wb") as raw:
+            sink = _FirstErrorKept(raw)
+            torch.export.save(program, sink, extra_files=extra_files)
+            sink.raise_kept()
 
     return atomic_write(path, save)
 

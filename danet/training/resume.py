@@ -27,20 +27,34 @@ checkpoint that training continued from with a healthy loss, and the NaN stop na
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from danet.config import Config, config_to_dict, missing_keys
-from danet.io.checkpoint import BEST, LAST, LAST_GOOD, atomic_save, keep_as, load_checkpoint
+from danet.io.checkpoint import (
+    BEST,
+    LAST,
+    LAST_GOOD,
+    atomic_save,
+    check_regular_file,
+    keep_as,
+    load_checkpoint,
+)
 
 # settings that shape the LR schedule (and the optimiser's hyperparameters): --rebase-schedule
 REBASE_KEYS = ("optim.lr", "optim.head_lr_mult", "optim.momentum", "optim.nesterov", "optim.weight_decay",
                "schedule.*", "train.epochs", "train.iters")
 # settings a resumed run cannot change
 FIXED_KEYS = ("optim.name", "train.batch_size")
+# settings that decide the weights' shapes: the stored weights fit the stored model only
+ARCHITECTURE_KEYS = ("model.backbone", "model.aux", "data.dataset")
 # a stored config must hold these (or --set must give them): they decide the run's schedule and length
 REQUIRED_KEYS = ("optim.*", "schedule.*", "train.epochs", "train.iters", "train.batch_size",
                  "train.accum_steps", "train.seed", "model.backbone", "data.dataset")
@@ -51,9 +65,9 @@ def resolve_resume_path(resume: str | Path) -> Path:
     path = Path(resume)
     if path.is_dir():
         path = path / LAST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    return path
+    return check_regular_file(path, "checkpoint")
 
 
 class LoadedCheckpoint:
@@ -140,6 +154,12 @@ def check_resume(ckpt: Mapping[str, Any], cfg: Config, *, total_iters: int, iter
         ValueError: what is wrong and which flag or setting does what the user wants.
     """
     stored = ckpt["config"]
+    saved, current = _flat(stored), _flat(config_to_dict(cfg))
+    architecture = [f"{key} ({saved[key]} -> {current[key]})"
+                    for key in changed_settings(stored, cfg, ARCHITECTURE_KEYS)]
+    if architecture:
+        raise ValueError(f"cannot resume with a changed {', '.join(architecture)}: the weights in {path} "
+                         "belong to the stored model. Resume without that change, or start a new run")
     fixed = changed_settings(stored, cfg, FIXED_KEYS)
     if fixed:
         raise ValueError(f"cannot resume with a changed {', '.join(fixed)}: the stored optimiser state "
@@ -187,18 +207,23 @@ def check_lr_alive(lrs: Sequence[float], cfg: Config, iteration: int, total_iter
 
 
 class LossHealth:
-    """Whether the training loss is in its healthy range, judged against its own recent past.
+    """Whether the training loss is in its healthy range, judged against its own past.
 
     The loss is averaged over each checkpoint's window (the iterations since the previous save);
-    a loss (or a window's mean) is healthy when it is finite and at most ``FACTOR`` times the
-    median of the last ``RECENT`` healthy windows' means. Divergence raises the loss by orders of
+    a loss (or a window's mean) is healthy when it is finite, at most ``FACTOR`` times the median
+    of the last ``RECENT`` healthy windows' means (divergence raises the loss by orders of
     magnitude within a few windows, which this catches; ordinary noise and a slowly falling loss
-    stay well inside. (The judgement is a heuristic: a slow drift upwards, below FACTOR per window,
-    is not caught.)
+    stay well inside), at most ``FACTOR`` times the run's best (the lowest healthy window mean: a
+    loss climbing window after window stays under the median rule while it rises away from the
+    best), and at most ``START_FACTOR`` times the loss of the run's very first step, which the
+    untrained model gave (a model that does worse than that has trained backwards). The first
+    step's loss is kept as the window of iteration 0. (The judgement is a heuristic: a slow drift
+    upwards that stays within these bounds is not caught.)
     """
 
     FACTOR = 4.0
     RECENT = 5
+    START_FACTOR = 1.5  # above the untrained model's loss by more than this: training went backwards
 
     def __init__(self, windows: Sequence[Sequence[float]] = ()) -> None:
         # [iteration at the save, mean loss of the window, healthy]; restored from checkpoints
@@ -210,13 +235,27 @@ class LossHealth:
         recent = [mean for _, mean, healthy in self.windows if healthy][-self.RECENT:]
         return statistics.median(recent) if recent else None
 
+    def best(self) -> float | None:
+        """The run's best: the lowest healthy window mean (the first step's loss among them)."""
+        return min((mean for _, mean, healthy in self.windows if healthy), default=None)
+
+    def start(self) -> float | None:
+        """The loss of the run's first step (the window of iteration 0), None when unknown."""
+        first = self.windows[0] if self.windows else None
+        return first[1] if first is not None and first[0] == 0 and first[2] else None
+
     def is_healthy(self, loss: float) -> bool:
         """Whether one loss value (or a window mean) is in the healthy range."""
-        reference = self.reference()
-        return math.isfinite(loss) and (reference is None or loss <= self.FACTOR * reference)
+        if not math.isfinite(loss):
+            return False
+        limits = ((self.FACTOR, self.reference()), (self.FACTOR, self.best()),
+                  (self.START_FACTOR, self.start()))
+        return all(level is None or loss <= factor * level for factor, level in limits)
 
     def add(self, loss: float) -> None:
-        """Count one iteration's loss into the current window."""
+        """Count one iteration's loss into the current window (the run's first: also its start)."""
+        if not self.windows and not self.current:
+            self.windows.append([0, loss if math.isfinite(loss) else None, math.isfinite(loss)])
         self.current.append(loss)
 
     def close_window(self, iteration: int) -> None:
@@ -228,6 +267,65 @@ class LossHealth:
         self.current = []
 
 
+# ------------------------------------------------------------------------------ the state's health
+
+
+class StateCheck:
+    """Whether a model's state is sound enough to continue from, judged on the state itself.
+
+    Sound: every parameter finite and none larger (in absolute value) than ``WEIGHT_GROWTH``
+    times the largest parameter at the run's start (the weights of a diverging run grow by many
+    orders of magnitude while its loss may still look ordinary), and a forward pass of the
+    unwrapped model in eval mode on a fixed batch (one training crop) finite. The forward costs
+    one batch-1 inference per checkpoint and draws no random numbers (eval mode: no dropout), so
+    a resumed run still continues bit for bit.
+    """
+
+    WEIGHT_GROWTH = 1000.0
+
+    def __init__(self, model: nn.Module, probe: torch.Tensor | None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.probe, self.autocast_dtype = model, probe, autocast_dtype
+        self.start_scale: float | None = None  # the largest |parameter| at the run's start
+
+    def largest_weight(self) -> float:
+        """The largest |parameter| of the model (NaN when one is not finite)."""
+        with torch.no_grad():
+            return max((float(p.detach().abs().max()) for p in self.model.parameters() if p.numel()),
+                       default=0.0)
+
+    def begin(self, start_scale: float | None = None) -> None:
+        """Take the run's start: ``start_scale`` from a resumed checkpoint, else the model's now."""
+        self.start_scale = start_scale if start_scale is not None else self.largest_weight()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the model's state, in words (empty: sound)."""
+        problems = []
+        largest = self.largest_weight()
+        if not math.isfinite(largest):
+            problems.append("its weights hold NaN/Inf")
+        elif self.start_scale and largest > self.WEIGHT_GROWTH * self.start_scale:
+            growth = largest / self.start_scale
+            problems.append(f"its weights reach {largest:.3g}, {growth:.3g} x the largest at the run's start "
+                            f"(more than {self.WEIGHT_GROWTH:g} x: diverged)")
+        if self.probe is not None and not problems and not self._forward_finite():
+            problems.append("its forward pass on a fixed batch is not finite")
+        return problems
+
+    def _forward_finite(self) -> bool:
+        device = self.probe.device  # type: ignore[union-attr]
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=self.autocast_dtype,
+                                                        enabled=self.autocast_dtype is not None):
+                out = self.model(self.probe)
+            outputs = out if isinstance(out, (tuple, list)) else (out,)
+            return all(bool(torch.isfinite(o).all()) for o in outputs if isinstance(o, torch.Tensor))
+        finally:
+            self.model.train(training)
+
+
 # ------------------------------------------------------------------------------ the run's checkpoints
 
 
@@ -237,42 +335,59 @@ class RunCheckpoints:
     * ``last.pt``: written at every save (:meth:`save`);
     * ``checkpoint_best.pt``: a hard link to the last.pt of the best validation;
     * ``last_good.pt``: a hard link to the newest last.pt that training continued from with a
-      healthy loss: the loss of its own window (since the save before) and the loss of the very
-      next step, computed with exactly its weights (:meth:`record`). Finite weights that already
-      diverged (a sudden blow-up in the last update) fail that next step's check.
+      healthy loss and a sound state: the loss of its own window (since the save before) and the
+      loss of the very next step, computed with exactly its weights (:meth:`record`), judged by
+      :class:`LossHealth`; its weights and a forward pass judged by :class:`StateCheck` when it
+      was written. Finite weights that already diverged fail one or the other.
 
-    Every process keeps the same evidence (the losses are all-reduced); only ``writer`` (rank 0)
-    touches files.
+    Every process keeps the same evidence (the losses are all-reduced, the weights are the
+    same); only ``writer`` (rank 0) touches files.
     """
 
-    def __init__(self, run_dir: Path, *, writer: bool) -> None:
-        self.run_dir, self.writer = run_dir, writer
+    def __init__(self, run_dir: Path, *, writer: bool, cfg: Config | None = None,
+                 state_check: StateCheck | None = None) -> None:
+        self.run_dir, self.writer, self.cfg, self.state_check = run_dir, writer, cfg, state_check
         self.health = LossHealth()
         self.last_saved: int | None = None  # the iteration last.pt holds
         self.awaiting_confirmation = False  # last.pt waits for the loss of the step after it
+        self.state_problems: list[str] = []  # what StateCheck found in last.pt's state
         self.good: int | None = None  # the iteration last_good.pt holds (written by this process)
         self.resumed_here: Path | None = None  # the file of this directory the run resumed from
+        self.resumed_iteration: int | None = None  # the iteration of the checkpoint resumed here
+        self.resumed_changes: list[str] = []  # "optim.lr=0.05 (was 1.0)": remedies this resume tried
+        self._start_scale: float | None = None  # StateCheck's reference, restored from a checkpoint
 
     def restore(self, ckpt: Mapping[str, Any], *, resumed_here: Path | None) -> None:
         """Continue the evidence of a resumed checkpoint.
 
         ``resumed_here``: the checkpoint's file when it is in this run's directory (its next loss
-        judges it, and :meth:`adopt` makes it last.pt); None when the run continues elsewhere.
+        judges it, and :meth:`begin` makes it last.pt); None when the run continues elsewhere.
         """
         self.health = LossHealth(ckpt.get("loss_windows", ()))
         self.last_saved = ckpt["iteration"]
         self.resumed_here = resumed_here
+        self.resumed_iteration = ckpt["iteration"] if resumed_here is not None else None
         self.awaiting_confirmation = resumed_here is not None
+        self._start_scale = ckpt.get("weights_at_start")
+        if self.cfg is not None and isinstance(ckpt.get("config"), Mapping):
+            saved, current = _flat(ckpt["config"]), _flat(config_to_dict(self.cfg))
+            self.resumed_changes = [f"{key}={current[key]} (was {saved[key]})" for key in _REMEDY_KEYS
+                                    if key in saved and saved[key] != current.get(key)]
+
+    def begin(self) -> None:
+        """The run starts (or continues): take StateCheck's reference, judge a resumed state, and
+        make a file of this directory that the run resumed from (e.g. last_good.pt) its last.pt."""
+        if self.state_check is not None:
+            self.state_check.begin(self._start_scale)
+            if self.awaiting_confirmation:
+                self.state_problems = self.state_check.problems()
+        if self.writer and self.resumed_here is not None and self.resumed_here.name != LAST:
+            keep_as(self.resumed_here, LAST)
 
     @property
     def last_window_healthy(self) -> bool | None:
         """Whether the loss of the newest window (up to the save in last.pt) was healthy; None: no window."""
         return self.health.windows[-1][2] if self.health.windows else None
-
-    def adopt(self) -> None:
-        """A run resumed from another file of its directory (e.g. last_good.pt): it becomes last.pt."""
-        if self.writer and self.resumed_here is not None and self.resumed_here.name != LAST:
-            keep_as(self.resumed_here, LAST)
 
     def record(self, loss: float) -> None:
         """Count one step's loss; the first after a save judges that save (healthy: last_good.pt)."""
@@ -280,43 +395,83 @@ class RunCheckpoints:
         if not self.awaiting_confirmation:
             return
         self.awaiting_confirmation = False
-        if self.last_window_healthy is not False and self.health.is_healthy(loss):
+        if self.last_window_healthy is not False and self.health.is_healthy(loss) and not self.state_problems:
             if self.writer:
                 keep_as(self.run_dir / LAST, LAST_GOOD)
             self.good = self.last_saved
 
     def save(self, checkpoint: dict[str, Any], iteration: int, *, best: bool) -> None:
-        """Write ``checkpoint`` (plus the loss evidence) as last.pt, and as the best when ``best``."""
+        """Write ``checkpoint`` (plus the health evidence) as last.pt, and as the best when ``best``."""
         self.health.close_window(iteration)  # none without a step since the last save: the same state
+        self.state_problems = self.state_check.problems() if self.state_check is not None else []
         if self.writer:
-            path = atomic_save({**checkpoint, "loss_windows": self.health.windows}, self.run_dir / LAST)
+            start = self.state_check.start_scale if self.state_check is not None else None
+            evidence = {"loss_windows": self.health.windows, "weights_at_start": start}
+            path = atomic_save({**checkpoint, **evidence}, self.run_dir / LAST)
             if best:
                 keep_as(path, BEST)
         self.last_saved = iteration
         self.awaiting_confirmation = True
 
-    def divergence_report(self, what: str, lr: float, *, first_loss_after_save: bool | None = None) -> str:
+    def divergence_report(self, what: str, *, first_loss_after_save: bool | None = None) -> str:
         """``what`` happened: which checkpoint to resume from (and which not), and what to change.
 
         ``first_loss_after_save``: the divergence showed in the first loss after the last save
         (its weights produced it); by default, whether that save was still awaiting its check.
+        Never the checkpoint this run resumed from when the run diverged again from it after a
+        remedy (a lower LR, clipping, a warm-up, another amp) was tried.
         """
         if first_loss_after_save is None:
             first_loss_after_save = self.awaiting_confirmation
+        cfg = self.cfg or Config()
+        lr = cfg.optim.lr
         good, good_path = self.good, self.run_dir / LAST_GOOD
         # a last_good.pt written before this resume
         if good is None and self.resumed_here is not None and good_path.is_file():
             good = int(load_checkpoint(good_path)["iteration"])
-        remedies = "optim.grad_clip, a warm-up (schedule.warmup_iters), or train.amp=bf16 instead of fp16"
+        remedies = _untried_remedies(cfg)
+        also = f", or try {_or_list(remedies)}" if remedies else ""
+        if good is not None and self.resumed_changes and good == self.resumed_iteration:
+            # diverged again from the checkpoint it resumed from, with a remedy already tried: not again
+            return (f"{what}: training stopped. It resumed from {self.resumed_here} (iteration {good}) with "
+                    f"{', '.join(self.resumed_changes)} and diverged again before a newer checkpoint proved "
+                    "healthy: that checkpoint leads to divergence. Start a new run instead (from scratch, "
+                    "or from the weights of an earlier checkpoint with --set model.pretrained=...) with "
+                    f"optim.lr below {lr:g}{also}")
         if good is None:
             return (f"{what}: training stopped; no checkpoint had been followed by a healthy loss yet. "
-                    f"Start again with a lower optim.lr (now {lr:g}), {remedies}")
+                    f"Start again with a lower optim.lr (now {lr:g}){also}")
         avoid = ""
         if self.last_saved is not None and self.last_saved != good:
-            why = ("its weights gave this loss" if first_loss_after_save
-                   else "the loss around it was out of its healthy range")
+            if self.state_problems:
+                why = "; ".join(self.state_problems)
+            elif first_loss_after_save:
+                why = "its weights gave this loss"
+            else:
+                why = "the loss around it was out of its healthy range"
             avoid = f"; {self.run_dir / LAST} (iteration {self.last_saved}) is not: {why}"
+        others = f" (or try {_or_list(remedies)})" if remedies else ""
         return (f"{what}: training stopped. Resume from {good_path} (iteration {good}), the newest "
-                f"checkpoint that training continued from with a healthy loss{avoid}. With a lower LR: "
-                f"danet train --resume {good_path} --set optim.lr={lr / 2:g} --rebase-schedule "
-                f"(or try {remedies})")
+                f"checkpoint that training continued from with a healthy loss and sound weights{avoid}. "
+                f"With a lower LR: danet train --resume {good_path} --set optim.lr={lr / 2:g} "
+                f"--rebase-schedule{others}")
+
+
+# the settings whose change on a resume is a remedy against divergence
+_REMEDY_KEYS = ("optim.lr", "optim.head_lr_mult", "optim.grad_clip", "schedule.warmup_iters", "train.amp")
+
+
+def _untried_remedies(cfg: Config) -> list[str]:
+    """The remedies against divergence that ``cfg`` does not use yet, in words."""
+    remedies = []
+    if cfg.optim.grad_clip == 0:
+        remedies.append("gradient clipping (optim.grad_clip=1.0)")
+    if cfg.schedule.warmup_iters == 0:
+        remedies.append("a warm-up (schedule.warmup_iters)")
+    if cfg.train.amp == "fp16":
+        remedies.append("train.amp=bf16 instead of fp16")
+    return remedies
+
+
+def _or_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"

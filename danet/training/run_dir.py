@@ -1,9 +1,16 @@
-"""A run directory: where it is, when it may be written, config.yaml and the metrics log.
+"""A run directory: where it is, who writes it, when it may be written, config.yaml and the metrics log.
 
-``runs/<name>-<UTC time>/`` by default. It is created only once training is about to start
-(every setting validated, the datasets found and the model built), so that a failed start
-leaves nothing behind. An existing run directory is never overwritten unless the run resumes
-from a checkpoint inside it or ``--overwrite`` says so.
+``runs/<name>-<UTC time>/`` by default (``-2``, ``-3``, ... when another run started in the
+same second: :func:`reserve_run_dir` creates the directory to claim the name). It is created
+only once training is about to start (every setting validated, the datasets found and the
+model built), so that a failed start leaves nothing behind. An existing run directory is never
+overwritten unless the run resumes from a checkpoint inside it or ``--overwrite`` says so.
+
+One writer per run directory: the process that trains into it holds :class:`RunDirLock`, an
+exclusive ``flock`` on ``RUN_DIR/.writer.lock``. The kernel releases it when the process ends,
+however it ends (``kill -9`` included), so it never goes stale; a second ``danet train`` into
+the directory, a ``--resume`` of it or an ``--overwrite`` of it is refused at once, naming the
+holder (PID, host, since when).
 
 ``metrics.jsonl`` is one JSON record per line (flushed at once, so a killed run keeps every
 line it logged). A resumed run first keeps only the records up to the checkpoint's iteration
@@ -18,36 +25,212 @@ under ``runs/`` (a relative symbolic link, replaced atomically; runs written els
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from danet.config import Config, config_to_dict
+from danet.distributed import all_gather_objects
 from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
 from danet.io.checkpoint import BEST, LAST, LAST_GOOD
+from danet.io.output_paths import occupied
 from danet.runtime import install_hint
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-_RUN_OUTPUTS = (LAST, BEST, LAST_GOOD, METRICS)
+LOCK = ".writer.lock"
+_RUN_OUTPUTS = (LAST, BEST, LAST_GOOD, METRICS, CONFIG)
 
 RUNS_DIR = Path("runs")
 """Where run directories go by default (relative to the working directory)."""
 LATEST = RUNS_DIR / "latest"
 """The pointer to the last run started under :data:`RUNS_DIR`."""
+_MAX_SAME_SECOND = 9999  # runs/<name>-<time>-2 ... -9999 (danet.config keeps room for it in the name)
 
 
 def default_run_dir(cfg: Config) -> Path:
-    """``runs/<name>-<UTC time>``."""
+    """``runs/<name>-<UTC time>`` (not created: :func:`reserve_run_dir` claims a unique one)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return RUNS_DIR / f"{cfg.name}-{stamp}"
+
+
+def reserve_run_dir(cfg: Config) -> Path:
+    """Create and return a new default run directory: :func:`default_run_dir`, or with ``-2``,
+    ``-3``, ... when that name is taken (two runs started in the same second). ``mkdir`` claims
+    the name atomically; :func:`release_reservation` removes it again if the start fails."""
+    base = default_run_dir(cfg)
+    for number in range(1, _MAX_SAME_SECOND + 1):
+        candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            message = describe_os_error(err, candidate, "create the run directory")
+            raise FileWriteError(err.errno, message) from err
+        return candidate
+    raise ValueError(f"{_MAX_SAME_SECOND} runs named {base} started in one second: give --output")
+
+
+def release_reservation(run_dir: Path) -> None:
+    """Remove a directory of :func:`reserve_run_dir` that a failed start left empty."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # not empty (something was written after all): leave it
+
+
+class RunDirInUseError(ValueError):
+    """Another process is training into the run directory; the message names it."""
+
+
+class RunDirLock:
+    """The one-writer lock of a run directory (see the module docstring); rank 0 holds it.
+
+    ``acquire`` takes it (or raises :class:`RunDirInUseError` naming the holder); ``release``
+    removes the lock file and lets go. A process forked while the lock is held (a DataLoader
+    worker) closes its copy of the descriptor, so it never keeps the lock alive after its parent.
+    """
+
+    _held: ClassVar[dict[int, Path]] = {}  # descriptors held by this process: closed in forked children
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, *, create: bool = False) -> bool:
+        """Hold the lock. ``create``: make the run directory first (else a missing directory
+        is not locked, and False is returned).
+
+        Raises:
+            RunDirInUseError: another process holds it.
+            FileWriteError: the directory cannot be created or written.
+        """
+        if self._fd is not None:
+            return True
+        if create:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise FileWriteError(err.errno, describe_os_error(err, self.run_dir,
+                                                                  "create the run directory")) from err
+        elif not self.run_dir.is_dir():
+            return False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                raise FileWriteError(err.errno, describe_os_error(err, self.path, "lock the run directory "
+                                                                  "with")) from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0)
+                os.close(fd)
+                raise RunDirInUseError(self._in_use(holder)) from None
+            except OSError as err:  # a file system without locks (ENOLCK, some NFS setups)
+                os.close(fd)
+                warnings.warn(f"cannot lock {self.run_dir} ({errno.errorcode.get(err.errno or 0, err)}): "
+                              "a second run writing into it would not be stopped", stacklevel=2)
+                return False
+            # the holder before us may have removed the file as it let go: lock the file that is there
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        self._fd = fd
+        RunDirLock._held[fd] = self.path
+        return True
+
+    def release(self) -> None:
+        """Remove the lock file and let go (nothing when not held)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: nobody locks the removed file
+        except OSError:
+            pass
+        RunDirLock._held.pop(self._fd, None)
+        os.close(self._fd)
+        self._fd = None
+
+    def _in_use(self, holder: bytes) -> str:
+        try:
+            info = json.loads(holder)
+            since = datetime.fromtimestamp(info["since"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            who = (f"the process with PID {info['pid']} on {info['host']} (since {since}, "
+                   f"{_ago(time.time() - info['since'])})")
+        except (ValueError, KeyError, TypeError):
+            who = "another process (it is starting)"
+        return (f"{self.run_dir} is in use: {who} is training into it. One run writes a run directory "
+                "at a time: wait for it to end (or stop it), or choose another --output")
+
+    @staticmethod
+    def _close_in_child() -> None:
+        for fd in list(RunDirLock._held):
+            try:
+                os.close(fd)  # not flock(LOCK_UN): that would release the parent's lock too
+            except OSError:
+                pass
+        RunDirLock._held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=RunDirLock._close_in_child)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def claim_run_dir(lock: RunDirLock, *, writer: bool, resuming_here: bool, overwrite: bool,
+                  create: bool) -> None:
+    """The writer (rank 0) takes ``lock`` (``create``: making the directory first) and checks that
+    the run directory may be written (:func:`check_run_dir`); every process of the job learns the
+    answer (one collective) and raises the same refusal.
+
+    Raises:
+        RunDirInUseError: another process trains into it.
+        ValueError, FileWriteError: see :func:`check_run_dir` and :meth:`RunDirLock.acquire`.
+    """
+    refusal: Exception | None = None
+    if writer:
+        try:
+            lock.acquire(create=create)
+            check_run_dir(lock.run_dir, resuming_here=resuming_here, overwrite=overwrite)
+        except (ValueError, OSError) as err:
+            refusal = err
+    message = all_gather_objects(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise ValueError(message)
 
 
 def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> None:
@@ -57,9 +240,9 @@ def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> Non
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"the run directory {run_dir} exists and is not a directory")
-    existing = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+    existing = [name for name in _RUN_OUTPUTS if occupied(run_dir / name)]  # a dangling link too
     if existing and not (resuming_here or overwrite):
-        if existing == [METRICS]:  # a run that stopped before its first checkpoint: nothing to resume
+        if METRICS in existing and set(existing) <= {METRICS, CONFIG}:  # stopped before its first checkpoint
             raise ValueError(f"{run_dir} already holds the {METRICS} of a run that wrote no checkpoint; pass "
                              "--overwrite to replace it, or choose another --output")
         raise ValueError(
@@ -232,7 +415,7 @@ def remove_unstarted_run(run_dir: Path, *, created: bool, previous_latest: str |
     ``runs/latest`` back where it pointed before (``previous_latest``; removed if it pointed
     nowhere). Anything else in ``run_dir`` is left as it is. Returns whether ``run_dir`` was removed.
     """
-    for name in (CONFIG, METRICS):
+    for name in (CONFIG, METRICS, LOCK):  # the lock: the caller still holds it, and lets go after
         (run_dir / name).unlink(missing_ok=True)
     tensorboard = run_dir / "tensorboard"
     if tensorboard.is_dir():

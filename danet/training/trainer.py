@@ -50,7 +50,8 @@ from danet.io.checkpoint import (
     restore_rng_state,
 )
 from danet.models import build_model, load_weights
-from danet.runtime import AMP_DTYPES, cpu_cores, progress_bar, set_threads
+from danet.models.weights import load_state_dict_checked
+from danet.runtime import AMP_DTYPES, check_attention_backend, cpu_cores, progress_bar, set_threads
 from danet.training.cpu_time import estimate_iteration
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
@@ -59,6 +60,7 @@ from danet.training.optimizer import build_optimizer, group_settings
 from danet.training.resume import (
     LoadedCheckpoint,
     RunCheckpoints,
+    StateCheck,
     check_lr_alive,
     check_resume,
     resolve_resume_path,
@@ -66,12 +68,14 @@ from danet.training.resume import (
 from danet.training.run_dir import (
     METRICS,
     MetricsLog,
-    check_run_dir,
+    RunDirLock,
+    claim_run_dir,
     create_run_dir,
-    default_run_dir,
     latest_target,
     mark_latest,
+    release_reservation,
     remove_unstarted_run,
+    reserve_run_dir,
 )
 from danet.training.schedules import build_scheduler
 from danet.training.stopping import StopFlag, StopSafeDataLoader
@@ -174,7 +178,9 @@ class Trainer:
         self.state = TrainState()
         self.stop = stop or StopFlag()
         self.progress = Progress(ctx)  # what each process last started, to name a stalled one
-        self.checkpoints = RunCheckpoints(run_dir, writer=ctx.is_main)
+        probe = self.train_set[0][0][None].to(ctx.device, memory_format=self.memory_format)  # a fixed crop
+        self.checkpoints = RunCheckpoints(run_dir, writer=ctx.is_main, cfg=cfg,
+                                          state_check=StateCheck(self.model, probe, self.amp_dtype))
         self.losses: list[float] = []
         self.resumed_from: Path | None = None
 
@@ -193,10 +199,7 @@ class Trainer:
         ckpt = state if state is not None else load_training_state(path, map_location="cpu")
         check_resume(ckpt, self.cfg, total_iters=self.plan.total_iters,
                      iters_per_epoch=self.plan.iters_per_epoch, rebase=rebase_schedule, path=path)
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            raise ValueError(f"{path} does not fit the configured model: {err}") from None
+        load_state_dict_checked(self.model, ckpt["model"], source=str(path))  # one line on a mismatch
         self.optimizer.load_state_dict(ckpt["optimizer"])
         iteration = ckpt["iteration"]
         if rebase_schedule:
@@ -250,7 +253,7 @@ class Trainer:
         The signal handlers stay installed until the final checkpoint of a stop is written.
         """
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        self.checkpoints.adopt()  # resumed in place from e.g. last_good.pt: it becomes the run's last.pt
+        self.checkpoints.begin()  # the health reference; resumed from e.g. last_good.pt: it becomes last.pt
         previous_log = self.resumed_from.parent / METRICS if self.resumed_from is not None else None
         log = MetricsLog(self.run_dir, ctx.is_main, tensorboard=cfg.train.tensorboard,
                          resume_iteration=state.iteration if self.resumed_from is not None else None,
@@ -352,8 +355,8 @@ class Trainer:
                       for name, value in zip(term_sums, flags[3:], strict=True)}
         if flags[1] > 0:
             where = f"iteration {self.state.iteration + 1} (epoch {self.state.epoch + 1})"
-            raise NonFiniteLossError(self.checkpoints.divergence_report(
-                f"the loss is {mean_loss} at {where}", self.cfg.optim.lr))
+            report = self.checkpoints.divergence_report(f"the loss is {mean_loss} at {where}")
+            raise NonFiniteLossError(report)
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -435,7 +438,7 @@ class Trainer:
             raise NonFiniteLossError(self.checkpoints.divergence_report(
                 f"the model holds NaN/Inf values after iteration {self.state.iteration} (in "
                 f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing saved",
-                self.cfg.optim.lr, first_loss_after_save=False))
+                first_loss_after_save=False))
         self.checkpoints.save({
             "model": model_state,
             "optimizer": self.optimizer.state_dict(),
@@ -491,7 +494,8 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (the message names the checkpoint to resume from).
-        DistributedTimeoutError: another process stopped answering (the message names it).
+        danet.distributed.DistributedError: another process stopped answering or is gone (the message
+            names it).
         danet.io.atomic.FileWriteError: a full disk or a read-only directory (the checkpoints are intact).
     """
     check_data_source(cfg)
@@ -500,6 +504,9 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
     set_threads(cfg.train.threads)
     torch.set_float32_matmul_precision(cfg.train.matmul_precision)
     ctx = setup_distributed(cfg.train.device, cfg.dist.timeout_s)
+    reserved, claimed, lock = False, False, None
+    if cfg.model.attention == "fused":
+        check_attention_backend(ctx.device)  # e.g. DANET_KERNELS_BACKEND=triton without CUDA
     try:
         if isinstance(resume, LoadedCheckpoint):
             resume_path: Path | None = resume.path
@@ -509,13 +516,16 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
             run_dir = Path(cfg.train.output)
         elif resume_path is not None:
             run_dir = resume_path.parent  # where the checkpoint is, never a directory named inside it
-        else:
-            run_dir = default_run_dir(cfg)
-        run_dir = Path(all_gather_objects(str(run_dir))[0])  # rank 0's clock names the run for everyone
+        else:  # rank 0 claims a unique runs/<name>-<time> and names the run for everyone
+            run_dir, reserved = (reserve_run_dir(cfg), True) if ctx.is_main else (Path(), False)
+        run_dir = Path(all_gather_objects(str(run_dir))[0])
         cfg.train.output = str(run_dir)  # config.yaml and checkpoints record where the run lives
         resuming_here = resume_path is not None and resume_path.parent.resolve() == run_dir.resolve()
-        if ctx.is_main:
-            check_run_dir(run_dir, resuming_here=resuming_here, overwrite=overwrite)
+        lock = RunDirLock(run_dir)
+        # an existing directory is locked now (a second writer is refused before anything is built),
+        # a new one once the run is ready to start
+        claim = {"writer": ctx.is_main, "resuming_here": resuming_here, "overwrite": overwrite}
+        claim_run_dir(lock, **claim, create=False)
         trainer = Trainer(cfg, ctx, run_dir, on_step=on_step, stop=stop)
         if resume_path is not None:
             # the state is handed over, not bound here: nothing keeps its CPU copy through the run
@@ -525,8 +535,10 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
             trainer.load_pretrained(cfg.model.pretrained)
         if cfg.model.pretrained_backbone is not None and resume_path is None and ctx.is_main:
             print(f"backbone {cfg.model.backbone}: weights loaded from {cfg.model.pretrained_backbone}")
-        created, previous_latest = not run_dir.exists(), latest_target()
-        if ctx.is_main:  # everything checked, built and loaded: now the run directory
+        created, previous_latest = reserved or not run_dir.exists(), latest_target()
+        claim_run_dir(lock, **claim, create=True)  # everything checked, built and loaded: the run directory
+        claimed = True
+        if ctx.is_main:
             create_run_dir(run_dir, cfg)
             mark_latest(run_dir)  # runs/latest -> this run
             p = trainer.plan
@@ -546,5 +558,9 @@ def train(cfg: Config, *, resume: str | Path | LoadedCheckpoint | None = None, o
             print(f"removed {what} {run_dir}: no iteration ran", file=sys.stderr)
         return result
     finally:
+        if lock is not None:
+            lock.release()
+        if reserved and not claimed:
+            release_reservation(run_dir)  # a failed start leaves no run directory
         cleanup_distributed()
 

@@ -160,7 +160,6 @@ def test_eval_command(files: dict[str, Path], tmp_path: Path, capsys: pytest.Cap
     (["--aux"], "missing keys: auxlayer.conv5.0.weight"),
     (["--backbone", "resnet18"], "does not match the model's shapes"),
     (["--checkpoint", "{cityscapes}", "--root", "{missing_dir}"], "expected layout"),
-    (["--limit", "0"], "--limit must be >= 1"),
 ])
 def test_eval_errors(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                      extra: list[str], message: str) -> None:
@@ -354,7 +353,10 @@ def test_eval_checks_its_output_files_before_evaluating(flag: str, files: dict[s
     assert f"{flag}: output name too long for the file system" in captured.err
     assert "evaluating" not in captured.out
     (tmp_path / "old.json").write_text("old")
-    assert main([*args, str(tmp_path / "old.json")]) == 0  # eval replaces its outputs
+    assert main([*args, str(tmp_path / "old.json")]) == 2  # a user's file is replaced only on --overwrite
+    assert "old.json exists (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert (tmp_path / "old.json").read_bytes() == b"old"
+    assert main([*args, str(tmp_path / "old.json"), "--overwrite"]) == 0
     assert (tmp_path / "old.json").read_bytes() != b"old"
 
 
@@ -448,7 +450,8 @@ def test_predict_switches_large_images_to_sliding_windows(files: dict[str, Path]
     expected = predict_logits(model.eval(), x[None], NUM_CLASSES, mode="sliding", crop_size=32).argmax(1)[0]
     with Image.open(out / "street_mask.png") as mask:
         np.testing.assert_array_equal(np.asarray(mask), expected.numpy())
-    assert main([*args, "--overwrite", "--max-whole-pixels", "-1"]) == 2
+    with pytest.raises(SystemExit):  # argparse checks the range (danet.config.RANGES)
+        main([*args, "--overwrite", "--max-whole-pixels", "-1"])
 
 
 def test_predict_shows_progress_only_for_long_inference(files: dict[str, Path], tmp_path: Path,

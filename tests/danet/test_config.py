@@ -141,7 +141,7 @@ def test_a_malformed_config_file_is_one_clear_error(tmp_path):
         ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
         ("data.scale_range=[2.0, 0.5]", "data.scale_range must satisfy 0 < low <= high"),
         ("dist.timeout_s=0", "dist.timeout_s must be > 0"),
-        ("name=" + "x" * 250, "name must be 1 to 239 bytes"),
+        ("name=" + "x" * 250, "name must be 1 to 234 bytes"),
     ],
 )
 def test_the_whole_config_is_validated_when_it_is_built(override, message):
