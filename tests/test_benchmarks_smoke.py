@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import danet_kernels
 from benchmarks import harness
+from benchmarks import test_training_memory as training
 from benchmarks.harness import largest_batch
 from benchmarks.report import format_bytes, main
 
@@ -170,3 +173,20 @@ def test_a_registered_predictor_is_recorded_beside_the_measurement(monkeypatch: 
     unpredicted = _Benchmark(op="cam", N=4096)
     harness.run_benchmark(unpredicted, lambda: None, rounds=(1, 0))
     assert "predicted" not in unpredicted.extra_info
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures the CPU allocator")
+@pytest.mark.parametrize("attention", ["reference", "fused"])
+def test_the_training_step_predictor_is_the_memory_model_of_the_measured_step(attention: str) -> None:
+    """harness.PREDICTORS["train_step"] predicts what a step case measures (state + batch + the
+    step's peak), within its stated tolerance (10%) of the CPU allocator's measured peak."""
+    assert harness.PREDICTORS["train_step"] is training.predict_train_step
+    info = {"op": "train_step", "impl": attention, "H": 64, "W": 64, "B": 1, "amp": "none"}
+    predicted = training.predict_train_step(info)
+    assert "fake CPU tensors" in predicted["by"] and "10%" in predicted["by"]
+    assert training.predict_train_step({**info, "B": 2})["peak_mem_bytes"] > predicted["peak_mem_bytes"]
+    with danet_kernels.use_backend(training.CPU_BACKEND):  # the benchmark's fused backend on the CPU
+        trainer = training._training_step(attention, "none")
+        measured = training._step_total_bytes(trainer, *trainer.new_batch(1, 64, 64))
+    assert measured is not None, "the CPU allocator's events were not recorded"
+    assert predicted["peak_mem_bytes"] == pytest.approx(measured, rel=0.10)
