@@ -27,9 +27,7 @@ PAM's N x N activations outweigh the backbone's, with caps of 256 and 512 MiB. T
 allocator cannot be capped, so there a batch "fits" when its measured peak is under the cap
 (``cap_enforced`` is False). The fused model runs the blockwise backend on the CPU.
 
-Each step case carries the training-memory model's prediction of its ``peak_mem_bytes``
-(:func:`predict_train_step`, registered in harness.PREDICTORS): the same step traced on fake
-tensors of the same device.
+A step case carries its ``peak_mem_bytes`` as danet.training.memory predicts it (:func:`predict_train_step`).
 """
 
 from __future__ import annotations
@@ -152,13 +150,10 @@ def _memory_model(attention: str, height: int, width: int, amp: str) -> StepMemo
 
 
 # What the prediction is and how far it was found to hold (docs/performance.md, "Will it fit?").
-PREDICTED_BY = (
-    "danet.training.memory on fake CUDA tensors: state + batch + the step's peak in 512-byte blocks, "
-    "without the plan's 10% allocator margin and 1.5 GiB reserve; the reference attention alone within 1% "
-    "of H100 measurements from N = 9409 (6% under at N = 4096), a whole step not yet checked on a GPU"
-    if ON_CUDA else
-    "danet.training.memory on fake CPU tensors: state + batch + the step's peak; -4.5% to 0% of the CPU "
-    "allocator's measured peak where checked, under it where a CPU kernel's scratch is not traced "
+PREDICTED_BY = f"danet.training.memory on fake {DEVICE.type.upper()} tensors: state + batch + step peak; " + (
+    "512-byte blocks, no allocator margin or reserve; the reference attention within 1% of H100 measurements "
+    "from N = 9409 (6% under at 4096), a whole step unchecked on a GPU" if ON_CUDA else
+    "-4.5% to 0% of the measured peak where checked, under it where a CPU kernel's scratch is not traced "
     "(tests hold it to 10%)")
 
 
