@@ -22,10 +22,8 @@ rank by), calibrated on Triton's fused-attention tutorial (benchmarks/compile_ca
 ``--tutorial``). Every run checks the ops' targets (benchmarks/compile_targets.py) on its rows;
 tests/danet_kernels/test_hopper_compile.py asserts them in CI on a small set.
 
-``--pass-times PATH`` writes the model's time per benchmark case: per problem, the preferred
-configs' times summed per pass (forward, forward+backward) of PAM and CAM, as JSON (see
-:func:`pass_times`); benchmarks/harness.py's predictor of the ``pam`` and ``cam`` cases reads
-``benchmarks/kernel_model_times.json``, made so (docs/performance.md says with which problems).
+``--pass-times PATH``: the model's time per problem and pass as JSON (:func:`pass_times`), what the
+benchmark suite's pam / cam predictor reads (benchmarks/kernel_model_times.json, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -660,21 +658,17 @@ def pass_times(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """The model's time (µs) of each pass of :data:`PASS_OPS` at each problem whose every launch
     has one: the preferred configs' times summed, as ``{"op", "pass", "B", "N", "C", "d",
     "precision", "variant", "model_us"}``."""
-    by_problem: dict[tuple[str, Problem], list[Row]] = {}
-    for r in rows:
-        if r.preferred:
-            key = (r.op, Problem(r.n, r.precision, r.batch, r.head_dim, r.channels, r.variant))
-            by_problem.setdefault(key, []).append(r)
+    per_op: dict[tuple[Any, ...], list[float | None]] = {}  # (op, *problem) -> its launches' times
+    for r in (r for r in rows if r.preferred):
+        key = (r.op, r.batch, r.n, r.channels, r.head_dim, r.precision, r.variant)
+        per_op.setdefault(key, []).append(r.model_us)
     times = []
-    for problem in dict.fromkeys(p for _, p in by_problem):
+    for problem in dict.fromkeys(key[1:] for key in per_op):
         for (attention, pass_), ops in PASS_OPS.items():
-            chosen = [by_problem.get((op, problem)) for op in ops]
-            launches = [r for rows_of_op in chosen if rows_of_op for r in rows_of_op]
-            if all(chosen) and all(r.model_us for r in launches):
-                times.append({"op": attention, "pass": pass_, "B": problem.batch, "N": problem.n,
-                              "C": problem.channels, "d": problem.head_dim, "precision": problem.precision,
-                              "variant": problem.variant,
-                              "model_us": round(sum(r.model_us for r in launches), 1)})
+            launches = [us for op in ops for us in per_op.get((op, *problem), [None])]
+            if all(launches):
+                times.append(dict(zip(("op", "pass", "B", "N", "C", "d", "precision", "variant", "model_us"),
+                                      (attention, pass_, *problem, round(sum(launches), 1)), strict=True)))
     return times
 
 

@@ -12,20 +12,16 @@ from benchmarks.compile_types import PLAIN_CALL, KernelSpec, OpSpec, Problem, Wo
 from danet_kernels.kernels import channel_attention as cam
 
 
-def _gamma(problem: Problem) -> torch.Tensor | None:
-    """A training call's gamma; none in a plain call (the attention output alone)."""
-    return None if problem.variant == PLAIN_CALL else torch.empty(1)
-
-
 def launch_forward(problem: Problem) -> None:
     x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
-    cam.cam_forward(x, _gamma(problem))
+    cam.cam_forward(x, None if problem.variant == PLAIN_CALL else torch.empty(1))  # plain: no gamma
 
 
 def launch_backward(problem: Problem) -> None:
     b, c, n = problem.batch, problem.channels, problem.n
     x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
-    cam.cam_backward(grad_y, x, torch.empty(b, c, c), _gamma(problem))
+    gamma = None if problem.variant == PLAIN_CALL else torch.empty(1)
+    cam.cam_backward(grad_y, x, torch.empty(b, c, c), gamma)
 
 
 def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
