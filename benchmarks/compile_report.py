@@ -21,6 +21,9 @@ the perf model's time (:func:`model_us`, kernels/common.py's ``launch_clocks``, 
 rank by), calibrated on Triton's fused-attention tutorial (benchmarks/compile_calibration.py,
 ``--tutorial``). Every run checks the ops' targets (benchmarks/compile_targets.py) on its rows;
 tests/danet_kernels/test_hopper_compile.py asserts them in CI on a small set.
+
+``--pass-times PATH``: the model's time per problem and pass as JSON (:func:`pass_times`), what the
+benchmark suite's pam / cam predictor reads (benchmarks/kernel_model_times.json, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ from danet_kernels.kernels.common import (
 )
 
 __all__ = ["Compiled", "Launch", "all_specs", "calibrate", "compile_launch", "layout_replication", "main",
-           "measure", "measure_op", "model_us", "ptx_loops", "recorded_launches", "render_markdown",
-           "specialise"]
+           "measure", "measure_op", "model_us", "pass_times", "ptx_loops", "recorded_launches",
+           "render_markdown", "specialise"]
 
 
 def all_specs() -> dict[str, OpSpec]:
@@ -646,6 +649,29 @@ def _problems_of(rows: list[Row]) -> list[Problem]:
     return list(found.values())
 
 
+# The benchmark suite's attention passes: the report's ops each runs (the default backward path).
+PASS_OPS = {(op, pass_): tuple(f"{op}_{part}" for part in parts) for op in ("pam", "cam")
+            for pass_, parts in (("forward", ("forward",)), ("forward+backward", ("forward", "backward")))}
+
+
+def pass_times(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The model's time (µs) of each pass of :data:`PASS_OPS` at each problem whose every launch
+    has one: the preferred configs' times summed, as ``{"op", "pass", "B", "N", "C", "d",
+    "precision", "variant", "model_us"}``."""
+    per_op: dict[tuple[Any, ...], list[float | None]] = {}  # (op, *problem) -> its launches' times
+    for r in (r for r in rows if r.preferred):
+        key = (r.op, r.batch, r.n, r.channels, r.head_dim, r.precision, r.variant)
+        per_op.setdefault(key, []).append(r.model_us)
+    times = []
+    for problem in dict.fromkeys(key[1:] for key in per_op):
+        for (attention, pass_), ops in PASS_OPS.items():
+            launches = [us for op in ops for us in per_op.get((op, *problem), [None])]
+            if all(launches):
+                times.append(dict(zip(("op", "pass", "B", "N", "C", "d", "precision", "variant", "model_us"),
+                                      (attention, pass_, *problem, round(sum(launches), 1)), strict=True)))
+    return times
+
+
 # ---- Command line ----------------------------------------------------------------------------
 
 
@@ -661,6 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="every config the prune keeps, or the preferred one per launch")
     parser.add_argument("--out", default="docs/compile_report.md", help="markdown file ('-': stdout)")
     parser.add_argument("--json", help="also write the rows and the targets' results as JSON here")
+    parser.add_argument("--pass-times", help="also write the model's time per problem and pass as JSON here "
+                        "(benchmarks/kernel_model_times.json: the predictor of the benchmark suite)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when a target of the run is not met")
     parser.add_argument("--tutorial", help="a copy of triton-lang/triton's python/tutorials/"
@@ -672,9 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    progress=lambda what: print(f"compiling {what}", file=sys.stderr))
     # What made the numbers: the arguments less the output-only ones (--out, --json, --check).
     given = list(argv if argv is not None else sys.argv[1:])
-    output = ("--out", "--json")
+    output = ("--out", "--json", "--pass-times")
     shown = [a for i, a in enumerate(given) if a not in (*output, "--check")
-             and not a.startswith(("--out=", "--json=")) and (i == 0 or given[i - 1] not in output)]
+             and not a.startswith(tuple(f"{o}=" for o in output)) and (i == 0 or given[i - 1] not in output)]
     command = "python -m benchmarks.compile_report" + "".join(f" {shlex.quote(a)}" for a in shown)
     results = check_targets(rows)
     calibration, calibration_results = calibrate(args.tutorial) if args.tutorial else (None, [])
@@ -688,6 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = {"rows": [dataclasses.asdict(r) for r in rows],
                  "targets": [dataclasses.asdict(t) for t in results]}
         Path(args.json).write_text(json.dumps(found, indent=1))
+    if args.pass_times:  # a line per time, so that a regenerated file's diff reads
+        found = {"command": command, "versions": _versions(), "calibration_error": CALIBRATION.error}
+        times = ",\n".join(f"  {json.dumps(t)}" for t in pass_times(rows))
+        Path(args.pass_times).write_text(f'{json.dumps(found)[:-1]}, "times": [\n{times}\n]}}\n')
     missed = [t for t in results if t.evaluated and not t.met]
     for target in missed:
         print(f"target not met ({target.op}): {target.target}: {'; '.join(target.failures)}", file=sys.stderr)

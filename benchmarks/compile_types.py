@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHANNELS", "HEAD_DIM", "PRECISIONS", "SIZES", "KernelSpec", "OpSpec", "Problem", "Row", "Work"]
+__all__ = ["CHANNELS", "HEAD_DIM", "PLAIN_CALL", "PRECISIONS", "SIZES", "KernelSpec", "OpSpec", "Problem",
+           "Row", "Work"]
 
 # DANet's shapes: q, k of 64 channels, v of 512; N of a 128 x 256 map and of a 97 x 97 one (a
 # 769 x 769 crop at output stride 8), which is not a multiple of 16.
@@ -24,6 +25,9 @@ PRECISIONS = {
     "fp32-tf32x3": ("float32", "tf32x3"),
     "fp32-ieee": ("float32", "ieee"),
 }
+# The variant of a plain call (no gamma, no residual: the attention output alone), the call the
+# benchmark suite times; without it an op's launch is DANet's training call, with gamma.
+PLAIN_CALL = "plain"
 
 
 @dataclass(frozen=True)

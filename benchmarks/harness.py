@@ -12,7 +12,7 @@ by ``torch.cuda.synchronize()`` on CUDA, so that its wall time is the GPU time) 
   see torch's allocator, and the process RSS mixes in the interpreter and cached pages).
 * ``first_call_s`` (compilation and autotuning, where it is the first call at its key),
   ``flops`` (:func:`pam_flops`, :func:`cam_flops`), and ``predicted``: what the project
-  predicts for the case, where :data:`PREDICTORS` holds a predictor for its op.
+  predicts for the case, where :data:`PREDICTORS` holds a predictor for its op that answers.
 * ``oom``: the case ran out of memory. It is skipped with a reason that starts with "OOM" and
   listed, with every case that could not run, under ``"danet_not_run"`` in the JSON output
   (benchmarks/conftest.py): pytest-benchmark drops skipped tests from its JSON.
@@ -21,15 +21,20 @@ by ``torch.cuda.synchronize()`` on CUDA, so that its wall time is the GPU time) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from benchmarks.compile_types import PLAIN_CALL
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -48,11 +53,45 @@ CAM_BACKWARD_FACTOR = 2.0
 NOT_RUN: list[dict[str, Any]] = []
 
 # op -> a function of a case's extra_info that returns what the project predicts for the case
-# ({"median_ms": ..., "peak_mem_bytes": ..., "by": "what predicted it, with its stated error"});
-# run_benchmark records it as extra_info["predicted"], beside the measured figures. Empty until
-# a predictor exists: the compile report's calibrated kernel model (issue 18) for "pam" and
-# "cam", the training-memory model (issue 22) for "train_step".
+# ({"median_ms": ..., "peak_mem_bytes": ..., "by": "what predicted it, with its stated error"}),
+# or None where it predicts nothing; run_benchmark records it as extra_info["predicted"], beside
+# the measured figures. "pam" and "cam": the compile report's calibrated kernel model
+# (predict_kernel_time, below); "train_step": the training-memory model (registered by
+# benchmarks/test_training_memory.py, predict_train_step).
 PREDICTORS: dict[str, Callable[[Mapping[str, Any]], Mapping[str, Any] | None]] = {}
+
+# The compile report's model time per pass and problem of the plain calls the suite times
+# (python -m benchmarks.compile_report --pass-times; its command is in the file).
+KERNEL_MODEL_TIMES = Path(__file__).with_name("kernel_model_times.json")
+# A case's dtype, or for fp32 its matmul precision (Variant), as the report names the precision.
+_REPORT_PRECISIONS = {"bfloat16": "bf16", "float16": "fp16", "highest": "fp32-ieee", "high": "fp32-tf32x3",
+                      "medium": "fp32-tf32"}
+
+
+@functools.cache
+def _kernel_model_times() -> tuple[dict[tuple[Any, ...], float], str]:
+    found = json.loads(KERNEL_MODEL_TIMES.read_text())
+    times = {(t["op"], t["pass"], t["B"], t["N"], t["C"], t["d"], t["precision"]): t["model_us"]
+             for t in found["times"] if t["variant"] == PLAIN_CALL}
+    triton = found["versions"]["triton"]
+    by = (f"the compile report's calibrated kernel model (sm_90 code of triton {triton}): an H100's time "
+          f"(the H200's SMs and clocks are the same, its memory faster), ± {found['calibration_error']:.0%}, "
+          "the calibration's largest error; our 8-warp programs are outside what it covers")
+    return times, by
+
+
+def predict_kernel_time(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """PREDICTORS["pam"] and ["cam"]: the model's time of a case of the fused kernels (``impl``
+    "triton") whose problem :data:`KERNEL_MODEL_TIMES` holds exactly; None for any other case."""
+    if info.get("impl") != "triton":
+        return None
+    precision = _REPORT_PRECISIONS.get(info["dtype"]) or _REPORT_PRECISIONS[info["precision"]]
+    times, by = _kernel_model_times()
+    model_us = times.get((info["op"], info["pass"], info["B"], info["N"], info["C"], info["d"], precision))
+    return None if model_us is None else {"median_ms": model_us / 1000, "by": by}
+
+
+PREDICTORS.update(pam=predict_kernel_time, cam=predict_kernel_time)
 
 
 @dataclass
@@ -372,8 +411,12 @@ def run_benchmark(
     "OOM" instead of failing it.
     """
     predictor = PREDICTORS.get(benchmark.extra_info.get("op"))
-    if predictor is not None:
-        benchmark.extra_info["predicted"] = predictor(benchmark.extra_info)
+    try:  # a prediction that fails must not cost the measurement (a GPU's time is scarce)
+        predicted = predictor(benchmark.extra_info) if predictor is not None else None
+    except Exception as err:
+        predicted = {"by": f"no prediction: {type(err).__name__}: {err}"}
+    if predicted is not None:
+        benchmark.extra_info["predicted"] = predicted
     try:
         probe_seconds = math.inf
         if first_call or rounds is None:

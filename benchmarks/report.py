@@ -176,6 +176,12 @@ def _predicted_columns(cases: Sequence[Case]) -> list[tuple[str, str, Callable[[
                                             for c in cases)]
 
 
+def _predicted_by(cases: Sequence[Case]) -> list[str]:
+    """The lines under a table with predicted figures: what predicted them, with its stated error."""
+    found = dict.fromkeys((c.info.get("predicted") or {}).get("by") for c in cases)
+    return [line for by in found if by for line in (f"Predicted by {by}.", "")]
+
+
 def _predicted_cells(case: Case, columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> list[str]:
     predicted = case.info.get("predicted") or {}
     return [format_fn(predicted.get(key)) for key, _, format_fn in columns]
@@ -215,7 +221,7 @@ def kernel_section(op: str, cases: Sequence[Case]) -> list[str]:
         lines += markdown_table(["B", "HxW", "N", "impl", "median ms", "min ms", "speed-up vs reference",
                                  "peak memory", "memory vs reference", "TFLOP/s", "max rel. err", "rounds",
                                  *(title for _, title, _ in predicted)], rows)
-        lines.append("")
+        lines += ["", *_predicted_by(selected)]
     return lines
 
 
@@ -252,7 +258,7 @@ def training_sections(cases: Sequence[Case]) -> list[str]:
         lines += markdown_table(["input HxW", "N (feature map)", "batch", "precision", "attention", "step ms",
                                  "images/s", "peak memory", "memory vs reference", "rounds",
                                  *(title for _, title, _ in predicted)], rows)
-        lines.append("")
+        lines += ["", *_predicted_by(steps)]
     if searches:
         lines += _max_batch_section(searches)
     return lines

@@ -26,13 +26,17 @@ On the CPU a scaled-down version shows the same effect on any machine: the tiny 
 PAM's N x N activations outweigh the backbone's, with caps of 256 and 512 MiB. The CPU
 allocator cannot be capped, so there a batch "fits" when its measured peak is under the cap
 (``cap_enforced`` is False). The fused model runs the blockwise backend on the CPU.
+
+A step case carries its ``peak_mem_bytes`` as danet.training.memory predicts it (:func:`predict_train_step`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -41,6 +45,7 @@ import danet_kernels
 from benchmarks.harness import (
     DEVICE,
     ON_CUDA,
+    PREDICTORS,
     SETTINGS,
     free_memory,
     is_oom,
@@ -51,10 +56,12 @@ from benchmarks.harness import (
     synchronize,
 )
 from danet.config import ATTENTIONS, Config, ModelConfig, TrainConfig
+from danet.training.memory import StepMemoryModel
 from danet.training.step import TrainingStep
 from danet_kernels._dispatch import resolve_backend
 
 NCLASS = 19  # Cityscapes
+CPU_BACKEND = "torch"  # the fused model's on the CPU: blockwise (the Triton interpreter is for tests)
 # Measured totals per (attention, H, W, batch, amp): the CPU's max-batch search compares them
 # with its caps instead of running every step again.
 _measured_totals: dict[tuple[str, int, int, int, str], int | None] = {}
@@ -121,12 +128,43 @@ def _tensor_bytes(tensors: object) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _config(attention: str, amp: str) -> Config:
+    """The grid's model with this attention, the training config's defaults, this precision."""
+    return Config(model=dataclasses.replace(GRID.model, attention=attention),
+                  train=dataclasses.replace(TrainConfig(), amp=amp))
+
+
 def _training_step(attention: str, amp: str) -> TrainingStep:
     """The trainer's step (danet.training.step.TrainingStep: its model, optimiser and loss with the
     training config's defaults) for the grid's model with this attention, on real tensors."""
-    cfg = Config(model=dataclasses.replace(GRID.model, attention=attention),
-                 train=dataclasses.replace(TrainConfig(), amp=amp))
-    return TrainingStep(cfg, NCLASS, device=DEVICE)
+    return TrainingStep(_config(attention, amp), NCLASS, device=DEVICE)
+
+
+@functools.cache
+def _memory_model(attention: str, height: int, width: int, amp: str) -> StepMemoryModel:
+    """The training-memory model of that step on fake tensors of the benchmark's device, with its
+    attention backend: two traces, then every batch of a grid row by arithmetic."""
+    step = TrainingStep(_config(attention, amp), NCLASS, device=DEVICE.type, fake=True,
+                        backend=None if ON_CUDA else CPU_BACKEND)
+    return StepMemoryModel(step, height, width, amp=amp)
+
+
+# What the prediction is and how far it was found to hold (docs/performance.md, "Will it fit?").
+PREDICTED_BY = f"danet.training.memory on fake {DEVICE.type.upper()} tensors: state + batch + step peak; " + (
+    "512-byte blocks, no allocator margin or reserve; the reference attention within 1% of H100 measurements "
+    "from N = 9409 (6% under at 4096), a whole step unchecked on a GPU" if ON_CUDA else
+    "-4.5% to 0% of the measured peak where checked, under it where a CPU kernel's scratch is not traced "
+    "(tests hold it to 10%)")
+
+
+def predict_train_step(info: Mapping[str, Any]) -> dict[str, Any]:
+    """harness.PREDICTORS["train_step"]: the predicted ``peak_mem_bytes`` of a step case (its
+    ``impl``, ``H``, ``W``, ``B`` and ``amp``), the quantity the case measures."""
+    model = _memory_model(info["impl"], info["H"], info["W"], info["amp"])
+    return {"peak_mem_bytes": model.peak_bytes(info["B"]), "by": PREDICTED_BY}
+
+
+PREDICTORS["train_step"] = predict_train_step
 
 
 def _step_total_bytes(trainer: TrainingStep, images: torch.Tensor, target: torch.Tensor) -> int | None:
@@ -138,7 +176,7 @@ def _step_total_bytes(trainer: TrainingStep, images: torch.Tensor, target: torch
 @pytest.fixture(autouse=True)
 def _fused_backend() -> Iterator[None]:
     """On the CPU the fused model runs the blockwise backend (the Triton interpreter is for tests)."""
-    with contextlib.nullcontext() if ON_CUDA else danet_kernels.use_backend("torch"):
+    with contextlib.nullcontext() if ON_CUDA else danet_kernels.use_backend(CPU_BACKEND):
         yield
 
 
@@ -151,7 +189,7 @@ def _describe(benchmark, attention: str, size: tuple[int, int], amp: str) -> Non
         resolved = resolve_backend("auto", torch.empty(0, device=DEVICE))
         backend = {"torch": "blockwise"}.get(resolved, resolved)
     benchmark.extra_info.update(
-        impl=attention, backbone=NETWORK, H=height, W=width, N=feature_h * feature_w,
+        impl=attention, backbone=NETWORK, H=height, W=width, N=feature_h * feature_w, amp=amp,
         precision="fp32" if amp == "none" else f"{amp}-autocast", attention_backend=backend,
     )
 

@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import danet_kernels
 from benchmarks import harness
+from benchmarks import test_training_memory as training
 from benchmarks.harness import largest_batch
 from benchmarks.report import format_bytes, main
 
@@ -73,6 +76,7 @@ def check_every_benchmark_records_what_the_report_needs(quick_results: dict) -> 
                 assert (op, impl, pass_) in measured, f"{op} {impl} {pass_} did not run"
     for attention in ("reference", "fused"):
         assert ("train_step", attention, None) in measured
+        assert measured[("train_step", attention, None)]["predicted"]["peak_mem_bytes"] > 0
         assert measured[("train_max_batch", attention, None)]["max_batch"] >= 1
     assert quick_results["machine_info"]["danet"]["quick"] is True
 
@@ -167,6 +171,45 @@ def test_a_registered_predictor_is_recorded_beside_the_measurement(monkeypatch: 
     harness.run_benchmark(bench, lambda: [0.0] * 1000, rounds=(2, 0))
     assert bench.extra_info["predicted"] == {"median_ms": 4.096, "by": "test"} and bench.rounds == 2
     assert bench.extra_info["first_call_s"] >= 0 and "peak_mem_bytes" in bench.extra_info
-    unpredicted = _Benchmark(op="cam", N=4096)
+    unpredicted = _Benchmark(op="cam", impl="reference", N=4096)  # a predictor that answers None
     harness.run_benchmark(unpredicted, lambda: None, rounds=(1, 0))
     assert "predicted" not in unpredicted.extra_info
+    monkeypatch.setitem(harness.PREDICTORS, "pam", lambda info: 1 / 0)  # costs no measurement
+    failed = _Benchmark(op="pam", N=4096)
+    harness.run_benchmark(failed, lambda: None, rounds=(1, 0))
+    assert failed.extra_info["predicted"] == {"by": "no prediction: ZeroDivisionError: division by zero"}
+    assert failed.rounds == 1
+
+
+def test_the_kernel_predictor_takes_the_compile_reports_time_of_exactly_the_cases_problem() -> None:
+    """pam and cam cases of the fused kernels get the report's time of their pass at their problem
+    (benchmarks/kernel_model_times.json), the calibration's error in "by"; a problem the file does
+    not hold, or another implementation, gets nothing (no interpolation)."""
+    times = json.loads(harness.KERNEL_MODEL_TIMES.read_text())
+    assert f"{times['calibration_error']:.0%}" == "13%"
+    case = {"impl": "triton", "B": 1, "N": 9409, "C": 512, "d": 64, "dtype": "float32", "precision": "high"}
+    for op in ("pam", "cam"):
+        forward, both = (harness.PREDICTORS[op]({**case, "op": op, "pass": p}) for p in harness.PASSES)
+        expected = next(t["model_us"] for t in times["times"] if (t["op"], t["pass"], t["N"], t["B"],
+                        t["precision"], t["variant"]) == (op, "forward", 9409, 1, "fp32-tf32x3", "plain"))
+        assert forward["median_ms"] == expected / 1000 and "± 13%" in forward["by"]
+        assert both["median_ms"] > forward["median_ms"]
+        for other in ({"N": 9408}, {"B": 3}, {"impl": "reference"}, {"dtype": "float16", "B": 2}):
+            assert harness.PREDICTORS[op]({**case, "op": op, "pass": "forward", **other}) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures the CPU allocator")
+@pytest.mark.parametrize("attention", ["reference", "fused"])
+def test_the_training_step_predictor_is_the_memory_model_of_the_measured_step(attention: str) -> None:
+    """harness.PREDICTORS["train_step"] predicts what a step case measures (state + batch + the
+    step's peak), within its stated tolerance (10%) of the CPU allocator's measured peak."""
+    assert harness.PREDICTORS["train_step"] is training.predict_train_step
+    info = {"op": "train_step", "impl": attention, "H": 64, "W": 64, "B": 1, "amp": "none"}
+    predicted = training.predict_train_step(info)
+    assert "fake CPU tensors" in predicted["by"] and "10%" in predicted["by"]
+    assert training.predict_train_step({**info, "B": 2})["peak_mem_bytes"] > predicted["peak_mem_bytes"]
+    with danet_kernels.use_backend(training.CPU_BACKEND):  # the benchmark's fused backend on the CPU
+        trainer = training._training_step(attention, "none")
+        measured = training._step_total_bytes(trainer, *trainer.new_batch(1, 64, 64))
+    assert measured is not None, "the CPU allocator's events were not recorded"
+    assert predicted["peak_mem_bytes"] == pytest.approx(measured, rel=0.10)

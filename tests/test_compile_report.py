@@ -149,6 +149,23 @@ def _row(**fields: object) -> types.Row:
     return types.Row(**{**base, **fields})
 
 
+def test_pass_times_sum_the_preferred_launches_of_each_pass() -> None:
+    """Forward: the forward op's preferred launches; forward+backward: both ops'; a problem that
+    lacks an op or a time, or a config not preferred, adds nothing."""
+    plain = {"variant": types.PLAIN_CALL, "problem": "N=32768 bf16 [plain]"}
+    rows = [_row(op="pam_forward", model_us=100.0, **plain),
+            _row(op="pam_forward", model_us=999.0, preferred=False, **plain),
+            _row(op="pam_backward", kernel="_a", model_us=200.0, **plain),
+            _row(op="pam_backward", kernel="_b", model_us=50.0, **plain),
+            _row(op="cam_forward", model_us=None, **plain),
+            _row(op="pam_forward", n=9409, batch=2, precision="fp32-ieee", model_us=7.0)]
+    times = {(t["op"], t["pass"], t["N"], t["B"], t["precision"], t["variant"]): t["model_us"]
+             for t in report.pass_times(rows)}
+    assert times == {("pam", "forward", 32768, 1, "bf16", "plain"): 100.0,
+                     ("pam", "forward+backward", 32768, 1, "bf16", "plain"): 350.0,
+                     ("pam", "forward", 9409, 2, "fp32-ieee", ""): 7.0}
+
+
 def test_targets_find_what_breaks_them() -> None:
     """Each kind of target: met on good rows, a failure naming the row on a bad one, None where
     no row applies."""

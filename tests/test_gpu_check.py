@@ -214,6 +214,7 @@ def test_report_of_the_recorded_run_checks_the_targets(capsys) -> None:
     row = next(line for line in markdown.splitlines()
                if line.startswith("| 1 | 128x256 | 32768 | triton | 8 |"))
     assert "| 3.50x | 64.0 MiB | 0.01x |" in row and row.endswith("| 7.5 | 60.0 MiB |")
+    assert "Predicted by synthetic model." in markdown  # what made them, with its error, under the table
     assert "| 2 | 128x256 | 32768 | reference | OOM |" in markdown
     assert "| 1024x2048 | 32768 | 1 | bf16-autocast | reference | OOM |" in markdown
     assert "| PAM | 32768 | bf16 | forward+backward | 55 | 2.5 |" in markdown  # first calls, cold and warm

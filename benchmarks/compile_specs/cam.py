@@ -8,19 +8,20 @@ import torch
 import triton
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_types import KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_types import PLAIN_CALL, KernelSpec, OpSpec, Problem, Work
 from danet_kernels.kernels import channel_attention as cam
 
 
 def launch_forward(problem: Problem) -> None:
     x = torch.empty(problem.batch, problem.channels, problem.n, dtype=problem.dtype)
-    cam.cam_forward(x, torch.empty(1))
+    cam.cam_forward(x, None if problem.variant == PLAIN_CALL else torch.empty(1))  # plain: no gamma
 
 
 def launch_backward(problem: Problem) -> None:
     b, c, n = problem.batch, problem.channels, problem.n
     x, grad_y = (torch.empty(b, c, n, dtype=problem.dtype) for _ in range(2))
-    cam.cam_backward(grad_y, x, torch.empty(b, c, c), torch.empty(1))
+    gamma = None if problem.variant == PLAIN_CALL else torch.empty(1)
+    cam.cam_backward(grad_y, x, torch.empty(b, c, c), gamma)
 
 
 def gram_work(meta: dict[str, Any], programs: int) -> tuple[Work, Work]:
@@ -94,6 +95,7 @@ TARGETS = (
 # P = dY x^T (2 C^2 N) and dx = W [dY; x] with K = 2 C (4 C^2 N).
 FORWARD = OpSpec(name="cam_forward", title="CAM forward", launch=launch_forward, kernels=FORWARD_KERNELS,
                  minimal=lambda p: Work(flops=3 * _per_c2n(p), exp2=p.batch * p.channels**2),
-                 unit=("C^2 N", _per_c2n), targets=TARGETS)
+                 unit=("C^2 N", _per_c2n), targets=TARGETS, variants=(PLAIN_CALL,))
 BACKWARD = OpSpec(name="cam_backward", title="CAM backward", launch=launch_backward, kernels=BACKWARD_KERNELS,
-                  minimal=lambda p: Work(flops=6 * _per_c2n(p)), unit=("C^2 N", _per_c2n), targets=TARGETS)
+                  minimal=lambda p: Work(flops=6 * _per_c2n(p)), unit=("C^2 N", _per_c2n), targets=TARGETS,
+                  variants=(PLAIN_CALL,))

@@ -15,20 +15,21 @@ import triton
 
 from benchmarks import compile_targets as targets
 from benchmarks.compile_specs.pam_forward import score_tile
-from benchmarks.compile_types import PRECISIONS, KernelSpec, OpSpec, Problem, Work
+from benchmarks.compile_types import PLAIN_CALL, PRECISIONS, KernelSpec, OpSpec, Problem, Work
 from danet_kernels.kernels import position_attention as pam
 
 
 def launch(problem: Problem, deterministic: bool = False) -> None:
-    """The backward of a training call with gamma (dq, dk, dv and dgamma), on the default path or
-    the deterministic one."""
+    """The backward of a training call with gamma (dq, dk, dv and dgamma; the plain variant:
+    without gamma), on the default path or the deterministic one."""
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, out, dy = (torch.empty(b, c, n, dtype=dtype) for _ in range(3))
-        pam.pam_backward(dy, q, k, v, torch.empty(1), 1.0, out, torch.empty(b, n))
+        gamma = None if problem.variant == PLAIN_CALL else torch.empty(1)
+        pam.pam_backward(dy, q, k, v, gamma, 1.0, out, torch.empty(b, n))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
@@ -116,7 +117,7 @@ def backward_targets(flops: tuple[str, float, tuple[str, ...]]) -> tuple[targets
 def _spec(name: str, title: str, deterministic: bool, flops: tuple[str, float, tuple[str, ...]]) -> OpSpec:
     return OpSpec(name=name, title=title, launch=lambda problem: launch(problem, deterministic),
                   kernels=KERNELS, minimal=_minimal, unit=("N^2", lambda p: p.batch * p.n**2),
-                  extra_problems=EXTRA_PROBLEMS, targets=backward_targets(flops))
+                  extra_problems=EXTRA_PROBLEMS, targets=backward_targets(flops), variants=(PLAIN_CALL,))
 
 
 # The issue's bound by default (3xTF32 takes the atomics-free pair always: its atomic dQ spills); the

@@ -10,23 +10,26 @@ import torch
 import triton
 
 from benchmarks import compile_targets as targets
-from benchmarks.compile_types import PRECISIONS, KernelSpec, OpSpec, Problem, Row, Work
+from benchmarks.compile_types import PLAIN_CALL, PRECISIONS, KernelSpec, OpSpec, Problem, Row, Work
 from danet_kernels.kernels import position_attention as pam
 
 INT64_OFFSETS = "int64 offsets"  # the variant with the launcher's int64 switch forced on
 
 
 def launch(problem: Problem) -> None:
-    """A training call: gamma, the residual epilogue and O stored for the backward. For the int64
-    variant the launcher's in-image offset switch is forced on: its cost measured at DANet's sizes
-    (a real launch takes it from C * N ~ 2^31 on, N > 4.2M at C = 512)."""
+    """A training call: gamma, the residual epilogue and O stored for the backward (the plain
+    variant: none of them). For the int64 variant the launcher's in-image offset switch is forced
+    on: its cost measured at DANet's sizes (a real launch takes it from C * N ~ 2^31 on, N > 4.2M
+    at C = 512)."""
     b, d, c, n, dtype = problem.batch, problem.head_dim, problem.channels, problem.n, problem.dtype
     offsets = (mock.patch.object(pam, "_needs_int64_offsets", lambda *tensors: True)
                if problem.variant == INT64_OFFSETS else contextlib.nullcontext())
     with offsets:
         q, k = torch.empty(b, d, n, dtype=dtype), torch.empty(b, d, n, dtype=dtype)
         v, residual = torch.empty(b, c, n, dtype=dtype), torch.empty(b, c, n, dtype=dtype)
-        pam.pam_forward(q, k, v, torch.empty(1), residual, 1.0, True)
+        plain = problem.variant == PLAIN_CALL
+        gamma, residual = (None, None) if plain else (torch.empty(1), residual)
+        pam.pam_forward(q, k, v, gamma, residual, 1.0, not plain)
 
 
 def score_tile(meta: dict[str, Any]) -> int:
@@ -80,7 +83,7 @@ TARGETS = (
 SPEC = OpSpec(
     name="pam_forward", title="PAM forward", launch=launch, kernels=KERNELS, targets=TARGETS,
     minimal=lambda p: Work(flops=2 * p.batch * p.n**2 * (p.head_dim + p.channels), exp2=p.batch * p.n**2),
-    unit=("N^2", lambda p: p.batch * p.n**2), variants=(INT64_OFFSETS,),
+    unit=("N^2", lambda p: p.batch * p.n**2), variants=(INT64_OFFSETS, PLAIN_CALL),
     extra_problems=tuple(Problem(32768, precision, variant=INT64_OFFSETS) for precision in PRECISIONS),
     notes=(f"*[{INT64_OFFSETS}]*: the launcher's switch to int64 in-image offsets forced on (a real "
            "launch takes it where an image's offsets can pass 2^31: C * N ~ 2^31, N > 4.2M at C = 512), "
