@@ -101,14 +101,10 @@ def _fused_op_fakes() -> dict[str, Callable[..., Any]]:
     if not triton_importable():
         return {}  # danet_kernels runs every attention in the blockwise backend then
     # lazy: triton is optional (danet_kernels runs without it), as in danet_kernels.functional
-    from danet_kernels.kernels import channel_attention, position_attention
+    from danet_kernels.kernels import channel_attention, position_attention  # noqa: F401 - defines the ops
+    from danet_kernels.kernels.common import FAKE_KERNELS
 
-    return {
-        "danet_kernels::pam_forward": position_attention._forward_outputs,
-        "danet_kernels::pam_backward": position_attention._backward_outputs,
-        "danet_kernels::cam_forward": channel_attention._cam_forward_fake,
-        "danet_kernels::cam_backward": channel_attention._cam_backward_fake,
-    }
+    return dict(FAKE_KERNELS)
 
 
 class _FusedOpFakes(TorchDispatchMode):

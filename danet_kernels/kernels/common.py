@@ -57,6 +57,11 @@ if INTERPRETING:
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
+# op name -> the function that allocates its outputs only, for every op define_op defines: what
+# fake-tensor tracing of a whole training step (danet.training.step) answers the ops with.
+FAKE_KERNELS: dict[str, Callable[..., Any]] = {}
+
+
 def define_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
     """A decorator defining the ``danet_kernels::`` op ``name`` whose implementation launches our
     Triton kernels. On a GPU it is a ``torch.library.triton_op``: torch.compile traces through it
@@ -64,7 +69,9 @@ def define_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., An
     implementation, its launches captured by ``wrap_triton``). Under TRITON_INTERPRET=1 the kernels
     are plain Python functions that read real memory, which fake-tensor tracing would execute on
     fake data (and AOT's decomposition of a triton_op would drop): there the op is an opaque
-    ``custom_op`` whose ``fake`` only allocates the outputs, one node to torch.compile."""
+    ``custom_op`` whose ``fake`` only allocates the outputs, one node to torch.compile. Either
+    way ``fake`` is recorded in :data:`FAKE_KERNELS`."""
+    FAKE_KERNELS[name] = fake
 
     def define(fn: Callable[..., Any]) -> Any:
         if not INTERPRETING:
