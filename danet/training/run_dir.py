@@ -41,6 +41,7 @@ import yaml
 
 from danet.config import Config, config_to_dict
 from danet.distributed import all_gather_objects
+from danet.evaluation.cost import format_duration
 from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
 from danet.io.checkpoint import BEST, LAST, LAST_GOOD
 from danet.io.output_paths import occupied
@@ -181,7 +182,7 @@ class RunDirLock:
             info = json.loads(holder)
             since = datetime.fromtimestamp(info["since"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
             who = (f"the process with PID {info['pid']} on {info['host']} (since {since}, "
-                   f"{_ago(time.time() - info['since'])})")
+                   f"{format_duration(time.time() - info['since'])} ago)")
         except (ValueError, KeyError, TypeError):
             who = "another process (it is starting)"
         return (f"{self.run_dir} is in use: {who} is training into it. One run writes a run directory "
@@ -199,14 +200,6 @@ class RunDirLock:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=RunDirLock._close_in_child)
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
 
 
 def claim_run_dir(lock: RunDirLock, *, writer: bool, resuming_here: bool, overwrite: bool,
