@@ -28,7 +28,8 @@ from danet.data import (
 )
 from danet.data.classes import DatasetClasses
 
-__all__ = ["BatchPlan", "SeededAugmentation", "check_data_source", "get_datasets", "plan_batches"]
+__all__ = ["BatchPlan", "SeededAugmentation", "check_data_source", "get_datasets", "micro_batch",
+           "plan_batches"]
 
 
 class SeededAugmentation(Dataset):
@@ -105,13 +106,24 @@ class BatchPlan:
     epochs: int
 
 
-def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
-    """Check the batch arithmetic and derive the run length in optimiser iterations."""
+def micro_batch(cfg: Config, world_size: int) -> int:
+    """The images per process per micro-step: ``train.batch_size`` (global) over ``world_size``
+    processes and ``train.accum_steps``.
+
+    Raises:
+        ValueError: the global batch does not divide evenly.
+    """
     t = cfg.train
     if t.batch_size % (world_size * t.accum_steps):
         raise ValueError(f"train.batch_size={t.batch_size} (global) is not divisible by {world_size} "
                          f"processes x {t.accum_steps} accumulation steps")
-    micro = t.batch_size // (world_size * t.accum_steps)
+    return t.batch_size // (world_size * t.accum_steps)
+
+
+def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
+    """Check the batch arithmetic and derive the run length in optimiser iterations."""
+    t = cfg.train
+    micro = micro_batch(cfg, world_size)
     per_rank = math.ceil(num_train / world_size)  # DistributedSampler pads to equal shares
     iters_per_epoch = per_rank // (micro * t.accum_steps)
     if iters_per_epoch < 1:
