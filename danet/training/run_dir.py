@@ -354,16 +354,25 @@ def mark_latest(run_dir: str | Path) -> Path | None:
     if LATEST.exists() and not LATEST.is_symlink():
         warnings.warn(f"{LATEST} exists and is not a link: not pointing it at {run_dir}", stacklevel=2)
         return None
-    staging = RUNS_DIR / f".latest.{os.getpid()}"
     try:
-        staging.unlink(missing_ok=True)
-        staging.symlink_to(run_dir.name, target_is_directory=True)
-        os.replace(staging, LATEST)
+        _point_latest(run_dir.name)
     except OSError as err:
-        staging.unlink(missing_ok=True)
         warnings.warn(f"could not point {LATEST} at {run_dir}: {err}", stacklevel=2)
         return None
     return LATEST
+
+
+def _point_latest(target: str) -> None:
+    """Make ``runs/latest`` a link to ``target`` (relative to runs/), swapped in atomically: a
+    staging link renamed over it (no staging link is left behind when that fails)."""
+    staging = RUNS_DIR / f".latest.{os.getpid()}"
+    try:
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(target, target_is_directory=True)
+        os.replace(staging, LATEST)
+    except OSError:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
@@ -422,8 +431,5 @@ def remove_unstarted_run(run_dir: Path, *, created: bool, previous_latest: str |
         if previous_latest is None:
             LATEST.unlink()
         else:
-            staging = RUNS_DIR / f".latest.{os.getpid()}"
-            staging.unlink(missing_ok=True)
-            staging.symlink_to(previous_latest, target_is_directory=True)
-            os.replace(staging, LATEST)
+            _point_latest(previous_latest)
     return removed
