@@ -34,8 +34,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FileWriteError", "atomic_link", "atomic_write", "describe_os_error", "process_alive",
-           "remove_stale_temporaries"]
+__all__ = ["FileWriteError", "atomic_link", "atomic_write", "describe_os_error", "make_directory",
+           "process_alive", "remove_stale_temporaries"]
 
 # a file system's limit on one name (ext4, xfs, btrfs, tmpfs, NTFS); temporaries are kept under it
 _NAME_MAX = 255
@@ -67,6 +67,15 @@ def describe_os_error(err: OSError, path: str | Path, action: str = "write") -> 
     """One line for ``err``: ``cannot <action> <path>: <cause>``."""
     cause = _CAUSES.get(err.errno or -1, err.strerror or str(err))
     return f"cannot {action} {path}: {cause}"
+
+
+def make_directory(path: str | Path, action: str = "create the directory") -> None:
+    """``mkdir -p path``; an operating-system error comes out as :class:`FileWriteError`
+    (``cannot <action> <path>: <cause>``)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileWriteError(err.errno, describe_os_error(err, path, action)) from err
 
 
 @functools.cache
@@ -174,10 +183,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             a name too long); the message names ``path`` and the cause.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FileWriteError(err.errno, describe_os_error(err, path.parent, "create the directory")) from err
+    make_directory(path.parent)
     _sweep_once(path.parent)
     if len(path.name.encode()) > _NAME_MAX:
         too_long = OSError(errno.ENAMETOOLONG, "name too long")

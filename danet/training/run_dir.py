@@ -42,7 +42,7 @@ import yaml
 from danet.config import Config, config_to_dict
 from danet.distributed import all_gather_objects
 from danet.evaluation.cost import format_duration
-from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
+from danet.io.atomic import FileWriteError, atomic_write, describe_os_error, make_directory
 from danet.io.checkpoint import BEST, LAST, LAST_GOOD
 from danet.io.output_paths import occupied
 from danet.runtime import install_hint
@@ -126,11 +126,7 @@ class RunDirLock:
         if self._fd is not None:
             return True
         if create:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise FileWriteError(err.errno, describe_os_error(err, self.run_dir,
-                                                                  "create the run directory")) from err
+            make_directory(self.run_dir, "create the run directory")
         elif not self.run_dir.is_dir():
             return False
         while True:
@@ -246,10 +242,7 @@ def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> Non
 
 def create_run_dir(run_dir: Path, cfg: Config) -> None:
     """Create ``run_dir`` and write its config.yaml (atomically)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FileWriteError(err.errno, describe_os_error(err, run_dir, "create the run directory")) from err
+    make_directory(run_dir, "create the run directory")
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / CONFIG, lambda tmp: tmp.write_text(text))
 
