@@ -9,7 +9,6 @@ steps and derives the run length in optimiser iterations.
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from danet.config import Config
+from danet.config import Config, usable_cpus
 from danet.data import (
     SegmentationDataset,
     build_dataset,
@@ -89,7 +88,7 @@ def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, DatasetClasses]:
     val_set = build_dataset(d.dataset, d.root, "val", transform=val_tf, **extra["val"])
     for dataset in (train_set, val_set):
         if getattr(dataset, "CHECK_MASKS_BEFORE_TRAINING", False):  # before the run directory exists
-            dataset.check_masks(threads=min(8, os.cpu_count() or 1))  # type: ignore[attr-defined]
+            dataset.check_masks(threads=min(8, usable_cpus()))  # type: ignore[attr-defined]
     if d.dataset != "synthetic":
         train_set, val_set = _limit(train_set, d.train_samples), _limit(val_set, d.val_samples)
     return train_set, val_set, DatasetClasses.of(d.dataset, get_dataset_class(d.dataset, d.root))
