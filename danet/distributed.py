@@ -46,7 +46,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +53,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
+
+from danet.io.atomic import process_alive
 
 _CPU = torch.device("cpu")
 
@@ -199,20 +200,6 @@ def is_peer_gone(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and _PEER_GONE.search(str(err)) is not None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, not yet reaped by torchrun) or a stopped process does not answer either
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
 class Progress:
     """What every process last started, and whether it still lives, in the process group's store,
     to name a stalled or vanished rank.
@@ -272,7 +259,7 @@ class Progress:
                 if rank == self.ctx.rank or not self.store.check([key]):
                     continue
                 their_host, pid, beat = json.loads(self.store.get(key))
-                if their_host == host and not _process_alive(pid):
+                if their_host == host and not process_alive(pid):
                     found.append(f"rank {rank} (PID {pid} on {host}) is gone")
                 elif now - beat > self.SILENT_AFTER * self.HEARTBEAT_S:
                     found.append(f"rank {rank} (PID {pid} on {their_host}) has given no sign of life for "

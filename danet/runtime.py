@@ -35,10 +35,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from danet.config import usable_cpus
 from danet_kernels._dispatch import resolve_backend
 
-__all__ = ["AMP_DTYPES", "DISTRIBUTION", "check_attention_backend", "cpu_cores", "install_hint",
+__all__ = ["AMP_DTYPES", "DISTRIBUTION", "check_attention_backend", "install_hint",
            "progress_bar", "set_threads"]
 
 DISTRIBUTION = "danet-fused"
@@ -91,11 +90,6 @@ def install_hint(extra: str) -> str:
     except importlib.metadata.PackageNotFoundError:  # copied without its metadata: any version
         pin = ""
     return f"pip install '{DISTRIBUTION}[{extra}]{pin}'"
-
-def cpu_cores() -> int:
-    """The CPU cores this process may run on (danet.config.usable_cpus: its affinity where the
-    system reports one; the same count bounds data.workers and train.threads)."""
-    return usable_cpus()
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **options: Any) -> tqdm:

@@ -33,6 +33,7 @@ from typing import Any
 from danet.config import DEFAULT_PRESET, Config, load_config
 from danet.data import get_dataset_class
 from danet.evaluation.cost import format_bytes
+from danet.training.data import micro_batch
 from danet.training.memory import (
     ALLOCATOR_MARGIN,
     DEVICE_RESERVE_BYTES,
@@ -48,12 +49,12 @@ _PRECISION_NAMES = {"none": "fp32", "bf16": "bf16 AMP", "fp16": "fp16 AMP"}
 
 
 def _micro_batch(cfg: Config, gpus: int) -> int:
-    """The recipe's images per GPU per step: the global batch over processes and accumulation."""
-    t = cfg.train
-    if t.batch_size % (gpus * t.accum_steps):
-        raise ValueError(f"train.batch_size={t.batch_size} (global) is not divisible by {gpus} GPU(s) x "
-                         f"{t.accum_steps} accumulation step(s); give --batch")
-    return t.batch_size // (gpus * t.accum_steps)
+    """The recipe's images per GPU per step (danet.training.data.micro_batch), or an error that
+    points to --batch."""
+    try:
+        return micro_batch(cfg, gpus)
+    except ValueError as err:
+        raise ValueError(f"{err}; give --batch") from None
 
 
 def _num_classes(cfg: Config, classes: int | None) -> int:

@@ -7,7 +7,7 @@ middle leaves the previous file whole.
 
 A ``kill -9`` in the middle cannot run any clean-up: it leaves the temporary behind. Our
 temporaries are named ``.<name>.partial-<pid>-<host>-<random>``, so the first write of a
-process into the same directory removes those of this machine whose process no longer exists
+process into the same directory removes those of this machine whose process no longer runs
 (a live writer's, or another machine's on a shared file system, are left alone). Once per
 process and directory, not at every write (``danet predict`` writes thousands of files into
 one directory): a temporary that another process leaves later waits for the next process.
@@ -34,7 +34,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FileWriteError", "atomic_link", "atomic_write", "describe_os_error", "remove_stale_temporaries"]
+__all__ = ["FileWriteError", "atomic_link", "atomic_write", "describe_os_error", "make_directory",
+           "process_alive", "remove_stale_temporaries"]
 
 # a file system's limit on one name (ext4, xfs, btrfs, tmpfs, NTFS); temporaries are kept under it
 _NAME_MAX = 255
@@ -68,6 +69,15 @@ def describe_os_error(err: OSError, path: str | Path, action: str = "write") -> 
     return f"cannot {action} {path}: {cause}"
 
 
+def make_directory(path: str | Path, action: str = "create the directory") -> None:
+    """``mkdir -p path``; an operating-system error comes out as :class:`FileWriteError`
+    (``cannot <action> <path>: <cause>``)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileWriteError(err.errno, describe_os_error(err, path, action)) from err
+
+
 @functools.cache
 def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
@@ -83,21 +93,27 @@ def _temporary_name(name: str) -> str:
     return f".{name}{tail}"
 
 
-def _process_exists(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs: it exists (under any user) and is not a
+    zombie (dead, not yet reaped by its parent, e.g. torchrun) or a dead task (Linux's /proc)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux), or the process ended meanwhile
+        return True
+    return state not in ("Z", "X")
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporaries of :func:`atomic_write` left in ``directory`` by dead processes.
 
-    Only files of our own naming, written on this machine, by a process that no longer exists
-    (the current process's own are never touched). Returns the removed paths.
+    Only files of our own naming, written on this machine, by a process that no longer runs
+    (:func:`process_alive`; the current process's own are never touched). Returns the removed paths.
     """
     directory, host, removed = Path(directory), _host_tag(), []
     try:
@@ -109,7 +125,7 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         if match is None or match.group(2) != host or not entry.is_file(follow_symlinks=False):
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or _process_exists(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         try:
             os.unlink(entry.path)
@@ -167,10 +183,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             a name too long); the message names ``path`` and the cause.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FileWriteError(err.errno, describe_os_error(err, path.parent, "create the directory")) from err
+    make_directory(path.parent)
     _sweep_once(path.parent)
     if len(path.name.encode()) > _NAME_MAX:
         too_long = OSError(errno.ENAMETOOLONG, "name too long")

@@ -33,7 +33,11 @@ class IterationEstimate:
 
     flops: float  # of one iteration (every micro-batch)
     speed: float  # measured FLOP/s
-    seconds: float  # flops / speed
+
+    @property
+    def seconds(self) -> float:
+        """The estimated seconds of one iteration: its FLOPs over the measured speed."""
+        return self.flops / self.speed
 
     def describe(self, iterations: int) -> str:
         """``"about 1.2 s per iteration; 300 iterations: about 6 min (...)"``."""
@@ -53,4 +57,4 @@ def estimate_iteration(model: nn.Module, images: int, crop_size: int) -> Iterati
         model.train(was_training)
     flops = _TRAINING_STEP_FLOPS * forward * images
     speed = measured_conv_speed()
-    return IterationEstimate(flops, speed, flops / speed)
+    return IterationEstimate(flops, speed)

@@ -9,7 +9,6 @@ steps and derives the run length in optimiser iterations.
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from danet.config import Config
+from danet.config import Config, usable_cpus
 from danet.data import (
     SegmentationDataset,
     build_dataset,
@@ -28,7 +27,8 @@ from danet.data import (
 )
 from danet.data.classes import DatasetClasses
 
-__all__ = ["BatchPlan", "SeededAugmentation", "check_data_source", "get_datasets", "plan_batches"]
+__all__ = ["BatchPlan", "SeededAugmentation", "check_data_source", "get_datasets", "micro_batch",
+           "plan_batches"]
 
 
 class SeededAugmentation(Dataset):
@@ -88,7 +88,7 @@ def get_datasets(cfg: Config) -> tuple[Dataset, Dataset, DatasetClasses]:
     val_set = build_dataset(d.dataset, d.root, "val", transform=val_tf, **extra["val"])
     for dataset in (train_set, val_set):
         if getattr(dataset, "CHECK_MASKS_BEFORE_TRAINING", False):  # before the run directory exists
-            dataset.check_masks(threads=min(8, os.cpu_count() or 1))  # type: ignore[attr-defined]
+            dataset.check_masks(threads=min(8, usable_cpus()))  # type: ignore[attr-defined]
     if d.dataset != "synthetic":
         train_set, val_set = _limit(train_set, d.train_samples), _limit(val_set, d.val_samples)
     return train_set, val_set, DatasetClasses.of(d.dataset, get_dataset_class(d.dataset, d.root))
@@ -105,13 +105,24 @@ class BatchPlan:
     epochs: int
 
 
-def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
-    """Check the batch arithmetic and derive the run length in optimiser iterations."""
+def micro_batch(cfg: Config, world_size: int) -> int:
+    """The images per process per micro-step: ``train.batch_size`` (global) over ``world_size``
+    processes and ``train.accum_steps``.
+
+    Raises:
+        ValueError: the global batch does not divide evenly.
+    """
     t = cfg.train
     if t.batch_size % (world_size * t.accum_steps):
         raise ValueError(f"train.batch_size={t.batch_size} (global) is not divisible by {world_size} "
                          f"processes x {t.accum_steps} accumulation steps")
-    micro = t.batch_size // (world_size * t.accum_steps)
+    return t.batch_size // (world_size * t.accum_steps)
+
+
+def plan_batches(cfg: Config, num_train: int, world_size: int) -> BatchPlan:
+    """Check the batch arithmetic and derive the run length in optimiser iterations."""
+    t = cfg.train
+    micro = micro_batch(cfg, world_size)
     per_rank = math.ceil(num_train / world_size)  # DistributedSampler pads to equal shares
     iters_per_epoch = per_rank // (micro * t.accum_steps)
     if iters_per_epoch < 1:

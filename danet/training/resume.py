@@ -139,11 +139,13 @@ def _summarised(keys: list[str], every_key: list[str]) -> list[str]:
     return shown
 
 
-def changed_settings(stored: Mapping[str, Any], cfg: Config, patterns: Sequence[str]) -> list[str]:
-    """The dotted keys matching ``patterns`` whose value in ``cfg`` differs from the stored config's."""
+def changed_settings(stored: Mapping[str, Any], cfg: Config,
+                     patterns: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys matching ``patterns`` whose value in ``cfg`` differs from the stored config's,
+    each with (the stored value, ``cfg``'s), in the config's order."""
     saved, current = _flat(stored), _flat(config_to_dict(cfg))
-    return [key for key, value in current.items()
-            if _matches(key, patterns) and key in saved and saved[key] != value]
+    return {key: (saved[key], value) for key, value in current.items()
+            if _matches(key, patterns) and key in saved and saved[key] != value}
 
 
 def check_resume(ckpt: Mapping[str, Any], cfg: Config, *, total_iters: int, iters_per_epoch: int,
@@ -154,9 +156,8 @@ def check_resume(ckpt: Mapping[str, Any], cfg: Config, *, total_iters: int, iter
         ValueError: what is wrong and which flag or setting does what the user wants.
     """
     stored = ckpt["config"]
-    saved, current = _flat(stored), _flat(config_to_dict(cfg))
-    architecture = [f"{key} ({saved[key]} -> {current[key]})"
-                    for key in changed_settings(stored, cfg, ARCHITECTURE_KEYS)]
+    architecture = [f"{key} ({was} -> {now})"
+                    for key, (was, now) in changed_settings(stored, cfg, ARCHITECTURE_KEYS).items()]
     if architecture:
         raise ValueError(f"cannot resume with a changed {', '.join(architecture)}: the weights in {path} "
                          "belong to the stored model. Resume without that change, or start a new run")
@@ -370,9 +371,8 @@ class RunCheckpoints:
         self.awaiting_confirmation = resumed_here is not None
         self._start_scale = ckpt.get("weights_at_start")
         if self.cfg is not None and isinstance(ckpt.get("config"), Mapping):
-            saved, current = _flat(ckpt["config"]), _flat(config_to_dict(self.cfg))
-            self.resumed_changes = [f"{key}={current[key]} (was {saved[key]})" for key in _REMEDY_KEYS
-                                    if key in saved and saved[key] != current.get(key)]
+            changes = changed_settings(ckpt["config"], self.cfg, _REMEDY_KEYS)
+            self.resumed_changes = [f"{key}={now} (was {was})" for key, (was, now) in changes.items()]
 
     def begin(self) -> None:
         """The run starts (or continues): take StateCheck's reference, judge a resumed state, and

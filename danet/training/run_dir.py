@@ -42,7 +42,7 @@ import yaml
 from danet.config import Config, config_to_dict
 from danet.distributed import all_gather_objects
 from danet.evaluation.cost import format_duration
-from danet.io.atomic import FileWriteError, atomic_write, describe_os_error
+from danet.io.atomic import FileWriteError, atomic_write, describe_os_error, make_directory
 from danet.io.checkpoint import BEST, LAST, LAST_GOOD
 from danet.io.output_paths import occupied
 from danet.runtime import install_hint
@@ -126,11 +126,7 @@ class RunDirLock:
         if self._fd is not None:
             return True
         if create:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise FileWriteError(err.errno, describe_os_error(err, self.run_dir,
-                                                                  "create the run directory")) from err
+            make_directory(self.run_dir, "create the run directory")
         elif not self.run_dir.is_dir():
             return False
         while True:
@@ -246,10 +242,7 @@ def check_run_dir(run_dir: Path, *, resuming_here: bool, overwrite: bool) -> Non
 
 def create_run_dir(run_dir: Path, cfg: Config) -> None:
     """Create ``run_dir`` and write its config.yaml (atomically)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FileWriteError(err.errno, describe_os_error(err, run_dir, "create the run directory")) from err
+    make_directory(run_dir, "create the run directory")
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(run_dir / CONFIG, lambda tmp: tmp.write_text(text))
 
@@ -354,16 +347,25 @@ def mark_latest(run_dir: str | Path) -> Path | None:
     if LATEST.exists() and not LATEST.is_symlink():
         warnings.warn(f"{LATEST} exists and is not a link: not pointing it at {run_dir}", stacklevel=2)
         return None
-    staging = RUNS_DIR / f".latest.{os.getpid()}"
     try:
-        staging.unlink(missing_ok=True)
-        staging.symlink_to(run_dir.name, target_is_directory=True)
-        os.replace(staging, LATEST)
+        _point_latest(run_dir.name)
     except OSError as err:
-        staging.unlink(missing_ok=True)
         warnings.warn(f"could not point {LATEST} at {run_dir}: {err}", stacklevel=2)
         return None
     return LATEST
+
+
+def _point_latest(target: str) -> None:
+    """Make ``runs/latest`` a link to ``target`` (relative to runs/), swapped in atomically: a
+    staging link renamed over it (no staging link is left behind when that fails)."""
+    staging = RUNS_DIR / f".latest.{os.getpid()}"
+    try:
+        staging.unlink(missing_ok=True)
+        staging.symlink_to(target, target_is_directory=True)
+        os.replace(staging, LATEST)
+    except OSError:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
@@ -422,8 +424,5 @@ def remove_unstarted_run(run_dir: Path, *, created: bool, previous_latest: str |
         if previous_latest is None:
             LATEST.unlink()
         else:
-            staging = RUNS_DIR / f".latest.{os.getpid()}"
-            staging.unlink(missing_ok=True)
-            staging.symlink_to(previous_latest, target_is_directory=True)
-            os.replace(staging, LATEST)
+            _point_latest(previous_latest)
     return removed

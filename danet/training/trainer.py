@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from danet.config import Config, config_to_dict
+from danet.config import Config, config_to_dict, usable_cpus
 from danet.distributed import (
     DistributedContext,
     Progress,
@@ -51,7 +51,7 @@ from danet.io.checkpoint import (
 )
 from danet.models import build_model, load_weights
 from danet.models.weights import load_state_dict_checked
-from danet.runtime import AMP_DTYPES, check_attention_backend, cpu_cores, progress_bar, set_threads
+from danet.runtime import AMP_DTYPES, check_attention_backend, progress_bar, set_threads
 from danet.training.cpu_time import estimate_iteration
 from danet.training.data import SeededAugmentation, check_data_source, get_datasets, plan_batches
 from danet.training.losses import DANetLoss
@@ -146,9 +146,10 @@ class Trainer:
                                                    shuffle=True, drop_last=False)
         # more workers than cores only compete for them (torch warns, once per loader); the
         # samples do not depend on the worker count (SeededAugmentation)
-        workers = min(cfg.data.workers, cpu_cores())
+        cores = usable_cpus()
+        workers = min(cfg.data.workers, cores)
         if workers < cfg.data.workers and ctx.is_main:
-            print(f"data.workers={cfg.data.workers}, but this process has {cpu_cores()} CPU core(s): "
+            print(f"data.workers={cfg.data.workers}, but this process has {cores} CPU core(s): "
                   f"{workers} DataLoader worker(s)")
         loader_kw = {"num_workers": workers, "pin_memory": ctx.device.type == "cuda",
                      "persistent_workers": False}  # fresh workers each epoch see the dataset's new epoch

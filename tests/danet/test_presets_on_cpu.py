@@ -60,7 +60,7 @@ def test_the_estimate_is_flops_over_the_measured_speed() -> None:
 def test_workers_are_no_more_than_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capfd: pytest.CaptureFixture[str]) -> None:
     """torch warned (twice: the train and val loaders) about more workers than cores."""
-    monkeypatch.setattr("danet.training.trainer.cpu_cores", lambda: 1)
+    monkeypatch.setattr("danet.training.trainer.usable_cpus", lambda: 1)
     monkeypatch.chdir(tmp_path)
     write_folder_dataset(tmp_path / "mine", {"train": 4, "val": 2})
     assert main(["train", "--preset", "folder", "--set", "data.root=mine", "train.device=cpu",
