@@ -591,7 +591,7 @@ _APPLY_KERNELS = _autotuned(_cam_apply_kernel, _APPLY_CONFIGS,
 # ----------------------------------------------------------------------------------------------
 # The Gram programs that fill the device once, under the interpreter (it has no SMs): 8 makes
 # the small test shapes split N.
-INTERPRETINGER_SMS = 8
+_INTERPRETER_SMS = 8
 
 
 def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: int) -> tuple[int, int]:
@@ -615,7 +615,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
     ``left`` and ``right`` have aligned rows of the same (padded) length, zero past the true N.
     """
     B, C, N = left.shape
-    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, INTERPRETINGER_SMS))
+    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, _INTERPRETER_SMS))
     partial = torch.empty((B, num_splits, C, C), dtype=torch.float32, device=left.device)
     precision = dot_input_precision(left.dtype)
 
@@ -666,8 +666,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
     return y
 
 
-def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernels; returns (y, A) with A = softmax(-x x^T) in fp32, shape (B, C, C)."""
     B, C, N = x.shape
     rows = aligned_rows(x, unit_stride=True)
