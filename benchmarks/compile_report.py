@@ -68,6 +68,7 @@ from danet_kernels.kernels.common import (
     Calibration,
     LoopCost,
     launch_clocks,
+    operand_class,
     resident_programs,
 )
 
@@ -443,10 +444,13 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
 
 
 def _model_class(row: Row) -> str:
-    """The operand class whose rate the row's matmuls run at (FMA kernels: the "ieee" rate)."""
-    if row.mma == "FMA" or row.precision == "fp32-ieee":
+    """The operand class whose rate the row's matmuls run at: the kernels' own
+    (kernels/common.py's ``operand_class``), the "ieee" (FMA) rate where the compiled kernel
+    has no MMAs."""
+    if row.mma == "FMA":
         return "ieee"
-    return {"fp32-tf32": "tf32", "fp32-tf32x3": "tf32x3"}.get(row.precision, "16-bit")
+    dtype, precision = PRECISIONS[row.precision]
+    return operand_class(getattr(torch, dtype), precision)
 
 
 def model_us(row: Row, calibration: Calibration = CALIBRATION) -> float:
