@@ -64,6 +64,7 @@ from danet_kernels.kernels.common import (
     CALIBRATION,
     H100_CLOCK_HZ,
     H100_SMS,
+    MATMUL_LEVEL_PRECISIONS,
     MAX_SHARED_BYTES,
     Calibration,
     LoopCost,
@@ -171,7 +172,7 @@ def expand(launch: Launch, configs: Sequence[Any]) -> list[tuple[Any, Launch]]:
 
 # The torch float32 matmul level that kernels/common.py's dot_input_precision reads as each
 # fp32 dot precision.
-_MATMUL_LEVELS = {"ieee": "highest", "tf32x3": "high", "tf32": "medium"}
+_MATMUL_LEVELS = {precision: level for level, precision in MATMUL_LEVEL_PRECISIONS.items()}
 
 
 @contextlib.contextmanager
