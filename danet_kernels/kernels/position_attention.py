@@ -746,7 +746,7 @@ else:
 # fixed rather than autotuned (as in the tutorial: tuning four kernels would multiply the first
 # call's time). Each was chosen by compiling for sm_90 with a real launch's specialisation
 # (d = 64, C = 512): no spills, no replicated S, every load of the main loop software-pipelined;
-# the figures are in the module docstring. "dkdq" is the key-side kernel with atomic dQ (the
+# the figures are in docs/compile_report.md. "dkdq" is the key-side kernel with atomic dQ (the
 # default), "dk" and "dq" the deterministic pair.
 _BWD_TILES: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
     # bf16 / fp16 on wgmma.
