@@ -23,6 +23,7 @@ __all__ = [
     "ALIGN",
     "CALIBRATION",
     "DOT_PRECISIONS",
+    "FAKE_KERNELS",
     "FLOPS_PER_CLOCK",
     "H100_CLOCK_HZ",
     "H100_SMS",
