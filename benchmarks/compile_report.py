@@ -64,10 +64,12 @@ from danet_kernels.kernels.common import (
     CALIBRATION,
     H100_CLOCK_HZ,
     H100_SMS,
+    MATMUL_LEVEL_PRECISIONS,
     MAX_SHARED_BYTES,
     Calibration,
     LoopCost,
     launch_clocks,
+    operand_class,
     resident_programs,
 )
 
@@ -170,7 +172,7 @@ def expand(launch: Launch, configs: Sequence[Any]) -> list[tuple[Any, Launch]]:
 
 # The torch float32 matmul level that kernels/common.py's dot_input_precision reads as each
 # fp32 dot precision.
-_MATMUL_LEVELS = {"ieee": "highest", "tf32x3": "high", "tf32": "medium"}
+_MATMUL_LEVELS = {precision: level for level, precision in MATMUL_LEVEL_PRECISIONS.items()}
 
 
 @contextlib.contextmanager
@@ -443,10 +445,13 @@ def measure_launch(op: OpSpec, problem: Problem, launch: Launch, configs: str = 
 
 
 def _model_class(row: Row) -> str:
-    """The operand class whose rate the row's matmuls run at (FMA kernels: the "ieee" rate)."""
-    if row.mma == "FMA" or row.precision == "fp32-ieee":
+    """The operand class whose rate the row's matmuls run at: the kernels' own
+    (kernels/common.py's ``operand_class``), the "ieee" (FMA) rate where the compiled kernel
+    has no MMAs."""
+    if row.mma == "FMA":
         return "ieee"
-    return {"fp32-tf32": "tf32", "fp32-tf32x3": "tf32x3"}.get(row.precision, "16-bit")
+    dtype, precision = PRECISIONS[row.precision]
+    return operand_class(getattr(torch, dtype), precision)
 
 
 def model_us(row: Row, calibration: Calibration = CALIBRATION) -> float:

@@ -183,5 +183,5 @@ class Row:
     flops: float | None = None  # per op unit (e.g. N^2), the whole launch
     exp2: float | None = None
     bytes: float | None = None
-    model_us: float | None = None  # the perf model's time of the launch on an H100 (see model_time)
+    model_us: float | None = None  # the perf model's time of the launch on an H100 (compile_report.model_us)
     error: str | None = None

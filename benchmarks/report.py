@@ -117,7 +117,8 @@ def load_run(path: str | Path) -> Run:
                [case_from_entry(e) for e in (*data["benchmarks"], *data.get("danet_not_run", []))])
 
 
-def _order(value: str, order: Sequence[str]) -> tuple[int, str]:
+def order_key(value: str, order: Sequence[str]) -> tuple[int, str]:
+    """A sort key placing ``value`` by its place in ``order``, values not in it last, by name."""
     return (order.index(value), value) if value in order else (len(order), value)
 
 
@@ -195,10 +196,11 @@ def kernel_section(op: str, cases: Sequence[Case]) -> list[str]:
     references = _reference_of(mine)
     lines = [f"## {OP_TITLES[op]}", ""]
     keys = sorted({(c.info.get("pass", "?"), c.variant) for c in mine},
-                  key=lambda k: (_order(k[0], PASS_ORDER), _order(k[1], VARIANT_ORDER)))
+                  key=lambda k: (order_key(k[0], PASS_ORDER), order_key(k[1], VARIANT_ORDER)))
     for pass_, variant in keys:
         selected = sorted((c for c in mine if (c.info.get("pass"), c.variant) == (pass_, variant)),
-                          key=lambda c: (c.info.get("N", 0), c.info.get("B", 0), _order(c.impl, IMPL_ORDER)))
+                          key=lambda c: (c.info.get("N", 0), c.info.get("B", 0),
+                                         order_key(c.impl, IMPL_ORDER)))
         predicted = _predicted_columns(selected)
         rows = []
         for c in selected:
@@ -240,7 +242,7 @@ def training_sections(cases: Sequence[Case]) -> list[str]:
         predicted = _predicted_columns(steps)
         rows = []
         for c in sorted(steps, key=lambda c: (c.info.get("precision", ""), c.info.get("N", 0),
-                                               c.info.get("B", 0), _order(c.impl, IMPL_ORDER))):
+                                               c.info.get("B", 0), order_key(c.impl, IMPL_ORDER))):
             ref = references.get(c.group)
             measured = c.median_s is not None
             batch = c.info.get("B") or 0
@@ -402,7 +404,7 @@ def render_plot(runs: Sequence[Run], path: str | Path) -> None:
 
     cases = [c for run in runs for c in run.cases if c.median_s is not None]
     kernel = [c for c in cases if c.op in OP_TITLES]
-    variants = sorted({c.variant for c in kernel}, key=lambda v: _order(v, VARIANT_ORDER))
+    variants = sorted({c.variant for c in kernel}, key=lambda v: order_key(v, VARIANT_ORDER))
     steps = [c for c in cases if c.op == "train_step"]
     n_rows = len(variants) + bool(steps)
     if n_rows == 0:

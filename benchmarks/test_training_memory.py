@@ -55,6 +55,7 @@ from benchmarks.harness import (
     skip_case,
     synchronize,
 )
+from benchmarks.training_memory_check import held_bytes
 from danet.config import ATTENTIONS, Config, ModelConfig, TrainConfig
 from danet.training.memory import StepMemoryModel
 from danet.training.step import TrainingStep
@@ -124,10 +125,6 @@ def _cap_id(cap: int) -> str:
     return f"{cap / GIB:g}G" if cap >= GIB else f"{cap / MIB:g}M"
 
 
-def _tensor_bytes(tensors: object) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def _config(attention: str, amp: str) -> Config:
     """The grid's model with this attention, the training config's defaults, this precision."""
     return Config(model=dataclasses.replace(GRID.model, attention=attention),
@@ -170,7 +167,7 @@ PREDICTORS["train_step"] = predict_train_step
 def _step_total_bytes(trainer: TrainingStep, images: torch.Tensor, target: torch.Tensor) -> int | None:
     """What one step needs in all: state, batch, and the step's own peak (None: not measurable)."""
     peak, _ = peak_memory_bytes(lambda: trainer.run(images, target))
-    return None if peak is None else trainer.state_bytes() + _tensor_bytes((images, target)) + peak
+    return None if peak is None else held_bytes(trainer, images, target) + peak
 
 
 @pytest.fixture(autouse=True)
@@ -223,7 +220,7 @@ def _time_step(benchmark, trainer: TrainingStep, images: torch.Tensor, target: t
     On CUDA a first untimed step lets cuDNN, the allocator and Triton's autotuner settle; the
     CPU has nothing to settle, and its steps are slow.
     """
-    held = trainer.state_bytes() + _tensor_bytes((images, target))
+    held = held_bytes(trainer, images, target)
     run_benchmark(benchmark, lambda: trainer.run(images, target), rounds=GRID.rounds, first_call=ON_CUDA)
     step_peak = benchmark.extra_info["peak_mem_bytes"]
     total = None if step_peak is None else held + step_peak

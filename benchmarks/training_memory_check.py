@@ -26,7 +26,13 @@ from danet.config import Config
 from danet.training.memory import ALLOCATOR_MARGIN, predict_step
 from danet.training.step import TrainingStep
 
-__all__ = ["compare_step_memory"]
+__all__ = ["compare_step_memory", "held_bytes"]
+
+
+def held_bytes(step: TrainingStep, *batch: torch.Tensor) -> int:
+    """What a step holds before it runs: its state (parameters, buffers, optimiser state) and its
+    batch; a measured total is this plus the peak the step allocates above it."""
+    return step.state_bytes() + sum(t.numel() * t.element_size() for t in batch)
 
 
 def compare_step_memory(cfg: Config, num_classes: int, batch: int, height: int, width: int, *,
@@ -59,8 +65,7 @@ def compare_step_memory(cfg: Config, num_classes: int, batch: int, height: int, 
                               "predicted_bytes": predicted, "measured_bytes": None, "rel_error": None,
                               "method": method}
     if step_peak is not None:
-        held = step.state_bytes() + sum(t.numel() * t.element_size() for t in (images, masks))
-        measured = float(held + step_peak)
+        measured = float(held_bytes(step, images, masks) + step_peak)
         result.update(measured_bytes=measured, rel_error=predicted / measured - 1)
     if ON_CUDA:
         result.update(reserved_bytes=float(torch.cuda.max_memory_reserved()), margin=ALLOCATOR_MARGIN)

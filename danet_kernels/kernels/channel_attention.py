@@ -531,8 +531,8 @@ _TOP_K = 3
 _GEMM_LOOP_INSTRUCTIONS = 40.0
 
 
-def _gemm_clocks(programs: int, steps: int, flops: float, operand_bytes: float, element: int,
-                 accumulator: int, operands: str, args: dict, sms: int) -> float:
+def _gemm_clocks(programs: int, steps: int, flops: float, operand_bytes: float, accumulator: int,
+                 operands: str, args: dict, sms: int) -> float:
     """The perf model (kernels/common.py) of a GEMM launch: ``programs`` programs of ``steps`` K
     steps, each step ``flops`` FLOPs and ``operand_bytes`` bytes, its MMAs running under the next
     step's loads (Triton keeps one wgmma group in flight); registers estimated from the fp32
@@ -556,7 +556,7 @@ def _gram_time_estimate(**args: object) -> float:
     programs = (tiles * (tiles + 1) // 2 if symmetric else tiles * tiles) * splits * args["B_BUCKET"]
     element = left.element_size()
     return _gemm_clocks(programs, triton.cdiv(n_per_split, bn), 2 * bc * bc * bn, 2 * bc * bn * element,
-                        element, bc * bc, operand_class(left.dtype, args["INPUT_PRECISION"]), args, sms)
+                        bc * bc, operand_class(left.dtype, args["INPUT_PRECISION"]), args, sms)
 
 
 def _apply_time_estimate(**args: object) -> float:
@@ -567,7 +567,7 @@ def _apply_time_estimate(**args: object) -> float:
     programs = triton.cdiv(c, br) * triton.cdiv(args["N_BUCKET"], bn) * args["B_BUCKET"]
     steps = triton.cdiv(c, bk) * (2 if args["HAS_V"] else 1)
     tile_bytes = (br * weights.element_size() + bn * u.element_size()) * bk
-    return _gemm_clocks(programs, steps, 2 * br * bn * bk, tile_bytes, u.element_size(), br * bn,
+    return _gemm_clocks(programs, steps, 2 * br * bn * bk, tile_bytes, br * bn,
                         operand_class(u.dtype, args["INPUT_PRECISION"]), args, device_sms(u.device))
 
 
@@ -591,7 +591,7 @@ _APPLY_KERNELS = _autotuned(_cam_apply_kernel, _APPLY_CONFIGS,
 # ----------------------------------------------------------------------------------------------
 # The Gram programs that fill the device once, under the interpreter (it has no SMs): 8 makes
 # the small test shapes split N.
-INTERPRETINGER_SMS = 8
+_INTERPRETER_SMS = 8
 
 
 def _split_plan(batch: int, C: int, N: int, symmetric: bool, programs_per_wave: int) -> tuple[int, int]:
@@ -615,7 +615,7 @@ def _gram_partials(left: torch.Tensor, right: torch.Tensor, symmetric: bool) -> 
     ``left`` and ``right`` have aligned rows of the same (padded) length, zero past the true N.
     """
     B, C, N = left.shape
-    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, INTERPRETINGER_SMS))
+    num_splits, n_per_split = _split_plan(B, C, N, symmetric, device_sms(left.device, _INTERPRETER_SMS))
     partial = torch.empty((B, num_splits, C, C), dtype=torch.float32, device=left.device)
     precision = dot_input_precision(left.dtype)
 
@@ -666,8 +666,7 @@ def _apply(weights: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
     return y
 
 
-def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def cam_forward(x: torch.Tensor, gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernels; returns (y, A) with A = softmax(-x x^T) in fp32, shape (B, C, C)."""
     B, C, N = x.shape
     rows = aligned_rows(x, unit_stride=True)

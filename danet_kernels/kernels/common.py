@@ -23,11 +23,13 @@ __all__ = [
     "ALIGN",
     "CALIBRATION",
     "DOT_PRECISIONS",
+    "FAKE_KERNELS",
     "FLOPS_PER_CLOCK",
     "H100_CLOCK_HZ",
     "H100_SMS",
     "INTERPRETING",
     "LOG2E",
+    "MATMUL_LEVEL_PRECISIONS",
     "MAX_SHARED_BYTES",
     "OPERAND_CLASSES",
     "Calibration",
@@ -49,6 +51,8 @@ __all__ = [
 # tl.dot's input_precision values the kernels use, from the most to the least exact. All three
 # are accepted by tl.dot for NVIDIA GPUs and by the interpreter in triton 3.6 to 3.9.
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# torch's float32 matmul precision level -> the fp32 dots' input_precision (dot_input_precision).
+MATMUL_LEVEL_PRECISIONS = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 # Read once at import, like Triton itself: TRITON_INTERPRET must be set before triton is imported.
 INTERPRETING = triton_interpreting()
 if INTERPRETING:
@@ -123,7 +127,7 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     level = _legacy_matmul_precision()
     if precision == "tf32":
         return "tf32x3" if level == "high" else "tf32"
-    return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}.get(level, "ieee")
+    return MATMUL_LEVEL_PRECISIONS.get(level, "ieee")
 
 
 def operand_class(dtype: torch.dtype, precision: str) -> str:

@@ -645,6 +645,12 @@ def _fwd_configs(tiles: tuple[tuple[int, ...], ...]) -> list[triton.Config]:
             for bm, bn, bc, w, s in tiles]
 
 
+def _fwd_shared_bytes(element_size: int, bm: int, bn: int, bc: int, bd: int, num_stages: int) -> int:
+    """The forward's shared memory: the q tile plus num_stages k and v tiles (exact against the
+    compiler's figure)."""
+    return element_size * (bm * bd + num_stages * bn * (bd + bc))
+
+
 def _prune_fwd_configs(
     configs: list[triton.Config], named_args: dict, **kwargs: object
 ) -> list[triton.Config]:
@@ -664,8 +670,7 @@ def _prune_fwd_configs(
         # A tile capped below the rows its warps' MMA slices cover runs on one warpgroup (see above).
         capped = bm < config.kwargs["BLOCK_M"] and bm < 16 * config.num_warps
         warps = 4 if capped else config.num_warps
-        shared = element_size * (bm * block_d + config.num_stages * bn * (block_d + bc))
-        if shared > MAX_SHARED_BYTES:
+        if _fwd_shared_bytes(element_size, bm, bn, bc, block_d, config.num_stages) > MAX_SHARED_BYTES:
             continue
         key = (bm, bn, bc, warps, config.num_stages)
         # Other kwargs (torch.compile applies the EVEN_C heuristic to the configs before the
@@ -717,7 +722,7 @@ def _fwd_time_estimate(**args: object) -> float:
                     exp2=bm * bn / threads, bytes=bn * (bd + bc) * v.element_size(),
                     serial=operands != "ieee")
     registers = min(255, (bm * bc + bm * bn) // threads + _FWD_REGISTERS)
-    shared = v.element_size() * (bm * bd + stages * bn * (bd + bc))
+    shared = _fwd_shared_bytes(v.element_size(), bm, bn, bc, bd, stages)
     resident = resident_programs(registers, warps, shared)
     return launch_clocks(programs, triton.cdiv(args["M"], bn), loop, warps, stages, resident, operands,
                          device_sms(v.device))
@@ -746,7 +751,7 @@ else:
 # fixed rather than autotuned (as in the tutorial: tuning four kernels would multiply the first
 # call's time). Each was chosen by compiling for sm_90 with a real launch's specialisation
 # (d = 64, C = 512): no spills, no replicated S, every load of the main loop software-pipelined;
-# the figures are in the module docstring. "dkdq" is the key-side kernel with atomic dQ (the
+# the figures are in docs/compile_report.md. "dkdq" is the key-side kernel with atomic dQ (the
 # default), "dk" and "dq" the deterministic pair.
 _BWD_TILES: dict[str, dict[str, tuple[int, int, int, int, int]]] = {
     # bf16 / fp16 on wgmma.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 __all__ = ["FULL_TOTAL_S", "QUICK_TOTAL_S", "RESERVE_S", "SECTIONS", "STRETCH", "Command", "Plan",
            "make_plan", "parse_sections", "section_commands", "section_deadline"]
@@ -125,10 +124,6 @@ class Plan:
     order: tuple[str, ...]
     budgets: Mapping[str, float]
     hard_end: float
-
-    def to_json(self) -> dict[str, Any]:
-        """The plan as the results record it."""
-        return {"order": list(self.order), "budgets": dict(self.budgets), "hard_end": self.hard_end}
 
 
 def make_plan(sections: Iterable[str], *, total_s: float, quick: bool, start: float) -> Plan:

@@ -28,6 +28,7 @@ from benchmarks.report import (
     format_number,
     kernel_section,
     markdown_table,
+    order_key,
     training_sections,
 )
 
@@ -168,8 +169,7 @@ def _autotune_section(cases: Sequence[Case]) -> list[str]:
             format_number(seconds) if seconds is not None else c.reason or "—")
     if not first_calls:
         return []
-    order = sorted(first_calls, key=lambda k: (k[0], k[1] or 0, VARIANT_ORDER.index(k[2])
-                                                if k[2] in VARIANT_ORDER else 99, str(k[3])))
+    order = sorted(first_calls, key=lambda k: (k[0], k[1] or 0, order_key(k[2], VARIANT_ORDER), str(k[3])))
     rows = [(*key, first_calls[key].get("cold", "—"), first_calls[key].get("warm", "—")) for key in order]
     return ["## First calls: compilation and autotuning", "",
             "Seconds of the first call of the fused kernels in a fresh process (the forward case first, so "
